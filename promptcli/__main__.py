@@ -1,0 +1,4 @@
+from promptcli.cli.app import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The typer command-line interface: one module per subcommand, each a thin layer over the library."""

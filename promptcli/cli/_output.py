@@ -1,0 +1,105 @@
+"""One output helper for all subcommands: messages, progress bars, tables and ``--json``.
+
+Human-readable messages and progress go to stderr; results (tables) go to stdout unless stdout
+carries data (``--json`` or ``-o -``), in which case they go to stderr too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+
+class Output:
+    def __init__(self, quiet: bool = False, json_mode: bool = False, stdout_is_data: bool = False) -> None:
+        self.quiet = quiet
+        self.json_mode = json_mode
+        self.err = Console(stderr=True, highlight=False)
+        data_on_stdout = json_mode or stdout_is_data
+        self.results = self.err if data_on_stdout else Console(highlight=False)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.err.print(message)
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"[yellow]Warning:[/yellow] {message}")
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A results table (suppressed with --quiet when --json carries the numbers)."""
+        if self.quiet and self.json_mode:
+            return
+        table = Table(title=title, title_justify="left")
+        for i, col in enumerate(columns):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*[_fmt(v) for v in row])
+        self.results.print(table)
+
+    def result(self, data: dict[str, Any]) -> None:
+        """The machine-readable summary: JSON on stdout with --json, else nothing."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+            sys.stdout.flush()
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int | None, unit: str = "images") -> Iterator[Any]:
+        """A progress bar on a terminal; a no-op advance() when quiet or not a TTY."""
+        if self.quiet or not self.err.is_terminal:
+            yield _NoProgress()
+            return
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=self.err, transient=False) as bar:
+            task = bar.add_task(description, total=total, rate="")
+            yield _Bar(bar, task, unit)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+class _NoProgress:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
+        pass
+
+
+class _Bar:
+    def __init__(self, bar: Progress, task: Any, unit: str) -> None:
+        self.bar, self.task, self.unit = bar, task, unit
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(self.task, n)
+        speed = self.bar.tasks[self.task].speed
+        if speed:
+            self.bar.update(self.task, rate=f"{speed:.1f} {self.unit}/s")
+
+    def describe(self, text: str) -> None:
+        self.bar.update(self.task, description=text)

@@ -1,0 +1,97 @@
+"""The ``promptcli`` entry point: registers the subcommands and turns errors into one-line messages."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+
+import click
+import typer
+
+import promptcli
+from promptcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, PromptcliError
+
+app = typer.Typer(
+    name="promptcli",
+    help="Noise-robust prompt tuning of CLIP: extract features, corrupt labels, tune prompts, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"promptcli {promptcli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Noise-robust prompt tuning of CLIP."""
+
+
+COMMANDS = ("extract", "corrupt", "pseudolabel", "tune", "eval", "gradstats", "clean", "report")
+
+
+def _register() -> None:
+    """Each subcommand lives in ``promptcli/cli/<name>.py`` as a function named ``command``."""
+    for name in COMMANDS:
+        if importlib.util.find_spec(f"promptcli.cli.{name}") is None:
+            continue
+        module = importlib.import_module(f"promptcli.cli.{name}")
+        app.command(name, help=module.__doc__)(module.command)
+
+
+_register()
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; ``--debug`` (anywhere on the line) or PROMPTCLI_DEBUG=1 shows tracebacks."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("PROMPTCLI_DEBUG", "") not in ("", "0") or "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="promptcli", standalone_mode=False)
+    except PromptcliError as exc:
+        if debug:
+            traceback.print_exc()
+        _error(exc.message)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _error("interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        _error("interrupted — long runs can be completed with --resume")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code or EXIT_BAD_INPUT)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(EXIT_RUNTIME)
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        _error(
+            f"unexpected {type(exc).__name__}{': ' + first if first else ''} — "
+            "rerun with --debug for the traceback and report it"
+        )
+        sys.exit(EXIT_RUNTIME)
+    sys.exit(code if isinstance(code, int) else 0)

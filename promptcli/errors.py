@@ -1,0 +1,50 @@
+"""The one error type of promptcli, turned into a one-line message by the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_RUNTIME = 1
+
+
+class PromptcliError(Exception):
+    """An error the user can act on.
+
+    ``where`` names the file, row or option at fault, ``what`` says what is wrong and ``hint``
+    what to do about it. The CLI prints ``Error: <where>: <what> — <hint>`` and exits with
+    ``exit_code`` (2 for bad usage or input, 1 for failures at run time).
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        where: str | Path | None = None,
+        hint: str | None = None,
+        exit_code: int = EXIT_BAD_INPUT,
+    ) -> None:
+        self.what = what
+        self.where = str(where) if where is not None else None
+        self.hint = hint
+        self.exit_code = exit_code
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        if self.hint:
+            text += f" — {self.hint}"
+        return text
+
+
+class InputError(PromptcliError):
+    """Bad input: a file, a row or an option the user must fix (exit code 2)."""
+
+
+class RuntimeFailure(PromptcliError):
+    """A failure while running with valid input (exit code 1)."""
+
+    def __init__(self, what: str, **kwargs) -> None:
+        kwargs.setdefault("exit_code", EXIT_RUNTIME)
+        super().__init__(what, **kwargs)

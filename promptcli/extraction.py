@@ -1,0 +1,391 @@
+"""Image-feature extraction: decode, preprocess, encode, stream to a resumable partial folder, assemble.
+
+An extraction writes fixed chunks of source rows into ``<output>.partial/`` (one ``.npz`` per chunk,
+each renamed into place when complete) and assembles the HDF5 file only when every chunk exists.
+Because chunk boundaries, batch boundaries and the augmentation seeds depend only on the row index,
+an interrupted run completed with ``resume=True`` (or a run split across processes) gives the same
+content as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from promptcli.errors import InputError, RuntimeFailure
+from promptcli.features import FEATURE_DTYPES, write_features
+from promptcli.image_sources import ImageSource
+from promptcli.models import LoadedModel
+from promptcli.provenance import base_provenance
+
+PARTIAL_SUFFIX = ".partial"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ExtractOptions:
+    views: int = 0
+    seed: int = 0
+    batch_size: int = 64
+    workers: int = 2
+    dtype: str = "float16"
+    skip_bad: bool = False
+    chunk_size: int = 1024  # rows per resumable chunk (rounded up to whole batches)
+
+    def validate(self) -> None:
+        if self.views < 0:
+            raise InputError(
+                "must be >= 0", where="--views", hint="number of extra augmented views per image"
+            )
+        if self.batch_size < 1:
+            raise InputError("must be >= 1", where="--batch-size", hint="e.g. 64")
+        if self.workers < 0:
+            raise InputError("must be >= 0", where="--workers", hint="0 decodes in the main process")
+        if self.dtype not in FEATURE_DTYPES:
+            raise InputError(f"unknown dtype {self.dtype!r}", where="--dtype", hint="use float16 or float32")
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return max(1, -(-self.chunk_size // self.batch_size)) * self.batch_size
+
+
+@dataclass
+class ExtractResult:
+    output: Path
+    n_images: int
+    n_skipped: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    dim: int = 0
+    views: int = 0
+    resumed_chunks: int = 0
+
+
+def augmentation(preprocess_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """CoOp's training augmentation: random resized crop + horizontal flip, then normalise."""
+    size = preprocess_cfg.get("size", 224)
+    size = size if isinstance(size, int) else tuple(size)
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean=preprocess_cfg["mean"], std=preprocess_cfg["std"]),
+        ]
+    )
+
+
+def view_seed(seed: int, index: int) -> int:
+    """The seed of one image's augmented views: a function of the run seed and the row alone."""
+    return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
+
+
+class ImageDataset(Dataset):
+    """Decodes one image into its centre-crop tensor and ``views`` augmented tensors."""
+
+    def __init__(self, files: list[Path], preprocess, augment, views: int, seed: int) -> None:
+        self.files, self.preprocess, self.augment = files, preprocess, augment
+        self.views, self.seed = views, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                rgb = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = "not a readable image" if isinstance(exc, UnidentifiedImageError) else str(exc)
+            return {"index": index, "error": reason or type(exc).__name__}
+        item: dict[str, Any] = {"index": index, "error": "", "image": self.preprocess(rgb)}
+        if self.views:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.seed, index))
+                item["views"] = torch.stack([self.augment(rgb) for _ in range(self.views)])
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [it for it in items if not it["error"]]
+    batch: dict[str, Any] = {
+        "index": [it["index"] for it in good],
+        "bad": [(it["index"], it["error"]) for it in items if it["error"]],
+    }
+    if good:
+        batch["image"] = torch.stack([it["image"] for it in good])
+        if "views" in good[0]:
+            batch["views"] = torch.stack([it["views"] for it in good])
+    return batch
+
+
+@torch.inference_mode()
+def encode_images(loaded: LoadedModel, pixels: torch.Tensor) -> np.ndarray:
+    """L2-normalised image embeddings as float32 numpy, computed in the model's precision."""
+    x = pixels.to(loaded.device, dtype=loaded.dtype, non_blocking=True)
+    emb = loaded.model.encode_image(x).float()
+    emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return emb.cpu().numpy()
+
+
+def _chunk_path(partial: Path, chunk: int) -> Path:
+    return partial / f"chunk-{chunk:06d}.npz"
+
+
+def _write_chunk(partial: Path, chunk: int, payload: dict[str, np.ndarray]) -> None:
+    tmp = partial / f".chunk-{chunk:06d}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **payload)
+    os.replace(tmp, _chunk_path(partial, chunk))
+
+
+def _manifest(source: ImageSource, loaded: LoadedModel, options: ExtractOptions) -> dict[str, Any]:
+    """What must match for a partial extraction to be resumed."""
+    return {
+        "source_digest": source.digest(),
+        "n_rows": len(source),
+        "model": loaded.identity(),
+        "model_config": loaded.spec.to_record()["model_config"],
+        "precision": str(loaded.dtype).replace("torch.", ""),
+        "views": options.views,
+        "seed": options.seed,
+        "dtype": options.dtype,
+        "rows_per_chunk": options.rows_per_chunk,
+        "batch_size": options.batch_size,
+    }
+
+
+def prepare_partial(output: Path, manifest: dict[str, Any], resume: bool, force: bool) -> tuple[Path, int]:
+    """Create or check ``<output>.partial``; return it and how many chunks it already holds."""
+    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    if partial.exists() and not resume:
+        if not force:
+            raise InputError(
+                "an interrupted extraction left a partial result",
+                where=partial,
+                hint="pass --resume to complete it, or --force to start over",
+            )
+        shutil.rmtree(partial)
+    if resume and partial.exists():
+        try:
+            previous = json.loads((partial / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(
+                "partial result has no readable manifest", where=partial, hint="pass --force to start over"
+            ) from exc
+        changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
+        if changed:
+            raise InputError(
+                f"cannot resume: {', '.join(changed)} differ from the interrupted run",
+                where=partial,
+                hint="rerun with the same inputs and options, or pass --force to start over",
+            )
+        return partial, len(list(partial.glob("chunk-*.npz")))
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, partial / MANIFEST)
+    return partial, 0
+
+
+def chunk_ranges(n_rows: int, rows_per_chunk: int) -> list[range]:
+    return [range(s, min(s + rows_per_chunk, n_rows)) for s in range(0, n_rows, rows_per_chunk)]
+
+
+class _ChunkBatches(torch.utils.data.Sampler):
+    """Batches that never straddle a chunk, so batch composition depends on row indices alone."""
+
+    def __init__(self, chunks: list[range], batch_size: int) -> None:
+        self.batches = [list(c[i : i + batch_size]) for c in chunks for i in range(0, len(c), batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def encode_chunks(
+    source: ImageSource,
+    loaded: LoadedModel,
+    options: ExtractOptions,
+    partial: Path,
+    chunk_ids: list[int],
+    on_rows: Callable[[int], None] | None = None,
+) -> None:
+    """Encode the given chunks of ``source`` and write each as it completes."""
+    chunks = chunk_ranges(len(source), options.rows_per_chunk)
+    todo = [c for c in chunk_ids if not _chunk_path(partial, c).exists()]
+    if not todo:
+        return
+    dataset = ImageDataset(
+        source.files, loaded.preprocess, augmentation(loaded.preprocess_cfg), options.views, options.seed
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=_ChunkBatches([chunks[c] for c in todo], options.batch_size),
+        num_workers=options.workers,
+        collate_fn=collate,
+        pin_memory=loaded.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if options.workers else None,
+    )
+    todo_iter = iter(todo)
+    current = next(todo_iter)
+    buf: dict[str, list] = {"index": [], "features": [], "views": [], "bad_index": [], "bad_error": []}
+    done_rows = 0
+    for batch in loader:
+        for idx, err in batch["bad"]:
+            if not options.skip_bad:
+                raise InputError(
+                    f"cannot read image ({err})",
+                    where=source.files[idx],
+                    hint="fix or remove it, or pass --skip-bad to skip unreadable images",
+                )
+            buf["bad_index"].append(idx)
+            buf["bad_error"].append(err)
+        if batch["index"]:
+            buf["index"].extend(batch["index"])
+            buf["features"].append(encode_images(loaded, batch["image"]))
+            if options.views:
+                v = batch["views"]
+                flat = encode_images(loaded, v.flatten(0, 1))
+                buf["views"].append(flat.reshape(v.shape[0], v.shape[1], -1))
+        n = len(batch["index"]) + len(batch["bad"])
+        done_rows += n
+        if on_rows:
+            on_rows(n)
+        if done_rows == len(chunks[current]):
+            _write_chunk(partial, current, _payload(buf, loaded.embed_dim, options))
+            buf = {k: [] for k in buf}
+            done_rows = 0
+            current = next(todo_iter, -1)
+
+
+def _payload(buf: dict[str, list], dim: int, options: ExtractOptions) -> dict[str, np.ndarray]:
+    dtype = np.dtype(options.dtype)
+    feats = np.concatenate(buf["features"]) if buf["features"] else np.zeros((0, dim))
+    out = {
+        "index": np.asarray(buf["index"], dtype=np.int64),
+        "features": feats.astype(dtype),
+        "bad_index": np.asarray(buf["bad_index"], dtype=np.int64),
+        "bad_error": np.asarray(buf["bad_error"], dtype=str),
+    }
+    if options.views:
+        views = np.concatenate(buf["views"]) if buf["views"] else np.zeros((0, options.views, dim))
+        out["views"] = views.astype(dtype)
+    return out
+
+
+def assemble(
+    source: ImageSource,
+    loaded: LoadedModel,
+    options: ExtractOptions,
+    partial: Path,
+    output: Path,
+    extra_attrs: dict[str, Any] | None = None,
+) -> ExtractResult:
+    """Join the chunks, in row order, into the HDF5 file; rename it into place; drop the partial."""
+    chunks = chunk_ranges(len(source), options.rows_per_chunk)
+    missing = [c for c in range(len(chunks)) if not _chunk_path(partial, c).exists()]
+    if missing:
+        raise RuntimeFailure(f"{len(missing)} chunk(s) missing", where=partial, hint="rerun with --resume")
+    kept: list[int] = []
+    skipped: list[dict[str, str]] = []
+    for c in range(len(chunks)):
+        with np.load(_chunk_path(partial, c)) as z:
+            kept.extend(z["index"].tolist())
+            skipped.extend(
+                {"path": source.paths[i], "error": str(e)} for i, e in zip(z["bad_index"], z["bad_error"])
+            )
+    if not kept:
+        raise InputError("no readable images", where=source.origin, hint="check the image files")
+
+    def blocks(key: str) -> Iterator[np.ndarray]:
+        for c in range(len(chunks)):
+            with np.load(_chunk_path(partial, c)) as z:
+                yield z[key]
+
+    attrs = {
+        **base_provenance(),
+        **loaded.record(),
+        "precision": str(loaded.dtype).replace("torch.", ""),
+        "source": str(source.origin),
+        "source_kind": source.kind,
+        "source_digest": source.digest(),
+        "n_images": len(kept),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+        "options": asdict(options),
+        "views": options.views,
+        "seed": options.seed,
+        "dtype": options.dtype,
+        "augmentation": "RandomResizedCrop(scale=(0.08, 1), bicubic) + RandomHorizontalFlip + Normalize",
+        **(extra_attrs or {}),
+    }
+    tmp = partial / "assembled.h5.tmp"
+    write_features(
+        tmp,
+        features=blocks("features"),
+        n_rows=len(kept),
+        dim=loaded.embed_dim,
+        paths=[source.paths[i] for i in kept],
+        labels=[source.labels[i] for i in kept],
+        splits=[source.splits[i] for i in kept],
+        classnames=source.classnames,
+        attrs=attrs,
+        n_views=options.views,
+        views=blocks("views") if options.views else None,
+        dtype=options.dtype,
+    )
+    os.replace(tmp, output)
+    shutil.rmtree(partial, ignore_errors=True)
+    return ExtractResult(output, len(kept), len(skipped), skipped, loaded.embed_dim, options.views)
+
+
+def extract_features(
+    source: ImageSource,
+    loaded: LoadedModel,
+    output: str | Path,
+    options: ExtractOptions | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    on_rows: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """Encode every image of ``source`` with ``loaded`` into the features file ``output``.
+
+    ``on_rows(n)`` is called as rows complete (for progress bars). Existing output is refused
+    unless ``force``; an interrupted run is completed with ``resume``.
+    """
+    options = options or ExtractOptions()
+    options.validate()
+    output = Path(output)
+    if output.exists() and not force:
+        raise InputError(
+            "output exists", where=output, hint="pass --force to overwrite it or choose another -o"
+        )
+    partial, n_done = prepare_partial(output, _manifest(source, loaded, options), resume, force)
+    n_chunks = len(chunk_ranges(len(source), options.rows_per_chunk))
+    if on_rows and n_done:
+        on_rows(
+            sum(
+                len(r)
+                for c, r in enumerate(chunk_ranges(len(source), options.rows_per_chunk))
+                if _chunk_path(partial, c).exists()
+            )
+        )
+    encode_chunks(source, loaded, options, partial, list(range(n_chunks)), on_rows)
+    result = assemble(source, loaded, options, partial, output)
+    result.resumed_chunks = n_done
+    return result

@@ -1,0 +1,161 @@
+"""The labels CSV contract: ``path,label[,clean_label,is_noisy,confidence,...]`` joined to features by path."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from promptcli.errors import InputError
+from promptcli.features import FeatureSet
+from promptcli.fileio import STDIO, open_output_text
+
+REQUIRED = ("path", "label")
+
+
+@dataclass
+class LabelTable:
+    """Rows of a labels CSV, in file order, with all their columns (extra columns pass through)."""
+
+    source: str
+    columns: list[str]
+    rows: list[dict[str, str]]
+    text: str = field(default="", repr=False)  # the raw text, for hashing stdin
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> list[str]:
+        return [r.get(name, "") for r in self.rows]
+
+    def has(self, name: str) -> bool:
+        return name in self.columns
+
+
+def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> LabelTable:
+    """Read a labels CSV from a file or stdin (``-``)."""
+    source = str(path)
+    if source == STDIO:
+        text = sys.stdin.read()
+        where = "<stdin>"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError("labels file not found", where=p, hint="give a CSV with path,label columns")
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise InputError("not a UTF-8 text CSV", where=p, hint="save it as UTF-8 CSV") from exc
+        where = source
+    if text.lstrip().startswith("\x89HDF") or "\x00" in text[:1024]:
+        raise InputError("not a CSV (binary file)", where=where, hint="give a CSV with path,label columns")
+    reader = csv.DictReader(io.StringIO(text))
+    columns = list(reader.fieldnames or [])
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise InputError(
+            f"missing column(s) {', '.join(missing)} (columns: {', '.join(columns) or 'none'})",
+            where=where,
+            hint="a labels CSV needs a header with " + ",".join(required),
+        )
+    rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    if not rows:
+        raise InputError("no rows", where=where, hint="the labels CSV is empty")
+    return LabelTable(where, columns, rows, text)
+
+
+def write_labels(path: str | Path, columns: list[str], rows: list[dict[str, object]]) -> None:
+    """Write a labels CSV to a file (atomically) or stdout (``-``)."""
+    with open_output_text(path) as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def labels_from_features(features: FeatureSet) -> LabelTable:
+    """The ground-truth labels a features file carries, as a labels table (rows with a label only)."""
+    rows = [
+        {"path": p, "label": features.classnames[y]}
+        for p, y in zip(features.paths, features.labels)
+        if y >= 0
+    ]
+    return LabelTable(str(features.path), ["path", "label"], rows)
+
+
+@dataclass
+class JoinedLabels:
+    """Labels aligned to feature rows."""
+
+    rows: np.ndarray  # feature row of each kept label row
+    labels: np.ndarray  # class index (the given, possibly noisy, label)
+    clean: np.ndarray | None  # class index of clean_label, when present
+    is_noisy: np.ndarray | None  # bool, when present
+    n_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def class_index(
+    name: str, index: dict[str, int], where: str, classnames: list[str], column: str = "label"
+) -> int:
+    if name not in index:
+        shown = ", ".join(classnames[:8]) + ("…" if len(classnames) > 8 else "")
+        raise InputError(
+            f"{column} {name!r} is not a class of the features file",
+            where=where,
+            hint=f"use one of: {shown} (or --skip-missing)",
+        )
+    return index[name]
+
+
+def join_labels(features: FeatureSet, table: LabelTable, skip_missing: bool = False) -> JoinedLabels:
+    """Join labels to feature rows by ``path``; unknown paths or classes are errors unless skipped."""
+    by_path = features.index_by_path()
+    names = {c: i for i, c in enumerate(features.classnames)}
+    has_clean = table.has("clean_label")
+    has_noisy = table.has("is_noisy")
+    rows, labels, clean, noisy, skipped = [], [], [], [], []
+    for line, row in enumerate(table.rows, start=2):
+        where = f"{table.source}:{line}"
+        path = row.get("path", "")
+        if (
+            path not in by_path
+            or row.get("label", "") not in names
+            or (has_clean and row.get("clean_label", "") not in names)
+        ):
+            if skip_missing:
+                skipped.append(path)
+                continue
+            if path not in by_path:
+                raise InputError(
+                    f"path {path!r} is not in {features.path}",
+                    where=where,
+                    hint="labels join features by path; check both came from the same images (or --skip-missing)",
+                )
+            class_index(row.get("label", ""), names, where, features.classnames)
+            class_index(row.get("clean_label", ""), names, where, features.classnames, "clean_label")
+        rows.append(by_path[path])
+        labels.append(names[row["label"]])
+        if has_clean:
+            clean.append(names[row["clean_label"]])
+        if has_noisy:
+            flag = row.get("is_noisy", "")
+            if flag not in ("0", "1"):
+                raise InputError(f"is_noisy must be 0 or 1, got {flag!r}", where=where, hint="fix the column")
+            noisy.append(flag == "1")
+    if not rows:
+        raise InputError(
+            "no label rows match the features", where=table.source, hint="check paths and class names"
+        )
+    return JoinedLabels(
+        rows=np.asarray(rows, dtype=np.int64),
+        labels=np.asarray(labels, dtype=np.int64),
+        clean=np.asarray(clean, dtype=np.int64) if has_clean else None,
+        is_noisy=np.asarray(noisy, dtype=bool) if has_noisy else None,
+        n_skipped=len(skipped),
+        skipped=skipped,
+    )

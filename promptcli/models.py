@@ -1,0 +1,358 @@
+"""Model creation: one explicit function that turns a model spec into a ready open_clip model.
+
+A spec is an open_clip model name (``ViT-B-32``), a pretrained source (an open_clip tag such
+as ``openai`` or a local checkpoint file), and optionally a custom model config (JSON) for
+architectures open_clip does not list. The same spec, recorded in every output file, rebuilds
+the same model later (see :func:`spec_from_record`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from promptcli.devices import resolve_device, resolve_precision
+from promptcli.errors import InputError, RuntimeFailure
+from promptcli.fileio import sha256_file
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+# Models promptcli can build itself, offline, from packages (name -> builder returning
+# (model config dict, checkpoint path)). They are then loaded exactly like a custom config.
+LOCAL_BUILDERS: dict[str, Callable[[], tuple[dict[str, Any], Path]]] = {}
+
+
+def _register_builtin_builders() -> None:
+    try:
+        from promptcli.demo_model import DEMO_MODEL_NAME, build_demo_model
+    except ImportError:  # the demo module is optional
+        return
+    LOCAL_BUILDERS.setdefault(DEMO_MODEL_NAME, build_demo_model)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What identifies a model: open_clip name, pretrained tag or checkpoint path, custom config."""
+
+    name: str
+    pretrained: str | None = None
+    config: dict[str, Any] | None = None
+
+    def to_record(self) -> dict[str, str]:
+        return {
+            "model_name": self.name,
+            "pretrained": self.pretrained or "",
+            "model_config": json.dumps(self.config, sort_keys=True) if self.config else "",
+        }
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with its tokenizer and preprocessing, plus what identifies it."""
+
+    spec: ModelSpec
+    model: torch.nn.Module
+    tokenizer: Callable[..., torch.Tensor]
+    preprocess: Callable[[Any], torch.Tensor]
+    preprocess_cfg: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    checkpoint_sha256: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.info["embed_dim"])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.preprocess_cfg.get("size", 224)
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def identity(self) -> dict[str, str]:
+        """The fields that must agree between files made with 'the same model'."""
+        return {
+            "model_name": self.spec.name,
+            "pretrained": self.spec.pretrained or "",
+            "checkpoint_sha256": self.checkpoint_sha256,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """Everything about the model an output file should carry."""
+        return {
+            **self.spec.to_record(),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "embed_dim": self.embed_dim,
+            "image_size": list(self.image_size),
+            "preprocess": json.dumps(self.preprocess_cfg, sort_keys=True, default=str),
+        }
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """Read a custom open_clip model config (``{embed_dim, vision_cfg, text_cfg}``) from JSON.
+
+    Also accepts the ``open_clip_config.json`` layout ``{"model_cfg": ..., "preprocess_cfg": ...}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("model config not found", where=path, hint="check the --model-config path")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid JSON ({exc})", where=path, hint="fix the model config file") from exc
+    if not isinstance(cfg, dict):
+        raise InputError("model config must be a JSON object", where=path, hint="see docs/formats.md")
+    model_cfg = cfg.get("model_cfg", cfg)
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
+    if missing:
+        raise InputError(
+            f"model config lacks {', '.join(missing)}",
+            where=path,
+            hint="an open_clip model config needs embed_dim, vision_cfg and text_cfg",
+        )
+    return cfg
+
+
+def _register_config(name: str, config: dict[str, Any]) -> None:
+    """Make a custom config known to open_clip under ``name``."""
+    import open_clip
+
+    model_cfg = config.get("model_cfg", config)
+    existing = open_clip.get_model_config(name)
+    if existing is not None and existing == model_cfg:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="promptcli-config-"))
+    (folder / f"{name}.json").write_text(json.dumps(model_cfg), encoding="utf-8")
+    open_clip.add_model_config(folder / f"{name}.json")
+
+
+def _is_checkpoint_path(pretrained: str) -> bool:
+    return pretrained.endswith(CHECKPOINT_SUFFIXES) or os.sep in pretrained or os.path.exists(pretrained)
+
+
+def _offline_hint(spec: ModelSpec) -> str:
+    return (
+        f"no network or hub access? download the weights where you have it (e.g. "
+        f"open_clip.create_model('{spec.name}', pretrained='{spec.pretrained}') then save the state dict) "
+        f"and pass --pretrained path/to/weights.safetensors"
+    )
+
+
+def _resolve_checkpoint(spec: ModelSpec) -> tuple[str | None, str]:
+    """Return (what to pass to open_clip as ``pretrained``, checkpoint SHA-256)."""
+    import open_clip
+
+    if not spec.pretrained:
+        return None, ""
+    if _is_checkpoint_path(spec.pretrained):
+        path = Path(spec.pretrained)
+        if not path.is_file():
+            raise InputError("checkpoint file not found", where=path, hint="check the --pretrained path")
+        return str(path), sha256_file(path)
+    tags = open_clip.list_pretrained_tags_by_model(spec.name)
+    if spec.pretrained not in tags:
+        known = ", ".join(tags) if tags else "none"
+        raise InputError(
+            f"unknown pretrained tag {spec.pretrained!r} for {spec.name} (known tags: {known})",
+            where="--pretrained",
+            hint="use a listed tag or a local checkpoint file (.safetensors/.pt)",
+        )
+    cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+    try:
+        with _quiet_hub():
+            local = open_clip.download_pretrained(cfg)
+    except Exception as exc:  # network errors come in many types; all mean the same here
+        raise RuntimeFailure(
+            f"could not fetch pretrained weights {spec.name}/{spec.pretrained} ({type(exc).__name__})",
+            where="--pretrained",
+            hint=_offline_hint(spec),
+        ) from exc
+    if not local:
+        raise RuntimeFailure(
+            f"no weights available for {spec.name}/{spec.pretrained}",
+            where="--pretrained",
+            hint=_offline_hint(spec),
+        )
+    return spec.pretrained, sha256_file(local)
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Silence open_clip/hub logging and stray prints while fetching (errors are re-raised)."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_model(
+    model: str,
+    pretrained: str | None = None,
+    model_config: str | Path | dict[str, Any] | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> LoadedModel:
+    """Create an open_clip model, frozen and in eval mode, from a name, weights and optional config.
+
+    ``pretrained`` is an open_clip tag (``openai``) or a local checkpoint file; ``model_config``
+    a custom config (path or dict) registered under ``model``. Models promptcli can build
+    itself offline (``promptcli-demo``) are built on first use and loaded the same way.
+    """
+    import open_clip
+
+    torch_device = resolve_device(device)
+    dtype = resolve_precision(precision, torch_device)
+
+    _register_builtin_builders()
+    config: dict[str, Any] | None
+    if isinstance(model_config, (str, Path)):
+        config = read_model_config(model_config)
+    else:
+        config = model_config
+    if config is None and model in LOCAL_BUILDERS:
+        config, built_checkpoint = LOCAL_BUILDERS[model]()
+        pretrained = pretrained or str(built_checkpoint)
+    spec = ModelSpec(name=model, pretrained=pretrained, config=config)
+
+    if config is not None:
+        _register_config(model, config)
+    elif open_clip.get_model_config(model) is None:
+        raise InputError(
+            f"unknown model {model!r}",
+            where="--model",
+            hint="use a name from `python -c 'import open_clip; print(open_clip.list_models())'` "
+            "or describe it with --model-config my_model.json",
+        )
+
+    open_clip_pretrained, checkpoint_sha = _resolve_checkpoint(spec)
+    preprocess_overrides = {}
+    if config is not None:
+        pp = config.get("preprocess_cfg", {})
+        preprocess_overrides = {
+            "image_mean": pp.get("mean"),
+            "image_std": pp.get("std"),
+            "image_interpolation": pp.get("interpolation"),
+            "image_resize_mode": pp.get("resize_mode"),
+        }
+    try:
+        with _quiet_hub():
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+                model,
+                pretrained=open_clip_pretrained,
+                device=torch_device,
+                precision=precision,
+                pretrained_text=False,
+                **preprocess_overrides,
+            )
+    except RuntimeError as exc:
+        text = str(exc)
+        if "Error(s) in loading state_dict" in text or "size mismatch" in text:
+            raise InputError(
+                "checkpoint does not fit the model architecture",
+                where=spec.pretrained,
+                hint=f"pass weights saved from a {model} model (or the matching --model-config)",
+            ) from exc
+        raise RuntimeFailure(
+            f"could not create model {model} ({text.splitlines()[0][:200]})",
+            where="--model",
+            hint=_offline_hint(spec)
+            if spec.pretrained and not _is_checkpoint_path(spec.pretrained)
+            else "check --model, --pretrained and --model-config",
+        ) from exc
+    except OSError as exc:  # HF text towers that cannot be fetched offline land here
+        raise RuntimeFailure(
+            f"could not load parts of {model} ({str(exc).splitlines()[0][:200]})",
+            where="--model",
+            hint="make the model's files available locally (hf_model_name may be a local folder)",
+        ) from exc
+
+    clip_model.eval()
+    clip_model.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(model)
+    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(clip_model))
+    embed_dim = (config.get("model_cfg", config) if config else open_clip.get_model_config(model))[
+        "embed_dim"
+    ]
+    return LoadedModel(
+        spec=spec,
+        model=clip_model,
+        tokenizer=tokenizer,
+        preprocess=preprocess,
+        preprocess_cfg=preprocess_cfg,
+        device=torch_device,
+        dtype=dtype,
+        checkpoint_sha256=checkpoint_sha,
+        info={"embed_dim": embed_dim},
+    )
+
+
+def spec_from_record(record: dict[str, Any]) -> ModelSpec:
+    """Rebuild a :class:`ModelSpec` from the attributes an output file recorded."""
+    config_text = record.get("model_config") or ""
+    return ModelSpec(
+        name=str(record["model_name"]),
+        pretrained=str(record.get("pretrained") or "") or None,
+        config=json.loads(config_text) if config_text else None,
+    )
+
+
+def load_model_from_record(
+    record: dict[str, Any],
+    source: str | Path,
+    pretrained: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> LoadedModel:
+    """Load the model a file was made with, checking its checkpoint hash.
+
+    ``pretrained`` overrides the recorded checkpoint location (e.g. the file moved); the hash
+    must still match so that text and image embeddings come from the same weights.
+    """
+    spec = spec_from_record(record)
+    _register_builtin_builders()
+    if spec.name in LOCAL_BUILDERS and not pretrained:
+        config, built = LOCAL_BUILDERS[spec.name]()
+        spec = ModelSpec(spec.name, str(built), config)
+    chosen = pretrained or spec.pretrained
+    if chosen and _is_checkpoint_path(chosen) and not Path(chosen).is_file():
+        raise InputError(
+            f"the checkpoint this file was made with is not at {chosen}",
+            where=source,
+            hint="pass its current location with --pretrained PATH",
+        )
+    loaded = load_model(spec.name, chosen, spec.config, device=device, precision=precision)
+    expected = str(record.get("checkpoint_sha256") or "")
+    if expected and loaded.checkpoint_sha256 and expected != loaded.checkpoint_sha256:
+        raise InputError(
+            f"checkpoint differs from the one the file was made with "
+            f"(sha256 {loaded.checkpoint_sha256[:12]} vs {expected[:12]})",
+            where=source,
+            hint="use the same weights the features were extracted with",
+        )
+    return loaded
+
+
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two recorded model identities name the same weights."""
+    if a.get("checkpoint_sha256") and b.get("checkpoint_sha256"):
+        return a["checkpoint_sha256"] == b["checkpoint_sha256"] and a.get("model_name") == b.get("model_name")
+    return (a.get("model_name"), a.get("pretrained")) == (b.get("model_name"), b.get("pretrained"))
+
+
+def config_digest(config: dict[str, Any] | None) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest() if config else ""

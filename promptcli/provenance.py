@@ -1,0 +1,38 @@
+"""What every output file records about how it was made."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+import sys
+from typing import Any
+
+import promptcli
+
+
+def command_line() -> str:
+    """The command line of this process, shell-quoted."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("promptcli", "__main__.py")):
+        argv[0] = "promptcli"
+    return shlex.join(argv)
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+    import torch
+
+    return {
+        "promptcli_version": promptcli.__version__,
+        "open_clip_version": str(getattr(open_clip, "__version__", "unknown")),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def base_provenance() -> dict[str, Any]:
+    """Versions, creation time (UTC, ISO 8601) and the command line."""
+    return {
+        **versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+    }

@@ -1,0 +1,75 @@
+"""Zero-shot CLIP classifiers: class text embeddings from prompt templates, and their logits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from promptcli.errors import InputError
+from promptcli.models import LoadedModel
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+TEMPLATE_SETS = ("imagenet", "imagenet-simple")
+
+
+def template_set(name: str) -> list[str]:
+    """Named template ensembles: ``imagenet`` (CLIP's 80) and ``imagenet-simple`` (CLIP's 7)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    sets = {"imagenet": OPENAI_IMAGENET_TEMPLATES, "imagenet-simple": SIMPLE_IMAGENET_TEMPLATES}
+    if name not in sets:
+        raise InputError(
+            f"unknown template set {name!r}", where="--templates", hint="use imagenet or imagenet-simple"
+        )
+    return [t("{}") for t in sets[name]]
+
+
+def resolve_templates(templates: Sequence[str] | None, template_set_name: str | None = None) -> list[str]:
+    """Templates from ``--template`` (repeatable) and/or ``--templates SET``; default one template."""
+    out = list(templates or [])
+    if template_set_name:
+        out += template_set(template_set_name)
+    if not out:
+        out = [DEFAULT_TEMPLATE]
+    for t in out:
+        if t.count("{}") != 1:
+            raise InputError(
+                f"template {t!r} must contain exactly one {{}}",
+                where="--template",
+                hint='e.g. "a photo of a {}."',
+            )
+    return out
+
+
+def logit_scale(loaded: LoadedModel) -> float:
+    """The model's learned temperature, exp(logit_scale)."""
+    return float(loaded.model.logit_scale.detach().float().exp().item())
+
+
+@torch.no_grad()
+def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings (float32, on the model's device)."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = loaded.tokenizer(list(texts[start : start + batch_size])).to(loaded.device)
+        emb = loaded.model.encode_text(tokens).float()
+        out.append(emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def class_text_embeddings(
+    loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str] | None = None
+) -> torch.Tensor:
+    """(C, D) zero-shot weights: per class, the renormalised mean of its normalised template embeddings."""
+    templates = list(templates or [DEFAULT_TEMPLATE])
+    texts = [t.format(c) for c in classnames for t in templates]
+    emb = encode_texts(loaded, texts).reshape(len(classnames), len(templates), -1).mean(dim=1)
+    return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def zero_shot_logits(features: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale x cosine similarity between (normalised) image features and class weights."""
+    feats = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return scale * feats @ weights.t()

@@ -1,0 +1,120 @@
+"""Shared fixtures: a tiny open_clip model saved to disk, generated images, extracted features.
+
+Nothing here touches the network: the model is built from a custom config with random weights,
+saved to a safetensors file and loaded back through promptcli's real loading path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CLASSES = ("red apple", "blue sky", "green grass")
+COLORS = {"red apple": (200, 30, 30), "blue sky": (30, 60, 210), "green grass": (40, 180, 50)}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny CLIP config JSON and its random weights in safetensors (seeded, so stable)."""
+    from safetensors.torch import save_file
+
+    from promptcli.models import load_model
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    config = folder / "tiny-clip.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    torch.manual_seed(0)
+    loaded = load_model("tiny-clip", None, config, device="cpu")
+    weights = folder / "tiny-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(weights))
+    return {"config": config, "weights": weights, "dir": folder}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_files):
+    from promptcli.models import load_model
+
+    return load_model("tiny-clip", str(tiny_model_files["weights"]), tiny_model_files["config"], device="cpu")
+
+
+def make_image_folder(root: Path, per_class: int = 6, size=(40, 48), seed: int = 0) -> Path:
+    """An ImageFolder tree of coloured noise images, one folder per class (spaces -> underscores)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in CLASSES:
+        folder = root / name.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array(COLORS[name], dtype=np.int16)
+        for i in range(per_class):
+            noise = rng.integers(-40, 40, size=(*size, 3))
+            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images") / "train")
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tmp_path_factory, image_folder, tiny_model) -> Path:
+    """Features (float32, 2 views) of the generated image folder, made with the tiny model."""
+    from promptcli.extraction import ExtractOptions, extract_features
+    from promptcli.image_sources import read_image_source
+
+    out = tmp_path_factory.mktemp("features") / "train.h5"
+    extract_features(
+        read_image_source(image_folder),
+        tiny_model,
+        out,
+        ExtractOptions(views=2, dtype="float32", workers=0, batch_size=8),
+    )
+    return out
+
+
+@pytest.fixture
+def cli_model_args(tiny_model_files) -> list[str]:
+    return [
+        "--model",
+        "tiny-clip",
+        "--model-config",
+        str(tiny_model_files["config"]),
+        "--pretrained",
+        str(tiny_model_files["weights"]),
+        "--device",
+        "cpu",
+    ]
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``promptcli ARGS`` in-process; return (exit code, stdout, stderr)."""
+    from promptcli.cli.app import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
