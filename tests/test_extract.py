@@ -1,0 +1,201 @@
+"""`promptcli extract`: content, views, resume, bad input, overwrite protection."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image_folder
+from promptcli.extraction import ExtractOptions, extract_features
+from promptcli.features import read_features
+from promptcli.image_sources import read_image_source
+
+
+def _datasets(path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {name: f[name][...] for name in f}
+
+
+def test_cli_extract_folder(run_cli, cli_model_args, image_folder, tiny_model, tmp_path):
+    out = tmp_path / "f.h5"
+    code, stdout, stderr = run_cli("extract", image_folder, "-o", out, *cli_model_args, "--dtype", "float32",
+                                   "--workers", "0", "--json")
+    assert code == 0, stderr
+    fs = read_features(out)
+    assert fs.classnames == ["blue sky", "green grass", "red apple"]
+    assert len(fs) == 18 and fs.dim == 32 and fs.views is None
+    assert fs.paths[0] == "blue_sky/img000.png"  # relative to the folder root
+    assert fs.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert fs.attrs["model_name"] == "tiny-clip" and fs.attrs["checkpoint_sha256"] == tiny_model.checkpoint_sha256
+    for key in ("promptcli_version", "open_clip_version", "created", "command", "preprocess", "image_size",
+                "precision", "embed_dim"):
+        assert fs.attrs[key] != "", key
+    assert '"n_images": 18' in stdout
+
+    # stored embeddings equal model.encode_image on the same preprocessed input
+    img = Image.open(image_folder / "green_grass" / "img002.png").convert("RGB")
+    with torch.no_grad():
+        ref = tiny_model.model.encode_image(tiny_model.preprocess(img)[None]).float()
+    ref = torch.nn.functional.normalize(ref, dim=-1)[0].numpy()
+    np.testing.assert_allclose(fs.features[fs.paths.index("green_grass/img002.png")], ref, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fs.features, axis=1), 1.0, atol=1e-5)
+
+
+def test_cli_extract_csv(run_cli, cli_model_args, image_folder, tmp_path):
+    csv = tmp_path / "list.csv"
+    rows = ["path,label,split", f"{image_folder}/red_apple/img000.png,red apple,train"]
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.open(image_folder / "blue_sky" / f"img00{i}.png").save(tmp_path / "imgs" / f"b{i}.png")
+        rows.append(f"imgs/b{i}.png,blue sky,test")
+    rows.append("imgs/b0.png,,test")
+    csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "c.h5"
+    code, _, stderr = run_cli("extract", csv, "-o", out, *cli_model_args, "--workers", "0", "-q")
+    assert code == 0, stderr
+    fs = read_features(out)
+    assert fs.classnames == ["blue sky", "red apple"]
+    assert fs.paths[1] == "imgs/b0.png"  # as given in the CSV
+    assert fs.labels.tolist() == [1, 0, 0, 0, -1]
+    assert fs.splits == ["train", "test", "test", "test", "test"]
+    assert fs.attrs["dtype"] == "float16" and _datasets(out)["features"].dtype == np.float16
+
+
+def test_views_are_seeded(tiny_model, image_folder, tmp_path):
+    source = read_image_source(image_folder)
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        extract_features(source, tiny_model, tmp_path / f"{name}.h5",
+                         ExtractOptions(views=2, seed=seed, dtype="float32", workers=0, batch_size=5))
+        runs[name] = read_features(tmp_path / f"{name}.h5")
+    assert runs["a"].views.shape == (18, 2, 32)
+    np.testing.assert_array_equal(runs["a"].views, runs["b"].views)
+    assert not np.allclose(runs["a"].views, runs["c"].views)
+    assert not np.allclose(runs["a"].views[:, 0], runs["a"].views[:, 1])
+    assert not np.allclose(runs["a"].views[:, 0], runs["a"].features)
+    np.testing.assert_array_equal(runs["a"].features, runs["c"].features)  # centre crops do not depend on the seed
+
+
+def test_views_do_not_depend_on_workers(tiny_model, image_folder, tmp_path):
+    source = read_image_source(image_folder)
+    for workers in (0, 2):
+        extract_features(source, tiny_model, tmp_path / f"w{workers}.h5",
+                         ExtractOptions(views=1, seed=1, dtype="float32", workers=workers, batch_size=4))
+    a, b = _datasets(tmp_path / "w0.h5"), _datasets(tmp_path / "w2.h5")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_resume_after_interruption_is_identical(tiny_model, image_folder, tmp_path):
+    source = read_image_source(image_folder)
+    options = ExtractOptions(views=2, seed=0, dtype="float32", workers=0, batch_size=2, chunk_size=4)
+    extract_features(source, tiny_model, tmp_path / "full.h5", options)
+
+    out = tmp_path / "cut.h5"
+    seen = []
+
+    def interrupt(n: int) -> None:
+        seen.append(n)
+        if sum(seen) >= 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(source, tiny_model, out, options, on_rows=interrupt)
+    assert not out.exists()  # the final name appears only when complete
+    partial = tmp_path / "cut.h5.partial"
+    assert len(list(partial.glob("chunk-*.npz"))) == 2
+
+    from promptcli.errors import InputError
+
+    with pytest.raises(InputError, match="--resume"):
+        extract_features(source, tiny_model, out, options)
+    with pytest.raises(InputError, match="seed differ"):
+        extract_features(source, tiny_model, out, ExtractOptions(**{**options.__dict__, "seed": 9}), resume=True)
+
+    result = extract_features(source, tiny_model, out, options, resume=True)
+    assert result.resumed_chunks == 2 and not partial.exists()
+    full, cut = _datasets(tmp_path / "full.h5"), _datasets(out)
+    assert full.keys() == cut.keys()
+    for name in full:
+        np.testing.assert_array_equal(full[name], cut[name])
+
+
+def test_existing_output_needs_force(run_cli, cli_model_args, image_folder, tmp_path):
+    out = tmp_path / "f.h5"
+    out.write_text("precious")
+    code, _, stderr = run_cli("extract", image_folder, "-o", out, *cli_model_args, "--workers", "0")
+    assert code == 2 and "output exists" in stderr and "--force" in stderr
+    assert out.read_text() == "precious"
+    code, _, stderr = run_cli("extract", image_folder, "-o", out, *cli_model_args, "--workers", "0", "--force", "-q")
+    assert code == 0, stderr and len(read_features(out)) == 18
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    root = make_image_folder(tmp_path / "bad", per_class=2)
+    (root / "red_apple" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (root / "blue_sky" / "notes.txt").write_text("not an image, ignored by suffix")
+    return root
+
+
+def test_corrupt_image_is_named(run_cli, cli_model_args, bad_folder, tmp_path):
+    code, _, stderr = run_cli("extract", bad_folder, "-o", tmp_path / "o.h5", *cli_model_args, "--workers", "0")
+    assert code == 2
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: ") and "broken.jpg" in line and "--skip-bad" in line
+    assert "Traceback" not in stderr
+
+
+def test_skip_bad_lists_skipped(run_cli, cli_model_args, bad_folder, tmp_path):
+    out = tmp_path / "o.h5"
+    code, stdout, stderr = run_cli("extract", bad_folder, "-o", out, *cli_model_args, "--workers", "0", "--skip-bad",
+                                   "--json")
+    assert code == 0, stderr
+    assert "broken.jpg" in stderr
+    fs = read_features(out)
+    assert len(fs) == 6 and "red_apple/broken.jpg" not in fs.paths
+    assert fs.attrs["n_skipped"] == 1 and "broken.jpg" in fs.attrs["skipped"]
+    assert '"n_skipped": 1' in stdout
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing", "not found"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "no class sub-folders"),
+        (lambda p: (p / "e2" / "cls").mkdir(parents=True) or p / "e2", "no images found"),
+        (lambda p: (p / "nopath.csv").write_text("file,label\na.png,x\n") and p / "nopath.csv", "no 'path' column"),
+        (lambda p: (p / "extra.csv").write_text("path,label,colour\na.png,x,red\n") and p / "extra.csv",
+         "unknown column(s) colour"),
+        (lambda p: (p / "x.json").write_text("{}") and p / "x.json", "neither a folder nor a CSV"),
+    ],
+)
+def test_bad_inputs(run_cli, cli_model_args, tmp_path, make, message):
+    code, _, stderr = run_cli("extract", make(tmp_path), "-o", tmp_path / "o.h5", *cli_model_args)
+    assert code == 2
+    assert message in stderr and stderr.startswith("Error: ") and "Traceback" not in stderr
+
+
+def test_non_image_with_image_suffix(run_cli, cli_model_args, tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=1)
+    (root / "blue_sky" / "fake.png").write_text("hello")
+    code, _, stderr = run_cli("extract", root, "-o", tmp_path / "o.h5", *cli_model_args, "--workers", "0")
+    assert code == 2 and "fake.png" in stderr and "not a readable image" in stderr
+
+
+def test_bad_options(run_cli, cli_model_args, image_folder, tmp_path):
+    code, _, stderr = run_cli("extract", image_folder, "-o", tmp_path / "o.h5", *cli_model_args, "--dtype", "int8")
+    assert code == 2 and "--dtype" in stderr
+    code, _, stderr = run_cli("extract", image_folder, "-o", tmp_path / "o.h5", *cli_model_args,
+                              "--precision", "fp16")
+    assert code == 2 and "needs a GPU" in stderr
+    code, _, stderr = run_cli("extract", image_folder, "-o", tmp_path / "no" / "o.h5", *cli_model_args)
+    assert code == 2 and "does not exist" in stderr
+
+
+def test_debug_shows_traceback(run_cli, cli_model_args, tmp_path):
+    code, _, stderr = run_cli("extract", tmp_path / "missing", "-o", tmp_path / "o.h5", *cli_model_args, "--debug")
+    assert code == 2 and "Traceback" in stderr and "Error: " in stderr

@@ -1,0 +1,95 @@
+"""Model loading through the real open_clip path, with a tiny model saved by the test itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from promptcli.errors import InputError, RuntimeFailure
+from promptcli.models import load_model, load_model_from_record, spec_from_record
+
+
+def test_checkpoint_round_trip(tiny_model_files, tiny_model):
+    fresh = load_model("tiny-clip", None, tiny_model_files["config"], device="cpu")
+    reloaded = load_model("tiny-clip", str(tiny_model_files["weights"]), tiny_model_files["config"], device="cpu")
+    for (name, a), (_, b) in zip(tiny_model.model.state_dict().items(), reloaded.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    # a model built without the checkpoint has other (random) weights: loading really happened
+    assert not torch.equal(fresh.model.text_projection, reloaded.model.text_projection)
+    assert len(reloaded.checkpoint_sha256) == 64
+    assert reloaded.embed_dim == 32 and reloaded.image_size == (32, 32)
+    assert all(not p.requires_grad for p in reloaded.model.parameters())
+    assert not reloaded.model.training
+
+
+def test_pt_checkpoint(tiny_model_files, tiny_model, tmp_path):
+    pt = tmp_path / "weights.pt"
+    torch.save(tiny_model.model.state_dict(), pt)
+    loaded = load_model("tiny-clip", str(pt), tiny_model_files["config"], device="cpu")
+    assert torch.equal(loaded.model.text_projection, tiny_model.model.text_projection)
+
+
+def test_record_rebuilds_the_same_model(tiny_model, tmp_path):
+    record = tiny_model.record()
+    assert spec_from_record(record) == tiny_model.spec
+    again = load_model_from_record(record, source="x.h5", device="cpu")
+    assert again.checkpoint_sha256 == tiny_model.checkpoint_sha256
+    assert torch.equal(again.model.logit_scale, tiny_model.model.logit_scale)
+
+
+def test_record_checks_checkpoint_hash(tiny_model, tiny_model_files, tmp_path):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    state = {k: v.clone().contiguous() for k, v in tiny_model.model.state_dict().items()}
+    state["logit_scale"] += 1
+    save_file(state, str(other))
+    with pytest.raises(InputError, match="checkpoint differs"):
+        load_model_from_record(tiny_model.record(), source="f.h5", pretrained=str(other), device="cpu")
+    moved = dict(tiny_model.record(), pretrained=str(tmp_path / "gone.safetensors"))
+    with pytest.raises(InputError, match="--pretrained PATH"):
+        load_model_from_record(moved, source="f.h5", device="cpu")
+
+
+def test_unknown_model_and_tag():
+    with pytest.raises(InputError, match="unknown model"):
+        load_model("no-such-model", device="cpu")
+    with pytest.raises(InputError, match="unknown pretrained tag"):
+        load_model("ViT-B-32", "no-such-tag", device="cpu")
+
+
+def test_offline_tag_says_how_to_pass_a_checkpoint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeFailure) as info:
+        load_model("ViT-B-32", "openai", device="cpu")
+    assert "--pretrained path/to/weights.safetensors" in info.value.message
+
+
+def test_bad_config_and_checkpoint(tmp_path, tiny_model_files):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"embed_dim": 8}))
+    with pytest.raises(InputError, match="lacks vision_cfg, text_cfg"):
+        load_model("bad", None, bad, device="cpu")
+    other_cfg = tmp_path / "other.json"
+    cfg = json.loads(tiny_model_files["config"].read_text())
+    cfg["embed_dim"] = 16
+    other_cfg.write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="does not fit the model architecture"):
+        load_model("other", str(tiny_model_files["weights"]), other_cfg, device="cpu")
+    with pytest.raises(InputError, match="checkpoint file not found"):
+        load_model("tiny-clip", str(tmp_path / "missing.safetensors"), tiny_model_files["config"], device="cpu")
+
+
+def test_devices_and_precision():
+    from promptcli.devices import resolve_device, resolve_precision
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(InputError, match="--device"):
+        resolve_device("tpu")
+    with pytest.raises(InputError, match="needs a GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            resolve_device("cuda:0")
