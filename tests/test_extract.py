@@ -21,17 +21,29 @@ def _datasets(path) -> dict[str, np.ndarray]:
 
 def test_cli_extract_folder(run_cli, cli_model_args, image_folder, tiny_model, tmp_path):
     out = tmp_path / "f.h5"
-    code, stdout, stderr = run_cli("extract", image_folder, "-o", out, *cli_model_args, "--dtype", "float32",
-                                   "--workers", "0", "--json")
+    code, stdout, stderr = run_cli(
+        "extract", image_folder, "-o", out, *cli_model_args, "--dtype", "float32", "--workers", "0", "--json"
+    )
     assert code == 0, stderr
     fs = read_features(out)
     assert fs.classnames == ["blue sky", "green grass", "red apple"]
     assert len(fs) == 18 and fs.dim == 32 and fs.views is None
     assert fs.paths[0] == "blue_sky/img000.png"  # relative to the folder root
     assert fs.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
-    assert fs.attrs["model_name"] == "tiny-clip" and fs.attrs["checkpoint_sha256"] == tiny_model.checkpoint_sha256
-    for key in ("promptcli_version", "open_clip_version", "created", "command", "preprocess", "image_size",
-                "precision", "embed_dim"):
+    assert (
+        fs.attrs["model_name"] == "tiny-clip"
+        and fs.attrs["checkpoint_sha256"] == tiny_model.checkpoint_sha256
+    )
+    for key in (
+        "promptcli_version",
+        "open_clip_version",
+        "created",
+        "command",
+        "preprocess",
+        "image_size",
+        "precision",
+        "embed_dim",
+    ):
         assert fs.attrs[key] != "", key
     assert '"n_images": 18' in stdout
 
@@ -68,22 +80,32 @@ def test_views_are_seeded(tiny_model, image_folder, tmp_path):
     source = read_image_source(image_folder)
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        extract_features(source, tiny_model, tmp_path / f"{name}.h5",
-                         ExtractOptions(views=2, seed=seed, dtype="float32", workers=0, batch_size=5))
+        extract_features(
+            source,
+            tiny_model,
+            tmp_path / f"{name}.h5",
+            ExtractOptions(views=2, seed=seed, dtype="float32", workers=0, batch_size=5),
+        )
         runs[name] = read_features(tmp_path / f"{name}.h5")
     assert runs["a"].views.shape == (18, 2, 32)
     np.testing.assert_array_equal(runs["a"].views, runs["b"].views)
     assert not np.allclose(runs["a"].views, runs["c"].views)
     assert not np.allclose(runs["a"].views[:, 0], runs["a"].views[:, 1])
     assert not np.allclose(runs["a"].views[:, 0], runs["a"].features)
-    np.testing.assert_array_equal(runs["a"].features, runs["c"].features)  # centre crops do not depend on the seed
+    np.testing.assert_array_equal(
+        runs["a"].features, runs["c"].features
+    )  # centre crops do not depend on the seed
 
 
 def test_views_do_not_depend_on_workers(tiny_model, image_folder, tmp_path):
     source = read_image_source(image_folder)
     for workers in (0, 2):
-        extract_features(source, tiny_model, tmp_path / f"w{workers}.h5",
-                         ExtractOptions(views=1, seed=1, dtype="float32", workers=workers, batch_size=4))
+        extract_features(
+            source,
+            tiny_model,
+            tmp_path / f"w{workers}.h5",
+            ExtractOptions(views=1, seed=1, dtype="float32", workers=workers, batch_size=4),
+        )
     a, b = _datasets(tmp_path / "w0.h5"), _datasets(tmp_path / "w2.h5")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
@@ -113,7 +135,9 @@ def test_resume_after_interruption_is_identical(tiny_model, image_folder, tmp_pa
     with pytest.raises(InputError, match="--resume"):
         extract_features(source, tiny_model, out, options)
     with pytest.raises(InputError, match="seed differ"):
-        extract_features(source, tiny_model, out, ExtractOptions(**{**options.__dict__, "seed": 9}), resume=True)
+        extract_features(
+            source, tiny_model, out, ExtractOptions(**{**options.__dict__, "seed": 9}), resume=True
+        )
 
     result = extract_features(source, tiny_model, out, options, resume=True)
     assert result.resumed_chunks == 2 and not partial.exists()
@@ -129,7 +153,9 @@ def test_existing_output_needs_force(run_cli, cli_model_args, image_folder, tmp_
     code, _, stderr = run_cli("extract", image_folder, "-o", out, *cli_model_args, "--workers", "0")
     assert code == 2 and "output exists" in stderr and "--force" in stderr
     assert out.read_text() == "precious"
-    code, _, stderr = run_cli("extract", image_folder, "-o", out, *cli_model_args, "--workers", "0", "--force", "-q")
+    code, _, stderr = run_cli(
+        "extract", image_folder, "-o", out, *cli_model_args, "--workers", "0", "--force", "-q"
+    )
     assert code == 0, stderr and len(read_features(out)) == 18
 
 
@@ -142,7 +168,9 @@ def bad_folder(tmp_path):
 
 
 def test_corrupt_image_is_named(run_cli, cli_model_args, bad_folder, tmp_path):
-    code, _, stderr = run_cli("extract", bad_folder, "-o", tmp_path / "o.h5", *cli_model_args, "--workers", "0")
+    code, _, stderr = run_cli(
+        "extract", bad_folder, "-o", tmp_path / "o.h5", *cli_model_args, "--workers", "0"
+    )
     assert code == 2
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("Error: ") and "broken.jpg" in line and "--skip-bad" in line
@@ -151,8 +179,9 @@ def test_corrupt_image_is_named(run_cli, cli_model_args, bad_folder, tmp_path):
 
 def test_skip_bad_lists_skipped(run_cli, cli_model_args, bad_folder, tmp_path):
     out = tmp_path / "o.h5"
-    code, stdout, stderr = run_cli("extract", bad_folder, "-o", out, *cli_model_args, "--workers", "0", "--skip-bad",
-                                   "--json")
+    code, stdout, stderr = run_cli(
+        "extract", bad_folder, "-o", out, *cli_model_args, "--workers", "0", "--skip-bad", "--json"
+    )
     assert code == 0, stderr
     assert "broken.jpg" in stderr
     fs = read_features(out)
@@ -167,9 +196,14 @@ def test_skip_bad_lists_skipped(run_cli, cli_model_args, bad_folder, tmp_path):
         (lambda p: p / "missing", "not found"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no class sub-folders"),
         (lambda p: (p / "e2" / "cls").mkdir(parents=True) or p / "e2", "no images found"),
-        (lambda p: (p / "nopath.csv").write_text("file,label\na.png,x\n") and p / "nopath.csv", "no 'path' column"),
-        (lambda p: (p / "extra.csv").write_text("path,label,colour\na.png,x,red\n") and p / "extra.csv",
-         "unknown column(s) colour"),
+        (
+            lambda p: (p / "nopath.csv").write_text("file,label\na.png,x\n") and p / "nopath.csv",
+            "no 'path' column",
+        ),
+        (
+            lambda p: (p / "extra.csv").write_text("path,label,colour\na.png,x,red\n") and p / "extra.csv",
+            "unknown column(s) colour",
+        ),
         (lambda p: (p / "x.json").write_text("{}") and p / "x.json", "neither a folder nor a CSV"),
     ],
 )
@@ -187,15 +221,20 @@ def test_non_image_with_image_suffix(run_cli, cli_model_args, tmp_path):
 
 
 def test_bad_options(run_cli, cli_model_args, image_folder, tmp_path):
-    code, _, stderr = run_cli("extract", image_folder, "-o", tmp_path / "o.h5", *cli_model_args, "--dtype", "int8")
+    code, _, stderr = run_cli(
+        "extract", image_folder, "-o", tmp_path / "o.h5", *cli_model_args, "--dtype", "int8"
+    )
     assert code == 2 and "--dtype" in stderr
-    code, _, stderr = run_cli("extract", image_folder, "-o", tmp_path / "o.h5", *cli_model_args,
-                              "--precision", "fp16")
+    code, _, stderr = run_cli(
+        "extract", image_folder, "-o", tmp_path / "o.h5", *cli_model_args, "--precision", "fp16"
+    )
     assert code == 2 and "needs a GPU" in stderr
     code, _, stderr = run_cli("extract", image_folder, "-o", tmp_path / "no" / "o.h5", *cli_model_args)
     assert code == 2 and "does not exist" in stderr
 
 
 def test_debug_shows_traceback(run_cli, cli_model_args, tmp_path):
-    code, _, stderr = run_cli("extract", tmp_path / "missing", "-o", tmp_path / "o.h5", *cli_model_args, "--debug")
+    code, _, stderr = run_cli(
+        "extract", tmp_path / "missing", "-o", tmp_path / "o.h5", *cli_model_args, "--debug"
+    )
     assert code == 2 and "Traceback" in stderr and "Error: " in stderr

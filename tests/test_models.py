@@ -13,7 +13,9 @@ from promptcli.models import load_model, load_model_from_record, spec_from_recor
 
 def test_checkpoint_round_trip(tiny_model_files, tiny_model):
     fresh = load_model("tiny-clip", None, tiny_model_files["config"], device="cpu")
-    reloaded = load_model("tiny-clip", str(tiny_model_files["weights"]), tiny_model_files["config"], device="cpu")
+    reloaded = load_model(
+        "tiny-clip", str(tiny_model_files["weights"]), tiny_model_files["config"], device="cpu"
+    )
     for (name, a), (_, b) in zip(tiny_model.model.state_dict().items(), reloaded.model.state_dict().items()):
         assert torch.equal(a, b), name
     # a model built without the checkpoint has other (random) weights: loading really happened
@@ -79,7 +81,9 @@ def test_bad_config_and_checkpoint(tmp_path, tiny_model_files):
     with pytest.raises(InputError, match="does not fit the model architecture"):
         load_model("other", str(tiny_model_files["weights"]), other_cfg, device="cpu")
     with pytest.raises(InputError, match="checkpoint file not found"):
-        load_model("tiny-clip", str(tmp_path / "missing.safetensors"), tiny_model_files["config"], device="cpu")
+        load_model(
+            "tiny-clip", str(tmp_path / "missing.safetensors"), tiny_model_files["config"], device="cpu"
+        )
 
 
 def test_devices_and_precision():

@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -55,6 +56,11 @@ def _register() -> None:
 _register()
 
 
+# typer >= 0.23 vendors click: its usage errors derive from typer.TyperException, not click's.
+_USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
+_ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
+
 def _error(message: str) -> None:
     sys.stderr.write(f"Error: {message}\n")
     sys.stderr.flush()
@@ -73,13 +79,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         _error(exc.message)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        _error("interrupted")
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, *_ABORTS):
         _error("interrupted — long runs can be completed with --resume")
         sys.exit(130)
-    except click.ClickException as exc:
+    except _USAGE_ERRORS as exc:
         exc.show()
         sys.exit(exc.exit_code or EXIT_BAD_INPUT)
     except BrokenPipeError:
