@@ -1,0 +1,716 @@
+"""Learnable text prompts for a frozen CLIP text tower (CoOp, Zhou et al. 2022, and two variants).
+
+``coop``: the prompt of class c is ``[SOS] ctx_1..ctx_M [name tokens] [.] [EOS]`` with learnable
+context vectors in the token-embedding space (shared, or per class with ``csc``); ``class_position``
+``front`` gives ``[SOS] [name] ctx [.] [EOS]`` and ``middle`` ``[SOS] ctx[:M//2] [name] ctx[M//2:] [.] [EOS]``.
+``cls-tuning``: the template's words stay fixed and the class-name token embeddings are learned.
+``full-prompt``: the template's words (as context) and the class-name tokens are all learned.
+
+Initialised from words (``ctx_init`` or the template), the learner reproduces the zero-shot text
+embeddings exactly. :meth:`PromptLearner.forward` skips work that cannot change the result: the
+sequence is cut after the last token that matters, and with a causal tower the part of the
+prompt shared by all classes (start token and shared context) goes through each block once.
+:meth:`PromptLearner.forward_plain` is the straightforward full-length computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptcli.errors import InputError
+
+TEXT_METHODS = ("coop", "cls-tuning", "full-prompt")
+CLASS_POSITIONS = ("end", "middle", "front")
+_META_PREFIX = "prompt."
+_PLACEHOLDER = "X"  # token that stands for a randomly initialised vector in the id sequence (as in CoOp)
+_COOP_TAIL = "."
+
+
+@dataclass
+class PromptConfig:
+    """How prompts are built and initialised (see the module docstring for the methods)."""
+
+    method: str = "coop"  # coop | cls-tuning | full-prompt
+    n_ctx: int = 16  # ignored when ctx_init is given (n_ctx = its token count)
+    ctx_init: str | None = None  # coop: context initialised from these words' token embeddings
+    class_position: str = "end"  # end | middle | front (coop)
+    csc: bool = False  # class-specific context
+    template: str = "a photo of a {}."  # cls-tuning: fixed template words; full-prompt: the initial words
+    init_std: float = 0.02  # random context ~ N(0, init_std)
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` for an inconsistent configuration."""
+        if self.method not in TEXT_METHODS:
+            raise InputError(
+                f"unknown prompt method {self.method!r}",
+                where="--method",
+                hint=f"use {', '.join(TEXT_METHODS)}",
+            )
+        if self.class_position not in CLASS_POSITIONS:
+            raise InputError(
+                f"unknown class position {self.class_position!r}",
+                where="--class-position",
+                hint=f"use {', '.join(CLASS_POSITIONS)}",
+            )
+        if self.ctx_init is not None and not self.ctx_init.strip():
+            raise InputError("empty context initialisation", where="--ctx-init", hint='e.g. "a photo of a"')
+        if self.method == "coop":
+            if self.ctx_init is None and self.n_ctx < 1:
+                raise InputError(f"n_ctx must be at least 1 (got {self.n_ctx})", where="--n-ctx")
+            if self.init_std <= 0 and self.ctx_init is None:
+                raise InputError(f"init_std must be positive (got {self.init_std})", where="--init-std")
+            return
+        if self.template.count("{}") != 1:
+            raise InputError(
+                f"template {self.template!r} must contain exactly one {{}}",
+                where="--template",
+                hint='e.g. "a photo of a {}."',
+            )
+        if self.ctx_init is not None:
+            raise InputError(
+                f"ctx_init applies to coop only; {self.method} starts from the template",
+                where="--ctx-init",
+                hint="set the initial words with --template",
+            )
+        if self.class_position != "end":
+            raise InputError(
+                f"class_position applies to coop only; {self.method} places the name where the template's {{}} is",
+                where="--class-position",
+                hint="move {} within --template instead",
+            )
+        if self.csc and self.method == "cls-tuning":
+            raise InputError(
+                "csc needs learnable context: cls-tuning learns only the class names",
+                where="--csc",
+                hint="use coop or full-prompt for class-specific context",
+            )
+
+    def to_metadata(self) -> dict[str, str]:
+        """Flat string dict (for safetensors metadata); keys are prefixed with ``prompt.``."""
+        return {
+            f"{_META_PREFIX}method": self.method,
+            f"{_META_PREFIX}n_ctx": str(self.n_ctx),
+            f"{_META_PREFIX}ctx_init": "" if self.ctx_init is None else self.ctx_init,
+            f"{_META_PREFIX}class_position": self.class_position,
+            f"{_META_PREFIX}csc": "true" if self.csc else "false",
+            f"{_META_PREFIX}template": self.template,
+            f"{_META_PREFIX}init_std": repr(float(self.init_std)),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> PromptConfig:
+        """Inverse of :meth:`to_metadata`; other keys in ``meta`` are ignored, missing ones take defaults."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = _META_PREFIX + f.name
+            if key not in meta:
+                continue
+            raw = meta[key]
+            try:
+                if f.name == "n_ctx":
+                    values[f.name] = int(raw)
+                elif f.name == "init_std":
+                    values[f.name] = float(raw)
+                elif f.name == "csc":
+                    if raw not in ("true", "false"):
+                        raise ValueError(raw)
+                    values[f.name] = raw == "true"
+                elif f.name == "ctx_init":
+                    values[f.name] = raw or None
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise InputError(
+                    f"bad value {raw!r} for {key}", where="prompt metadata", hint="the prompt file is damaged"
+                ) from exc
+        config = cls(**values)
+        config.validate()
+        return config
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@dataclass(frozen=True)
+class _TokenScheme:
+    """How the model's tokenizer frames text: ``head + content + tail``, right-padded with ``pad_id``."""
+
+    encode: Callable[[str], list[int]]  # content ids of a piece of text, without special tokens
+    head: list[int]
+    tail: list[int]
+    pad_id: int
+    context_length: int
+
+
+def _token_scheme(tokenizer: Any, context_length: int, pad_id: int | None = None) -> _TokenScheme:
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+    length = int(getattr(tokenizer, "context_length", None) or context_length)
+    if isinstance(tokenizer, SimpleTokenizer):
+        return _TokenScheme(
+            encode=tokenizer.encode,  # applies the tokenizer's own cleaning, as __call__ does
+            head=[tokenizer.sot_token_id],
+            tail=[tokenizer.eot_token_id],
+            pad_id=0,
+            context_length=length,
+        )
+    if isinstance(tokenizer, HFTokenizer) and not tokenizer.tokenizer_mode and not tokenizer.strip_sep_token:
+        hf = tokenizer.tokenizer
+        clean = tokenizer.clean_fn
+
+        def encode(text: str) -> list[int]:
+            return list(hf(clean(text), add_special_tokens=False)["input_ids"])
+
+        # the special tokens around content: compare one text with and without them
+        content = encode(_PLACEHOLDER)
+        framed = list(hf(tokenizer.clean_fn(_PLACEHOLDER))["input_ids"])
+        at = next((i for i in range(len(framed)) if framed[i : i + len(content)] == content), None)
+        if not content or at is None:
+            raise InputError(
+                f"cannot tell the special tokens of this model's tokenizer ({type(hf).__name__})",
+                where="--model",
+                hint="use a model with the CLIP BPE tokenizer or a BERT/RoBERTa-style tokenizer",
+            )
+        return _TokenScheme(
+            encode=encode,
+            head=framed[:at],
+            tail=framed[at + len(content) :],
+            pad_id=int(hf.pad_token_id if pad_id is None else pad_id),
+            context_length=length,
+        )
+    raise InputError(
+        f"prompt tuning does not support this model's tokenizer ({type(tokenizer).__name__})",
+        where="--model",
+        hint="use a model with the CLIP BPE tokenizer or a plain Hugging Face tokenizer",
+    )
+
+
+# --------------------------------------------------------------------------- text towers
+
+
+class _NativeTower:
+    """open_clip's own text transformer (CLIP keeps it on the model, CustomTextCLIP under ``.text``).
+
+    Deliberately not an ``nn.Module``: the learner must not register the frozen CLIP weights.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from open_clip.transformer import TextTransformer
+
+        text = getattr(model, "text", None)
+        src = text if isinstance(text, TextTransformer) else model
+        self.module = src
+        self.token_embedding: nn.Embedding = src.token_embedding
+        self.positional_embedding: torch.Tensor = src.positional_embedding
+        self.transformer: nn.Module = src.transformer
+        self.ln_final: nn.Module = src.ln_final
+        self.text_projection = src.text_projection
+        self.attn_mask: torch.Tensor | None = src.attn_mask
+        if isinstance(text, TextTransformer):
+            self.pool_type = text.pool_type
+            self.eos_id = text.eos_id
+            self.cls_emb = text.cls_emb
+            self.use_pad_mask = bool(getattr(text, "use_pad_mask", False))
+            self.pad_id = int(text.pad_id)
+        else:
+            self.pool_type = getattr(model, "text_pool_type", "argmax")
+            self.eos_id = getattr(model, "text_eos_id", None)
+            self.cls_emb = None
+            self.use_pad_mask = False
+            self.pad_id = 0
+        self.context_length = self.positional_embedding.shape[0] - (1 if self.cls_emb is not None else 0)
+        if self.pool_type not in ("first", "last", "argmax", "eos"):
+            raise InputError(
+                f"prompt tuning needs a pooled text feature (text pool type {self.pool_type!r})",
+                where="--model",
+                hint="use a model whose text tower pools one token",
+            )
+
+    @property
+    def width(self) -> int:
+        return int(self.token_embedding.weight.shape[1])
+
+    def cast_dtype(self) -> torch.dtype:
+        return self.transformer.get_cast_dtype()
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids)
+
+    def pool_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Index of the pooled token of each sequence, by open_clip's own convention."""
+        from open_clip.transformer import text_global_pool
+
+        if self.cls_emb is not None:  # CoCa-style appended class token: always the last one
+            return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=ids.device)
+        positions = torch.arange(ids.shape[1], device=ids.device, dtype=torch.float32)
+        positions = positions.view(1, -1, 1).expand(ids.shape[0], -1, 1)
+        return text_global_pool(positions, ids, self.pool_type, eos_token_id=self.eos_id)[:, 0].long()
+
+    def can_truncate(self) -> bool:
+        """Whether tokens after the last content token can be dropped without changing the output."""
+        causal_or_masked = self.attn_mask is not None or self.use_pad_mask
+        return causal_or_masked and self.cls_emb is None and self.pool_type != "last"
+
+    def encode(self, x: torch.Tensor, ids: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+        """Mirror of ``TextTransformer.forward`` / ``CLIP.encode_text`` on token embeddings ``x`` (C, L, W)."""
+        x = x.to(self.cast_dtype())
+        seq_len = x.shape[1]
+        if self.cls_emb is not None:
+            x = torch.cat([x, self.cls_emb.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)], dim=1)
+            seq_len += 1
+        attn_mask = self.attn_mask
+        if attn_mask is not None:
+            attn_mask = attn_mask[:seq_len, :seq_len]
+        if self.use_pad_mask or self.cls_emb is not None:
+            add_mask = self.module._build_additive_mask(ids, seq_len, x.dtype)
+            attn_mask = add_mask if attn_mask is None else attn_mask.unsqueeze(0) + add_mask
+        x = x + self.positional_embedding[:seq_len].to(x.dtype)
+        x = self.transformer(x, attn_mask=attn_mask)
+        if self.cls_emb is not None:
+            pooled = self.ln_final(x[:, -1])
+        else:
+            pooled = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), pool_index]
+        return self.project(pooled)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.text_projection is None:
+            return pooled
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(pooled)
+        return pooled @ self.text_projection
+
+    # ---- shared-prefix fast path
+
+    def prefix_sharing_supported(self) -> bool:
+        """Whether every block can be run by :meth:`encode_shared_prefix` (else use :meth:`encode`)."""
+        from open_clip.transformer import Attention, CustomResidualAttentionBlock, ResidualAttentionBlock
+
+        if self.cls_emb is not None or self.use_pad_mask or self.attn_mask is None:
+            return False
+        size = self.attn_mask.shape[0]
+        causal = torch.full((size, size), float("-inf"), device=self.attn_mask.device).triu_(1)
+        if not torch.equal(self.attn_mask.float(), causal):
+            return False
+        blocks = getattr(self.transformer, "resblocks", None)
+        if blocks is None or len(blocks) == 0:
+            return False
+        for blk in blocks:
+            if type(blk) is ResidualAttentionBlock:
+                attn = blk.attn
+                if hasattr(blk, "ln_1_kv") or not isinstance(attn, nn.MultiheadAttention):
+                    return False
+                if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+                    return False
+                if attn.dropout and attn.training:
+                    return False
+            elif type(blk) is CustomResidualAttentionBlock:
+                attn = blk.attn
+                if type(attn) is not Attention or attn.logit_scale is not None:
+                    return False
+                if attn.attn_drop.p and attn.training:
+                    return False
+            else:
+                return False
+        return True
+
+    def encode_shared_prefix(
+        self, x: torch.Tensor, prefix_len: int, pool_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode (C, L, W) token embeddings whose first ``prefix_len`` positions are equal for all classes.
+
+        Under the causal mask the prefix attends only to itself, so its hidden states are computed
+        once per block; each class's remaining tokens attend to the prefix's keys/values plus their own.
+        """
+        x = x.to(self.cast_dtype())
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        xp, xs = x[:1, :prefix_len], x[:, prefix_len:]
+        n_suffix = xs.shape[1]
+        neg_inf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+        mask_p = torch.zeros(prefix_len, prefix_len, dtype=x.dtype, device=x.device)
+        mask_p = mask_p.masked_fill(torch.ones_like(mask_p, dtype=torch.bool).triu(1), neg_inf)
+        mask_s = torch.zeros(n_suffix, prefix_len + n_suffix, dtype=x.dtype, device=x.device)
+        upper = torch.ones(n_suffix, n_suffix, dtype=torch.bool, device=x.device).triu(1)
+        mask_s[:, prefix_len:] = mask_s[:, prefix_len:].masked_fill(upper, neg_inf)
+        for blk in self.transformer.resblocks:
+            xp, xs = _block_with_prefix(blk, xp, xs, mask_p, mask_s)
+        rows = torch.arange(xs.shape[0], device=x.device)
+        pooled = self.ln_final(xs[rows, pool_index - prefix_len])
+        return self.project(pooled)
+
+
+def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    batch, length, width = t.shape
+    return t.view(batch, length, n_heads, width // n_heads).transpose(1, 2)
+
+
+def _block_with_prefix(
+    blk: nn.Module, xp: torch.Tensor, xs: torch.Tensor, mask_p: torch.Tensor, mask_s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One open_clip residual block on a shared prefix (1, P, W) and per-class suffixes (C, S, W)."""
+    attn = blk.attn
+    custom = not isinstance(attn, nn.MultiheadAttention)
+    n_heads = attn.num_heads
+
+    def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = (
+            _heads(t, n_heads) for t in F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        )
+        if custom:
+            q, k = attn.ln_q(q), attn.ln_k(k)
+        return q, k, v
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if custom and attn.head_scale is not None:
+            out = out * attn.head_scale
+        out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        if custom:
+            out = attn.ln_inner(out)
+        out = attn.out_proj(out)
+        return blk.ln_attn(out) if custom else out
+
+    qp, kp, vp = qkv(blk.ln_1(xp))
+    qs, ks, vs = qkv(blk.ln_1(xs))
+    n = xs.shape[0]
+    out_p = attend(qp, kp, vp, mask_p)
+    out_s = attend(
+        qs, torch.cat([kp.expand(n, -1, -1, -1), ks], 2), torch.cat([vp.expand(n, -1, -1, -1), vs], 2), mask_s
+    )
+    xp = xp + blk.ls_1(out_p)
+    xs = xs + blk.ls_1(out_s)
+    xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
+    xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
+    return xp, xs
+
+
+class _HFTower:
+    """open_clip's Hugging Face text tower (``HFTextEncoder``): input embeddings, its pooler and projection."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self.encoder = encoder
+        self.pad_id = int(encoder.config.pad_token_id)
+        self.embedding: nn.Embedding = encoder.transformer.get_input_embeddings()
+
+    @property
+    def width(self) -> int:
+        return int(self.embedding.weight.shape[1])
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)
+
+    def pool_index(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)  # unused: the pooler decides
+
+    def can_truncate(self) -> bool:
+        return True  # padding is masked out of attention and pooling
+
+    def encode(self, x: torch.Tensor, ids: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
+        mask = (ids != self.pad_id).long()
+        out = self.encoder.transformer(inputs_embeds=x.to(self.embedding.weight.dtype), attention_mask=mask)
+        return self.encoder.proj(self.encoder.pooler(out, mask))
+
+
+def _text_tower(model: nn.Module) -> _NativeTower | _HFTower:
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    if isinstance(text, HFTextEncoder):
+        return _HFTower(text)
+    if hasattr(model, "token_embedding") or hasattr(text, "token_embedding"):
+        return _NativeTower(model)
+    raise InputError(
+        f"prompt tuning does not support this model's text tower ({type(text or model).__name__})",
+        where="--model",
+        hint="use an open_clip model with its own text transformer or a Hugging Face text tower",
+    )
+
+
+# --------------------------------------------------------------------------- the learner
+
+
+@dataclass
+class _Piece:
+    """A run of prompt tokens: fixed ids, or rows of a learnable tensor (with the ids they start from)."""
+
+    ids: list[int]
+    param: str | None = None
+    rows: list[int] | None = None
+
+
+def _assemble(
+    pieces: list[list[_Piece]],
+    scheme: _TokenScheme,
+    offsets: dict[str, int],
+    random_params: set[str],
+    placeholder: int,
+    classnames: list[str],
+) -> tuple[list[list[int]], list[list[tuple[str, int]]], tuple[list[int], list[int], list[int]]]:
+    """Per class, the token ids (learnable positions hold the ids they start from, or the placeholder)
+    and what each position is made of (a fixed id or a row of the concatenated learnable tensors);
+    plus (class, position, row) of every learnable position."""
+    rows_c, rows_p, rows_src = [], [], []
+    sequences, sources = [], []
+    for c, class_pieces in enumerate(pieces):
+        seq = list(scheme.head)
+        src = [("id", t) for t in scheme.head]
+        for piece in class_pieces:
+            if piece.param is None:
+                seq += piece.ids
+                src += [("id", t) for t in piece.ids]
+                continue
+            assert piece.rows is not None
+            for tok, row in zip(piece.ids, piece.rows):
+                bank_row = offsets[piece.param] + row
+                rows_c.append(c)
+                rows_p.append(len(seq))
+                rows_src.append(bank_row)
+                seq.append(placeholder if piece.param in random_params else tok)
+                src.append(("row", bank_row))
+        seq += scheme.tail
+        src += [("id", t) for t in scheme.tail]
+        if len(seq) > scheme.context_length:
+            raise InputError(
+                f"the prompt needs {len(seq)} tokens but the model's text context holds {scheme.context_length}",
+                where=f"class {classnames[c]!r}",
+                hint="use fewer context tokens (--n-ctx) or a shorter class name",
+            )
+        sequences.append(seq)
+        sources.append(src)
+    return sequences, sources, (rows_c, rows_p, rows_src)
+
+
+class PromptLearner(nn.Module):
+    """Learnable prompts for ``classnames``; ``forward()`` gives (C, D) L2-normalised class text features.
+
+    Only the learnable tensors (``ctx``, ``ctx_suffix``, ``class_tokens`` as the method needs) are
+    parameters of this module; the CLIP model is used but not registered, and stays frozen.
+    """
+
+    def __init__(
+        self,
+        loaded: Any,
+        classnames: list[str],
+        config: PromptConfig,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        config.validate()
+        if not classnames:
+            raise InputError("no class names", where="classnames", hint="give at least one class")
+        for name in classnames:
+            if not name.strip():
+                raise InputError("empty class name", where="classnames", hint="every class needs a name")
+        self.config = config
+        self.classnames = list(classnames)
+        self.device = torch.device(loaded.device)
+        model = loaded.model
+        model.requires_grad_(False)
+        tower = _text_tower(model)
+        self._tower = tower
+        scheme = _token_scheme(
+            loaded.tokenizer,
+            tower.context_length if isinstance(tower, _NativeTower) else int(model.text.context_length),
+            pad_id=tower.pad_id,
+        )
+        self._scheme = scheme
+
+        init_ids, init_random, pieces = self._layout(scheme)
+        # context tokens per class (0 for cls-tuning)
+        self.n_ctx = len(init_ids.get("ctx", [])) // (len(classnames) if config.csc else 1)
+        offsets, total = {}, 0
+        for name, ids in init_ids.items():
+            with torch.no_grad():
+                if name in init_random:
+                    shape = (len(ids), tower.width)
+                    value = torch.empty(shape, dtype=torch.float32).normal_(
+                        0.0, config.init_std, generator=generator
+                    )
+                else:
+                    value = tower.embed_ids(torch.tensor(ids, dtype=torch.long, device=self.device)).float()
+            if name in ("ctx", "ctx_suffix") and config.csc:
+                value = value.reshape(len(classnames), -1, tower.width)
+            self.register_parameter(name, nn.Parameter(value.to(self.device).clone()))
+            offsets[name] = total
+            total += len(ids)
+
+        placeholder = (scheme.encode(_PLACEHOLDER) or [scheme.pad_id])[0]
+        sequences, sources, (rows_c, rows_p, rows_src) = _assemble(
+            pieces, scheme, offsets, init_random, placeholder, self.classnames
+        )
+        length = scheme.context_length
+        ids = torch.full((len(classnames), length), scheme.pad_id, dtype=torch.long)
+        for c, seq in enumerate(sequences):
+            ids[c, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        ids = ids.to(self.device)
+        pool_index = tower.pool_index(ids)
+        last_content = max(len(s) for s in sequences) - 1
+
+        # How much of the sequence forward() must compute, and whether the prefix can be shared.
+        self.full_length = length
+        if tower.can_truncate():
+            self.seq_len = int(max(last_content, int(pool_index.max())) + 1)
+        else:
+            self.seq_len = length
+        common = 0
+        while common < min(len(s) for s in sources) and all(s[common] == sources[0][common] for s in sources):
+            common += 1
+        common = min(common, int(pool_index.min()))
+        shared = isinstance(tower, _NativeTower) and tower.prefix_sharing_supported() and common >= 2
+        self.shared_prefix_len = common if shared else 0
+        self.fast_path = "shared-prefix" if shared else ("truncated" if self.seq_len < length else "full")
+
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("pool_index", pool_index, persistent=False)
+        with torch.no_grad():
+            fixed = tower.embed_ids(ids[:, : self.seq_len])
+            self.register_buffer("fixed_embeddings", fixed.detach().clone(), persistent=False)
+            pad_embedding = tower.embed_ids(torch.tensor([scheme.pad_id], device=self.device))[0]
+            self.register_buffer("pad_embedding", pad_embedding.detach().clone(), persistent=False)
+        device = self.device
+        self.register_buffer(
+            "_rows_c", torch.tensor(rows_c, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "_rows_p", torch.tensor(rows_p, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "_rows_src", torch.tensor(rows_src, dtype=torch.long, device=device), persistent=False
+        )
+        self._param_order = list(init_ids)
+
+    # ---- layout
+
+    def _layout(self, scheme: _TokenScheme) -> tuple[dict[str, list[int]], set[str], list[list[_Piece]]]:
+        """Per learnable tensor, the ids it starts from (flattened rows); which start random; per class, pieces."""
+        cfg = self.config
+        names = [scheme.encode(n) for n in self.classnames]
+        for name, tokens in zip(self.classnames, names):
+            if not tokens:
+                raise InputError(
+                    "class name has no tokens", where=f"class {name!r}", hint="use a word as class name"
+                )
+        n_cls = len(names)
+        init: dict[str, list[int]] = {}
+        random: set[str] = set()
+        pieces: list[list[_Piece]] = []
+
+        if cfg.method == "coop":
+            if cfg.ctx_init is not None:
+                ctx_ids = scheme.encode(cfg.ctx_init)
+                if not ctx_ids:
+                    raise InputError("ctx_init has no tokens", where="--ctx-init", hint='e.g. "a photo of a"')
+            else:
+                ctx_ids = [(scheme.encode(_PLACEHOLDER) or [scheme.pad_id])[0]] * cfg.n_ctx
+                random.add("ctx")
+            m = len(ctx_ids)
+            init["ctx"] = ctx_ids * n_cls if cfg.csc else list(ctx_ids)
+            tail = scheme.encode(_COOP_TAIL)
+            half = m // 2
+            for c, name in enumerate(names):
+                base = c * m if cfg.csc else 0
+                rows = [base + i for i in range(m)]
+
+                def ctx(lo: int, hi: int, rows: list[int] = rows) -> _Piece:
+                    return _Piece(ctx_ids[lo:hi], "ctx", rows[lo:hi])
+
+                if cfg.class_position == "end":
+                    seq = [ctx(0, m), _Piece(name), _Piece(tail)]
+                elif cfg.class_position == "front":
+                    seq = [_Piece(name), ctx(0, m), _Piece(tail)]
+                else:
+                    seq = [ctx(0, half), _Piece(name), ctx(half, m), _Piece(tail)]
+                pieces.append([p for p in seq if p.ids])
+            return init, random, pieces
+
+        before, after = (scheme.encode(part) if part.strip() else [] for part in cfg.template.split("{}"))
+        init["class_tokens"] = [t for name in names for t in name]
+        starts = [0]
+        for name in names:
+            starts.append(starts[-1] + len(name))
+        if cfg.method == "full-prompt":
+            if before:
+                init["ctx"] = before * n_cls if cfg.csc else list(before)
+            if after:
+                init["ctx_suffix"] = after * n_cls if cfg.csc else list(after)
+        for c, name in enumerate(names):
+            cls_piece = _Piece(name, "class_tokens", list(range(starts[c], starts[c] + len(name))))
+            if cfg.method == "cls-tuning":
+                seq = [_Piece(before), cls_piece, _Piece(after)]
+            else:
+                b0 = c * len(before) if cfg.csc else 0
+                a0 = c * len(after) if cfg.csc else 0
+                seq = [
+                    _Piece(before, "ctx", list(range(b0, b0 + len(before)))),
+                    cls_piece,
+                    _Piece(after, "ctx_suffix", list(range(a0, a0 + len(after)))),
+                ]
+            pieces.append([p for p in seq if p.ids])
+        return init, random, pieces
+
+    # ---- forward
+
+    def _learnable_rows(self) -> torch.Tensor:
+        return torch.cat([getattr(self, name).reshape(-1, self._tower.width) for name in self._param_order])
+
+    def prompt_embeddings(self, length: int | None = None) -> torch.Tensor:
+        """(C, length, W) token embeddings of the prompts (default: the length forward() computes)."""
+        length = self.seq_len if length is None else length
+        fixed = self.fixed_embeddings
+        if length > fixed.shape[1]:
+            pad = self.pad_embedding.view(1, 1, -1).expand(fixed.shape[0], length - fixed.shape[1], -1)
+            fixed = torch.cat([fixed, pad], dim=1)
+        else:
+            fixed = fixed[:, :length]
+        rows = self._learnable_rows().to(fixed.dtype)
+        return fixed.index_put((self._rows_c, self._rows_p), rows[self._rows_src])
+
+    def forward(self) -> torch.Tensor:
+        """(C, D) float32 L2-normalised class text features, skipping computation that cannot matter."""
+        x = self.prompt_embeddings()
+        if self.fast_path == "shared-prefix":
+            feats = self._forward_shared_prefix(x)
+        else:
+            feats = self._tower.encode(x, self.token_ids[:, : self.seq_len], self.pool_index)
+        return F.normalize(feats.float(), dim=-1)
+
+    def _forward_shared_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self._tower, _NativeTower)
+        return self._tower.encode_shared_prefix(x, self.shared_prefix_len, self.pool_index)
+
+    def forward_plain(self) -> torch.Tensor:
+        """The same features computed the straightforward way: full context length, every class separately."""
+        x = self.prompt_embeddings(self.full_length)
+        return F.normalize(self._tower.encode(x, self.token_ids, self.pool_index).float(), dim=-1)
+
+    # ---- state
+
+    def learnable_state(self) -> dict[str, torch.Tensor]:
+        """The learned tensors by stable name (``ctx``, ``ctx_suffix``, ``class_tokens``), float32 on CPU."""
+        return {
+            name: getattr(self, name).detach().float().cpu().contiguous().clone()
+            for name in self._param_order
+        }
+
+    def load_learnable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load tensors saved by :meth:`learnable_state`; names and shapes must match this learner."""
+        expected = {name: tuple(getattr(self, name).shape) for name in self._param_order}
+        got = {name: tuple(t.shape) for name, t in tensors.items()}
+        if got != expected:
+            raise InputError(
+                f"prompt tensors {_describe(got)} do not fit this prompt learner ({_describe(expected)})",
+                where="prompt state",
+                hint="use the class list, model and prompt settings the prompts were trained with",
+            )
+        with torch.no_grad():
+            for name in self._param_order:
+                getattr(self, name).copy_(tensors[name].to(self.device, torch.float32))
+
+
+def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{k} {list(v)}" for k, v in sorted(shapes.items())) or "none"

@@ -1,0 +1,349 @@
+"""Prompt learner: exactness against zero-shot at initialisation, the fast path against the plain one,
+frozen CLIP weights, state round trips; native open_clip text towers and a tiny Hugging Face BERT tower."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+
+from promptcli.errors import InputError
+from promptcli.models import load_model
+from promptcli.prompt_learner import PromptConfig, PromptLearner
+from promptcli.zeroshot import class_text_embeddings
+
+NAMES = ["red apple", "blue sky", "green grass", "t-shirt", "apples"]  # 2, 2, 2, 3 and 1 (CLIP BPE) tokens
+VISION = {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32}
+TOL = dict(atol=2e-6, rtol=0)
+
+
+def _native_model(name: str, **text_cfg):
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": VISION,
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+            **text_cfg,
+        },
+    }
+    if text_cfg:
+        cfg["custom_text"] = True
+    torch.manual_seed(1)
+    return load_model(name, None, cfg, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model(tmp_path_factory):
+    """A CLIP whose text tower is a 2-layer BERT (width 32) with a 17-word WordPiece vocabulary, all local."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = ["a", "photo", "of", "red", "apple", "blue", "sky", "green", "grass", ".", "x", "t", "-", "shirt"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##s", "the"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:  # transformers >= 5
+        tokenizer = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    else:
+        tokenizer = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(2)
+    bert_cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(bert_cfg, add_pooling_layer=False).save_pretrained(str(folder))
+    text_cfg = {
+        "hf_model_name": str(folder),
+        "hf_tokenizer_name": str(folder),
+        "hf_pooler_type": "mean_pooler",
+        "hf_proj_type": "linear",
+        "context_length": 32,
+    }
+    loaded = load_model("tiny-hf-bert", None, {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": text_cfg})
+    ids = loaded.tokenizer(["a photo of a red apple."])[0].tolist()
+    assert ids[:9] == [2, 5, 6, 7, 5, 8, 9, 14, 3]  # the vocabulary really is used (no [UNK])
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def custom_block_model():
+    """CustomTextCLIP with open_clip's custom attention block (qk-norm, head scale, inner norm, layer scale)."""
+    return _native_model(
+        "tiny-custom-block",
+        qk_norm=True,
+        scale_heads=True,
+        scale_attn_inner=True,
+        scale_fc=True,
+        ls_init_value=0.5,
+    )
+
+
+def _zero_shot(loaded, template="a photo of a {}.", names=NAMES):
+    return class_text_embeddings(loaded, names, [template])
+
+
+def _learner(loaded, names=NAMES, seed=0, **cfg) -> PromptLearner:
+    return PromptLearner(loaded, names, PromptConfig(**cfg), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- exactness at initialisation
+
+INIT_CASES = [
+    (dict(ctx_init="a photo of a"), "a photo of a {}."),
+    (dict(ctx_init="a photo of a", class_position="front"), "{} a photo of a."),
+    (dict(ctx_init="a photo of a", class_position="middle"), "a photo {} of a."),
+    (dict(ctx_init="a photo of", class_position="middle"), "a {} photo of."),
+    (dict(ctx_init="a photo of a", csc=True), "a photo of a {}."),
+    (dict(method="cls-tuning"), "a photo of a {}."),
+    (dict(method="full-prompt"), "a photo of a {}."),
+    (dict(method="full-prompt", csc=True), "a photo of a {}."),
+    (dict(method="cls-tuning", template="{}, of a photo"), "{}, of a photo"),
+    (dict(method="full-prompt", template="a {}"), "a {}"),
+]
+
+
+@pytest.mark.parametrize(("cfg", "template"), INIT_CASES)
+def test_initialised_learner_equals_zero_shot_native(tiny_model, cfg, template):
+    learner = _learner(tiny_model, **cfg)
+    expected = _zero_shot(tiny_model, template)
+    torch.testing.assert_close(learner(), expected, **TOL)
+    torch.testing.assert_close(learner.forward_plain(), expected, **TOL)
+
+
+@pytest.mark.parametrize(("cfg", "template"), INIT_CASES[:3] + INIT_CASES[5:8])
+def test_initialised_learner_equals_zero_shot_hf(tiny_hf_model, cfg, template):
+    learner = _learner(tiny_hf_model, **cfg)
+    expected = _zero_shot(tiny_hf_model, template)
+    torch.testing.assert_close(learner(), expected, **TOL)
+    torch.testing.assert_close(learner.forward_plain(), expected, **TOL)
+    # [CLS] + 4 + 3 (t - shirt) + "." + [SEP]
+    assert learner.fast_path == "truncated" and learner.seq_len == 10
+
+
+def test_initialised_learner_equals_zero_shot_custom_block(custom_block_model):
+    learner = _learner(custom_block_model, ctx_init="a photo of a")
+    assert learner.fast_path == "shared-prefix"
+    torch.testing.assert_close(learner(), _zero_shot(custom_block_model), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("name", "text_cfg", "path"),
+    [
+        # bidirectional, pooled at the last position: nothing can be skipped
+        ("tiny-bidir", dict(no_causal_mask=True, pool_type="last"), "full"),
+        # CoCa-style appended class token with padding mask: its position depends on the full length
+        ("tiny-cls-emb", dict(embed_cls=True, pad_id=0), "full"),
+        # eos pooling with a linear projection with bias: truncation is exact
+        ("tiny-eos", dict(pool_type="eos", eos_id=49407, proj_bias=True), "shared-prefix"),
+    ],
+)
+def test_other_native_towers_fall_back_exactly(name, text_cfg, path):
+    loaded = _native_model(name, **text_cfg)
+    learner = _learner(loaded, ctx_init="a photo of a")
+    assert learner.fast_path == path
+    expected = _zero_shot(loaded)
+    torch.testing.assert_close(learner(), expected, **TOL)
+    torch.testing.assert_close(learner.forward_plain(), expected, **TOL)
+
+
+# --------------------------------------------------------------------------- fast path == plain path
+
+
+def _values_and_grads(learner: PromptLearner, fn, weights: torch.Tensor):
+    learner.zero_grad()
+    out = fn()
+    (out * weights[: out.shape[0], : out.shape[1]]).sum().backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in learner.named_parameters()}
+
+
+FAST_CASES = [
+    (dict(), "shared-prefix", 17),  # default CoOp: [SOS] + 16 shared context vectors
+    (dict(csc=True), "truncated", 0),
+    (dict(class_position="middle"), "shared-prefix", 9),
+    (dict(class_position="front"), "truncated", 0),
+    (dict(method="cls-tuning"), "shared-prefix", 5),
+    (dict(method="full-prompt"), "shared-prefix", 5),
+    (dict(method="full-prompt", csc=True), "truncated", 0),
+]
+
+
+@pytest.mark.parametrize(("cfg", "path", "prefix"), FAST_CASES)
+def test_fast_path_matches_plain_values_and_gradients(tiny_model, cfg, path, prefix):
+    learner = _learner(tiny_model, seed=3, **cfg)
+    assert (learner.fast_path, learner.shared_prefix_len) == (path, prefix)
+    assert learner.seq_len < learner.full_length == 77
+    weights = torch.randn(len(NAMES), 32, generator=torch.Generator().manual_seed(4))
+    fast, fast_grads = _values_and_grads(learner, learner.forward, weights)
+    plain, plain_grads = _values_and_grads(learner, learner.forward_plain, weights)
+    torch.testing.assert_close(fast, plain, **TOL)
+    assert fast_grads.keys() == plain_grads.keys()
+    for name in plain_grads:
+        assert plain_grads[name].abs().max() > 0
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_fast_path_custom_block_matches_plain(custom_block_model):
+    learner = _learner(custom_block_model, seed=5)
+    assert learner.fast_path == "shared-prefix"
+    weights = torch.randn(len(NAMES), 32, generator=torch.Generator().manual_seed(6))
+    fast, fast_grads = _values_and_grads(learner, learner.forward, weights)
+    plain, plain_grads = _values_and_grads(learner, learner.forward_plain, weights)
+    torch.testing.assert_close(fast, plain, **TOL)
+    torch.testing.assert_close(fast_grads["ctx"], plain_grads["ctx"], atol=1e-5, rtol=1e-4)
+
+
+def test_hf_truncated_path_matches_plain_gradients(tiny_hf_model):
+    learner = _learner(tiny_hf_model, seed=7, n_ctx=4)
+    assert learner.fast_path == "truncated" and learner.seq_len == 10 < learner.full_length == 32
+    weights = torch.randn(len(NAMES), 16, generator=torch.Generator().manual_seed(8))
+    fast, fast_grads = _values_and_grads(learner, learner.forward, weights)
+    plain, plain_grads = _values_and_grads(learner, learner.forward_plain, weights)
+    torch.testing.assert_close(fast, plain, **TOL)
+    torch.testing.assert_close(fast_grads["ctx"], plain_grads["ctx"], atol=1e-5, rtol=1e-4)
+
+
+def test_default_coop_forward_takes_the_shared_prefix_path(tiny_model, monkeypatch):
+    learner = _learner(tiny_model)
+    calls = []
+    original = learner._forward_shared_prefix
+    monkeypatch.setattr(learner, "_forward_shared_prefix", lambda x: calls.append(x.shape) or original(x))
+    learner()
+    assert calls == [torch.Size([len(NAMES), learner.seq_len, 64])]
+    learner.forward_plain()
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- training behaviour
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(method="cls-tuning"), dict(method="full-prompt", csc=True)])
+def test_only_learnable_tensors_train_and_clip_stays_frozen(tiny_model, cfg):
+    learner = _learner(tiny_model, **cfg)
+    expected_names = {
+        "coop": {"ctx"},
+        "cls-tuning": {"class_tokens"},
+        "full-prompt": {"ctx", "ctx_suffix", "class_tokens"},
+    }
+    assert {n for n, _ in learner.named_parameters()} == expected_names[learner.config.method]
+    assert set(learner.state_dict()) == expected_names[learner.config.method]
+    clip_before = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    learnable_before = learner.learnable_state()
+    image_features = torch.nn.functional.normalize(
+        torch.randn(8, 32, generator=torch.Generator().manual_seed(9)), dim=-1
+    )
+    targets = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    optimizer = torch.optim.SGD(learner.parameters(), lr=1.0)
+    learner.train()
+    loss = torch.nn.functional.cross_entropy(100 * image_features @ learner().t(), targets)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in learner.parameters())
+    assert all(p.grad is None for p in tiny_model.model.parameters())
+    optimizer.step()
+    assert not tiny_model.model.training
+    for key, value in tiny_model.model.state_dict().items():
+        assert torch.equal(value, clip_before[key]), key
+    after = learner.learnable_state()
+    assert all(not torch.equal(after[n], learnable_before[n]) for n in after)
+
+
+def test_learnable_state_round_trip_through_safetensors(tiny_model, tmp_path):
+    from safetensors.torch import load_file, safe_open, save_file
+
+    config = PromptConfig(method="full-prompt", csc=True, template="a {} photo.")
+    learner = PromptLearner(tiny_model, NAMES, config)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(10)) * 0.1)
+    expected = learner()
+    path = tmp_path / "prompt.safetensors"
+    save_file(learner.learnable_state(), str(path), metadata={**config.to_metadata(), "other": "x"})
+    with safe_open(str(path), framework="pt") as handle:
+        restored_config = PromptConfig.from_metadata(handle.metadata())
+    assert restored_config == config
+    fresh = PromptLearner(tiny_model, NAMES, restored_config)
+    assert not torch.allclose(fresh(), expected)
+    fresh.load_learnable_state(load_file(str(path)))
+    torch.testing.assert_close(fresh(), expected, atol=0, rtol=0)
+    state = learner.learnable_state()
+    assert {k: list(v.shape) for k, v in state.items()} == {
+        "ctx": [5, 1, 64],  # "a" per class
+        "ctx_suffix": [5, 2, 64],  # "photo ." per class
+        "class_tokens": [10, 64],  # 2 + 2 + 2 + 3 + 1 name tokens
+    }
+
+
+def test_load_learnable_state_rejects_other_shapes(tiny_model):
+    learner = _learner(tiny_model, n_ctx=4)
+    other = _learner(tiny_model, n_ctx=8).learnable_state()
+    with pytest.raises(InputError, match=r"ctx \[8, 64\] do not fit this prompt learner \(ctx \[4, 64\]\)"):
+        learner.load_learnable_state(other)
+    with pytest.raises(InputError, match="do not fit"):
+        learner.load_learnable_state({"ctx": torch.zeros(4, 64), "extra": torch.zeros(1)})
+
+
+def test_random_init_is_seeded(tiny_model):
+    a = _learner(tiny_model, seed=11, n_ctx=16, init_std=0.02).learnable_state()["ctx"]
+    b = _learner(tiny_model, seed=11, n_ctx=16, init_std=0.02).learnable_state()["ctx"]
+    c = _learner(tiny_model, seed=12, n_ctx=16, init_std=0.02).learnable_state()["ctx"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (16, 64) and 0.017 < a.std().item() < 0.023 and abs(a.mean().item()) < 0.003
+    csc = _learner(tiny_model, seed=11, csc=True, n_ctx=3).learnable_state()["ctx"]
+    assert csc.shape == (len(NAMES), 3, 64)
+
+
+def test_ctx_init_sets_n_ctx_and_initial_vectors(tiny_model):
+    learner = _learner(tiny_model, ctx_init="a photo of a", n_ctx=16)
+    assert learner.n_ctx == 4
+    ids = tiny_model.tokenizer(["a photo of a"])[0, 1:5]
+    expected = tiny_model.model.token_embedding.weight[ids]
+    torch.testing.assert_close(learner.learnable_state()["ctx"], expected, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_metadata_round_trip():
+    config = PromptConfig(
+        method="coop", n_ctx=8, ctx_init="a photo of", class_position="middle", csc=True, init_std=0.5
+    )
+    meta = config.to_metadata()
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    assert PromptConfig.from_metadata({**meta, "model_name": "x"}) == config
+    assert PromptConfig.from_metadata(PromptConfig().to_metadata()) == PromptConfig()
+    assert json.loads(json.dumps(meta)) == meta
+    with pytest.raises(InputError, match="bad value 'maybe' for prompt.csc"):
+        PromptConfig.from_metadata({**meta, "prompt.csc": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (dict(method="vpt"), "unknown prompt method 'vpt'"),
+        (dict(class_position="left"), "unknown class position 'left'"),
+        (dict(n_ctx=0), "n_ctx must be at least 1"),
+        (dict(ctx_init="  "), "empty context initialisation"),
+        (dict(method="cls-tuning", template="a photo"), "must contain exactly one {}"),
+        (dict(method="cls-tuning", csc=True), "csc needs learnable context"),
+        (dict(method="full-prompt", ctx_init="a photo"), "ctx_init applies to coop only"),
+        (dict(method="full-prompt", class_position="front"), "class_position applies to coop only"),
+    ],
+)
+def test_bad_config_is_an_input_error(tiny_model, cfg, message):
+    with pytest.raises(InputError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        _learner(tiny_model, **cfg)
+
+
+def test_prompt_longer_than_context_is_an_input_error(tiny_model):
+    with pytest.raises(InputError, match="needs 78 tokens but the model's text context holds 77") as info:
+        _learner(tiny_model, names=["red apple"], n_ctx=73)
+    assert info.value.where == "class 'red apple'"
+    assert _learner(tiny_model, names=["red apple"], n_ctx=72).seq_len == 77

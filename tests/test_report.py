@@ -1,0 +1,547 @@
+"""promptcli report: detection by content, aggregation over seeds, grouping, outputs, errors."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from promptcli import reporting
+from promptcli.errors import InputError
+from promptcli.reporting import GRADSTATS_COLUMNS, aggregate, read_results
+
+MODEL = {"model_name": "ViT-B-32", "pretrained": "openai", "checkpoint_sha256": "ab" * 32}
+
+
+def eval_summary(
+    method: str = "coop",
+    loss: str = "ce",
+    seed: int | None = 1,
+    rate: float = 0.25,
+    top1: float = 0.5,
+    noise_type: str = "symmetric",
+    zero_shot: bool = False,
+    model: dict | None = None,
+    loss_params: dict | None = None,
+) -> dict:
+    """An `eval --json` summary as promptcli.evaluation.evaluate writes it (the keys report reads)."""
+    noise = None if zero_shot else {"type": noise_type, "rate": rate, "seed": 7, "n_noisy": 3}
+    return {
+        "features": "test.h5",
+        "model": model or MODEL,
+        "zero_shot": zero_shot,
+        "ensemble": False,
+        "prompts": [],
+        "metrics": {
+            "n": 100,
+            "top1": top1,
+            "top5": min(1.0, top1 + 0.2),
+            "top5_k": 5,
+            "macro_accuracy": top1 - 0.01,
+        },
+        "method": "zero-shot" if zero_shot else method,
+        "loss": None if zero_shot else loss,
+        "loss_params": None if zero_shot else (loss_params or {"name": loss}),
+        "seed": None if zero_shot else seed,
+        "shots": None if zero_shot else 16,
+        "noise": noise,
+        "promptcli_version": "0.1.0",
+    }
+
+
+def log_lines(epochs: list[tuple[float, float | None]], run: dict | None = None) -> str:
+    """A tune --log file: one object per epoch (training.py's row), with a `run` object when given."""
+    lines = []
+    for i, (acc, clean) in enumerate(epochs, start=1):
+        row = {
+            "epoch": i,
+            "loss": 1.0 / i,
+            "lr": 0.002,
+            "accuracy": acc,
+            "clean_accuracy": clean,
+            "time": 0.1,
+        }
+        if run is not None:
+            row["run"] = run
+        lines.append(json.dumps(row, sort_keys=True))
+    return "\n".join(lines) + "\n"
+
+
+def run_meta(method="coop", loss="ce", rate=0.5, seed=1) -> dict:
+    return {
+        "method": method,
+        "loss": loss,
+        "loss_params": {"name": loss},
+        "seed": seed,
+        "shots": 16,
+        "noise": {"type": "symmetric", "rate": rate, "seed": 3},
+        "model": MODEL,
+    }
+
+
+def write_gradstats(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=GRADSTATS_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    return path
+
+
+def grad_row(epoch, step, n_noisy, noisy, n_clean, clean, method="coop", rate=0.5, seed=1) -> dict:
+    ratio = noisy / clean if n_noisy and n_clean else ""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "method": method,
+        "loss": "ce",
+        "noise_type": "symmetric",
+        "noise_rate": rate,
+        "seed": seed,
+        "n_noisy": n_noisy,
+        "n_clean": n_clean,
+        "noisy_grad_norm": noisy if n_noisy else "",
+        "clean_grad_norm": clean if n_clean else "",
+        "ratio": ratio,
+        "noisy_sum_norm": 1.0,
+        "clean_sum_norm": 2.0,
+    }
+
+
+def write_json(path: Path, obj: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+def sweep(folder: Path) -> Path:
+    """A small synthetic sweep: evals (3 seeds), zero-shot, tune logs and a gradstats CSV."""
+    values = {
+        ("coop", "ce"): {0.0: [0.80, 0.82, 0.81], 0.25: [0.70, 0.72, 0.74], 0.5: [0.50, 0.55, 0.60]},
+        ("coop", "gce"): {0.0: [0.79, 0.80, 0.81], 0.25: [0.76, 0.77, 0.75], 0.5: [0.68, 0.70, 0.66]},
+        ("linear-probe", "ce"): {0.0: [0.75, 0.76, 0.77], 0.25: [0.60, 0.62, 0.61], 0.5: [0.40, 0.42, 0.44]},
+    }
+    n = 0
+    for (method, loss), by_rate in values.items():
+        for rate, tops in by_rate.items():
+            for seed, top1 in enumerate(tops, start=1):
+                n += 1
+                write_json(folder / "evals" / f"e{n:02d}.json", eval_summary(method, loss, seed, rate, top1))
+    write_json(folder / "evals" / "zs.json", eval_summary(zero_shot=True, top1=0.65))
+    for seed in (1, 2):
+        # coop plateaus below the noisy labels and keeps its clean accuracy; linear-probe memorises the noise.
+        for method, fit, peak in (("coop", 0.6, 0.75), ("linear-probe", 0.95, 0.7)):
+            epochs = [
+                (
+                    min(fit, 0.3 + 0.06 * e) + 0.01 * seed,
+                    min(peak, 0.35 + 0.08 * e)
+                    - (0.03 * max(0, e - 4) if method == "linear-probe" else 0)
+                    + 0.01 * seed,
+                )
+                for e in range(10)
+            ]
+            (folder / "logs").mkdir(parents=True, exist_ok=True)
+            (folder / "logs" / f"{method}-{seed}.jsonl").write_text(
+                log_lines(epochs, run_meta(method, seed=seed))
+            )
+    rows = []
+    for method, base in (("coop", 1.3), ("linear-probe", 3.0)):
+        for seed in (1, 2):
+            for epoch in range(1, 11):
+                for step in range(3):
+                    noisy = base + 0.1 * seed + 0.05 * epoch
+                    rows.append(grad_row(epoch, step, 8, noisy, 24, 1.0, method=method, seed=seed))
+    write_gradstats(folder / "grads.csv", rows)
+    return folder
+
+
+def _numbers(report) -> dict:
+    """The report's numbers without file paths (which legitimately differ between copies)."""
+    data = report.to_dict()
+    data.pop("files")
+    data["warnings"] = [re.sub(r"\S+\.(json|jsonl|csv)", "FILE", w) for w in data["warnings"]]
+    return data
+
+
+# --- aggregation -------------------------------------------------------------------------------
+
+
+def test_aggregation_gives_exact_means_and_stds(tmp_path):
+    for seed, top1 in ((1, 0.5), (2, 0.6), (3, 0.7)):
+        write_json(tmp_path / f"ce{seed}.json", eval_summary(seed=seed, top1=top1, rate=0.25))
+    write_json(tmp_path / "ce-half.json", eval_summary(seed=1, top1=0.4, rate=0.5))
+    for seed, top1 in ((1, 0.8), (2, 0.9)):
+        write_json(tmp_path / f"gce{seed}.json", eval_summary(loss="gce", seed=seed, top1=top1, rate=0.25))
+    write_json(tmp_path / "zs.json", eval_summary(zero_shot=True, top1=0.55))
+    report = aggregate(read_results([tmp_path]))
+    cells = {(c["series"], c["noise_rate"]): c for c in report.accuracy}
+    assert set(cells) == {("coop + ce", 0.25), ("coop + ce", 0.5), ("coop + gce", 0.25)}
+    ce = cells[("coop + ce", 0.25)]
+    assert ce["mean"] == pytest.approx(0.6, abs=1e-12)
+    assert ce["std"] == pytest.approx(0.1, abs=1e-12)  # sample std (ddof=1)
+    assert (ce["min"], ce["max"], ce["n"], ce["seeds"]) == (0.5, 0.7, 3, [1, 2, 3])
+    gce = cells[("coop + gce", 0.25)]
+    assert gce["mean"] == pytest.approx(0.85, abs=1e-12)
+    assert gce["std"] == pytest.approx(0.0707106781186548, abs=1e-12)
+    assert cells[("coop + ce", 0.5)]["std"] is None and cells[("coop + ce", 0.5)]["n"] == 1
+    assert [(z["label"], z["mean"], z["n"]) for z in report.zero_shot] == [("zero-shot CLIP", 0.55, 1)]
+    header, rows = reporting.table(report)
+    assert header == ["method + loss", "0.25", "0.5"]
+    assert rows == [
+        ["coop + ce", "60.0 ± 10.0 (3)", "40.0 (1)"],
+        ["coop + gce", "85.0 ± 7.1 (2)", "—"],
+        ["zero-shot CLIP", "55.0 (1)", "55.0 (1)"],
+    ]
+    macro = aggregate(read_results([tmp_path]), metric="macro")
+    assert {(c["series"], c["noise_rate"]): c for c in macro.accuracy}[("coop + ce", 0.25)][
+        "mean"
+    ] == pytest.approx(0.59, abs=1e-12)
+
+
+def test_noise_free_runs_join_every_noise_type_and_parameters_split_series(tmp_path):
+    write_json(tmp_path / "a.json", eval_summary(rate=0.0, top1=0.8, noise_type="pair"))
+    write_json(tmp_path / "b.json", {**eval_summary(top1=0.8), "noise": None})  # labels without a sidecar
+    write_json(tmp_path / "c.json", eval_summary(rate=0.5, top1=0.6, noise_type="pair"))
+    write_json(tmp_path / "d.json", eval_summary(rate=0.5, top1=0.5, noise_type="symmetric"))
+    write_json(tmp_path / "e.json", eval_summary(loss="gce", loss_params={"name": "gce", "q": 0.7}, top1=0.7))
+    write_json(tmp_path / "f.json", eval_summary(loss="gce", loss_params={"name": "gce", "q": 0.5}, top1=0.6))
+    mixed = {
+        **eval_summary(),
+        "noise": None,
+        "prompts": [{"noise": {"type": "pair", "rate": 0.5}}, {"noise": None}],
+    }
+    write_json(tmp_path / "g.json", mixed)  # an ensemble over different noise: no single rate
+    results = read_results([tmp_path])
+    assert any(w.startswith(f"{tmp_path / 'g.json'}: no single noise rate") for w in results.warnings)
+    report = aggregate(results)
+    header, rows = reporting.table(report)
+    assert header == ["method + loss", "0", "pair 0.5", "symmetric 0.25", "symmetric 0.5"]
+    assert rows[0] == ["coop + ce", "80.0 ± 0.0 (2)", "60.0 (1)", "—", "50.0 (1)"]
+    assert [r[0] for r in rows[1:]] == ["coop + gce (q=0.5)", "coop + gce (q=0.7)"]
+    assert report.noise_types() == ["pair", "symmetric"]
+    # The terminal shows one table per noise type, with the noise-free column in each.
+    assert reporting.table(report, "pair") == (
+        ["method + loss", "0", "0.5"],
+        [["coop + ce", "80.0 ± 0.0 (2)", "60.0 (1)"]],
+    )
+
+
+def test_grouping_ignores_file_names(tmp_path):
+    first = sweep(tmp_path / "a")
+    # The same files under misleading names, in other folders, in another order.
+    second = tmp_path / "b"
+    files = sorted(p for p in first.rglob("*") if p.is_file())
+    for i, path in enumerate(reversed(files)):
+        target = second / f"sub{i % 3}" / f"gce_linear-probe_seed9_rate0.75_{i}{path.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    a, b = aggregate(read_results([first])), aggregate(read_results([second]))
+    assert _numbers(a) == _numbers(b)
+    assert len(a.accuracy) == 9 and {c["n"] for c in a.accuracy} == {3}
+    assert reporting.table(a) == reporting.table(b)
+
+
+def test_each_kind_is_detected_by_content_not_name(tmp_path):
+    write_json(tmp_path / "grads.csv", eval_summary())  # an eval summary named like a CSV
+    (tmp_path / "metrics.json").write_text(log_lines([(0.5, 0.4)], run_meta()))  # a log named like JSON
+    write_gradstats(tmp_path / "train.jsonl", [grad_row(1, 0, 2, 2.0, 6, 1.0)])
+    # Not results: a labels CSV, a corrupt sidecar, a tune --json summary, a predictions CSV.
+    (tmp_path / "noisy.csv").write_text("path,label,clean_label,is_noisy\na.png,cat,dog,1\n")
+    write_json(tmp_path / "noisy.csv.json", {"type": "symmetric", "rate": 0.5, "seed": 0})
+    write_json(tmp_path / "tune.json", {"metrics": {"train_accuracy": 0.9}, "method": "coop"})
+    (tmp_path / "preds.csv").write_text("path,label,confidence,true_label\na.png,cat,0.9,cat\n")
+    results = read_results([tmp_path])
+    kinds = {Path(f.path).name: f.kind for f in results.files}
+    assert kinds == {"grads.csv": "eval", "metrics.json": "tune-log", "train.jsonl": "gradstats"}
+    assert sorted(Path(p).name for p in results.skipped) == [
+        "noisy.csv",
+        "noisy.csv.json",
+        "preds.csv",
+        "tune.json",
+    ]
+    assert (len(results.evals), len(results.logs), len(results.grads)) == (1, 1, 1)
+    # A file named explicitly must be a result.
+    with pytest.raises(InputError, match="not a promptcli result"):
+        read_results([tmp_path / "noisy.csv"])
+
+
+def test_identical_copies_are_read_once(tmp_path):
+    write_json(tmp_path / "x.json", eval_summary(top1=0.5))
+    shutil.copy(tmp_path / "x.json", tmp_path / "copy.json")
+    results = read_results([tmp_path])
+    assert len(results.evals) == 1
+    assert any("same content" in w for w in results.warnings)
+
+
+# --- tune logs and gradstats ---------------------------------------------------------------------
+
+
+def test_tune_logs_are_grouped_by_their_provenance_and_averaged_per_epoch(tmp_path):
+    (tmp_path / "1.jsonl").write_text(log_lines([(0.4, 0.3), (0.6, 0.5)], run_meta(seed=1)))
+    (tmp_path / "2.jsonl").write_text(log_lines([(0.5, 0.4), (0.8, 0.6)], run_meta(seed=2)))
+    (tmp_path / "3.jsonl").write_text(log_lines([(0.9, 0.8)], run_meta(rate=0.25)))  # another noise rate
+    header = json.dumps({"run": run_meta(method="linear-probe")})  # provenance on a header line only
+    (tmp_path / "4.jsonl").write_text(header + "\n" + log_lines([(0.3, None), (0.35, None)]))
+    report = aggregate(read_results([tmp_path]))
+    curves = {c["series"]: c for c in report.curves}
+    assert set(curves) == {"coop + ce", "linear-probe + ce"}  # drawn at the highest rate, 0.5
+    coop = curves["coop + ce"]
+    assert (coop["noise_type"], coop["noise_rate"], coop["n_runs"], coop["epochs"]) == (
+        "symmetric",
+        0.5,
+        2,
+        [1, 2],
+    )
+    assert [s["mean"] for s in coop["accuracy"]] == pytest.approx([0.45, 0.7], abs=1e-12)
+    assert [s["mean"] for s in coop["clean_accuracy"]] == pytest.approx([0.35, 0.55], abs=1e-12)
+    assert coop["accuracy"][1]["std"] == pytest.approx(0.1414213562373095, abs=1e-12)
+    assert curves["linear-probe + ce"]["clean_epochs"] == []
+    low = aggregate(read_results([tmp_path]), curve_rate=0.25)
+    assert [(c["series"], c["accuracy"][0]["mean"]) for c in low.curves] == [("coop + ce", 0.9)]
+    none = aggregate(read_results([tmp_path]), curve_rate=0.75)
+    assert (
+        none.curves == [] and "no tune log at noise rate 0.75: no labelled training curves" in none.warnings
+    )
+
+
+def test_tune_logs_without_provenance_are_separate_unlabelled_runs(tmp_path):
+    (tmp_path / "z.jsonl").write_text(log_lines([(0.4, 0.3)]))
+    (tmp_path / "a.jsonl").write_text(log_lines([(0.7, 0.6)]))
+    report = aggregate(read_results([tmp_path]))
+    assert sorted(c["series"] for c in report.curves) == ["unlabelled run 1", "unlabelled run 2"]
+    assert any("carry no provenance" in w for w in report.warnings)
+    # Numbering follows content, not names: renaming keeps each log's number.
+    numbering = {c["accuracy"][0]["mean"]: c["series"] for c in report.curves}
+    (tmp_path / "z.jsonl").rename(tmp_path / "0.jsonl")
+    again = aggregate(read_results([tmp_path]))
+    assert {c["accuracy"][0]["mean"]: c["series"] for c in again.curves} == numbering
+
+
+def test_gradient_ratio_is_the_ratio_of_count_weighted_mean_norms(tmp_path):
+    rows = [
+        grad_row(1, 0, 2, 4.0, 6, 1.0),
+        grad_row(1, 1, 0, 0.0, 8, 2.0),  # no noisy sample in this batch
+        grad_row(2, 2, 4, 3.0, 4, 1.5),
+        grad_row(1, 0, 2, 6.0, 6, 1.0, seed=2),
+        grad_row(2, 1, 4, 3.0, 4, 1.0, seed=2),
+        grad_row(1, 0, 5, 9.0, 5, 1.0, method="linear-probe"),
+        grad_row(1, 0, 5, 9.0, 5, 1.0, rate=0.25),  # another noise rate: not in the panel
+    ]
+    write_gradstats(tmp_path / "g.csv", rows)
+    report = aggregate(read_results([tmp_path]))
+    grads = {g["series"]: g for g in report.gradients}
+    assert set(grads) == {"coop + ce", "linear-probe + ce"}
+    coop = grads["coop + ce"]
+    seed1 = [4.0 / ((6 * 1.0 + 8 * 2.0) / 14), 2.0]
+    seed2 = [6.0, 3.0]
+    assert (coop["epochs"], coop["n_runs"]) == ([1, 2], 2)
+    assert [s["mean"] for s in coop["ratio"]] == pytest.approx(
+        [(seed1[0] + seed2[0]) / 2, (seed1[1] + seed2[1]) / 2], abs=1e-12
+    )
+    assert grads["linear-probe + ce"]["ratio"][0]["mean"] == pytest.approx(9.0)
+
+
+# --- real files from promptcli itself --------------------------------------------------------------
+
+
+def test_reads_a_real_eval_summary_and_tune_log(tmp_path, tiny_features):
+    from promptcli.evaluation import evaluate
+    from promptcli.features import read_features
+    from promptcli.training import TuneOptions, tune
+
+    fs = read_features(tiny_features)
+    labels = tmp_path / "noisy.csv"
+    labels.write_text(
+        "path,label\n" + "".join(f"{p},{fs.classnames[y]}\n" for p, y in zip(fs.paths, fs.labels))
+    )
+    write_json(tmp_path / "noisy.csv.json", {"type": "symmetric", "rate": 0.25, "seed": 3})
+    prompt, log = tmp_path / "lp.safetensors", tmp_path / "out" / "lp.jsonl"
+    log.parent.mkdir()
+    options = TuneOptions(method="linear-probe", epochs=2, weight_decay=1e-4, seed=4)
+    tune(tiny_features, labels, prompt, options, device="cpu", log_path=log)
+    summary = evaluate(tiny_features, [prompt], device="cpu").summary
+    write_json(tmp_path / "out" / "metrics.json", json.loads(json.dumps(summary, default=str)))
+    zs = evaluate(tiny_features, zero_shot=True, device="cpu").summary
+    write_json(tmp_path / "out" / "zs.json", json.loads(json.dumps(zs, default=str)))
+
+    report = aggregate(read_results([tmp_path / "out"]))
+    assert sorted(f.kind for f in report.files) == ["eval", "eval", "tune-log"]
+    [cell] = report.accuracy
+    assert (cell["series"], cell["noise_type"], cell["noise_rate"], cell["seeds"]) == (
+        "linear-probe + ce",
+        "symmetric",
+        0.25,
+        [4],
+    )
+    assert cell["mean"] == pytest.approx(summary["metrics"]["top1"])
+    assert report.zero_shot[0]["mean"] == pytest.approx(zs["metrics"]["top1"])
+    assert [c["epochs"] for c in report.curves] == [[1, 2]]
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_writes_png_html_and_markdown_and_refuses_overwrite(tmp_path, run_cli):
+    from PIL import Image
+
+    data = sweep(tmp_path / "results")
+    html_out, png_out, md_out = tmp_path / "r.html", tmp_path / "r.png", tmp_path / "r.md"
+    code, stdout, stderr = run_cli(
+        "report", data, "-o", html_out, "-o", png_out, "-o", md_out, "--title", "Sweep"
+    )
+    assert code == 0, stderr
+    png = png_out.read_bytes()
+    assert png.startswith(PNG_MAGIC)
+    with Image.open(png_out) as image:
+        image.verify()
+    with Image.open(png_out) as image:
+        assert image.size[0] > 1500 and image.size[1] > 500  # 3 panels side by side
+    page = html_out.read_text()
+    assert page.count("<table>") == 2  # results and provenance
+    assert "<td>coop + gce</td><td>80.0 ± 1.0 (3)</td><td>76.0 ± 1.0 (3)</td><td>68.0 ± 2.0 (3)</td>" in page
+    embedded = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
+    assert base64.b64decode(embedded) == png  # self-contained: the same figure inlined
+    assert "promptcli: <code>0.1.0</code>" in page and "created: <code>" in page
+    assert str(data / "grads.csv") in page
+    md = md_out.read_text()
+    assert "| coop + ce | 81.0 ± 1.0 (3) | 72.0 ± 2.0 (3) | 55.0 ± 5.0 (3) |" in md
+    assert "![Sweep](r.png)" in md
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+    before = html_out.stat().st_mtime_ns, html_out.read_bytes()
+    code, _, stderr = run_cli("report", data, "-o", html_out)
+    assert code == 2
+    assert (
+        stderr.strip()
+        == f"Error: {html_out}: output exists — pass --force to overwrite it or choose another -o"
+    )
+    assert (html_out.stat().st_mtime_ns, html_out.read_bytes()) == before
+    code, _, stderr = run_cli("report", data, "-o", html_out, "--force", "--title", "Again")
+    assert code == 0, stderr
+    assert "<h1>Again</h1>" in html_out.read_text()
+
+
+def test_a_failed_render_leaves_no_file(tmp_path, monkeypatch):
+    data = sweep(tmp_path / "results")
+    report = aggregate(read_results([data]))
+    target = tmp_path / "out" / "r.html"
+    target.parent.mkdir()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(reporting, "render_html", broken)
+    with pytest.raises(RuntimeError):
+        reporting.write_report(report, [target], {})
+    assert list(target.parent.iterdir()) == []
+
+
+def test_terminal_table_and_json(tmp_path, run_cli):
+    data = sweep(tmp_path / "results")
+    code, stdout, stderr = run_cli("report", data)
+    assert code == 0, stderr
+    assert "coop + gce" in stdout and "76.0 ± 1.0 (3)" in stdout and "zero-shot CLIP" in stdout
+    assert "read 28 eval summaries, 4 tune logs, 1 gradstats CSVs" in stderr
+    code, stdout, stderr = run_cli("report", data, "--json", "--metric", "top5")
+    assert code == 0, stderr
+    numbers = json.loads(stdout)
+    assert numbers["metric"] == "top5"
+    cell = next(c for c in numbers["accuracy"] if c["series"] == "coop + ce" and c["noise_rate"] == 0.5)
+    assert cell["mean"] == pytest.approx(0.75) and cell["n"] == 3
+    assert len(numbers["files"]) == 33 and numbers["outputs"] == []
+    assert {g["series"] for g in numbers["gradient_ratio"]} == {"coop + ce", "linear-probe + ce"}
+
+
+def test_mixed_models_are_named_in_labels_with_a_warning(tmp_path, run_cli):
+    other = {"model_name": "RN50", "pretrained": "openai", "checkpoint_sha256": ""}
+    write_json(tmp_path / "a.json", eval_summary(top1=0.5))
+    write_json(tmp_path / "b.json", eval_summary(top1=0.6, model=other))
+    code, stdout, stderr = run_cli("report", tmp_path)
+    assert code == 0, stderr
+    assert "results come from 2 models" in stderr
+    report = aggregate(read_results([tmp_path]))
+    assert sorted(c["series"] for c in report.accuracy) == [
+        "coop + ce [RN50/openai]",
+        "coop + ce [ViT-B-32/openai (abababab)]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        (lambda d: None, ["{d}"], "Error: {d}: no results found — give `eval --json` summaries"),
+        (
+            lambda d: (d / "labels.csv").write_text("path,label\na,b\n"),
+            ["{d}"],
+            "Error: {d}: no results found (1 other file(s) skipped)",
+        ),
+        (
+            lambda d: (d / "m.json").write_text(json.dumps(eval_summary())[:-20]),
+            ["{d}"],
+            "Error: {d}/m.json: not valid JSON (",
+        ),
+        (
+            lambda d: (d / "l.jsonl").write_text(log_lines([(0.1, 0.1), (0.2, 0.2)]) + '{"epoch": 3, "acc\n'),
+            ["{d}"],
+            "Error: {d}/l.jsonl:3: not valid JSON",
+        ),
+        (
+            lambda d: (d / "g.csv").write_text("epoch,step,noisy_grad_norm,clean_grad_norm\n1,0,1,1\n"),
+            ["{d}"],
+            "Error: {d}/g.csv: gradstats CSV lacks column(s) method, loss, noise_type",
+        ),
+        (
+            lambda d: write_gradstats(d / "g.csv", [{**grad_row(1, 0, 2, 1.0, 2, 1.0), "n_noisy": "two"}]),
+            ["{d}"],
+            "Error: {d}/g.csv:2: column n_noisy is not a number ('two')",
+        ),
+        (
+            lambda d: write_json(d / "m.json", {**eval_summary(), "metrics": {"top1": None}}),
+            ["{d}"],
+            "Error: {d}/m.json: metrics.top1 is not a number (None)",
+        ),
+        (
+            lambda d: write_json(d / "m.json", eval_summary()),
+            ["{d}/missing"],
+            "Error: {d}/missing: no such file",
+        ),
+        (
+            lambda d: write_json(d / "m.json", eval_summary()),
+            ["{d}", "-o", "{d}/r.pdf"],
+            "Error: {d}/r.pdf: unknown report format '.pdf' — name the output .html, .png or .md",
+        ),
+        (
+            lambda d: write_json(d / "m.json", eval_summary()),
+            ["{d}", "--metric", "top3"],
+            "Error: --metric: unknown metric 'top3'",
+        ),
+    ],
+    ids=[
+        "empty",
+        "nothing-usable",
+        "truncated-json",
+        "bad-log-line",
+        "gradstats-columns",
+        "gradstats-cell",
+        "metric-null",
+        "missing",
+        "format",
+        "metric",
+    ],
+)
+def test_errors_are_one_line(tmp_path, run_cli, setup, args, message):
+    d = tmp_path / "res"
+    d.mkdir()
+    setup(d)
+    code, stdout, stderr = run_cli("report", *[a.format(d=d) for a in args])
+    assert code == 2
+    assert stderr.startswith(message.format(d=d)), stderr
+    assert len(stderr.strip().splitlines()) == 1 and stdout == ""
