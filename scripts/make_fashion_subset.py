@@ -21,7 +21,18 @@ SOURCE = Path("/usr/share/datasets/fashion-mnist")
 OUT = Path(__file__).resolve().parents[1] / "promptcli" / "data" / "fashion_mnist_subset.npz"
 # Readable names for prompts, in label order (0..9) of the official
 # T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot.
-CLASS_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+CLASS_NAMES = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 PER_CLASS = {"train": 200, "test": 100}
 FILES = {"train": "train", "test": "t10k"}
 LICENSE = (

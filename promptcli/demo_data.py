@@ -1,0 +1,112 @@
+"""The bundled demo dataset: a class-balanced Fashion-MNIST subset (MIT licence, Zalando SE).
+
+``promptcli/data/fashion_mnist_subset.npz`` holds 200 training and 100 test images per class
+(28x28 uint8 greyscale), made by ``scripts/make_fashion_subset.py``. :func:`write_demo_images`
+turns it into an ImageFolder tree of PNG files that every subcommand reads like user data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUBSET_FILE = Path(__file__).resolve().parent / "data" / "fashion_mnist_subset.npz"
+SPLITS = ("train", "test")
+MARKER = ".promptcli-demo-images.json"
+# Images are written inverted by default (dark item on white, like a product photo): zero-shot
+# accuracy of the demo model is several points higher that way (see docs/demo-model.md).
+DEFAULT_INVERT = True
+
+
+@lru_cache(maxsize=1)
+def load_subset() -> dict[str, Any]:
+    """The bundled subset: ``{split}_images`` (N,28,28 uint8), ``{split}_labels``, ``class_names``."""
+    with np.load(SUBSET_FILE, allow_pickle=False) as data:
+        out: dict[str, Any] = {k: data[k] for k in data.files}
+    out["class_names"] = [str(c) for c in out["class_names"]]
+    out["metadata"] = json.loads(str(out["metadata"]))
+    return out
+
+
+def class_folder(name: str) -> str:
+    """Folder name of a class: its prompt name with spaces as underscores (``ankle boot`` -> ``ankle_boot``)."""
+    return name.replace(" ", "_")
+
+
+def to_pil(image: np.ndarray, invert: bool = DEFAULT_INVERT):
+    """A 28x28 uint8 greyscale image as the RGB PIL image that is written to disk."""
+    from PIL import Image
+
+    pixels = 255 - image if invert else image
+    return Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), mode="L").convert("RGB")
+
+
+def _expected_manifest(invert: bool) -> dict[str, Any]:
+    subset = load_subset()
+    return {
+        "invert": bool(invert),
+        "counts": {split: int(len(subset[f"{split}_labels"])) for split in SPLITS},
+        "class_names": subset["class_names"],
+        "license": subset["metadata"].get("license", ""),
+    }
+
+
+def write_demo_images(out_dir: Path, invert: bool = DEFAULT_INVERT) -> dict[str, Any]:
+    """Write the subset as ``out_dir/{train,test}/<class_folder>/<index>.png`` (28x28 RGB PNG).
+
+    Written into a temporary folder beside ``out_dir`` and renamed into place, so ``out_dir``
+    is either absent or complete. If ``out_dir`` already holds the same images (same
+    ``invert``), nothing is rewritten. An existing non-empty ``out_dir`` that is not such a
+    tree is left alone and an error is raised. Returns a summary: paths, counts, class names.
+    """
+    out_dir = Path(out_dir)
+    expected = _expected_manifest(invert)
+    summary = {
+        "root": str(out_dir),
+        "train_dir": str(out_dir / "train"),
+        "test_dir": str(out_dir / "test"),
+        "class_names": expected["class_names"],
+        "class_folders": [class_folder(c) for c in expected["class_names"]],
+        "counts": expected["counts"],
+        "invert": bool(invert),
+        "license": expected["license"],
+    }
+    marker = out_dir / MARKER
+    if marker.is_file():
+        try:
+            existing = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            existing = None
+        if existing == expected:
+            return {**summary, "written": False}
+    if out_dir.exists() and any(out_dir.iterdir()) and not marker.is_file():
+        raise FileExistsError(f"{out_dir} exists and is not a promptcli demo image folder")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    subset = load_subset()
+    folders = summary["class_folders"]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for split in SPLITS:
+            images, labels = subset[f"{split}_images"], subset[f"{split}_labels"]
+            for folder in folders:
+                (tmp / split / folder).mkdir(parents=True)
+            for i, (image, label) in enumerate(zip(images, labels)):
+                to_pil(image, invert).save(tmp / split / folders[int(label)] / f"{i:04d}.png", optimize=False)
+        (tmp / MARKER).write_text(json.dumps(expected, sort_keys=True), encoding="utf-8")
+        if out_dir.exists():  # a stale tree of ours (other invert setting): replace it
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**summary, "written": True}
