@@ -139,17 +139,17 @@ def encode_images(loaded: LoadedModel, pixels: torch.Tensor) -> np.ndarray:
     return emb.cpu().numpy()
 
 
-def _chunk_path(partial: Path, chunk: int) -> Path:
+def chunk_path(partial: Path, chunk: int) -> Path:
     return partial / f"chunk-{chunk:06d}.npz"
 
 
 def _write_chunk(partial: Path, chunk: int, payload: dict[str, np.ndarray]) -> None:
     tmp = partial / f".chunk-{chunk:06d}.{os.getpid()}.tmp.npz"
     np.savez(tmp, **payload)
-    os.replace(tmp, _chunk_path(partial, chunk))
+    os.replace(tmp, chunk_path(partial, chunk))
 
 
-def _manifest(source: ImageSource, loaded: LoadedModel, options: ExtractOptions) -> dict[str, Any]:
+def manifest_for(source: ImageSource, loaded: LoadedModel, options: ExtractOptions) -> dict[str, Any]:
     """What must match for a partial extraction to be resumed."""
     return {
         "source_digest": source.digest(),
@@ -225,7 +225,7 @@ def encode_chunks(
 ) -> None:
     """Encode the given chunks of ``source`` and write each as it completes."""
     chunks = chunk_ranges(len(source), options.rows_per_chunk)
-    todo = [c for c in chunk_ids if not _chunk_path(partial, c).exists()]
+    todo = [c for c in chunk_ids if not chunk_path(partial, c).exists()]
     if not todo:
         return
     dataset = ImageDataset(
@@ -238,7 +238,7 @@ def encode_chunks(
         collate_fn=collate,
         pin_memory=loaded.device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if options.workers else None,
+        prefetch_factor=2 if options.workers else None,  # enough to hide decoding; bounds memory
     )
     todo_iter = iter(todo)
     current = next(todo_iter)
@@ -297,13 +297,13 @@ def assemble(
 ) -> ExtractResult:
     """Join the chunks, in row order, into the HDF5 file; rename it into place; drop the partial."""
     chunks = chunk_ranges(len(source), options.rows_per_chunk)
-    missing = [c for c in range(len(chunks)) if not _chunk_path(partial, c).exists()]
+    missing = [c for c in range(len(chunks)) if not chunk_path(partial, c).exists()]
     if missing:
         raise RuntimeFailure(f"{len(missing)} chunk(s) missing", where=partial, hint="rerun with --resume")
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
     for c in range(len(chunks)):
-        with np.load(_chunk_path(partial, c)) as z:
+        with np.load(chunk_path(partial, c)) as z:
             kept.extend(z["index"].tolist())
             skipped.extend(
                 {"path": source.paths[i], "error": str(e)} for i, e in zip(z["bad_index"], z["bad_error"])
@@ -313,7 +313,7 @@ def assemble(
 
     def blocks(key: str) -> Iterator[np.ndarray]:
         for c in range(len(chunks)):
-            with np.load(_chunk_path(partial, c)) as z:
+            with np.load(chunk_path(partial, c)) as z:
                 yield z[key]
 
     attrs = {
@@ -375,14 +375,14 @@ def extract_features(
         raise InputError(
             "output exists", where=output, hint="pass --force to overwrite it or choose another -o"
         )
-    partial, n_done = prepare_partial(output, _manifest(source, loaded, options), resume, force)
+    partial, n_done = prepare_partial(output, manifest_for(source, loaded, options), resume, force)
     n_chunks = len(chunk_ranges(len(source), options.rows_per_chunk))
     if on_rows and n_done:
         on_rows(
             sum(
                 len(r)
                 for c, r in enumerate(chunk_ranges(len(source), options.rows_per_chunk))
-                if _chunk_path(partial, c).exists()
+                if chunk_path(partial, c).exists()
             )
         )
     encode_chunks(source, loaded, options, partial, list(range(n_chunks)), on_rows)

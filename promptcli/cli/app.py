@@ -41,15 +41,16 @@ def _root(
     """Noise-robust prompt tuning of CLIP."""
 
 
-COMMANDS = ("extract", "corrupt", "pseudolabel", "tune", "eval", "gradstats", "clean", "report")
+COMMANDS = ("extract", "corrupt", "pseudolabel", "tune", "eval", "gradstats", "clean", "report", "demo-images")
 
 
 def _register() -> None:
-    """Each subcommand lives in ``promptcli/cli/<name>.py`` as a function named ``command``."""
+    """Each subcommand lives in ``promptcli/cli/<name>.py`` (``-`` -> ``_``) as a function named ``command``."""
     for name in COMMANDS:
-        if importlib.util.find_spec(f"promptcli.cli.{name}") is None:
+        module_name = f"promptcli.cli.{name.replace('-', '_')}"
+        if importlib.util.find_spec(module_name) is None:
             continue
-        module = importlib.import_module(f"promptcli.cli.{name}")
+        module = importlib.import_module(module_name)
         app.command(name, help=module.__doc__)(module.command)
 
 

@@ -8,12 +8,17 @@ Examples:
     promptcli extract data/train -o train.h5 --model ViT-B-32 --pretrained openai
     promptcli extract images.csv -o feats.h5 --pretrained weights.safetensors --views 4 --dtype float32
     promptcli extract data/train -o train.h5 --resume      # complete an interrupted run
+    torchrun --nproc-per-node 8 -m promptcli extract data/train -o train.h5   # one process per GPU
+
+Under torchrun (or with --distributed) each rank encodes its share of the chunks into the shared
+<output>.partial/ folder and rank 0 writes the file, identical to a single-process run.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -31,7 +36,10 @@ from promptcli.cli._options import (
     WorkersOpt,
 )
 from promptcli.cli._output import Output
-from promptcli.errors import InputError
+from promptcli.errors import InputError, PromptcliError
+
+if TYPE_CHECKING:
+    from promptcli.distributed import DistContext
 
 
 def command(
@@ -60,36 +68,113 @@ def command(
         bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the output).")
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Complete an interrupted extraction.")] = False,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", help="Images per resumable chunk (the unit of work per rank).")
+    ] = 1024,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="Run as one rank of a torchrun job (automatic when WORLD_SIZE > 1).",
+        ),
+    ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
+    from promptcli.distributed import context_from_env
+
+    if chunk_size < 1:
+        raise InputError("must be >= 1", where="--chunk-size", hint="e.g. 1024")
+    ctx = context_from_env(force=distributed)
+    if ctx is None:
+        _run(**locals())  # every option, by name
+        return
+    try:
+        ctx.init(device)
+        _run(**locals())
+    except PromptcliError as exc:
+        if ctx.is_main:
+            raise
+        sys.exit(exc.exit_code)  # rank 0 reports the error; the others only stop with its code
+    finally:
+        ctx.close()
+
+
+def _run(
+    images: Path,
+    output: Path,
+    model: str,
+    pretrained: str | None,
+    model_config: Path | None,
+    views: int,
+    dtype: str,
+    classnames: Path | None,
+    split: str,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    device: str,
+    precision: str,
+    skip_bad: bool,
+    resume: bool,
+    chunk_size: int,
+    force: bool,
+    quiet: bool,
+    json_out: bool,
+    ctx: DistContext | None,
+    **_: object,
+) -> None:
+    from promptcli.distributed import DistContext, extract_distributed
     from promptcli.extraction import ExtractOptions, extract_features
     from promptcli.image_sources import read_classnames, read_image_source
     from promptcli.models import load_model
 
-    out = Output(quiet=quiet, json_mode=json_out)
+    main = ctx is None or ctx.is_main
+    single = ctx or DistContext()
+    out = Output(quiet=quiet or not main, json_mode=json_out and main)
     options = ExtractOptions(
-        views=views, seed=seed, batch_size=batch_size, workers=workers, dtype=dtype, skip_bad=skip_bad
+        views=views,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        dtype=dtype,
+        skip_bad=skip_bad,
+        chunk_size=chunk_size,
     )
-    options.validate()
-    if output.exists() and not force:
-        raise InputError(
-            "output exists", where=output, hint="pass --force to overwrite it or choose another -o"
-        )
-    if not output.parent.exists():
-        raise InputError("output folder does not exist", where=output.parent, hint="create it first")
-    names = read_classnames(classnames) if classnames else None
-    source = read_image_source(images, split=split, classnames=names)
-    loaded = load_model(model, pretrained, model_config, device=device, precision=precision)
+
+    def setup():
+        options.validate()
+        if output.exists() and not force:
+            raise InputError(
+                "output exists", where=output, hint="pass --force to overwrite it or choose another -o"
+            )
+        if not output.parent.exists():
+            raise InputError("output folder does not exist", where=output.parent, hint="create it first")
+        names = read_classnames(classnames) if classnames else None
+        source = read_image_source(images, split=split, classnames=names)
+        on = single.device_spec(device) if ctx else device
+        return source, load_model(model, pretrained, model_config, device=on, precision=precision)
+
+    # every rank sets up; if one cannot (missing file, bad weights), all stop with its error
+    source, loaded = single.collective(setup)
+    where = f"{loaded.device}" + (f" x {ctx.world_size} ranks ({ctx.backend})" if ctx else "")
     out.info(
-        f"Encoding {len(source)} images ({len(source.classnames)} classes) with {model} on {loaded.device}"
+        f"Encoding {len(source)} images ({len(source.classnames)} classes) with {model} on {where}"
         + (f", {views} augmented views each" if views else "")
     )
-    with out.progress("extract", total=len(source)) as bar:
-        result = extract_features(
-            source, loaded, output, options, resume=resume, force=force, on_rows=bar.advance
-        )
+    share = len(source) if ctx is None else -(-len(source) // ctx.world_size)  # rank 0 shows its own
+    with out.progress("extract" + (" (rank 0)" if ctx else ""), total=share) as bar:
+        if ctx is None:
+            result = extract_features(
+                source, loaded, output, options, resume=resume, force=force, on_rows=bar.advance
+            )
+        else:
+            result = extract_distributed(
+                source, loaded, output, options, ctx, resume=resume, force=force, on_rows=bar.advance
+            )
+    if result is None:  # a rank other than 0: rank 0 wrote the file and reports
+        return
     for item in result.skipped:
         out.warn(f"skipped {item['path']}: {item['error']}")
     out.info(f"Wrote {result.n_images} embeddings (dim {result.dim}) to {result.output}")

@@ -1,0 +1,51 @@
+"""Write the bundled demo dataset (a Fashion-MNIST subset) as an ImageFolder tree of PNG files.
+
+The subset ships inside promptcli: 200 training and 100 test images per class, 10 classes,
+chosen with a fixed seed (scripts/make_fashion_subset.py). It is written as
+OUT_DIR/train/<class>/NNNN.png and OUT_DIR/test/<class>/NNNN.png, ready for `promptcli extract`.
+Fashion-MNIST is by Zalando Research, MIT licence.
+
+Examples:
+
+    promptcli demo-images demo/images
+    promptcli extract demo/images/train -o demo/train.h5 --model promptcli-demo
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from promptcli.cli._options import JsonOpt, QuietOpt
+from promptcli.cli._output import Output
+from promptcli.errors import InputError
+
+
+def command(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write train/ and test/ into.")],
+    plain: Annotated[
+        bool, typer.Option("--plain", help="Light items on black, as in Fashion-MNIST (default: inverted).")
+    ] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    from promptcli.demo_data import write_demo_images
+
+    out = Output(quiet=quiet, json_mode=json_out)
+    try:
+        summary = write_demo_images(out_dir, invert=not plain)
+    except FileExistsError as exc:
+        raise InputError(
+            "folder exists and is not a promptcli demo image folder",
+            where=out_dir,
+            hint="choose another folder (nothing was written)",
+        ) from exc
+    counts = summary["counts"]
+    verb = "Wrote" if summary["written"] else "Already complete:"
+    out.info(
+        f"{verb} {counts['train']} training and {counts['test']} test images of "
+        f"{len(summary['class_names'])} classes under {out_dir}"
+    )
+    out.result(summary)

@@ -1,0 +1,110 @@
+"""Evaluate learned prompts, or zero-shot CLIP, on a features file.
+
+Ground truth comes from --labels (a labels CSV joined by path; its `label` column) or from the
+features file's own labels. Prints top-1, top-5 and macro accuracy and a per-class table. Several
+--prompt files are an ensemble: their class probabilities are averaged. A prompt made for another
+model or another class list is refused. --predictions writes `path,label,confidence,true_label`
+(itself a labels CSV); -o writes the --json summary (with the prompts' method, loss, seed and noise).
+
+Examples:
+
+    promptcli eval test.h5 --prompt coop.safetensors
+    promptcli eval test.h5 --prompt seed1.safetensors --prompt seed2.safetensors --json
+    promptcli eval test.h5 --zero-shot --template "a photo of a {}." --labels test.csv
+    promptcli eval test.h5 --zero-shot --templates imagenet --predictions preds.csv -o metrics.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from promptcli.cli._output import Output
+
+
+def command(
+    features: Annotated[Path, typer.Argument(help="Features file (.h5) to evaluate on.")],
+    prompt: Annotated[
+        list[Path] | None,
+        typer.Option("--prompt", "-p", help="Prompt file from `promptcli tune` (repeat to ensemble)."),
+    ] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="Zero-shot CLIP instead of a prompt.")
+    ] = False,
+    template: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--template", help='Zero-shot template with one {} (repeatable), default "a photo of a {}."'
+        ),
+    ] = None,
+    templates: Annotated[
+        str | None, typer.Option("--templates", help="Zero-shot template set: imagenet or imagenet-simple.")
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="Ground-truth labels CSV (default: the features' labels).")
+    ] = None,
+    skip_missing: Annotated[
+        bool, typer.Option("--skip-missing", help="Skip label rows whose path or class the features lack.")
+    ] = False,
+    predictions: Annotated[
+        Path | None, typer.Option("--predictions", help="Write path,label,confidence,true_label CSV here.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the JSON summary (metrics.json) here.")
+    ] = None,
+    pretrained: Annotated[
+        str | None, typer.Option("--pretrained", help="Where the features' checkpoint is now, if it moved.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    from promptcli.evaluation import PREDICTION_COLUMNS, evaluate, prediction_rows
+    from promptcli.fileio import check_output_path, write_text_atomic
+    from promptcli.labels import write_labels
+
+    out = Output(quiet=quiet, json_mode=json_out)
+    for path, option in ((predictions, "--predictions"), (output, "-o")):
+        if path is not None:
+            check_output_path(path, force, option=option)
+    result = evaluate(
+        features,
+        prompt or [],
+        zero_shot=zero_shot,
+        templates=template,
+        template_set=templates,
+        labels_path=labels,
+        skip_missing=skip_missing,
+        pretrained=pretrained,
+        device=device,
+    )
+    summary, metrics = result.summary, result.metrics
+    if predictions is not None:
+        write_labels(
+            predictions, PREDICTION_COLUMNS, prediction_rows(result.features, result.probs, result.truth)
+        )
+        summary["predictions"] = str(predictions)
+    if output is not None:
+        write_text_atomic(output, json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    if summary["n_skipped"]:
+        out.warn(f"skipped {summary['n_skipped']} label row(s) whose path or class the features lack")
+    out.table(
+        "Per-class accuracy",
+        ["class", "n", "correct", "accuracy"],
+        [[r["class"], r["n"], r["correct"], r["accuracy"]] for r in metrics.per_class],
+    )
+    what = (
+        "zero-shot"
+        if summary["zero_shot"]
+        else f"{len(summary['prompts'])} prompt(s), {summary['method'] or 'mixed'}"
+    )
+    out.info(
+        f"{what} on {metrics.n} images: top-1 {metrics.top1:.4f}, top-{metrics.top5_k} {metrics.top5:.4f}, "
+        f"macro {metrics.macro:.4f}"
+    )
+    out.result(summary)

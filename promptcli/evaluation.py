@@ -1,0 +1,333 @@
+"""Evaluate learned prompts (or zero-shot CLIP) on a features file: predictions and metrics.
+
+Several prompt files form an ensemble by averaging their class probabilities. A prompt must have
+been made with the features' model (checkpoint hash, else name and pretrained tag) and class list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from promptcli.classifiers import TEXT_METHODS, LinearHead, PromptHead, model_logit_scale, predict_logits
+from promptcli.errors import InputError
+from promptcli.features import FeatureSet
+from promptcli.models import LoadedModel, same_model
+from promptcli.prompt_files import PromptFile
+
+# What eval copies from a prompt's metadata into its summary (the report command reads these).
+PROVENANCE_KEYS = (
+    "method",
+    "loss",
+    "loss_params",
+    "seed",
+    "shots",
+    "noise",
+    "n_ctx",
+    "class_position",
+    "csc",
+    "ctx_init",
+    "template",
+    "optimizer",
+    "features_sha256",
+    "labels_sha256",
+    "labels_file",
+    "n_train",
+    "metrics",
+    "promptcli_version",
+)
+
+
+@dataclass
+class Metrics:
+    """Accuracy of predictions against ground truth (rows with truth >= 0)."""
+
+    n: int
+    top1: float
+    top5: float
+    top5_k: int  # 5, or the number of classes when there are fewer
+    macro: float  # mean per-class accuracy over the classes present in the ground truth
+    per_class: list[dict[str, Any]]  # class, n, correct, accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "top1": self.top1,
+            "top5": self.top5,
+            "top5_k": self.top5_k,
+            "macro_accuracy": self.macro,
+            "per_class": self.per_class,
+        }
+
+
+def compute_metrics(probs: np.ndarray, truth: np.ndarray, classnames: Sequence[str]) -> Metrics:
+    """Top-1, top-5, macro and per-class accuracy of ``probs`` (N, C) on rows with ``truth >= 0``."""
+    keep = truth >= 0
+    probs, truth = probs[keep], truth[keep]
+    if len(truth) == 0:
+        raise InputError("no images with a ground-truth label", hint="pass --labels with the true labels")
+    k = min(5, probs.shape[1])
+    # stable sort: ties go to the lower class index, as argmax does
+    ranked = np.argsort(-probs, axis=1, kind="stable")
+    top1 = ranked[:, 0] == truth
+    topk = (ranked[:, :k] == truth[:, None]).any(axis=1)
+    per_class = []
+    for c, name in enumerate(classnames):
+        mask = truth == c
+        n_c = int(mask.sum())
+        if n_c:
+            correct = int(top1[mask].sum())
+            per_class.append({"class": name, "n": n_c, "correct": correct, "accuracy": correct / n_c})
+    macro = float(np.mean([r["accuracy"] for r in per_class]))
+    return Metrics(len(truth), float(top1.mean()), float(topk.mean()), k, macro, per_class)
+
+
+def check_compatible(prompt: PromptFile, features: FeatureSet) -> None:
+    """Refuse a prompt made for another model or another class list."""
+    record = features.model_record()
+    if not same_model(prompt.model_identity(), record):
+        mine = prompt.model_identity()
+        raise InputError(
+            f"prompt was made for model {mine['model_name']} ({mine['pretrained'] or 'no weights'}, "
+            f"sha256 {mine['checkpoint_sha256'][:12] or '?'}) but the features come from "
+            f"{record['model_name']} ({record['pretrained'] or 'no weights'}, "
+            f"sha256 {str(record['checkpoint_sha256'])[:12] or '?'})",
+            where=prompt.path,
+            hint="evaluate on features extracted with the prompt's model, or tune a prompt for this one",
+        )
+    if prompt.classnames != list(features.classnames):
+        theirs, ours = prompt.classnames, list(features.classnames)
+        diff = sorted(set(theirs) ^ set(ours))
+        detail = f"differing: {', '.join(diff[:6])}" if diff else "same names in another order"
+        raise InputError(
+            f"prompt was made for {len(theirs)} classes, the features have {len(ours)} ({detail})",
+            where=prompt.path,
+            hint="use features whose class list matches the one the prompt was tuned on",
+        )
+    dim = int(prompt.metadata.get("embed_dim", features.dim))
+    if dim != features.dim:
+        raise InputError(
+            f"prompt expects {dim}-dimensional features, the file has {features.dim}", where=prompt.path
+        )
+
+
+def head_from_prompt(prompt: PromptFile, loaded: LoadedModel | None) -> LinearHead | PromptHead:
+    """Rebuild the trained head from a prompt file (prompt methods need the model)."""
+    method = prompt.method
+    if method in TEXT_METHODS:
+        if loaded is None:
+            raise ValueError(f"{method} prompts need the CLIP model")
+        from promptcli.prompt_learner import PromptConfig, PromptLearner
+
+        config = PromptConfig.from_metadata(prompt.metadata.get("prompt_config", {}))
+        learner = PromptLearner(loaded, prompt.classnames, config)
+        head: LinearHead | PromptHead = PromptHead(learner, model_logit_scale(loaded), method)
+    elif method in ("linear-probe", "classifier-zs"):
+        weight = prompt.tensors.get("weight")
+        if weight is None:
+            raise InputError("tensor 'weight' missing", where=prompt.path, hint="is this a promptcli prompt?")
+        head = LinearHead(weight.shape[1], weight.shape[0], method)
+    else:
+        raise InputError(
+            f"unknown method {method!r}", where=prompt.path, hint="make it with `promptcli tune`"
+        )
+    try:
+        head.load_learnable_state(prompt.tensors)
+    except InputError as exc:
+        raise InputError(exc.what, where=prompt.path, hint=exc.hint) from exc
+    return head
+
+
+def prompt_logits(prompt: PromptFile, features: torch.Tensor, loaded: LoadedModel | None) -> torch.Tensor:
+    """(N, C) logits of one prompt on (N, D) features."""
+    head = head_from_prompt(prompt, loaded)
+    head.to(features.device)
+    head.eval()
+    return predict_logits(head, features)
+
+
+def zero_shot_class_logits(
+    loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str], features: torch.Tensor
+) -> torch.Tensor:
+    """Zero-shot CLIP logits (templates ensembled as in ``pseudolabel``)."""
+    from promptcli.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
+
+    weights = class_text_embeddings(loaded, list(classnames), list(templates)).to(features.device)
+    return zero_shot_logits(features.float(), weights.float(), logit_scale(loaded))
+
+
+def ensemble_probabilities(logits: Sequence[torch.Tensor]) -> np.ndarray:
+    """Mean of the members' softmax probabilities (float64)."""
+    probs = [torch.softmax(x.double(), dim=-1).cpu().numpy() for x in logits]
+    return np.mean(probs, axis=0)
+
+
+def ground_truth_from_features(features: FeatureSet) -> np.ndarray:
+    return features.labels.astype(np.int64)
+
+
+def ground_truth_from_labels(
+    features: FeatureSet, table: Any, skip_missing: bool = False
+) -> tuple[np.ndarray, int]:
+    """(N,) class index per feature row from a labels table's ``label`` column (-1 where absent)."""
+    from promptcli.labels import join_labels
+
+    joined = join_labels(features, table, skip_missing=skip_missing)
+    truth = np.full(len(features), -1, dtype=np.int64)
+    truth[joined.rows] = joined.labels
+    return truth, joined.n_skipped
+
+
+def prompt_provenance(prompt: PromptFile, sha256: str) -> dict[str, Any]:
+    """What the summary records about one prompt file (method, loss, seed, noise, ...)."""
+    meta = prompt.metadata
+    return {"path": str(prompt.path), "sha256": sha256, **{k: meta.get(k) for k in PROVENANCE_KEYS}}
+
+
+def prediction_rows(features: FeatureSet, probs: np.ndarray, truth: np.ndarray) -> list[dict[str, object]]:
+    """One row per image: path, label (predicted), confidence, true_label ('' when unknown)."""
+    pred = probs.argmax(axis=1)
+    names = features.classnames
+    return [
+        {
+            "path": path,
+            "label": names[pred[i]],
+            "confidence": f"{probs[i, pred[i]]:.6f}",
+            "true_label": names[truth[i]] if truth[i] >= 0 else "",
+        }
+        for i, path in enumerate(features.paths)
+    ]
+
+
+PREDICTION_COLUMNS = ["path", "label", "confidence", "true_label"]
+
+
+def prompts_need_model(prompts: Sequence[PromptFile]) -> bool:
+    return any(p.method in TEXT_METHODS for p in prompts)
+
+
+def features_tensor(features: FeatureSet, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(features.features).to(device)
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, Any]
+    metrics: Metrics
+    probs: np.ndarray  # (N, C) for every feature row
+    truth: np.ndarray  # (N,), -1 where unknown
+    features: FeatureSet
+
+
+SUMMARY_KEYS = ("method", "loss", "loss_params", "seed", "shots", "noise")
+
+
+def _common(values: list[Any]) -> Any:
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def evaluate(
+    features_path: str | Path,
+    prompt_paths: Sequence[str | Path] = (),
+    *,
+    zero_shot: bool = False,
+    templates: Sequence[str] | None = None,
+    template_set: str | None = None,
+    labels_path: str | Path | None = None,
+    skip_missing: bool = False,
+    pretrained: str | None = None,
+    device: str = "auto",
+) -> EvalResult:
+    """Predict with prompt files (ensembled) or zero-shot CLIP; score against the ground truth."""
+    from promptcli import provenance
+    from promptcli.devices import resolve_device
+    from promptcli.features import read_features
+    from promptcli.fileio import sha256_bytes, sha256_file
+    from promptcli.labels import read_labels
+    from promptcli.prompt_files import read_prompt
+
+    if bool(prompt_paths) == bool(zero_shot):
+        raise InputError(
+            "give either --prompt (one or more) or --zero-shot",
+            where="--prompt/--zero-shot",
+            hint="e.g. --prompt prompt.safetensors, or --zero-shot --template 'a photo of a {}.'",
+        )
+    if (templates or template_set) and not zero_shot:
+        raise InputError(
+            "--template/--templates apply to --zero-shot",
+            where="--template",
+            hint="a prompt file has its own prompt",
+        )
+    torch_device = resolve_device(device)
+    fs = read_features(features_path, load_views=False)
+    prompts = [read_prompt(p) for p in prompt_paths]
+    for prompt in prompts:
+        check_compatible(prompt, fs)
+    template_list: list[str] = []
+    if zero_shot:
+        from promptcli.zeroshot import resolve_templates
+
+        template_list = resolve_templates(templates, template_set)
+
+    if labels_path is not None:
+        table = read_labels(labels_path)
+        truth, n_skipped = ground_truth_from_labels(fs, table, skip_missing)
+        labels_sha = (
+            sha256_bytes(table.text.encode("utf-8")) if str(labels_path) == "-" else sha256_file(labels_path)
+        )
+    else:
+        truth, n_skipped, labels_sha = ground_truth_from_features(fs), 0, None
+        if not (truth >= 0).any():
+            raise InputError(
+                "the features file has no ground-truth labels", where=fs.path, hint="pass --labels test.csv"
+            )
+
+    loaded = None
+    if zero_shot or prompts_need_model(prompts):
+        from promptcli.models import load_model_from_record
+
+        loaded = load_model_from_record(
+            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
+        )
+        if loaded.embed_dim != fs.dim:
+            raise InputError(
+                f"features have dimension {fs.dim} but the model embeds text in {loaded.embed_dim}",
+                where=fs.path,
+                hint="use the model the features were extracted with",
+            )
+    feats = features_tensor(fs, torch_device)
+    if zero_shot:
+        assert loaded is not None
+        logits = [zero_shot_class_logits(loaded, fs.classnames, template_list, feats)]
+    else:
+        logits = [prompt_logits(p, feats, loaded) for p in prompts]
+    probs = ensemble_probabilities(logits)
+    metrics = compute_metrics(probs, truth, fs.classnames)
+
+    members = [prompt_provenance(p, sha256_file(p.path)) for p in prompts]
+    summary: dict[str, Any] = {
+        "features": str(fs.path),
+        "features_sha256": sha256_file(fs.path),
+        "labels": None if labels_path is None else str(labels_path),
+        "labels_sha256": labels_sha,
+        "model": {k: fs.attrs.get(k, "") for k in ("model_name", "pretrained", "checkpoint_sha256")},
+        "n_images": len(fs),
+        "n_evaluated": metrics.n,
+        "n_skipped": n_skipped,
+        "zero_shot": bool(zero_shot),
+        "templates": template_list,
+        "ensemble": len(prompts) > 1,
+        "prompts": members,
+        "metrics": metrics.to_dict(),
+        **provenance.base_provenance(),
+    }
+    if zero_shot:
+        summary.update(method="zero-shot", loss=None, loss_params=None, seed=None, shots=None, noise=None)
+    else:
+        summary.update({k: _common([m[k] for m in members]) for k in SUMMARY_KEYS})
+    return EvalResult(summary, metrics, probs, truth, fs)

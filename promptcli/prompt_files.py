@@ -1,0 +1,101 @@
+"""The learned-prompt file: a safetensors file of the learned tensors plus string metadata.
+
+safetensors metadata is ``dict[str, str]``: string values are stored as they are, every other value
+as JSON, and the ``json_keys`` entry lists which keys are JSON so that reading gives back exactly the
+dict that was written. The layout is documented in docs/prompt-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from promptcli.errors import InputError
+from promptcli.fileio import atomic_path
+
+FORMAT = "promptcli-prompt"
+FORMAT_VERSION = 1
+RESERVED = ("format", "format_version", "json_keys")
+
+
+@dataclass
+class PromptFile:
+    """A prompt file in memory: learned tensors and decoded metadata."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return str(self.metadata.get("method", ""))
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.metadata.get("classnames", []))
+
+    def model_identity(self) -> dict[str, str]:
+        return {k: str(self.metadata.get(k, "")) for k in ("model_name", "pretrained", "checkpoint_sha256")}
+
+
+def encode_metadata(metadata: dict[str, Any]) -> dict[str, str]:
+    """Strings as-is, everything else as JSON, plus ``format``, ``format_version`` and ``json_keys``."""
+    clash = [k for k in RESERVED if k in metadata]
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved")
+    out: dict[str, str] = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    json_keys = []
+    for key, value in metadata.items():
+        if isinstance(value, str):
+            out[key] = value
+        else:
+            out[key] = json.dumps(value, sort_keys=True)
+            json_keys.append(key)
+    out["json_keys"] = json.dumps(sorted(json_keys))
+    return out
+
+
+def decode_metadata(raw: dict[str, str], where: str | Path = "") -> dict[str, Any]:
+    if raw.get("format") != FORMAT:
+        raise InputError("not a promptcli prompt file", where=where, hint="make it with `promptcli tune`")
+    if int(raw.get("format_version", "0") or 0) > FORMAT_VERSION:
+        raise InputError("prompt file from a newer promptcli", where=where, hint="upgrade promptcli")
+    json_keys = set(json.loads(raw.get("json_keys", "[]")))
+    return {
+        key: json.loads(value) if key in json_keys else value
+        for key, value in raw.items()
+        if key not in RESERVED
+    }
+
+
+def save_prompt(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write tensors (CPU, contiguous) and metadata atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    encoded = encode_metadata(metadata)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=encoded)
+    return path
+
+
+def read_prompt(path: str | Path) -> PromptFile:
+    """Read a prompt file; a clear error when it is missing or not one of ours."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("prompt file not found", where=path, hint="make it with `promptcli tune`")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = dict(handle.metadata() or {})
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for foreign files
+        raise InputError(
+            "not a safetensors prompt file", where=path, hint="make it with `promptcli tune`"
+        ) from exc
+    return PromptFile(path, tensors, decode_metadata(raw, path))

@@ -1,0 +1,660 @@
+"""The one training loop shared by every method, its schedule, checkpoints and the linear-probe search.
+
+A step is: pick a batch of cached image features (one augmented view per image and epoch when the
+file has views), compute the head's class weights once (for prompt methods one text-encoder pass over
+all class prompts), logits = scale x features @ weights.T (+ bias), loss, backward, optimiser step.
+The learning rate follows CoOp: ``warmup_epochs`` at a constant ``warmup_lr``, then a cosine decay
+(per epoch) from ``lr`` to 0 over ``epochs``. Everything random comes from one seeded generator whose
+state is checkpointed with the head, the optimiser and the epoch, so a resumed run ends bit-for-bit
+where an uninterrupted one would (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from promptcli.classifiers import Head, predict_logits
+from promptcli.errors import InputError
+from promptcli.fileio import atomic_path
+
+OPTIMIZERS = ("sgd", "adamw")
+# Weight decays tried for linear-probe when --weight-decay is not given (chosen on held-out labels).
+WEIGHT_DECAY_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+HELD_OUT_FRACTION = 0.2
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule settings (CoOp's defaults)."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 50
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    batch_size: int = 32
+
+    def validate(self) -> OptimConfig:
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(
+                f"unknown optimizer {self.optimizer!r}", where="--optimizer", hint="use sgd or adamw"
+            )
+        checks = [
+            (self.lr > 0, "--lr", "must be > 0"),
+            (0 <= self.momentum < 1, "--momentum", "must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight-decay", "must be >= 0"),
+            (self.epochs >= 0, "--epochs", "must be >= 0"),
+            (self.warmup_epochs >= 0, "--warmup-epochs", "must be >= 0"),
+            (self.warmup_lr > 0, "--warmup-lr", "must be > 0"),
+            (self.batch_size >= 1, "--batch-size", "must be >= 1"),
+        ]
+        for ok, option, what in checks:
+            if not ok:
+                raise InputError(f"{what}", where=option, hint="see `promptcli tune --help`")
+        return self
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of epoch ``epoch`` (0-based): constant warm-up, then cosine on the epoch index."""
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * epoch / max(1, self.epochs)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "schedule": "constant warm-up then cosine (per epoch)"}
+
+
+@dataclass
+class TrainData:
+    """Training examples: cached features, optional augmented views, labels (given and clean)."""
+
+    features: torch.Tensor  # (N, D) float32
+    labels: torch.Tensor  # (N,) int64, the given (possibly noisy) labels
+    views: torch.Tensor | None = None  # (N, V, D)
+    clean: torch.Tensor | None = None  # (N,) int64
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: np.ndarray) -> TrainData:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return TrainData(
+            self.features[idx],
+            self.labels[idx],
+            None if self.views is None else self.views[idx],
+            None if self.clean is None else self.clean[idx],
+        )
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    final: dict[str, Any]
+    resumed_from: int = 0
+    weight_decay_search: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: OptimConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def accuracy(head: Head, features: torch.Tensor, labels: torch.Tensor, amp: bool = False) -> float:
+    """Top-1 accuracy of ``head`` on ``features`` (class weights computed once)."""
+    if len(labels) == 0:
+        return float("nan")
+    with _autocast(features.device, amp):
+        logits = predict_logits(head, features)
+    return float((logits.argmax(dim=1) == labels).float().mean().item())
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write the checkpoint through a temporary file renamed into place (never half-written)."""
+    with atomic_path(path, suffix=".tmp") as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise InputError(
+            f"unreadable checkpoint ({type(exc).__name__})",
+            where=path,
+            hint="delete it, or rerun with --force",
+        ) from exc
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise InputError(
+            "not a promptcli tune checkpoint", where=path, hint="delete it, or rerun with --force"
+        )
+    if state.get("fingerprint") != fingerprint:
+        raise InputError(
+            "the interrupted run used other inputs or options",
+            where=path,
+            hint="resume with the same command line, or pass --force to start over",
+        )
+    return state
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    yield from torch.randperm(n, generator=generator).split(batch_size)
+
+
+def train(
+    head: Head,
+    data: TrainData,
+    loss_fn: torch.nn.Module,
+    config: OptimConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``head`` in place on ``data``; return the per-epoch history and the final metrics.
+
+    With ``checkpoint``, the state after each epoch is saved there; with ``resume`` too, training
+    continues from it. ``amp`` turns on autocast (bf16, else fp16 with loss scaling) on CUDA only.
+    """
+    config.validate()
+    device = torch.device(device)
+    use_amp = amp and device.type == "cuda"
+    head.to(device)
+    head.eval()  # the frozen CLIP parts stay in eval mode; gradients still reach the learnable tensors
+    feats = data.features.to(device).float()
+    views = None if data.views is None else data.views.to(device).float()
+    labels = data.labels.to(device)
+    clean = None if data.clean is None else data.clean.to(device)
+    n = len(data)
+
+    optimizer = make_optimizer(head.param_groups(config.weight_decay), config)
+    generator = torch.Generator().manual_seed(seed)
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=use_amp and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    )
+    history: list[dict[str, Any]] = []
+    start = 0
+    if checkpoint is not None and resume and checkpoint.exists():
+        state = load_checkpoint(checkpoint, fingerprint)
+        head.load_learnable_state({k: v.to(device) for k, v in state["head"].items()})
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history = list(state["history"])
+        start = int(state["epoch"])
+
+    for epoch in range(start, config.epochs):
+        t0 = time.perf_counter()
+        lr = config.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        view_of = torch.randint(views.shape[1], (n,), generator=generator) if views is not None else None
+        total = 0.0
+        for batch in _batches(n, config.batch_size, generator):
+            x = (
+                feats[batch.to(device)]
+                if views is None
+                else views[batch.to(device), view_of[batch].to(device)]
+            )
+            with _autocast(device, use_amp):
+                logits = head(x)
+            loss = loss_fn(logits.float(), labels[batch.to(device)])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach().item()) * len(batch)
+        row = {
+            "epoch": epoch + 1,
+            "loss": total / n,
+            "lr": lr,
+            "accuracy": accuracy(head, feats, labels, use_amp),
+            "clean_accuracy": None if clean is None else accuracy(head, feats, clean, use_amp),
+            "time": time.perf_counter() - t0,
+        }
+        history.append(row)
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "version": CHECKPOINT_VERSION,
+                    "fingerprint": fingerprint,
+                    "epoch": epoch + 1,
+                    "head": {k: v.cpu() for k, v in head.learnable_state().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {"name": "warmup-cosine", "last_epoch": epoch},
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                    "history": history,
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(row)
+
+    final = {
+        "epochs": config.epochs,
+        "n_train": n,
+        "loss": history[-1]["loss"] if history else None,
+        "train_accuracy": accuracy(head, feats, labels, use_amp),
+        "train_clean_accuracy": None if clean is None else accuracy(head, feats, clean, use_amp),
+    }
+    return TrainResult(history, final, resumed_from=start)
+
+
+def held_out_split(
+    labels: np.ndarray, seed: int, fraction: float = HELD_OUT_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split: from each class with >= 2 examples, hold out round(fraction x n) (>= 1)."""
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = max(1, int(round(fraction * len(idx)))) if len(idx) >= 2 else 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def select_weight_decay(
+    make_head: Callable[[], Head],
+    data: TrainData,
+    loss_fn: torch.nn.Module,
+    config: OptimConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    grid: tuple[float, ...] = WEIGHT_DECAY_GRID,
+) -> tuple[float | None, list[dict[str, float]]]:
+    """Train on a seeded held-out split for each weight decay; return the best (ties: the larger).
+
+    Returns ``(None, [])`` when no class has two examples to split.
+    """
+    train_idx, val_idx = held_out_split(data.labels.numpy(), seed)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        return None, []
+    fit, val = data.subset(train_idx), data.subset(val_idx)
+    results = []
+    for wd in grid:
+        head = make_head()
+        train(head, fit, loss_fn, replace(config, weight_decay=wd), seed=seed, device=device, amp=amp)
+        acc = accuracy(
+            head, val.features.to(device), val.labels.to(device), amp and torch.device(device).type == "cuda"
+        )
+        results.append({"weight_decay": wd, "held_out_accuracy": acc})
+    best = max(results, key=lambda r: (r["held_out_accuracy"], r["weight_decay"]))
+    return best["weight_decay"], results
+
+
+def sample_shots(
+    labels: np.ndarray, shots: int, seed: int, n_classes: int
+) -> tuple[np.ndarray, dict[int, int]]:
+    """K examples per class of the given labels (seeded); returns sorted indices and short classes' counts."""
+    rng = np.random.default_rng(seed)
+    chosen, short = [], {}
+    for c in range(n_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < shots:
+            short[c] = len(idx)
+        chosen.append(rng.permutation(idx)[:shots])
+    return np.sort(np.concatenate(chosen)), short
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """A stable digest of what a run depends on (to refuse resuming a different run)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def remove_file(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+# --- the tune pipeline: files in, prompt file out -------------------------------------------------
+
+DEFAULT_LR = 0.002  # CoOp
+# The linear heads act on unit-norm features with weights of norm ~logit_scale: CoOp's 0.002 would
+# leave them (nearly) where they start, so they default to a larger step (stable: the loss's curvature
+# in the weights is at most ~1 for unit-norm inputs).
+LINEAR_LR = 1.0
+
+
+@dataclass
+class TuneOptions:
+    """Everything ``promptcli tune`` takes besides its files (``None`` means the method's default)."""
+
+    method: str = "coop"
+    n_ctx: int = 16
+    ctx_init: str | None = None
+    class_position: str = "end"
+    csc: bool = False
+    template: str = "a photo of a {}."
+    init_std: float = 0.02
+    loss: str = "ce"
+    q: float = 0.7
+    alpha: float = 0.1
+    beta: float = 1.0
+    label_smoothing: float = 0.0
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    epochs: int = 50
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    batch_size: int = 32
+    shots: int | None = None
+    seed: int = 0
+    use_views: bool = True
+    skip_missing: bool = False
+
+    def optim_config(self, weight_decay: float) -> OptimConfig:
+        lr = (
+            self.lr
+            if self.lr is not None
+            else (LINEAR_LR if self.method in ("linear-probe", "classifier-zs") else DEFAULT_LR)
+        )
+        return OptimConfig(
+            optimizer=self.optimizer,
+            lr=lr,
+            momentum=self.momentum,
+            weight_decay=weight_decay,
+            epochs=self.epochs,
+            warmup_epochs=self.warmup_epochs,
+            warmup_lr=self.warmup_lr,
+            batch_size=self.batch_size,
+        )
+
+
+def partial_path(output: str | Path) -> Path:
+    """Where an interrupted tune keeps its per-epoch checkpoint."""
+    return Path(f"{output}.partial")
+
+
+def labels_sidecar(labels_path: str | Path) -> Path:
+    """``labels.csv.json``: what `corrupt` recorded about the noise it injected."""
+    return Path(f"{labels_path}.json")
+
+
+def read_noise_sidecar(labels_path: str | Path, warn: Callable[[str], None]) -> dict[str, Any] | None:
+    if str(labels_path) == "-":
+        return None
+    sidecar = labels_sidecar(labels_path)
+    if not sidecar.is_file():
+        return None
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        warn(f"{sidecar} is not valid JSON; its noise description is not recorded")
+        return None
+    return data if isinstance(data, dict) else {"value": data}
+
+
+def tune(
+    features_path: str | Path,
+    labels_path: str | Path,
+    output: str | Path,
+    options: TuneOptions,
+    *,
+    device: str = "auto",
+    amp: bool = True,
+    pretrained: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    log_path: str | Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    info: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Learn a prompt (or head) from cached features and labels; write it to ``output``; return a summary."""
+    from promptcli import provenance
+    from promptcli.classifiers import TEXT_METHODS, build_head, check_method
+    from promptcli.devices import resolve_device
+    from promptcli.features import read_features
+    from promptcli.fileio import check_output_path, sha256_bytes, sha256_file
+    from promptcli.labels import join_labels, read_labels
+    from promptcli.losses import loss_params, make_loss
+    from promptcli.prompt_files import save_prompt
+
+    check_method(options.method)
+    if options.method not in TEXT_METHODS and (
+        options.ctx_init or options.csc or options.class_position != "end"
+    ):
+        warn(f"--ctx-init, --csc and --class-position apply to prompt methods; ignored for {options.method}")
+    prompt_config = None
+    if options.method in TEXT_METHODS:
+        from promptcli.prompt_learner import PromptConfig
+
+        prompt_config = PromptConfig(
+            method=options.method,
+            n_ctx=options.n_ctx,
+            ctx_init=options.ctx_init,
+            class_position=options.class_position,
+            csc=options.csc,
+            template=options.template,
+            init_std=options.init_std,
+        )
+        prompt_config.validate()
+    elif options.method == "classifier-zs":
+        from promptcli.zeroshot import resolve_templates
+
+        resolve_templates([options.template])  # one {} or a clear --template error
+    loss_fn = make_loss(
+        options.loss,
+        q=options.q,
+        alpha=options.alpha,
+        beta=options.beta,
+        label_smoothing=options.label_smoothing,
+    )
+    options.optim_config(options.weight_decay if options.weight_decay is not None else 5e-4).validate()
+    if options.shots is not None and options.shots < 1:
+        raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")
+    output = check_output_path(output, force)
+    partial = partial_path(output)
+    if partial.exists() and not resume:
+        if not force:
+            raise InputError(
+                "an interrupted tune left a checkpoint",
+                where=partial,
+                hint="pass --resume to continue it, or --force to start over",
+            )
+        remove_file(partial)
+    if log_path is not None and not resume:
+        check_output_path(log_path, force, option="--log")
+    torch_device = resolve_device(device)
+
+    fs = read_features(features_path, load_views=options.use_views)
+    table = read_labels(labels_path)
+    labels_sha = (
+        sha256_bytes(table.text.encode("utf-8")) if str(labels_path) == "-" else sha256_file(labels_path)
+    )
+    features_sha = sha256_file(features_path)
+    joined = join_labels(fs, table, skip_missing=options.skip_missing)
+    index = np.arange(len(joined.labels))
+    short: dict[int, int] = {}
+    if options.shots is not None:
+        index, short = sample_shots(joined.labels, options.shots, options.seed, len(fs.classnames))
+        for c, have in short.items():
+            warn(
+                f"class {fs.classnames[c]!r} has only {have} labelled image(s), fewer than --shots {options.shots}"
+            )
+    rows = joined.rows[index]
+    data = TrainData(
+        features=torch.from_numpy(fs.features[rows]),
+        labels=torch.from_numpy(joined.labels[index]),
+        views=torch.from_numpy(fs.views[rows]) if fs.views is not None and options.use_views else None,
+        clean=None if joined.clean is None else torch.from_numpy(joined.clean[index]),
+    )
+
+    loaded = None
+    if options.method != "linear-probe":
+        from promptcli.models import load_model_from_record
+
+        loaded = load_model_from_record(
+            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
+        )
+
+    def make_head() -> Head:
+        generator = torch.Generator().manual_seed(options.seed)
+        return build_head(
+            options.method,
+            classnames=fs.classnames,
+            dim=fs.dim,
+            loaded=loaded,
+            prompt_config=prompt_config if prompt_config is not None else options,
+            generator=generator,
+        )
+
+    search: list[dict[str, float]] = []
+    weight_decay = options.weight_decay
+    if weight_decay is None and options.method == "linear-probe":
+        info(f"Choosing the weight decay on a held-out {HELD_OUT_FRACTION:.0%} of the labels")
+        weight_decay, search = select_weight_decay(
+            make_head,
+            data,
+            loss_fn,
+            options.optim_config(0.0),
+            seed=options.seed,
+            device=torch_device,
+            amp=amp,
+        )
+        if weight_decay is None:
+            warn("too few labels to hold some out; using weight decay 5e-4")
+    if weight_decay is None:
+        weight_decay = 5e-4
+    optim = options.optim_config(weight_decay)
+
+    run_id = fingerprint(
+        {
+            "features": features_sha,
+            "labels": labels_sha,
+            "options": asdict(options),
+            "weight_decay": weight_decay,
+        }
+    )
+    head = make_head()
+    log_handle = None
+    if log_path is not None:
+        log_handle = open(log_path, "w", encoding="utf-8")
+        if resume and partial.exists():  # the log restarts with the epochs the checkpoint already holds
+            for row in load_checkpoint(partial, run_id)["history"]:
+                log_handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def log_epoch(row: dict[str, Any]) -> None:
+        if log_handle is not None:
+            log_handle.write(json.dumps(row, sort_keys=True) + "\n")
+            log_handle.flush()
+        if on_epoch is not None:
+            on_epoch(row)
+
+    try:
+        if resume and partial.exists():
+            info(f"Resuming from {partial}")
+        result = train(
+            head,
+            data,
+            loss_fn,
+            optim,
+            seed=options.seed,
+            device=torch_device,
+            amp=amp,
+            checkpoint=partial,
+            resume=resume,
+            fingerprint=run_id,
+            on_epoch=log_epoch,
+        )
+    finally:
+        if log_handle is not None:
+            log_handle.close()
+
+    record = fs.model_record()
+    metadata: dict[str, Any] = {
+        "method": options.method,
+        "classnames": list(fs.classnames),
+        "model_name": str(record["model_name"]),
+        "pretrained": str(record["pretrained"]),
+        "checkpoint_sha256": str(record["checkpoint_sha256"]),
+        "model_config": str(record["model_config"]),
+        "embed_dim": fs.dim,
+        "loss": options.loss,
+        "loss_params": loss_params(loss_fn),
+        "optimizer": optim.to_dict(),
+        "seed": options.seed,
+        "shots": options.shots,
+        "use_views": data.views is not None,
+        "n_views": 0 if data.views is None else int(data.views.shape[1]),
+        "features_sha256": features_sha,
+        "features_file": str(features_path),
+        "labels_sha256": labels_sha,
+        "labels_file": table.source,
+        "n_train": len(data),
+        "n_skipped": joined.n_skipped,
+        "metrics": result.final,
+        **provenance.base_provenance(),
+    }
+    if prompt_config is not None:
+        metadata.update(
+            prompt_config=prompt_config.to_metadata(),
+            n_ctx=int(getattr(head.learner, "n_ctx", options.n_ctx)),
+            class_position=options.class_position,
+            csc=options.csc,
+            ctx_init=options.ctx_init or "",
+            template=options.template,
+            logit_scale=head.logit_scale,
+        )
+    elif options.method == "classifier-zs":
+        metadata["template"] = options.template
+    if search:
+        metadata["weight_decay_search"] = search
+    noise = read_noise_sidecar(labels_path, warn)
+    if noise is not None:
+        metadata["noise"] = noise
+    save_prompt(output, head.learnable_state(), metadata)
+    remove_file(partial)
+    times = [r["time"] for r in result.history[result.resumed_from :]]
+    return {
+        "output": str(output),
+        "method": options.method,
+        "loss": loss_params(loss_fn),
+        "optimizer": optim.to_dict(),
+        "weight_decay_search": search,
+        "n_train": len(data),
+        "n_skipped": joined.n_skipped,
+        "skipped": joined.skipped[:20],
+        "short_classes": {fs.classnames[c]: n for c, n in short.items()},
+        "resumed_from_epoch": result.resumed_from,
+        "seconds_per_epoch": float(np.mean(times)) if times else None,
+        "metrics": result.final,
+        "noise": noise,
+        "log": str(log_path) if log_path is not None else None,
+    }

@@ -1,0 +1,230 @@
+"""promptcli eval: metrics, ensembles, zero-shot equivalence of untrained prompts, refusals, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from promptcli.evaluation import compute_metrics, evaluate, prompt_logits, zero_shot_class_logits
+from promptcli.features import read_features
+from promptcli.fileio import sha256_file
+from promptcli.prompt_files import read_prompt, save_prompt
+from promptcli.training import TuneOptions, tune
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, tiny_features) -> dict[str, Path]:
+    """The tiny features' true labels as a CSV, with a corrupt-style sidecar."""
+    folder = tmp_path_factory.mktemp("eval")
+    fs = read_features(tiny_features)
+    labels = folder / "labels.csv"
+    labels.write_text(
+        "path,label\n" + "".join(f"{p},{fs.classnames[y]}\n" for p, y in zip(fs.paths, fs.labels))
+    )
+    (folder / "labels.csv.json").write_text(json.dumps({"type": "pair", "rate": 0.0, "seed": 5}))
+    return {"features": tiny_features, "labels": labels, "dir": folder}
+
+
+def _prompt(labelled, name: str, **options) -> Path:
+    out = labelled["dir"] / f"{name}.safetensors"
+    if not out.exists():
+        tune(labelled["features"], labelled["labels"], out, TuneOptions(**options), device="cpu")
+    return out
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "coop", "ctx_init": "a photo of a"},
+        {"method": "cls-tuning", "template": "a photo of a {}."},
+        {"method": "full-prompt", "template": "a photo of a {}."},
+    ],
+    ids=["coop", "cls-tuning", "full-prompt"],
+)
+def test_untrained_prompt_equals_zero_shot(labelled, tiny_model, options):
+    path = _prompt(labelled, f"zero-{options['method']}", epochs=0, **options)
+    fs = read_features(labelled["features"])
+    feats = torch.from_numpy(fs.features)
+    got = prompt_logits(read_prompt(path), feats, tiny_model)
+    want = zero_shot_class_logits(tiny_model, fs.classnames, ["a photo of a {}."], feats)
+    assert got.shape == (18, 3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_untrained_coop_equals_zero_shot_through_the_cli(labelled, tmp_path, run_cli):
+    path = _prompt(labelled, "zero-coop", method="coop", ctx_init="a photo of a", epochs=0)
+    prompt_csv, zs_csv = tmp_path / "prompt.csv", tmp_path / "zs.csv"
+    code, _, err = run_cli("eval", labelled["features"], "--prompt", path, "--predictions", prompt_csv, "-q")
+    assert code == 0, err
+    code, _, err = run_cli(
+        "eval",
+        labelled["features"],
+        "--zero-shot",
+        "--template",
+        "a photo of a {}.",
+        "--predictions",
+        zs_csv,
+        "-q",
+    )
+    assert code == 0, err
+    a, b = _read_csv(prompt_csv), _read_csv(zs_csv)
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    assert np.allclose([float(r["confidence"]) for r in a], [float(r["confidence"]) for r in b], atol=2e-6)
+
+
+def test_compute_metrics_by_hand():
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.1],  # true 0, right
+            [0.5, 0.3, 0.2],  # true 1, wrong (second)
+            [0.1, 0.1, 0.8],  # true 2, right
+            [0.6, 0.1, 0.3],  # true 1, wrong (third)
+            [0.2, 0.2, 0.6],  # unknown truth: ignored
+        ]
+    )
+    truth = np.array([0, 1, 2, 1, -1])
+    m = compute_metrics(probs, truth, ["a", "b", "c"])
+    assert (m.n, m.top1, m.top5_k, m.top5) == (4, 0.5, 3, 1.0)
+    assert m.macro == pytest.approx((1 + 0 + 1) / 3)
+    assert m.per_class == [
+        {"class": "a", "n": 1, "correct": 1, "accuracy": 1.0},
+        {"class": "b", "n": 2, "correct": 0, "accuracy": 0.0},
+        {"class": "c", "n": 1, "correct": 1, "accuracy": 1.0},
+    ]
+    wide = np.eye(7)[[0, 1, 2, 3, 4, 5, 6]] * 0.5 + np.arange(7)[::-1] / 100  # class 6 ranks 7th for row 6
+    m7 = compute_metrics(wide, np.array([0, 1, 2, 3, 4, 5, 6]), list("abcdefg"))
+    assert m7.top1 == 1.0 and m7.top5_k == 5
+    flat = np.tile(np.arange(7)[::-1] / 100, (7, 1))  # always ranks 0 > 1 > ... > 6
+    assert compute_metrics(flat, np.arange(7), list("abcdefg")).top5 == pytest.approx(5 / 7)
+
+
+def test_ensemble_averages_probabilities(labelled, tiny_model):
+    a = _prompt(labelled, "seed1", epochs=2, seed=1, n_ctx=4)
+    b = _prompt(labelled, "seed2", epochs=2, seed=2, n_ctx=4)
+    result = evaluate(labelled["features"], [a, b], device="cpu")
+    feats = torch.from_numpy(read_features(labelled["features"]).features)
+    pa = torch.softmax(prompt_logits(read_prompt(a), feats, tiny_model).double(), -1).numpy()
+    pb = torch.softmax(prompt_logits(read_prompt(b), feats, tiny_model).double(), -1).numpy()
+    assert np.allclose(result.probs, (pa + pb) / 2, atol=1e-7)
+    assert result.summary["ensemble"] is True and result.summary["method"] == "coop"
+    assert result.summary["seed"] is None  # members differ
+    assert [m["seed"] for m in result.summary["prompts"]] == [1, 2]
+
+
+def test_eval_matches_tune_training_accuracy(labelled):
+    for name, options in (("lp", {"method": "linear-probe", "weight_decay": 1e-3}), ("coop3", {"n_ctx": 4})):
+        path = _prompt(labelled, name, epochs=3, **options)
+        tuned = read_prompt(path).metadata["metrics"]["train_accuracy"]
+        result = evaluate(labelled["features"], [path], labels_path=labelled["labels"], device="cpu")
+        assert result.metrics.top1 == pytest.approx(tuned, abs=1e-6)
+
+
+def test_outputs_and_provenance(labelled, tmp_path, run_cli):
+    path = _prompt(labelled, "prov", epochs=1, n_ctx=4, seed=3, loss="gce", q=0.5)
+    preds, metrics = tmp_path / "preds.csv", tmp_path / "metrics.json"
+    code, stdout, err = run_cli(
+        "eval",
+        labelled["features"],
+        "--prompt",
+        path,
+        "--predictions",
+        preds,
+        "-o",
+        metrics,
+        "--json",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert json.loads(metrics.read_text()) == summary
+    assert summary["method"] == "coop" and summary["loss"] == "gce" and summary["seed"] == 3
+    assert summary["loss_params"] == {"name": "gce", "q": 0.5}
+    assert summary["noise"] == {"type": "pair", "rate": 0.0, "seed": 5}
+    assert summary["features_sha256"] == sha256_file(labelled["features"])
+    assert summary["prompts"][0]["sha256"] == sha256_file(path)
+    assert summary["model"]["model_name"] == "tiny-clip" and summary["n_evaluated"] == 18
+    m = summary["metrics"]
+    assert set(m) == {"n", "top1", "top5", "top5_k", "macro_accuracy", "per_class"} and m["top5_k"] == 3
+    rows = _read_csv(preds)
+    assert list(rows[0]) == ["path", "label", "confidence", "true_label"] and len(rows) == 18
+    correct = sum(r["label"] == r["true_label"] for r in rows)
+    assert correct / 18 == pytest.approx(m["top1"])
+    code, _, err = run_cli("eval", labelled["features"], "--prompt", path, "-o", metrics)
+    assert code == 2 and "output exists" in err
+
+
+def test_labels_option_sets_ground_truth(labelled, tmp_path):
+    fs = read_features(labelled["features"])
+    subset = tmp_path / "six.csv"
+    # six images, all claimed to be the first class
+    subset.write_text("path,label\n" + "".join(f"{p},{fs.classnames[0]}\n" for p in fs.paths[:12:2]))
+    result = evaluate(labelled["features"], zero_shot=True, labels_path=subset, device="cpu")
+    assert result.metrics.n == 6 and [r["class"] for r in result.metrics.per_class] == [fs.classnames[0]]
+    pred = result.probs.argmax(axis=1)[:12:2]
+    assert result.metrics.top1 == pytest.approx(float(np.mean(pred == 0)))
+    assert result.summary["labels_sha256"] == sha256_file(subset)
+
+
+def test_refuses_prompt_for_another_model_or_class_list(labelled, tmp_path, run_cli):
+    path = _prompt(labelled, "lp-ref", method="linear-probe", epochs=1, weight_decay=0.0)
+    prompt = read_prompt(path)
+    other_model = tmp_path / "other-model.safetensors"
+    save_prompt(other_model, prompt.tensors, {**prompt.metadata, "checkpoint_sha256": "f" * 64})
+    code, _, err = run_cli("eval", labelled["features"], "--prompt", other_model)
+    assert code == 2 and "prompt was made for model tiny-clip" in err and "ffffffffffff" in err
+
+    names = prompt.classnames
+    for variant, expected in (
+        (names[::-1], "same names in another order"),
+        ([*names[:2], "purple rain"], "differing: purple rain"),
+    ):
+        bad = tmp_path / "classes.safetensors"
+        save_prompt(bad, prompt.tensors, {**prompt.metadata, "classnames": variant})
+        code, _, err = run_cli("eval", labelled["features"], "--prompt", bad)
+        assert code == 2 and expected in err, err
+
+
+def test_bad_invocations(labelled, tmp_path, run_cli):
+    path = _prompt(labelled, "lp-ref", method="linear-probe", epochs=1, weight_decay=0.0)
+    code, _, err = run_cli("eval", labelled["features"], "--prompt", path, "--zero-shot")
+    assert code == 2 and "either --prompt" in err
+    code, _, err = run_cli("eval", labelled["features"])
+    assert code == 2 and "either --prompt" in err
+    code, _, err = run_cli("eval", labelled["features"], "--zero-shot", "--template", "no placeholder")
+    assert code == 2 and "--template" in err
+    not_prompt = tmp_path / "x.safetensors"
+    not_prompt.write_bytes(b"garbage")
+    code, _, err = run_cli("eval", labelled["features"], "--prompt", not_prompt)
+    assert code == 2 and "not a safetensors prompt file" in err
+
+    from promptcli.features import write_features
+
+    fs = read_features(labelled["features"])
+    unlabeled = tmp_path / "unlabeled.h5"
+    write_features(
+        unlabeled, features=[fs.features], n_rows=len(fs), dim=fs.dim, paths=fs.paths,
+        labels=[-1] * len(fs), splits=fs.splits, classnames=fs.classnames, attrs=fs.attrs, dtype="float32",
+    )  # fmt: skip
+    code, _, err = run_cli("eval", unlabeled, "--prompt", path)
+    assert code == 2 and "no ground-truth labels" in err and "--labels" in err
+    code, stdout, err = run_cli("eval", unlabeled, "--prompt", path, "--labels", labelled["labels"], "--json")
+    assert code == 0 and json.loads(stdout)["n_evaluated"] == 18

@@ -1,0 +1,370 @@
+"""promptcli tune: every method learns, linear-probe is logistic regression, runs are reproducible and resumable."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from promptcli.errors import InputError
+from promptcli.fileio import sha256_bytes, sha256_file
+from promptcli.prompt_files import decode_metadata, encode_metadata, read_prompt
+from promptcli.training import (
+    WEIGHT_DECAY_GRID,
+    OptimConfig,
+    TrainData,
+    TuneOptions,
+    held_out_split,
+    partial_path,
+    sample_shots,
+    train,
+    tune,
+)
+
+CLASSNAMES = ["cat", "dog", "car", "tree"]
+PER_CLASS = 12
+FLIPPED = (0, 12, 24, 36)  # one noisy label per class: class c -> c + 1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is fastest and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def write_synthetic(folder: Path, loaded, seed: int = 0) -> dict[str, Path]:
+    """A separable 4-class features file (2 views) made 'with' the tiny model, and noisy labels."""
+    from promptcli.features import write_features
+
+    rng = np.random.default_rng(seed)
+    dim = loaded.embed_dim
+    centers = _unit(rng.normal(size=(len(CLASSNAMES), dim)))
+    y = np.repeat(np.arange(len(CLASSNAMES)), PER_CLASS)
+    x = _unit(centers[y] + 0.3 * rng.normal(size=(len(y), dim)))
+    views = _unit(x[:, None, :] + 0.1 * rng.normal(size=(len(y), 2, dim)))
+    paths = [f"img{i:03d}.png" for i in range(len(y))]
+    features = folder / "syn.h5"
+    write_features(
+        features,
+        features=[x],
+        n_rows=len(y),
+        dim=dim,
+        paths=paths,
+        labels=y,
+        splits=["train"] * len(y),
+        classnames=CLASSNAMES,
+        attrs=loaded.record(),
+        n_views=2,
+        views=[views],
+        dtype="float32",
+    )
+    labels = folder / "noisy.csv"
+    lines = ["path,label,clean_label,is_noisy"]
+    for i, (p, c) in enumerate(zip(paths, y)):
+        given = (c + 1) % len(CLASSNAMES) if i in FLIPPED else c
+        lines.append(f"{p},{CLASSNAMES[given]},{CLASSNAMES[c]},{int(i in FLIPPED)}")
+    labels.write_text("\n".join(lines) + "\n")
+    sidecar = folder / "noisy.csv.json"
+    sidecar.write_text(json.dumps({"type": "symmetric", "rate": 4 / 48, "seed": 0}))
+    return {"features": features, "labels": labels, "sidecar": sidecar}
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    return write_synthetic(tmp_path_factory.mktemp("syn"), tiny_model)
+
+
+def _tune(syn, out: Path, **kwargs):
+    opts = {"epochs": 4, "seed": 0, **kwargs.pop("options", {})}
+    return tune(syn["features"], syn["labels"], out, TuneOptions(**opts), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("method", ["coop", "cls-tuning", "full-prompt", "linear-probe", "classifier-zs"])
+def test_every_method_drives_training_accuracy_up(syn, tmp_path, method):
+    options = {"method": method}  # default settings (lr 0.002 for prompts, 1.0 for linear heads)
+    start = _tune(syn, tmp_path / "init.safetensors", options={**options, "epochs": 0})["metrics"]
+    end = _tune(syn, tmp_path / "end.safetensors", options={**options, "epochs": 20})["metrics"]
+    assert start["epochs"] == 0 and start["loss"] is None and end["epochs"] == 20
+    assert end["train_accuracy"] >= start["train_accuracy"] + 0.25, (start, end)
+    assert end["train_accuracy"] >= 0.7
+    # 4 of the 48 given labels are wrong: the clean-label accuracy is tracked separately
+    assert end["train_clean_accuracy"] is not None and end["train_clean_accuracy"] >= 0.7
+
+
+def _reference_logistic_regression(x, y, n_classes, weight_decay):
+    """Full-batch L-BFGS on mean CE + wd/2 |W|^2 (bias not penalised)."""
+    w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1,
+        max_iter=2000,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+    xd = x.double()
+
+    def objective():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xd @ w.T + b, y) + weight_decay / 2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    return w.detach(), b.detach(), objective().item()
+
+
+def test_linear_probe_matches_reference_logistic_regression(syn):
+    from promptcli.classifiers import LinearHead
+    from promptcli.features import read_features
+    from promptcli.losses import CrossEntropy
+
+    fs = read_features(syn["features"])
+    x, y = torch.from_numpy(fs.features), torch.from_numpy(fs.labels)
+    wd = 1e-2
+    w_ref, b_ref, obj_ref = _reference_logistic_regression(x, y, 4, wd)
+    head = LinearHead(x.shape[1], 4)
+    config = OptimConfig(lr=2.0, weight_decay=wd, epochs=300, warmup_epochs=0, batch_size=len(y))
+    train(head, TrainData(x, y), CrossEntropy(), config, seed=0)
+    w, b = head.weight.detach().double(), head.bias.detach().double()
+    obj = (torch.nn.functional.cross_entropy(x.double() @ w.T + b, y) + wd / 2 * (w**2).sum()).item()
+    assert obj == pytest.approx(obj_ref, rel=1e-5)
+    assert (w - w_ref).norm() / w_ref.norm() < 1e-2
+    # the bias is defined up to a constant shift across classes
+    assert torch.allclose(b - b.mean(), b_ref - b_ref.mean(), atol=2e-2)
+
+
+def test_linear_probe_weight_decay_search(syn, tmp_path):
+    out = tmp_path / "lp.safetensors"
+    summary = _tune(syn, out, options={"method": "linear-probe", "epochs": 6})
+    search = summary["weight_decay_search"]
+    assert [r["weight_decay"] for r in search] == list(WEIGHT_DECAY_GRID)
+    best = max(search, key=lambda r: (r["held_out_accuracy"], r["weight_decay"]))
+    assert summary["optimizer"]["weight_decay"] == best["weight_decay"]
+    meta = read_prompt(out).metadata
+    assert meta["weight_decay_search"] == search and meta["optimizer"]["weight_decay"] == best["weight_decay"]
+    given = _tune(syn, tmp_path / "lp2.safetensors", options={"method": "linear-probe", "weight_decay": 0.03})
+    assert given["weight_decay_search"] == [] and given["optimizer"]["weight_decay"] == 0.03
+
+
+def test_held_out_split_is_stratified_and_seeded():
+    labels = np.array([0] * 10 + [1] * 5 + [2])
+    fit, val = held_out_split(labels, seed=1)
+    assert sorted(np.concatenate([fit, val]).tolist()) == list(range(16))
+    assert np.bincount(labels[val], minlength=3).tolist() == [2, 1, 0]
+    again = held_out_split(labels, seed=1)
+    assert np.array_equal(again[1], val) and not np.array_equal(held_out_split(labels, seed=2)[1], val)
+
+
+def test_sample_shots_exact_and_seeded():
+    labels = np.array([0] * 10 + [1] * 2 + [2] * 6)
+    idx, short = sample_shots(labels, 4, seed=0, n_classes=3)
+    assert np.bincount(labels[idx], minlength=3).tolist() == [4, 2, 4]
+    assert short == {1: 2}
+    assert np.array_equal(sample_shots(labels, 4, seed=0, n_classes=3)[0], idx)
+    assert not np.array_equal(sample_shots(labels, 4, seed=1, n_classes=3)[0], idx)
+
+
+def test_seeds_reproduce_bit_for_bit(syn, tmp_path, run_cli):
+    base = [syn["features"], syn["labels"], "--epochs", "3", "--n-ctx", "4", "--device", "cpu", "-q"]
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        code, _, err = run_cli("tune", *base, "--seed", seed, "-o", tmp_path / f"{name}.safetensors")
+        assert code == 0, err
+    a, b, c = (read_prompt(tmp_path / f"{n}.safetensors") for n in "abc")
+    assert a.tensors.keys() == {"ctx"} and torch.equal(a.tensors["ctx"], b.tensors["ctx"])
+    assert a.metadata["metrics"] == b.metadata["metrics"]
+    assert not torch.equal(a.tensors["ctx"], c.tensors["ctx"])
+
+
+def test_metadata_round_trip(syn, tmp_path, run_cli):
+    from promptcli.prompt_learner import PromptConfig
+
+    out = tmp_path / "p.safetensors"
+    code, stdout, err = run_cli(
+        "tune", syn["features"], syn["labels"], "-o", out, "--epochs", "2", "--ctx-init", "a photo of a",
+        "--class-position", "middle", "--loss", "sce", "--alpha", "0.5", "--beta", "2", "--seed", "7",
+        "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(stdout)
+    meta = read_prompt(out).metadata
+    assert meta["method"] == "coop" and meta["classnames"] == CLASSNAMES
+    assert meta["n_ctx"] == 4 and meta["class_position"] == "middle" and meta["csc"] is False
+    assert meta["loss"] == "sce" and meta["loss_params"] == {
+        "name": "sce", "alpha": 0.5, "beta": 2.0, "A": -4.0, "label_smoothing": 0.0,
+    }  # fmt: skip
+    assert meta["seed"] == 7 and meta["optimizer"]["lr"] == 0.002 and meta["optimizer"]["epochs"] == 2
+    assert meta["features_sha256"] == sha256_file(syn["features"])
+    assert meta["labels_sha256"] == sha256_file(syn["labels"])
+    assert meta["noise"] == json.loads(syn["sidecar"].read_text())
+    assert meta["metrics"] == summary["metrics"] and meta["n_train"] == 48
+    assert meta["checkpoint_sha256"] and meta["model_name"] == "tiny-clip"
+    assert meta["promptcli_version"] and "tune" in meta["command"]
+    config = PromptConfig.from_metadata(meta["prompt_config"])
+    assert config == PromptConfig(method="coop", ctx_init="a photo of a", class_position="middle")
+    value = {"a": "text", "b": 1, "c": [1.5, None], "d": {"x": True}, "e": "1"}
+    assert decode_metadata(encode_metadata(value)) == value
+
+
+def test_log_lines_per_epoch(syn, tmp_path):
+    log = tmp_path / "train.jsonl"
+    _tune(syn, tmp_path / "p.safetensors", log_path=log, options={"epochs": 3, "n_ctx": 4})
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "loss", "lr", "accuracy", "clean_accuracy", "time"}
+    assert rows[0]["lr"] == 1e-5 and rows[1]["lr"] == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi / 3)))
+    assert all(isinstance(r["clean_accuracy"], float) for r in rows)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_gives_the_uninterrupted_result(syn, tmp_path, run_cli):
+    options = {"epochs": 4, "n_ctx": 4, "lr": 0.005}
+    whole = _tune(syn, tmp_path / "whole.safetensors", options=options)
+
+    out = tmp_path / "cut.safetensors"
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _tune(syn, out, options=options, on_epoch=stop_after_two, log_path=tmp_path / "cut.jsonl")
+    assert partial_path(out).exists() and not out.exists()
+    with pytest.raises(InputError, match="interrupted tune left a checkpoint"):
+        _tune(syn, out, options=options)
+    with pytest.raises(InputError, match="other inputs or options"):
+        _tune(syn, out, options={**options, "seed": 1}, resume=True)
+
+    args = [
+        "tune",
+        syn["features"],
+        syn["labels"],
+        "-o",
+        out,
+        "--epochs",
+        "4",
+        "--n-ctx",
+        "4",
+        "--lr",
+        "0.005",
+    ]
+    code, stdout, err = run_cli(
+        *args, "--device", "cpu", "--resume", "--json", "--log", tmp_path / "cut.jsonl"
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["resumed_from_epoch"] == 2
+    assert not partial_path(out).exists()
+    a, b = read_prompt(tmp_path / "whole.safetensors"), read_prompt(out)
+    assert torch.equal(a.tensors["ctx"], b.tensors["ctx"])
+    assert b.metadata["metrics"] == whole["metrics"]
+    log = [json.loads(line) for line in (tmp_path / "cut.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+
+
+def test_refuses_to_overwrite(syn, tmp_path, run_cli):
+    out = tmp_path / "p.safetensors"
+    out.write_text("keep me")
+    args = ["tune", syn["features"], syn["labels"], "-o", out, "--method", "linear-probe", "--epochs", "1"]
+    code, _, err = run_cli(*args, "--weight-decay", "0.001", "--device", "cpu")
+    assert code == 2 and "output exists" in err and "--force" in err
+    assert out.read_text() == "keep me"
+    code, _, err = run_cli(*args, "--weight-decay", "0.001", "--device", "cpu", "--force")
+    assert code == 0, err
+    assert read_prompt(out).method == "linear-probe"
+
+
+def test_labels_from_stdin_and_skip_missing(syn, tmp_path, run_cli, monkeypatch):
+    text = syn["labels"].read_text() + "elsewhere.png,cat,cat,0\nimg000.png,zebra,cat,1\n"
+    args = ["tune", syn["features"], "-", "--method", "linear-probe", "--epochs", "1", "--weight-decay", "0"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    code, _, err = run_cli(*args, "-o", tmp_path / "a.safetensors", "--device", "cpu")
+    assert code == 2 and "<stdin>:50" in err and "elsewhere.png" in err and "--skip-missing" in err
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    out = tmp_path / "b.safetensors"
+    code, stdout, err = run_cli(*args, "-o", out, "--device", "cpu", "--skip-missing", "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["n_skipped"] == 2 and summary["n_train"] == 48
+    meta = read_prompt(out).metadata
+    assert meta["labels_sha256"] == sha256_bytes(text.encode()) and meta["labels_file"] == "<stdin>"
+    assert "noise" not in meta
+
+
+def test_shots_option(syn, tmp_path, run_cli):
+    out = tmp_path / "p.safetensors"
+    args = ["tune", syn["features"], syn["labels"], "-o", out, "--method", "linear-probe", "--epochs", "1"]
+    code, stdout, err = run_cli(*args, "--shots", "3", "--weight-decay", "0", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["n_train"] == 12 and read_prompt(out).metadata["shots"] == 3
+    code, _, err = run_cli(*args, "--shots", "0", "--device", "cpu", "--force")
+    assert code == 2 and "--shots" in err
+
+
+def test_bad_options_are_clear_errors(syn, tmp_path, run_cli):
+    base = ["tune", syn["features"], syn["labels"], "-o", tmp_path / "p.safetensors", "--device", "cpu"]
+    for extra, where in (
+        (["--method", "prompt-magic"], "--method"),
+        (["--loss", "focal"], "--loss"),
+        (["--optimizer", "lion"], "--optimizer"),
+        (["--lr", "-1"], "--lr"),
+        (["--loss", "gce", "--label-smoothing", "0.1"], "--label-smoothing"),
+        (["--method", "classifier-zs", "--template", "no placeholder"], "--template"),
+        (["--method", "cls-tuning", "--csc"], "--csc"),
+        (["--class-position", "left"], "--class-position"),
+    ):
+        code, _, err = run_cli(*base, *extra)
+        assert code == 2 and f"Error: {where}:" in err, (extra, err)
+
+
+def test_only_learnable_tensors_change(syn, tiny_model):
+    from promptcli.classifiers import build_head
+    from promptcli.features import read_features
+    from promptcli.losses import CrossEntropy
+    from promptcli.prompt_learner import PromptConfig
+
+    fs = read_features(syn["features"])
+    before = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    for method in ("coop", "full-prompt"):
+        head = build_head(
+            method,
+            classnames=fs.classnames,
+            dim=fs.dim,
+            loaded=tiny_model,
+            prompt_config=PromptConfig(method=method, n_ctx=4),
+            generator=torch.Generator().manual_seed(0),
+        )
+        start = head.learnable_state()
+        data = TrainData(torch.from_numpy(fs.features), torch.from_numpy(fs.labels))
+        train(head, data, CrossEntropy(), OptimConfig(epochs=2, lr=0.05, warmup_epochs=0), seed=0)
+        assert all(p.grad is None for p in tiny_model.model.parameters())
+        assert all(not torch.equal(start[k], v) for k, v in head.learnable_state().items())
+    after = tiny_model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_optim_config_schedule():
+    config = OptimConfig(lr=0.1, epochs=10, warmup_epochs=2, warmup_lr=1e-4)
+    lrs = [config.lr_at(e) for e in range(10)]
+    assert lrs[:2] == [1e-4, 1e-4]
+    assert lrs[2] == pytest.approx(0.05 * (1 + np.cos(np.pi * 0.2)))
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    with pytest.raises(InputError, match="must be >= 1"):
+        replace(config, batch_size=0).validate()
