@@ -130,10 +130,26 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def is_convolutional(module: torch.nn.Module) -> bool:
+    """Whether an image tower is a CNN (more than a ViT's single patch-embedding convolution)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules()) > 1
+
+
+def use_channels_last(loaded: LoadedModel) -> bool:
+    """Put a convolutional image tower in channels-last layout: about 2x faster on CPU for CNNs."""
+    visual = getattr(loaded.model, "visual", None)
+    if visual is None or not is_convolutional(visual):
+        return False
+    visual.to(memory_format=torch.channels_last)
+    return True
+
+
 @torch.inference_mode()
 def encode_images(loaded: LoadedModel, pixels: torch.Tensor) -> np.ndarray:
     """L2-normalised image embeddings as float32 numpy, computed in the model's precision."""
     x = pixels.to(loaded.device, dtype=loaded.dtype, non_blocking=True)
+    if loaded.info.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
     emb = loaded.model.encode_image(x).float()
     emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return emb.cpu().numpy()
@@ -228,6 +244,7 @@ def encode_chunks(
     todo = [c for c in chunk_ids if not chunk_path(partial, c).exists()]
     if not todo:
         return
+    loaded.info["channels_last"] = use_channels_last(loaded)
     dataset = ImageDataset(
         source.files, loaded.preprocess, augmentation(loaded.preprocess_cfg), options.views, options.seed
     )

@@ -2,7 +2,7 @@
 
 safetensors metadata is ``dict[str, str]``: string values are stored as they are, every other value
 as JSON, and the ``json_keys`` entry lists which keys are JSON so that reading gives back exactly the
-dict that was written. The layout is documented in docs/prompt-format.md.
+dict that was written. The layout is documented in docs/formats.md.
 """
 
 from __future__ import annotations
