@@ -9,7 +9,8 @@
 # linear-probe) -> eval -> pseudolabel -> unsupervised tune -> eval -> one table.
 # Every step is a plain promptcli command; finished steps are skipped when the script is rerun.
 #
-# Settings (environment variables): OUT (output folder), EPOCHS, SEED, SHOTS, RATES, DEVICE.
+# Settings (environment variables): OUT (output folder), EPOCHS, SEED, SHOTS, RATES, DEVICE,
+# PER_CLASS (use only the first N demo images per class and split: a quicker, smaller run).
 set -euo pipefail
 
 OUT=${OUT:-promptcli-demo}
@@ -18,6 +19,7 @@ SEED=${SEED:-1}
 SHOTS=${SHOTS:-16}
 RATES=${RATES:-"0 0.5"}
 DEVICE=${DEVICE:-auto}
+PER_CLASS=${PER_CLASS:-}
 MODEL=(--model promptcli-demo)
 mkdir -p "$OUT/runs" "$OUT/results"
 
@@ -25,7 +27,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 todo() { [ ! -e "$1" ]; }  # a step runs only when its output is missing
 
 step "Demo images (Fashion-MNIST subset) -> $OUT/images"
-promptcli demo-images "$OUT/images"
+promptcli demo-images "$OUT/images" ${PER_CLASS:+--per-class "$PER_CLASS"}
 
 step "Extract image features"
 for split in train test; do

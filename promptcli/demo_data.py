@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from promptcli.fileio import apply_default_mode
+
 SUBSET_FILE = Path(__file__).resolve().parent / "data" / "fashion_mnist_subset.npz"
 SPLITS = ("train", "test")
 MARKER = ".promptcli-demo-images.json"
@@ -48,17 +50,32 @@ def to_pil(image: np.ndarray, invert: bool = DEFAULT_INVERT):
     return Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), mode="L").convert("RGB")
 
 
-def _expected_manifest(invert: bool) -> dict[str, Any]:
+def selected_indices(labels: np.ndarray, per_class: int | None) -> np.ndarray:
+    """Rows to write: all, or the first ``per_class`` of each class in file order."""
+    if per_class is None:
+        return np.arange(len(labels))
+    keep = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        keep[np.flatnonzero(labels == c)[:per_class]] = True
+    return np.flatnonzero(keep)
+
+
+def _expected_manifest(invert: bool, per_class: int | None = None) -> dict[str, Any]:
     subset = load_subset()
     return {
         "invert": bool(invert),
-        "counts": {split: int(len(subset[f"{split}_labels"])) for split in SPLITS},
+        "per_class": per_class,
+        "counts": {
+            split: int(len(selected_indices(subset[f"{split}_labels"], per_class))) for split in SPLITS
+        },
         "class_names": subset["class_names"],
         "license": subset["metadata"].get("license", ""),
     }
 
 
-def write_demo_images(out_dir: Path, invert: bool = DEFAULT_INVERT) -> dict[str, Any]:
+def write_demo_images(
+    out_dir: Path, invert: bool = DEFAULT_INVERT, per_class: int | None = None
+) -> dict[str, Any]:
     """Write the subset as ``out_dir/{train,test}/<class_folder>/<index>.png`` (28x28 RGB PNG).
 
     Written into a temporary folder beside ``out_dir`` and renamed into place, so ``out_dir``
@@ -67,7 +84,7 @@ def write_demo_images(out_dir: Path, invert: bool = DEFAULT_INVERT) -> dict[str,
     tree is left alone and an error is raised. Returns a summary: paths, counts, class names.
     """
     out_dir = Path(out_dir)
-    expected = _expected_manifest(invert)
+    expected = _expected_manifest(invert, per_class)
     summary = {
         "root": str(out_dir),
         "train_dir": str(out_dir / "train"),
@@ -93,12 +110,14 @@ def write_demo_images(out_dir: Path, invert: bool = DEFAULT_INVERT) -> dict[str,
     subset = load_subset()
     folders = summary["class_folders"]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    apply_default_mode(tmp, directory=True)
     try:
         for split in SPLITS:
             images, labels = subset[f"{split}_images"], subset[f"{split}_labels"]
             for folder in folders:
                 (tmp / split / folder).mkdir(parents=True)
-            for i, (image, label) in enumerate(zip(images, labels)):
+            for i in selected_indices(labels, per_class):
+                image, label = images[i], labels[i]
                 to_pil(image, invert).save(tmp / split / folders[int(label)] / f"{i:04d}.png", optimize=False)
         (tmp / MARKER).write_text(json.dumps(expected, sort_keys=True), encoding="utf-8")
         if out_dir.exists():  # a stale tree of ours (other invert setting): replace it

@@ -28,14 +28,19 @@ def command(
     plain: Annotated[
         bool, typer.Option("--plain", help="Light items on black, as in Fashion-MNIST (default: inverted).")
     ] = False,
+    per_class: Annotated[
+        int | None, typer.Option("--per-class", help="Write only the first N images per class of each split.")
+    ] = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     from promptcli.demo_data import write_demo_images
 
     out = Output(quiet=quiet, json_mode=json_out)
+    if per_class is not None and per_class < 1:
+        raise InputError("must be >= 1", where="--per-class", hint="or leave it out to write every image")
     try:
-        summary = write_demo_images(out_dir, invert=not plain)
+        summary = write_demo_images(out_dir, invert=not plain, per_class=per_class)
     except FileExistsError as exc:
         raise InputError(
             "folder exists and is not a promptcli demo image folder",

