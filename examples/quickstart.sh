@@ -7,7 +7,8 @@
 #
 # extract -> zero-shot eval -> corrupt (16 shots, symmetric, 0% and 50%) -> tune (coop+ce, coop+gce,
 # linear-probe) -> eval -> pseudolabel -> unsupervised tune -> eval -> one table.
-# Every step is a plain promptcli command; finished steps are skipped when the script is rerun.
+# Every step is a plain promptcli command; finished steps are skipped when the script is rerun, and
+# interrupted ones (extract, tune) continue where they stopped (--resume).
 #
 # Settings (environment variables): OUT (output folder), EPOCHS, SEED, SHOTS, RATES, DEVICE,
 # PER_CLASS (use only the first N demo images per class and split: a quicker, smaller run).
@@ -31,7 +32,7 @@ promptcli demo-images "$OUT/images" ${PER_CLASS:+--per-class "$PER_CLASS"}
 
 step "Extract image features"
 for split in train test; do
-  todo "$OUT/$split.h5" && promptcli extract "$OUT/images/$split" -o "$OUT/$split.h5" "${MODEL[@]}" --device "$DEVICE"
+  todo "$OUT/$split.h5" && promptcli extract "$OUT/images/$split" -o "$OUT/$split.h5" "${MODEL[@]}" --device "$DEVICE" --resume
 done
 
 step "Zero-shot CLIP on the test set"
@@ -48,7 +49,7 @@ for rate in $RATES; do
     name="$1-$2-r$rate-s$SEED"
     step "Tune $1 with $2 loss on ${rate} noise"
     todo "$OUT/runs/$name.safetensors" && promptcli tune "$OUT/train.h5" "$labels" -o "$OUT/runs/$name.safetensors" \
-      --method "$1" --loss "$2" --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --log "$OUT/runs/$name.jsonl" -q
+      --method "$1" --loss "$2" --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --log "$OUT/runs/$name.jsonl" --resume -q
     todo "$OUT/results/$name.json" &&
       promptcli eval "$OUT/test.h5" --prompt "$OUT/runs/$name.safetensors" -o "$OUT/results/$name.json" -q
   done
@@ -57,7 +58,7 @@ done
 step "Unsupervised: zero-shot pseudo-labels (16 most confident per class), then tune on them"
 todo "$OUT/runs/pseudo.csv" && promptcli pseudolabel "$OUT/train.h5" --top-k "$SHOTS" -o "$OUT/runs/pseudo.csv"
 todo "$OUT/runs/unsupervised-coop-gce.safetensors" && promptcli tune "$OUT/train.h5" "$OUT/runs/pseudo.csv" \
-  -o "$OUT/runs/unsupervised-coop-gce.safetensors" --loss gce --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" -q
+  -o "$OUT/runs/unsupervised-coop-gce.safetensors" --loss gce --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --resume -q
 todo "$OUT/results/unsupervised-coop-gce.json" && promptcli eval "$OUT/test.h5" \
   --prompt "$OUT/runs/unsupervised-coop-gce.safetensors" -o "$OUT/results/unsupervised-coop-gce.json" -q
 

@@ -100,6 +100,23 @@ class TrainData:
 
 
 @dataclass
+class Step:
+    """What ``train``'s ``on_step`` hook sees of a step: after the backward pass, before the update.
+
+    ``index`` holds the batch's rows of the training data, ``x`` the features (or views) used and
+    ``targets`` the given labels; the head still has the parameters ``loss`` was computed with.
+    """
+
+    epoch: int  # 1-based, as in the history
+    step: int  # 1-based within the epoch
+    head: Head
+    index: torch.Tensor
+    x: torch.Tensor
+    targets: torch.Tensor
+    loss: float
+
+
+@dataclass
 class TrainResult:
     history: list[dict[str, Any]]
     final: dict[str, Any]
@@ -175,11 +192,14 @@ def train(
     resume: bool = False,
     fingerprint: str = "",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> TrainResult:
     """Train ``head`` in place on ``data``; return the per-epoch history and the final metrics.
 
     With ``checkpoint``, the state after each epoch is saved there; with ``resume`` too, training
     continues from it. ``amp`` turns on autocast (bf16, else fp16 with loss scaling) on CUDA only.
+    ``on_step`` observes every step (see :class:`Step`); it must leave the head, its gradients and
+    the random state alone, so that observed and unobserved runs follow the same trajectory.
     """
     config.validate()
     device = torch.device(device)
@@ -217,7 +237,7 @@ def train(
             group["lr"] = lr
         view_of = torch.randint(views.shape[1], (n,), generator=generator) if views is not None else None
         total = 0.0
-        for batch in _batches(n, config.batch_size, generator):
+        for step, batch in enumerate(_batches(n, config.batch_size, generator), start=1):
             x = (
                 feats[batch.to(device)]
                 if views is None
@@ -225,12 +245,16 @@ def train(
             )
             with _autocast(device, use_amp):
                 logits = head(x)
-            loss = loss_fn(logits.float(), labels[batch.to(device)])
+            targets = labels[batch.to(device)]
+            loss = loss_fn(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            loss_value = float(loss.detach().item())
+            if on_step is not None:
+                on_step(Step(epoch + 1, step, head, batch, x, targets, loss_value))
             scaler.step(optimizer)
             scaler.update()
-            total += float(loss.detach().item()) * len(batch)
+            total += loss_value * len(batch)
         row = {
             "epoch": epoch + 1,
             "loss": total / n,
@@ -420,31 +444,58 @@ def read_noise_sidecar(labels_path: str | Path, warn: Callable[[str], None]) -> 
     return data if isinstance(data, dict) else {"value": data}
 
 
-def tune(
-    features_path: str | Path,
-    labels_path: str | Path,
-    output: str | Path,
-    options: TuneOptions,
-    *,
-    device: str = "auto",
-    amp: bool = True,
-    pretrained: str | None = None,
-    resume: bool = False,
-    force: bool = False,
-    log_path: str | Path | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    info: Callable[[str], None] = lambda _: None,
-    warn: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    """Learn a prompt (or head) from cached features and labels; write it to ``output``; return a summary."""
-    from promptcli import provenance
-    from promptcli.classifiers import TEXT_METHODS, build_head, check_method
-    from promptcli.devices import resolve_device
-    from promptcli.features import read_features
-    from promptcli.fileio import check_output_path, sha256_bytes, sha256_file
-    from promptcli.labels import join_labels, read_labels
-    from promptcli.losses import loss_params, make_loss
-    from promptcli.prompt_files import save_prompt
+# What prompt metadata and logs keep of a corrupt sidecar (not its C x C transition counts).
+NOISE_KEYS = ("type", "rate", "seed", "shots", "per_class", "n_noisy", "realised_rate")
+
+
+def noise_summary(sidecar: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The few fields of a corrupt sidecar that identify the noise (those it has)."""
+    if sidecar is None:
+        return None
+    return {k: sidecar[k] for k in NOISE_KEYS if k in sidecar}
+
+
+@dataclass
+class PreparedRun:
+    """A tune run ready to train: data, loss, optimiser settings and a head factory (see :func:`prepare_run`)."""
+
+    options: TuneOptions
+    features: Any  # FeatureSet
+    joined: Any  # JoinedLabels
+    index: np.ndarray  # the joined label rows used (all, or the --shots sample)
+    data: TrainData
+    loss_fn: torch.nn.Module
+    prompt_config: Any  # PromptConfig for prompt methods, else None
+    optim: OptimConfig
+    weight_decay_search: list[dict[str, float]]
+    make_head: Callable[[], Head]
+    device: torch.device
+    features_sha: str
+    labels_sha: str
+    labels_source: str
+    short: dict[int, int]
+    loaded: Any  # LoadedModel, None for linear-probe
+
+    def provenance(self, noise: dict[str, Any] | None) -> dict[str, Any]:
+        """The ``run`` object of log lines: what ``report`` groups runs by."""
+        from promptcli.losses import loss_params
+
+        record = self.features.model_record()
+        return {
+            "method": self.options.method,
+            "loss": self.options.loss,
+            "loss_params": loss_params(self.loss_fn),
+            "seed": self.options.seed,
+            "shots": self.options.shots,
+            "noise": noise_summary(noise),
+            "model": {k: str(record[k]) for k in ("model_name", "pretrained", "checkpoint_sha256")},
+        }
+
+
+def check_options(options: TuneOptions, warn: Callable[[str], None]) -> tuple[Any, torch.nn.Module]:
+    """Validate ``options`` before any file is read; return (prompt config or None, loss)."""
+    from promptcli.classifiers import TEXT_METHODS, check_method
+    from promptcli.losses import make_loss
 
     check_method(options.method)
     if options.method not in TEXT_METHODS and (
@@ -479,20 +530,33 @@ def tune(
     options.optim_config(options.weight_decay if options.weight_decay is not None else 5e-4).validate()
     if options.shots is not None and options.shots < 1:
         raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")
-    output = check_output_path(output, force)
-    partial = partial_path(output)
-    if partial.exists() and not resume:
-        if not force:
-            raise InputError(
-                "an interrupted tune left a checkpoint",
-                where=partial,
-                hint="pass --resume to continue it, or --force to start over",
-            )
-        remove_file(partial)
-    if log_path is not None and not resume:
-        check_output_path(log_path, force, option="--log")
-    torch_device = resolve_device(device)
+    return prompt_config, loss_fn
 
+
+def prepare_run(
+    features_path: str | Path,
+    labels_path: str | Path,
+    options: TuneOptions,
+    *,
+    device: str | torch.device = "auto",
+    amp: bool = True,
+    pretrained: str | None = None,
+    info: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
+    loaded: Any = None,
+) -> PreparedRun:
+    """Read the inputs, sample the shots, load the model and settle the weight decay, as ``tune`` does.
+
+    ``loaded`` reuses a model already loaded for this features file (several runs on one file).
+    """
+    from promptcli.classifiers import build_head
+    from promptcli.devices import resolve_device
+    from promptcli.features import read_features
+    from promptcli.fileio import sha256_bytes, sha256_file
+    from promptcli.labels import join_labels, read_labels
+
+    prompt_config, loss_fn = check_options(options, warn)
+    torch_device = resolve_device(str(device))
     fs = read_features(features_path, load_views=options.use_views)
     table = read_labels(labels_path)
     labels_sha = (
@@ -516,8 +580,7 @@ def tune(
         clean=None if joined.clean is None else torch.from_numpy(joined.clean[index]),
     )
 
-    loaded = None
-    if options.method != "linear-probe":
+    if options.method != "linear-probe" and loaded is None:
         from promptcli.models import load_model_from_record
 
         loaded = load_model_from_record(
@@ -552,27 +615,96 @@ def tune(
             warn("too few labels to hold some out; using weight decay 5e-4")
     if weight_decay is None:
         weight_decay = 5e-4
-    optim = options.optim_config(weight_decay)
+    return PreparedRun(
+        options=options,
+        features=fs,
+        joined=joined,
+        index=index,
+        data=data,
+        loss_fn=loss_fn,
+        prompt_config=prompt_config,
+        optim=options.optim_config(weight_decay),
+        weight_decay_search=search,
+        make_head=make_head,
+        device=torch_device,
+        features_sha=features_sha,
+        labels_sha=labels_sha,
+        labels_source=table.source,
+        short=short,
+        loaded=loaded,
+    )
+
+
+def tune(
+    features_path: str | Path,
+    labels_path: str | Path,
+    output: str | Path,
+    options: TuneOptions,
+    *,
+    device: str = "auto",
+    amp: bool = True,
+    pretrained: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    log_path: str | Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    info: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Learn a prompt (or head) from cached features and labels; write it to ``output``; return a summary."""
+    from promptcli import provenance
+    from promptcli.fileio import check_output_path
+    from promptcli.losses import loss_params
+    from promptcli.prompt_files import save_prompt
+
+    check_options(options, warn)
+    output = check_output_path(output, force)
+    partial = partial_path(output)
+    if partial.exists() and not resume:
+        if not force:
+            raise InputError(
+                "an interrupted tune left a checkpoint",
+                where=partial,
+                hint="pass --resume to continue it, or --force to start over",
+            )
+        remove_file(partial)
+    if log_path is not None and not resume:
+        check_output_path(log_path, force, option="--log")
+
+    run = prepare_run(
+        features_path,
+        labels_path,
+        options,
+        device=device,
+        amp=amp,
+        pretrained=pretrained,
+        info=info,
+        warn=warn,
+    )
+    fs, joined, data, loss_fn, optim = run.features, run.joined, run.data, run.loss_fn, run.optim
+    prompt_config, search = run.prompt_config, run.weight_decay_search
+    noise = read_noise_sidecar(labels_path, warn)
+    run_info = run.provenance(noise)
 
     run_id = fingerprint(
         {
-            "features": features_sha,
-            "labels": labels_sha,
+            "features": run.features_sha,
+            "labels": run.labels_sha,
             "options": asdict(options),
-            "weight_decay": weight_decay,
+            "weight_decay": optim.weight_decay,
         }
     )
-    head = make_head()
+    head = run.make_head()
     log_handle = None
     if log_path is not None:
         log_handle = open(log_path, "w", encoding="utf-8")
         if resume and partial.exists():  # the log restarts with the epochs the checkpoint already holds
             for row in load_checkpoint(partial, run_id)["history"]:
-                log_handle.write(json.dumps(row, sort_keys=True) + "\n")
+                log_handle.write(json.dumps({**row, "run": run_info}, sort_keys=True) + "\n")
 
     def log_epoch(row: dict[str, Any]) -> None:
         if log_handle is not None:
-            log_handle.write(json.dumps(row, sort_keys=True) + "\n")
+            log_handle.write(json.dumps({**row, "run": run_info}, sort_keys=True) + "\n")
             log_handle.flush()
         if on_epoch is not None:
             on_epoch(row)
@@ -586,7 +718,7 @@ def tune(
             loss_fn,
             optim,
             seed=options.seed,
-            device=torch_device,
+            device=run.device,
             amp=amp,
             checkpoint=partial,
             resume=resume,
@@ -613,10 +745,10 @@ def tune(
         "shots": options.shots,
         "use_views": data.views is not None,
         "n_views": 0 if data.views is None else int(data.views.shape[1]),
-        "features_sha256": features_sha,
+        "features_sha256": run.features_sha,
         "features_file": str(features_path),
-        "labels_sha256": labels_sha,
-        "labels_file": table.source,
+        "labels_sha256": run.labels_sha,
+        "labels_file": run.labels_source,
         "n_train": len(data),
         "n_skipped": joined.n_skipped,
         "metrics": result.final,
@@ -636,9 +768,8 @@ def tune(
         metadata["template"] = options.template
     if search:
         metadata["weight_decay_search"] = search
-    noise = read_noise_sidecar(labels_path, warn)
     if noise is not None:
-        metadata["noise"] = noise
+        metadata["noise"] = noise_summary(noise)
     save_prompt(output, head.learnable_state(), metadata)
     remove_file(partial)
     times = [r["time"] for r in result.history[result.resumed_from :]]
@@ -651,10 +782,10 @@ def tune(
         "n_train": len(data),
         "n_skipped": joined.n_skipped,
         "skipped": joined.skipped[:20],
-        "short_classes": {fs.classnames[c]: n for c, n in short.items()},
+        "short_classes": {fs.classnames[c]: n for c, n in run.short.items()},
         "resumed_from_epoch": result.resumed_from,
         "seconds_per_epoch": float(np.mean(times)) if times else None,
         "metrics": result.final,
-        "noise": noise,
+        "noise": noise_summary(noise),
         "log": str(log_path) if log_path is not None else None,
     }
