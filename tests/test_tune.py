@@ -225,7 +225,7 @@ def test_log_lines_per_epoch(syn, tmp_path):
     _tune(syn, tmp_path / "p.safetensors", log_path=log, options={"epochs": 3, "n_ctx": 4})
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert set(rows[0]) == {"epoch", "loss", "lr", "accuracy", "clean_accuracy", "time"}
+    assert set(rows[0]) == {"epoch", "loss", "lr", "accuracy", "clean_accuracy", "time", "run"}
     assert rows[0]["lr"] == 1e-5 and rows[1]["lr"] == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi / 3)))
     assert all(isinstance(r["clean_accuracy"], float) for r in rows)
 

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The standard label-noise protocol in one script: extract features once; for every noise rate and
+# seed build a K-shot symmetric-noise training set (`corrupt --shots`), tune each method + loss on it,
+# evaluate on the test features; record gradient statistics; then draw one report.
+#
+# Runs on the bundled demo (Fashion-MNIST subset, offline promptcli-demo model) by default:
+#
+#     examples/noise_sweep.sh                                   # -> noise-sweep/report.{html,png,md}
+#
+# On a real dataset with a GPU, change the data and the model:
+#
+#     TRAIN_DIR=data/train TEST_DIR=data/test MODEL=ViT-B-32 PRETRAINED=openai examples/noise_sweep.sh
+#
+# Environment variables (defaults in brackets):
+#   OUT         output folder [noise-sweep]
+#   TRAIN_DIR   training images, ImageFolder layout [the demo's, written to $OUT/images/train]
+#   TEST_DIR    test images [the demo's $OUT/images/test]
+#   MODEL       open_clip model name [promptcli-demo]
+#   PRETRAINED  pretrained tag or checkpoint file [none: the model's own]
+#   MODEL_ARGS  extra model flags for extract, e.g. "--model-config my.json" []
+#   DEVICE      auto, cpu, cuda or cuda:N [auto]
+#   VIEWS       augmented views per training image (extract --views) [0]
+#   RATES       noise rates ["0 0.125 0.25 0.5 0.625 0.75"]
+#   SEEDS       seeds (of the noise, the shot sample and training) ["1 2 3"]
+#   SHOTS       labelled images per class [16]
+#   EPOCHS      training epochs [50]
+#   METHODS     method+loss pairs ["coop+ce coop+gce linear-probe+ce"]
+#   TUNE_ARGS   extra flags for tune and gradstats, e.g. "--n-ctx 4" []
+#   GRADSTATS   methods whose noisy/clean gradient norms are recorded at every noisy rate, one
+#               method+loss pair each ("" turns it off) ["coop+ce linear-probe+ce"]
+#   PROMPTCLI   how to run promptcli ["promptcli"]
+#
+# Work already done is skipped (every output is written atomically, so it exists only when complete);
+# interrupted extractions and tunes resume. Results go to $OUT/results/, the report beside it.
+set -euo pipefail
+
+OUT=${OUT:-noise-sweep}
+TRAIN_DIR=${TRAIN_DIR:-}
+TEST_DIR=${TEST_DIR:-}
+MODEL=${MODEL:-promptcli-demo}
+PRETRAINED=${PRETRAINED:-}
+MODEL_ARGS=${MODEL_ARGS:-}
+DEVICE=${DEVICE:-auto}
+VIEWS=${VIEWS:-0}
+RATES=${RATES:-0 0.125 0.25 0.5 0.625 0.75}
+SEEDS=${SEEDS:-1 2 3}
+SHOTS=${SHOTS:-16}
+EPOCHS=${EPOCHS:-50}
+METHODS=${METHODS:-coop+ce coop+gce linear-probe+ce}
+TUNE_ARGS=${TUNE_ARGS:-}
+GRADSTATS=${GRADSTATS-coop+ce linear-probe+ce}
+PROMPTCLI=${PROMPTCLI:-promptcli}
+
+read -r -a cli <<<"$PROMPTCLI"
+read -r -a model_args <<<"$MODEL_ARGS"
+read -r -a tune_args <<<"$TUNE_ARGS"
+if [[ -n "$PRETRAINED" ]]; then model_args+=(--pretrained "$PRETRAINED"); fi
+
+ran=0 # commands run by this invocation (the report is redrawn only when something changed)
+
+# run OUTPUT COMMAND...: run COMMAND unless OUTPUT exists.
+run() {
+    local output=$1
+    shift
+    if [[ -e "$output" ]]; then
+        echo "skip: $output exists"
+        return
+    fi
+    echo "run: $*"
+    "$@"
+    ran=$((ran + 1))
+}
+
+mkdir -p "$OUT/features" "$OUT/labels" "$OUT/prompts" "$OUT/results"
+
+if [[ -z "$TRAIN_DIR" || -z "$TEST_DIR" ]]; then
+    run "$OUT/images" "${cli[@]}" demo-images "$OUT/images" -q
+    TRAIN_DIR=${TRAIN_DIR:-$OUT/images/train}
+    TEST_DIR=${TEST_DIR:-$OUT/images/test}
+fi
+
+train_h5=$OUT/features/train.h5
+test_h5=$OUT/features/test.h5
+run "$train_h5" "${cli[@]}" extract "$TRAIN_DIR" -o "$train_h5" --model "$MODEL" "${model_args[@]}" \
+    --device "$DEVICE" --views "$VIEWS" --resume -q
+run "$test_h5" "${cli[@]}" extract "$TEST_DIR" -o "$test_h5" --model "$MODEL" "${model_args[@]}" \
+    --device "$DEVICE" --resume -q
+run "$OUT/results/zero-shot.json" "${cli[@]}" eval "$test_h5" --zero-shot --device "$DEVICE" \
+    -o "$OUT/results/zero-shot.json" -q
+
+for rate in $RATES; do
+    for seed in $SEEDS; do
+        name=r${rate}_s${seed}
+        labels=$OUT/labels/$name.csv
+        # corrupt writes the CSV, then its sidecar: both must be there
+        if [[ -e "$labels" && -e "$labels.json" ]]; then
+            echo "skip: $labels exists"
+        else
+            echo "run: corrupt -> $labels"
+            "${cli[@]}" corrupt "$train_h5" --shots "$SHOTS" --rate "$rate" --type symmetric --seed "$seed" \
+                -o "$labels" --force -q
+            ran=$((ran + 1))
+        fi
+        for pair in $METHODS; do
+            method=${pair%+*} loss=${pair#*+}
+            prompt=$OUT/prompts/${method}_${loss}_$name.safetensors
+            run "$prompt" "${cli[@]}" tune "$train_h5" "$labels" -o "$prompt" --method "$method" --loss "$loss" \
+                --epochs "$EPOCHS" --seed "$seed" --device "$DEVICE" "${tune_args[@]}" \
+                --log "$OUT/results/${method}_${loss}_$name.jsonl" --resume -q
+            result=$OUT/results/${method}_${loss}_$name.json
+            run "$result" "${cli[@]}" eval "$test_h5" --prompt "$prompt" --device "$DEVICE" -o "$result" -q
+        done
+        if [[ "$rate" != 0 && "$rate" != 0.0 ]]; then
+            for pair in $GRADSTATS; do
+                method=${pair%+*} loss=${pair#*+}
+                grads=$OUT/results/grads_${method}_${loss}_$name.csv
+                run "$grads" "${cli[@]}" gradstats "$train_h5" "$labels" -o "$grads" --method "$method" \
+                    --loss "$loss" --epochs "$EPOCHS" --seed "$seed" --device "$DEVICE" "${tune_args[@]}" -q
+            done
+        fi
+    done
+done
+
+reports=("$OUT/report.html" "$OUT/report.png" "$OUT/report.md")
+if ((ran == 0)) && [[ -e "${reports[0]}" && -e "${reports[1]}" && -e "${reports[2]}" ]]; then
+    echo "skip: the report is up to date"
+else
+    echo "run: report -> ${reports[*]}"
+    "${cli[@]}" report "$OUT/results" -o "${reports[0]}" -o "${reports[1]}" -o "${reports[2]}" --force \
+        --title "Label noise sweep: $MODEL, $SHOTS shots" -q
+fi
+echo "done: $OUT/report.html"

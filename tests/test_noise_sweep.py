@@ -1,0 +1,151 @@
+"""examples/noise_sweep.sh runs end to end on the tiny model (reduced grid) and skips work already done.
+
+Starting Python with torch and open_clip for each of the script's ~20 commands would dominate the
+test (seconds each, more on a busy machine), so the script's PROMPTCLI is a thin client that hands
+each command line to this test process, which runs it through the real CLI entry point in-process.
+Everything else (the script's flow, file names, skipping, exit codes) is the script's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "noise_sweep.sh"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is fastest and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CLIENT = r"""
+import json, socket, sys
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(sys.argv[1])
+conn.sendall(json.dumps(sys.argv[2:]).encode() + b"\n")
+data = b""
+while chunk := conn.recv(1 << 16):
+    data += chunk
+reply = json.loads(data)
+sys.stdout.write(reply["out"])
+sys.stderr.write(reply["err"])
+sys.exit(reply["code"])
+"""
+
+
+def _sweep(env: dict[str, str], run_cli, folder: Path) -> tuple[int, str, list[list[str]]]:
+    """Run the script, serving its promptcli commands in-process; (exit code, stdout, commands)."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="sweep"))  # short: a socket path is at most ~100 bytes
+    sock_path = sock_dir / "cli.sock"
+    client = folder / "client.py"
+    client.write_text(CLIENT)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    server.listen()
+    server.settimeout(0.05)
+    log = folder / "sweep.log"
+    commands: list[list[str]] = []
+    try:
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(
+                ["bash", str(SCRIPT)],
+                env={**env, "PROMPTCLI": f"{sys.executable} {client} {sock_path}"},
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(30)
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        data += conn.recv(1 << 16)
+                    argv = json.loads(data)
+                    commands.append(argv)
+                    code, out, err = run_cli(*argv)
+                    conn.sendall(json.dumps({"code": code, "out": out, "err": err}).encode())
+            if proc.poll() is None:
+                proc.kill()
+            code = proc.wait()
+    finally:
+        server.close()
+        sock_path.unlink(missing_ok=True)
+        sock_dir.rmdir()
+    return code, log.read_text(), commands
+
+
+def test_noise_sweep_end_to_end_and_rerun_skips(tmp_path, tiny_model_files, image_folder, run_cli):
+    out = tmp_path / "sweep"
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "TRAIN_DIR": str(image_folder),
+        "TEST_DIR": str(image_folder),
+        "MODEL": "tiny-clip",
+        "PRETRAINED": str(tiny_model_files["weights"]),
+        "MODEL_ARGS": f"--model-config {tiny_model_files['config']}",
+        "DEVICE": "cpu",
+        "RATES": "0 0.5",
+        "SEEDS": "1",
+        "EPOCHS": "2",
+        "SHOTS": "4",
+        "GRADSTATS": "coop+ce",
+        "TUNE_ARGS": "--n-ctx 4",
+    }
+    code, log, commands = _sweep(env, run_cli, tmp_path)
+    assert code == 0, log
+    assert [c[0] for c in commands] == (
+        ["extract", "extract", "eval"] + (["corrupt"] + ["tune", "eval"] * 3) * 2 + ["gradstats", "report"]
+    )
+    pairs = ("coop_ce", "coop_gce", "linear-probe_ce")
+    results = out / "results"
+    assert {p.name for p in results.iterdir()} == {
+        "zero-shot.json",
+        *(f"{m}_r{r}_s1.{ext}" for m in pairs for r in ("0", "0.5") for ext in ("json", "jsonl")),
+        "grads_coop_ce_r0.5_s1.csv",
+        "grads_coop_ce_r0.5_s1.csv.json",
+    }
+    tune_line = next(c for c in commands if c[0] == "tune" and "gce" in c)
+    assert tune_line[tune_line.index("--epochs") + 1] == "2" and "--n-ctx" in tune_line
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<html" in (out / "report.html").read_text().lower()
+    table = (out / "report.md").read_text()
+    assert all(s in table for s in ("coop + ce", "coop + gce", "linear-probe + ce"))
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code, log, commands = _sweep(env, run_cli, tmp_path)
+    assert code == 0, log
+    assert commands == [] and "run: " not in log and "skip: the report is up to date" in log
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+
+
+def test_noise_sweep_stops_at_the_first_failure(tmp_path):
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake.sh"  # a promptcli that records its command line and fails
+    fake.write_text(f'echo "$*" >> {calls}\nexit 3\n')
+    env = {**os.environ, "OUT": str(tmp_path / "s"), "PROMPTCLI": f"bash {fake}"}
+    env.update(TRAIN_DIR=str(tmp_path), TEST_DIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert (
+        calls.read_text().splitlines()[0].startswith(f"extract {tmp_path} -o {tmp_path}/s/features/train.h5")
+    )
+    assert len(calls.read_text().splitlines()) == 1 and proc.stdout.count("run: ") == 1
