@@ -1,0 +1,391 @@
+"""Find mislabelled samples with a tuned prompt: per-row scores, suspect selection, relabelling, metrics.
+
+The score of a row with given label y is the **margin** by which the prompt prefers another class:
+
+    score = max_{c != y} p(c | x) - p(y | x)        in [-1, 1]
+
+Positive means the prompt's top class is not the given label; 0 is the natural threshold. Unlike
+``1 - p(y)``, the margin stays low for an ambiguous image whose probability is spread over many
+classes with no single rival, and high only when one specific class beats the label, which is what
+a wrong label looks like (and the class a relabel would use). Rows are suspect when their score is
+above ``--threshold`` (default 0), or when they fall outside the ``--keep-fraction`` lowest scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from promptcli.errors import InputError, RuntimeFailure
+from promptcli.features import FeatureSet
+from promptcli.labels import LabelTable
+
+SCORE = "margin"
+SCORE_DEFINITION = (
+    "max over other classes of p(class) minus p(given label), in [-1, 1]; higher = more suspect"
+)
+DEFAULT_THRESHOLD = 0.0
+DEFAULT_RELABEL_CONFIDENCE = 0.5
+# Columns clean adds to the scores file (after the labels file's own columns).
+SCORE_COLUMNS = ["score", "p_label", "predicted", "p_predicted", "suspect", "action"]
+ACTIONS = ("kept", "relabelled", "dropped", "skipped")
+
+
+@dataclass
+class Scores:
+    """Per-row scores from (N, C) class probabilities and the given labels."""
+
+    score: np.ndarray  # (N,) margin, see the module docstring
+    p_label: np.ndarray  # (N,) probability of the given label
+    predicted: np.ndarray  # (N,) argmax class
+    p_predicted: np.ndarray  # (N,) its probability
+
+
+def label_scores(probs: np.ndarray, labels: np.ndarray) -> Scores:
+    """The margin score of each row (see the module docstring); needs at least two classes."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if probs.ndim != 2 or probs.shape[1] < 2 or len(probs) != len(labels):
+        raise ValueError(f"need (N, C>=2) probabilities for N labels, got {probs.shape} and {labels.shape}")
+    rows = np.arange(len(labels))
+    p_label = probs[rows, labels]
+    others = probs.copy()
+    others[rows, labels] = -np.inf
+    predicted = probs.argmax(axis=1)
+    return Scores(others.max(axis=1) - p_label, p_label, predicted, probs[rows, predicted])
+
+
+def check_selection(threshold: float | None, keep_fraction: float | None) -> None:
+    """At most one of threshold / keep_fraction, each in range."""
+    if threshold is not None and keep_fraction is not None:
+        raise InputError(
+            "give --threshold or --keep-fraction, not both",
+            where="--threshold/--keep-fraction",
+            hint="--threshold flags rows scoring above it; --keep-fraction keeps that share of rows",
+        )
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise InputError(
+            f"must be in [-1, 1], got {threshold}",
+            where="--threshold",
+            hint="the margin score lies in [-1, 1]",
+        )
+    if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
+        raise InputError(
+            f"must be in (0, 1], got {keep_fraction}",
+            where="--keep-fraction",
+            hint="e.g. 0.7 keeps the 70% of rows whose labels look most plausible",
+        )
+
+
+def select_suspects(
+    score: np.ndarray, *, threshold: float | None = None, keep_fraction: float | None = None
+) -> np.ndarray:
+    """(N,) bool: suspect rows.
+
+    With ``keep_fraction`` f the ceil(f N) lowest-scoring rows are kept (ties: earlier rows first),
+    so no more than the asked share is flagged; otherwise rows scoring above ``threshold``
+    (default 0) are suspect.
+    """
+    check_selection(threshold, keep_fraction)
+    score = np.asarray(score, dtype=np.float64)
+    if keep_fraction is None:
+        return score > (DEFAULT_THRESHOLD if threshold is None else threshold)
+    n_keep = min(len(score), math.ceil(keep_fraction * len(score) - 1e-9))
+    order = np.argsort(score, kind="stable")
+    suspect = np.ones(len(score), dtype=bool)
+    suspect[order[:n_keep]] = False
+    return suspect
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``score`` for ``positive`` rows; ties count one half.
+
+    Mann-Whitney: the probability that a random positive scores above a random negative, via
+    average ranks. None when there are no positives or no negatives.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    sorted_scores = score[order]
+    ranks = np.empty(len(score), dtype=np.float64)
+    # average rank (1-based) over each run of tied scores
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(score)]])
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + 1 + end) / 2.0
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def detection_metrics(score: np.ndarray, suspect: np.ndarray, is_noisy: np.ndarray) -> dict[str, Any]:
+    """AUROC of the score, precision and recall of the suspect flags, for the truly noisy rows."""
+    suspect = np.asarray(suspect, dtype=bool)
+    is_noisy = np.asarray(is_noisy, dtype=bool)
+    flagged = int(suspect.sum())
+    noisy = int(is_noisy.sum())
+    hits = int((suspect & is_noisy).sum())
+    return {
+        "auroc": auroc(score, is_noisy),
+        "precision": hits / flagged if flagged else None,
+        "recall": hits / noisy if noisy else None,
+        "n_flagged": flagged,
+        "n_noisy": noisy,
+        "n_flagged_noisy": hits,
+    }
+
+
+def relabel_mask(
+    suspect: np.ndarray, predicted: np.ndarray, p_predicted: np.ndarray, labels: np.ndarray, confidence: float
+) -> np.ndarray:
+    """Suspect rows whose predicted class differs from the label with probability >= ``confidence``."""
+    return (
+        np.asarray(suspect, dtype=bool)
+        & (np.asarray(predicted) != np.asarray(labels))
+        & (np.asarray(p_predicted) >= confidence)
+    )
+
+
+def joined_table_rows(features: FeatureSet, table: LabelTable) -> np.ndarray:
+    """Indices of the table rows ``join_labels(..., skip_missing=True)`` keeps, in order."""
+    by_path = features.index_by_path()
+    names = set(features.classnames)
+    has_clean = table.has("clean_label")
+    keep = [
+        i
+        for i, row in enumerate(table.rows)
+        if row.get("path", "") in by_path
+        and row.get("label", "") in names
+        and (not has_clean or row.get("clean_label", "") in names)
+    ]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def require_prompts(prompt_paths: Sequence[str | Path]) -> None:
+    if not prompt_paths:
+        raise InputError(
+            "no prompt given",
+            where="--prompt",
+            hint="scores come from a tuned prompt: promptcli tune train.h5 noisy.csv -o p.safetensors --loss gce",
+        )
+
+
+def prompt_probabilities(
+    fs: FeatureSet, prompt_paths: Sequence[str | Path], *, pretrained: str | None = None, device: str = "auto"
+) -> tuple[np.ndarray, list[Any]]:
+    """(N, C) class probabilities of prompt files (ensembled as in eval) and the prompts read."""
+    from promptcli.devices import resolve_device
+    from promptcli.evaluation import (
+        check_compatible,
+        ensemble_probabilities,
+        features_tensor,
+        prompt_logits,
+        prompts_need_model,
+    )
+    from promptcli.prompt_files import read_prompt
+
+    require_prompts(prompt_paths)
+    prompts = [read_prompt(p) for p in prompt_paths]
+    for prompt in prompts:
+        check_compatible(prompt, fs)
+    torch_device = resolve_device(device)
+    loaded = None
+    if prompts_need_model(prompts):
+        from promptcli.models import load_model_from_record
+
+        loaded = load_model_from_record(
+            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
+        )
+    feats = features_tensor(fs, torch_device)
+    return ensemble_probabilities([prompt_logits(p, feats, loaded) for p in prompts]), prompts
+
+
+@dataclass
+class CleanResult:
+    """What clean computed: the scores table, the cleaned table and a summary (counts, metrics, provenance)."""
+
+    summary: dict[str, Any]
+    score_columns: list[str]
+    score_rows: list[dict[str, str]]
+    clean_columns: list[str]
+    clean_rows: list[dict[str, str]]
+
+
+def clean_labels(
+    features_path: str | Path,
+    labels_path: str | Path,
+    prompt_paths: Sequence[str | Path],
+    *,
+    threshold: float | None = None,
+    keep_fraction: float | None = None,
+    relabel: bool = False,
+    relabel_confidence: float = DEFAULT_RELABEL_CONFIDENCE,
+    skip_missing: bool = False,
+    pretrained: str | None = None,
+    device: str = "auto",
+) -> CleanResult:
+    """Score every label row, flag suspects, drop or relabel them; count everything."""
+    from promptcli import provenance
+    from promptcli.evaluation import prompt_provenance
+    from promptcli.features import read_features
+    from promptcli.fileio import sha256_bytes, sha256_file
+    from promptcli.labels import join_labels, read_labels
+
+    check_selection(threshold, keep_fraction)
+    if not 0.0 < relabel_confidence <= 1.0:
+        raise InputError(
+            f"must be in (0, 1], got {relabel_confidence}",
+            where="--relabel-confidence",
+            hint="the predicted class's probability a relabel needs, e.g. 0.5",
+        )
+    require_prompts(prompt_paths)
+    fs = read_features(features_path, load_views=False)
+    table = read_labels(labels_path)
+    labels_sha = (
+        sha256_bytes(table.text.encode("utf-8")) if str(labels_path) == "-" else sha256_file(labels_path)
+    )
+    has_noisy, has_clean = table.has("is_noisy"), table.has("clean_label")
+    if relabel and has_noisy and not has_clean:
+        raise InputError(
+            "the labels have is_noisy but no clean_label, so a relabelled row's is_noisy is unknown",
+            where=table.source,
+            hint="add the clean_label column, or clean without --relabel",
+        )
+    probs, prompts = prompt_probabilities(fs, prompt_paths, pretrained=pretrained, device=device)
+    joined = join_labels(fs, table, skip_missing=skip_missing)
+    table_rows = joined_table_rows(fs, table) if skip_missing else np.arange(len(table))
+    if len(table_rows) != len(joined.rows) or any(
+        fs.index_by_path()[table.rows[t]["path"]] != r for t, r in zip(table_rows, joined.rows)
+    ):
+        raise RuntimeFailure("label rows and feature rows fell out of step", hint="report this as a bug")
+
+    scores = label_scores(probs[joined.rows], joined.labels)
+    suspect = select_suspects(scores.score, threshold=threshold, keep_fraction=keep_fraction)
+    relabelled = (
+        relabel_mask(suspect, scores.predicted, scores.p_predicted, joined.labels, relabel_confidence)
+        if relabel
+        else np.zeros(len(suspect), dtype=bool)
+    )
+    dropped = suspect & ~relabelled
+    names = fs.classnames
+
+    action = ["skipped"] * len(table)
+    per_row: list[dict[str, str] | None] = [None] * len(table)
+    for j, t in enumerate(table_rows):
+        action[t] = "relabelled" if relabelled[j] else ("dropped" if dropped[j] else "kept")
+        per_row[t] = {
+            "score": f"{scores.score[j]:.6f}",
+            "p_label": f"{scores.p_label[j]:.6f}",
+            "predicted": names[scores.predicted[j]],
+            "p_predicted": f"{scores.p_predicted[j]:.6f}",
+            "suspect": "1" if suspect[j] else "0",
+        }
+    passthrough = [c for c in table.columns if c not in SCORE_COLUMNS]
+    score_rows: list[dict[str, str]] = []
+    clean_rows: list[dict[str, str]] = []
+    for t, row in enumerate(table.rows):
+        extra = per_row[t] or dict.fromkeys(SCORE_COLUMNS[:-1], "")
+        score_rows.append({**row, **extra, "action": action[t]})
+        if action[t] == "kept":
+            clean_rows.append(dict(row))
+        elif action[t] == "relabelled":
+            new = dict(row, label=extra["predicted"])
+            if has_noisy:
+                new["is_noisy"] = "1" if new["label"] != new["clean_label"] else "0"
+            clean_rows.append(new)
+
+    counts = {a: action.count(a) for a in ACTIONS}
+    counts_summary = {
+        "rows_in": len(table),
+        "scored": len(table_rows),
+        "skipped": counts["skipped"],
+        "suspect": int(suspect.sum()),
+        "kept": counts["kept"] + counts["relabelled"],
+        "kept_unchanged": counts["kept"],
+        "relabelled": counts["relabelled"],
+        "dropped": counts["dropped"],
+    }
+    if (
+        counts_summary["kept"] + counts_summary["dropped"] + counts_summary["skipped"] != len(table)
+        or len(clean_rows) != counts_summary["kept"]
+    ):
+        raise RuntimeFailure("cleaning counts do not add up", hint="report this as a bug")
+
+    detection = None
+    if joined.is_noisy is not None:
+        detection = detection_metrics(scores.score, suspect, joined.is_noisy)
+        after = [r["is_noisy"] == "1" for r in clean_rows]
+        detection["noise_rate_before"] = float(joined.is_noisy.mean())
+        detection["noise_rate_after"] = float(np.mean(after)) if after else None
+        detection["n_noisy_after"] = int(sum(after))
+    if relabel and joined.clean is not None and relabelled.any():
+        correct = scores.predicted[relabelled] == joined.clean[relabelled]
+        detection = detection or {}
+        detection["relabel_accuracy"] = float(correct.mean())
+
+    summary: dict[str, Any] = {
+        "features": str(fs.path),
+        "features_sha256": sha256_file(fs.path),
+        "labels": table.source,
+        "labels_sha256": labels_sha,
+        "model": {k: fs.attrs.get(k, "") for k in ("model_name", "pretrained", "checkpoint_sha256")},
+        "prompts": [prompt_provenance(p, sha256_file(p.path)) for p in prompts],
+        "ensemble": len(prompts) > 1,
+        "score": SCORE,
+        "score_definition": SCORE_DEFINITION,
+        "options": {
+            "threshold": DEFAULT_THRESHOLD if threshold is None and keep_fraction is None else threshold,
+            "keep_fraction": keep_fraction,
+            "relabel": relabel,
+            "relabel_confidence": relabel_confidence if relabel else None,
+            "skip_missing": skip_missing,
+        },
+        "counts": counts_summary,
+        "detection": detection,
+        "skipped_paths": [table.rows[t].get("path", "") for t in range(len(table)) if action[t] == "skipped"][
+            :20
+        ],
+        **provenance.base_provenance(),
+    }
+    return CleanResult(summary, passthrough + SCORE_COLUMNS, score_rows, list(table.columns), clean_rows)
+
+
+def noise_sidecar(labels_path: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """``LABELS.json``, what `corrupt` (or an earlier clean) recorded about the labels, if readable."""
+    import json
+
+    if str(labels_path) == "-":
+        return None, None
+    path = Path(f"{labels_path}.json")
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return path, None
+    return path, data if isinstance(data, dict) else {"value": data}
+
+
+def clean_sidecar(summary: dict[str, Any], labels_path: str | Path) -> dict[str, Any]:
+    """The cleaned labels' sidecar: the source labels' noise record carried forward, plus ``cleaning``.
+
+    The top-level keys (type, rate, seed, ...) keep describing the noise injected into the source
+    labels, so a prompt tuned on the cleaned file is reported under the same noise condition;
+    ``cleaning`` says how this file was made from it (an earlier one moves to ``cleaning.previous``).
+    """
+    source, noise = noise_sidecar(labels_path)
+    record = dict(summary, noise_sidecar=None if source is None else str(source))
+    out = dict(noise or {})
+    if "cleaning" in out:
+        record["previous"] = out.pop("cleaning")
+    out["cleaning"] = record
+    return out

@@ -1,0 +1,171 @@
+"""Find likely mislabelled rows of a labels CSV with a tuned prompt; drop or relabel them.
+
+Each row of LABELS (joined to FEATURES by path) gets a score: the margin by which the prompt
+prefers another class, max_{c != label} p(c) - p(label), in [-1, 1] (above 0: the prompt's top
+class is not the label). Rows scoring above --threshold (default 0) are suspect; or give
+--keep-fraction f to keep the ceil(f x rows) lowest-scoring rows. Several --prompt files average
+their probabilities, as in eval. -o writes every row with its score, predicted class and action
+(kept, relabelled, dropped, skipped); --clean-out writes the kept rows, a labels CSV with all the
+original columns. --relabel keeps a suspect row under its predicted class when that class has
+probability >= --relabel-confidence (is_noisy is recomputed from clean_label). Each output file
+gets a provenance sidecar FILE.json; the --clean-out one carries the labels' noise sidecar
+forward. With is_noisy in the labels: detection AUROC, precision, recall and the noise rate
+before and after.
+
+Examples:
+
+    promptcli clean train.h5 noisy.csv -p gce.safetensors -o scores.csv
+    promptcli clean train.h5 noisy.csv -p gce.safetensors --clean-out kept.csv
+    promptcli clean train.h5 noisy.csv -p gce.safetensors --keep-fraction 0.6 --clean-out kept.csv
+    promptcli clean train.h5 noisy.csv -p s1.safetensors -p s2.safetensors --relabel --json
+    promptcli tune train.h5 kept.csv -o retuned.safetensors --loss gce
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from promptcli.cli._output import Output
+
+
+def command(
+    features: Annotated[Path, typer.Argument(help="Features file (.h5) the labels' images are in.")],
+    labels: Annotated[
+        str, typer.Argument(help="Labels CSV (path,label[,clean_label,is_noisy,...]); - reads stdin.")
+    ],
+    prompt: Annotated[
+        list[Path] | None,
+        typer.Option("--prompt", "-p", help="Prompt file from `promptcli tune` (repeat to ensemble)."),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="Write every row with score, predicted class and action (- = stdout)."
+        ),
+    ] = None,
+    clean_out: Annotated[
+        str | None, typer.Option("--clean-out", help="Write the kept rows (a labels CSV) here (- = stdout).")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Rows scoring above this are suspect [default: 0].")
+    ] = None,
+    keep_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--keep-fraction", help="Keep this share of rows (lowest scores); the rest are suspect."
+        ),
+    ] = None,
+    relabel: Annotated[
+        bool, typer.Option("--relabel", help="Relabel a suspect row to its predicted class when confident.")
+    ] = False,
+    relabel_confidence: Annotated[
+        float | None,
+        typer.Option(
+            "--relabel-confidence", help="Probability the predicted class needs to relabel [default: 0.5]."
+        ),
+    ] = None,
+    skip_missing: Annotated[
+        bool, typer.Option("--skip-missing", help="Skip label rows whose path or class the features lack.")
+    ] = False,
+    pretrained: Annotated[
+        str | None, typer.Option("--pretrained", help="Where the features' checkpoint is now, if it moved.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    from promptcli.cleaning import DEFAULT_RELABEL_CONFIDENCE, check_selection, clean_labels, require_prompts
+    from promptcli.errors import InputError
+    from promptcli.fileio import STDIO, check_output_path
+
+    check_selection(threshold, keep_fraction)
+    require_prompts(prompt or [])
+    if relabel_confidence is not None and not relabel:
+        raise InputError(
+            "--relabel-confidence applies with --relabel", where="--relabel-confidence", hint="add --relabel"
+        )
+    to_stdout = [o for o, v in (("-o", output), ("--clean-out", clean_out)) if v == STDIO]
+    if len(to_stdout) > 1 or (to_stdout and json_out):
+        raise InputError(
+            "only one of -o -, --clean-out - and --json can use stdout",
+            where="/".join(to_stdout + (["--json"] if json_out else [])),
+            hint="write the others to files",
+        )
+    for path, option in ((output, "-o"), (clean_out, "--clean-out")):
+        if path is not None and path != STDIO:
+            check_output_path(path, force, option=option)
+            check_output_path(f"{path}.json", force, option=option)
+    if output is not None and output == clean_out:
+        raise InputError("-o and --clean-out name the same file", where=output, hint="give two file names")
+    out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=bool(to_stdout))
+
+    result = clean_labels(
+        features,
+        labels,
+        prompt or [],
+        threshold=threshold,
+        keep_fraction=keep_fraction,
+        relabel=relabel,
+        relabel_confidence=DEFAULT_RELABEL_CONFIDENCE if relabel_confidence is None else relabel_confidence,
+        skip_missing=skip_missing,
+        pretrained=pretrained,
+        device=device,
+    )
+    summary = result.summary
+    summary["output"] = output
+    summary["clean_out"] = clean_out
+    write_outputs(result, output, clean_out, labels)
+
+    counts, detection = summary["counts"], summary["detection"]
+    if counts["skipped"]:
+        out.warn(f"skipped {counts['skipped']} label row(s) whose path or class the features lack")
+    out.table(
+        "Cleaning",
+        ["rows in", "scored", "suspect", "kept", "relabelled", "dropped", "skipped"],
+        [[counts[k] for k in ("rows_in", "scored", "suspect", "kept", "relabelled", "dropped", "skipped")]],
+    )
+    if detection and "n_noisy" in detection:
+        out.info(
+            f"Detection of noisy labels: AUROC {_num(detection['auroc'])}, precision "
+            f"{_num(detection['precision'])}, recall {_num(detection['recall'])}; noise rate "
+            f"{_num(detection['noise_rate_before'])} -> {_num(detection['noise_rate_after'])}"
+        )
+    if detection and "relabel_accuracy" in detection:
+        out.info(f"Relabelled rows now matching clean_label: {detection['relabel_accuracy']:.4f}")
+    written = [p for p in (output, clean_out) if p is not None and p != STDIO]
+    out.info(
+        f"{counts['rows_in']} rows in: kept {counts['kept']} ({counts['relabelled']} relabelled), "
+        f"dropped {counts['dropped']}, skipped {counts['skipped']}"
+        + (f"; wrote {', '.join(written)} (+ .json sidecars)" if written else "")
+    )
+    out.result(summary)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def write_outputs(result, output: str | None, clean_out: str | None, labels_path: str) -> None:
+    """The scores CSV, the cleaned labels CSV and their provenance sidecars."""
+    from promptcli.cleaning import clean_sidecar
+    from promptcli.fileio import STDIO, write_text_atomic
+    from promptcli.labels import write_labels
+
+    if output is not None:
+        write_labels(output, result.score_columns, result.score_rows)
+        if output != STDIO:
+            write_text_atomic(f"{output}.json", _json(result.summary))
+    if clean_out is not None:
+        write_labels(clean_out, result.clean_columns, result.clean_rows)
+        if clean_out != STDIO:
+            write_text_atomic(f"{clean_out}.json", _json(clean_sidecar(result.summary, labels_path)))
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
