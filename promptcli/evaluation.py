@@ -28,6 +28,7 @@ PROVENANCE_KEYS = (
     "seed",
     "shots",
     "noise",
+    "split",
     "n_ctx",
     "class_position",
     "csc",

@@ -76,6 +76,20 @@ class SeriesKey:
     loss_params: str = ""  # "q=0.7", "" when unknown or none
     shots: str = ""  # "16", "" when all data or unknown
     model: str = ""  # "ViT-B-32/openai", "" when unknown
+    variant: str = ""  # "OT split", "pseudo-labels", "cleaned": what else set the run apart
+
+
+def _variant(noise: Any, split: Any) -> str:
+    """How the training labels or the training itself differed from plain tuning on given labels."""
+    parts = []
+    if isinstance(split, dict) and split.get("method") not in (None, "", "none"):
+        parts.append(f"{str(split['method']).upper()} split")
+    labels = noise.get("labels") if isinstance(noise, dict) else None
+    if labels == "pseudo":
+        parts.append("pseudo-labels")
+    elif labels == "cleaned":
+        parts.append("cleaned")
+    return ", ".join(parts)
 
 
 @dataclass
@@ -256,6 +270,8 @@ def _noise(noise: Any) -> tuple[str, float | None]:
         return NO_NOISE, 0.0
     if not isinstance(noise, dict):
         return "", None
+    if noise.get("labels") == "pseudo":  # unsupervised: no injected noise (the series says pseudo-labels)
+        return NO_NOISE, 0.0
     rate = noise.get("rate")
     if rate is None:
         rate = noise.get("realised_rate")
@@ -290,6 +306,7 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
         loss_params="" if zero_shot else _params_label(obj.get("loss_params")),
         shots="" if zero_shot or obj.get("shots") is None else str(obj.get("shots")),
         model=_model_label(obj.get("model")),
+        variant="" if zero_shot else _variant(obj.get("noise"), obj.get("split")),
     )
     return EvalRun(key, noise_type, rate, obj.get("seed"), zero_shot, values, str(path))
 
@@ -331,6 +348,7 @@ def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
         loss_params=_params_label(loss_params),
         shots="" if run.get("shots") is None else str(run.get("shots")),
         model=_model_label(run.get("model")),
+        variant=_variant(run.get("noise"), run.get("split")),
     )
     return LogRun(key, noise_type, rate, run.get("seed"), epochs, str(path), sha256)
 
@@ -467,6 +485,8 @@ def _labeller(keys: Iterable[SeriesKey]) -> Callable[[SeriesKey], str]:
             text += f", {k.shots}-shot"
         if many_models and k.model:
             text += f" [{k.model}]"
+        if k.variant:
+            text += f", {k.variant}"
         return text
 
     return label

@@ -231,6 +231,26 @@ def test_noise_free_runs_join_every_noise_type_and_parameters_split_series(tmp_p
     )
 
 
+def test_pseudo_labels_cleaned_labels_and_ot_split_are_their_own_series(tmp_path):
+    plain = eval_summary(rate=0.5, top1=0.6)
+    cleaned = {
+        **eval_summary(rate=0.5, top1=0.7),
+        "noise": {"type": "symmetric", "rate": 0.5, "labels": "cleaned"},
+    }
+    split = {**eval_summary(rate=0.5, top1=0.65), "split": {"method": "ot", "epsilon": 0.1}}
+    pseudo = {**eval_summary(loss="gce", top1=0.55), "noise": {"labels": "pseudo", "realised_rate": 0.3}}
+    for name, obj in (("a", plain), ("b", cleaned), ("c", split), ("d", pseudo)):
+        write_json(tmp_path / f"{name}.json", obj)
+    header, rows = reporting.table(aggregate(read_results([tmp_path])))
+    assert header == ["method + loss", "0", "0.5"]
+    assert rows == [
+        ["coop + ce", "—", "60.0 (1)"],
+        ["coop + ce, OT split", "—", "65.0 (1)"],
+        ["coop + ce, cleaned", "—", "70.0 (1)"],
+        ["coop + gce, pseudo-labels", "55.0 (1)", "—"],
+    ]
+
+
 def test_grouping_ignores_file_names(tmp_path):
     first = sweep(tmp_path / "a")
     # The same files under misleading names, in other folders, in another order.
