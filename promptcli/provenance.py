@@ -10,8 +10,19 @@ from typing import Any
 import promptcli
 
 
+_COMMAND: list[str] | None = None
+
+
+def set_command(args: list[str]) -> None:
+    """Record the promptcli arguments being run (the CLI calls this; ``sys.argv`` may be another program's)."""
+    global _COMMAND
+    _COMMAND = ["promptcli", *args]
+
+
 def command_line() -> str:
-    """The command line of this process, shell-quoted."""
+    """The promptcli command line being run (else this process's), shell-quoted."""
+    if _COMMAND is not None:
+        return shlex.join(_COMMAND)
     argv = list(sys.argv)
     if argv and argv[0].endswith(("promptcli", "__main__.py")):
         argv[0] = "promptcli"

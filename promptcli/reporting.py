@@ -31,23 +31,8 @@ from typing import Any
 import numpy as np
 
 from promptcli.errors import InputError
+from promptcli.gradstats import COLUMNS as GRADSTATS_COLUMNS
 
-GRADSTATS_COLUMNS = (
-    "epoch",
-    "step",
-    "method",
-    "loss",
-    "noise_type",
-    "noise_rate",
-    "seed",
-    "n_noisy",
-    "n_clean",
-    "noisy_grad_norm",
-    "clean_grad_norm",
-    "ratio",
-    "noisy_sum_norm",
-    "clean_sum_norm",
-)
 _GRAD_INTS = ("epoch", "step", "n_noisy", "n_clean")
 _GRAD_FLOATS = (
     "noise_rate",

@@ -36,3 +36,16 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Batch size.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Data-loading worker processes.")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
+TemplateOpt = Annotated[
+    list[str] | None,
+    typer.Option("--template", help='Prompt template with one {} (repeatable); default "a photo of a {}."'),
+]
+TemplatesOpt = Annotated[
+    str | None, typer.Option("--templates", help="Template set: imagenet (CLIP's 80) or imagenet-simple (7).")
+]
+SkipMissingOpt = Annotated[
+    bool, typer.Option("--skip-missing", help="Skip label rows whose path or class the features lack.")
+]
+FeaturesPretrainedOpt = Annotated[
+    str | None, typer.Option("--pretrained", help="Where the features' checkpoint is now, if it moved.")
+]

@@ -41,8 +41,8 @@ class Output:
         self.err.print(f"[yellow]Warning:[/yellow] {message}")
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """A results table (suppressed with --quiet when --json carries the numbers)."""
-        if self.quiet and self.json_mode:
+        """A results table (suppressed by --quiet: scripts that want numbers use --json or -o)."""
+        if self.quiet:
             return
         table = Table(title=title, title_justify="left")
         for i, col in enumerate(columns):

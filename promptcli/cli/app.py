@@ -13,6 +13,7 @@ import typer
 
 import promptcli
 from promptcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, PromptcliError
+from promptcli.provenance import set_command
 
 app = typer.Typer(
     name="promptcli",
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("PROMPTCLI_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
+    set_command(args)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="promptcli", standalone_mode=False)

@@ -29,7 +29,14 @@ from typing import Annotated
 
 import typer
 
-from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from promptcli.cli._options import (
+    DeviceOpt,
+    FeaturesPretrainedOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    SkipMissingOpt,
+)
 from promptcli.cli._output import Output
 
 
@@ -69,12 +76,8 @@ def command(
             "--relabel-confidence", help="Probability the predicted class needs to relabel [default: 0.5]."
         ),
     ] = None,
-    skip_missing: Annotated[
-        bool, typer.Option("--skip-missing", help="Skip label rows whose path or class the features lack.")
-    ] = False,
-    pretrained: Annotated[
-        str | None, typer.Option("--pretrained", help="Where the features' checkpoint is now, if it moved.")
-    ] = None,
+    skip_missing: SkipMissingOpt = False,
+    pretrained: FeaturesPretrainedOpt = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
     quiet: QuietOpt = False,

@@ -26,7 +26,15 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt
+from promptcli.cli._options import (
+    DeviceOpt,
+    FeaturesPretrainedOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    TemplatesOpt,
+)
 from promptcli.cli._output import Output
 from promptcli.errors import InputError
 from promptcli.fileio import (
@@ -84,12 +92,8 @@ def command(
         list[str] | None,
         typer.Option("--template", help="Prompt template for --type confusion (repeatable)."),
     ] = None,
-    templates: Annotated[
-        str | None, typer.Option("--templates", help="Template set for --type confusion: imagenet, ...")
-    ] = None,
-    pretrained: Annotated[
-        str | None, typer.Option("--pretrained", help="Where the features' checkpoint is now (confusion).")
-    ] = None,
+    templates: TemplatesOpt = None,
+    pretrained: FeaturesPretrainedOpt = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
     quiet: QuietOpt = False,

@@ -22,7 +22,16 @@ from typing import Annotated
 
 import typer
 
-from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from promptcli.cli._options import (
+    DeviceOpt,
+    FeaturesPretrainedOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    SkipMissingOpt,
+    TemplateOpt,
+    TemplatesOpt,
+)
 from promptcli.cli._output import Output
 
 
@@ -35,30 +44,19 @@ def command(
     zero_shot: Annotated[
         bool, typer.Option("--zero-shot", help="Zero-shot CLIP instead of a prompt.")
     ] = False,
-    template: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--template", help='Zero-shot template with one {} (repeatable), default "a photo of a {}."'
-        ),
-    ] = None,
-    templates: Annotated[
-        str | None, typer.Option("--templates", help="Zero-shot template set: imagenet or imagenet-simple.")
-    ] = None,
+    template: TemplateOpt = None,
+    templates: TemplatesOpt = None,
     labels: Annotated[
         str | None, typer.Option("--labels", help="Ground-truth labels CSV (default: the features' labels).")
     ] = None,
-    skip_missing: Annotated[
-        bool, typer.Option("--skip-missing", help="Skip label rows whose path or class the features lack.")
-    ] = False,
+    skip_missing: SkipMissingOpt = False,
     predictions: Annotated[
         Path | None, typer.Option("--predictions", help="Write path,label,confidence,true_label CSV here.")
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the JSON summary (metrics.json) here.")
     ] = None,
-    pretrained: Annotated[
-        str | None, typer.Option("--pretrained", help="Where the features' checkpoint is now, if it moved.")
-    ] = None,
+    pretrained: FeaturesPretrainedOpt = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
     quiet: QuietOpt = False,

@@ -25,7 +25,16 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt
+from promptcli.cli._options import (
+    DeviceOpt,
+    FeaturesPretrainedOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    TemplateOpt,
+    TemplatesOpt,
+)
 from promptcli.cli._output import Output
 from promptcli.errors import InputError
 from promptcli.fileio import STDIO, check_output_path, sha256_file, write_text_atomic
@@ -34,15 +43,8 @@ from promptcli.fileio import STDIO, check_output_path, sha256_file, write_text_a
 def command(
     features: Annotated[Path, typer.Argument(help="Features file (.h5) from `promptcli extract`.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Pseudo-labels CSV to write (- for stdout).")],
-    template: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--template", help='Prompt template with one {} (repeatable), default "a photo of a {}."'
-        ),
-    ] = None,
-    templates: Annotated[
-        str | None, typer.Option("--templates", help="Template set: imagenet (80) or imagenet-simple (7).")
-    ] = None,
+    template: TemplateOpt = None,
+    templates: TemplatesOpt = None,
     classnames: Annotated[
         Path | None,
         typer.Option(
@@ -57,9 +59,7 @@ def command(
         float | None, typer.Option("--min-confidence", help="Keep images whose confidence is at least P.")
     ] = None,
     seed: SeedOpt = 0,
-    pretrained: Annotated[
-        str | None, typer.Option("--pretrained", help="Where the features' checkpoint is now.")
-    ] = None,
+    pretrained: FeaturesPretrainedOpt = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
