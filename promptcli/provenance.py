@@ -9,7 +9,6 @@ from typing import Any
 
 import promptcli
 
-
 _COMMAND: list[str] | None = None
 
 
