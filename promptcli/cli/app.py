@@ -42,7 +42,17 @@ def _root(
     """Noise-robust prompt tuning of CLIP."""
 
 
-COMMANDS = ("extract", "corrupt", "pseudolabel", "tune", "eval", "gradstats", "clean", "report", "demo-images")
+COMMANDS = (
+    "extract",
+    "corrupt",
+    "pseudolabel",
+    "tune",
+    "eval",
+    "gradstats",
+    "clean",
+    "report",
+    "demo-images",
+)
 
 
 def _register() -> None:
