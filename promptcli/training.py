@@ -7,6 +7,19 @@ The learning rate follows CoOp: ``warmup_epochs`` at a constant ``warmup_lr``, t
 (per epoch) from ``lr`` to 0 over ``epochs``. Everything random comes from one seeded generator whose
 state is checkpointed with the head, the optimiser and the epoch, so a resumed run ends bit-for-bit
 where an uninterrupted one would (on CPU).
+
+With a clean/noisy split (``--split ot``, NLPrompt), each epoch starts by judging every training
+sample, without gradients and on the plain (non-augmented) features: an entropic optimal-transport
+plan (Sinkhorn; uniform mass per sample, balanced mass per class) between the samples and the
+head's current classes, at cost ``-logits``, sends each sample mostly to one class; the sample is
+*clean* when that class is its given label (see :mod:`promptcli.transport`). For prompt heads the
+logits are ``logit_scale x`` cosine(image features, learner's class text features); for linear heads
+they are the head's logits. In that epoch the loss of a batch of B samples is
+``(sum over its clean samples of loss_i + sum over its noisy samples of MAE_i) / B`` with
+MAE_i = 1 - p_y (``noisy_loss="mae"``), or the clean sum alone over B (``noisy_loss="none"``: noisy
+samples give no gradient; the divisor stays B, so the clean samples' step size does not grow as
+fewer are judged clean). The split depends only on the head at the epoch's start, so resuming from
+a checkpoint recomputes it exactly.
 """
 
 from __future__ import annotations
@@ -27,12 +40,15 @@ import torch
 from promptcli.classifiers import Head, predict_logits
 from promptcli.errors import InputError
 from promptcli.fileio import atomic_path
+from promptcli.transport import DEFAULT_EPSILON, DEFAULT_ITERATIONS
 
 OPTIMIZERS = ("sgd", "adamw")
 # Weight decays tried for linear-probe when --weight-decay is not given (chosen on held-out labels).
 WEIGHT_DECAY_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 HELD_OUT_FRACTION = 0.2
 CHECKPOINT_VERSION = 1
+SPLITS = ("none", "ot")
+NOISY_LOSSES = ("mae", "none")
 
 
 @dataclass
@@ -85,6 +101,13 @@ class TrainData:
     labels: torch.Tensor  # (N,) int64, the given (possibly noisy) labels
     views: torch.Tensor | None = None  # (N, V, D)
     clean: torch.Tensor | None = None  # (N,) int64
+    is_noisy: torch.Tensor | None = None  # (N,) bool; defaults to labels != clean when clean is known
+
+    def noisy_flags(self) -> torch.Tensor | None:
+        """Which given labels are wrong, when the data says (is_noisy, else labels != clean)."""
+        if self.is_noisy is not None:
+            return self.is_noisy.bool()
+        return None if self.clean is None else self.labels != self.clean
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -96,6 +119,7 @@ class TrainData:
             self.labels[idx],
             None if self.views is None else self.views[idx],
             None if self.clean is None else self.clean[idx],
+            None if self.is_noisy is None else self.is_noisy[idx],
         )
 
 
@@ -114,6 +138,77 @@ class Step:
     x: torch.Tensor
     targets: torch.Tensor
     loss: float
+
+
+@dataclass
+class SplitConfig:
+    """The per-epoch clean/noisy split: ``method`` ot (or none), the loss of noisy samples, OT settings."""
+
+    method: str = "ot"
+    noisy_loss: str = "mae"
+    epsilon: float = DEFAULT_EPSILON
+    n_iter: int = DEFAULT_ITERATIONS
+
+    def validate(self) -> SplitConfig:
+        if self.method not in SPLITS:
+            raise InputError(f"unknown split {self.method!r}", where="--split", hint="use none or ot")
+        if self.noisy_loss not in NOISY_LOSSES:
+            raise InputError(
+                f"unknown noisy loss {self.noisy_loss!r}", where="--noisy-loss", hint="use mae or none"
+            )
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise InputError(
+                "must be > 0",
+                where="--ot-epsilon",
+                hint="the entropic regularisation in logit units, e.g. 0.1",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "sample_marginal": "uniform",
+            "class_marginal": "balanced",
+            "cost": "-logits of the head at the epoch start, plain features",
+            "batch_loss": "(sum clean loss_i + sum noisy MAE_i) / B"
+            if self.noisy_loss == "mae"
+            else "(sum clean loss_i) / B",
+        }
+
+
+@torch.no_grad()
+def ot_split(head: Head, features: torch.Tensor, labels: torch.Tensor, split: SplitConfig) -> torch.Tensor:
+    """(N,) bool: the samples whose OT class under ``head`` is their given label (clean)."""
+    from promptcli.transport import ot_clean_mask, ot_clean_mask_from_logits
+
+    weight, bias, scale = head.classifier()
+    if bias is None:  # prompt heads: image features vs the learner's class text features
+        return ot_clean_mask(features, weight, labels, scale, epsilon=split.epsilon, n_iter=split.n_iter)
+    logits = predict_logits(head, features).double()
+    return ot_clean_mask_from_logits(logits, labels, epsilon=split.epsilon, n_iter=split.n_iter)
+
+
+def split_loss(
+    loss_fn: torch.nn.Module,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    clean: torch.Tensor,
+    noisy_loss: str,
+) -> torch.Tensor:
+    """``(sum_clean loss_fn_i + sum_noisy MAE_i) / B`` (noisy term left out for ``noisy_loss="none"``).
+
+    Every loss is the mean of per-row terms, so a group's sum is its mean times its size.
+    """
+    from promptcli.losses import MeanAbsoluteError
+
+    batch = logits.shape[0]
+    total = logits.sum() * 0.0  # keeps the graph (zero gradient) when a group is empty
+    n_clean = int(clean.sum())
+    if n_clean:
+        total = total + loss_fn(logits[clean], targets[clean]) * n_clean
+    if noisy_loss == "mae" and n_clean < batch:
+        total = total + MeanAbsoluteError()(logits[~clean], targets[~clean]) * (batch - n_clean)
+    return total / batch
 
 
 @dataclass
@@ -193,6 +288,7 @@ def train(
     fingerprint: str = "",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[Step], None] | None = None,
+    split: SplitConfig | None = None,
 ) -> TrainResult:
     """Train ``head`` in place on ``data``; return the per-epoch history and the final metrics.
 
@@ -200,8 +296,15 @@ def train(
     continues from it. ``amp`` turns on autocast (bf16, else fp16 with loss scaling) on CUDA only.
     ``on_step`` observes every step (see :class:`Step`); it must leave the head, its gradients and
     the random state alone, so that observed and unobserved runs follow the same trajectory.
+    With ``split`` (method ot), each epoch first splits the samples into clean and noisy (see the
+    module docstring) and the history rows gain ``n_judged_clean`` and, when the data knows which
+    labels are noisy, ``clean_precision`` and ``clean_recall`` of that split.
     """
     config.validate()
+    if split is not None and split.method == "none":
+        split = None
+    if split is not None:
+        split.validate()
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
     head.to(device)
@@ -210,6 +313,7 @@ def train(
     views = None if data.views is None else data.views.to(device).float()
     labels = data.labels.to(device)
     clean = None if data.clean is None else data.clean.to(device)
+    is_noisy = data.noisy_flags()
     n = len(data)
 
     optimizer = make_optimizer(head.param_groups(config.weight_decay), config)
@@ -235,6 +339,18 @@ def train(
         lr = config.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        split_row: dict[str, Any] = {}
+        judged_clean = None
+        if split is not None:  # no randomness: a resumed run recomputes the same split
+            judged_clean = ot_split(head, feats, labels, split)
+            split_row = {"n_judged_clean": int(judged_clean.sum())}
+            if is_noisy is not None:
+                from promptcli.transport import split_quality
+
+                quality = split_quality(judged_clean, is_noisy)
+                split_row.update(
+                    clean_precision=quality["clean_precision"], clean_recall=quality["clean_recall"]
+                )
         view_of = torch.randint(views.shape[1], (n,), generator=generator) if views is not None else None
         total = 0.0
         for step, batch in enumerate(_batches(n, config.batch_size, generator), start=1):
@@ -246,7 +362,12 @@ def train(
             with _autocast(device, use_amp):
                 logits = head(x)
             targets = labels[batch.to(device)]
-            loss = loss_fn(logits.float(), targets)
+            if judged_clean is None:
+                loss = loss_fn(logits.float(), targets)
+            else:
+                loss = split_loss(
+                    loss_fn, logits.float(), targets, judged_clean[batch.to(device)], split.noisy_loss
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             loss_value = float(loss.detach().item())
@@ -261,6 +382,7 @@ def train(
             "lr": lr,
             "accuracy": accuracy(head, feats, labels, use_amp),
             "clean_accuracy": None if clean is None else accuracy(head, feats, clean, use_amp),
+            **split_row,
             "time": time.perf_counter() - t0,
         }
         history.append(row)
@@ -317,6 +439,7 @@ def select_weight_decay(
     device: torch.device | str = "cpu",
     amp: bool = True,
     grid: tuple[float, ...] = WEIGHT_DECAY_GRID,
+    split: SplitConfig | None = None,
 ) -> tuple[float | None, list[dict[str, float]]]:
     """Train on a seeded held-out split for each weight decay; return the best (ties: the larger).
 
@@ -329,7 +452,16 @@ def select_weight_decay(
     results = []
     for wd in grid:
         head = make_head()
-        train(head, fit, loss_fn, replace(config, weight_decay=wd), seed=seed, device=device, amp=amp)
+        train(
+            head,
+            fit,
+            loss_fn,
+            replace(config, weight_decay=wd),
+            seed=seed,
+            device=device,
+            amp=amp,
+            split=split,
+        )
         acc = accuracy(
             head, val.features.to(device), val.labels.to(device), amp and torch.device(device).type == "cuda"
         )
@@ -401,6 +533,15 @@ class TuneOptions:
     seed: int = 0
     use_views: bool = True
     skip_missing: bool = False
+    split: str = "none"
+    noisy_loss: str = "mae"
+    ot_epsilon: float = DEFAULT_EPSILON
+
+    def split_config(self) -> SplitConfig | None:
+        """The clean/noisy split these options ask for (None for ``split="none"``)."""
+        if self.split == "none":
+            return None
+        return SplitConfig(method=self.split, noisy_loss=self.noisy_loss, epsilon=self.ot_epsilon).validate()
 
     def optim_config(self, weight_decay: float) -> OptimConfig:
         lr = (
@@ -449,10 +590,23 @@ NOISE_KEYS = ("type", "rate", "seed", "shots", "per_class", "n_noisy", "realised
 
 
 def noise_summary(sidecar: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The few fields of a corrupt sidecar that identify the noise (those it has)."""
+    """The few fields of a labels sidecar that identify the noise (those it has).
+
+    Besides corrupt's sidecar, the labels may come from ``pseudolabel`` (``labels: pseudo``, with the
+    pseudo-labels' error rate when ground truth was known) or from ``clean --clean-out``
+    (``labels: cleaned``, keeping the noise of the labels that were cleaned).
+    """
     if sidecar is None:
         return None
-    return {k: sidecar[k] for k in NOISE_KEYS if k in sidecar}
+    summary = {k: sidecar[k] for k in NOISE_KEYS if k in sidecar}
+    if "selection" in sidecar and "templates" in sidecar:  # written by `pseudolabel`
+        accuracy = sidecar.get("pseudo_label_accuracy")
+        summary = {"labels": "pseudo", "selection": sidecar["selection"]}
+        if isinstance(accuracy, (int, float)):
+            summary["realised_rate"] = round(1.0 - float(accuracy), 6)
+    elif "cleaning" in sidecar:
+        summary["labels"] = "cleaned"
+    return summary
 
 
 @dataclass
@@ -481,7 +635,7 @@ class PreparedRun:
         from promptcli.losses import loss_params
 
         record = self.features.model_record()
-        return {
+        run = {
             "method": self.options.method,
             "loss": self.options.loss,
             "loss_params": loss_params(self.loss_fn),
@@ -490,14 +644,34 @@ class PreparedRun:
             "noise": noise_summary(noise),
             "model": {k: str(record[k]) for k in ("model_name", "pretrained", "checkpoint_sha256")},
         }
+        split = self.options.split_config()
+        if split is not None:  # runs without a split keep the provenance they always had
+            run["split"] = {"method": split.method, "noisy_loss": split.noisy_loss, "epsilon": split.epsilon}
+        return run
 
 
-def check_options(options: TuneOptions, warn: Callable[[str], None]) -> tuple[Any, torch.nn.Module]:
-    """Validate ``options`` before any file is read; return (prompt config or None, loss)."""
+def check_options(
+    options: TuneOptions, warn: Callable[[str], None], *, split_ok: bool = False
+) -> tuple[Any, torch.nn.Module]:
+    """Validate ``options`` before any file is read; return (prompt config or None, loss).
+
+    A clean/noisy split (``options.split`` other than none) changes the loss per sample and epoch,
+    which only a caller passing ``options.split_config()`` to :func:`train` honours: callers say so
+    with ``split_ok`` (``tune`` does); others get a clear error rather than a silently ignored option.
+    """
     from promptcli.classifiers import TEXT_METHODS, check_method
     from promptcli.losses import make_loss
 
     check_method(options.method)
+    split = SplitConfig(options.split, options.noisy_loss, options.ot_epsilon).validate()
+    if split.method != "none" and not split_ok:
+        raise InputError(
+            f"--split {split.method} is only supported by `promptcli tune`",
+            where="--split",
+            hint="this command measures one loss for every sample: drop --split (or pass --split none)",
+        )
+    if split.method == "none" and (options.noisy_loss != "mae" or options.ot_epsilon != DEFAULT_EPSILON):
+        warn("--noisy-loss and --ot-epsilon apply with --split ot; ignored")
     if options.method not in TEXT_METHODS and (
         options.ctx_init or options.csc or options.class_position != "end"
     ):
@@ -544,10 +718,12 @@ def prepare_run(
     info: Callable[[str], None] = lambda _: None,
     warn: Callable[[str], None] = lambda _: None,
     loaded: Any = None,
+    split_ok: bool = False,
 ) -> PreparedRun:
     """Read the inputs, sample the shots, load the model and settle the weight decay, as ``tune`` does.
 
-    ``loaded`` reuses a model already loaded for this features file (several runs on one file).
+    ``loaded`` reuses a model already loaded for this features file (several runs on one file);
+    ``split_ok`` as in :func:`check_options`.
     """
     from promptcli.classifiers import build_head
     from promptcli.devices import resolve_device
@@ -555,7 +731,7 @@ def prepare_run(
     from promptcli.fileio import sha256_bytes, sha256_file
     from promptcli.labels import join_labels, read_labels
 
-    prompt_config, loss_fn = check_options(options, warn)
+    prompt_config, loss_fn = check_options(options, warn, split_ok=split_ok)
     torch_device = resolve_device(str(device))
     fs = read_features(features_path, load_views=options.use_views)
     table = read_labels(labels_path)
@@ -578,6 +754,7 @@ def prepare_run(
         labels=torch.from_numpy(joined.labels[index]),
         views=torch.from_numpy(fs.views[rows]) if fs.views is not None and options.use_views else None,
         clean=None if joined.clean is None else torch.from_numpy(joined.clean[index]),
+        is_noisy=None if joined.is_noisy is None else torch.from_numpy(joined.is_noisy[index]),
     )
 
     if options.method != "linear-probe" and loaded is None:
@@ -610,6 +787,7 @@ def prepare_run(
             seed=options.seed,
             device=torch_device,
             amp=amp,
+            split=options.split_config(),
         )
         if weight_decay is None:
             warn("too few labels to hold some out; using weight decay 5e-4")
@@ -657,7 +835,7 @@ def tune(
     from promptcli.losses import loss_params
     from promptcli.prompt_files import save_prompt
 
-    check_options(options, warn)
+    check_options(options, warn, split_ok=True)
     output = check_output_path(output, force)
     partial = partial_path(output)
     if partial.exists() and not resume:
@@ -680,7 +858,9 @@ def tune(
         pretrained=pretrained,
         info=info,
         warn=warn,
+        split_ok=True,
     )
+    split = options.split_config()
     fs, joined, data, loss_fn, optim = run.features, run.joined, run.data, run.loss_fn, run.optim
     prompt_config, search = run.prompt_config, run.weight_decay_search
     noise = read_noise_sidecar(labels_path, warn)
@@ -724,6 +904,7 @@ def tune(
             resume=resume,
             fingerprint=run_id,
             on_epoch=log_epoch,
+            split=split,
         )
     finally:
         if log_handle is not None:
@@ -752,6 +933,7 @@ def tune(
         "n_train": len(data),
         "n_skipped": joined.n_skipped,
         "metrics": result.final,
+        "split": {"method": "none"} if split is None else split.to_dict(),
         **provenance.base_provenance(),
     }
     if prompt_config is not None:
@@ -786,6 +968,7 @@ def tune(
         "resumed_from_epoch": result.resumed_from,
         "seconds_per_epoch": float(np.mean(times)) if times else None,
         "metrics": result.final,
+        "split": None if split is None else split.to_dict(),
         "noise": noise_summary(noise),
         "log": str(log_path) if log_path is not None else None,
     }

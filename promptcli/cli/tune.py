@@ -13,12 +13,22 @@ Losses: ce, gce (--q), mae, sce (--alpha, --beta); --label-smoothing for ce and 
 Defaults follow CoOp: SGD lr 0.002 (linear heads: 1.0), momentum 0.9, weight decay 5e-4, cosine
 schedule after one warm-up epoch at lr 1e-5, batch 32, 50 epochs.
 
+--split ot (NLPrompt) separates clean from noisy labels as training goes: at the start of every
+epoch an optimal-transport assignment (Sinkhorn, uniform mass per image, balanced mass per class,
+cost -logits of the current head on the plain features, entropic regularisation --ot-epsilon in
+logit units) sends each image to a class; images sent to their given label train with --loss, the
+others with MAE (--noisy-loss mae) or not at all (--noisy-loss none). A batch's loss is
+(sum of its clean images' losses + sum of its noisy images' MAE) / batch size. The --log lines
+then carry n_judged_clean and, when the labels have is_noisy, the split's clean_precision and
+clean_recall (precision and recall of the images judged clean).
+
 Examples:
 
     promptcli tune train.h5 noisy.csv -o coop.safetensors
     promptcli tune train.h5 noisy.csv -o gce.safetensors --loss gce --q 0.7 --shots 16 --seed 1
     promptcli tune train.h5 noisy.csv -o csc.safetensors --n-ctx 16 --csc --class-position middle
     promptcli tune train.h5 noisy.csv -o lp.safetensors --method linear-probe --log lp.jsonl --json
+    promptcli tune train.h5 noisy.csv -o ot.safetensors --split ot --shots 16 --log ot.jsonl
     promptcli tune train.h5 noisy.csv -o coop.safetensors --resume   # continue an interrupted run
 """
 
@@ -31,6 +41,7 @@ import typer
 
 from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt
 from promptcli.cli._output import Output
+from promptcli.transport import DEFAULT_EPSILON
 
 
 def command(
@@ -86,6 +97,21 @@ def command(
     shots: Annotated[
         int | None, typer.Option("--shots", help="Use K labelled images per class (seeded sample).")
     ] = None,
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split", help="Split clean from noisy labels each epoch: none or ot (optimal transport)."
+        ),
+    ] = "none",
+    noisy_loss: Annotated[
+        str,
+        typer.Option(
+            "--noisy-loss", help="With --split ot, the loss of noisy samples: mae or none (dropped)."
+        ),
+    ] = "mae",
+    ot_epsilon: Annotated[
+        float, typer.Option("--ot-epsilon", help="With --split ot, the Sinkhorn entropic regularisation.")
+    ] = DEFAULT_EPSILON,
     no_views: Annotated[
         bool, typer.Option("--no-views", help="Train on the plain features even if views exist.")
     ] = False,
@@ -138,15 +164,20 @@ def command(
         seed=seed,
         use_views=not no_views,
         skip_missing=skip_missing,
+        split=split,
+        noisy_loss=noisy_loss,
+        ot_epsilon=ot_epsilon,
     )
     with out.progress(f"tune {method}", total=epochs, unit="epochs") as bar:
         done = [0]  # epochs shown so far (a resumed run jumps to its checkpoint's epoch)
 
         def on_epoch(row: dict) -> None:
             clean = row.get("clean_accuracy")
+            judged = row.get("n_judged_clean")
             bar.describe(
                 f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} acc {row['accuracy']:.3f}"
                 + (f" clean {clean:.3f}" if clean is not None else "")
+                + (f" judged clean {judged}" if judged is not None else "")
             )
             bar.advance(row["epoch"] - done[0])
             done[0] = row["epoch"]
