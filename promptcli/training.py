@@ -875,12 +875,13 @@ def tune(
         }
     )
     head = run.make_head()
+    # Check a checkpoint to resume before touching the log: a refused resume must leave the log intact.
+    history = load_checkpoint(partial, run_id)["history"] if resume and partial.exists() else []
     log_handle = None
     if log_path is not None:
         log_handle = open(log_path, "w", encoding="utf-8")
-        if resume and partial.exists():  # the log restarts with the epochs the checkpoint already holds
-            for row in load_checkpoint(partial, run_id)["history"]:
-                log_handle.write(json.dumps({**row, "run": run_info}, sort_keys=True) + "\n")
+        for row in history:  # the log restarts with the epochs the checkpoint already holds
+            log_handle.write(json.dumps({**row, "run": run_info}, sort_keys=True) + "\n")
 
     def log_epoch(row: dict[str, Any]) -> None:
         if log_handle is not None:

@@ -249,8 +249,10 @@ def test_resume_gives_the_uninterrupted_result(syn, tmp_path, run_cli):
     assert partial_path(out).exists() and not out.exists()
     with pytest.raises(InputError, match="interrupted tune left a checkpoint"):
         _tune(syn, out, options=options)
+    log_before = (tmp_path / "cut.jsonl").read_text()
     with pytest.raises(InputError, match="other inputs or options"):
-        _tune(syn, out, options={**options, "seed": 1}, resume=True)
+        _tune(syn, out, options={**options, "seed": 1}, resume=True, log_path=tmp_path / "cut.jsonl")
+    assert (tmp_path / "cut.jsonl").read_text() == log_before  # a refused resume keeps the log
 
     args = [
         "tune",
