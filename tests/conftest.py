@@ -118,3 +118,36 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def write_synthetic_features(
+    path: Path, loaded, classnames: list[str], per_class: int, spread: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A separable features file (2 views per image) 'made with' ``loaded``; returns (x, y, paths)."""
+    from promptcli.features import write_features
+
+    rng = np.random.default_rng(seed)
+    centers = unit_rows(rng.normal(size=(len(classnames), loaded.embed_dim)))
+    y = np.repeat(np.arange(len(classnames)), per_class)
+    x = unit_rows(centers[y] + spread * rng.normal(size=(len(y), loaded.embed_dim)))
+    views = unit_rows(x[:, None, :] + 0.1 * rng.normal(size=(len(y), 2, loaded.embed_dim)))
+    paths = [f"img{i:03d}.png" for i in range(len(y))]
+    write_features(
+        path,
+        features=[x],
+        n_rows=len(y),
+        dim=loaded.embed_dim,
+        paths=paths,
+        labels=y,
+        splits=["train"] * len(y),
+        classnames=list(classnames),
+        attrs=loaded.record(),
+        n_views=2,
+        views=[views],
+        dtype="float32",
+    )
+    return x, y, paths

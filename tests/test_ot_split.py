@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import write_synthetic_features
 from promptcli.classifiers import LinearHead, build_head
 from promptcli.errors import InputError
 from promptcli.losses import CrossEntropy, GeneralizedCrossEntropy
@@ -42,38 +42,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """A 4-class features file (2 views) 'made with' the tiny model; labels with and without is_noisy."""
-    from promptcli.features import write_features
-
     folder = tmp_path_factory.mktemp("otsyn")
-    rng = np.random.default_rng(3)
-    dim = tiny_model.embed_dim
-    centers = _unit(rng.normal(size=(len(CLASSNAMES), dim)))
-    y = np.repeat(np.arange(len(CLASSNAMES)), PER_CLASS)
-    x = _unit(centers[y] + 0.4 * rng.normal(size=(len(y), dim)))
-    views = _unit(x[:, None, :] + 0.1 * rng.normal(size=(len(y), 2, dim)))
-    paths = [f"img{i:03d}.png" for i in range(len(y))]
     features = folder / "syn.h5"
-    write_features(
-        features,
-        features=[x],
-        n_rows=len(y),
-        dim=dim,
-        paths=paths,
-        labels=y,
-        splits=["train"] * len(y),
-        classnames=CLASSNAMES,
-        attrs=tiny_model.record(),
-        n_views=2,
-        views=[views],
-        dtype="float32",
-    )
+    x, y, paths = write_synthetic_features(features, tiny_model, CLASSNAMES, PER_CLASS, 0.4, 3)
     noisy, plain = folder / "noisy.csv", folder / "plain.csv"
     rows, bare = ["path,label,clean_label,is_noisy"], ["path,label"]
     for i, (p, c) in enumerate(zip(paths, y)):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_synthetic_features
 from promptcli.errors import InputError
 from promptcli.fileio import sha256_bytes, sha256_file
 from promptcli.prompt_files import decode_metadata, encode_metadata, read_prompt
@@ -41,36 +42,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    return (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def write_synthetic(folder: Path, loaded, seed: int = 0) -> dict[str, Path]:
     """A separable 4-class features file (2 views) made 'with' the tiny model, and noisy labels."""
-    from promptcli.features import write_features
-
-    rng = np.random.default_rng(seed)
-    dim = loaded.embed_dim
-    centers = _unit(rng.normal(size=(len(CLASSNAMES), dim)))
-    y = np.repeat(np.arange(len(CLASSNAMES)), PER_CLASS)
-    x = _unit(centers[y] + 0.3 * rng.normal(size=(len(y), dim)))
-    views = _unit(x[:, None, :] + 0.1 * rng.normal(size=(len(y), 2, dim)))
-    paths = [f"img{i:03d}.png" for i in range(len(y))]
     features = folder / "syn.h5"
-    write_features(
-        features,
-        features=[x],
-        n_rows=len(y),
-        dim=dim,
-        paths=paths,
-        labels=y,
-        splits=["train"] * len(y),
-        classnames=CLASSNAMES,
-        attrs=loaded.record(),
-        n_views=2,
-        views=[views],
-        dtype="float32",
-    )
+    x, y, paths = write_synthetic_features(features, loaded, CLASSNAMES, PER_CLASS, 0.3, seed)
     labels = folder / "noisy.csv"
     lines = ["path,label,clean_label,is_noisy"]
     for i, (p, c) in enumerate(zip(paths, y)):
