@@ -151,3 +151,12 @@ def write_synthetic_features(
         dtype="float32",
     )
     return x, y, paths
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread is fastest and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from promptcli.cleaning import auroc, detection_metrics, label_scores, select_suspects
 from promptcli.errors import InputError
@@ -24,12 +23,7 @@ from promptcli.training import TuneOptions, tune
 FLIPPED = (0, 7, 13)  # rows whose label moves to the next class
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from promptcli.fileio import sha256_file
 from promptcli.prompt_files import read_prompt, save_prompt
 from promptcli.training import TuneOptions, tune
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from promptcli.losses import make_loss
 from promptcli.prompt_files import read_prompt
 from promptcli.training import TuneOptions, partial_path, prepare_run, tune
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ PER_CLASS = 8
 NOISY = (0, 1, 8, 16, 24, 25)  # class c -> c + 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from promptcli.transport import (
     split_quality,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is fastest and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force(cost: np.ndarray, per_class: int) -> tuple[float, tuple[int, ...], float]:

@@ -33,13 +33,7 @@ PER_CLASS = 12
 FLIPPED = (0, 12, 24, 36)  # one noisy label per class: class c -> c + 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is fastest and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_synthetic(folder: Path, loaded, seed: int = 0) -> dict[str, Path]:
