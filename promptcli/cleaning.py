@@ -1,6 +1,9 @@
-"""Find mislabelled samples with a tuned prompt: per-row scores, suspect selection, relabelling, metrics.
+"""Find mislabelled samples: per-row scores, suspect selection, relabelling, metrics.
 
-The score of a row with given label y is the **margin** by which the prompt prefers another class:
+Class probabilities come from tuned prompts (ensembled as in eval) or from zero-shot CLIP. Two
+scores turn them into how likely each given label is wrong.
+
+``margin`` (default): the margin by which the classifier prefers another class:
 
     score = max_{c != y} p(c | x) - p(y | x)        in [-1, 1]
 
@@ -9,6 +12,13 @@ Positive means the prompt's top class is not the given label; 0 is the natural t
 classes with no single rival, and high only when one specific class beats the label, which is what
 a wrong label looks like (and the class a relabel would use). Rows are suspect when their score is
 above ``--threshold`` (default 0), or when they fall outside the ``--keep-fraction`` lowest scores.
+
+``posterior``: the probability that the label is wrong, ``1 - q(y | x, given label)``, under a
+symmetric label-noise model fitted by EM to the whole label set, with the classifier's
+probabilities as prior and class centroids of the labelled images themselves as extra evidence
+(see :mod:`promptcli.label_posterior`). In [0, 1]; default threshold 0.5. It uses what the margin
+ignores: that under symmetric noise most images given a label still share a class, and how noisy
+the labels are overall (estimated, or ``--noise-rate``).
 """
 
 from __future__ import annotations
@@ -25,11 +35,18 @@ from promptcli.errors import InputError, RuntimeFailure
 from promptcli.features import FeatureSet
 from promptcli.labels import LabelTable
 
-SCORE = "margin"
-SCORE_DEFINITION = (
-    "max over other classes of p(class) minus p(given label), in [-1, 1]; higher = more suspect"
-)
-DEFAULT_THRESHOLD = 0.0
+SCORES = ("margin", "posterior")
+SCORE_DEFINITIONS = {
+    "margin": "max over other classes of p(class) minus p(given label), in [-1, 1]; higher = more suspect",
+    "posterior": (
+        "posterior probability that the given label is wrong, 1 - q(label), under a symmetric noise model "
+        "fitted by EM (prior: the classifier's probabilities; evidence: class centroids of the labelled "
+        "images), in [0, 1]"
+    ),
+}
+SCORE_RANGES = {"margin": (-1.0, 1.0), "posterior": (0.0, 1.0)}
+DEFAULT_THRESHOLDS = {"margin": 0.0, "posterior": 0.5}
+DEFAULT_THRESHOLD = DEFAULT_THRESHOLDS["margin"]
 DEFAULT_RELABEL_CONFIDENCE = 0.5
 # Columns clean adds to the scores file (after the labels file's own columns).
 SCORE_COLUMNS = ["score", "p_label", "predicted", "p_predicted", "suspect", "action"]
@@ -60,19 +77,26 @@ def label_scores(probs: np.ndarray, labels: np.ndarray) -> Scores:
     return Scores(others.max(axis=1) - p_label, p_label, predicted, probs[rows, predicted])
 
 
-def check_selection(threshold: float | None, keep_fraction: float | None) -> None:
-    """At most one of threshold / keep_fraction, each in range."""
+def check_score(score: str) -> None:
+    if score not in SCORES:
+        raise InputError(f"unknown score {score!r}", where="--score", hint="use margin or posterior")
+
+
+def check_selection(threshold: float | None, keep_fraction: float | None, score: str = "margin") -> None:
+    """At most one of threshold / keep_fraction, each in range (the threshold in the score's range)."""
+    check_score(score)
+    low, high = SCORE_RANGES[score]
     if threshold is not None and keep_fraction is not None:
         raise InputError(
             "give --threshold or --keep-fraction, not both",
             where="--threshold/--keep-fraction",
             hint="--threshold flags rows scoring above it; --keep-fraction keeps that share of rows",
         )
-    if threshold is not None and not -1.0 <= threshold <= 1.0:
+    if threshold is not None and not low <= threshold <= high:
         raise InputError(
-            f"must be in [-1, 1], got {threshold}",
+            f"must be in [{low:g}, {high:g}], got {threshold}",
             where="--threshold",
-            hint="the margin score lies in [-1, 1]",
+            hint=f"the {score} score lies in [{low:g}, {high:g}]",
         )
     if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
         raise InputError(
@@ -83,18 +107,22 @@ def check_selection(threshold: float | None, keep_fraction: float | None) -> Non
 
 
 def select_suspects(
-    score: np.ndarray, *, threshold: float | None = None, keep_fraction: float | None = None
+    score: np.ndarray,
+    *,
+    threshold: float | None = None,
+    keep_fraction: float | None = None,
+    kind: str = "margin",
 ) -> np.ndarray:
     """(N,) bool: suspect rows.
 
     With ``keep_fraction`` f the ceil(f N) lowest-scoring rows are kept (ties: earlier rows first),
     so no more than the asked share is flagged; otherwise rows scoring above ``threshold``
-    (default 0) are suspect.
+    (default: 0 for the margin, 0.5 for the posterior) are suspect.
     """
-    check_selection(threshold, keep_fraction)
+    check_selection(threshold, keep_fraction, kind)
     score = np.asarray(score, dtype=np.float64)
     if keep_fraction is None:
-        return score > (DEFAULT_THRESHOLD if threshold is None else threshold)
+        return score > (DEFAULT_THRESHOLDS[kind] if threshold is None else threshold)
     n_keep = min(len(score), math.ceil(keep_fraction * len(score) - 1e-9))
     order = np.argsort(score, kind="stable")
     suspect = np.ones(len(score), dtype=bool)
@@ -170,19 +198,44 @@ def joined_table_rows(features: FeatureSet, table: LabelTable) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def require_prompts(prompt_paths: Sequence[str | Path]) -> None:
-    if not prompt_paths:
+def require_prior(prompt_paths: Sequence[str | Path], zero_shot: bool) -> None:
+    """Exactly one source of class probabilities: prompt files or zero-shot."""
+    if prompt_paths and zero_shot:
+        raise InputError(
+            "give --prompt or --zero-shot, not both",
+            where="--prompt/--zero-shot",
+            hint="--zero-shot scores labels with the model's zero-shot classifier instead of a tuned prompt",
+        )
+    if not prompt_paths and not zero_shot:
         raise InputError(
             "no prompt given",
             where="--prompt",
-            hint="scores come from a tuned prompt: promptcli tune train.h5 noisy.csv -o p.safetensors --loss gce",
+            hint="scores come from a tuned prompt (promptcli tune train.h5 noisy.csv -o p.safetensors "
+            "--loss gce) or from --zero-shot",
         )
 
 
-def prompt_probabilities(
-    fs: FeatureSet, prompt_paths: Sequence[str | Path], *, pretrained: str | None = None, device: str = "auto"
-) -> tuple[np.ndarray, list[Any]]:
-    """(N, C) class probabilities of prompt files (ensembled as in eval) and the prompts read."""
+@dataclass
+class Prior:
+    """Class probabilities of every feature row and where they came from."""
+
+    probs: np.ndarray  # (N_features, C) float64
+    prompts: list[Any]  # prompt files read (empty for zero-shot)
+    templates: list[str] | None  # zero-shot templates (None for prompts)
+    logit_scale: float | None  # the model's, when known without extra work
+
+
+def prior_probabilities(
+    fs: FeatureSet,
+    prompt_paths: Sequence[str | Path],
+    *,
+    zero_shot: bool = False,
+    templates: Sequence[str] | None = None,
+    template_set: str | None = None,
+    pretrained: str | None = None,
+    device: str = "auto",
+) -> Prior:
+    """(N, C) class probabilities: prompt files (ensembled as in eval) or zero-shot CLIP."""
     from promptcli.devices import resolve_device
     from promptcli.evaluation import (
         check_compatible,
@@ -190,23 +243,87 @@ def prompt_probabilities(
         features_tensor,
         prompt_logits,
         prompts_need_model,
+        zero_shot_class_logits,
     )
+    from promptcli.models import load_model_from_record
     from promptcli.prompt_files import read_prompt
+    from promptcli.zeroshot import logit_scale, resolve_templates
 
-    require_prompts(prompt_paths)
+    require_prior(prompt_paths, zero_shot)
+    torch_device = resolve_device(device)
+    if zero_shot:
+        chosen = resolve_templates(templates, template_set)
+        loaded = load_model_from_record(
+            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
+        )
+        feats = features_tensor(fs, torch_device)
+        logits = zero_shot_class_logits(loaded, fs.classnames, chosen, feats)
+        return Prior(ensemble_probabilities([logits]), [], chosen, logit_scale(loaded))
     prompts = [read_prompt(p) for p in prompt_paths]
     for prompt in prompts:
         check_compatible(prompt, fs)
-    torch_device = resolve_device(device)
     loaded = None
     if prompts_need_model(prompts):
-        from promptcli.models import load_model_from_record
-
         loaded = load_model_from_record(
             fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
         )
     feats = features_tensor(fs, torch_device)
-    return ensemble_probabilities([prompt_logits(p, feats, loaded) for p in prompts]), prompts
+    probs = ensemble_probabilities([prompt_logits(p, feats, loaded) for p in prompts])
+    scale = logit_scale(loaded) if loaded is not None else None
+    return Prior(probs, prompts, None, scale)
+
+
+def model_logit_scale(fs: FeatureSet, prior: Prior, pretrained: str | None, device: str) -> float:
+    """The features' model's logit scale (the weight of the posterior's centroid evidence)."""
+    if prior.logit_scale is not None:
+        return prior.logit_scale
+    for prompt in prior.prompts:  # prompt files record it
+        value = prompt.metadata.get("logit_scale")
+        if value not in (None, ""):
+            return float(value)
+    from promptcli.models import load_model_from_record
+    from promptcli.zeroshot import logit_scale
+
+    return logit_scale(load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=device))
+
+
+def posterior_scores(
+    fs: FeatureSet,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    scale: float,
+    noise_rate: float | None,
+) -> tuple[Scores, dict[str, Any]]:
+    """The ``posterior`` score of each labelled row, and what the noise model found."""
+    import torch
+
+    from promptcli.label_posterior import label_posterior, max_noise_rate, wrong_label_probability
+
+    limit = max_noise_rate(len(fs.classnames))
+    if noise_rate is not None and not 0.0 <= noise_rate < limit:
+        raise InputError(
+            f"must be in [0, {limit:.4f}) for {len(fs.classnames)} classes, got {noise_rate}",
+            where="--noise-rate",
+            hint="at (C-1)/C symmetric noise the labels say nothing; leave it out to estimate the rate",
+        )
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    prior = torch.from_numpy(np.log(np.clip(probs, 1e-300, None)))
+    result = label_posterior(torch.from_numpy(fs.features[rows]), y, prior, scale, noise_rate=noise_rate)
+    q = result.posterior.numpy()
+    index = np.arange(len(y))
+    predicted = q.argmax(axis=1)
+    scores = Scores(
+        wrong_label_probability(result, y).numpy(), q[index, labels], predicted, q[index, predicted]
+    )
+    model = {
+        "kind": "symmetric",
+        "noise_rate": result.noise_rate,
+        "rate_estimated": result.rate_estimated,
+        "rounds": result.rounds,
+        "centroid_scale": scale,
+    }
+    return scores, model
 
 
 @dataclass
@@ -225,6 +342,11 @@ def clean_labels(
     labels_path: str | Path,
     prompt_paths: Sequence[str | Path],
     *,
+    zero_shot: bool = False,
+    templates: Sequence[str] | None = None,
+    template_set: str | None = None,
+    score: str = "margin",
+    noise_rate: float | None = None,
     threshold: float | None = None,
     keep_fraction: float | None = None,
     relabel: bool = False,
@@ -240,14 +362,18 @@ def clean_labels(
     from promptcli.fileio import sha256_bytes, sha256_file
     from promptcli.labels import join_labels, read_labels
 
-    check_selection(threshold, keep_fraction)
+    check_selection(threshold, keep_fraction, score)
     if not 0.0 < relabel_confidence <= 1.0:
         raise InputError(
             f"must be in (0, 1], got {relabel_confidence}",
             where="--relabel-confidence",
             hint="the predicted class's probability a relabel needs, e.g. 0.5",
         )
-    require_prompts(prompt_paths)
+    require_prior(prompt_paths, zero_shot)
+    if noise_rate is not None and score != "posterior":
+        raise InputError(
+            "applies only with --score posterior", where="--noise-rate", hint="add --score posterior"
+        )
     fs = read_features(features_path, load_views=False)
     table = read_labels(labels_path)
     labels_sha = (
@@ -260,7 +386,16 @@ def clean_labels(
             where=table.source,
             hint="add the clean_label column, or clean without --relabel",
         )
-    probs, prompts = prompt_probabilities(fs, prompt_paths, pretrained=pretrained, device=device)
+    prior = prior_probabilities(
+        fs,
+        prompt_paths,
+        zero_shot=zero_shot,
+        templates=templates,
+        template_set=template_set,
+        pretrained=pretrained,
+        device=device,
+    )
+    probs, prompts = prior.probs, prior.prompts
     joined = join_labels(fs, table, skip_missing=skip_missing)
     table_rows = joined_table_rows(fs, table) if skip_missing else np.arange(len(table))
     if len(table_rows) != len(joined.rows) or any(
@@ -268,8 +403,15 @@ def clean_labels(
     ):
         raise RuntimeFailure("label rows and feature rows fell out of step", hint="report this as a bug")
 
-    scores = label_scores(probs[joined.rows], joined.labels)
-    suspect = select_suspects(scores.score, threshold=threshold, keep_fraction=keep_fraction)
+    noise_model = None
+    if score == "posterior":
+        scale = model_logit_scale(fs, prior, pretrained, device)
+        scores, noise_model = posterior_scores(
+            fs, joined.rows, joined.labels, probs[joined.rows], scale, noise_rate
+        )
+    else:
+        scores = label_scores(probs[joined.rows], joined.labels)
+    suspect = select_suspects(scores.score, threshold=threshold, keep_fraction=keep_fraction, kind=score)
     relabelled = (
         relabel_mask(suspect, scores.predicted, scores.p_predicted, joined.labels, relabel_confidence)
         if relabel
@@ -340,10 +482,15 @@ def clean_labels(
         "model": {k: fs.attrs.get(k, "") for k in ("model_name", "pretrained", "checkpoint_sha256")},
         "prompts": [prompt_provenance(p, sha256_file(p.path)) for p in prompts],
         "ensemble": len(prompts) > 1,
-        "score": SCORE,
-        "score_definition": SCORE_DEFINITION,
+        "zero_shot": {"templates": prior.templates} if zero_shot else None,
+        "score": score,
+        "score_definition": SCORE_DEFINITIONS[score],
+        "noise_model": noise_model,
         "options": {
-            "threshold": DEFAULT_THRESHOLD if threshold is None and keep_fraction is None else threshold,
+            "threshold": DEFAULT_THRESHOLDS[score]
+            if threshold is None and keep_fraction is None
+            else threshold,
+            "noise_rate": noise_rate,
             "keep_fraction": keep_fraction,
             "relabel": relabel,
             "relabel_confidence": relabel_confidence if relabel else None,

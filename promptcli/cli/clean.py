@@ -1,10 +1,21 @@
-"""Find likely mislabelled rows of a labels CSV with a tuned prompt; drop or relabel them.
+"""Find likely mislabelled rows of a labels CSV with a tuned prompt or zero-shot; drop or relabel them.
 
-Each row of LABELS (joined to FEATURES by path) gets a score: the margin by which the prompt
-prefers another class, max_{c != label} p(c) - p(label), in [-1, 1] (above 0: the prompt's top
-class is not the label). Rows scoring above --threshold (default 0) are suspect; or give
---keep-fraction f to keep the ceil(f x rows) lowest-scoring rows. Several --prompt files average
-their probabilities, as in eval. -o writes every row with its score, predicted class and action
+Class probabilities come from --prompt files (several average their probabilities, as in eval) or
+from the model's zero-shot classifier (--zero-shot, --template/--templates). Each row of LABELS
+(joined to FEATURES by path) then gets a score of how likely its label is wrong:
+
+--score margin (default): max_{c != label} p(c) - p(label), in [-1, 1] (above 0: the top class is
+not the label); default --threshold 0.
+
+--score posterior: the probability that the label is wrong under a symmetric label-noise model
+fitted by EM to all the rows: the classifier's probabilities are the prior, class centroids of the
+labelled images' own features (weighted by the current posterior) add evidence, and the noise rate
+is estimated (or fixed with --noise-rate). In [0, 1]; default --threshold 0.5; the predicted class
+is the posterior's top class. At high noise it is the better detector and relabeller (measured in
+docs/cleaning.md).
+
+Rows scoring above --threshold are suspect; or give --keep-fraction f to keep the ceil(f x rows)
+lowest-scoring rows. -o writes every row with its score, predicted class and action
 (kept, relabelled, dropped, skipped); --clean-out writes the kept rows, a labels CSV with all the
 original columns. --relabel keeps a suspect row under its predicted class when that class has
 probability >= --relabel-confidence (is_noisy is recomputed from clean_label). Each output file
@@ -18,6 +29,7 @@ Examples:
     promptcli clean train.h5 noisy.csv -p gce.safetensors --clean-out kept.csv
     promptcli clean train.h5 noisy.csv -p gce.safetensors --keep-fraction 0.6 --clean-out kept.csv
     promptcli clean train.h5 noisy.csv -p s1.safetensors -p s2.safetensors --relabel --json
+    promptcli clean train.h5 noisy.csv --zero-shot --score posterior --relabel --clean-out fixed.csv
     promptcli tune train.h5 kept.csv -o retuned.safetensors --loss gce
 """
 
@@ -36,6 +48,8 @@ from promptcli.cli._options import (
     JsonOpt,
     QuietOpt,
     SkipMissingOpt,
+    TemplateOpt,
+    TemplatesOpt,
 )
 from promptcli.cli._output import Output
 
@@ -49,6 +63,18 @@ def command(
         list[Path] | None,
         typer.Option("--prompt", "-p", help="Prompt file from `promptcli tune` (repeat to ensemble)."),
     ] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="Class probabilities from zero-shot CLIP instead of a prompt.")
+    ] = False,
+    template: TemplateOpt = None,
+    templates: TemplatesOpt = None,
+    score: Annotated[
+        str, typer.Option("--score", help="margin (default) or posterior (EM under a symmetric noise model).")
+    ] = "margin",
+    noise_rate: Annotated[
+        float | None,
+        typer.Option("--noise-rate", help="Symmetric noise rate for --score posterior [default: estimated]."),
+    ] = None,
     output: Annotated[
         str | None,
         typer.Option(
@@ -59,7 +85,8 @@ def command(
         str | None, typer.Option("--clean-out", help="Write the kept rows (a labels CSV) here (- = stdout).")
     ] = None,
     threshold: Annotated[
-        float | None, typer.Option("--threshold", help="Rows scoring above this are suspect [default: 0].")
+        float | None,
+        typer.Option("--threshold", help="Rows scoring above this are suspect [default: 0; posterior 0.5]."),
     ] = None,
     keep_fraction: Annotated[
         float | None,
@@ -83,12 +110,22 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.cleaning import DEFAULT_RELABEL_CONFIDENCE, check_selection, clean_labels, require_prompts
+    from promptcli.cleaning import DEFAULT_RELABEL_CONFIDENCE, check_selection, clean_labels, require_prior
     from promptcli.errors import InputError
     from promptcli.fileio import STDIO, check_output_path
 
-    check_selection(threshold, keep_fraction)
-    require_prompts(prompt or [])
+    check_selection(threshold, keep_fraction, score)
+    require_prior(prompt or [], zero_shot)
+    if (template or templates) and not zero_shot:
+        raise InputError(
+            "applies only with --zero-shot",
+            where="--template" if template else "--templates",
+            hint="a prompt file brings its own prompt; add --zero-shot to score with zero-shot templates",
+        )
+    if noise_rate is not None and score != "posterior":
+        raise InputError(
+            "applies only with --score posterior", where="--noise-rate", hint="add --score posterior"
+        )
     if relabel_confidence is not None and not relabel:
         raise InputError(
             "--relabel-confidence applies with --relabel", where="--relabel-confidence", hint="add --relabel"
@@ -112,6 +149,11 @@ def command(
         features,
         labels,
         prompt or [],
+        zero_shot=zero_shot,
+        templates=template,
+        template_set=templates,
+        score=score,
+        noise_rate=noise_rate,
         threshold=threshold,
         keep_fraction=keep_fraction,
         relabel=relabel,
@@ -138,6 +180,12 @@ def command(
             f"Detection of noisy labels: AUROC {_num(detection['auroc'])}, precision "
             f"{_num(detection['precision'])}, recall {_num(detection['recall'])}; noise rate "
             f"{_num(detection['noise_rate_before'])} -> {_num(detection['noise_rate_after'])}"
+        )
+    model = summary["noise_model"]
+    if model:
+        how = "estimated" if model["rate_estimated"] else "given"
+        out.info(
+            f"Noise model: symmetric, rate {model['noise_rate']:.4f} ({how}), {model['rounds']} EM rounds"
         )
     if detection and "relabel_accuracy" in detection:
         out.info(f"Relabelled rows now matching clean_label: {detection['relabel_accuracy']:.4f}")

@@ -1,0 +1,231 @@
+"""The noise-aware label posterior (clean --score posterior): EM maths by hand, recovery, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import unit_rows
+from promptcli.evaluation import evaluate
+from promptcli.features import read_features
+from promptcli.label_posterior import (
+    centred_directions,
+    label_posterior,
+    log_channel,
+    max_noise_rate,
+    wrong_label_probability,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _symmetric_noise(y: np.ndarray, n_classes: int, rate: float, rng) -> np.ndarray:
+    """Exactly round(rate x N) labels moved to a uniformly chosen other class."""
+    noisy = y.copy()
+    flip = rng.choice(len(y), size=round(rate * len(y)), replace=False)
+    noisy[flip] = (y[flip] + rng.integers(1, n_classes, size=len(flip))) % n_classes
+    return noisy
+
+
+def test_log_channel_is_the_symmetric_noise_matrix():
+    labels = torch.tensor([0, 2, 1])
+    out = log_channel(labels, 4, 0.3)
+    expected = np.full((3, 4), math.log(0.1))
+    expected[[0, 1, 2], [0, 2, 1]] = math.log(0.7)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(out.numpy()).sum(axis=1), 1.0, rtol=1e-12)  # a distribution over y
+    assert max_noise_rate(10) == pytest.approx(0.9)
+
+
+def test_zero_rounds_is_bayes_rule_on_prior_and_channel():
+    prior = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64), dim=1)
+    labels = torch.tensor([1, 1])
+    result = label_posterior(torch.randn(2, 5), labels, prior, 10.0, noise_rate=0.5, rounds=0)
+    p = np.exp(prior.numpy())
+    like = np.array([[0.25, 0.5, 0.25], [0.25, 0.5, 0.25]])  # P(y=1 | k) at r = 0.5, C = 3
+    expected = p * like / (p * like).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(result.posterior.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        wrong_label_probability(result, labels).numpy(), 1 - expected[:, 1], rtol=1e-12
+    )
+    assert not result.rate_estimated and result.noise_rate == 0.5
+
+
+def test_one_round_by_hand_with_the_rate_estimated():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(7, 4)))
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    prior = torch.log_softmax(torch.from_numpy(rng.normal(size=(7, 3))), dim=1)
+    scale = 5.0
+    result = label_posterior(x, y, prior, scale, rounds=1)
+    # by hand: E-step at r = 0.5, r <- 1 - mean q(y), centroids, final E-step
+    d = (x - x.mean(0)).numpy()
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    ch = np.full((7, 3), 0.25)
+    ch[np.arange(7), y.numpy()] = 0.5
+    q = np.exp(prior.numpy()) * ch
+    q /= q.sum(axis=1, keepdims=True)
+    r = 1 - q[np.arange(7), y.numpy()].mean()
+    c = q.T @ d / q.sum(axis=0)[:, None]
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    ch = np.full((7, 3), r / 2)
+    ch[np.arange(7), y.numpy()] = 1 - r
+    q = np.exp(prior.numpy() + scale * d @ c.T) * ch
+    q /= q.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(result.posterior.numpy(), q, rtol=1e-10)
+    assert result.noise_rate == pytest.approx(r, rel=1e-12) and result.rate_estimated
+    np.testing.assert_allclose(centred_directions(x).numpy(), d, rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recovers_true_classes_and_rate_of_separable_data_with_an_uninformative_prior(seed):
+    """Clusters in feature space + 40% symmetric noise, flat prior: the labels alone must be corrected."""
+    rng = np.random.default_rng(seed)
+    n_classes, per_class, rate = 5, 40, 0.4
+    centers = unit_rows(rng.normal(size=(n_classes, 32)))
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = unit_rows(centers[y] + 0.3 * rng.normal(size=(len(y), 32)))
+    noisy = _symmetric_noise(y, n_classes, rate, rng)
+    flat = torch.full((len(y), n_classes), -math.log(n_classes), dtype=torch.float64)
+    result = label_posterior(torch.from_numpy(x), torch.from_numpy(noisy), flat, 20.0)
+    predicted = result.posterior.argmax(dim=1).numpy()
+    assert (predicted == y).mean() >= 0.94  # 0.95-0.985 over these seeds; the labels alone: 0.6
+    assert result.noise_rate == pytest.approx(rate, abs=0.03)
+    np.testing.assert_allclose(result.posterior.sum(dim=1).numpy(), 1.0, rtol=1e-12)
+    # the score flags the wrong labels
+    wrong = wrong_label_probability(result, torch.from_numpy(noisy)).numpy()
+    assert ((wrong > 0.5) == (noisy != y)).mean() >= 0.94
+
+
+def test_bad_shapes_and_rates_are_refused():
+    with pytest.raises(ValueError, match="disagree"):
+        label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(4, 2), 1.0)
+    with pytest.raises(ValueError, match="noise rate must be in"):
+        label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), 1.0, noise_rate=0.5)
+
+
+# --- through the CLI ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noisy_labels(tmp_path_factory, tiny_features) -> Path:
+    """The tiny features' labels with a third of them moved to the next class."""
+    fs = read_features(tiny_features)
+    names = fs.classnames
+    lines = ["path,label,clean_label,is_noisy"]
+    for i, (p, y) in enumerate(zip(fs.paths, fs.labels)):
+        given = (y + 1) % len(names) if i % 3 == 0 else y
+        lines.append(f"{p},{names[given]},{names[y]},{int(given != y)}")
+    path = tmp_path_factory.mktemp("posterior") / "noisy.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_zero_shot_margin_matches_eval_zero_shot(tiny_features, noisy_labels, tmp_path, run_cli):
+    result = evaluate(tiny_features, [], zero_shot=True, device="cpu")
+    fs = result.features
+    rows = _read_csv(noisy_labels)
+    labels = np.array([fs.classnames.index(r["label"]) for r in rows])
+    probs = result.probs[[fs.paths.index(r["path"]) for r in rows]]
+    other = probs.copy()
+    other[np.arange(len(rows)), labels] = -1
+    margin = other.max(axis=1) - probs[np.arange(len(rows)), labels]
+    scores = tmp_path / "scores.csv"
+    code, stdout, err = run_cli("clean", tiny_features, noisy_labels, "--zero-shot", "-o", scores, "--json")
+    assert code == 0, err
+    np.testing.assert_allclose([float(r["score"]) for r in _read_csv(scores)], margin, atol=2e-6)
+    summary = json.loads(stdout)
+    assert summary["zero_shot"] == {"templates": ["a photo of a {}."]} and summary["prompts"] == []
+    assert summary["score"] == "margin" and summary["noise_model"] is None
+
+
+def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, noisy_labels, tmp_path, run_cli):
+    scores, fixed = tmp_path / "scores.csv", tmp_path / "fixed.csv"
+    code, stdout, err = run_cli(
+        "clean", tiny_features, noisy_labels, "--zero-shot", "--score", "posterior", "--relabel",
+        "-o", scores, "--clean-out", fixed, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(stdout)
+    model = summary["noise_model"]
+    assert summary["score"] == "posterior" and summary["options"]["threshold"] == 0.5
+    assert model["kind"] == "symmetric" and model["rate_estimated"] and model["rounds"] == 10
+    assert 0 < model["noise_rate"] < max_noise_rate(len(read_features(tiny_features).classnames))
+    rows = _read_csv(scores)
+    score = np.array([float(r["score"]) for r in rows])
+    p_label = np.array([float(r["p_label"]) for r in rows])
+    np.testing.assert_allclose(score, 1 - p_label, atol=2e-6)  # the score is 1 - q(label)
+    assert ((score > 0.5) == np.array([r["suspect"] == "1" for r in rows])).all()
+    counts = summary["counts"]
+    assert counts["kept"] + counts["dropped"] == len(rows) == counts["rows_in"]
+    assert len(_read_csv(fixed)) == counts["kept"]
+    # the tiny classes are colour blobs: the image evidence fixes most of the moved labels
+    detection = summary["detection"]
+    assert detection["auroc"] > 0.8
+    assert detection["noise_rate_after"] < detection["noise_rate_before"]
+    side = json.loads(Path(f"{scores}.json").read_text())
+    assert side["noise_model"] == model and side["options"]["noise_rate"] is None
+
+    # a given rate is used as is, and recorded
+    code, stdout, err = run_cli(
+        "clean", tiny_features, noisy_labels, "--zero-shot", "--score", "posterior", "--noise-rate", "0.3",
+        "--json", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    model = json.loads(stdout)["noise_model"]
+    assert model["noise_rate"] == 0.3 and not model["rate_estimated"]
+
+
+def test_posterior_with_a_prompt_prior(noisy_labels, tiny_features, tmp_path, run_cli):
+    from promptcli.training import TuneOptions, tune
+
+    prompt = tmp_path / "coop.safetensors"
+    tune(
+        tiny_features,
+        noisy_labels,
+        prompt,
+        TuneOptions(method="coop", epochs=1, lr=0.05, seed=1),
+        device="cpu",
+    )
+    code, stdout, err = run_cli(
+        "clean", tiny_features, noisy_labels, "-p", prompt, "--score", "posterior", "--json", "-q"
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["prompts"][0]["method"] == "coop" and summary["zero_shot"] is None
+    # the centroid evidence is weighted by the model's logit scale, which the prompt file records
+    from promptcli.prompt_files import read_prompt
+
+    recorded = float(read_prompt(prompt).metadata["logit_scale"])
+    assert summary["noise_model"]["centroid_scale"] == pytest.approx(recorded)
+
+
+def test_bad_invocations(tiny_features, noisy_labels, tmp_path, run_cli):
+    f, labels = tiny_features, noisy_labels
+    n_classes = len(read_features(f).classnames)
+    code, _, err = run_cli("clean", f, labels, "--zero-shot", "-p", tmp_path / "x.safetensors")
+    assert code == 2 and "give --prompt or --zero-shot, not both" in err
+    code, _, err = run_cli("clean", f, labels, "--zero-shot", "--score", "median")
+    assert code == 2 and "--score: unknown score 'median'" in err
+    code, _, err = run_cli("clean", f, labels, "--zero-shot", "--score", "posterior", "--threshold", "-0.2")
+    assert code == 2 and "--threshold: must be in [0, 1]" in err
+    code, _, err = run_cli("clean", f, labels, "--zero-shot", "--noise-rate", "0.2")
+    assert code == 2 and "--noise-rate: applies only with --score posterior" in err
+    code, _, err = run_cli("clean", f, labels, "--template", "a {}.", "-p", tmp_path / "x.safetensors")
+    assert code == 2 and "--template: applies only with --zero-shot" in err
+    limit = (n_classes - 1) / n_classes
+    code, _, err = run_cli(
+        "clean", f, labels, "--zero-shot", "--score", "posterior", "--noise-rate", str(limit)
+    )
+    assert code == 2 and "--noise-rate: must be in [0, " in err and "Traceback" not in err
