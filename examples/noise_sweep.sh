@@ -28,6 +28,9 @@
 #   TUNE_ARGS   extra flags for tune and gradstats, e.g. "--n-ctx 4" []
 #   GRADSTATS   methods whose noisy/clean gradient norms are recorded at every noisy rate, one
 #               method+loss pair each ("" turns it off) ["coop+ce linear-probe+ce"]
+#   GRADSTATS_SEEDS  the seeds gradient statistics run for [all of SEEDS]; exact per-sample
+#               gradients cost about one backward pass per sample, so a coop run takes ~10x a
+#               tune (measured on the demo, CPU): "1" keeps the figure and saves most of that time
 #   PROMPTCLI   how to run promptcli ["promptcli"]
 #
 # Work already done is skipped (every output is written atomically, so it exists only when complete);
@@ -49,6 +52,7 @@ EPOCHS=${EPOCHS:-50}
 METHODS=${METHODS:-coop+ce coop+gce linear-probe+ce}
 TUNE_ARGS=${TUNE_ARGS:-}
 GRADSTATS=${GRADSTATS-coop+ce linear-probe+ce}
+GRADSTATS_SEEDS=${GRADSTATS_SEEDS:-$SEEDS}
 PROMPTCLI=${PROMPTCLI:-promptcli}
 
 read -r -a cli <<<"$PROMPTCLI"
@@ -110,7 +114,7 @@ for rate in $RATES; do
             result=$OUT/results/${method}_${loss}_$name.json
             run "$result" "${cli[@]}" eval "$test_h5" --prompt "$prompt" --device "$DEVICE" -o "$result" -q
         done
-        if [[ "$rate" != 0 && "$rate" != 0.0 ]]; then
+        if [[ "$rate" != 0 && "$rate" != 0.0 && " $GRADSTATS_SEEDS " == *" $seed "* ]]; then
             for pair in $GRADSTATS; do
                 method=${pair%+*} loss=${pair#*+}
                 grads=$OUT/results/grads_${method}_${loss}_$name.csv

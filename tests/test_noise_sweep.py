@@ -142,3 +142,23 @@ def test_noise_sweep_stops_at_the_first_failure(tmp_path):
         calls.read_text().splitlines()[0].startswith(f"extract {tmp_path} -o {tmp_path}/s/features/train.h5")
     )
     assert len(calls.read_text().splitlines()) == 1 and proc.stdout.count("run: ") == 1
+
+
+def test_gradstats_seeds_limits_gradient_statistics_to_those_seeds(tmp_path):
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake.sh"  # a promptcli that records its command line and creates its -o files
+    fake.write_text(
+        f'echo "$*" >> {calls}\n'
+        'prev=""\nfor a in "$@"; do\n'
+        '  if [[ "$prev" == "-o" ]]; then mkdir -p "$(dirname "$a")"; touch "$a" "$a.json"; fi\n'
+        '  prev=$a\ndone\n'
+    )
+    env = {**os.environ, "OUT": str(tmp_path / "s"), "PROMPTCLI": f"bash {fake}"}
+    env.update(TRAIN_DIR=str(tmp_path), TEST_DIR=str(tmp_path), RATES="0 0.5", SEEDS="1 2 3")
+    env.update(GRADSTATS="coop+ce linear-probe+ce", GRADSTATS_SEEDS="2")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = calls.read_text().splitlines()
+    grads = [line.split(" -o ")[1].split()[0] for line in lines if line.startswith("gradstats")]
+    assert [Path(g).name for g in grads] == ["grads_coop_ce_r0.5_s2.csv", "grads_linear-probe_ce_r0.5_s2.csv"]
+    assert sum(line.startswith("tune") for line in lines) == 2 * 3 * 3  # every rate, seed and method
