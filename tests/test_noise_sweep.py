@@ -151,7 +151,7 @@ def test_gradstats_seeds_limits_gradient_statistics_to_those_seeds(tmp_path):
         f'echo "$*" >> {calls}\n'
         'prev=""\nfor a in "$@"; do\n'
         '  if [[ "$prev" == "-o" ]]; then mkdir -p "$(dirname "$a")"; touch "$a" "$a.json"; fi\n'
-        '  prev=$a\ndone\n'
+        "  prev=$a\ndone\n"
     )
     env = {**os.environ, "OUT": str(tmp_path / "s"), "PROMPTCLI": f"bash {fake}"}
     env.update(TRAIN_DIR=str(tmp_path), TEST_DIR=str(tmp_path), RATES="0 0.5", SEEDS="1 2 3")
