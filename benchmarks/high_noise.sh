@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# High-noise comparison (issue 8): on top of a finished examples/noise_sweep.sh run (its features,
+# labels and coop+gce prompts), train at 50% and 75% symmetric noise with
+#   coop+gce --split ot, coop+ce --split ot  (clean/noisy split each epoch, MAE on the noisy part)
+#   clean-and-retune: clean with the sweep's coop+gce prompt, tune coop+gce again on the kept rows;
+#     and with --score posterior --relabel (the prompt as the noise model's prior)
+#   posterior relabel-and-retune: clean --zero-shot --score posterior --relabel (no prompt needed),
+#     tune coop+gce on the relabelled rows; and the same without --relabel (suspects dropped)
+#   oracle: coop+gce on only the correctly labelled rows (what perfect cleaning could give)
+# and evaluate each on the test features. Results: $SWEEP/high-noise/results/*.json, one table at the end.
+#
+#     OUT=noise-sweep examples/noise_sweep.sh && SWEEP=noise-sweep benchmarks/high_noise.sh
+set -euo pipefail
+
+SWEEP=${SWEEP:-noise-sweep}
+RATES=${RATES:-0.5 0.75}
+SEEDS=${SEEDS:-1 2 3}
+EPOCHS=${EPOCHS:-50}
+DEVICE=${DEVICE:-auto}
+OUT=$SWEEP/high-noise
+mkdir -p "$OUT/labels" "$OUT/prompts" "$OUT/results"
+train=$SWEEP/features/train.h5
+test=$SWEEP/features/test.h5
+
+todo() { [[ ! -e "$1" ]]; }
+tune() { # tune OUTPUT LABELS ARGS...
+    local out=$1 labels=$2
+    shift 2
+    todo "$OUT/prompts/$out.safetensors" && promptcli tune "$train" "$labels" -o "$OUT/prompts/$out.safetensors" \
+        --epochs "$EPOCHS" --device "$DEVICE" --log "$OUT/results/$out.jsonl" --resume -q "$@"
+    todo "$OUT/results/$out.json" && promptcli eval "$test" --prompt "$OUT/prompts/$out.safetensors" \
+        --device "$DEVICE" -o "$OUT/results/$out.json" -q
+    return 0
+}
+
+for rate in $RATES; do
+    for seed in $SEEDS; do
+        name=r${rate}_s${seed}
+        labels=$SWEEP/labels/$name.csv
+        while [[ ! -e "$test" ]]; do sleep 20; done # the sweep's features, maybe still extracting
+        # the same command as the sweep's, so the same file (the sweep then skips it)
+        todo "$labels.json" && promptcli corrupt "$train" --shots 16 --rate "$rate" --type symmetric \
+            --seed "$seed" -o "$labels" --force -q
+        # oracle: the rows whose label is correct (is_noisy == 0), all other columns kept
+        oracle=$OUT/labels/oracle_$name.csv
+        todo "$oracle" && python - "$labels" "$oracle" <<'PY'
+import csv, sys
+with open(sys.argv[1], newline="") as f:
+    rows = list(csv.DictReader(f))
+with open(sys.argv[2], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(r for r in rows if r["is_noisy"] in ("0", "false", "False"))
+PY
+        tune "oracle_coop_gce_$name" "$oracle" --loss gce --seed "$seed"
+        tune "ot_coop_gce_$name" "$labels" --loss gce --split ot --seed "$seed"
+        tune "ot_coop_ce_$name" "$labels" --loss ce --split ot --seed "$seed"
+        fixed=$OUT/labels/fixed_$name.csv
+        todo "$fixed" && promptcli clean "$train" "$labels" --zero-shot --score posterior --relabel \
+            -o "$OUT/labels/posterior_scores_$name.csv" --clean-out "$fixed" --json -q \
+            >"$OUT/results/posterior_$name.summary.json"
+        tune "posterior_coop_gce_$name" "$fixed" --loss gce --seed "$seed"
+        dropped=$OUT/labels/posterior_kept_$name.csv
+        todo "$dropped" && promptcli clean "$train" "$labels" --zero-shot --score posterior \
+            --clean-out "$dropped" --json -q >"$OUT/results/posterior_drop_$name.summary.json"
+        tune "posterior_drop_coop_gce_$name" "$dropped" --loss gce --seed "$seed"
+    done
+done
+
+# clean-and-retune needs the sweep's coop+gce prompts: last, so the rest never waits for the sweep
+for rate in $RATES; do
+    for seed in $SEEDS; do
+        name=r${rate}_s${seed}
+        labels=$SWEEP/labels/$name.csv
+        gce=$SWEEP/prompts/coop_gce_$name.safetensors
+        while [[ ! -e "$gce" ]]; do sleep 20; done # the sweep's prompt, maybe still training
+        kept=$OUT/labels/kept_$name.csv
+        todo "$kept" && promptcli clean "$train" "$labels" --prompt "$gce" -o "$OUT/labels/scores_$name.csv" \
+            --clean-out "$kept" --json -q >"$OUT/results/clean_$name.summary.json"
+        tune "retuned_coop_gce_$name" "$kept" --loss gce --seed "$seed"
+        fixed=$OUT/labels/fixed_prompt_$name.csv
+        todo "$fixed" && promptcli clean "$train" "$labels" --prompt "$gce" --score posterior --relabel \
+            -o "$OUT/labels/posterior_prompt_scores_$name.csv" --clean-out "$fixed" --json -q \
+            >"$OUT/results/posterior_prompt_$name.summary.json"
+        tune "posterior_prompt_coop_gce_$name" "$fixed" --loss gce --seed "$seed"
+    done
+done
