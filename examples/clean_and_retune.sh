@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Find the mislabelled samples and train again without them, on the bundled demo (offline, CPU):
-#   tune with GCE on noisy labels -> clean (score every row, keep the likely-correct ones)
-#   -> tune again on the kept rows -> eval both prompts and zero-shot -> one table.
+# Find the mislabelled samples and train again on corrected labels, on the bundled demo (offline, CPU):
+#   tune with GCE on noisy labels -> clean (score every row with the tuned prompt; relabel or drop
+#   the likely-wrong ones) -> tune again on the cleaned rows -> eval both prompts and zero-shot.
 # Settings (environment variables): OUT, RATE (symmetric noise, default 0.5), SEED, SHOTS, EPOCHS,
-# KEEP (fraction of rows to keep; empty: keep rows whose label is the prompt's top class), DEVICE,
+# SCORE (posterior: the noise-model posterior with the prompt as prior [default]; margin: the
+# prompt's margin), RELABEL (1: relabel suspects to the predicted class [default]; 0: drop them),
+# KEEP (fraction of rows to keep instead of the score's threshold), DEVICE,
 # PER_CLASS (use only the first N demo images per class and split).
+# Measured over 3 seeds (docs/cleaning.md): at 50% noise 59.8 -> 64.6 test accuracy, at 75%
+# 49.2 -> 59.0 (mean; per seed +12.8, +21.6, -5.0) with the defaults.
 set -euo pipefail
 
 OUT=${OUT:-promptcli-clean-demo}
@@ -12,10 +16,14 @@ RATE=${RATE:-0.5}
 SEED=${SEED:-1}
 SHOTS=${SHOTS:-16}
 EPOCHS=${EPOCHS:-50}
+SCORE=${SCORE:-posterior}
+RELABEL=${RELABEL:-1}
 KEEP=${KEEP:-}
 DEVICE=${DEVICE:-auto}
 PER_CLASS=${PER_CLASS:-}
-TUNE=(--loss gce --ctx-init "a photo of a" --lr 0.02 --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --resume -q)
+TUNE=(--loss gce --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --resume -q)
+CLEAN=(--score "$SCORE" ${KEEP:+--keep-fraction "$KEEP"})
+if [[ "$RELABEL" == 1 ]]; then CLEAN+=(--relabel); fi
 mkdir -p "$OUT/results"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
@@ -36,11 +44,11 @@ step "1. Tune with GCE on the noisy labels"
 todo "$OUT/gce.safetensors" && promptcli tune "$OUT/train.h5" "$OUT/noisy.csv" -o "$OUT/gce.safetensors" "${TUNE[@]}"
 todo "$OUT/results/gce.json" && promptcli eval "$OUT/test.h5" --prompt "$OUT/gce.safetensors" -o "$OUT/results/gce.json" -q
 
-step "2. Clean: score every label with the tuned prompt, keep the likely-correct rows"
+step "2. Clean: score every label with the tuned prompt ($SCORE), relabel or drop the likely-wrong rows"
 todo "$OUT/kept.csv" && promptcli clean "$OUT/train.h5" "$OUT/noisy.csv" --prompt "$OUT/gce.safetensors" \
-  -o "$OUT/scores.csv" --clean-out "$OUT/kept.csv" ${KEEP:+--keep-fraction "$KEEP"}
+  -o "$OUT/scores.csv" --clean-out "$OUT/kept.csv" "${CLEAN[@]}"
 
-step "3. Tune again on the kept rows"
+step "3. Tune again on the cleaned rows"
 todo "$OUT/retuned.safetensors" && promptcli tune "$OUT/train.h5" "$OUT/kept.csv" -o "$OUT/retuned.safetensors" "${TUNE[@]}"
 todo "$OUT/results/retuned.json" && promptcli eval "$OUT/test.h5" --prompt "$OUT/retuned.safetensors" \
   -o "$OUT/results/retuned.json" -q
