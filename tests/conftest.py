@@ -160,3 +160,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
+    """A CSV file's rows as dicts (header -> value)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(script: str, timeout: int = 900, **env: str):
+    """Run ``examples/<script>`` with bash and extra environment variables; the installed promptcli
+    (this interpreter's) comes first on PATH. Returns the CompletedProcess (text output captured)."""
+    import subprocess
+    import sys
+
+    full_env = dict(
+        os.environ, **env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
+    return subprocess.run(
+        ["bash", str(EXAMPLES / script)], env=full_env, capture_output=True, text=True, timeout=timeout
+    )

