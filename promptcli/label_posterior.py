@@ -18,8 +18,8 @@ s the model's logit scale. EM alternates
     E:  q_i(k) = softmax_k(evidence_i(k) + log P(y_i | k))
     M:  c_k = sum_i q_i(k) (x_i - m)/|x_i - m| / sum_i q_i(k);  r = 1 - mean_i q_i(y_i)
 
-starting from the prior alone (no centroid term) and r = 0.5 (or a rate the user gives, then kept
-fixed), for a fixed number of rounds. The score of a row is ``1 - q_i(y_i)``: the posterior
+starting from the prior alone (no centroid term) and r = 0.5 (0.25 with two classes; or a rate the
+user gives, then kept fixed), for a fixed number of rounds. The score of a row is ``1 - q_i(y_i)``: the posterior
 probability that its label is wrong; ``argmax_k q_i(k)`` is the class a relabel uses.
 
 Why the centroids help: under symmetric noise the wrong labels of a class are spread over all other
@@ -99,7 +99,9 @@ def label_posterior(
     labels = labels.long()
     prior = prior_log_probs.double()
     directions = centred_directions(features)
-    rate = INITIAL_RATE if noise_rate is None else noise_rate
+    # two classes: 0.5 is the rate at which labels say nothing, so start halfway to it
+    start = INITIAL_RATE if INITIAL_RATE < limit - RATE_MARGIN else limit / 2
+    rate = start if noise_rate is None else noise_rate
     evidence = prior
     for _ in range(rounds):
         q = torch.softmax(evidence + log_channel(labels, n_classes, rate), dim=1)

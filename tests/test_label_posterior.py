@@ -223,3 +223,11 @@ def test_bad_invocations(tiny_features, noisy_labels, tmp_path, run_cli):
         "clean", f, labels, "--zero-shot", "--score", "posterior", "--noise-rate", str(limit)
     )
     assert code == 2 and "--noise-rate: must be in [0, " in err and "Traceback" not in err
+
+
+def test_two_classes_start_below_the_uninformative_rate():
+    """With 2 classes r = 0.5 makes labels meaningless; the first E-step must still use them."""
+    prior = torch.zeros(4, 2, dtype=torch.float64)  # flat
+    labels = torch.tensor([0, 0, 1, 1])
+    result = label_posterior(torch.randn(4, 3, dtype=torch.float64), labels, prior, 1.0, rounds=0)
+    np.testing.assert_allclose(result.posterior[torch.arange(4), labels].numpy(), 0.75, rtol=1e-12)
