@@ -250,27 +250,23 @@ def prior_probabilities(
     from promptcli.zeroshot import logit_scale, resolve_templates
 
     require_prior(prompt_paths, zero_shot)
-    torch_device = resolve_device(device)
-    if zero_shot:
-        chosen = resolve_templates(templates, template_set)
-        loaded = load_model_from_record(
-            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
-        )
-        feats = features_tensor(fs, torch_device)
-        logits = zero_shot_class_logits(loaded, fs.classnames, chosen, feats)
-        return Prior(ensemble_probabilities([logits]), [], chosen, logit_scale(loaded))
+    chosen = resolve_templates(templates, template_set) if zero_shot else None
     prompts = [read_prompt(p) for p in prompt_paths]
     for prompt in prompts:
         check_compatible(prompt, fs)
+    torch_device = resolve_device(device)
     loaded = None
-    if prompts_need_model(prompts):
+    if zero_shot or prompts_need_model(prompts):
         loaded = load_model_from_record(
             fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
         )
     feats = features_tensor(fs, torch_device)
-    probs = ensemble_probabilities([prompt_logits(p, feats, loaded) for p in prompts])
+    if zero_shot:
+        logits = [zero_shot_class_logits(loaded, fs.classnames, chosen, feats)]
+    else:
+        logits = [prompt_logits(p, feats, loaded) for p in prompts]
     scale = logit_scale(loaded) if loaded is not None else None
-    return Prior(probs, prompts, None, scale)
+    return Prior(ensemble_probabilities(logits), prompts, chosen, scale)
 
 
 def model_logit_scale(fs: FeatureSet, prior: Prior, pretrained: str | None, device: str) -> float:

@@ -122,10 +122,6 @@ def command(
             where="--template" if template else "--templates",
             hint="a prompt file brings its own prompt; add --zero-shot to score with zero-shot templates",
         )
-    if noise_rate is not None and score != "posterior":
-        raise InputError(
-            "applies only with --score posterior", where="--noise-rate", hint="add --score posterior"
-        )
     if relabel_confidence is not None and not relabel:
         raise InputError(
             "--relabel-confidence applies with --relabel", where="--relabel-confidence", hint="add --relabel"
