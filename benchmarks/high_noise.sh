@@ -3,9 +3,10 @@
 # labels and coop+gce prompts), train at 50% and 75% symmetric noise with
 #   coop+gce --split ot, coop+ce --split ot  (clean/noisy split each epoch, MAE on the noisy part)
 #   clean-and-retune: clean with the sweep's coop+gce prompt, tune coop+gce again on the kept rows;
-#     and with --score posterior --relabel (the prompt as the noise model's prior)
-#   posterior relabel-and-retune: clean --zero-shot --score posterior --relabel (no prompt needed),
-#     tune coop+gce on the relabelled rows; and the same without --relabel (suspects dropped)
+#     and with --score posterior --relabel (the prompt as the noise model's prior, fixed weights)
+#   posterior relabel-and-retune: clean --zero-shot --score posterior --relabel (no prompt needed;
+#     evidence weights fitted), tune coop+gce on the relabelled rows; and the same without
+#     --relabel (suspects dropped)
 #   oracle: coop+gce on only the correctly labelled rows (what perfect cleaning could give)
 # and evaluate each on the test features. Results: $SWEEP/high-noise/results/*.json, one table at the end.
 #

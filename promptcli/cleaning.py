@@ -15,8 +15,10 @@ above ``--threshold`` (default 0), or when they fall outside the ``--keep-fracti
 
 ``posterior``: the probability that the label is wrong, ``1 - q(y | x, given label)``, under a
 symmetric label-noise model fitted by EM to the whole label set, with the classifier's
-probabilities as prior and class centroids of the labelled images themselves as extra evidence
-(see :mod:`promptcli.label_posterior`). In [0, 1]; default threshold 0.5. It uses what the margin
+probabilities as prior and leave-one-out class centroids of the labelled images themselves as
+extra evidence (see :mod:`promptcli.label_posterior`). The two kinds of evidence are weighted by
+fitting the labels' likelihood (default for a zero-shot prior) or at fixed weights (default for a
+prompt, which has seen the labels). In [0, 1]; default threshold 0.5. It uses what the margin
 ignores: that under symmetric noise most images given a label still share a class, and how noisy
 the labels are overall (estimated, or ``--noise-rate``).
 """
@@ -24,7 +26,7 @@ the labels are overall (estimated, or ``--noise-rate``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,8 @@ SCORE_DEFINITIONS = {
     "margin": "max over other classes of p(class) minus p(given label), in [-1, 1]; higher = more suspect",
     "posterior": (
         "posterior probability that the given label is wrong, 1 - q(label), under a symmetric noise model "
-        "fitted by EM (prior: the classifier's probabilities; evidence: class centroids of the labelled "
-        "images), in [0, 1]"
+        "fitted by EM (prior: the classifier's probabilities; evidence: leave-one-out class centroids of the "
+        "labelled images), in [0, 1]"
     ),
 }
 SCORE_RANGES = {"margin": (-1.0, 1.0), "posterior": (0.0, 1.0)}
@@ -290,11 +292,20 @@ def posterior_scores(
     probs: np.ndarray,
     scale: float,
     noise_rate: float | None,
+    fit_weights: bool,
+    device: str = "cpu",
+    on_fit_step: Callable[[], None] | None = None,
 ) -> tuple[Scores, dict[str, Any]]:
-    """The ``posterior`` score of each labelled row, and what the noise model found."""
+    """The ``posterior`` score of each labelled row, and what the noise model found (EM on ``device``)."""
     import torch
 
-    from promptcli.label_posterior import label_posterior, max_noise_rate, wrong_label_probability
+    from promptcli.devices import resolve_device
+    from promptcli.label_posterior import (
+        fit_label_posterior,
+        label_posterior,
+        max_noise_rate,
+        wrong_label_probability,
+    )
 
     limit = max_noise_rate(len(fs.classnames))
     if noise_rate is not None and not 0.0 <= noise_rate < limit:
@@ -303,21 +314,32 @@ def posterior_scores(
             where="--noise-rate",
             hint="at (C-1)/C symmetric noise the labels say nothing; leave it out to estimate the rate",
         )
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    prior = torch.from_numpy(np.log(np.clip(probs, 1e-300, None)))
-    result = label_posterior(torch.from_numpy(fs.features[rows]), y, prior, scale, noise_rate=noise_rate)
+    torch_device = resolve_device(device)
+    y_cpu = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    y = y_cpu.to(torch_device)
+    prior = torch.from_numpy(np.log(np.clip(probs, 1e-300, None))).to(torch_device)
+    x = torch.from_numpy(fs.features[rows]).to(torch_device)
+    if fit_weights:
+        result = fit_label_posterior(x, y, prior, scale, noise_rate=noise_rate, on_step=on_fit_step)
+    else:
+        result = label_posterior(x, y, prior, centroid_scale=scale, noise_rate=noise_rate)
+    result.posterior = result.posterior.cpu()
     q = result.posterior.numpy()
     index = np.arange(len(y))
     predicted = q.argmax(axis=1)
     scores = Scores(
-        wrong_label_probability(result, y).numpy(), q[index, labels], predicted, q[index, predicted]
+        wrong_label_probability(result, y_cpu).numpy(), q[index, labels], predicted, q[index, predicted]
     )
     model = {
         "kind": "symmetric",
         "noise_rate": result.noise_rate,
         "rate_estimated": result.rate_estimated,
         "rounds": result.rounds,
-        "centroid_scale": scale,
+        "weights": "fitted" if result.fitted else "fixed",
+        "prior_weight": result.prior_weight,
+        "centroid_scale": result.centroid_scale,
+        "logit_scale": scale,
+        "log_likelihood": result.log_likelihood,
     }
     return scores, model
 
@@ -343,6 +365,7 @@ def clean_labels(
     template_set: str | None = None,
     score: str = "margin",
     noise_rate: float | None = None,
+    fit_weights: bool | None = None,
     threshold: float | None = None,
     keep_fraction: float | None = None,
     relabel: bool = False,
@@ -350,8 +373,11 @@ def clean_labels(
     skip_missing: bool = False,
     pretrained: str | None = None,
     device: str = "auto",
+    on_fit_step: Callable[[], None] | None = None,
 ) -> CleanResult:
-    """Score every label row, flag suspects, drop or relabel them; count everything."""
+    """Score every label row, flag suspects, drop or relabel them; count everything.
+
+    ``on_fit_step()`` is called after each grid point when the posterior's weights are fitted."""
     from promptcli import provenance
     from promptcli.evaluation import prompt_provenance
     from promptcli.features import read_features
@@ -366,10 +392,11 @@ def clean_labels(
             hint="the predicted class's probability a relabel needs, e.g. 0.5",
         )
     require_prior(prompt_paths, zero_shot)
-    if noise_rate is not None and score != "posterior":
-        raise InputError(
-            "applies only with --score posterior", where="--noise-rate", hint="add --score posterior"
-        )
+    for value, option in ((noise_rate, "--noise-rate"), (fit_weights, "--fit-weights/--fixed-weights")):
+        if value is not None and score != "posterior":
+            raise InputError(
+                "applies only with --score posterior", where=option, hint="add --score posterior"
+            )
     fs = read_features(features_path, load_views=False)
     table = read_labels(labels_path)
     labels_sha = (
@@ -402,8 +429,9 @@ def clean_labels(
     noise_model = None
     if score == "posterior":
         scale = model_logit_scale(fs, prior, pretrained, device)
+        fit = zero_shot if fit_weights is None else fit_weights
         scores, noise_model = posterior_scores(
-            fs, joined.rows, joined.labels, probs[joined.rows], scale, noise_rate
+            fs, joined.rows, joined.labels, probs[joined.rows], scale, noise_rate, fit, device, on_fit_step
         )
     else:
         scores = label_scores(probs[joined.rows], joined.labels)
@@ -487,6 +515,7 @@ def clean_labels(
             if threshold is None and keep_fraction is None
             else threshold,
             "noise_rate": noise_rate,
+            "fit_weights": fit_weights,
             "keep_fraction": keep_fraction,
             "relabel": relabel,
             "relabel_confidence": relabel_confidence if relabel else None,

@@ -9,18 +9,30 @@ so even at r = 0.75 with 10 classes the given label is 3x likelier to be the tru
 other. The evidence for class k combines a prior classifier with the labelled set's own class
 structure:
 
-    evidence_i(k) = log p_prior(k | x_i) + s * cos(x_i - m, c_k)
+    evidence_i(k) = a * log p_prior(k | x_i) + s * cos(x_i - m, c_k^(-i))
 
-where m is the mean feature of the labelled images, c_k the q-weighted mean of their centred,
-normalised features (a class centroid built from the images currently believed to be class k) and
-s the model's logit scale. EM alternates
+where m is the mean feature of the labelled images and c_k^(-i) the q-weighted mean of the
+*other* images' centred, normalised features (a class centroid built from the images currently
+believed to be class k, leaving image i out so that its own label cannot vouch for itself). EM
+alternates
 
     E:  q_i(k) = softmax_k(evidence_i(k) + log P(y_i | k))
-    M:  c_k = sum_i q_i(k) (x_i - m)/|x_i - m| / sum_i q_i(k);  r = 1 - mean_i q_i(y_i)
+    M:  c_k^(-i) from q;  r = 1 - mean_i q_i(y_i)
 
 starting from the prior alone (no centroid term) and r = 0.5 (0.25 with two classes; or a rate the
-user gives, then kept fixed), for a fixed number of rounds. The score of a row is ``1 - q_i(y_i)``: the posterior
-probability that its label is wrong; ``argmax_k q_i(k)`` is the class a relabel uses.
+user gives, then kept fixed), for a fixed number of rounds. The score of a row is ``1 - q_i(y_i)``:
+the posterior probability that its label is wrong; ``argmax_k q_i(k)`` is the class a relabel uses.
+
+The weights a (prior) and s (centroids) set how sharp each kind of evidence is. Fixed, they are
+a = 1 and s = the model's logit scale. Fitted (:func:`fit_label_posterior`), they are the pair on a
+grid that maximises the likelihood of the given labels under the model,
+
+    L = sum_i log sum_k softmax_k(evidence_i)(k) P(y_i | k),
+
+a leave-one-out likelihood (no row's evidence uses its own label), so it measures how well the
+evidence predicts labels it has not seen. That holds only when the prior has not seen the labels
+either: zero-shot CLIP, yes; a prompt tuned on these labels, no (it would vouch for the labels it
+memorised, and L would reward trusting it).
 
 Why the centroids help: under symmetric noise the wrong labels of a class are spread over all other
 classes, so the images labelled k still lean towards class k's region of feature space; weighting
@@ -30,24 +42,36 @@ breaks ties the labels cannot.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 DEFAULT_ROUNDS = 10
 INITIAL_RATE = 0.5
+EMPTY_MASS = 1e-6  # a leave-one-out centroid with less posterior mass than this is empty
 RATE_MARGIN = 1e-3  # keeps an estimated rate inside (0, (C-1)/C), where labels still carry signal
+# The fitting grid: prior weights, and centroid weights as fractions of the logit scale.
+FIT_PRIOR_WEIGHTS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
+FIT_CENTROID_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
+FIT_GRID_SIZE = len(FIT_PRIOR_WEIGHTS) * len(FIT_CENTROID_FRACTIONS)
 
 
 @dataclass
 class LabelPosterior:
-    """EM result: per-row posteriors over the true class and the noise rate used in the last E-step."""
+    """EM result: per-row posteriors over the true class, the noise rate and evidence weights used."""
 
     posterior: torch.Tensor  # (N, C) float64, rows sum to 1
     noise_rate: float
     rate_estimated: bool
     rounds: int
+    prior_weight: float
+    centroid_scale: float
+    log_likelihood: float  # of the given labels, see the module docstring
+    fitted: bool = False
+    grid: list[tuple[float, float, float]] = field(default_factory=list)  # (a, s, L) tried, when fitted
 
 
 def max_noise_rate(n_classes: int) -> float:
@@ -71,7 +95,44 @@ def centred_directions(features: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def leave_one_out_cosine(directions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(N, C) cosine between row i and class k's q-weighted centroid of all rows but i.
+
+    With S_k = sum_j q_jk d_j and unit rows d_i, the centroid without row i is S_k - q_ik d_i, so
+    cos = (d_i.S_k - q_ik) / |S_k - q_ik d_i| with |S_k - q_ik d_i|^2 = |S_k|^2 - 2 q_ik d_i.S_k + q_ik^2.
+    A class with (almost) no mass besides row i has no centroid for it: cosine 0, no evidence
+    (the expansion above would also lose all precision there).
+    """
+    sums = q.t() @ directions  # (C, D)
+    dot = directions @ sums.t()  # (N, C)
+    norm2 = (sums * sums).sum(dim=1)[None, :] - 2 * q * dot + q * q
+    rest = q.sum(dim=0)[None, :] - q  # each class's mass without row i
+    cos = (dot - q) / norm2.clamp_min(1e-24).sqrt()
+    return torch.where(rest > EMPTY_MASS, cos.clamp(-1.0, 1.0), torch.zeros_like(cos))
+
+
 def label_posterior(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prior_log_probs: torch.Tensor,
+    *,
+    centroid_scale: float,
+    prior_weight: float = 1.0,
+    noise_rate: float | None = None,
+    rounds: int = DEFAULT_ROUNDS,
+) -> LabelPosterior:
+    """EM over the true classes of labelled images (see the module docstring).
+
+    ``features`` (N, D) image features, ``labels`` (N,) given class indices, ``prior_log_probs``
+    (N, C) log-probabilities of a prior classifier weighted by ``prior_weight``; ``centroid_scale``
+    weights the centroid cosine (the model's logit scale, unfitted). ``noise_rate`` fixes r; None
+    estimates it.
+    """
+    labels, prior, directions, limit = _checked(features, labels, prior_log_probs, noise_rate)
+    return _em(directions, labels, prior, prior_weight, centroid_scale, noise_rate, rounds, limit)
+
+
+def fit_label_posterior(
     features: torch.Tensor,
     labels: torch.Tensor,
     prior_log_probs: torch.Tensor,
@@ -79,13 +140,37 @@ def label_posterior(
     *,
     noise_rate: float | None = None,
     rounds: int = DEFAULT_ROUNDS,
+    prior_weights: Sequence[float] = FIT_PRIOR_WEIGHTS,
+    centroid_fractions: Sequence[float] = FIT_CENTROID_FRACTIONS,
+    on_step: Callable[[], None] | None = None,
 ) -> LabelPosterior:
-    """EM over the true classes of labelled images (see the module docstring).
+    """:func:`label_posterior` at the (prior weight, centroid weight = fraction x ``scale``) pair of
+    the grid whose result gives the given labels the highest likelihood (first of any ties).
+    ``on_step()`` is called after each grid point (for progress bars)."""
+    labels, prior, directions, limit = _checked(features, labels, prior_log_probs, noise_rate)
+    best, grid = None, []
+    for a, f in itertools.product(prior_weights, centroid_fractions):
+        result = _em(directions, labels, prior, a, f * scale, noise_rate, rounds, limit)
+        grid.append((a, f * scale, result.log_likelihood))
+        if on_step is not None:
+            on_step()
+        if best is None or result.log_likelihood > best.log_likelihood:
+            best = result
+    if best is None:
+        raise ValueError("the fitting grid is empty")
+    best.fitted, best.grid = True, grid
+    return best
 
-    ``features`` (N, D) image features, ``labels`` (N,) given class indices, ``prior_log_probs``
-    (N, C) log-probabilities of a prior classifier, ``scale`` the weight of the centroid cosine
-    (the model's logit scale). ``noise_rate`` fixes r; None estimates it.
-    """
+
+def wrong_label_probability(result: LabelPosterior, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) the posterior probability that each given label is wrong: ``1 - q_i(y_i)``."""
+    return 1.0 - result.posterior.gather(1, labels.long()[:, None])[:, 0]
+
+
+def _checked(
+    features: torch.Tensor, labels: torch.Tensor, prior_log_probs: torch.Tensor, noise_rate: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Validated labels (long), prior (float64), centred directions and the largest usable rate."""
     n, n_classes = prior_log_probs.shape
     if features.shape[0] != n or labels.shape[0] != n:
         raise ValueError(
@@ -96,9 +181,22 @@ def label_posterior(
     limit = max_noise_rate(n_classes)
     if noise_rate is not None and not 0.0 <= noise_rate < limit:
         raise ValueError(f"noise rate must be in [0, {limit:.4f}), got {noise_rate}")
-    labels = labels.long()
-    prior = prior_log_probs.double()
-    directions = centred_directions(features)
+    return labels.long(), prior_log_probs.double(), centred_directions(features), limit
+
+
+def _em(
+    directions: torch.Tensor,
+    labels: torch.Tensor,
+    prior: torch.Tensor,
+    prior_weight: float,
+    scale: float,
+    noise_rate: float | None,
+    rounds: int,
+    limit: float,
+) -> LabelPosterior:
+    """One EM run at fixed evidence weights (the maths of the module docstring)."""
+    n_classes = prior.shape[1]
+    prior = prior_weight * prior
     # two classes: 0.5 is the rate at which labels say nothing, so start halfway to it
     start = INITIAL_RATE if INITIAL_RATE < limit - RATE_MARGIN else limit / 2
     rate = start if noise_rate is None else noise_rate
@@ -108,14 +206,8 @@ def label_posterior(
         if noise_rate is None:
             agree = q.gather(1, labels[:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
-        mass = q.sum(dim=0)
-        centroids = (q.t() @ directions) / mass.clamp_min(1e-12)[:, None]
-        centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        evidence = prior + scale * directions @ centroids.t()
-    q = torch.softmax(evidence + log_channel(labels, n_classes, rate), dim=1)
-    return LabelPosterior(q, rate, noise_rate is None, rounds)
-
-
-def wrong_label_probability(result: LabelPosterior, labels: torch.Tensor) -> torch.Tensor:
-    """(N,) the posterior probability that each given label is wrong: ``1 - q_i(y_i)``."""
-    return 1.0 - result.posterior.gather(1, labels.long()[:, None])[:, 0]
+        evidence = prior + scale * leave_one_out_cosine(directions, q)
+    channel = log_channel(labels, n_classes, rate)
+    log_likelihood = torch.logsumexp(torch.log_softmax(evidence, dim=1) + channel, dim=1).sum().item()
+    q = torch.softmax(evidence + channel, dim=1)
+    return LabelPosterior(q, rate, noise_rate is None, rounds, prior_weight, scale, log_likelihood)

@@ -15,7 +15,9 @@ from promptcli.evaluation import evaluate
 from promptcli.features import read_features
 from promptcli.label_posterior import (
     centred_directions,
+    fit_label_posterior,
     label_posterior,
+    leave_one_out_cosine,
     log_channel,
     max_noise_rate,
     wrong_label_probability,
@@ -45,7 +47,7 @@ def test_log_channel_is_the_symmetric_noise_matrix():
 def test_zero_rounds_is_bayes_rule_on_prior_and_channel():
     prior = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64), dim=1)
     labels = torch.tensor([1, 1])
-    result = label_posterior(torch.randn(2, 5), labels, prior, 10.0, noise_rate=0.5, rounds=0)
+    result = label_posterior(torch.randn(2, 5), labels, prior, centroid_scale=10.0, noise_rate=0.5, rounds=0)
     p = np.exp(prior.numpy())
     like = np.array([[0.25, 0.5, 0.25], [0.25, 0.5, 0.25]])  # P(y=1 | k) at r = 0.5, C = 3
     expected = p * like / (p * like).sum(axis=1, keepdims=True)
@@ -56,30 +58,98 @@ def test_zero_rounds_is_bayes_rule_on_prior_and_channel():
     assert not result.rate_estimated and result.noise_rate == 0.5
 
 
+def _loo_centroid_cosine_brute_force(d: np.ndarray, q: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(q)
+    for i in range(len(d)):
+        others = np.arange(len(d)) != i
+        c = q[others].T @ d[others]
+        out[i] = c @ d[i] / np.linalg.norm(c, axis=1)
+    return out
+
+
+def test_leave_one_out_cosine_matches_recomputing_each_centroid():
+    rng = np.random.default_rng(3)
+    d = centred_directions(torch.from_numpy(rng.normal(size=(9, 6)))).numpy()
+    q = rng.dirichlet(np.ones(4), size=9)
+    got = leave_one_out_cosine(torch.from_numpy(d), torch.from_numpy(q)).numpy()
+    np.testing.assert_allclose(got, _loo_centroid_cosine_brute_force(d, q), rtol=1e-10, atol=1e-12)
+
+
 def test_one_round_by_hand_with_the_rate_estimated():
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(7, 4)))
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
     prior = torch.log_softmax(torch.from_numpy(rng.normal(size=(7, 3))), dim=1)
-    scale = 5.0
-    result = label_posterior(x, y, prior, scale, rounds=1)
-    # by hand: E-step at r = 0.5, r <- 1 - mean q(y), centroids, final E-step
+    a, s = 0.5, 5.0
+    result = label_posterior(x, y, prior, prior_weight=a, centroid_scale=s, rounds=1)
+    # by hand: E-step at r = 0.5, r <- 1 - mean q(y), leave-one-out centroids, final E-step
     d = (x - x.mean(0)).numpy()
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     ch = np.full((7, 3), 0.25)
     ch[np.arange(7), y.numpy()] = 0.5
-    q = np.exp(prior.numpy()) * ch
-    q /= q.sum(axis=1, keepdims=True)
+    p = np.exp(a * prior.numpy())
+    q = p * ch / (p * ch).sum(axis=1, keepdims=True)
     r = 1 - q[np.arange(7), y.numpy()].mean()
-    c = q.T @ d / q.sum(axis=0)[:, None]
-    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    evidence = a * prior.numpy() + s * _loo_centroid_cosine_brute_force(d, q)
     ch = np.full((7, 3), r / 2)
     ch[np.arange(7), y.numpy()] = 1 - r
-    q = np.exp(prior.numpy() + scale * d @ c.T) * ch
+    q = np.exp(evidence) * ch
     q /= q.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(result.posterior.numpy(), q, rtol=1e-10)
     assert result.noise_rate == pytest.approx(r, rel=1e-12) and result.rate_estimated
+    softmax = np.exp(evidence) / np.exp(evidence).sum(axis=1, keepdims=True)
+    assert result.log_likelihood == pytest.approx(np.log((softmax * ch).sum(axis=1)).sum(), rel=1e-12)
+    assert (result.prior_weight, result.centroid_scale, result.fitted) == (a, s, False)
     np.testing.assert_allclose(centred_directions(x).numpy(), d, rtol=1e-12)
+
+
+def test_a_row_is_not_its_own_evidence():
+    """A lone image far from the rest, labelled with a class nobody else has: no centroid backs it."""
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.9, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 1])
+    flat = torch.full((4, 2), -math.log(2), dtype=torch.float64)
+    result = label_posterior(x, y, flat, centroid_scale=20.0, noise_rate=0.2)
+    # its class-1 centroid is empty without it (cosine 0); class 0's points the other way
+    loo = leave_one_out_cosine(centred_directions(x), result.posterior)
+    assert loo[3, 1] == pytest.approx(0.0, abs=1e-9) and loo[3, 0] < -0.9
+    assert result.posterior[3, 1] > 0.99  # so the label and the centroid of class 0 decide
+
+
+def test_fitting_picks_the_grid_point_with_the_highest_label_likelihood():
+    rng = np.random.default_rng(1)
+    n_classes, per_class = 4, 15
+    centers = unit_rows(rng.normal(size=(n_classes, 16)))
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = torch.from_numpy(unit_rows(centers[y] + 0.5 * rng.normal(size=(len(y), 16))))
+    noisy = torch.from_numpy(_symmetric_noise(y, n_classes, 0.5, rng))
+    prior = torch.log_softmax(
+        torch.from_numpy(3 * rng.normal(size=(len(y), n_classes))), dim=1
+    )  # a poor prior
+    weights, fractions = (1.0, 0.25), (1.0, 0.5, 0.25)
+    steps = []
+    fitted = fit_label_posterior(
+        x,
+        noisy,
+        prior,
+        20.0,
+        prior_weights=weights,
+        centroid_fractions=fractions,
+        on_step=lambda: steps.append(1),
+    )
+    assert len(steps) == len(weights) * len(fractions)  # one progress step per grid point
+    each = {
+        (a, f * 20.0): label_posterior(x, noisy, prior, prior_weight=a, centroid_scale=f * 20.0)
+        for a in weights
+        for f in fractions
+    }
+    assert [(a, s) for a, s, _ in fitted.grid] == list(each)
+    for a, s, ll in fitted.grid:
+        assert ll == pytest.approx(each[(a, s)].log_likelihood, rel=1e-12)
+    best = max(each, key=lambda k: each[k].log_likelihood)
+    assert (fitted.prior_weight, fitted.centroid_scale) == best and fitted.fitted
+    torch.testing.assert_close(fitted.posterior, each[best].posterior)
+    # the random prior is worth little: the fit turns it down
+    assert fitted.prior_weight == 0.25
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -92,7 +162,7 @@ def test_recovers_true_classes_and_rate_of_separable_data_with_an_uninformative_
     x = unit_rows(centers[y] + 0.3 * rng.normal(size=(len(y), 32)))
     noisy = _symmetric_noise(y, n_classes, rate, rng)
     flat = torch.full((len(y), n_classes), -math.log(n_classes), dtype=torch.float64)
-    result = label_posterior(torch.from_numpy(x), torch.from_numpy(noisy), flat, 20.0)
+    result = label_posterior(torch.from_numpy(x), torch.from_numpy(noisy), flat, centroid_scale=20.0)
     predicted = result.posterior.argmax(dim=1).numpy()
     assert (predicted == y).mean() >= 0.94  # 0.95-0.985 over these seeds; the labels alone: 0.6
     assert result.noise_rate == pytest.approx(rate, abs=0.03)
@@ -104,9 +174,13 @@ def test_recovers_true_classes_and_rate_of_separable_data_with_an_uninformative_
 
 def test_bad_shapes_and_rates_are_refused():
     with pytest.raises(ValueError, match="disagree"):
-        label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(4, 2), 1.0)
+        label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(4, 2), centroid_scale=1.0)
     with pytest.raises(ValueError, match="noise rate must be in"):
-        label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), 1.0, noise_rate=0.5)
+        label_posterior(
+            torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), centroid_scale=1.0, noise_rate=0.5
+        )
+    with pytest.raises(ValueError, match="noise rate must be in"):
+        fit_label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), 1.0, noise_rate=0.5)
 
 
 # --- through the CLI ------------------------------------------------------------------------------
@@ -147,8 +221,8 @@ def test_zero_shot_margin_matches_eval_zero_shot(tiny_features, noisy_labels, tm
 def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, noisy_labels, tmp_path, run_cli):
     scores, fixed = tmp_path / "scores.csv", tmp_path / "fixed.csv"
     code, stdout, err = run_cli(
-        "clean", tiny_features, noisy_labels, "--zero-shot", "--score", "posterior", "--relabel",
-        "-o", scores, "--clean-out", fixed, "--json",
+        "clean", tiny_features, noisy_labels, "--zero-shot", "--score", "posterior", "--fixed-weights",
+        "--relabel", "-o", scores, "--clean-out", fixed, "--json",
     )  # fmt: skip
     assert code == 0, err
     summary = json.loads(stdout)
@@ -156,6 +230,8 @@ def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, nois
     assert summary["score"] == "posterior" and summary["options"]["threshold"] == 0.5
     assert model["kind"] == "symmetric" and model["rate_estimated"] and model["rounds"] == 10
     assert 0 < model["noise_rate"] < max_noise_rate(len(read_features(tiny_features).classnames))
+    assert model["weights"] == "fixed" and model["prior_weight"] == 1.0
+    assert model["centroid_scale"] == model["logit_scale"] and summary["options"]["fit_weights"] is False
     rows = read_csv_rows(scores)
     score = np.array([float(r["score"]) for r in rows])
     p_label = np.array([float(r["p_label"]) for r in rows])
@@ -170,6 +246,24 @@ def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, nois
     assert detection["noise_rate_after"] < detection["noise_rate_before"]
     side = json.loads(Path(f"{scores}.json").read_text())
     assert side["noise_model"] == model and side["options"]["noise_rate"] is None
+    said = " ".join(err.split())  # rich wraps long lines
+    assert "Noise model: symmetric" in said and "evidence weights (fixed): prior 1," in said
+
+    # with --zero-shot the weights are fitted by default; the fixed pair is on the grid, so the fit
+    # gives the labels at least its likelihood
+    code, stdout, err = run_cli(
+        "clean", tiny_features, noisy_labels, "--zero-shot", "--score", "posterior", "--json", "-q"
+    )
+    assert code == 0, err
+    fitted = json.loads(stdout)["noise_model"]
+    assert fitted["weights"] == "fitted" and summary["options"]["fit_weights"] is False
+    assert fitted["log_likelihood"] >= model["log_likelihood"] - 1e-9
+    from promptcli.label_posterior import FIT_CENTROID_FRACTIONS, FIT_PRIOR_WEIGHTS
+
+    assert fitted["prior_weight"] in FIT_PRIOR_WEIGHTS
+    assert any(
+        fitted["centroid_scale"] == pytest.approx(f * fitted["logit_scale"]) for f in FIT_CENTROID_FRACTIONS
+    )
 
     # a given rate is used as is, and recorded
     code, stdout, err = run_cli(
@@ -203,6 +297,22 @@ def test_posterior_with_a_prompt_prior(noisy_labels, tiny_features, tmp_path, ru
 
     recorded = float(read_prompt(prompt).metadata["logit_scale"])
     assert summary["noise_model"]["centroid_scale"] == pytest.approx(recorded)
+    # a prompt has seen the labels, so its weights stay fixed unless asked
+    assert summary["noise_model"]["weights"] == "fixed" and summary["noise_model"]["prior_weight"] == 1.0
+    code, stdout, err = run_cli(
+        "clean",
+        tiny_features,
+        noisy_labels,
+        "-p",
+        prompt,
+        "--score",
+        "posterior",
+        "--fit-weights",
+        "--json",
+        "-q",
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["noise_model"]["weights"] == "fitted"
 
 
 def test_bad_invocations(tiny_features, noisy_labels, tmp_path, run_cli):
@@ -216,6 +326,8 @@ def test_bad_invocations(tiny_features, noisy_labels, tmp_path, run_cli):
     assert code == 2 and "--threshold: must be in [0, 1]" in err
     code, _, err = run_cli("clean", f, labels, "--zero-shot", "--noise-rate", "0.2")
     assert code == 2 and "--noise-rate: applies only with --score posterior" in err
+    code, _, err = run_cli("clean", f, labels, "--zero-shot", "--fit-weights")
+    assert code == 2 and "--fit-weights/--fixed-weights: applies only with --score posterior" in err
     code, _, err = run_cli("clean", f, labels, "--template", "a {}.", "-p", tmp_path / "x.safetensors")
     assert code == 2 and "--template: applies only with --zero-shot" in err
     limit = (n_classes - 1) / n_classes
@@ -229,5 +341,7 @@ def test_two_classes_start_below_the_uninformative_rate():
     """With 2 classes r = 0.5 makes labels meaningless; the first E-step must still use them."""
     prior = torch.zeros(4, 2, dtype=torch.float64)  # flat
     labels = torch.tensor([0, 0, 1, 1])
-    result = label_posterior(torch.randn(4, 3, dtype=torch.float64), labels, prior, 1.0, rounds=0)
+    result = label_posterior(
+        torch.randn(4, 3, dtype=torch.float64), labels, prior, centroid_scale=1.0, rounds=0
+    )
     np.testing.assert_allclose(result.posterior[torch.arange(4), labels].numpy(), 0.75, rtol=1e-12)

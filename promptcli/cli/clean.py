@@ -10,9 +10,13 @@ not the label); default --threshold 0.
 --score posterior: the probability that the label is wrong under a symmetric label-noise model
 fitted by EM to all the rows: the classifier's probabilities are the prior, class centroids of the
 labelled images' own features (weighted by the current posterior) add evidence, and the noise rate
-is estimated (or fixed with --noise-rate). In [0, 1]; default --threshold 0.5; the predicted class
-is the posterior's top class. At high noise it is the better detector and relabeller (measured in
-docs/cleaning.md).
+is estimated (or fixed with --noise-rate). A row's own label never counts as evidence for itself
+(its centroids leave it out). How much each kind of evidence weighs is fitted to the labels'
+likelihood with --fit-weights (the default with --zero-shot) or fixed at 1 x the prior and the
+model's logit scale x the centroid cosine with --fixed-weights (the default with --prompt: a prompt
+tuned on these labels has seen them, so their likelihood would flatter it). In [0, 1]; default
+--threshold 0.5; the predicted class is the posterior's top class. At high noise it is the better
+detector and relabeller (measured in docs/cleaning.md).
 
 Rows scoring above --threshold are suspect; or give --keep-fraction f to keep the ceil(f x rows)
 lowest-scoring rows. -o writes every row with its score, predicted class and action
@@ -36,6 +40,7 @@ Examples:
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -75,6 +80,15 @@ def command(
         float | None,
         typer.Option("--noise-rate", help="Symmetric noise rate for --score posterior [default: estimated]."),
     ] = None,
+    fit_weights: Annotated[
+        bool | None,
+        typer.Option(
+            "--fit-weights/--fixed-weights",
+            help="--score posterior: fit the prior and centroid weights to the labels' likelihood, or "
+            "fix them [default: fit with --zero-shot, fixed with --prompt].",
+            show_default=False,
+        ),
+    ] = None,
     output: Annotated[
         str | None,
         typer.Option(
@@ -113,6 +127,7 @@ def command(
     from promptcli.cleaning import DEFAULT_RELABEL_CONFIDENCE, check_selection, clean_labels, require_prior
     from promptcli.errors import InputError
     from promptcli.fileio import STDIO, check_output_path
+    from promptcli.label_posterior import FIT_GRID_SIZE
 
     check_selection(threshold, keep_fraction, score)
     require_prior(prompt or [], zero_shot)
@@ -141,23 +156,35 @@ def command(
         raise InputError("-o and --clean-out name the same file", where=output, hint="give two file names")
     out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=bool(to_stdout))
 
-    result = clean_labels(
-        features,
-        labels,
-        prompt or [],
-        zero_shot=zero_shot,
-        templates=template,
-        template_set=templates,
-        score=score,
-        noise_rate=noise_rate,
-        threshold=threshold,
-        keep_fraction=keep_fraction,
-        relabel=relabel,
-        relabel_confidence=DEFAULT_RELABEL_CONFIDENCE if relabel_confidence is None else relabel_confidence,
-        skip_missing=skip_missing,
-        pretrained=pretrained,
-        device=device,
-    )
+    with ExitStack() as stack:
+        bars: list = []
+
+        def fit_step() -> None:  # the bar starts with the fit, not while the model loads
+            if not bars:
+                bars.append(stack.enter_context(out.progress("fit evidence weights", FIT_GRID_SIZE, "fits")))
+            bars[0].advance()
+
+        result = clean_labels(
+            features,
+            labels,
+            prompt or [],
+            zero_shot=zero_shot,
+            templates=template,
+            template_set=templates,
+            score=score,
+            noise_rate=noise_rate,
+            fit_weights=fit_weights,
+            threshold=threshold,
+            keep_fraction=keep_fraction,
+            relabel=relabel,
+            relabel_confidence=DEFAULT_RELABEL_CONFIDENCE
+            if relabel_confidence is None
+            else relabel_confidence,
+            skip_missing=skip_missing,
+            pretrained=pretrained,
+            device=device,
+            on_fit_step=fit_step,
+        )
     summary = result.summary
     summary["output"] = output
     summary["clean_out"] = clean_out
@@ -181,7 +208,9 @@ def command(
     if model:
         how = "estimated" if model["rate_estimated"] else "given"
         out.info(
-            f"Noise model: symmetric, rate {model['noise_rate']:.4f} ({how}), {model['rounds']} EM rounds"
+            f"Noise model: symmetric, rate {model['noise_rate']:.4f} ({how}), {model['rounds']} EM rounds; "
+            f"evidence weights ({model['weights']}): prior {model['prior_weight']:g}, "
+            f"centroids {model['centroid_scale']:g}"
         )
     if detection and "relabel_accuracy" in detection:
         out.info(f"Relabelled rows now matching clean_label: {detection['relabel_accuracy']:.4f}")
