@@ -12,8 +12,8 @@ _promptcli() {
         clean)
             case "$prev" in --templates) COMPREPLY=($(compgen -W "imagenet imagenet-simple" -- "$cur")); return ;; esac
             case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
-            case "$prev" in --prompt|-p|--template|--templates|--score|--noise-rate|--output|-o|--clean-out|--threshold|--keep-fraction|--relabel-confidence|--pretrained|--device) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --zero-shot --template --templates --score --noise-rate --fit-weights --fixed-weights --output -o --clean-out --threshold --keep-fraction --relabel --relabel-confidence --skip-missing --pretrained --device --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            case "$prev" in --prompt|-p|--template|--templates|--score|--noise-rate|--noise-model|--output|-o|--clean-out|--threshold|--keep-fraction|--relabel-confidence|--pretrained|--device) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --zero-shot --template --templates --score --noise-rate --noise-model --fit-weights --fixed-weights --output -o --clean-out --threshold --keep-fraction --relabel --relabel-confidence --skip-missing --pretrained --device --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         corrupt)
             case "$prev" in --type) COMPREPLY=($(compgen -W "symmetric pair confusion matrix" -- "$cur")); return ;; esac
             case "$prev" in --templates) COMPREPLY=($(compgen -W "imagenet imagenet-simple" -- "$cur")); return ;; esac

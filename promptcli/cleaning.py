@@ -295,12 +295,14 @@ def posterior_scores(
     fit_weights: bool,
     device: str = "cpu",
     on_fit_step: Callable[[], None] | None = None,
+    noise_model: str = "symmetric",
 ) -> tuple[Scores, dict[str, Any]]:
     """The ``posterior`` score of each labelled row, and what the noise model found (EM on ``device``)."""
     import torch
 
     from promptcli.devices import resolve_device
     from promptcli.label_posterior import (
+        TRANSITION_SMOOTHING,
         fit_label_posterior,
         label_posterior,
         max_noise_rate,
@@ -320,9 +322,13 @@ def posterior_scores(
     prior = torch.from_numpy(np.log(np.clip(probs, 1e-300, None))).to(torch_device)
     x = torch.from_numpy(fs.features[rows]).to(torch_device)
     if fit_weights:
-        result = fit_label_posterior(x, y, prior, scale, noise_rate=noise_rate, on_step=on_fit_step)
+        result = fit_label_posterior(
+            x, y, prior, scale, noise_rate=noise_rate, on_step=on_fit_step, noise_model=noise_model
+        )
     else:
-        result = label_posterior(x, y, prior, centroid_scale=scale, noise_rate=noise_rate)
+        result = label_posterior(
+            x, y, prior, centroid_scale=scale, noise_rate=noise_rate, noise_model=noise_model
+        )
     result.posterior = result.posterior.cpu()
     q = result.posterior.numpy()
     index = np.arange(len(y))
@@ -331,7 +337,7 @@ def posterior_scores(
         wrong_label_probability(result, y_cpu).numpy(), q[index, labels], predicted, q[index, predicted]
     )
     model = {
-        "kind": "symmetric",
+        "kind": result.noise_model,
         "noise_rate": result.noise_rate,
         "rate_estimated": result.rate_estimated,
         "rounds": result.rounds,
@@ -341,7 +347,22 @@ def posterior_scores(
         "logit_scale": scale,
         "log_likelihood": result.log_likelihood,
     }
+    if result.transition is not None:
+        model["transition_smoothing"] = TRANSITION_SMOOTHING
+        model["top_confusions"] = top_confusions(result.transition.cpu().numpy(), fs.classnames)
     return scores, model
+
+
+def top_confusions(transition: np.ndarray, classnames: Sequence[str], most: int = 10) -> list[dict[str, Any]]:
+    """The largest off-diagonal entries P(given | true) of a noise matrix, largest first."""
+    off = transition.copy()
+    np.fill_diagonal(off, -1.0)
+    order = np.argsort(-off, axis=None, kind="stable")[:most]
+    return [
+        {"true": classnames[k], "given": classnames[j], "p": float(transition[k, j])}
+        for k, j in zip(*np.unravel_index(order, off.shape))
+        if k != j
+    ]
 
 
 @dataclass
@@ -366,6 +387,7 @@ def clean_labels(
     score: str = "margin",
     noise_rate: float | None = None,
     fit_weights: bool | None = None,
+    noise_model: str = "symmetric",
     threshold: float | None = None,
     keep_fraction: float | None = None,
     relabel: bool = False,
@@ -392,7 +414,20 @@ def clean_labels(
             hint="the predicted class's probability a relabel needs, e.g. 0.5",
         )
     require_prior(prompt_paths, zero_shot)
-    for value, option in ((noise_rate, "--noise-rate"), (fit_weights, "--fit-weights/--fixed-weights")):
+    from promptcli.label_posterior import NOISE_MODELS
+
+    if noise_model not in NOISE_MODELS:
+        raise InputError(
+            f"unknown noise model {noise_model!r}",
+            where="--noise-model",
+            hint=f"choose {' or '.join(NOISE_MODELS)}",
+        )
+    given_model = None if noise_model == "symmetric" else noise_model
+    for value, option in (
+        (noise_rate, "--noise-rate"),
+        (fit_weights, "--fit-weights/--fixed-weights"),
+        (given_model, "--noise-model"),
+    ):
         if value is not None and score != "posterior":
             raise InputError(
                 "applies only with --score posterior", where=option, hint="add --score posterior"
@@ -426,12 +461,21 @@ def clean_labels(
     ):
         raise RuntimeFailure("label rows and feature rows fell out of step", hint="report this as a bug")
 
-    noise_model = None
+    fitted_model = None
     if score == "posterior":
         scale = model_logit_scale(fs, prior, pretrained, device)
         fit = zero_shot if fit_weights is None else fit_weights
-        scores, noise_model = posterior_scores(
-            fs, joined.rows, joined.labels, probs[joined.rows], scale, noise_rate, fit, device, on_fit_step
+        scores, fitted_model = posterior_scores(
+            fs,
+            joined.rows,
+            joined.labels,
+            probs[joined.rows],
+            scale,
+            noise_rate,
+            fit,
+            device=device,
+            on_fit_step=on_fit_step,
+            noise_model=noise_model,
         )
     else:
         scores = label_scores(probs[joined.rows], joined.labels)
@@ -509,13 +553,14 @@ def clean_labels(
         "zero_shot": {"templates": prior.templates} if zero_shot else None,
         "score": score,
         "score_definition": SCORE_DEFINITIONS[score],
-        "noise_model": noise_model,
+        "noise_model": fitted_model,
         "options": {
             "threshold": DEFAULT_THRESHOLDS[score]
             if threshold is None and keep_fraction is None
             else threshold,
             "noise_rate": noise_rate,
             "fit_weights": fit_weights,
+            "noise_model": noise_model if score == "posterior" else None,
             "keep_fraction": keep_fraction,
             "relabel": relabel,
             "relabel_confidence": relabel_confidence if relabel else None,

@@ -34,6 +34,14 @@ evidence predicts labels it has not seen. That holds only when the prior has not
 either: zero-shot CLIP, yes; a prompt tuned on these labels, no (it would vouch for the labels it
 memorised, and L would reward trusting it).
 
+Class-conditional noise (``noise_model="class"``): when wrong labels follow the classes' own
+confusions, one rate r does not describe them. The M-step then also estimates the whole matrix
+P(y = j | k) from the q-weighted counts of given labels per true class, with ``smoothing``
+pseudo-rows per class of the symmetric channel at the current r, so that a class with little mass
+stays near symmetric noise (:func:`class_transition`); the E-step uses it in place of the symmetric
+channel. More parameters: it fits symmetric noise worse on small label sets, so it is not the
+default.
+
 Why the centroids help: under symmetric noise the wrong labels of a class are spread over all other
 classes, so the images labelled k still lean towards class k's region of feature space; weighting
 them by q sharpens that lean round by round, while the prior (zero-shot text or a tuned prompt)
@@ -57,6 +65,8 @@ RATE_MARGIN = 1e-3  # keeps an estimated rate inside (0, (C-1)/C), where labels 
 FIT_PRIOR_WEIGHTS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 FIT_CENTROID_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 FIT_GRID_SIZE = len(FIT_PRIOR_WEIGHTS) * len(FIT_CENTROID_FRACTIONS)
+NOISE_MODELS = ("symmetric", "class")
+TRANSITION_SMOOTHING = 16.0  # pseudo-rows per true class pulling a class-conditional row to symmetric
 
 
 @dataclass
@@ -72,6 +82,8 @@ class LabelPosterior:
     log_likelihood: float  # of the given labels, see the module docstring
     fitted: bool = False
     grid: list[tuple[float, float, float]] = field(default_factory=list)  # (a, s, L) tried, when fitted
+    noise_model: str = "symmetric"
+    transition: torch.Tensor | None = None  # (C true, C given) P(y = j | k), the class-conditional model's
 
 
 def max_noise_rate(n_classes: int) -> float:
@@ -86,6 +98,16 @@ def log_channel(labels: torch.Tensor, n_classes: int, rate: float) -> torch.Tens
     out = torch.full((len(labels), n_classes), off, dtype=torch.float64, device=labels.device)
     out[torch.arange(len(labels), device=labels.device), labels] = on
     return out
+
+
+def class_transition(q: torch.Tensor, labels: torch.Tensor, rate: float, smoothing: float) -> torch.Tensor:
+    """(C, C) class-conditional noise matrix P(y = j | true k) from posteriors q: the q-weighted
+    counts of given labels per true class plus ``smoothing`` pseudo-rows of the symmetric channel at
+    ``rate``, so a class with little posterior mass stays close to symmetric noise."""
+    n_classes = q.shape[1]
+    counts = q.t() @ torch.nn.functional.one_hot(labels, n_classes).to(q.dtype)
+    symmetric = log_channel(torch.arange(n_classes, device=q.device), n_classes, rate).exp()
+    return (counts + smoothing * symmetric) / (q.sum(dim=0)[:, None] + smoothing)
 
 
 def centred_directions(features: torch.Tensor) -> torch.Tensor:
@@ -120,16 +142,32 @@ def label_posterior(
     prior_weight: float = 1.0,
     noise_rate: float | None = None,
     rounds: int = DEFAULT_ROUNDS,
+    noise_model: str = "symmetric",
+    smoothing: float = TRANSITION_SMOOTHING,
 ) -> LabelPosterior:
     """EM over the true classes of labelled images (see the module docstring).
 
     ``features`` (N, D) image features, ``labels`` (N,) given class indices, ``prior_log_probs``
     (N, C) log-probabilities of a prior classifier weighted by ``prior_weight``; ``centroid_scale``
     weights the centroid cosine (the model's logit scale, unfitted). ``noise_rate`` fixes r; None
-    estimates it.
+    estimates it. ``noise_model="class"`` estimates a class-conditional noise matrix instead of
+    using the symmetric one (``smoothing`` pseudo-rows per class of symmetric noise at r).
     """
-    labels, prior, directions, limit = _checked(features, labels, prior_log_probs, noise_rate)
-    return _em(directions, labels, prior, prior_weight, centroid_scale, noise_rate, rounds, limit)
+    labels, prior, directions, limit = _checked(
+        features, labels, prior_log_probs, noise_rate, noise_model, smoothing
+    )
+    return _em(
+        directions,
+        labels,
+        prior,
+        prior_weight,
+        centroid_scale,
+        noise_rate,
+        rounds,
+        limit,
+        noise_model,
+        smoothing,
+    )
 
 
 def fit_label_posterior(
@@ -143,14 +181,20 @@ def fit_label_posterior(
     prior_weights: Sequence[float] = FIT_PRIOR_WEIGHTS,
     centroid_fractions: Sequence[float] = FIT_CENTROID_FRACTIONS,
     on_step: Callable[[], None] | None = None,
+    noise_model: str = "symmetric",
+    smoothing: float = TRANSITION_SMOOTHING,
 ) -> LabelPosterior:
     """:func:`label_posterior` at the (prior weight, centroid weight = fraction x ``scale``) pair of
     the grid whose result gives the given labels the highest likelihood (first of any ties).
     ``on_step()`` is called after each grid point (for progress bars)."""
-    labels, prior, directions, limit = _checked(features, labels, prior_log_probs, noise_rate)
+    labels, prior, directions, limit = _checked(
+        features, labels, prior_log_probs, noise_rate, noise_model, smoothing
+    )
     best, grid = None, []
     for a, f in itertools.product(prior_weights, centroid_fractions):
-        result = _em(directions, labels, prior, a, f * scale, noise_rate, rounds, limit)
+        result = _em(
+            directions, labels, prior, a, f * scale, noise_rate, rounds, limit, noise_model, smoothing
+        )
         grid.append((a, f * scale, result.log_likelihood))
         if on_step is not None:
             on_step()
@@ -168,7 +212,12 @@ def wrong_label_probability(result: LabelPosterior, labels: torch.Tensor) -> tor
 
 
 def _checked(
-    features: torch.Tensor, labels: torch.Tensor, prior_log_probs: torch.Tensor, noise_rate: float | None
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prior_log_probs: torch.Tensor,
+    noise_rate: float | None,
+    noise_model: str,
+    smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Validated labels (long), prior (float64), centred directions and the largest usable rate."""
     n, n_classes = prior_log_probs.shape
@@ -181,6 +230,10 @@ def _checked(
     limit = max_noise_rate(n_classes)
     if noise_rate is not None and not 0.0 <= noise_rate < limit:
         raise ValueError(f"noise rate must be in [0, {limit:.4f}), got {noise_rate}")
+    if noise_model not in NOISE_MODELS:
+        raise ValueError(f"noise model must be one of {', '.join(NOISE_MODELS)}, got {noise_model!r}")
+    if not smoothing > 0:
+        raise ValueError(f"smoothing must be > 0, got {smoothing}")
     return labels.long(), prior_log_probs.double(), centred_directions(features), limit
 
 
@@ -193,6 +246,8 @@ def _em(
     noise_rate: float | None,
     rounds: int,
     limit: float,
+    noise_model: str = "symmetric",
+    smoothing: float = TRANSITION_SMOOTHING,
 ) -> LabelPosterior:
     """One EM run at fixed evidence weights (the maths of the module docstring)."""
     n_classes = prior.shape[1]
@@ -200,14 +255,33 @@ def _em(
     # two classes: 0.5 is the rate at which labels say nothing, so start halfway to it
     start = INITIAL_RATE if INITIAL_RATE < limit - RATE_MARGIN else limit / 2
     rate = start if noise_rate is None else noise_rate
+    transition = None  # the class-conditional model's, from the first M-step on
+
+    def channel() -> torch.Tensor:
+        if transition is None:
+            return log_channel(labels, n_classes, rate)
+        return transition.log()[:, labels].t()
+
     evidence = prior
     for _ in range(rounds):
-        q = torch.softmax(evidence + log_channel(labels, n_classes, rate), dim=1)
+        q = torch.softmax(evidence + channel(), dim=1)
         if noise_rate is None:
             agree = q.gather(1, labels[:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
+        if noise_model == "class":
+            transition = class_transition(q, labels, rate, smoothing)
         evidence = prior + scale * leave_one_out_cosine(directions, q)
-    channel = log_channel(labels, n_classes, rate)
-    log_likelihood = torch.logsumexp(torch.log_softmax(evidence, dim=1) + channel, dim=1).sum().item()
-    q = torch.softmax(evidence + channel, dim=1)
-    return LabelPosterior(q, rate, noise_rate is None, rounds, prior_weight, scale, log_likelihood)
+    log_p = channel()
+    log_likelihood = torch.logsumexp(torch.log_softmax(evidence, dim=1) + log_p, dim=1).sum().item()
+    q = torch.softmax(evidence + log_p, dim=1)
+    return LabelPosterior(
+        q,
+        rate,
+        noise_rate is None,
+        rounds,
+        prior_weight,
+        scale,
+        log_likelihood,
+        noise_model=noise_model,
+        transition=transition,
+    )

@@ -15,6 +15,7 @@ from promptcli.evaluation import evaluate
 from promptcli.features import read_features
 from promptcli.label_posterior import (
     centred_directions,
+    class_transition,
     fit_label_posterior,
     label_posterior,
     leave_one_out_cosine,
@@ -172,6 +173,38 @@ def test_recovers_true_classes_and_rate_of_separable_data_with_an_uninformative_
     assert ((wrong > 0.5) == (noisy != y)).mean() >= 0.94
 
 
+def test_class_transition_is_smoothed_counts():
+    q = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    t = class_transition(q, labels, rate=0.3, smoothing=2.0).numpy()
+    counts = np.array([[0.9 + 0.2, 0.5], [0.1 + 0.8, 0.5]])  # rows: true class, columns: given label
+    symmetric = np.array([[0.7, 0.3], [0.3, 0.7]])
+    expected = (counts + 2.0 * symmetric) / (np.array([[1.6], [1.4]]) + 2.0)
+    np.testing.assert_allclose(t, expected, rtol=1e-12)
+    np.testing.assert_allclose(t.sum(axis=1), 1.0, rtol=1e-12)
+
+
+def test_class_model_recovers_pair_noise():
+    """Each class's wrong labels all go to the next class: the class-conditional model finds the pairs."""
+    rng = np.random.default_rng(5)
+    n_classes, per_class, rate = 5, 40, 0.4
+    centers = unit_rows(rng.normal(size=(n_classes, 32)))
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = torch.from_numpy(unit_rows(centers[y] + 0.3 * rng.normal(size=(len(y), 32))))
+    noisy = y.copy()
+    for k in range(n_classes):
+        moved = rng.choice(np.flatnonzero(y == k), size=round(rate * per_class), replace=False)
+        noisy[moved] = (k + 1) % n_classes
+    flat = torch.full((len(y), n_classes), -math.log(n_classes), dtype=torch.float64)
+    result = label_posterior(x, torch.from_numpy(noisy), flat, centroid_scale=20.0, noise_model="class")
+    assert result.noise_model == "class" and result.transition is not None
+    assert (result.posterior.argmax(dim=1).numpy() == y).mean() >= 0.95
+    t = result.transition.numpy()
+    off = t - np.diag(np.diag(t))
+    assert (off.argmax(axis=1) == (np.arange(n_classes) + 1) % n_classes).all()  # each row's error goes next
+    assert result.noise_rate == pytest.approx(rate, abs=0.05)
+
+
 def test_bad_shapes_and_rates_are_refused():
     with pytest.raises(ValueError, match="disagree"):
         label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(4, 2), centroid_scale=1.0)
@@ -181,6 +214,10 @@ def test_bad_shapes_and_rates_are_refused():
         )
     with pytest.raises(ValueError, match="noise rate must be in"):
         fit_label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), 1.0, noise_rate=0.5)
+    with pytest.raises(ValueError, match="noise model must be one of symmetric, class"):
+        label_posterior(
+            torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 2), centroid_scale=1.0, noise_model="pair"
+        )
 
 
 # --- through the CLI ------------------------------------------------------------------------------
@@ -265,6 +302,21 @@ def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, nois
         fitted["centroid_scale"] == pytest.approx(f * fitted["logit_scale"]) for f in FIT_CENTROID_FRACTIONS
     )
 
+    # the class-conditional model records its kind and the likeliest errors, by class name
+    code, stdout, err = run_cli(
+        "clean", tiny_features, noisy_labels, "--zero-shot", "--score", "posterior", "--noise-model", "class",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(stdout)
+    model, names = summary["noise_model"], read_features(tiny_features).classnames
+    assert model["kind"] == "class" and summary["options"]["noise_model"] == "class"
+    assert model["transition_smoothing"] > 0 and model["top_confusions"]
+    top = model["top_confusions"]
+    assert all(c["true"] in names and c["given"] in names and c["true"] != c["given"] for c in top)
+    assert [c["p"] for c in top] == sorted((c["p"] for c in top), reverse=True)
+    assert "Likeliest label errors (true -> given, P):" in " ".join(err.split())
+
     # a given rate is used as is, and recorded
     code, stdout, err = run_cli(
         "clean", tiny_features, noisy_labels, "--zero-shot", "--score", "posterior", "--noise-rate", "0.3",
@@ -328,6 +380,10 @@ def test_bad_invocations(tiny_features, noisy_labels, tmp_path, run_cli):
     assert code == 2 and "--noise-rate: applies only with --score posterior" in err
     code, _, err = run_cli("clean", f, labels, "--zero-shot", "--fit-weights")
     assert code == 2 and "--fit-weights/--fixed-weights: applies only with --score posterior" in err
+    code, _, err = run_cli("clean", f, labels, "--zero-shot", "--noise-model", "class")
+    assert code == 2 and "--noise-model: applies only with --score posterior" in err
+    code, _, err = run_cli("clean", f, labels, "--zero-shot", "--score", "posterior", "--noise-model", "pair")
+    assert code == 2 and "--noise-model: unknown noise model 'pair'" in err and "symmetric or class" in err
     code, _, err = run_cli("clean", f, labels, "--template", "a {}.", "-p", tmp_path / "x.safetensors")
     assert code == 2 and "--template: applies only with --zero-shot" in err
     limit = (n_classes - 1) / n_classes

@@ -10,7 +10,8 @@ not the label); default --threshold 0.
 --score posterior: the probability that the label is wrong under a symmetric label-noise model
 fitted by EM to all the rows: the classifier's probabilities are the prior, class centroids of the
 labelled images' own features (weighted by the current posterior) add evidence, and the noise rate
-is estimated (or fixed with --noise-rate). A row's own label never counts as evidence for itself
+is estimated (or fixed with --noise-rate; --noise-model class estimates a noise matrix per class
+instead, for errors that follow class confusions). A row's own label never counts as evidence for itself
 (its centroids leave it out). How much each kind of evidence weighs is fitted to the labels'
 likelihood with --fit-weights (the default with --zero-shot) or fixed at 1 x the prior and the
 model's logit scale x the centroid cosine with --fixed-weights (the default with --prompt: a prompt
@@ -80,6 +81,14 @@ def command(
         float | None,
         typer.Option("--noise-rate", help="Symmetric noise rate for --score posterior [default: estimated]."),
     ] = None,
+    noise_model: Annotated[
+        str,
+        typer.Option(
+            "--noise-model",
+            help="--score posterior: symmetric (one noise rate, default) or class (a noise matrix "
+            "estimated per class, for errors that follow class confusions).",
+        ),
+    ] = "symmetric",
     fit_weights: Annotated[
         bool | None,
         typer.Option(
@@ -174,6 +183,7 @@ def command(
             score=score,
             noise_rate=noise_rate,
             fit_weights=fit_weights,
+            noise_model=noise_model,
             threshold=threshold,
             keep_fraction=keep_fraction,
             relabel=relabel,
@@ -208,10 +218,13 @@ def command(
     if model:
         how = "estimated" if model["rate_estimated"] else "given"
         out.info(
-            f"Noise model: symmetric, rate {model['noise_rate']:.4f} ({how}), {model['rounds']} EM rounds; "
+            f"Noise model: {model['kind']}, rate {model['noise_rate']:.4f} ({how}), {model['rounds']} EM rounds; "
             f"evidence weights ({model['weights']}): prior {model['prior_weight']:g}, "
             f"centroids {model['centroid_scale']:g}"
         )
+    if model and model.get("top_confusions"):
+        pairs = ", ".join(f"{c['true']} -> {c['given']} {c['p']:.2f}" for c in model["top_confusions"][:3])
+        out.info(f"Likeliest label errors (true -> given, P): {pairs}")
     if detection and "relabel_accuracy" in detection:
         out.info(f"Relabelled rows now matching clean_label: {detection['relabel_accuracy']:.4f}")
     written = [p for p in (output, clean_out) if p is not None and p != STDIO]
