@@ -14,7 +14,8 @@ a wrong label looks like (and the class a relabel would use). Rows are suspect w
 above ``--threshold`` (default 0), or when they fall outside the ``--keep-fraction`` lowest scores.
 
 ``posterior``: the probability that the label is wrong, ``1 - q(y | x, given label)``, under a
-symmetric label-noise model fitted by EM to the whole label set, with the classifier's
+label-noise model (symmetric, or class-conditional with ``--noise-model class``) fitted by EM to
+the whole label set, with the classifier's
 probabilities as prior and leave-one-out class centroids of the labelled images themselves as
 extra evidence (see :mod:`promptcli.label_posterior`). The two kinds of evidence are weighted by
 fitting the labels' likelihood (default for a zero-shot prior) or at fixed weights (default for a
@@ -41,8 +42,8 @@ SCORES = ("margin", "posterior")
 SCORE_DEFINITIONS = {
     "margin": "max over other classes of p(class) minus p(given label), in [-1, 1]; higher = more suspect",
     "posterior": (
-        "posterior probability that the given label is wrong, 1 - q(label), under a symmetric noise model "
-        "fitted by EM (prior: the classifier's probabilities; evidence: leave-one-out class centroids of the "
+        "posterior probability that the given label is wrong, 1 - q(label), under a label-noise model "
+        "(noise_model.kind) fitted by EM (prior: the classifier's probabilities; evidence: leave-one-out class centroids of the "
         "labelled images), in [0, 1]"
     ),
 }
