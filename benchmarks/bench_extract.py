@@ -137,8 +137,8 @@ def memory_child(args: argparse.Namespace) -> None:
     """One memory measurement, in its own process: extract ``args.n`` images, print JSON."""
     import torch
 
-    from promptcli.extraction import extract_features
-    from promptcli.image_sources import read_image_source
+    from promptcli.extraction.extract import extract_features
+    from promptcli.io.image_sources import read_image_source
 
     torch.set_num_threads(args.threads)
     loaded = _load(args.memory_model, Path(args.workdir))
@@ -164,7 +164,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def _load(model: str, workdir: Path):
-    from promptcli.models import load_model
+    from promptcli.models.loading import load_model
 
     if model == "small":
         cfg = workdir / "small-clip.json"
@@ -174,7 +174,7 @@ def _load(model: str, workdir: Path):
 
 
 def _options(args: argparse.Namespace):
-    from promptcli.extraction import ExtractOptions
+    from promptcli.extraction.extract import ExtractOptions
 
     return ExtractOptions(batch_size=args.batch_size, workers=args.workers, dtype="float16")
 
@@ -182,8 +182,8 @@ def _options(args: argparse.Namespace):
 def measure_speed(args: argparse.Namespace, csv: Path) -> dict:
     import torch
 
-    from promptcli.extraction import encode_images, extract_features
-    from promptcli.image_sources import read_image_source
+    from promptcli.extraction.extract import encode_images, extract_features
+    from promptcli.io.image_sources import read_image_source
 
     torch.set_num_threads(args.threads)
     loaded = _load(args.model, Path(args.workdir))

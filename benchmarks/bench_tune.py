@@ -12,7 +12,7 @@ steps. Three computations of the same training step:
     runs the text transformer with gradient over every class prompt padded to 77 tokens.
 (b) cached image features (as promptcli trains), text pass still the plain 77-token one
     (``PromptLearner.forward_plain``).
-(c) promptcli as shipped: one epoch of ``promptcli.training.train`` (the loop ``promptcli tune`` runs)
+(c) promptcli as shipped: one epoch of ``promptcli.learning.training.train`` (the loop ``promptcli tune`` runs)
     with the ``coop`` head, whose text pass is ``PromptLearner.forward``: the sequence cut after the
     longest end-of-text token, the shared [SOS]+context prefix computed once per block. Its epoch time
     is the one ``train`` reports, which also includes the end-of-epoch training-accuracy pass.
@@ -168,10 +168,10 @@ def setup(loaded: Any, n_classes: int, seed: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from promptcli.classifiers import build_head
-    from promptcli.losses import make_loss
-    from promptcli.prompt_learner import PromptConfig
-    from promptcli.training import OptimConfig, TrainData
+    from promptcli.learning.losses import make_loss
+    from promptcli.learning.training import OptimConfig, TrainData
+    from promptcli.models.heads import build_head
+    from promptcli.models.prompt_learner import PromptConfig
 
     names = classnames(n_classes)
     config = PromptConfig(method="coop", n_ctx=N_CTX, class_position="end", csc=False)
@@ -206,7 +206,7 @@ def coop_steps(s: dict[str, Any], loaded: Any, n_steps: int, *, encode_images: b
     import torch
     import torch.nn.functional as F
 
-    from promptcli.training import make_optimizer
+    from promptcli.learning.training import make_optimizer
 
     head, data, optim = s["head"], s["data"], s["optim"]
     head.eval()
@@ -230,8 +230,8 @@ def coop_steps(s: dict[str, Any], loaded: Any, n_steps: int, *, encode_images: b
 
 
 def shipped_epoch(s: dict[str, Any], seed: int) -> float:
-    """(c): one epoch of ``promptcli.training.train``; the epoch time it reports."""
-    from promptcli.training import train
+    """(c): one epoch of ``promptcli.learning.training.train``; the epoch time it reports."""
+    from promptcli.learning.training import train
 
     result = train(s["head"], s["data"], s["loss"], s["optim"], seed=seed, device="cpu", amp=False)
     return float(result.history[0]["time"])
@@ -421,7 +421,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from promptcli.models import load_model
+    from promptcli.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     info = machine(args.threads)

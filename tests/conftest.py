@@ -33,7 +33,7 @@ def tiny_model_files(tmp_path_factory) -> dict[str, Path]:
     """A tiny CLIP config JSON and its random weights in safetensors (seeded, so stable)."""
     from safetensors.torch import save_file
 
-    from promptcli.models import load_model
+    from promptcli.models.loading import load_model
 
     folder = tmp_path_factory.mktemp("tiny-model")
     config = folder / "tiny-clip.json"
@@ -47,7 +47,7 @@ def tiny_model_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_files):
-    from promptcli.models import load_model
+    from promptcli.models.loading import load_model
 
     return load_model("tiny-clip", str(tiny_model_files["weights"]), tiny_model_files["config"], device="cpu")
 
@@ -76,8 +76,8 @@ def image_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_features(tmp_path_factory, image_folder, tiny_model) -> Path:
     """Features (float32, 2 views) of the generated image folder, made with the tiny model."""
-    from promptcli.extraction import ExtractOptions, extract_features
-    from promptcli.image_sources import read_image_source
+    from promptcli.extraction.extract import ExtractOptions, extract_features
+    from promptcli.io.image_sources import read_image_source
 
     out = tmp_path_factory.mktemp("features") / "train.h5"
     extract_features(
@@ -128,7 +128,7 @@ def write_synthetic_features(
     path: Path, loaded, classnames: list[str], per_class: int, spread: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A separable features file (2 views per image) 'made with' ``loaded``; returns (x, y, paths)."""
-    from promptcli.features import write_features
+    from promptcli.io.features import write_features
 
     rng = np.random.default_rng(seed)
     centers = unit_rows(rng.normal(size=(len(classnames), loaded.embed_dim)))

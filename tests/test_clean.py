@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import read_csv_rows
-from promptcli.cleaning import auroc, detection_metrics, label_scores, select_suspects
+from promptcli.analysis.evaluation import evaluate
 from promptcli.errors import InputError
-from promptcli.evaluation import evaluate
-from promptcli.features import read_features
-from promptcli.fileio import sha256_file
-from promptcli.labels import join_labels, read_labels
-from promptcli.prompt_files import read_prompt, save_prompt
-from promptcli.training import TuneOptions, tune
+from promptcli.io.features import read_features
+from promptcli.io.fileio import sha256_file
+from promptcli.io.labels import join_labels, read_labels
+from promptcli.io.prompt_files import read_prompt, save_prompt
+from promptcli.learning.training import TuneOptions, tune
+from promptcli.noise.cleaning import auroc, detection_metrics, label_scores, select_suspects
 
 FLIPPED = (0, 7, 13)  # rows whose label moves to the next class
 

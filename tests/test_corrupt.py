@@ -1,4 +1,4 @@
-"""`promptcli corrupt` and promptcli.noise: exact flip counts, per-class exactness, few-shot composition,
+"""`promptcli corrupt` and promptcli.noise.corruption: exact flip counts, per-class exactness, few-shot composition,
 determinism, confusion mapping, the labels CSV contract through the CLI, and every documented error."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from promptcli import noise
 from promptcli.errors import InputError
-from promptcli.features import read_features
-from promptcli.labels import join_labels, read_labels
+from promptcli.io.features import read_features
+from promptcli.io.labels import join_labels, read_labels
+from promptcli.noise import corruption as noise
 
 FAST = settings(max_examples=60, deadline=None)
 RATES = st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 1 / 3, 0.45, 0.5, 0.6, 0.8, 0.95, 0.99])
@@ -318,7 +318,7 @@ def test_cli_features_input_shots(run_cli, tiny_features, tmp_path):
 
 
 def test_cli_confusion_uses_text_similarity(run_cli, tiny_features, tiny_model, tmp_path):
-    from promptcli.zeroshot import class_text_embeddings
+    from promptcli.models.zeroshot import class_text_embeddings
 
     fs = read_features(tiny_features, load_views=False)
     w = class_text_embeddings(tiny_model, fs.classnames).numpy()

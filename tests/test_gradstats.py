@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from promptcli.fileio import sha256_file
-from promptcli.gradstats import COLUMNS, group_stats, learnable_parameters, per_sample_gradients
-from promptcli.losses import make_loss
-from promptcli.prompt_files import read_prompt
-from promptcli.training import TuneOptions, partial_path, prepare_run, tune
+from promptcli.analysis.gradstats import COLUMNS, group_stats, learnable_parameters, per_sample_gradients
+from promptcli.io.fileio import sha256_file
+from promptcli.io.prompt_files import read_prompt
+from promptcli.learning.losses import make_loss
+from promptcli.learning.training import TuneOptions, partial_path, prepare_run, tune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,8 +33,8 @@ def noisy(tmp_path_factory, tiny_features) -> dict[str, Path]:
 
 
 def _head(method: str, tiny_model, seed: int = 0):
-    from promptcli.classifiers import build_head
-    from promptcli.prompt_learner import PromptConfig
+    from promptcli.models.heads import build_head
+    from promptcli.models.prompt_learner import PromptConfig
 
     head = build_head(
         method,
@@ -121,7 +121,7 @@ def test_group_stats_by_hand():
 
 @pytest.mark.parametrize("method", ["coop", "linear-probe"])
 def test_same_parameters_as_tune(noisy, tmp_path, method):
-    from promptcli.gradstats import noisy_flags, record_gradients
+    from promptcli.analysis.gradstats import noisy_flags, record_gradients
 
     options = TuneOptions(method=method, epochs=3, n_ctx=4, batch_size=8, seed=5)
     out = tmp_path / "tuned.safetensors"
@@ -143,7 +143,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def test_cli_writes_the_csv_report_reads(noisy, tmp_path, run_cli):
-    from promptcli.reporting import GRADSTATS_COLUMNS, read_results
+    from promptcli.analysis.reporting import GRADSTATS_COLUMNS, read_results
 
     out = tmp_path / "grads.csv"
     args = [

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import read_csv_rows, unit_rows
-from promptcli.evaluation import evaluate
-from promptcli.features import read_features
-from promptcli.label_posterior import (
+from promptcli.analysis.evaluation import evaluate
+from promptcli.io.features import read_features
+from promptcli.noise.label_posterior import (
     centred_directions,
     class_transition,
     fit_label_posterior,
@@ -295,7 +295,7 @@ def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, nois
     fitted = json.loads(stdout)["noise_model"]
     assert fitted["weights"] == "fitted" and summary["options"]["fit_weights"] is False
     assert fitted["log_likelihood"] >= model["log_likelihood"] - 1e-9
-    from promptcli.label_posterior import FIT_CENTROID_FRACTIONS, FIT_PRIOR_WEIGHTS
+    from promptcli.noise.label_posterior import FIT_CENTROID_FRACTIONS, FIT_PRIOR_WEIGHTS
 
     assert fitted["prior_weight"] in FIT_PRIOR_WEIGHTS
     assert any(
@@ -328,7 +328,7 @@ def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, nois
 
 
 def test_posterior_with_a_prompt_prior(noisy_labels, tiny_features, tmp_path, run_cli):
-    from promptcli.training import TuneOptions, tune
+    from promptcli.learning.training import TuneOptions, tune
 
     prompt = tmp_path / "coop.safetensors"
     tune(
@@ -345,7 +345,7 @@ def test_posterior_with_a_prompt_prior(noisy_labels, tiny_features, tmp_path, ru
     summary = json.loads(stdout)
     assert summary["prompts"][0]["method"] == "coop" and summary["zero_shot"] is None
     # the centroid evidence is weighted by the model's logit scale, which the prompt file records
-    from promptcli.prompt_files import read_prompt
+    from promptcli.io.prompt_files import read_prompt
 
     recorded = float(read_prompt(prompt).metadata["logit_scale"])
     assert summary["noise_model"]["centroid_scale"] == pytest.approx(recorded)

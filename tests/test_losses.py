@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from promptcli.errors import InputError
-from promptcli.losses import (
+from promptcli.learning.losses import (
     CrossEntropy,
     GeneralizedCrossEntropy,
     MeanAbsoluteError,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from promptcli.errors import InputError, RuntimeFailure
-from promptcli.models import load_model, load_model_from_record, spec_from_record
+from promptcli.models.loading import load_model, load_model_from_record, spec_from_record
 
 
 def test_checkpoint_round_trip(tiny_model_files, tiny_model):
@@ -87,7 +87,7 @@ def test_bad_config_and_checkpoint(tmp_path, tiny_model_files):
 
 
 def test_devices_and_precision():
-    from promptcli.devices import resolve_device, resolve_precision
+    from promptcli.models.devices import resolve_device, resolve_precision
 
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(InputError, match="--device"):

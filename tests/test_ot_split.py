@@ -11,12 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_synthetic_features
-from promptcli.classifiers import LinearHead, build_head
 from promptcli.errors import InputError
-from promptcli.losses import CrossEntropy, GeneralizedCrossEntropy
-from promptcli.prompt_files import read_prompt
-from promptcli.prompt_learner import PromptConfig
-from promptcli.training import (
+from promptcli.io.prompt_files import read_prompt
+from promptcli.learning.losses import CrossEntropy, GeneralizedCrossEntropy
+from promptcli.learning.training import (
     OptimConfig,
     SplitConfig,
     TrainData,
@@ -27,7 +25,14 @@ from promptcli.training import (
     train,
     tune,
 )
-from promptcli.transport import DEFAULT_EPSILON, ot_clean_mask, ot_clean_mask_from_logits, split_quality
+from promptcli.learning.transport import (
+    DEFAULT_EPSILON,
+    ot_clean_mask,
+    ot_clean_mask_from_logits,
+    split_quality,
+)
+from promptcli.models.heads import LinearHead, build_head
+from promptcli.models.prompt_learner import PromptConfig
 
 CLASSNAMES = ["cat", "dog", "car", "tree"]
 PER_CLASS = 8
@@ -284,6 +289,6 @@ def test_bad_split_options_and_gradstats_refuses(syn, tmp_path, run_cli):
     assert code == 2 and "Error: --split:" in err and "only supported by `promptcli tune`" in err
     assert not (tmp_path / "g.csv").exists()
     with pytest.raises(InputError, match="only supported"):
-        from promptcli.training import check_options
+        from promptcli.learning.training import check_options
 
         check_options(TuneOptions(split="ot"), lambda _: None)

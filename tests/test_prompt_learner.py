@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from promptcli.errors import InputError
-from promptcli.models import load_model
-from promptcli.prompt_learner import PromptConfig, PromptLearner
-from promptcli.zeroshot import class_text_embeddings
+from promptcli.models.loading import load_model
+from promptcli.models.prompt_learner import PromptConfig, PromptLearner
+from promptcli.models.zeroshot import class_text_embeddings
 
 NAMES = ["red apple", "blue sky", "green grass", "t-shirt", "apples"]  # 2, 2, 2, 3 and 1 (CLIP BPE) tokens
 VISION = {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32}

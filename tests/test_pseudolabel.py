@@ -1,4 +1,4 @@
-"""`promptcli pseudolabel` and promptcli.pseudolabels: zero-shot numbers against a manual computation,
+"""`promptcli pseudolabel` and promptcli.noise.pseudolabels: zero-shot numbers against a manual computation,
 selection counts, provenance, pipes and errors."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from promptcli import pseudolabels
 from promptcli.errors import InputError
-from promptcli.features import read_features
-from promptcli.labels import join_labels, read_labels
+from promptcli.io.features import read_features
+from promptcli.io.labels import join_labels, read_labels
+from promptcli.noise import pseudolabels
 
 TEMPLATES = ("a photo of a {}.", "a blurry picture of the {}.")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from promptcli import reporting
+from promptcli.analysis import reporting
+from promptcli.analysis.reporting import GRADSTATS_COLUMNS, aggregate, read_results
 from promptcli.errors import InputError
-from promptcli.reporting import GRADSTATS_COLUMNS, aggregate, read_results
 
 MODEL = {"model_name": "ViT-B-32", "pretrained": "openai", "checkpoint_sha256": "ab" * 32}
 
@@ -29,7 +29,7 @@ def eval_summary(
     model: dict | None = None,
     loss_params: dict | None = None,
 ) -> dict:
-    """An `eval --json` summary as promptcli.evaluation.evaluate writes it (the keys report reads)."""
+    """An `eval --json` summary as promptcli.analysis.evaluation.evaluate writes it (the keys report reads)."""
     noise = None if zero_shot else {"type": noise_type, "rate": rate, "seed": 7, "n_noisy": 3}
     return {
         "features": "test.h5",
@@ -370,9 +370,9 @@ def test_gradient_ratio_is_the_ratio_of_count_weighted_mean_norms(tmp_path):
 
 
 def test_reads_a_real_eval_summary_and_tune_log(tmp_path, tiny_features):
-    from promptcli.evaluation import evaluate
-    from promptcli.features import read_features
-    from promptcli.training import TuneOptions, tune
+    from promptcli.analysis.evaluation import evaluate
+    from promptcli.io.features import read_features
+    from promptcli.learning.training import TuneOptions, tune
 
     fs = read_features(tiny_features)
     labels = tmp_path / "noisy.csv"

@@ -6,7 +6,7 @@ def test_version(run_cli):
 
 
 def test_tiny_features(tiny_features):
-    from promptcli.features import read_features
+    from promptcli.io.features import read_features
 
     fs = read_features(tiny_features)
     assert fs.features.shape == (18, 32) and fs.views.shape == (18, 2, 32)

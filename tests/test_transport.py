@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from promptcli.transport import (
+from promptcli.learning.transport import (
     STAGE_ITERATIONS,
     ot_assign,
     ot_clean_mask,

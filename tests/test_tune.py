@@ -14,9 +14,9 @@ import torch
 
 from conftest import write_synthetic_features
 from promptcli.errors import InputError
-from promptcli.fileio import sha256_bytes, sha256_file
-from promptcli.prompt_files import decode_metadata, encode_metadata, read_prompt
-from promptcli.training import (
+from promptcli.io.fileio import sha256_bytes, sha256_file
+from promptcli.io.prompt_files import decode_metadata, encode_metadata, read_prompt
+from promptcli.learning.training import (
     WEIGHT_DECAY_GRID,
     OptimConfig,
     TrainData,
@@ -98,9 +98,9 @@ def _reference_logistic_regression(x, y, n_classes, weight_decay):
 
 
 def test_linear_probe_matches_reference_logistic_regression(syn):
-    from promptcli.classifiers import LinearHead
-    from promptcli.features import read_features
-    from promptcli.losses import CrossEntropy
+    from promptcli.io.features import read_features
+    from promptcli.learning.losses import CrossEntropy
+    from promptcli.models.heads import LinearHead
 
     fs = read_features(syn["features"])
     x, y = torch.from_numpy(fs.features), torch.from_numpy(fs.labels)
@@ -160,7 +160,7 @@ def test_seeds_reproduce_bit_for_bit(syn, tmp_path, run_cli):
 
 
 def test_metadata_round_trip(syn, tmp_path, run_cli):
-    from promptcli.prompt_learner import PromptConfig
+    from promptcli.models.prompt_learner import PromptConfig
 
     out = tmp_path / "p.safetensors"
     code, stdout, err = run_cli(
@@ -306,10 +306,10 @@ def test_bad_options_are_clear_errors(syn, tmp_path, run_cli):
 
 
 def test_only_learnable_tensors_change(syn, tiny_model):
-    from promptcli.classifiers import build_head
-    from promptcli.features import read_features
-    from promptcli.losses import CrossEntropy
-    from promptcli.prompt_learner import PromptConfig
+    from promptcli.io.features import read_features
+    from promptcli.learning.losses import CrossEntropy
+    from promptcli.models.heads import build_head
+    from promptcli.models.prompt_learner import PromptConfig
 
     fs = read_features(syn["features"])
     before = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}

@@ -13,7 +13,7 @@ import typer
 
 import promptcli
 from promptcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, PromptcliError
-from promptcli.provenance import set_command
+from promptcli.io.provenance import set_command
 
 app = typer.Typer(
     name="promptcli",

@@ -133,10 +133,15 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.cleaning import DEFAULT_RELABEL_CONFIDENCE, check_selection, clean_labels, require_prior
     from promptcli.errors import InputError
-    from promptcli.fileio import STDIO, check_output_path
-    from promptcli.label_posterior import FIT_GRID_SIZE
+    from promptcli.io.fileio import STDIO, check_output_path
+    from promptcli.noise.cleaning import (
+        DEFAULT_RELABEL_CONFIDENCE,
+        check_selection,
+        clean_labels,
+        require_prior,
+    )
+    from promptcli.noise.label_posterior import FIT_GRID_SIZE
 
     check_selection(threshold, keep_fraction, score)
     require_prior(prompt or [], zero_shot)
@@ -242,9 +247,9 @@ def _num(value: float | None) -> str:
 
 def write_outputs(result, output: str | None, clean_out: str | None, labels_path: str) -> None:
     """The scores CSV, the cleaned labels CSV and their provenance sidecars."""
-    from promptcli.cleaning import clean_sidecar
-    from promptcli.fileio import STDIO, write_text_atomic
-    from promptcli.labels import write_labels
+    from promptcli.io.fileio import STDIO, write_text_atomic
+    from promptcli.io.labels import write_labels
+    from promptcli.noise.cleaning import clean_sidecar
 
     if output is not None:
         write_labels(output, result.score_columns, result.score_rows)

@@ -37,7 +37,7 @@ from promptcli.cli._options import (
 )
 from promptcli.cli._output import Output
 from promptcli.errors import InputError
-from promptcli.fileio import (
+from promptcli.io.fileio import (
     STDIO,
     check_output_path,
     require_file,
@@ -45,8 +45,8 @@ from promptcli.fileio import (
     sha256_file,
     write_text_atomic,
 )
-from promptcli.labels import LabelTable
-from promptcli.noise import NOISE_TYPES
+from promptcli.io.labels import LabelTable
+from promptcli.noise.corruption import NOISE_TYPES
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ADDED = ("clean_label", "is_noisy")
@@ -99,8 +99,8 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli import noise
-    from promptcli.provenance import base_provenance
+    from promptcli.io.provenance import base_provenance
+    from promptcli.noise import corruption as noise
 
     to_stdout = output == STDIO
     # Tables are diagnostics: stdout is kept for data (the CSV with -o -, or the --json summary).
@@ -117,7 +117,7 @@ def command(
 
     table, fs, input_sha = _read_input(labels, features, out)
     if features is not None:
-        from promptcli.features import read_features
+        from promptcli.io.features import read_features
 
         fs = read_features(features, load_views=False)
     names = _class_list(table, fs, classnames)
@@ -229,7 +229,7 @@ def command(
     if fs is not None:
         result["features"] = {"path": str(fs.path), "sha256": sha256_file(fs.path)}
 
-    from promptcli.labels import write_labels
+    from promptcli.io.labels import write_labels
 
     write_labels(output, columns, rows)
     if sidecar is not None:
@@ -305,8 +305,8 @@ def _is_hdf5(source: str) -> bool:
 
 def _read_input(source: str, features: Path | None, out: Output):
     """The clean labels: a labels CSV (or stdin), or a features file's paths and ground truth."""
-    from promptcli.features import read_features
-    from promptcli.labels import labels_from_features, read_labels
+    from promptcli.io.features import read_features
+    from promptcli.io.labels import labels_from_features, read_labels
 
     if _is_hdf5(source):
         fs = read_features(source, load_views=False)
@@ -336,7 +336,7 @@ def _read_input(source: str, features: Path | None, out: Output):
 
 def _class_list(table: LabelTable, fs, classnames: Path | None) -> list[str]:
     """--features' class list, else --classnames, else the sorted labels."""
-    from promptcli.image_sources import read_classnames
+    from promptcli.io.image_sources import read_classnames
 
     if fs is not None and fs.classnames:
         return list(fs.classnames)
@@ -364,9 +364,9 @@ def _label_indices(table: LabelTable, names: list[str]) -> np.ndarray:
 def _confusion_score(fs, table, clean, names, source, template, templates, pretrained, device, out):
     """Class-to-class score whose off-diagonal argmax is the confusion: prompt similarity, or the zero-shot
     confusion counts on the features (prompt similarity breaking ties)."""
-    from promptcli import pseudolabels
-    from promptcli.models import load_model_from_record
-    from promptcli.zeroshot import resolve_templates
+    from promptcli.models.loading import load_model_from_record
+    from promptcli.models.zeroshot import resolve_templates
+    from promptcli.noise import pseudolabels
 
     prompts = resolve_templates(template, templates)
     loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=device)

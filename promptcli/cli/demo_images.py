@@ -34,7 +34,7 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.demo_data import write_demo_images
+    from promptcli.io.demo_data import write_demo_images
 
     out = Output(quiet=quiet, json_mode=json_out)
     if per_class is not None and per_class < 1:

@@ -62,9 +62,9 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.evaluation import PREDICTION_COLUMNS, evaluate, prediction_rows
-    from promptcli.fileio import check_output_path, write_text_atomic
-    from promptcli.labels import write_labels
+    from promptcli.analysis.evaluation import PREDICTION_COLUMNS, evaluate, prediction_rows
+    from promptcli.io.fileio import check_output_path, write_text_atomic
+    from promptcli.io.labels import write_labels
 
     out = Output(quiet=quiet, json_mode=json_out)
     for path, option in ((predictions, "--predictions"), (output, "-o")):

@@ -39,7 +39,7 @@ from promptcli.cli._output import Output
 from promptcli.errors import InputError, PromptcliError
 
 if TYPE_CHECKING:
-    from promptcli.distributed import DistContext
+    from promptcli.extraction.distributed import DistContext
 
 
 def command(
@@ -82,7 +82,7 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.distributed import context_from_env
+    from promptcli.extraction.distributed import context_from_env
 
     if chunk_size < 1:
         raise InputError("must be >= 1", where="--chunk-size", hint="e.g. 1024")
@@ -125,10 +125,10 @@ def _run(
     ctx: DistContext | None,
     **_: object,
 ) -> None:
-    from promptcli.distributed import DistContext, extract_distributed
-    from promptcli.extraction import ExtractOptions, extract_features
-    from promptcli.image_sources import read_classnames, read_image_source
-    from promptcli.models import load_model
+    from promptcli.extraction.distributed import DistContext, extract_distributed
+    from promptcli.extraction.extract import ExtractOptions, extract_features
+    from promptcli.io.image_sources import read_classnames, read_image_source
+    from promptcli.models.loading import load_model
 
     main = ctx is None or ctx.is_main
     single = ctx or DistContext()

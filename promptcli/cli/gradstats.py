@@ -69,8 +69,8 @@ def command(
     ] = 32,
     **training: Any,
 ) -> None:
-    from promptcli.gradstats import SUMMARY_COLUMNS, gradstats, summary_table
-    from promptcli.training import TuneOptions
+    from promptcli.analysis.gradstats import SUMMARY_COLUMNS, gradstats, summary_table
+    from promptcli.learning.training import TuneOptions
 
     methods = method or ["coop"]
     out = Output(quiet=training.pop("quiet"), json_mode=training.pop("json_out"))

@@ -37,7 +37,7 @@ from promptcli.cli._options import (
 )
 from promptcli.cli._output import Output
 from promptcli.errors import InputError
-from promptcli.fileio import STDIO, check_output_path, sha256_file, write_text_atomic
+from promptcli.io.fileio import STDIO, check_output_path, sha256_file, write_text_atomic
 
 
 def command(
@@ -65,13 +65,13 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli import pseudolabels
-    from promptcli.features import read_features
-    from promptcli.image_sources import read_classnames
-    from promptcli.labels import write_labels
-    from promptcli.models import load_model_from_record
-    from promptcli.provenance import base_provenance
-    from promptcli.zeroshot import resolve_templates
+    from promptcli.io.features import read_features
+    from promptcli.io.image_sources import read_classnames
+    from promptcli.io.labels import write_labels
+    from promptcli.io.provenance import base_provenance
+    from promptcli.models.loading import load_model_from_record
+    from promptcli.models.zeroshot import resolve_templates
+    from promptcli.noise import pseudolabels
 
     to_stdout = output == STDIO
     out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=True)

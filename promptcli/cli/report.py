@@ -58,10 +58,17 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
+    from promptcli.analysis.reporting import (
+        aggregate,
+        caption,
+        output_format,
+        read_results,
+        table,
+        write_report,
+    )
     from promptcli.errors import InputError
-    from promptcli.fileio import check_output_path
-    from promptcli.provenance import base_provenance
-    from promptcli.reporting import aggregate, caption, output_format, read_results, table, write_report
+    from promptcli.io.fileio import check_output_path
+    from promptcli.io.provenance import base_provenance
 
     out = Output(quiet=quiet, json_mode=json_out)
     outputs = list(output or [])

@@ -41,7 +41,7 @@ import typer
 
 from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt
 from promptcli.cli._output import Output
-from promptcli.transport import DEFAULT_EPSILON
+from promptcli.learning.transport import DEFAULT_EPSILON
 
 
 def command(
@@ -136,7 +136,7 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.training import TuneOptions, tune
+    from promptcli.learning.training import TuneOptions, tune
 
     out = Output(quiet=quiet, json_mode=json_out)
     options = TuneOptions(

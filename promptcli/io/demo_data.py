@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from promptcli.fileio import apply_default_mode
+from promptcli.io.fileio import apply_default_mode
 
-SUBSET_FILE = Path(__file__).resolve().parent / "data" / "fashion_mnist_subset.npz"
+SUBSET_FILE = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist_subset.npz"
 SPLITS = ("train", "test")
 MARKER = ".promptcli-demo-images.json"
 # Images are written inverted by default (dark item on white, like a product photo): zero-shot

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from promptcli.errors import InputError
-from promptcli.models import LoadedModel
+from promptcli.models.loading import LoadedModel
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 TEMPLATE_SETS = ("imagenet", "imagenet-simple")

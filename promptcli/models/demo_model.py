@@ -10,7 +10,7 @@ ImageNet classifier rows land on MiniLM embeddings of ``"a photo of a {imagenet 
 * ridge regression text -> image row (lambda 0.1) on centred, L2-normalised rows and on
   normalised, centred, re-normalised text embeddings; images are scored with its transpose;
 * the bias centres image features on the mean feature of 50 unlabelled training images of the
-  bundled Fashion-MNIST subset as written by :func:`promptcli.demo_data.write_demo_images`
+  bundled Fashion-MNIST subset as written by :func:`promptcli.io.demo_data.write_demo_images`
   (inverted). No test image or label is used.
 
 The logit scale is fixed at 50 (it minimises zero-shot cross-entropy on the training split).
@@ -230,7 +230,7 @@ def _image_feature_centre(model, config: dict[str, Any]):
     import open_clip
     import torch
 
-    from promptcli.demo_data import DEFAULT_INVERT, load_subset, to_pil
+    from promptcli.io.demo_data import DEFAULT_INVERT, load_subset, to_pil
 
     pp = config["preprocess_cfg"]
     transform = open_clip.image_transform(

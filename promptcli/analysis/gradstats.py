@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from promptcli.classifiers import Head, apply_classifier
 from promptcli.errors import InputError
-from promptcli.training import PreparedRun, Step, TrainResult, TuneOptions, train
+from promptcli.learning.training import PreparedRun, Step, TrainResult, TuneOptions, train
+from promptcli.models.heads import Head, apply_classifier
 
 COLUMNS = (
     "epoch",
@@ -273,10 +273,10 @@ def gradstats(
     A sidecar ``output.json`` records the model, the inputs' SHA-256, the options and the command.
     Returns a summary with the per-epoch statistics of every method.
     """
-    from promptcli import provenance
-    from promptcli.fileio import check_output_path, open_output_text, require_file, write_text_atomic
-    from promptcli.labels import read_labels
-    from promptcli.training import check_options, noise_summary, prepare_run, read_noise_sidecar
+    from promptcli.io import provenance
+    from promptcli.io.fileio import check_output_path, open_output_text, require_file, write_text_atomic
+    from promptcli.io.labels import read_labels
+    from promptcli.learning.training import check_options, noise_summary, prepare_run, read_noise_sidecar
 
     if not methods:
         raise InputError("no method given", where="--method", hint="e.g. --method coop")

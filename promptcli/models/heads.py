@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from promptcli.errors import InputError
-from promptcli.models import LoadedModel
+from promptcli.models.loading import LoadedModel
 
-TEXT_METHODS = ("coop", "cls-tuning", "full-prompt")  # mirrors promptcli.prompt_learner.TEXT_METHODS
+TEXT_METHODS = ("coop", "cls-tuning", "full-prompt")  # mirrors promptcli.models.prompt_learner.TEXT_METHODS
 LINEAR_METHODS = ("linear-probe", "classifier-zs")
 METHODS = TEXT_METHODS + LINEAR_METHODS
 
@@ -137,12 +137,12 @@ def build_head(
         raise ValueError(f"method {method} needs the CLIP model")
     scale = model_logit_scale(loaded)
     if method == "classifier-zs":
-        from promptcli.zeroshot import DEFAULT_TEMPLATE, class_text_embeddings
+        from promptcli.models.zeroshot import DEFAULT_TEMPLATE, class_text_embeddings
 
         template = getattr(prompt_config, "template", None) or DEFAULT_TEMPLATE
         text = class_text_embeddings(loaded, list(classnames), [template]).cpu()
         return LinearHead(dim, len(classnames), method, weight=scale * text)
-    from promptcli.prompt_learner import PromptLearner
+    from promptcli.models.prompt_learner import PromptLearner
 
     learner = PromptLearner(loaded, list(classnames), prompt_config, generator=generator)
     return PromptHead(learner, scale, method)

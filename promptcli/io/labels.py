@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from promptcli.errors import InputError
-from promptcli.features import FeatureSet
-from promptcli.fileio import STDIO, open_output_text
+from promptcli.io.features import FeatureSet
+from promptcli.io.fileio import STDIO, open_output_text
 
 REQUIRED = ("path", "label")
 

@@ -17,7 +17,7 @@ above ``--threshold`` (default 0), or when they fall outside the ``--keep-fracti
 label-noise model (symmetric, or class-conditional with ``--noise-model class``) fitted by EM to
 the whole label set, with the classifier's
 probabilities as prior and leave-one-out class centroids of the labelled images themselves as
-extra evidence (see :mod:`promptcli.label_posterior`). The two kinds of evidence are weighted by
+extra evidence (see :mod:`promptcli.noise.label_posterior`). The two kinds of evidence are weighted by
 fitting the labels' likelihood (default for a zero-shot prior) or at fixed weights (default for a
 prompt, which has seen the labels). In [0, 1]; default threshold 0.5. It uses what the margin
 ignores: that under symmetric noise most images given a label still share a class, and how noisy
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from promptcli.errors import InputError, RuntimeFailure
-from promptcli.features import FeatureSet
-from promptcli.labels import LabelTable
+from promptcli.io.features import FeatureSet
+from promptcli.io.labels import LabelTable
 
 SCORES = ("margin", "posterior")
 SCORE_DEFINITIONS = {
@@ -239,8 +239,7 @@ def prior_probabilities(
     device: str = "auto",
 ) -> Prior:
     """(N, C) class probabilities: prompt files (ensembled as in eval) or zero-shot CLIP."""
-    from promptcli.devices import resolve_device
-    from promptcli.evaluation import (
+    from promptcli.analysis.evaluation import (
         check_compatible,
         ensemble_probabilities,
         features_tensor,
@@ -248,9 +247,10 @@ def prior_probabilities(
         prompts_need_model,
         zero_shot_class_logits,
     )
-    from promptcli.models import load_model_from_record
-    from promptcli.prompt_files import read_prompt
-    from promptcli.zeroshot import logit_scale, resolve_templates
+    from promptcli.io.prompt_files import read_prompt
+    from promptcli.models.devices import resolve_device
+    from promptcli.models.loading import load_model_from_record
+    from promptcli.models.zeroshot import logit_scale, resolve_templates
 
     require_prior(prompt_paths, zero_shot)
     chosen = resolve_templates(templates, template_set) if zero_shot else None
@@ -280,8 +280,8 @@ def model_logit_scale(fs: FeatureSet, prior: Prior, pretrained: str | None, devi
         value = prompt.metadata.get("logit_scale")
         if value not in (None, ""):
             return float(value)
-    from promptcli.models import load_model_from_record
-    from promptcli.zeroshot import logit_scale
+    from promptcli.models.loading import load_model_from_record
+    from promptcli.models.zeroshot import logit_scale
 
     return logit_scale(load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=device))
 
@@ -301,8 +301,8 @@ def posterior_scores(
     """The ``posterior`` score of each labelled row, and what the noise model found (EM on ``device``)."""
     import torch
 
-    from promptcli.devices import resolve_device
-    from promptcli.label_posterior import (
+    from promptcli.models.devices import resolve_device
+    from promptcli.noise.label_posterior import (
         TRANSITION_SMOOTHING,
         fit_label_posterior,
         label_posterior,
@@ -401,11 +401,11 @@ def clean_labels(
     """Score every label row, flag suspects, drop or relabel them; count everything.
 
     ``on_fit_step()`` is called after each grid point when the posterior's weights are fitted."""
-    from promptcli import provenance
-    from promptcli.evaluation import prompt_provenance
-    from promptcli.features import read_features
-    from promptcli.fileio import sha256_bytes, sha256_file
-    from promptcli.labels import join_labels, read_labels
+    from promptcli.analysis.evaluation import prompt_provenance
+    from promptcli.io import provenance
+    from promptcli.io.features import read_features
+    from promptcli.io.fileio import sha256_bytes, sha256_file
+    from promptcli.io.labels import join_labels, read_labels
 
     check_selection(threshold, keep_fraction, score)
     if not 0.0 < relabel_confidence <= 1.0:
@@ -415,7 +415,7 @@ def clean_labels(
             hint="the predicted class's probability a relabel needs, e.g. 0.5",
         )
     require_prior(prompt_paths, zero_shot)
-    from promptcli.label_posterior import NOISE_MODELS
+    from promptcli.noise.label_posterior import NOISE_MODELS
 
     if noise_model not in NOISE_MODELS:
         raise InputError(

@@ -12,7 +12,7 @@ With a clean/noisy split (``--split ot``, NLPrompt), each epoch starts by judgin
 sample, without gradients and on the plain (non-augmented) features: an entropic optimal-transport
 plan (Sinkhorn; uniform mass per sample, balanced mass per class) between the samples and the
 head's current classes, at cost ``-logits``, sends each sample mostly to one class; the sample is
-*clean* when that class is its given label (see :mod:`promptcli.transport`). For prompt heads the
+*clean* when that class is its given label (see :mod:`promptcli.learning.transport`). For prompt heads the
 logits are ``logit_scale x`` cosine(image features, learner's class text features); for linear heads
 they are the head's logits. In that epoch the loss of a batch of B samples is
 ``(sum over its clean samples of loss_i + sum over its noisy samples of MAE_i) / B`` with
@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from promptcli.classifiers import Head, predict_logits
 from promptcli.errors import InputError
-from promptcli.fileio import atomic_path
-from promptcli.transport import DEFAULT_EPSILON, DEFAULT_ITERATIONS
+from promptcli.io.fileio import atomic_path
+from promptcli.learning.transport import DEFAULT_EPSILON, DEFAULT_ITERATIONS
+from promptcli.models.heads import Head, predict_logits
 
 OPTIMIZERS = ("sgd", "adamw")
 # Weight decays tried for linear-probe when --weight-decay is not given (chosen on held-out labels).
@@ -179,7 +179,7 @@ class SplitConfig:
 @torch.no_grad()
 def ot_split(head: Head, features: torch.Tensor, labels: torch.Tensor, split: SplitConfig) -> torch.Tensor:
     """(N,) bool: the samples whose OT class under ``head`` is their given label (clean)."""
-    from promptcli.transport import ot_clean_mask, ot_clean_mask_from_logits
+    from promptcli.learning.transport import ot_clean_mask, ot_clean_mask_from_logits
 
     weight, bias, scale = head.classifier()
     if bias is None:  # prompt heads: image features vs the learner's class text features
@@ -199,7 +199,7 @@ def split_loss(
 
     Every loss is the mean of per-row terms, so a group's sum is its mean times its size.
     """
-    from promptcli.losses import MeanAbsoluteError
+    from promptcli.learning.losses import MeanAbsoluteError
 
     batch = logits.shape[0]
     total = logits.sum() * 0.0  # keeps the graph (zero gradient) when a group is empty
@@ -345,7 +345,7 @@ def train(
             judged_clean = ot_split(head, feats, labels, split)
             split_row = {"n_judged_clean": int(judged_clean.sum())}
             if is_noisy is not None:
-                from promptcli.transport import split_quality
+                from promptcli.learning.transport import split_quality
 
                 quality = split_quality(judged_clean, is_noisy)
                 split_row.update(
@@ -632,7 +632,7 @@ class PreparedRun:
 
     def provenance(self, noise: dict[str, Any] | None) -> dict[str, Any]:
         """The ``run`` object of log lines: what ``report`` groups runs by."""
-        from promptcli.losses import loss_params
+        from promptcli.learning.losses import loss_params
 
         record = self.features.model_record()
         run = {
@@ -659,8 +659,8 @@ def check_options(
     which only a caller passing ``options.split_config()`` to :func:`train` honours: callers say so
     with ``split_ok`` (``tune`` does); others get a clear error rather than a silently ignored option.
     """
-    from promptcli.classifiers import TEXT_METHODS, check_method
-    from promptcli.losses import make_loss
+    from promptcli.learning.losses import make_loss
+    from promptcli.models.heads import TEXT_METHODS, check_method
 
     check_method(options.method)
     split = SplitConfig(options.split, options.noisy_loss, options.ot_epsilon).validate()
@@ -678,7 +678,7 @@ def check_options(
         warn(f"--ctx-init, --csc and --class-position apply to prompt methods; ignored for {options.method}")
     prompt_config = None
     if options.method in TEXT_METHODS:
-        from promptcli.prompt_learner import PromptConfig
+        from promptcli.models.prompt_learner import PromptConfig
 
         prompt_config = PromptConfig(
             method=options.method,
@@ -691,7 +691,7 @@ def check_options(
         )
         prompt_config.validate()
     elif options.method == "classifier-zs":
-        from promptcli.zeroshot import resolve_templates
+        from promptcli.models.zeroshot import resolve_templates
 
         resolve_templates([options.template])  # one {} or a clear --template error
     loss_fn = make_loss(
@@ -725,11 +725,11 @@ def prepare_run(
     ``loaded`` reuses a model already loaded for this features file (several runs on one file);
     ``split_ok`` as in :func:`check_options`.
     """
-    from promptcli.classifiers import build_head
-    from promptcli.devices import resolve_device
-    from promptcli.features import read_features
-    from promptcli.fileio import sha256_bytes, sha256_file
-    from promptcli.labels import join_labels, read_labels
+    from promptcli.io.features import read_features
+    from promptcli.io.fileio import sha256_bytes, sha256_file
+    from promptcli.io.labels import join_labels, read_labels
+    from promptcli.models.devices import resolve_device
+    from promptcli.models.heads import build_head
 
     prompt_config, loss_fn = check_options(options, warn, split_ok=split_ok)
     torch_device = resolve_device(str(device))
@@ -758,7 +758,7 @@ def prepare_run(
     )
 
     if options.method != "linear-probe" and loaded is None:
-        from promptcli.models import load_model_from_record
+        from promptcli.models.loading import load_model_from_record
 
         loaded = load_model_from_record(
             fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
@@ -830,10 +830,10 @@ def tune(
     warn: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Learn a prompt (or head) from cached features and labels; write it to ``output``; return a summary."""
-    from promptcli import provenance
-    from promptcli.fileio import check_output_path
-    from promptcli.losses import loss_params
-    from promptcli.prompt_files import save_prompt
+    from promptcli.io import provenance
+    from promptcli.io.fileio import check_output_path
+    from promptcli.io.prompt_files import save_prompt
+    from promptcli.learning.losses import loss_params
 
     check_options(options, warn, split_ok=True)
     output = check_output_path(output, force)

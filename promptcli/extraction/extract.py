@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from promptcli.errors import InputError, RuntimeFailure
-from promptcli.features import FEATURE_DTYPES, write_features
-from promptcli.image_sources import ImageSource
-from promptcli.models import LoadedModel
-from promptcli.provenance import base_provenance
+from promptcli.io.features import FEATURE_DTYPES, write_features
+from promptcli.io.image_sources import ImageSource
+from promptcli.io.provenance import base_provenance
+from promptcli.models.loading import LoadedModel
 
 PARTIAL_SUFFIX = ".partial"
 MANIFEST = "manifest.json"

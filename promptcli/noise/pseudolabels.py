@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from promptcli.errors import InputError
-from promptcli.models import LoadedModel
-from promptcli.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
+from promptcli.models.loading import LoadedModel
+from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
 
 
 @dataclass

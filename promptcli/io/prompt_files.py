@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from promptcli.errors import InputError
-from promptcli.fileio import atomic_path
+from promptcli.io.fileio import atomic_path
 
 FORMAT = "promptcli-prompt"
 FORMAT_VERSION = 1

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from promptcli.classifiers import TEXT_METHODS, LinearHead, PromptHead, model_logit_scale, predict_logits
 from promptcli.errors import InputError
-from promptcli.features import FeatureSet
-from promptcli.models import LoadedModel, same_model
-from promptcli.prompt_files import PromptFile
+from promptcli.io.features import FeatureSet
+from promptcli.io.prompt_files import PromptFile
+from promptcli.models.heads import TEXT_METHODS, LinearHead, PromptHead, model_logit_scale, predict_logits
+from promptcli.models.loading import LoadedModel, same_model
 
 # What eval copies from a prompt's metadata into its summary (the report command reads these).
 PROVENANCE_KEYS = (
@@ -123,7 +123,7 @@ def head_from_prompt(prompt: PromptFile, loaded: LoadedModel | None) -> LinearHe
     if method in TEXT_METHODS:
         if loaded is None:
             raise ValueError(f"{method} prompts need the CLIP model")
-        from promptcli.prompt_learner import PromptConfig, PromptLearner
+        from promptcli.models.prompt_learner import PromptConfig, PromptLearner
 
         config = PromptConfig.from_metadata(prompt.metadata.get("prompt_config", {}))
         learner = PromptLearner(loaded, prompt.classnames, config)
@@ -156,7 +156,7 @@ def zero_shot_class_logits(
     loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str], features: torch.Tensor
 ) -> torch.Tensor:
     """Zero-shot CLIP logits (templates ensembled as in ``pseudolabel``)."""
-    from promptcli.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
+    from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
 
     weights = class_text_embeddings(loaded, list(classnames), list(templates)).to(features.device)
     return zero_shot_logits(features.float(), weights.float(), logit_scale(loaded))
@@ -176,7 +176,7 @@ def ground_truth_from_labels(
     features: FeatureSet, table: Any, skip_missing: bool = False
 ) -> tuple[np.ndarray, int]:
     """(N,) class index per feature row from a labels table's ``label`` column (-1 where absent)."""
-    from promptcli.labels import join_labels
+    from promptcli.io.labels import join_labels
 
     joined = join_labels(features, table, skip_missing=skip_missing)
     truth = np.full(len(features), -1, dtype=np.int64)
@@ -245,12 +245,12 @@ def evaluate(
     device: str = "auto",
 ) -> EvalResult:
     """Predict with prompt files (ensembled) or zero-shot CLIP; score against the ground truth."""
-    from promptcli import provenance
-    from promptcli.devices import resolve_device
-    from promptcli.features import read_features
-    from promptcli.fileio import sha256_bytes, sha256_file
-    from promptcli.labels import read_labels
-    from promptcli.prompt_files import read_prompt
+    from promptcli.io import provenance
+    from promptcli.io.features import read_features
+    from promptcli.io.fileio import sha256_bytes, sha256_file
+    from promptcli.io.labels import read_labels
+    from promptcli.io.prompt_files import read_prompt
+    from promptcli.models.devices import resolve_device
 
     if bool(prompt_paths) == bool(zero_shot):
         raise InputError(
@@ -271,7 +271,7 @@ def evaluate(
         check_compatible(prompt, fs)
     template_list: list[str] = []
     if zero_shot:
-        from promptcli.zeroshot import resolve_templates
+        from promptcli.models.zeroshot import resolve_templates
 
         template_list = resolve_templates(templates, template_set)
 
@@ -290,7 +290,7 @@ def evaluate(
 
     loaded = None
     if zero_shot or prompts_need_model(prompts):
-        from promptcli.models import load_model_from_record
+        from promptcli.models.loading import load_model_from_record
 
         loaded = load_model_from_record(
             fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from promptcli.devices import resolve_device, resolve_precision
 from promptcli.errors import InputError, RuntimeFailure
-from promptcli.fileio import sha256_file
+from promptcli.io.fileio import sha256_file
+from promptcli.models.devices import resolve_device, resolve_precision
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -35,7 +35,7 @@ LOCAL_BUILDERS: dict[str, Callable[[], tuple[dict[str, Any], Path]]] = {}
 
 def _register_builtin_builders() -> None:
     try:
-        from promptcli.demo_model import DEMO_MODEL_NAME, build_demo_model
+        from promptcli.models.demo_model import DEMO_MODEL_NAME, build_demo_model
     except ImportError:  # the demo module is optional
         return
     LOCAL_BUILDERS.setdefault(DEMO_MODEL_NAME, build_demo_model)

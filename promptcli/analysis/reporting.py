@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from promptcli.analysis.gradstats import COLUMNS as GRADSTATS_COLUMNS
 from promptcli.errors import InputError
-from promptcli.gradstats import COLUMNS as GRADSTATS_COLUMNS
 
 _GRAD_INTS = ("epoch", "step", "n_noisy", "n_clean")
 _GRAD_FLOATS = (
@@ -371,7 +371,7 @@ def grad_runs(rows: list[dict[str, str]], path: Path) -> list[GradRun]:
 
 def read_results(paths: Sequence[str | Path]) -> Results:
     """Read every result file under ``paths``; files in folders that are not results are skipped."""
-    from promptcli.fileio import sha256_bytes
+    from promptcli.io.fileio import sha256_bytes
 
     results = Results()
     seen: dict[str, str] = {}
@@ -986,7 +986,7 @@ def write_report(
     report: Report, outputs: Sequence[Path], provenance: dict[str, Any], title: str = "promptcli report"
 ) -> list[Path]:
     """Write each output (format from its suffix) through a temporary file renamed into place."""
-    from promptcli.fileio import atomic_path, write_text_atomic
+    from promptcli.io.fileio import atomic_path, write_text_atomic
 
     formats = [output_format(p) for p in outputs]
     png = (

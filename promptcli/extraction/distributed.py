@@ -27,10 +27,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from promptcli import extraction as ex
 from promptcli.errors import InputError, PromptcliError, RuntimeFailure
-from promptcli.image_sources import ImageSource
-from promptcli.models import LoadedModel
+from promptcli.extraction import extract as ex
+from promptcli.io.image_sources import ImageSource
+from promptcli.models.loading import LoadedModel
 
 T = TypeVar("T")
 ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -267,7 +267,7 @@ def extract_distributed(
     force: bool = False,
     on_rows: Callable[[int], None] | None = None,
 ) -> ex.ExtractResult | None:
-    """:func:`promptcli.extraction.extract_features` split across the ranks of ``ctx``.
+    """:func:`promptcli.extraction.extract.extract_features` split across the ranks of ``ctx``.
 
     Rank 0 prepares ``<output>.partial/`` and plans the chunks still to do; each rank encodes
     every ``world_size``-th of them; rank 0 assembles the file and returns the result, the other

@@ -1,0 +1,1 @@
+"""Analysis: evaluation, per-sample gradient statistics and experiment reports."""

@@ -1,0 +1,1 @@
+"""Image-feature extraction: one process (``extract``) or many (``distributed``)."""

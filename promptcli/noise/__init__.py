@@ -1,0 +1,1 @@
+"""Label noise: controlled corruption, zero-shot pseudo-labels, and detecting and cleaning noisy labels."""
