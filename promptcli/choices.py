@@ -25,9 +25,17 @@ class Choice(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
+    def __repr__(self) -> str:
+        return repr(self.value)
+
     @classmethod
     def values(cls) -> tuple[str, ...]:
         return tuple(m.value for m in cls)
+
+    @classmethod
+    def plain(cls, value: str | None) -> str | None:
+        """``value`` as a plain ``str`` (or None): what the library and output files store."""
+        return None if value is None else str(value.value if isinstance(value, Choice) else value)
 
     @classmethod
     def check(cls, value: str, option: str) -> str:
@@ -147,6 +155,38 @@ class Metric(Choice):
     TOP1 = "top1"
     TOP5 = "top5"
     MACRO = "macro"
+
+
+class DatasetLayout(Choice):
+    """``dataset NAME``: a known on-disk dataset layout (see ``datasets/registry.py``)."""
+
+    CALTECH101 = "caltech101"
+    OXFORD_PETS = "oxford-pets"
+    STANFORD_CARS = "stanford-cars"
+    OXFORD_FLOWERS = "oxford-flowers"
+    FOOD101 = "food101"
+    FGVC_AIRCRAFT = "fgvc-aircraft"
+    SUN397 = "sun397"
+    DTD = "dtd"
+    EUROSAT = "eurosat"
+    UCF101 = "ucf101"
+    IMAGENET = "imagenet"
+    SPLIT_JSON = "split-json"
+    FOOD101N = "food101n"
+    CLOTHING1M = "clothing1m"
+    WEBVISION = "webvision"
+    MINI_WEBVISION = "mini-webvision"
+    CIFAR10N = "cifar10n"
+    CIFAR100N = "cifar100n"
+
+
+class DatasetSplit(Choice):
+    """``dataset --split``: which split's rows to write."""
+
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+    ALL = "all"
 
 
 # --device takes cuda:N too, so it is a free string; these are the values worth completing.

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from promptcli.choices import Precision, TemplateSet
+
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
@@ -14,7 +16,8 @@ DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.", show_default=True)
 ]
 PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="Model precision: fp32, or fp16/bf16 on a GPU.", show_default=True)
+    Precision,
+    typer.Option("--precision", help="Model precision: fp32, or fp16/bf16 on a GPU.", show_default=True),
 ]
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="open_clip model name, e.g. ViT-B-32 or promptcli-demo.")
@@ -41,7 +44,8 @@ TemplateOpt = Annotated[
     typer.Option("--template", help='Prompt template with one {} (repeatable); default "a photo of a {}."'),
 ]
 TemplatesOpt = Annotated[
-    str | None, typer.Option("--templates", help="Template set: imagenet (CLIP's 80) or imagenet-simple (7).")
+    TemplateSet | None,
+    typer.Option("--templates", help="Template set: imagenet (CLIP's 80) or imagenet-simple (7)."),
 ]
 SkipMissingOpt = Annotated[
     bool, typer.Option("--skip-missing", help="Skip label rows whose path or class the features lack.")

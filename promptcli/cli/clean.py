@@ -47,6 +47,7 @@ from typing import Annotated
 
 import typer
 
+from promptcli.choices import NoiseModel, Score
 from promptcli.cli._options import (
     DeviceOpt,
     FeaturesPretrainedOpt,
@@ -75,20 +76,20 @@ def command(
     template: TemplateOpt = None,
     templates: TemplatesOpt = None,
     score: Annotated[
-        str, typer.Option("--score", help="margin (default) or posterior (EM under a symmetric noise model).")
-    ] = "margin",
+        Score, typer.Option("--score", help="margin, or posterior (EM under a noise model, see above).")
+    ] = Score.MARGIN,
     noise_rate: Annotated[
         float | None,
         typer.Option("--noise-rate", help="Symmetric noise rate for --score posterior [default: estimated]."),
     ] = None,
     noise_model: Annotated[
-        str,
+        NoiseModel,
         typer.Option(
             "--noise-model",
             help="--score posterior: symmetric (one noise rate, default) or class (a noise matrix "
             "estimated per class, for errors that follow class confusions).",
         ),
-    ] = "symmetric",
+    ] = NoiseModel.SYMMETRIC,
     fit_weights: Annotated[
         bool | None,
         typer.Option(

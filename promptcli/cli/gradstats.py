@@ -23,60 +23,52 @@ Examples:
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from promptcli.cli import tune as _tune
+from promptcli.choices import Method
+from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
 from promptcli.cli._output import Output
-
-# gradstats takes every training option of `tune` (one definition: its options cannot drift apart);
-# these are tune's own or replaced here.
-_NOT_SHARED = {"features", "labels", "output", "method", "log", "resume"}
+from promptcli.cli._tune_options import tune_options, with_training_options
 
 
-def _with_tune_options(func: Any) -> Any:
-    """Give ``func(..., **training)`` a signature listing tune's training options, for typer."""
-    own = [
-        p for p in inspect.signature(func, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD
-    ]
-    tune_params = inspect.signature(_tune.command, eval_str=True).parameters
-    shared = [p for name, p in tune_params.items() if name not in _NOT_SHARED]
-    func.__signature__ = inspect.Signature(own + shared)
-    func.__annotations__ = {p.name: p.annotation for p in own + shared}
-    return func
-
-
-@_with_tune_options
+@with_training_options
 def command(
-    features: Annotated[Path, typer.Argument(help="Features file (.h5) from `promptcli extract`.")],
+    features: Annotated[
+        Path, typer.Argument(help="Features file (.h5) from `promptcli extract`.", metavar="FEATURES")
+    ],
     labels: Annotated[
-        Path, typer.Argument(help="Labels CSV from `promptcli corrupt` (with clean_label, is_noisy).")
+        Path,
+        typer.Argument(
+            help="Labels CSV from `promptcli corrupt` (with clean_label, is_noisy).", metavar="LABELS"
+        ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV to write (one row per step).")],
     method: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--method", help="coop, cls-tuning, full-prompt, linear-probe or classifier-zs (repeatable)."
-        ),
+        list[Method] | None, typer.Option("--method", help="Method to trace (repeatable) [default: coop].")
     ] = None,
     grad_batch: Annotated[
         int,
         typer.Option("--grad-batch", help="Per-sample gradients computed this many at a time (memory)."),
     ] = 32,
+    device: DeviceOpt = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")] = True,
+    pretrained: Annotated[
+        str | None,
+        typer.Option("--pretrained", help="Where the features' checkpoint is now, if it moved."),
+    ] = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     **training: Any,
 ) -> None:
     from promptcli.analysis.gradstats import SUMMARY_COLUMNS, gradstats, summary_table
-    from promptcli.learning.training import TuneOptions
 
-    methods = method or ["coop"]
-    out = Output(quiet=training.pop("quiet"), json_mode=training.pop("json_out"))
-    device, amp, pretrained, force = (training.pop(k) for k in ("device", "amp", "pretrained", "force"))
-    training["use_views"] = not training.pop("no_views")
-    options = TuneOptions(**{f.name: training[f.name] for f in fields(TuneOptions) if f.name in training})
+    methods = [str(m) for m in method] if method else [Method.COOP.value]
+    out = Output(quiet=quiet, json_mode=json_out)
+    options = tune_options(methods[0], training)
     epochs = options.epochs
     with out.progress("gradstats", total=epochs * len(methods), unit="epochs") as bar:
 

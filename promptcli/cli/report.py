@@ -28,6 +28,7 @@ from typing import Annotated
 
 import typer
 
+from promptcli.choices import Metric
 from promptcli.cli._options import ForceOpt, JsonOpt, QuietOpt
 from promptcli.cli._output import Output
 
@@ -41,9 +42,7 @@ def command(
         list[Path] | None,
         typer.Option("--output", "-o", help="Write the report here: .html, .png or .md (repeatable)."),
     ] = None,
-    metric: Annotated[
-        str, typer.Option("--metric", help="Accuracy to report: top1, top5 or macro.")
-    ] = "top1",
+    metric: Annotated[Metric, typer.Option("--metric", help="Accuracy to report.")] = "top1",
     curve_rate: Annotated[
         float | None,
         typer.Option(

@@ -35,87 +35,27 @@ Examples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt
+from promptcli.choices import Method
+from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
 from promptcli.cli._output import Output
-from promptcli.learning.transport import DEFAULT_EPSILON
+from promptcli.cli._tune_options import tune_options, with_training_options
 
 
+@with_training_options
 def command(
-    features: Annotated[Path, typer.Argument(help="Features file (.h5) from `promptcli extract`.")],
-    labels: Annotated[str, typer.Argument(help="Labels CSV (path,label[,clean_label,...]); - reads stdin.")],
+    features: Annotated[
+        Path, typer.Argument(help="Features file (.h5) from `promptcli extract`.", metavar="FEATURES")
+    ],
+    labels: Annotated[
+        str,
+        typer.Argument(help="Labels CSV (path,label[,clean_label,...]); - reads stdin.", metavar="LABELS"),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Prompt file to write (.safetensors).")],
-    method: Annotated[
-        str,
-        typer.Option("--method", help="coop, cls-tuning, full-prompt, linear-probe or classifier-zs."),
-    ] = "coop",
-    n_ctx: Annotated[int, typer.Option("--n-ctx", help="Number of learned context tokens (coop).")] = 16,
-    ctx_init: Annotated[
-        str | None,
-        typer.Option("--ctx-init", help='Initialise the context from these words, e.g. "a photo of a".'),
-    ] = None,
-    class_position: Annotated[
-        str, typer.Option("--class-position", help="Where the class name goes: end, middle or front (coop).")
-    ] = "end",
-    csc: Annotated[
-        bool, typer.Option("--csc", help="Class-specific context (one context per class).")
-    ] = False,
-    template: Annotated[
-        str,
-        typer.Option(
-            "--template",
-            help="Template words for cls-tuning / full-prompt / classifier-zs (one {} for the class).",
-        ),
-    ] = "a photo of a {}.",
-    init_std: Annotated[float, typer.Option("--init-std", help="Std of the random context init.")] = 0.02,
-    loss: Annotated[str, typer.Option("--loss", help="ce, gce, mae or sce.")] = "ce",
-    q: Annotated[float, typer.Option("--q", help="GCE exponent q in (0, 1].")] = 0.7,
-    alpha: Annotated[float, typer.Option("--alpha", help="SCE weight of the cross-entropy.")] = 0.1,
-    beta: Annotated[float, typer.Option("--beta", help="SCE weight of the reverse cross-entropy.")] = 1.0,
-    label_smoothing: Annotated[
-        float, typer.Option("--label-smoothing", help="Label smoothing epsilon (ce, sce).")
-    ] = 0.0,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 50,
-    lr: Annotated[
-        float | None,
-        typer.Option("--lr", help="Learning rate [default: 0.002; linear-probe and classifier-zs: 1.0]."),
-    ] = None,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[
-        float | None,
-        typer.Option(
-            "--weight-decay", help="Weight decay [default: 5e-4; linear-probe: chosen on held-out labels]."
-        ),
-    ] = None,
-    warmup_epochs: Annotated[int, typer.Option("--warmup-epochs", help="Epochs at the warm-up lr.")] = 1,
-    warmup_lr: Annotated[float, typer.Option("--warmup-lr", help="Constant warm-up learning rate.")] = 1e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size.")] = 32,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd or adamw.")] = "sgd",
-    shots: Annotated[
-        int | None, typer.Option("--shots", help="Use K labelled images per class (seeded sample).")
-    ] = None,
-    split: Annotated[
-        str,
-        typer.Option(
-            "--split", help="Split clean from noisy labels each epoch: none or ot (optimal transport)."
-        ),
-    ] = "none",
-    noisy_loss: Annotated[
-        str,
-        typer.Option(
-            "--noisy-loss", help="With --split ot, the loss of noisy samples: mae or none (dropped)."
-        ),
-    ] = "mae",
-    ot_epsilon: Annotated[
-        float, typer.Option("--ot-epsilon", help="With --split ot, the Sinkhorn entropic regularisation.")
-    ] = DEFAULT_EPSILON,
-    no_views: Annotated[
-        bool, typer.Option("--no-views", help="Train on the plain features even if views exist.")
-    ] = False,
-    seed: SeedOpt = 0,
+    method: Annotated[Method, typer.Option("--method", help="What to learn (see above).")] = Method.COOP,
     device: DeviceOpt = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")] = True,
     pretrained: Annotated[
@@ -125,49 +65,19 @@ def command(
     log: Annotated[
         Path | None, typer.Option("--log", help="Write one JSON line per epoch to this file.")
     ] = None,
-    skip_missing: Annotated[
-        bool,
-        typer.Option("--skip-missing", help="Skip label rows whose path or class the features lack."),
-    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from OUTPUT.partial left by an interrupted run.")
     ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    **training: Any,
 ) -> None:
-    from promptcli.learning.training import TuneOptions, tune
+    from promptcli.learning.training import tune
 
     out = Output(quiet=quiet, json_mode=json_out)
-    options = TuneOptions(
-        method=method,
-        n_ctx=n_ctx,
-        ctx_init=ctx_init,
-        class_position=class_position,
-        csc=csc,
-        template=template,
-        init_std=init_std,
-        loss=loss,
-        q=q,
-        alpha=alpha,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        optimizer=optimizer,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        epochs=epochs,
-        warmup_epochs=warmup_epochs,
-        warmup_lr=warmup_lr,
-        batch_size=batch_size,
-        shots=shots,
-        seed=seed,
-        use_views=not no_views,
-        skip_missing=skip_missing,
-        split=split,
-        noisy_loss=noisy_loss,
-        ot_epsilon=ot_epsilon,
-    )
+    options = tune_options(method, training)
+    epochs = options.epochs
     with out.progress(f"tune {method}", total=epochs, unit="epochs") as bar:
         done = [0]  # epochs shown so far (a resumed run jumps to its checkpoint's epoch)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -39,58 +38,16 @@ import torch
 
 from promptcli.errors import InputError
 from promptcli.io.fileio import atomic_path
-from promptcli.learning.transport import DEFAULT_EPSILON, DEFAULT_ITERATIONS
+from promptcli.learning.options import (
+    CHECKPOINT_VERSION,
+    DEFAULT_EPSILON,
+    HELD_OUT_FRACTION,
+    WEIGHT_DECAY_GRID,
+    OptimConfig,
+    SplitConfig,
+    TuneOptions,
+)
 from promptcli.models.heads import Head, predict_logits
-
-OPTIMIZERS = ("sgd", "adamw")
-# Weight decays tried for linear-probe when --weight-decay is not given (chosen on held-out labels).
-WEIGHT_DECAY_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-HELD_OUT_FRACTION = 0.2
-CHECKPOINT_VERSION = 1
-SPLITS = ("none", "ot")
-NOISY_LOSSES = ("mae", "none")
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser and schedule settings (CoOp's defaults)."""
-
-    optimizer: str = "sgd"
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    epochs: int = 50
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    batch_size: int = 32
-
-    def validate(self) -> OptimConfig:
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(
-                f"unknown optimizer {self.optimizer!r}", where="--optimizer", hint="use sgd or adamw"
-            )
-        checks = [
-            (self.lr > 0, "--lr", "must be > 0"),
-            (0 <= self.momentum < 1, "--momentum", "must be in [0, 1)"),
-            (self.weight_decay >= 0, "--weight-decay", "must be >= 0"),
-            (self.epochs >= 0, "--epochs", "must be >= 0"),
-            (self.warmup_epochs >= 0, "--warmup-epochs", "must be >= 0"),
-            (self.warmup_lr > 0, "--warmup-lr", "must be > 0"),
-            (self.batch_size >= 1, "--batch-size", "must be >= 1"),
-        ]
-        for ok, option, what in checks:
-            if not ok:
-                raise InputError(f"{what}", where=option, hint="see `promptcli tune --help`")
-        return self
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of epoch ``epoch`` (0-based): constant warm-up, then cosine on the epoch index."""
-        if epoch < self.warmup_epochs:
-            return self.warmup_lr
-        return 0.5 * self.lr * (1.0 + math.cos(math.pi * epoch / max(1, self.epochs)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "schedule": "constant warm-up then cosine (per epoch)"}
 
 
 @dataclass
@@ -138,42 +95,6 @@ class Step:
     x: torch.Tensor
     targets: torch.Tensor
     loss: float
-
-
-@dataclass
-class SplitConfig:
-    """The per-epoch clean/noisy split: ``method`` ot (or none), the loss of noisy samples, OT settings."""
-
-    method: str = "ot"
-    noisy_loss: str = "mae"
-    epsilon: float = DEFAULT_EPSILON
-    n_iter: int = DEFAULT_ITERATIONS
-
-    def validate(self) -> SplitConfig:
-        if self.method not in SPLITS:
-            raise InputError(f"unknown split {self.method!r}", where="--split", hint="use none or ot")
-        if self.noisy_loss not in NOISY_LOSSES:
-            raise InputError(
-                f"unknown noisy loss {self.noisy_loss!r}", where="--noisy-loss", hint="use mae or none"
-            )
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise InputError(
-                "must be > 0",
-                where="--ot-epsilon",
-                hint="the entropic regularisation in logit units, e.g. 0.1",
-            )
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "sample_marginal": "uniform",
-            "class_marginal": "balanced",
-            "cost": "-logits of the head at the epoch start, plain features",
-            "batch_loss": "(sum clean loss_i + sum noisy MAE_i) / B"
-            if self.noisy_loss == "mae"
-            else "(sum clean loss_i) / B",
-        }
 
 
 @torch.no_grad()
@@ -497,68 +418,6 @@ def remove_file(path: Path) -> None:
 
 
 # --- the tune pipeline: files in, prompt file out -------------------------------------------------
-
-DEFAULT_LR = 0.002  # CoOp
-# The linear heads act on unit-norm features with weights of norm ~logit_scale: CoOp's 0.002 would
-# leave them (nearly) where they start, so they default to a larger step (stable: the loss's curvature
-# in the weights is at most ~1 for unit-norm inputs).
-LINEAR_LR = 1.0
-
-
-@dataclass
-class TuneOptions:
-    """Everything ``promptcli tune`` takes besides its files (``None`` means the method's default)."""
-
-    method: str = "coop"
-    n_ctx: int = 16
-    ctx_init: str | None = None
-    class_position: str = "end"
-    csc: bool = False
-    template: str = "a photo of a {}."
-    init_std: float = 0.02
-    loss: str = "ce"
-    q: float = 0.7
-    alpha: float = 0.1
-    beta: float = 1.0
-    label_smoothing: float = 0.0
-    optimizer: str = "sgd"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    epochs: int = 50
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    batch_size: int = 32
-    shots: int | None = None
-    seed: int = 0
-    use_views: bool = True
-    skip_missing: bool = False
-    split: str = "none"
-    noisy_loss: str = "mae"
-    ot_epsilon: float = DEFAULT_EPSILON
-
-    def split_config(self) -> SplitConfig | None:
-        """The clean/noisy split these options ask for (None for ``split="none"``)."""
-        if self.split == "none":
-            return None
-        return SplitConfig(method=self.split, noisy_loss=self.noisy_loss, epsilon=self.ot_epsilon).validate()
-
-    def optim_config(self, weight_decay: float) -> OptimConfig:
-        lr = (
-            self.lr
-            if self.lr is not None
-            else (LINEAR_LR if self.method in ("linear-probe", "classifier-zs") else DEFAULT_LR)
-        )
-        return OptimConfig(
-            optimizer=self.optimizer,
-            lr=lr,
-            momentum=self.momentum,
-            weight_decay=weight_decay,
-            epochs=self.epochs,
-            warmup_epochs=self.warmup_epochs,
-            warmup_lr=self.warmup_lr,
-            batch_size=self.batch_size,
-        )
 
 
 def partial_path(output: str | Path) -> Path:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_EPSILON = 0.1
-DEFAULT_ITERATIONS = 300
+from promptcli.learning.options import DEFAULT_EPSILON, DEFAULT_ITERATIONS
+
 DEFAULT_TOLERANCE = 1e-9
 STAGE_ITERATIONS = 100  # at most, per intermediate epsilon of the annealing schedule
 STAGE_TOLERANCE = 1e-6
