@@ -5,24 +5,15 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from promptcli.choices import DEVICE_SUGGESTIONS
+
 SHELLS = {"bash": "promptcli.bash", "zsh": "_promptcli", "fish": "promptcli.fish"}
 _FILE_HINTS = ("Path", "path")
-# Values worth offering for options that take one of a few words.
-CHOICES = {
-    "--device": "auto cpu cuda",
-    "--precision": "fp32 fp16 bf16",
-    "--dtype": "float16 float32",
-    "--type": "symmetric pair confusion matrix",
-    "--method": "coop cls-tuning full-prompt linear-probe classifier-zs",
-    "--loss": "ce gce mae sce",
-    "--class-position": "end middle front",
-    "--templates": "imagenet imagenet-simple",
-    "--optimizer": "sgd adamw",
-}
+# Options that take a free string but have values worth offering (the rest come from the CLI's choices).
+SUGGESTIONS = {"--device": DEVICE_SUGGESTIONS}
 
 
 @dataclass
@@ -31,10 +22,18 @@ class _Opt:
     help: str
     takes_value: bool
     is_file: bool
+    choices: str = ""
 
-    @property
-    def choices(self) -> str:
-        return next((CHOICES[n] for n in self.names if n in CHOICES), "") if self.takes_value else ""
+
+def choices_of(param) -> tuple[str, ...]:
+    """The values an option takes when they are a fixed set (a ``Choice`` enum), else suggestions."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None and getattr(descriptor, "is_choice", False):
+        return tuple(str(getattr(c, "value", c)) for c in descriptor.choices or ())
+    click_choices = getattr(getattr(param, "type", None), "choices", None)
+    if click_choices:
+        return tuple(str(getattr(c, "value", c)) for c in click_choices)
+    return next((SUGGESTIONS[n] for n in getattr(param, "opts", ()) if n in SUGGESTIONS), ())
 
 
 def _describe(param) -> tuple[bool, bool]:
@@ -47,11 +46,9 @@ def _describe(param) -> tuple[bool, bool]:
 
 def command_tree() -> tuple[list[_Opt], dict[str, tuple[str, list[_Opt], bool]]]:
     """Global options and, per subcommand, (short help, options, takes file arguments)."""
-    import typer
+    from promptcli.cli.app import build_command
 
-    from promptcli.cli.app import app
-
-    root = typer.main.get_command(app)
+    root = build_command()
 
     def options(cmd) -> list[_Opt]:
         out = []
@@ -61,7 +58,11 @@ def command_tree() -> tuple[list[_Opt], dict[str, tuple[str, list[_Opt], bool]]]
             takes_value, is_file = _describe(p)
             out.append(
                 _Opt(
-                    list(p.opts) + list(p.secondary_opts), (p.help or "").split("\n")[0], takes_value, is_file
+                    list(p.opts) + list(p.secondary_opts),
+                    (p.help or "").split("\n")[0],
+                    takes_value,
+                    is_file,
+                    " ".join(choices_of(p)) if takes_value else "",
                 )
             )
         out.append(_Opt(["--help", "-h"], "Show help and exit.", False, False))
@@ -201,9 +202,24 @@ def write_all(folder: Path) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
-    target = (
-        Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "completions"
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m promptcli.completions",
+        description="Regenerate the bash, zsh and fish completion scripts from the CLI.",
     )
-    for p in write_all(target):
+    parser.add_argument(
+        "folder",
+        nargs="?",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "completions",
+        help="where to write them (default: the repository's completions/)",
+    )
+    args = parser.parse_args(argv)
+    for p in write_all(args.folder):
         print(p)
+
+
+if __name__ == "__main__":
+    main()

@@ -58,3 +58,21 @@ def test_bash_completion_completes_subcommands(tmp_path):
     )
     out = subprocess.run([bash, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["extract", "--device", "auto cpu cuda"]
+
+
+def test_every_choice_set_is_offered_by_the_completions():
+    """Each fixed set of choices (promptcli.choices) reaches the CLI and, through it, the completions."""
+    from promptcli import choices
+    from promptcli.completions import command_tree
+
+    sets = [
+        c
+        for c in vars(choices).values()
+        if isinstance(c, type) and issubclass(c, choices.Choice) and c is not choices.Choice
+    ]
+    offered = {o.choices for _, (_, opts, _) in command_tree()[1].items() for o in opts}
+    script = GENERATORS["bash"]()
+    for enum in sets:
+        values = " ".join(enum.values())
+        assert values in offered, f"{enum.__name__} is not the type of any option"
+        assert values in script, f"{enum.__name__}'s values are missing from the bash completions"

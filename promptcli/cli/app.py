@@ -52,6 +52,7 @@ COMMANDS = (
     "clean",
     "report",
     "demo-images",
+    "dataset",
 )
 
 
@@ -66,6 +67,23 @@ def _register() -> None:
 
 
 _register()
+
+
+def build_command() -> click.Command:
+    """The click command tree of the CLI, with help that reads as users expect.
+
+    Flags show no value placeholder (typer renders ``<bool>``) and arguments show upper-case names.
+    """
+    root = typer.main.get_command(app)
+    commands = getattr(root, "commands", {})
+    for cmd in [root, *commands.values()]:
+        for param in cmd.params:
+            if getattr(param, "param_type_name", "") == "argument":
+                if param.metavar is None:
+                    param.metavar = param.name.upper()
+            elif getattr(param, "is_flag", False) and not getattr(param, "count", False):
+                param.metavar = ""
+    return root
 
 
 # typer >= 0.23 vendors click: its usage errors derive from typer.TyperException, not click's.
@@ -84,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("PROMPTCLI_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
     set_command(args)
-    command = typer.main.get_command(app)
+    command = build_command()
     try:
         code = command.main(args=args, prog_name="promptcli", standalone_mode=False)
     except PromptcliError as exc:
