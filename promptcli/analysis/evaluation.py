@@ -110,10 +110,32 @@ def check_compatible(prompt: PromptFile, features: FeatureSet) -> None:
             where=prompt.path,
             hint="use features whose class list matches the one the prompt was tuned on",
         )
+    check_adapter(prompt, features)
     dim = int(prompt.metadata.get("embed_dim", features.dim))
     if dim != features.dim:
         raise InputError(
             f"prompt expects {dim}-dimensional features, the file has {features.dim}", where=prompt.path
+        )
+
+
+def check_adapter(prompt: PromptFile, features: FeatureSet) -> None:
+    """A fine-tuned tower's head reads only features extracted through that tower, and only it does."""
+    from promptcli.io.fileio import sha256_file
+
+    made_with = str(features.attrs.get("adapter_sha256", "") or "")
+    if prompt.method == "finetune":
+        if made_with != sha256_file(prompt.path):
+            raise InputError(
+                "the features were not extracted through this fine-tuned image tower",
+                where=features.path,
+                hint=f"run `promptcli extract IMAGES -o FEATURES.h5 --adapter {prompt.path}` and evaluate on that",
+            )
+    elif made_with:
+        raise InputError(
+            f"the features were extracted through a fine-tuned tower (adapter sha256 {made_with[:12]}); "
+            f"the {prompt.method or '?'} prompt was tuned on the base model's features",
+            where=prompt.path,
+            hint="evaluate it on features extracted without --adapter",
         )
 
 
@@ -128,7 +150,7 @@ def head_from_prompt(prompt: PromptFile, loaded: LoadedModel | None) -> LinearHe
         config = PromptConfig.from_metadata(prompt.metadata.get("prompt_config", {}))
         learner = PromptLearner(loaded, prompt.classnames, config)
         head: LinearHead | PromptHead = PromptHead(learner, model_logit_scale(loaded), method)
-    elif method in ("linear-probe", "classifier-zs"):
+    elif method in ("linear-probe", "classifier-zs", "finetune"):
         weight = prompt.tensors.get("weight")
         if weight is None:
             raise InputError("tensor 'weight' missing", where=prompt.path, hint="is this a promptcli prompt?")
@@ -247,8 +269,8 @@ def evaluate(
     """Predict with prompt files (ensembled) or zero-shot CLIP; score against the ground truth."""
     from promptcli.io import provenance
     from promptcli.io.features import read_features
-    from promptcli.io.fileio import sha256_bytes, sha256_file
-    from promptcli.io.labels import read_labels
+    from promptcli.io.fileio import sha256_file
+    from promptcli.io.labels import labels_sha256, read_labels
     from promptcli.io.prompt_files import read_prompt
     from promptcli.models.devices import resolve_device
 
@@ -278,9 +300,7 @@ def evaluate(
     if labels_path is not None:
         table = read_labels(labels_path)
         truth, n_skipped = ground_truth_from_labels(fs, table, skip_missing)
-        labels_sha = (
-            sha256_bytes(table.text.encode("utf-8")) if str(labels_path) == "-" else sha256_file(labels_path)
-        )
+        labels_sha = labels_sha256(table, labels_path)
     else:
         truth, n_skipped, labels_sha = ground_truth_from_features(fs), 0, None
         if not (truth >= 0).any():

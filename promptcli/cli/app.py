@@ -91,6 +91,35 @@ _USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", cl
 _ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
 
+# Outputs are renamed into place only when complete, so an interrupted command replaced nothing;
+# extract and tune keep their finished chunks/epochs in OUTPUT.partial.
+INTERRUPTED = (
+    "interrupted — no half-written output was left (files are renamed into place when complete; a tune "
+    "--log holds the epochs done); extract and tune kept their finished work in OUTPUT.partial: rerun "
+    "the same command with --resume to continue"
+)
+
+
+def usage_message(exc: Exception) -> str:
+    """A usage error as one line: the option, what is wrong, and what to do."""
+    param = getattr(exc, "param", None)
+    ctx = getattr(exc, "ctx", None)
+    where = ""
+    if param is not None:
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("--")] or list(getattr(param, "opts", []))
+        where = opts[0] if opts and getattr(param, "param_type_name", "") == "option" else param.name.upper()
+    descriptor = getattr(param, "type_descriptor", None)
+    choices = getattr(descriptor, "choices", None) if getattr(descriptor, "is_choice", False) else None
+    help_hint = f"see `{ctx.command_path} --help`" if ctx is not None else "see `promptcli --help`"
+    if choices and getattr(exc, "message", None) and "not one of" in str(exc.message):
+        bad = str(exc.message).split("is not one of")[0].split(",")[-1].strip()
+        values = ", ".join(str(getattr(c, "value", c)) for c in choices)
+        return f"{where}: unknown value {bad} — use one of: {values}"
+    message = " ".join(exc.format_message().split()) if hasattr(exc, "format_message") else str(exc)
+    message = message.removeprefix("Value error, ")
+    return f"{where + ': ' if where and where not in message else ''}{message} — {help_hint}"
+
+
 def _error(message: str) -> None:
     sys.stderr.write(f"Error: {message}\n")
     sys.stderr.flush()
@@ -111,11 +140,14 @@ def main(argv: list[str] | None = None) -> None:
         _error(exc.message)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, *_ABORTS):
-        _error("interrupted — long runs can be completed with --resume")
+        _error(INTERRUPTED)
         sys.exit(130)
     except _USAGE_ERRORS as exc:
-        exc.show()
-        sys.exit(exc.exit_code or EXIT_BAD_INPUT)
+        if getattr(exc, "exit_code", 1) == 0 or type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # `promptcli` alone prints the help
+            sys.exit(exc.exit_code)
+        _error(usage_message(exc))
+        sys.exit(EXIT_BAD_INPUT)
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(EXIT_RUNTIME)

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from promptcli.errors import InputError
+from promptcli.io.checks import check_unique_keys
 from promptcli.io.features import FeatureSet
-from promptcli.io.fileio import STDIO, open_output_text
+from promptcli.io.fileio import STDIO, open_output_text, sha256_bytes, sha256_file
 
 REQUIRED = ("path", "label")
 
@@ -40,7 +41,12 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
     """Read a labels CSV from a file or stdin (``-``)."""
     source = str(path)
     if source == STDIO:
-        text = sys.stdin.read()
+        try:
+            stdin = getattr(sys.stdin, "buffer", None)
+            text = stdin.read().decode("utf-8-sig") if stdin is not None else sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise InputError("not UTF-8 text", where="<stdin>", hint="pipe in a UTF-8 CSV") from exc
+        text = text.removeprefix("\ufeff")  # a BOM, when stdin was opened as text
         where = "<stdin>"
     else:
         p = Path(path)
@@ -53,8 +59,14 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
         where = source
     if text.lstrip().startswith("\x89HDF") or "\x00" in text[:1024]:
         raise InputError("not a CSV (binary file)", where=where, hint="give a CSV with path,label columns")
-    reader = csv.DictReader(io.StringIO(text))
-    columns = list(reader.fieldnames or [])
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        columns = list(reader.fieldnames or [])
+        parsed = list(reader)
+    except csv.Error as exc:
+        raise InputError(
+            f"malformed CSV (line {reader.line_num}: {exc})", where=where, hint="check quoting and field sizes"
+        ) from exc
     missing = [c for c in required if c not in columns]
     if missing:
         raise InputError(
@@ -62,10 +74,17 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
             where=where,
             hint="a labels CSV needs a header with " + ",".join(required),
         )
-    rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in parsed]
     if not rows:
         raise InputError("no rows", where=where, hint="the labels CSV is empty")
+    labels = [r.get("label", "") for r in rows] if "label" in columns else None
+    check_unique_keys([r.get("path", "") for r in rows], where, labels)
     return LabelTable(where, columns, rows, text)
+
+
+def labels_sha256(table: LabelTable, path: str | Path) -> str:
+    """The SHA-256 that provenance records for labels read from ``path``: the file's bytes, or stdin's text."""
+    return sha256_bytes(table.text.encode("utf-8")) if str(path) == STDIO else sha256_file(path)
 
 
 def write_labels(path: str | Path, columns: list[str], rows: list[dict[str, object]]) -> None:
@@ -97,6 +116,7 @@ class JoinedLabels:
     is_noisy: np.ndarray | None  # bool, when present
     n_skipped: int = 0
     skipped: list[str] = field(default_factory=list)
+    n_truth_unknown: int = 0  # rows with a blank clean_label / is_noisy cell (then clean / is_noisy are None)
 
 
 def class_index(
@@ -116,8 +136,11 @@ def join_labels(features: FeatureSet, table: LabelTable, skip_missing: bool = Fa
     """Join labels to feature rows by ``path``; unknown paths or classes are errors unless skipped."""
     by_path = features.index_by_path()
     names = {c: i for i, c in enumerate(features.classnames)}
-    has_clean = table.has("clean_label")
-    has_noisy = table.has("is_noisy")
+    # A blank clean_label / is_noisy cell means "not known" (real-noise releases verify only some images,
+    # see `promptcli dataset`); a column with blank cells gives no truth for the set rather than a partial one.
+    unknown = [r for r in table.rows if any(table.has(c) and not r.get(c) for c in ("clean_label", "is_noisy"))]
+    has_clean = table.has("clean_label") and not any(not r.get("clean_label") for r in table.rows)
+    has_noisy = table.has("is_noisy") and not any(not r.get("is_noisy") for r in table.rows)
     rows, labels, clean, noisy, skipped = [], [], [], [], []
     for line, row in enumerate(table.rows, start=2):
         where = f"{table.source}:{line}"
@@ -158,4 +181,5 @@ def join_labels(features: FeatureSet, table: LabelTable, skip_missing: bool = Fa
         is_noisy=np.asarray(noisy, dtype=bool) if has_noisy else None,
         n_skipped=len(skipped),
         skipped=skipped,
+        n_truth_unknown=len(unknown),
     )

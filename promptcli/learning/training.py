@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,8 @@ import numpy as np
 import torch
 
 from promptcli.errors import InputError
-from promptcli.io.fileio import atomic_path
+from promptcli.io.checks import check_finite_fields, check_seed, divergence_error
+from promptcli.io.fileio import atomic_path, locks_output
 from promptcli.learning.options import (
     CHECKPOINT_VERSION,
     DEFAULT_EPSILON,
@@ -292,6 +294,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             loss_value = float(loss.detach().item())
+            if not math.isfinite(loss_value):
+                raise divergence_error(epoch + 1, step, lr, "loss")
             if on_step is not None:
                 on_step(Step(epoch + 1, step, head, batch, x, targets, loss_value))
             scaler.step(optimizer)
@@ -306,6 +310,8 @@ def train(
             **split_row,
             "time": time.perf_counter() - t0,
         }
+        if not all(bool(torch.isfinite(t).all()) for t in head.learnable_state().values()):
+            raise divergence_error(epoch + 1, None, lr, "learned tensor")  # checked before it is checkpointed
         history.append(row)
         if checkpoint is not None:
             save_checkpoint(
@@ -431,17 +437,11 @@ def labels_sidecar(labels_path: str | Path) -> Path:
 
 
 def read_noise_sidecar(labels_path: str | Path, warn: Callable[[str], None]) -> dict[str, Any] | None:
-    if str(labels_path) == "-":
-        return None
-    sidecar = labels_sidecar(labels_path)
-    if not sidecar.is_file():
-        return None
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        warn(f"{sidecar} is not valid JSON; its noise description is not recorded")
-        return None
-    return data if isinstance(data, dict) else {"value": data}
+    """The labels' sidecar record; None without one, or (with a warning) when it is not JSON or was
+    written for another version of the CSV (see :mod:`promptcli.io.sidecar`)."""
+    from promptcli.io.sidecar import read_sidecar
+
+    return read_sidecar(labels_path, warn)[1]
 
 
 # What prompt metadata and logs keep of a corrupt sidecar (not its C x C transition counts).
@@ -522,6 +522,8 @@ def check_options(
     from promptcli.models.heads import TEXT_METHODS, check_method
 
     check_method(options.method)
+    check_finite_fields(options)
+    check_seed(options.seed)
     split = SplitConfig(options.split, options.noisy_loss, options.ot_epsilon).validate()
     if split.method != "none" and not split_ok:
         raise InputError(
@@ -585,8 +587,8 @@ def prepare_run(
     ``split_ok`` as in :func:`check_options`.
     """
     from promptcli.io.features import read_features
-    from promptcli.io.fileio import sha256_bytes, sha256_file
-    from promptcli.io.labels import join_labels, read_labels
+    from promptcli.io.fileio import sha256_file
+    from promptcli.io.labels import join_labels, labels_sha256, read_labels
     from promptcli.models.devices import resolve_device
     from promptcli.models.heads import build_head
 
@@ -594,9 +596,7 @@ def prepare_run(
     torch_device = resolve_device(str(device))
     fs = read_features(features_path, load_views=options.use_views)
     table = read_labels(labels_path)
-    labels_sha = (
-        sha256_bytes(table.text.encode("utf-8")) if str(labels_path) == "-" else sha256_file(labels_path)
-    )
+    labels_sha = labels_sha256(table, labels_path)
     features_sha = sha256_file(features_path)
     joined = join_labels(fs, table, skip_missing=options.skip_missing)
     index = np.arange(len(joined.labels))
@@ -672,6 +672,7 @@ def prepare_run(
     )
 
 
+@locks_output("output")
 def tune(
     features_path: str | Path,
     labels_path: str | Path,
@@ -690,11 +691,15 @@ def tune(
 ) -> dict[str, Any]:
     """Learn a prompt (or head) from cached features and labels; write it to ``output``; return a summary."""
     from promptcli.io import provenance
-    from promptcli.io.fileio import check_output_path
+    from promptcli.io.fileio import check_distinct, check_jsonl_prefix, check_output_path
     from promptcli.io.prompt_files import save_prompt
     from promptcli.learning.losses import loss_params
 
     check_options(options, warn, split_ok=True)
+    check_distinct(
+        {"FEATURES": features_path, "LABELS": labels_path},
+        {"-o": output, "--log": log_path, "the checkpoint -o.partial": partial_path(output)},
+    )
     output = check_output_path(output, force)
     partial = partial_path(output)
     if partial.exists() and not resume:
@@ -737,6 +742,8 @@ def tune(
     # Check a checkpoint to resume before touching the log: a refused resume must leave the log intact.
     history = load_checkpoint(partial, run_id)["history"] if resume and partial.exists() else []
     log_handle = None
+    if log_path is not None and resume:  # the log is rewritten: only if it is this run's
+        check_jsonl_prefix(log_path, [{**row, "run": run_info} for row in history], force)
     if log_path is not None:
         log_handle = open(log_path, "w", encoding="utf-8")
         for row in history:  # the log restarts with the epochs the checkpoint already holds

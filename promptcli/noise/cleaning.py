@@ -404,8 +404,8 @@ def clean_labels(
     from promptcli.analysis.evaluation import prompt_provenance
     from promptcli.io import provenance
     from promptcli.io.features import read_features
-    from promptcli.io.fileio import sha256_bytes, sha256_file
-    from promptcli.io.labels import join_labels, read_labels
+    from promptcli.io.fileio import sha256_file
+    from promptcli.io.labels import join_labels, labels_sha256, read_labels
 
     check_selection(threshold, keep_fraction, score)
     if not 0.0 < relabel_confidence <= 1.0:
@@ -435,9 +435,7 @@ def clean_labels(
             )
     fs = read_features(features_path, load_views=False)
     table = read_labels(labels_path)
-    labels_sha = (
-        sha256_bytes(table.text.encode("utf-8")) if str(labels_path) == "-" else sha256_file(labels_path)
-    )
+    labels_sha = labels_sha256(table, labels_path)
     has_noisy, has_clean = table.has("is_noisy"), table.has("clean_label")
     if relabel and has_noisy and not has_clean:
         raise InputError(
@@ -577,20 +575,14 @@ def clean_labels(
     return CleanResult(summary, passthrough + SCORE_COLUMNS, score_rows, list(table.columns), clean_rows)
 
 
-def noise_sidecar(labels_path: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """``LABELS.json``, what `corrupt` (or an earlier clean) recorded about the labels, if readable."""
-    import json
+def noise_sidecar(
+    labels_path: str | Path, warn: Callable[[str], None] = lambda _: None
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """``LABELS.json``, what `corrupt` (or an earlier clean) recorded about the labels, if readable and
+    still describing these labels (see :mod:`promptcli.io.sidecar`)."""
+    from promptcli.io.sidecar import read_sidecar
 
-    if str(labels_path) == "-":
-        return None, None
-    path = Path(f"{labels_path}.json")
-    if not path.is_file():
-        return None, None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return path, None
-    return path, data if isinstance(data, dict) else {"value": data}
+    return read_sidecar(labels_path, warn)
 
 
 def clean_sidecar(summary: dict[str, Any], labels_path: str | Path) -> dict[str, Any]:

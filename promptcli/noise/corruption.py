@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from promptcli.choices import NoiseType
 from promptcli.errors import InputError
 
-NOISE_TYPES = ("symmetric", "pair", "confusion", "matrix")
+NOISE_TYPES = NoiseType.values()
 ROW_SUM_TOLERANCE = 1e-6
 
 

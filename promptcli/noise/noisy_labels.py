@@ -1,0 +1,371 @@
+"""``corrupt`` as a library step: a labels file (or features file) in, a noisy labels CSV and its sidecar out.
+
+:func:`corrupt_file` reads the clean labels, builds the transition matrix of the chosen noise type,
+flips exactly the asked number of labels (or draws a few-shot noisy set), and writes the CSV with
+``clean_label``/``is_noisy`` plus ``OUTPUT.json`` recording how it was made. The maths lives in
+:mod:`promptcli.noise.corruption`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from promptcli.choices import ConfusionFrom, NoiseType
+from promptcli.errors import InputError
+from promptcli.io.fileio import (
+    STDIO,
+    check_distinct,
+    check_output_path,
+    require_file,
+    sha256_file,
+)
+from promptcli.io.labels import LabelTable, labels_sha256
+from promptcli.io.sidecar import write_sidecar
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+ADDED = ("clean_label", "is_noisy")
+
+
+@dataclass
+class CorruptOptions:
+    """What ``promptcli corrupt`` takes besides its input and output."""
+
+    rate: float | None = None
+    noise_type: str = NoiseType.SYMMETRIC.value
+    seed: int = 0
+    per_class: bool = False
+    shots: int | None = None
+    pairs: Path | None = None
+    matrix: Path | None = None
+    features: Path | None = None
+    classnames: Path | None = None
+    confusion_from: str | None = None
+    template: list[str] | None = None
+    templates: str | None = None
+    pretrained: str | None = None
+    device: str = "auto"
+
+
+def corrupt_file(
+    labels: str,
+    output: str,
+    options: CorruptOptions,
+    *,
+    force: bool = False,
+    json_out: bool = False,
+    info: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Write noisy labels for ``labels`` to ``output`` (``-``: stdout) and its sidecar; return the summary."""
+    from promptcli.io.provenance import base_provenance
+    from promptcli.noise import corruption as noise
+
+    o = options
+    noise_type = NoiseType.check(o.noise_type, "--type")
+    rate, seed, per_class, shots, pairs, matrix = o.rate, o.seed, o.per_class, o.shots, o.pairs, o.matrix
+    features, classnames, template, templates = o.features, o.classnames, o.template, o.templates
+    confusion_from = (
+        None if o.confusion_from is None else ConfusionFrom.check(o.confusion_from, "--confusion-from")
+    )
+    to_stdout = output == STDIO
+    _check_options(
+        noise_type, rate, shots, pairs, matrix, confusion_from, template, templates, to_stdout, json_out
+    )
+    if rate is not None:
+        noise.check_rate(rate)
+    sidecar = None if to_stdout else Path(f"{output}.json")
+    inputs = {"LABELS": labels, "--features": features, "--classnames": classnames}
+    check_distinct({**inputs, "--pairs": pairs, "--matrix": matrix}, {"-o": output, "the sidecar": sidecar})
+    if not to_stdout:
+        check_output_path(output, force)
+        check_output_path(sidecar, force)
+
+    table, fs, input_sha = _read_input(labels, features, warn, allow_noisy=rate == 0)
+    # --rate 0 adds no noise: a real-noise input's own clean_label/is_noisy (e.g. from `promptcli dataset`)
+    # pass through unchanged, so --shots K --rate 0 draws K rows per given label and keeps their truth.
+    keep_truth = rate == 0 and any(table.has(c) for c in ADDED)
+    if features is not None:
+        from promptcli.io.features import read_features
+
+        fs = read_features(features, load_views=False)
+    names = _class_list(table, fs, classnames)
+    if len(names) < 2:
+        raise InputError(
+            f"label noise needs at least 2 classes, got {len(names)}",
+            where=features or classnames or table.source,
+            hint="give the full class list with --features or --classnames",
+        )
+    clean = _label_indices(table, names)
+    n_classes = len(names)
+    record: dict[str, Any] = {}
+
+    transition: np.ndarray
+    sources = None
+    if noise_type == "symmetric":
+        transition = noise.symmetric_transition(n_classes)
+    elif noise_type == "pair":
+        mapping = noise.read_pairs(pairs, names) if pairs else None
+        transition = noise.pair_transition(n_classes, mapping)
+        record["pairs"] = {
+            names[i]: names[int(transition[i].argmax())] for i in range(n_classes) if transition[i].any()
+        }
+        if pairs:
+            record["pairs_file"] = {"path": str(pairs), "sha256": sha256_file(pairs)}
+    elif noise_type == "confusion":
+        if fs is None:
+            raise InputError(
+                "--type confusion needs the features file and its model",
+                where="--features",
+                hint="pass --features features.h5 (or give the .h5 as input)",
+            )
+        score, record = _confusion_score(
+            fs,
+            table,
+            clean,
+            names,
+            confusion_from or "text",
+            template,
+            templates,
+            o.pretrained,
+            o.device,
+            info,
+        )
+        transition = noise.confusion_transition(score)
+        sources = noise.confusion_sources(score)
+        record["confusion"] = {names[i]: names[int(transition[i].argmax())] for i in range(n_classes)}
+    else:
+        transition = noise.read_transition_matrix(require_file(matrix, "matrix file"), names)
+        record["matrix_file"] = {"path": str(matrix), "sha256": sha256_file(matrix)}
+        if rate is None:
+            record["rate_from_matrix_diagonal"] = True
+        elif np.any(np.diag(transition) > 0):
+            raise InputError(
+                "with --rate the matrix only says where flips go, so its diagonal must be 0",
+                where=matrix,
+                hint="drop --rate to use 1 - diagonal as each class's noise rate, or zero the diagonal",
+            )
+
+    effective_rate: float | np.ndarray = rate if rate is not None else 1.0 - np.diag(transition)
+    if shots is not None:
+        fewshot = noise.few_shot_noisy(
+            clean,
+            n_classes,
+            shots,
+            float(effective_rate),
+            noise_type,
+            seed,
+            transition=transition,
+            sources=sources,
+            classnames=names,
+        )
+        src_rows = fewshot.indices
+        noisy, truth = fewshot.labels, fewshot.clean
+    else:
+        if isinstance(effective_rate, np.ndarray):
+            for c, r in enumerate(effective_rate):
+                noise.check_rate(float(r), where=f"{matrix}: row {names[c]!r} (1 - diagonal)")
+        noisy = noise.corrupt_labels(
+            clean, n_classes, effective_rate, noise_type, seed, per_class, transition
+        )
+        src_rows, truth = np.arange(len(clean)), clean
+
+    columns = list(table.columns) + ([] if keep_truth else [c for c in ADDED if c not in table.columns])
+    rows = []
+    for r, y, t in zip(src_rows, noisy, truth):
+        row = dict(table.rows[int(r)])
+        if keep_truth:
+            row.update(label=names[y])
+        else:
+            row.update(label=names[y], clean_label=names[t], is_noisy=int(y != t))
+        rows.append(row)
+
+    counts = noise.transition_counts(truth, noisy, n_classes)
+    n_noisy = int(counts.sum() - np.trace(counts))
+    result = {
+        **base_provenance(),
+        "input": table.source,
+        "input_sha256": input_sha,
+        "output": output,
+        "type": noise_type,
+        "rate": rate,
+        "seed": seed,
+        "per_class": per_class,
+        "shots": shots,
+        "classes": names,
+        "n_rows": len(rows),
+        "n_noisy": n_noisy,
+        "realised_rate": n_noisy / len(rows) if rows else 0.0,
+        "transition_counts": counts.tolist(),
+        "per_class_counts": {
+            name: {
+                "rows": int(counts[c].sum()),
+                "flipped_from": int(counts[c].sum() - counts[c, c]),
+                "flipped_to": int(counts[:, c].sum() - counts[c, c]),
+            }
+            for c, name in enumerate(names)
+        },
+        **record,
+    }
+    if keep_truth:
+        flags = [row.get("is_noisy", "") for row in rows]
+        result["input_truth"] = {
+            "kept": True,
+            "n_noise_known": sum(f in ("0", "1") for f in flags),
+            "n_noisy": flags.count("1"),
+        }
+    if fs is not None:
+        result["features"] = {"path": str(fs.path), "sha256": sha256_file(fs.path)}
+
+    from promptcli.io.labels import write_labels
+
+    write_labels(output, columns, rows)
+    if sidecar is not None:
+        # A C x C count matrix: one number per line is unreadable past a few dozen classes.
+        indent = 2 if n_classes <= 50 else None
+        write_sidecar(output, result, indent=indent)  # records the CSV's SHA-256: readers check it
+    return result
+
+
+def _check_options(
+    noise_type: str,
+    rate: float | None,
+    shots: int | None,
+    pairs: Path | None,
+    matrix: Path | None,
+    confusion_from: str | None,
+    template: list[str] | None,
+    templates: str | None,
+    to_stdout: bool,
+    json_out: bool,
+) -> None:
+    if to_stdout and json_out:
+        raise InputError(
+            "-o - and --json both write to stdout",
+            where="--json",
+            hint="write the CSV to a file, or drop --json",
+        )
+    if rate is None and (noise_type != "matrix" or shots is not None):
+        raise InputError("no noise rate", where="--rate", hint="e.g. --rate 0.3 (0 keeps every label)")
+    for given, needs, option in (
+        (pairs, "pair", "--pairs"),
+        (matrix, "matrix", "--matrix"),
+        (confusion_from, "confusion", "--confusion-from"),
+        (template, "confusion", "--template"),
+        (templates, "confusion", "--templates"),
+    ):
+        if given and noise_type != needs:
+            raise InputError(
+                f"{option} applies to --type {needs} only", where=option, hint=f"add --type {needs}"
+            )
+    if noise_type == "matrix" and matrix is None:
+        raise InputError(
+            "--type matrix needs --matrix FILE", where="--matrix", hint="a C x C CSV, rows sum to 1"
+        )
+
+
+def _is_hdf5(source: str) -> bool:
+    if source == STDIO:
+        return False
+    path = require_file(source, "labels file")
+    with open(path, "rb") as handle:
+        return handle.read(8) == HDF5_MAGIC
+
+
+def _read_input(source: str, features: Path | None, warn: Callable[[str], None], allow_noisy: bool = False):
+    """The clean labels: a labels CSV (or stdin), or a features file's paths and ground truth."""
+    from promptcli.io.features import read_features
+    from promptcli.io.labels import labels_from_features, read_labels
+
+    if _is_hdf5(source):
+        fs = read_features(source, load_views=False)
+        table = labels_from_features(fs)
+        if not table.rows:
+            raise InputError(
+                "the features file carries no ground-truth labels",
+                where=source,
+                hint="extract from an ImageFolder tree or a CSV with a label column, or give a labels CSV",
+            )
+        if len(table) < len(fs):
+            warn(f"{len(fs) - len(table)} images without a label in {source} are left out")
+        return table, fs, sha256_file(source)
+    table = read_labels(source)
+    if table.has("clean_label") and not allow_noisy:
+        # Corrupting noisy labels again would lose the truth; a file whose labels are all clean is fine.
+        for line, row in enumerate(table.rows, start=2):
+            if row.get("clean_label", "") != row.get("label", ""):
+                raise InputError(
+                    "these labels are already noisy (label differs from clean_label)",
+                    where=f"{table.source}:{line}",
+                    hint="corrupt the clean labels: keep path and clean_label, renamed to label",
+                )
+    return table, None, labels_sha256(table, source)
+
+
+def _class_list(table: LabelTable, fs, classnames: Path | None) -> list[str]:
+    """--features' class list, else --classnames, else the sorted labels."""
+    from promptcli.io.image_sources import read_classnames
+
+    if fs is not None and fs.classnames:
+        return list(fs.classnames)
+    if classnames is not None:
+        return read_classnames(classnames)
+    for line, row in enumerate(table.rows, start=2):
+        if not row["label"]:  # a blank cell would otherwise become a class named ''
+            raise InputError(
+                "empty label",
+                where=f"{table.source}:{line}",
+                hint="give every row a label, or the class list with --features or --classnames",
+            )
+    return sorted({row["label"] for row in table.rows})
+
+
+def _label_indices(table: LabelTable, names: list[str]) -> np.ndarray:
+    index = {n: i for i, n in enumerate(names)}
+    out = np.empty(len(table), dtype=np.int64)
+    for i, row in enumerate(table.rows):
+        label = row.get("label", "")
+        if label not in index:
+            shown = ", ".join(names[:8]) + ("…" if len(names) > 8 else "")
+            raise InputError(
+                f"label {label!r} is not in the class list",
+                where=f"{table.source}:{i + 2}",
+                hint=f"use one of: {shown}",
+            )
+        out[i] = index[label]
+    return out
+
+
+def _confusion_score(fs, table, clean, names, source, template, templates, pretrained, device, info):
+    """Class-to-class score whose off-diagonal argmax is the confusion: prompt similarity, or the zero-shot
+    confusion counts on the features (prompt similarity breaking ties)."""
+    from promptcli.models.loading import load_model_from_record
+    from promptcli.models.zeroshot import resolve_templates
+    from promptcli.noise import pseudolabels
+
+    prompts = resolve_templates(template, templates)
+    loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=device)
+    pseudolabels.check_dim(loaded, fs.features, where=fs.path)
+    similarity = pseudolabels.text_similarity(loaded, names, prompts)
+    record: dict[str, Any] = {"confusion_from": source, "templates": prompts, "model": loaded.identity()}
+    if source == "text":
+        return similarity, record
+    by_path = fs.index_by_path()
+    pairs = [(by_path[row["path"]], y) for row, y in zip(table.rows, clean) if row["path"] in by_path]
+    if not pairs:
+        raise InputError(
+            "no label paths are in the features file",
+            where=fs.path,
+            hint="--confusion-from predictions needs features of the labelled images",
+        )
+    rows, truth = (np.array(v, dtype=np.int64) for v in zip(*pairs))
+    pred = pseudolabels.zero_shot_predict(loaded, fs.features[rows], names, prompts).labels
+    confusion = pseudolabels.confusion_matrix(truth, pred, len(names))
+    info(f"Zero-shot accuracy on {len(rows)} labelled images: {np.trace(confusion) / len(rows):.1%}")
+    record["zero_shot_confusion"] = confusion.tolist()
+    # Similarity lies in [-1, 1], so 0.25 x similarity only breaks ties between equal counts.
+    return confusion + 0.25 * similarity, record
