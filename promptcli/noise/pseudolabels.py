@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,3 +145,123 @@ def summary(
         "pseudo_label_accuracy": accuracy(kept),
         "per_class": per_class,
     }
+
+
+@dataclass
+class PseudolabelOptions:
+    """What ``promptcli pseudolabel`` takes besides its input and output."""
+
+    template: list[str] | None = None
+    templates: str | None = None
+    classnames: Path | None = None
+    top_k: int | None = None
+    random_k: int | None = None
+    min_confidence: float | None = None
+    seed: int = 0
+    pretrained: str | None = None
+    device: str = "auto"
+
+
+def pseudolabel_file(
+    features: Path,
+    output: str,
+    options: PseudolabelOptions,
+    *,
+    force: bool = False,
+    json_out: bool = False,
+    info: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Zero-shot pseudo-labels of a features file, selected, written as a labels CSV (+ sidecar).
+
+    Returns the summary (the sidecar's record) with ``n_images`` and ``n_kept`` added.
+    """
+    from promptcli.errors import InputError
+    from promptcli.io.features import read_features
+    from promptcli.io.fileio import STDIO, check_distinct, check_output_path, sha256_file
+    from promptcli.io.image_sources import read_classnames
+    from promptcli.io.labels import write_labels
+    from promptcli.io.provenance import base_provenance
+    from promptcli.io.sidecar import write_sidecar
+    from promptcli.models.loading import load_model_from_record
+    from promptcli.models.zeroshot import resolve_templates
+
+    o = options
+    template, templates, classnames = o.template, o.templates, o.classnames
+    top_k, random_k, min_confidence, seed = o.top_k, o.random_k, o.min_confidence, o.seed
+    pretrained, device = o.pretrained, o.device
+    to_stdout = output == STDIO
+    if to_stdout and json_out:
+        raise InputError(
+            "-o - and --json both write to stdout",
+            where="--json",
+            hint="write the CSV to a file, or drop --json",
+        )
+    # Validate the selection options before loading anything.
+    select(np.zeros(0, dtype=np.int64), np.zeros(0), 0, top_k, random_k, min_confidence, seed)
+    prompts = resolve_templates(template, templates)
+    sidecar = None if to_stdout else Path(f"{output}.json")
+    check_distinct({"FEATURES": features, "--classnames": classnames}, {"-o": output, "the sidecar": sidecar})
+    if sidecar is not None:
+        check_output_path(output, force)
+        check_output_path(sidecar, force)
+
+    fs = read_features(features, load_views=False)
+    label_names = list(fs.classnames)
+    prompt_names = read_classnames(classnames) if classnames else label_names
+    if not label_names:
+        label_names = prompt_names
+    if len(prompt_names) != len(label_names):
+        raise InputError(
+            f"{len(prompt_names)} class names for the {len(label_names)} classes of {features}",
+            where=classnames,
+            hint="give one name per class, in the features file's class order",
+        )
+    if len(label_names) < 2:
+        raise InputError(
+            f"zero-shot classification needs at least 2 classes, got {len(label_names)}",
+            where=classnames or features,
+            hint="give the class names with --classnames",
+        )
+
+    loaded = load_model_from_record(fs.attrs, source=features, pretrained=pretrained, device=device)
+    check_dim(loaded, fs.features, where=features)
+    info(f"Zero-shot {len(fs)} images over {len(label_names)} classes, {len(prompts)} template(s)")
+    pred = zero_shot_predict(loaded, fs.features, prompt_names, prompts)
+    kept = select(pred.labels, pred.confidence, len(label_names), top_k, random_k, min_confidence, seed)
+    truth = fs.labels
+    stats = summary(pred.labels, truth, kept, label_names)
+
+    # clean_label/is_noisy only when every kept row has ground truth: `tune` joins them by class name.
+    has_truth = bool(len(kept)) and bool((truth[kept] >= 0).all())
+    if fs.has_labels and not has_truth and len(kept):
+        warn("some kept images have no ground-truth label: the output has no clean_label/is_noisy columns")
+    columns = ["path", "label", "confidence"] + (["clean_label", "is_noisy"] if has_truth else [])
+    rows = []
+    for i in kept:
+        row: dict[str, object] = {
+            "path": fs.paths[i],
+            "label": label_names[pred.labels[i]],
+            "confidence": f"{pred.confidence[i]:.6f}",
+        }
+        if has_truth:
+            row["clean_label"] = label_names[truth[i]]
+            row["is_noisy"] = int(pred.labels[i] != truth[i])
+        rows.append(row)
+
+    result = {
+        **base_provenance(),
+        "features": {"path": str(features), "sha256": sha256_file(features)},
+        "output": output,
+        "model": loaded.identity(),
+        "templates": prompts,
+        "classes": label_names,
+        "prompt_classnames": prompt_names,
+        "selection": {"top_k": top_k, "random_k": random_k, "min_confidence": min_confidence, "seed": seed},
+        **stats,
+    }
+    write_labels(output, columns, rows)
+    if sidecar is not None:
+        write_sidecar(output, result)  # records the CSV's SHA-256: readers check it
+
+    return {**result, "n_images": len(fs), "n_kept": int(len(kept))}
