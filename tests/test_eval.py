@@ -222,3 +222,13 @@ def test_bad_invocations(labelled, tmp_path, run_cli):
     assert code == 2 and "no ground-truth labels" in err and "--labels" in err
     code, stdout, err = run_cli("eval", unlabeled, "--prompt", path, "--labels", labelled["labels"], "--json")
     assert code == 0 and json.loads(stdout)["n_evaluated"] == 18
+
+
+def test_every_method_has_a_head_that_saves_and_rebuilds_itself():
+    """One registry decides how each method's head is saved and rebuilt: eval, clean and tune never branch."""
+    from promptcli.choices import Method
+    from promptcli.models.heads import HEAD_OF_METHOD
+
+    assert set(HEAD_OF_METHOD) == set(Method.values())
+    for cls in set(HEAD_OF_METHOD.values()):
+        assert callable(cls.from_tensors) and callable(cls.file_metadata) and isinstance(cls.needs_model, bool)

@@ -17,7 +17,7 @@ import torch
 from promptcli.errors import InputError
 from promptcli.io.features import FeatureSet
 from promptcli.io.prompt_files import PromptFile
-from promptcli.models.heads import TEXT_METHODS, LinearHead, PromptHead, model_logit_scale, predict_logits
+from promptcli.models.heads import LinearHead, PromptHead, load_head, method_needs_model, predict_logits
 from promptcli.models.loading import LoadedModel, same_model
 
 # What eval copies from a prompt's metadata into its summary (the report command reads these).
@@ -141,29 +141,7 @@ def check_adapter(prompt: PromptFile, features: FeatureSet) -> None:
 
 def head_from_prompt(prompt: PromptFile, loaded: LoadedModel | None) -> LinearHead | PromptHead:
     """Rebuild the trained head from a prompt file (prompt methods need the model)."""
-    method = prompt.method
-    if method in TEXT_METHODS:
-        if loaded is None:
-            raise ValueError(f"{method} prompts need the CLIP model")
-        from promptcli.models.prompt_learner import PromptConfig, PromptLearner
-
-        config = PromptConfig.from_metadata(prompt.metadata.get("prompt_config", {}))
-        learner = PromptLearner(loaded, prompt.classnames, config)
-        head: LinearHead | PromptHead = PromptHead(learner, model_logit_scale(loaded), method)
-    elif method in ("linear-probe", "classifier-zs", "finetune"):
-        weight = prompt.tensors.get("weight")
-        if weight is None:
-            raise InputError("tensor 'weight' missing", where=prompt.path, hint="is this a promptcli prompt?")
-        head = LinearHead(weight.shape[1], weight.shape[0], method)
-    else:
-        raise InputError(
-            f"unknown method {method!r}", where=prompt.path, hint="make it with `promptcli tune`"
-        )
-    try:
-        head.load_learnable_state(prompt.tensors)
-    except InputError as exc:
-        raise InputError(exc.what, where=prompt.path, hint=exc.hint) from exc
-    return head
+    return load_head(prompt, loaded)
 
 
 def prompt_logits(prompt: PromptFile, features: torch.Tensor, loaded: LoadedModel | None) -> torch.Tensor:
@@ -231,7 +209,7 @@ PREDICTION_COLUMNS = ["path", "label", "confidence", "true_label"]
 
 
 def prompts_need_model(prompts: Sequence[PromptFile]) -> bool:
-    return any(p.method in TEXT_METHODS for p in prompts)
+    return any(method_needs_model(p.method, where=p.path) for p in prompts)
 
 
 def features_tensor(features: FeatureSet, device: torch.device | str) -> torch.Tensor:

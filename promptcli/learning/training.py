@@ -692,8 +692,8 @@ def tune(
     """Learn a prompt (or head) from cached features and labels; write it to ``output``; return a summary."""
     from promptcli.io import provenance
     from promptcli.io.fileio import check_distinct, check_jsonl_prefix, check_output_path
-    from promptcli.io.prompt_files import save_prompt
     from promptcli.learning.losses import loss_params
+    from promptcli.models.heads import save_head
 
     check_options(options, warn, split_ok=True)
     check_distinct(
@@ -726,7 +726,7 @@ def tune(
     )
     split = options.split_config()
     fs, joined, data, loss_fn, optim = run.features, run.joined, run.data, run.loss_fn, run.optim
-    prompt_config, search = run.prompt_config, run.weight_decay_search
+    search = run.weight_decay_search
     noise = read_noise_sidecar(labels_path, warn)
     run_info = run.provenance(noise)
 
@@ -803,23 +803,11 @@ def tune(
         "split": {"method": "none"} if split is None else split.to_dict(),
         **provenance.base_provenance(),
     }
-    if prompt_config is not None:
-        metadata.update(
-            prompt_config=prompt_config.to_metadata(),
-            n_ctx=int(getattr(head.learner, "n_ctx", options.n_ctx)),
-            class_position=options.class_position,
-            csc=options.csc,
-            ctx_init=options.ctx_init or "",
-            template=options.template,
-            logit_scale=head.logit_scale,
-        )
-    elif options.method == "classifier-zs":
-        metadata["template"] = options.template
     if search:
         metadata["weight_decay_search"] = search
     if noise is not None:
         metadata["noise"] = noise_summary(noise)
-    save_prompt(output, head.learnable_state(), metadata)
+    save_head(output, head, metadata)
     remove_file(partial)
     times = [r["time"] for r in result.history[result.resumed_from :]]
     return {

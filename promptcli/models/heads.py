@@ -20,20 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from promptcli.choices import PROMPT_METHODS, Method
 from promptcli.errors import InputError
 from promptcli.models.loading import LoadedModel
 
-TEXT_METHODS = ("coop", "cls-tuning", "full-prompt")  # mirrors promptcli.models.prompt_learner.TEXT_METHODS
-LINEAR_METHODS = ("linear-probe", "classifier-zs")
-METHODS = TEXT_METHODS + LINEAR_METHODS
+TEXT_METHODS = PROMPT_METHODS  # learn text prompts through the frozen text tower
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise InputError(
-            f"unknown method {method!r}", where="--method", hint="use one of: " + ", ".join(METHODS)
-        )
-    return method
+    return Method.check(method, "--method")
 
 
 def apply_classifier(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float):
@@ -59,6 +54,7 @@ class LinearHead(nn.Module):
             raise ValueError(f"initial weight has shape {tuple(init.shape)}, expected {(n_classes, dim)}")
         self.weight = nn.Parameter(init)
         self.bias = nn.Parameter(torch.zeros(n_classes))
+        self.template: str | None = None  # classifier-zs: the template of its zero-shot start
 
     def classifier(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         return self.weight, self.bias, 1.0
@@ -75,6 +71,23 @@ class LinearHead(nn.Module):
 
     def learnable_state(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight.detach().clone(), "bias": self.bias.detach().clone()}
+
+    needs_model = False  # a linear head is rebuilt from its tensors alone
+
+    def file_metadata(self) -> dict[str, Any]:
+        """What this head adds to its file's metadata (besides the run's provenance)."""
+        return {} if self.template is None else {"template": self.template}
+
+    @classmethod
+    def from_tensors(
+        cls, method: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], loaded: Any
+    ) -> LinearHead:
+        weight = tensors.get("weight")
+        if weight is None or weight.ndim != 2:
+            raise InputError("tensor 'weight' missing or not 2-D", hint="is this a promptcli prompt?")
+        head = cls(weight.shape[1], weight.shape[0], method)
+        head.load_learnable_state(tensors)
+        return head
 
     def load_learnable_state(self, tensors: dict[str, torch.Tensor]) -> None:
         missing = {"weight", "bias"} - set(tensors)
@@ -112,8 +125,75 @@ class PromptHead(nn.Module):
     def load_learnable_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.learner.load_learnable_state(tensors)
 
+    needs_model = True  # the text tower turns the learned prompt into class weights
+
+    def file_metadata(self) -> dict[str, Any]:
+        """The prompt's construction, so that :meth:`from_tensors` rebuilds the same learner."""
+        config = self.learner.config
+        return {
+            "prompt_config": config.to_metadata(),
+            "n_ctx": int(getattr(self.learner, "n_ctx", config.n_ctx)),
+            "class_position": config.class_position,
+            "csc": config.csc,
+            "ctx_init": config.ctx_init or "",
+            "template": config.template,
+            "logit_scale": self.logit_scale,
+        }
+
+    @classmethod
+    def from_tensors(
+        cls, method: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], loaded: Any
+    ) -> PromptHead:
+        if loaded is None:
+            raise ValueError(f"{method} prompts need the CLIP model")
+        from promptcli.models.prompt_learner import PromptConfig, PromptLearner
+
+        config = PromptConfig.from_metadata(metadata.get("prompt_config", {}))
+        learner = PromptLearner(loaded, list(metadata.get("classnames", [])), config)
+        head = cls(learner, model_logit_scale(loaded), method)
+        head.load_learnable_state(tensors)
+        return head
+
 
 Head = LinearHead | PromptHead
+
+# The head class of each method: how it is saved and rebuilt. A test checks it covers every Method.
+HEAD_OF_METHOD: dict[str, type[LinearHead] | type[PromptHead]] = {
+    **{m: PromptHead for m in PROMPT_METHODS},
+    Method.LINEAR_PROBE.value: LinearHead,
+    Method.CLASSIFIER_ZS.value: LinearHead,
+    Method.FINETUNE.value: LinearHead,  # the head; its image-tower tensors are an adapter (models/image_adapter)
+}
+
+
+def head_class(method: str, where: Any = "--method") -> type[LinearHead] | type[PromptHead]:
+    """The head class of ``method`` (one-line error for an unknown method)."""
+    if method not in HEAD_OF_METHOD:
+        raise InputError(
+            f"unknown method {method!r}", where=where, hint="use one of: " + ", ".join(HEAD_OF_METHOD)
+        )
+    return HEAD_OF_METHOD[method]
+
+
+def method_needs_model(method: str, where: Any = "--method") -> bool:
+    """Whether rebuilding a head of ``method`` from its file needs the CLIP model (the text tower)."""
+    return head_class(method, where).needs_model
+
+
+def save_head(path: Any, head: Head, metadata: dict[str, Any]) -> Any:
+    """Write ``head``'s learned tensors and ``metadata`` (plus the head's own) to a prompt file."""
+    from promptcli.io.prompt_files import save_prompt
+
+    return save_prompt(path, head.learnable_state(), {**metadata, **head.file_metadata()})
+
+
+def load_head(prompt: Any, loaded: LoadedModel | None) -> Head:
+    """Rebuild the trained head of a prompt file (a :class:`~promptcli.io.prompt_files.PromptFile`)."""
+    cls = head_class(prompt.method, where=prompt.path)
+    try:
+        return cls.from_tensors(prompt.method, prompt.tensors, prompt.metadata, loaded)
+    except InputError as exc:
+        raise InputError(exc.what, where=prompt.path, hint=exc.hint) from exc
 
 
 def model_logit_scale(loaded: LoadedModel) -> float:
@@ -141,7 +221,9 @@ def build_head(
 
         template = getattr(prompt_config, "template", None) or DEFAULT_TEMPLATE
         text = class_text_embeddings(loaded, list(classnames), [template]).cpu()
-        return LinearHead(dim, len(classnames), method, weight=scale * text)
+        head = LinearHead(dim, len(classnames), method, weight=scale * text)
+        head.template = template
+        return head
     from promptcli.models.prompt_learner import PromptLearner
 
     learner = PromptLearner(loaded, list(classnames), prompt_config, generator=generator)
