@@ -208,6 +208,36 @@ def prediction_rows(features: FeatureSet, probs: np.ndarray, truth: np.ndarray) 
 PREDICTION_COLUMNS = ["path", "label", "confidence", "true_label"]
 
 
+def class_probabilities(
+    fs: FeatureSet,
+    prompts: Sequence[PromptFile],
+    templates: Sequence[str] | None,
+    pretrained: str | None,
+    device: torch.device,
+) -> tuple[np.ndarray, LoadedModel | None]:
+    """(N, C) class probabilities of ``fs``: zero-shot CLIP with ``templates``, else the prompts' ensemble.
+
+    Loads the features' model only when needed (zero-shot or a prompt method); returns it too (or None).
+    """
+    loaded = None
+    if templates is not None or prompts_need_model(prompts):
+        from promptcli.models.loading import load_model_from_record
+
+        loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=str(device))
+        if loaded.embed_dim != fs.dim:
+            raise InputError(
+                f"features have dimension {fs.dim} but the model embeds text in {loaded.embed_dim}",
+                where=fs.path,
+                hint="use the model the features were extracted with",
+            )
+    feats = features_tensor(fs, device)
+    if templates is not None:
+        logits = [zero_shot_class_logits(loaded, fs.classnames, list(templates), feats)]
+    else:
+        logits = [prompt_logits(p, feats, loaded) for p in prompts]
+    return ensemble_probabilities(logits), loaded
+
+
 def prompts_need_model(prompts: Sequence[PromptFile]) -> bool:
     return any(method_needs_model(p.method, where=p.path) for p in prompts)
 
@@ -286,26 +316,9 @@ def evaluate(
                 "the features file has no ground-truth labels", where=fs.path, hint="pass --labels test.csv"
             )
 
-    loaded = None
-    if zero_shot or prompts_need_model(prompts):
-        from promptcli.models.loading import load_model_from_record
-
-        loaded = load_model_from_record(
-            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
-        )
-        if loaded.embed_dim != fs.dim:
-            raise InputError(
-                f"features have dimension {fs.dim} but the model embeds text in {loaded.embed_dim}",
-                where=fs.path,
-                hint="use the model the features were extracted with",
-            )
-    feats = features_tensor(fs, torch_device)
-    if zero_shot:
-        assert loaded is not None
-        logits = [zero_shot_class_logits(loaded, fs.classnames, template_list, feats)]
-    else:
-        logits = [prompt_logits(p, feats, loaded) for p in prompts]
-    probs = ensemble_probabilities(logits)
+    probs, _ = class_probabilities(
+        fs, prompts, template_list if zero_shot else None, pretrained, torch_device
+    )
     metrics = compute_metrics(probs, truth, fs.classnames)
 
     members = [prompt_provenance(p, sha256_file(p.path)) for p in prompts]

@@ -19,7 +19,6 @@ the gradient the optimiser applies (before weight decay).
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -274,7 +273,14 @@ def gradstats(
     Returns a summary with the per-epoch statistics of every method.
     """
     from promptcli.io import provenance
-    from promptcli.io.fileio import check_output_path, open_output_text, require_file, write_text_atomic
+    from promptcli.io.fileio import (
+        STDIO,
+        check_distinct,
+        check_output_path,
+        open_output_text,
+        require_file,
+        write_json,
+    )
     from promptcli.io.labels import read_labels
     from promptcli.learning.training import check_options, noise_summary, prepare_run, read_noise_sidecar
 
@@ -287,8 +293,11 @@ def gradstats(
     per_method = [replace(options, method=m) for m in methods]
     for opts in per_method:
         check_options(opts, warn)
-    output = check_output_path(output, force)
-    sidecar = check_output_path(sidecar_path(output), force)
+    to_stdout = str(output) == STDIO  # the CSV on stdout, no sidecar
+    check_distinct({"FEATURES": features_path, "LABELS": labels_path}, {"-o": output})
+    if not to_stdout:
+        output = check_output_path(output, force)
+    sidecar = None if to_stdout else check_output_path(sidecar_path(output), force)
     if str(labels_path) == "-":
         raise InputError(
             "gradstats reads the labels from a file",
@@ -372,8 +381,15 @@ def gradstats(
         writer = csv.DictWriter(handle, fieldnames=list(COLUMNS), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    write_text_atomic(sidecar, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    return {"output": str(output), "sidecar": str(sidecar), "noise": noise, "n_rows": len(rows), "runs": runs}
+    if sidecar is not None:
+        write_json(sidecar, meta)
+    return {
+        "output": str(output),
+        "sidecar": None if sidecar is None else str(sidecar),
+        "noise": noise,
+        "n_rows": len(rows),
+        "runs": runs,
+    }
 
 
 def summary_table(runs: Sequence[dict[str, Any]]) -> list[list[Any]]:

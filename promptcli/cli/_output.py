@@ -7,7 +7,6 @@ carries data (``--json`` or ``-o -``), in which case they go to stderr too.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -23,6 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from promptcli.io.fileio import json_text
 
 
 class Output:
@@ -54,7 +55,7 @@ class Output:
     def result(self, data: dict[str, Any]) -> None:
         """The machine-readable summary: JSON on stdout with --json, else nothing."""
         if self.json_mode:
-            sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+            sys.stdout.write(json_text(data))
             sys.stdout.flush()
 
     @contextlib.contextmanager

@@ -40,7 +40,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
@@ -59,6 +58,7 @@ from promptcli.cli._options import (
     TemplatesOpt,
 )
 from promptcli.cli._output import Output
+from promptcli.io.fileio import json_text
 
 
 def command(
@@ -135,7 +135,7 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     from promptcli.errors import InputError
-    from promptcli.io.fileio import STDIO, check_output_path
+    from promptcli.io.fileio import STDIO, check_distinct, check_output_path
     from promptcli.noise.cleaning import (
         DEFAULT_RELABEL_CONFIDENCE,
         check_selection,
@@ -169,6 +169,9 @@ def command(
             check_output_path(f"{path}.json", force, option=option)
     if output is not None and output == clean_out:
         raise InputError("-o and --clean-out name the same file", where=output, hint="give two file names")
+    sides = {f"{o} sidecar": f"{v}.json" for o, v in (("-o", output), ("--clean-out", clean_out)) if v}
+    sides = {k: v for k, v in sides.items() if v != f"{STDIO}.json"}
+    check_distinct({"FEATURES": features, "LABELS": labels}, {"-o": output, "--clean-out": clean_out, **sides})
     out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=bool(to_stdout))
 
     with ExitStack() as stack:
@@ -248,19 +251,20 @@ def _num(value: float | None) -> str:
 
 def write_outputs(result, output: str | None, clean_out: str | None, labels_path: str) -> None:
     """The scores CSV, the cleaned labels CSV and their provenance sidecars."""
-    from promptcli.io.fileio import STDIO, write_text_atomic
+    from promptcli.io.fileio import STDIO
     from promptcli.io.labels import write_labels
+    from promptcli.io.sidecar import write_sidecar
     from promptcli.noise.cleaning import clean_sidecar
 
     if output is not None:
         write_labels(output, result.score_columns, result.score_rows)
         if output != STDIO:
-            write_text_atomic(f"{output}.json", _json(result.summary))
+            write_sidecar(output, result.summary)
     if clean_out is not None:
         write_labels(clean_out, result.clean_columns, result.clean_rows)
         if clean_out != STDIO:
-            write_text_atomic(f"{clean_out}.json", _json(clean_sidecar(result.summary, labels_path)))
+            write_sidecar(clean_out, clean_sidecar(result.summary, labels_path))
 
 
 def _json(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    return json_text(data)

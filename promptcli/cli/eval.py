@@ -16,7 +16,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -63,12 +62,17 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     from promptcli.analysis.evaluation import PREDICTION_COLUMNS, evaluate, prediction_rows
-    from promptcli.io.fileio import check_output_path, write_text_atomic
+    from promptcli.io.fileio import STDIO, check_distinct, check_output_path, write_json
     from promptcli.io.labels import write_labels
 
-    out = Output(quiet=quiet, json_mode=json_out)
+    outputs = {"--predictions": predictions, "-o": output, "--json": STDIO if json_out else None}
+    to_stdout = STDIO in (str(predictions), str(output))
+    out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=to_stdout)  # tables go to stderr
+    inputs = {"FEATURES": features, "--labels": labels}
+    inputs.update({f"--prompt {p}": p for p in prompt or []})
+    check_distinct(inputs, outputs)
     for path, option in ((predictions, "--predictions"), (output, "-o")):
-        if path is not None:
+        if path is not None and str(path) != STDIO:
             check_output_path(path, force, option=option)
     result = evaluate(
         features,
@@ -88,7 +92,7 @@ def command(
         )
         summary["predictions"] = str(predictions)
     if output is not None:
-        write_text_atomic(output, json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+        write_json(output, summary)
     if summary["n_skipped"]:
         out.warn(f"skipped {summary['n_skipped']} label row(s) whose path or class the features lack")
     out.table(

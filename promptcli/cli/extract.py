@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from promptcli.choices import FeatureDtype
 from promptcli.cli._options import (
     BatchSizeOpt,
     DeviceOpt,
@@ -37,6 +38,7 @@ from promptcli.cli._options import (
 )
 from promptcli.cli._output import Output
 from promptcli.errors import InputError, PromptcliError
+from promptcli.io.fileio import check_output_path
 
 if TYPE_CHECKING:
     from promptcli.extraction.distributed import DistContext
@@ -50,10 +52,21 @@ def command(
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = None,
     model_config: ModelConfigOpt = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option(
+            "--random-weights",
+            help="Use random weights seeded by --seed (tests, benchmarks) instead of --pretrained.",
+        ),
+    ] = False,
+    adapter: Annotated[
+        Path | None,
+        typer.Option("--adapter", help="Encode through a fine-tuned image tower (`tune --method finetune` output)."),
+    ] = None,
     views: Annotated[
         int, typer.Option("--views", help="Extra augmented views per image (CoOp augmentation).")
     ] = 0,
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored dtype: float16 or float32.")] = "float16",
+    dtype: Annotated[FeatureDtype, typer.Option("--dtype", help="Stored dtype.")] = FeatureDtype.FLOAT16,
     classnames: Annotated[
         Path | None,
         typer.Option("--classnames", help="Class names, one per line (CSV labels must be among them)."),
@@ -68,6 +81,10 @@ def command(
         bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the output).")
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Complete an interrupted extraction.")] = False,
+    max_pixels: Annotated[
+        int,
+        typer.Option("--max-pixels", help="Refuse images with more pixels than this (decompression bombs)."),
+    ] = 89_478_485,
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", help="Images per resumable chunk (the unit of work per rank).")
     ] = 1024,
@@ -86,6 +103,7 @@ def command(
 
     if chunk_size < 1:
         raise InputError("must be >= 1", where="--chunk-size", hint="e.g. 1024")
+    dtype, precision = str(dtype), str(precision)  # plain strings into the file's attributes
     ctx = context_from_env(force=distributed)
     if ctx is None:
         _run(**locals())  # every option, by name
@@ -107,6 +125,8 @@ def _run(
     model: str,
     pretrained: str | None,
     model_config: Path | None,
+    random_weights: bool,
+    adapter: Path | None,
     views: int,
     dtype: str,
     classnames: Path | None,
@@ -119,6 +139,7 @@ def _run(
     skip_bad: bool,
     resume: bool,
     chunk_size: int,
+    max_pixels: int,
     force: bool,
     quiet: bool,
     json_out: bool,
@@ -141,20 +162,29 @@ def _run(
         dtype=dtype,
         skip_bad=skip_bad,
         chunk_size=chunk_size,
+        max_pixels=max_pixels,
     )
 
     def setup():
         options.validate()
-        if output.exists() and not force:
-            raise InputError(
-                "output exists", where=output, hint="pass --force to overwrite it or choose another -o"
-            )
-        if not output.parent.exists():
-            raise InputError("output folder does not exist", where=output.parent, hint="create it first")
+        check_output_path(output, force)
         names = read_classnames(classnames) if classnames else None
         source = read_image_source(images, split=split, classnames=names)
         on = single.device_spec(device) if ctx else device
-        return source, load_model(model, pretrained, model_config, device=on, precision=precision)
+        loaded = load_model(
+            model,
+            pretrained,
+            model_config,
+            device=on,
+            precision=precision,
+            random_weights=random_weights,
+            seed=seed,
+        )
+        if adapter is not None:
+            from promptcli.models.image_adapter import apply_adapter
+
+            apply_adapter(loaded, adapter)
+        return source, loaded
 
     # every rank sets up; if one cannot (missing file, bad weights), all stop with its error
     source, loaded = single.collective(setup)

@@ -29,6 +29,7 @@ import torch
 
 from promptcli.errors import InputError, PromptcliError, RuntimeFailure
 from promptcli.extraction import extract as ex
+from promptcli.io.fileio import check_output_path
 from promptcli.io.image_sources import ImageSource
 from promptcli.models.loading import LoadedModel
 
@@ -280,10 +281,7 @@ def extract_distributed(
     n_chunks = len(ex.chunk_ranges(len(source), options.rows_per_chunk))
 
     def prepare() -> tuple[list[int], int]:
-        if output.exists() and not force:
-            raise InputError(
-                "output exists", where=output, hint="pass --force to overwrite it or choose another -o"
-            )
+        check_output_path(output, force)
         _, n_done = ex.prepare_partial(output, manifest, resume, force)
         for stale in partial.glob(f"{FAILED_PREFIX}*"):
             stale.unlink()

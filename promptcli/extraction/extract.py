@@ -24,7 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from promptcli.errors import InputError, RuntimeFailure
+from promptcli.extraction.decode import BOMB, DEFAULT_MAX_PIXELS, decode_rgb
+from promptcli.io.checks import check_seed
 from promptcli.io.features import FEATURE_DTYPES, write_features
+from promptcli.io.fileio import check_output_path, locks_output
 from promptcli.io.image_sources import ImageSource
 from promptcli.io.provenance import base_provenance
 from promptcli.models.loading import LoadedModel
@@ -42,6 +45,7 @@ class ExtractOptions:
     dtype: str = "float16"
     skip_bad: bool = False
     chunk_size: int = 1024  # rows per resumable chunk (rounded up to whole batches)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (decompression-bomb guard)
 
     def validate(self) -> None:
         if self.views < 0:
@@ -54,6 +58,9 @@ class ExtractOptions:
             raise InputError("must be >= 0", where="--workers", hint="0 decodes in the main process")
         if self.dtype not in FEATURE_DTYPES:
             raise InputError(f"unknown dtype {self.dtype!r}", where="--dtype", hint="use float16 or float32")
+        if self.max_pixels < 1:
+            raise InputError("must be >= 1", where="--max-pixels", hint=f"default {DEFAULT_MAX_PIXELS}")
+        check_seed(self.seed)
 
     @property
     def rows_per_chunk(self) -> int:
@@ -93,9 +100,17 @@ def view_seed(seed: int, index: int) -> int:
 class ImageDataset(Dataset):
     """Decodes one image into its centre-crop tensor and ``views`` augmented tensors."""
 
-    def __init__(self, files: list[Path], preprocess, augment, views: int, seed: int) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        preprocess,
+        augment,
+        views: int,
+        seed: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.files, self.preprocess, self.augment = files, preprocess, augment
-        self.views, self.seed = views, seed
+        self.views, self.seed, self.max_pixels = views, seed, max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -103,9 +118,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         try:
-            with Image.open(path) as img:
-                img.load()
-                rgb = img.convert("RGB")
+            rgb = decode_rgb(path, self.max_pixels)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             reason = "not a readable image" if isinstance(exc, UnidentifiedImageError) else str(exc)
             return {"index": index, "error": reason or type(exc).__name__}
@@ -178,7 +191,14 @@ def manifest_for(source: ImageSource, loaded: LoadedModel, options: ExtractOptio
         "dtype": options.dtype,
         "rows_per_chunk": options.rows_per_chunk,
         "batch_size": options.batch_size,
+        **adapter_record(loaded),
     }
+
+
+def adapter_record(loaded: LoadedModel) -> dict[str, str]:
+    """``{adapter_sha256}`` when a fine-tuned tower was loaded (``--adapter``), else nothing."""
+    sha = loaded.info.get("adapter_sha256", "")
+    return {"adapter_sha256": sha} if sha else {}
 
 
 def prepare_partial(output: Path, manifest: dict[str, Any], resume: bool, force: bool) -> tuple[Path, int]:
@@ -246,7 +266,12 @@ def encode_chunks(
         return
     loaded.info["channels_last"] = use_channels_last(loaded)
     dataset = ImageDataset(
-        source.files, loaded.preprocess, augmentation(loaded.preprocess_cfg), options.views, options.seed
+        source.files,
+        loaded.preprocess,
+        augmentation(loaded.preprocess_cfg),
+        options.views,
+        options.seed,
+        options.max_pixels,
     )
     loader = DataLoader(
         dataset,
@@ -267,7 +292,9 @@ def encode_chunks(
                 raise InputError(
                     f"cannot read image ({err})",
                     where=source.files[idx],
-                    hint="fix or remove it, or pass --skip-bad to skip unreadable images",
+                    hint="raise the limit with --max-pixels N if you trust the file, or pass --skip-bad"
+                    if BOMB in err
+                    else "fix or remove it, or pass --skip-bad to skip unreadable images",
                 )
             buf["bad_index"].append(idx)
             buf["bad_error"].append(err)
@@ -348,6 +375,7 @@ def assemble(
         "seed": options.seed,
         "dtype": options.dtype,
         "augmentation": "RandomResizedCrop(scale=(0.08, 1), bicubic) + RandomHorizontalFlip + Normalize",
+        **adapter_record(loaded),
         **(extra_attrs or {}),
     }
     tmp = partial / "assembled.h5.tmp"
@@ -370,6 +398,7 @@ def assemble(
     return ExtractResult(output, len(kept), len(skipped), skipped, loaded.embed_dim, options.views)
 
 
+@locks_output("output")
 def extract_features(
     source: ImageSource,
     loaded: LoadedModel,
@@ -387,11 +416,7 @@ def extract_features(
     """
     options = options or ExtractOptions()
     options.validate()
-    output = Path(output)
-    if output.exists() and not force:
-        raise InputError(
-            "output exists", where=output, hint="pass --force to overwrite it or choose another -o"
-        )
+    output = check_output_path(output, force)
     partial, n_done = prepare_partial(output, manifest_for(source, loaded, options), resume, force)
     n_chunks = len(chunk_ranges(len(source), options.rows_per_chunk))
     if on_rows and n_done:

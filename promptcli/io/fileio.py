@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
+import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from promptcli.errors import InputError
 
 STDIO = "-"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def check_output_path(path: str | Path, force: bool, option: str = "-o") -> Path:
@@ -28,7 +33,145 @@ def check_output_path(path: str | Path, force: bool, option: str = "-o") -> Path
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise InputError("output folder does not exist", where=parent, hint="create it first")
+    check_writable_folder(parent, option)
     return path
+
+
+def check_writable_folder(folder: str | Path, option: str = "-o") -> None:
+    """Refuse, before any work, an output folder this process cannot create files in."""
+    folder = Path(folder)
+    read_only_mount = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    if read_only_mount or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(
+            "output folder is not writable" + (" (read-only file system)" if read_only_mount else ""),
+            where=folder,
+            hint=f"choose an {option} in a folder you can write to",
+        )
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links and case-insensitive file systems
+    except OSError:
+        return False
+
+
+def check_distinct(
+    inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]
+) -> None:
+    """Refuse an output that is also an input, or two outputs that name one file.
+
+    Keys name the argument or option (``-o``, ``--log``, ``FEATURES``); ``None`` entries are
+    skipped. ``-`` (stdin/stdout) is no file, but two outputs on stdout would mix their data.
+    """
+    given_out = [(k, str(v)) for k, v in outputs.items() if v is not None]
+    given_in = [(k, str(v)) for k, v in inputs.items() if v is not None and str(v) != STDIO]
+    for i, (name, path) in enumerate(given_out):
+        for other, other_path in given_out[:i]:
+            if path == STDIO and other_path == STDIO:
+                raise InputError(
+                    f"{other} and {name} both write to stdout", where=name, hint="send one of them to a file"
+                )
+            if STDIO not in (path, other_path) and _same_file(path, other_path):
+                raise InputError(
+                    f"{other} and {name} name the same file", where=path, hint="give each output its own file"
+                )
+        if path == STDIO:
+            continue
+        for other, in_path in given_in:
+            if _same_file(path, in_path):
+                raise InputError(
+                    f"output {name} is the input {other}",
+                    where=path,
+                    hint="write the output to another file (the input must stay intact)",
+                )
+
+
+LOCK_SUFFIX = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
+    """Hold ``<path>.lock`` (created with O_EXCL, holding the pid) while a command writes ``path``.
+
+    A second command writing the same output is refused; a lock whose pid no longer runs (the
+    writer was killed) is taken over. The lock is removed on exit, whatever happens.
+    """
+    lock = Path(f"{path}{LOCK_SUFFIX}")
+    parent = lock.parent
+    if not parent.is_dir():
+        raise InputError("output folder does not exist", where=parent, hint="create it first")
+    check_writable_folder(parent, option)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is None:  # being written this very moment, or damaged: look once more
+                time.sleep(0.05)
+                owner = _lock_owner(lock)
+            if owner is not None and _pid_alive(owner):
+                raise InputError(
+                    f"another promptcli (pid {owner}) is writing this output",
+                    where=path,
+                    hint=f"wait for it to finish or choose another output (if none runs, delete {lock})",
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # stale: its writer is gone
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise InputError("could not take the output lock", where=lock, hint="delete it if no promptcli runs")
+    try:
+        yield lock
+    finally:
+        if _lock_owner(lock) == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+
+
+def check_jsonl_prefix(path: str | Path, expected: list[dict], force: bool, option: str = "--log") -> None:
+    """Before rewriting a JSON-lines file on resume: refuse unless its lines begin ``expected``.
+
+    A resumed run rewrites its log from the checkpoint's rows; a file whose lines are not (a prefix
+    of) those rows was written by something else and is kept unless ``force``.
+    """
+    path = Path(path)
+    if force or not path.exists():
+        return
+    expected = [json.loads(json.dumps(row, sort_keys=True, default=str)) for row in expected]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines]
+    except (UnicodeDecodeError, ValueError):
+        rows = None
+    if rows is None or len(rows) > len(expected) or rows != expected[: len(rows)]:
+        raise InputError(
+            "exists and is not the log of the run being resumed",
+            where=path,
+            hint=f"pass --force to overwrite it or choose another {option}",
+        )
 
 
 def _umask() -> int:
@@ -71,6 +214,16 @@ def open_output_text(path: str | Path) -> Iterator[IO[str]]:
         yield handle
 
 
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """The one JSON form of promptcli's summaries and sidecars: sorted keys, anything else as str."""
+    return json.dumps(data, indent=indent, sort_keys=True, default=str) + "\n"
+
+
+def write_json(path: str | Path, data: Any, indent: int | None = 2) -> None:
+    """Write a JSON summary or sidecar through a temporary file."""
+    write_text_atomic(path, json_text(data, indent))
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file."""
     with open_output_text(path) as handle:
@@ -100,3 +253,23 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     if p.is_dir():
         raise InputError(f"expected a {what}, got a directory", where=p, hint="give a file path")
     return p
+
+
+def locks_output(argument: str = "output") -> Callable[[F], F]:
+    """Decorate a function that writes the file named by its ``argument`` to hold :func:`output_lock`."""
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            target = bound.arguments[argument]
+            if str(target) == STDIO:
+                return func(*args, **kwargs)
+            with output_lock(target):
+                return func(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate

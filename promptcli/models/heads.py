@@ -23,6 +23,7 @@ from torch import nn
 from promptcli.choices import PROMPT_METHODS, Method
 from promptcli.errors import InputError
 from promptcli.models.loading import LoadedModel
+from promptcli.models.zeroshot import logit_scale as model_logit_scale
 
 TEXT_METHODS = PROMPT_METHODS  # learn text prompts through the frozen text tower
 
@@ -194,10 +195,6 @@ def load_head(prompt: Any, loaded: LoadedModel | None) -> Head:
         return cls.from_tensors(prompt.method, prompt.tensors, prompt.metadata, loaded)
     except InputError as exc:
         raise InputError(exc.what, where=prompt.path, hint=exc.hint) from exc
-
-
-def model_logit_scale(loaded: LoadedModel) -> float:
-    return float(loaded.model.logit_scale.detach().float().exp().item())
 
 
 def build_head(

@@ -239,17 +239,9 @@ def prior_probabilities(
     device: str = "auto",
 ) -> Prior:
     """(N, C) class probabilities: prompt files (ensembled as in eval) or zero-shot CLIP."""
-    from promptcli.analysis.evaluation import (
-        check_compatible,
-        ensemble_probabilities,
-        features_tensor,
-        prompt_logits,
-        prompts_need_model,
-        zero_shot_class_logits,
-    )
+    from promptcli.analysis.evaluation import check_compatible, class_probabilities
     from promptcli.io.prompt_files import read_prompt
     from promptcli.models.devices import resolve_device
-    from promptcli.models.loading import load_model_from_record
     from promptcli.models.zeroshot import logit_scale, resolve_templates
 
     require_prior(prompt_paths, zero_shot)
@@ -257,19 +249,9 @@ def prior_probabilities(
     prompts = [read_prompt(p) for p in prompt_paths]
     for prompt in prompts:
         check_compatible(prompt, fs)
-    torch_device = resolve_device(device)
-    loaded = None
-    if zero_shot or prompts_need_model(prompts):
-        loaded = load_model_from_record(
-            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
-        )
-    feats = features_tensor(fs, torch_device)
-    if zero_shot:
-        logits = [zero_shot_class_logits(loaded, fs.classnames, chosen, feats)]
-    else:
-        logits = [prompt_logits(p, feats, loaded) for p in prompts]
+    probs, loaded = class_probabilities(fs, prompts, chosen, pretrained, resolve_device(device))
     scale = logit_scale(loaded) if loaded is not None else None
-    return Prior(ensemble_probabilities(logits), prompts, chosen, scale)
+    return Prior(probs, prompts, chosen, scale)
 
 
 def model_logit_scale(fs: FeatureSet, prior: Prior, pretrained: str | None, device: str) -> float:

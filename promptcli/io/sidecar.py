@@ -1,0 +1,52 @@
+"""Provenance sidecars ``<csv>.json``: written with the SHA-256 of the CSV they describe, read only while
+that CSV is unchanged (a sidecar of an edited or replaced CSV would describe labels that are not there)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from promptcli.io.fileio import STDIO, sha256_file, write_json
+
+CSV_SHA256 = "csv_sha256"
+
+
+def sidecar_path(csv_path: str | Path) -> Path:
+    return Path(f"{csv_path}.json")
+
+
+def write_sidecar(csv_path: str | Path, record: dict[str, Any], indent: int | None = 2) -> Path:
+    """Write ``record`` plus the SHA-256 of the (already written) CSV to ``<csv>.json``."""
+    path = sidecar_path(csv_path)
+    data = {**record, CSV_SHA256: sha256_file(csv_path)}
+    write_json(path, data, indent)
+    return path
+
+
+def read_sidecar(
+    csv_path: str | Path, warn: Callable[[str], None] = lambda _: None
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """(sidecar path, its record) of a CSV; (None, None) without one, (path, None) when ignored.
+
+    A sidecar is ignored, with a warning, when it is not JSON or when it records a CSV SHA-256
+    that the CSV no longer has. Sidecars from before the hash was recorded are read as they are.
+    """
+    if str(csv_path) == STDIO:
+        return None, None
+    path = sidecar_path(csv_path)
+    if not path.is_file() or not Path(csv_path).is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        warn(f"{path} is not valid JSON; ignored")
+        return path, None
+    if not isinstance(data, dict):
+        return path, {"value": data}
+    recorded = data.get(CSV_SHA256)
+    if recorded and recorded != sha256_file(csv_path):
+        warn(f"{path} describes another version of {csv_path} (its SHA-256 differs); ignored")
+        return path, None
+    return path, data
