@@ -343,3 +343,39 @@ def evaluate(
     else:
         summary.update({k: _common([m[k] for m in members]) for k in SUMMARY_KEYS})
     return EvalResult(summary, metrics, probs, truth, fs)
+
+
+def evaluate_file(
+    features_path: str | Path,
+    prompt_paths: Sequence[str | Path],
+    *,
+    predictions: str | Path | None = None,
+    output: str | Path | None = None,
+    json_out: bool = False,
+    force: bool = False,
+    **evaluate_options: Any,
+) -> EvalResult:
+    """``promptcli eval`` as one step: check the outputs, :func:`evaluate`, write predictions and summary.
+
+    ``predictions`` gets one CSV row per image, ``output`` the JSON summary (either may be ``-``).
+    """
+    from promptcli.io.fileio import STDIO, check_distinct, check_output_path, write_json
+    from promptcli.io.labels import write_labels
+
+    labels_path = evaluate_options.get("labels_path")
+    outputs = {"--predictions": predictions, "-o": output, "--json": STDIO if json_out else None}
+    inputs: dict[str, Any] = {"FEATURES": features_path, "--labels": labels_path}
+    inputs.update({f"--prompt {p}": p for p in prompt_paths})
+    check_distinct(inputs, outputs)
+    for path, option in ((predictions, "--predictions"), (output, "-o")):
+        if path is not None and str(path) != STDIO:
+            check_output_path(path, force, option=option)
+    result = evaluate(features_path, prompt_paths, **evaluate_options)
+    if predictions is not None:
+        write_labels(
+            predictions, PREDICTION_COLUMNS, prediction_rows(result.features, result.probs, result.truth)
+        )
+        result.summary["predictions"] = str(predictions)
+    if output is not None:
+        write_json(output, result.summary)
+    return result

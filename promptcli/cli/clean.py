@@ -46,7 +46,7 @@ from typing import Annotated
 
 import typer
 
-from promptcli.choices import NoiseModel, Score
+from promptcli.choices import NoiseModel, Score, TemplateSet
 from promptcli.cli._options import (
     DeviceOpt,
     FeaturesPretrainedOpt,
@@ -58,7 +58,6 @@ from promptcli.cli._options import (
     TemplatesOpt,
 )
 from promptcli.cli._output import Output
-from promptcli.io.fileio import json_text
 
 
 def command(
@@ -134,45 +133,28 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.errors import InputError
-    from promptcli.io.fileio import STDIO, check_distinct, check_output_path
-    from promptcli.noise.cleaning import (
-        DEFAULT_RELABEL_CONFIDENCE,
-        check_selection,
-        clean_labels,
-        require_prior,
-    )
+    from promptcli.noise.cleaning import CleanOptions, clean_file
     from promptcli.noise.label_posterior import FIT_GRID_SIZE
 
-    check_selection(threshold, keep_fraction, score)
-    require_prior(prompt or [], zero_shot)
-    if (template or templates) and not zero_shot:
-        raise InputError(
-            "applies only with --zero-shot",
-            where="--template" if template else "--templates",
-            hint="a prompt file brings its own prompt; add --zero-shot to score with zero-shot templates",
-        )
-    if relabel_confidence is not None and not relabel:
-        raise InputError(
-            "--relabel-confidence applies with --relabel", where="--relabel-confidence", hint="add --relabel"
-        )
-    to_stdout = [o for o, v in (("-o", output), ("--clean-out", clean_out)) if v == STDIO]
-    if len(to_stdout) > 1 or (to_stdout and json_out):
-        raise InputError(
-            "only one of -o -, --clean-out - and --json can use stdout",
-            where="/".join(to_stdout + (["--json"] if json_out else [])),
-            hint="write the others to files",
-        )
-    for path, option in ((output, "-o"), (clean_out, "--clean-out")):
-        if path is not None and path != STDIO:
-            check_output_path(path, force, option=option)
-            check_output_path(f"{path}.json", force, option=option)
-    if output is not None and output == clean_out:
-        raise InputError("-o and --clean-out name the same file", where=output, hint="give two file names")
-    sides = {f"{o} sidecar": f"{v}.json" for o, v in (("-o", output), ("--clean-out", clean_out)) if v}
-    sides = {k: v for k, v in sides.items() if v != f"{STDIO}.json"}
-    check_distinct({"FEATURES": features, "LABELS": labels}, {"-o": output, "--clean-out": clean_out, **sides})
-    out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=bool(to_stdout))
+    options = CleanOptions(
+        prompts=list(prompt or []),
+        zero_shot=zero_shot,
+        templates=template,
+        template_set=TemplateSet.plain(templates),
+        score=str(score),
+        noise_rate=noise_rate,
+        fit_weights=fit_weights,
+        noise_model=str(noise_model),
+        threshold=threshold,
+        keep_fraction=keep_fraction,
+        relabel=relabel,
+        relabel_confidence=relabel_confidence,
+        skip_missing=skip_missing,
+        pretrained=pretrained,
+        device=device,
+    )
+    to_stdout = "-" in (output, clean_out)
+    out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=to_stdout)
 
     with ExitStack() as stack:
         bars: list = []
@@ -182,32 +164,17 @@ def command(
                 bars.append(stack.enter_context(out.progress("fit evidence weights", FIT_GRID_SIZE, "fits")))
             bars[0].advance()
 
-        result = clean_labels(
+        result = clean_file(
             features,
             labels,
-            prompt or [],
-            zero_shot=zero_shot,
-            templates=template,
-            template_set=templates,
-            score=score,
-            noise_rate=noise_rate,
-            fit_weights=fit_weights,
-            noise_model=noise_model,
-            threshold=threshold,
-            keep_fraction=keep_fraction,
-            relabel=relabel,
-            relabel_confidence=DEFAULT_RELABEL_CONFIDENCE
-            if relabel_confidence is None
-            else relabel_confidence,
-            skip_missing=skip_missing,
-            pretrained=pretrained,
-            device=device,
+            options,
+            output=output,
+            clean_out=clean_out,
+            json_out=json_out,
+            force=force,
             on_fit_step=fit_step,
         )
     summary = result.summary
-    summary["output"] = output
-    summary["clean_out"] = clean_out
-    write_outputs(result, output, clean_out, labels)
 
     counts, detection = summary["counts"], summary["detection"]
     if counts["skipped"]:
@@ -236,7 +203,7 @@ def command(
         out.info(f"Likeliest label errors (true -> given, P): {pairs}")
     if detection and "relabel_accuracy" in detection:
         out.info(f"Relabelled rows now matching clean_label: {detection['relabel_accuracy']:.4f}")
-    written = [p for p in (output, clean_out) if p is not None and p != STDIO]
+    written = [p for p in (output, clean_out) if p is not None and p != "-"]
     out.info(
         f"{counts['rows_in']} rows in: kept {counts['kept']} ({counts['relabelled']} relabelled), "
         f"dropped {counts['dropped']}, skipped {counts['skipped']}"
@@ -247,24 +214,3 @@ def command(
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def write_outputs(result, output: str | None, clean_out: str | None, labels_path: str) -> None:
-    """The scores CSV, the cleaned labels CSV and their provenance sidecars."""
-    from promptcli.io.fileio import STDIO
-    from promptcli.io.labels import write_labels
-    from promptcli.io.sidecar import write_sidecar
-    from promptcli.noise.cleaning import clean_sidecar
-
-    if output is not None:
-        write_labels(output, result.score_columns, result.score_rows)
-        if output != STDIO:
-            write_sidecar(output, result.summary)
-    if clean_out is not None:
-        write_labels(clean_out, result.clean_columns, result.clean_rows)
-        if clean_out != STDIO:
-            write_sidecar(clean_out, clean_sidecar(result.summary, labels_path))
-
-
-def _json(data: dict) -> str:
-    return json_text(data)

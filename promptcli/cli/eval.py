@@ -21,6 +21,7 @@ from typing import Annotated
 
 import typer
 
+from promptcli.choices import TemplateSet
 from promptcli.cli._options import (
     DeviceOpt,
     FeaturesPretrainedOpt,
@@ -61,38 +62,26 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.analysis.evaluation import PREDICTION_COLUMNS, evaluate, prediction_rows
-    from promptcli.io.fileio import STDIO, check_distinct, check_output_path, write_json
-    from promptcli.io.labels import write_labels
+    from promptcli.analysis.evaluation import evaluate_file
 
-    outputs = {"--predictions": predictions, "-o": output, "--json": STDIO if json_out else None}
-    to_stdout = STDIO in (str(predictions), str(output))
+    to_stdout = "-" in (str(predictions), str(output))
     out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=to_stdout)  # tables go to stderr
-    inputs = {"FEATURES": features, "--labels": labels}
-    inputs.update({f"--prompt {p}": p for p in prompt or []})
-    check_distinct(inputs, outputs)
-    for path, option in ((predictions, "--predictions"), (output, "-o")):
-        if path is not None and str(path) != STDIO:
-            check_output_path(path, force, option=option)
-    result = evaluate(
+    result = evaluate_file(
         features,
         prompt or [],
         zero_shot=zero_shot,
         templates=template,
-        template_set=templates,
+        template_set=TemplateSet.plain(templates),
         labels_path=labels,
         skip_missing=skip_missing,
         pretrained=pretrained,
         device=device,
+        predictions=predictions,
+        output=output,
+        json_out=json_out,
+        force=force,
     )
     summary, metrics = result.summary, result.metrics
-    if predictions is not None:
-        write_labels(
-            predictions, PREDICTION_COLUMNS, prediction_rows(result.features, result.probs, result.truth)
-        )
-        summary["predictions"] = str(predictions)
-    if output is not None:
-        write_json(output, summary)
     if summary["n_skipped"]:
         out.warn(f"skipped {summary['n_skipped']} label row(s) whose path or class the features lack")
     out.table(

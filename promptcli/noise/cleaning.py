@@ -581,3 +581,111 @@ def clean_sidecar(summary: dict[str, Any], labels_path: str | Path) -> dict[str,
         record["previous"] = out.pop("cleaning")
     out["cleaning"] = record
     return out
+
+
+@dataclass
+class CleanOptions:
+    """What ``promptcli clean`` takes besides its files (see :func:`clean_labels` for each)."""
+
+    prompts: list[str | Path]
+    zero_shot: bool = False
+    templates: list[str] | None = None
+    template_set: str | None = None
+    score: str = "margin"
+    noise_rate: float | None = None
+    fit_weights: bool | None = None
+    noise_model: str = "symmetric"
+    threshold: float | None = None
+    keep_fraction: float | None = None
+    relabel: bool = False
+    relabel_confidence: float | None = None  # None: DEFAULT_RELABEL_CONFIDENCE
+    skip_missing: bool = False
+    pretrained: str | None = None
+    device: str = "auto"
+
+    def validate(self) -> CleanOptions:
+        check_selection(self.threshold, self.keep_fraction, self.score)
+        require_prior(self.prompts, self.zero_shot)
+        if (self.templates or self.template_set) and not self.zero_shot:
+            raise InputError(
+                "applies only with --zero-shot",
+                where="--template" if self.templates else "--templates",
+                hint="a prompt file brings its own prompt; add --zero-shot to score with zero-shot templates",
+            )
+        if self.relabel_confidence is not None and not self.relabel:
+            raise InputError(
+                "--relabel-confidence applies with --relabel", where="--relabel-confidence", hint="add --relabel"
+            )
+        return self
+
+
+def clean_file(
+    features_path: str | Path,
+    labels_path: str | Path,
+    options: CleanOptions,
+    *,
+    output: str | None = None,
+    clean_out: str | None = None,
+    json_out: bool = False,
+    force: bool = False,
+    on_fit_step: Callable[[], None] | None = None,
+) -> CleanResult:
+    """``promptcli clean`` as one step: check the outputs, :func:`clean_labels`, write CSVs and sidecars.
+
+    ``output`` gets every row with its score and action, ``clean_out`` the kept rows (a labels CSV);
+    each file gets a ``.json`` sidecar (not on stdout, ``-``).
+    """
+    from promptcli.io.fileio import STDIO, check_distinct, check_output_path
+    from promptcli.io.labels import write_labels
+    from promptcli.io.sidecar import write_sidecar
+
+    o = options.validate()
+    to_stdout = [name for name, v in (("-o", output), ("--clean-out", clean_out)) if v == STDIO]
+    if len(to_stdout) > 1 or (to_stdout and json_out):
+        raise InputError(
+            "only one of -o -, --clean-out - and --json can use stdout",
+            where="/".join(to_stdout + (["--json"] if json_out else [])),
+            hint="write the others to files",
+        )
+    for path, option in ((output, "-o"), (clean_out, "--clean-out")):
+        if path is not None and path != STDIO:
+            check_output_path(path, force, option=option)
+            check_output_path(f"{path}.json", force, option=option)
+    if output is not None and output == clean_out:
+        raise InputError("-o and --clean-out name the same file", where=output, hint="give two file names")
+    sides = {f"{name} sidecar": f"{v}.json" for name, v in (("-o", output), ("--clean-out", clean_out)) if v}
+    sides = {k: v for k, v in sides.items() if v != f"{STDIO}.json"}
+    check_distinct(
+        {"FEATURES": features_path, "LABELS": labels_path}, {"-o": output, "--clean-out": clean_out, **sides}
+    )
+    result = clean_labels(
+        features_path,
+        labels_path,
+        o.prompts,
+        zero_shot=o.zero_shot,
+        templates=o.templates,
+        template_set=o.template_set,
+        score=o.score,
+        noise_rate=o.noise_rate,
+        fit_weights=o.fit_weights,
+        noise_model=o.noise_model,
+        threshold=o.threshold,
+        keep_fraction=o.keep_fraction,
+        relabel=o.relabel,
+        relabel_confidence=DEFAULT_RELABEL_CONFIDENCE if o.relabel_confidence is None else o.relabel_confidence,
+        skip_missing=o.skip_missing,
+        pretrained=o.pretrained,
+        device=o.device,
+        on_fit_step=on_fit_step,
+    )
+    result.summary["output"] = output
+    result.summary["clean_out"] = clean_out
+    if output is not None:
+        write_labels(output, result.score_columns, result.score_rows)
+        if output != STDIO:
+            write_sidecar(output, result.summary)
+    if clean_out is not None:
+        write_labels(clean_out, result.clean_columns, result.clean_rows)
+        if clean_out != STDIO:
+            write_sidecar(clean_out, clean_sidecar(result.summary, labels_path))
+    return result
