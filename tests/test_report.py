@@ -535,13 +535,13 @@ def test_mixed_models_are_named_in_labels_with_a_warning(tmp_path, run_cli):
         ),
         (
             lambda d: write_json(d / "m.json", eval_summary()),
-            ["{d}", "-o", "{d}/r.pdf"],
-            "Error: {d}/r.pdf: unknown report format '.pdf' — name the output .html, .png or .md",
+            ["{d}", "-o", "{d}/r.txt"],
+            "Error: {d}/r.txt: unknown report format '.txt' — name the output .html, .png, .svg, .pdf or .md",
         ),
         (
             lambda d: write_json(d / "m.json", eval_summary()),
             ["{d}", "--metric", "top3"],
-            "Error: --metric: unknown metric 'top3'",
+            "Error: --metric: unknown value 'top3'",
         ),
     ],
     ids=[
@@ -565,3 +565,11 @@ def test_errors_are_one_line(tmp_path, run_cli, setup, args, message):
     assert code == 2
     assert stderr.startswith(message.format(d=d)), stderr
     assert len(stderr.strip().splitlines()) == 1 and stdout == ""
+
+
+def test_report_writes_svg_and_pdf(tmp_path, run_cli):
+    write_json(tmp_path / "m.json", eval_summary())
+    code, _, err = run_cli("report", tmp_path, "-o", tmp_path / "r.svg", "-o", tmp_path / "r.pdf", "-q")
+    assert code == 0, err
+    assert (tmp_path / "r.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")

@@ -28,26 +28,12 @@ from typing import Any
 
 import torch
 
+from promptcli.analysis.results import GRADSTATS_COLUMNS
 from promptcli.errors import InputError
 from promptcli.learning.training import PreparedRun, Step, TrainResult, TuneOptions, train
 from promptcli.models.heads import Head, apply_classifier
 
-COLUMNS = (
-    "epoch",
-    "step",
-    "method",
-    "loss",
-    "noise_type",
-    "noise_rate",
-    "seed",
-    "n_noisy",
-    "n_clean",
-    "noisy_grad_norm",
-    "clean_grad_norm",
-    "ratio",
-    "noisy_sum_norm",
-    "clean_sum_norm",
-)
+COLUMNS = GRADSTATS_COLUMNS
 DEFAULT_CHUNK = 32
 
 

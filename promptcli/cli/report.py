@@ -40,9 +40,11 @@ def command(
     ],
     output: Annotated[
         list[Path] | None,
-        typer.Option("--output", "-o", help="Write the report here: .html, .png or .md (repeatable)."),
+        typer.Option(
+            "--output", "-o", help="Write the report here: .html, .png, .svg, .pdf or .md (repeatable)."
+        ),
     ] = None,
-    metric: Annotated[Metric, typer.Option("--metric", help="Accuracy to report.")] = "top1",
+    metric: Annotated[Metric, typer.Option("--metric", help="Accuracy to report.")] = Metric.TOP1,
     curve_rate: Annotated[
         float | None,
         typer.Option(
@@ -57,29 +59,13 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.analysis.reporting import (
-        aggregate,
-        caption,
-        output_format,
-        read_results,
-        table,
-        write_report,
-    )
-    from promptcli.errors import InputError
-    from promptcli.io.fileio import check_output_path
-    from promptcli.io.provenance import base_provenance
+    from promptcli.analysis.reporting import caption, make_report, table
 
     out = Output(quiet=quiet, json_mode=json_out)
     outputs = list(output or [])
-    seen: set[Path] = set()
-    for path in outputs:
-        output_format(path)
-        if path.resolve() in seen:
-            raise InputError("the same output is given twice", where=path, hint="give each -o once")
-        seen.add(path.resolve())
-        check_output_path(path, force)
-
-    report = aggregate(read_results(results), metric=metric, curve_rate=curve_rate)
+    report = make_report(
+        results, outputs, metric=str(metric), curve_rate=curve_rate, title=title, force=force
+    )
     for message in report.warnings:
         out.warn(message)
     if report.skipped:
@@ -94,6 +80,5 @@ def command(
         for noise_type in report.noise_types() or ([None] if report.accuracy or report.zero_shot else []):
             out.table(caption(report, noise_type), *table(report, noise_type))
     if outputs:
-        written = write_report(report, outputs, base_provenance(), title=title)
-        out.info("wrote " + ", ".join(str(p) for p in written))
+        out.info("wrote " + ", ".join(str(p) for p in outputs))
     out.result({**report.to_dict(), "outputs": [str(p) for p in outputs]})

@@ -1,0 +1,442 @@
+"""Result files: find them, tell their kinds apart by content, and read each run's provenance.
+
+Three kinds of result files are told apart by their content, never by their names:
+
+- ``eval``: an ``eval --json`` / ``eval -o`` summary (a JSON object with ``zero_shot`` and
+  ``metrics.top1``); its method, loss, seed, shots and noise come from the prompt's metadata;
+- ``tune-log``: a ``tune --log`` file, one JSON object per epoch (``epoch``, ``accuracy``,
+  ``clean_accuracy``, ...); provenance, when present, is an object under ``run`` on a line;
+- ``gradstats``: a CSV with the columns in ``GRADSTATS_COLUMNS``, one row per training step.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from promptcli.errors import InputError
+
+# The columns of a gradstats CSV (written by analysis/gradstats.py, read here).
+GRADSTATS_COLUMNS = (
+    "epoch",
+    "step",
+    "method",
+    "loss",
+    "noise_type",
+    "noise_rate",
+    "seed",
+    "n_noisy",
+    "n_clean",
+    "noisy_grad_norm",
+    "clean_grad_norm",
+    "ratio",
+    "noisy_sum_norm",
+    "clean_sum_norm",
+)
+_GRAD_INTS = ("epoch", "step", "n_noisy", "n_clean")
+_GRAD_FLOATS = (
+    "noise_rate",
+    "noisy_grad_norm",
+    "clean_grad_norm",
+    "ratio",
+    "noisy_sum_norm",
+    "clean_sum_norm",
+)
+RESULT_SUFFIXES = (".json", ".jsonl", ".csv")
+NO_NOISE = "none"
+# The metrics an eval summary carries: report name -> key under "metrics".
+METRIC_KEYS = {"top1": "top1", "top5": "top5", "macro": "macro_accuracy"}
+
+
+# --- what a series is -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class SeriesKey:
+    """What distinguishes one experimental condition from another (noise and seed aside)."""
+
+    method: str
+    loss: str = ""
+    loss_params: str = ""  # "q=0.7", "" when unknown or none
+    shots: str = ""  # "16", "" when all data or unknown
+    model: str = ""  # "ViT-B-32/openai", "" when unknown
+    variant: str = ""  # "OT split", "pseudo-labels", "cleaned": what else set the run apart
+
+
+def _variant(noise: Any, split: Any) -> str:
+    """How the training labels or the training itself differed from plain tuning on given labels."""
+    parts = []
+    if isinstance(split, dict) and split.get("method") not in (None, "", "none"):
+        parts.append(f"{str(split['method']).upper()} split")
+    labels = noise.get("labels") if isinstance(noise, dict) else None
+    if labels == "pseudo":
+        parts.append("pseudo-labels")
+    elif labels == "cleaned":
+        parts.append("cleaned")
+    return ", ".join(parts)
+
+
+@dataclass
+class EvalRun:
+    key: SeriesKey
+    noise_type: str
+    noise_rate: float
+    seed: Any
+    zero_shot: bool
+    metrics: dict[str, float]  # top1, top5, macro
+    source: str
+
+
+@dataclass
+class LogRun:
+    key: SeriesKey | None  # None: the log carries no provenance
+    noise_type: str
+    noise_rate: float | None
+    seed: Any
+    epochs: list[dict[str, Any]]  # epoch, accuracy, clean_accuracy, loss
+    source: str
+    sha256: str
+
+
+@dataclass
+class GradRun:
+    key: SeriesKey
+    noise_type: str
+    noise_rate: float
+    seed: Any
+    rows: list[dict[str, Any]]
+    source: str
+
+
+@dataclass
+class SourceFile:
+    path: str
+    kind: str
+    sha256: str
+    records: int
+
+
+@dataclass
+class Results:
+    """Everything read from the result files."""
+
+    evals: list[EvalRun] = field(default_factory=list)
+    logs: list[LogRun] = field(default_factory=list)
+    grads: list[GradRun] = field(default_factory=list)
+    files: list[SourceFile] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # files in folders that are not results
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- finding and classifying files ----------------------------------------------------------------
+
+
+def find_result_files(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
+    """Expand folders (recursively: *.json, *.jsonl, *.csv); return (file, named explicitly)."""
+    if not paths:
+        raise InputError("no results given", where="RESULTS", hint="give result files or folders")
+    found: dict[Path, bool] = {}
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and child.suffix.lower() in RESULT_SUFFIXES:
+                    found.setdefault(child, False)
+        elif path.is_file():
+            found[path] = True
+        else:
+            raise InputError("no such file or folder", where=path, hint="check the path")
+    return sorted(found.items())
+
+
+def _json_error(exc: json.JSONDecodeError) -> str:
+    return f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+
+
+def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"not valid JSON ({exc.msg})", where=f"{path}:{number}", hint="fix or remove the line"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise InputError("a log line must be a JSON object", where=f"{path}:{number}")
+        rows.append(obj)
+    return rows
+
+
+def _is_eval(obj: Any) -> bool:
+    return (
+        isinstance(obj, dict)
+        and "zero_shot" in obj
+        and isinstance(obj.get("metrics"), dict)
+        and "top1" in obj["metrics"]
+    )
+
+
+def _is_log(rows: list[Any]) -> bool:
+    return bool(rows) and all(isinstance(r, dict) for r in rows) and any("epoch" in r for r in rows)
+
+
+def classify(text: str, path: Path) -> tuple[str | None, Any]:
+    """(kind, parsed content) of a file's text; kind None when it is not a promptcli result.
+
+    Raises InputError for JSON that cannot be parsed and for a gradstats CSV missing columns.
+    """
+    stripped = text.lstrip()
+    if not stripped:
+        return None, None
+    if stripped[0] in "{[":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            lines = [line for line in text.splitlines() if line.strip()]
+            first_is_object = False
+            if len(lines) > 1:
+                try:
+                    first_is_object = isinstance(json.loads(lines[0]), dict)
+                except json.JSONDecodeError:
+                    pass
+            if not first_is_object:
+                raise InputError(_json_error(exc), where=path, hint="is the file complete?") from exc
+            rows = _parse_jsonl(text, path)
+            return ("tune-log", rows) if _is_log(rows) else (None, None)
+        if _is_eval(obj):
+            return "eval", obj
+        if isinstance(obj, dict) and _is_log([obj]):
+            return "tune-log", [obj]
+        return None, None
+    header = next(csv.reader(io.StringIO(stripped)), [])
+    header = [h.strip() for h in header]
+    if "noisy_grad_norm" in header and "clean_grad_norm" in header:
+        missing = [c for c in GRADSTATS_COLUMNS if c not in header]
+        if missing:
+            raise InputError(
+                f"gradstats CSV lacks column(s) {', '.join(missing)}",
+                where=path,
+                hint="write it with `promptcli gradstats`",
+            )
+        return "gradstats", list(csv.DictReader(io.StringIO(stripped)))
+    return None, None
+
+
+# --- provenance of each kind ------------------------------------------------------------------------
+
+
+def _model_label(model: Any) -> str:
+    if not isinstance(model, dict):
+        return ""
+    name = str(model.get("model_name") or "")
+    pretrained = str(model.get("pretrained") or "")
+    if "/" in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin")):
+        pretrained = Path(pretrained).name
+    sha = str(model.get("checkpoint_sha256") or "")
+    label = f"{name}/{pretrained}" if pretrained else name
+    return f"{label} ({sha[:8]})" if sha and label else label
+
+
+def _params_label(params: Any) -> str:
+    if not isinstance(params, dict):
+        return ""
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()) if k != "name"
+    )
+
+
+def _noise(noise: Any) -> tuple[str, float | None]:
+    """(type, rate) from a corrupt sidecar; rate 0 is 'none'; (none, 0) without a sidecar."""
+    if noise is None:
+        return NO_NOISE, 0.0
+    if not isinstance(noise, dict):
+        return "", None
+    if noise.get("labels") == "pseudo":  # unsupervised: no injected noise (the series says pseudo-labels)
+        return NO_NOISE, 0.0
+    rate = noise.get("rate")
+    if rate is None:
+        rate = noise.get("realised_rate")
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+        return str(noise.get("type") or ""), None
+    rate = round(float(rate), 6)
+    return (NO_NOISE if rate == 0 else str(noise.get("type") or "unknown")), rate
+
+
+def _number(value: Any, where: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{what} is not a number ({value!r})", where=where, hint="is the file complete?")
+    return float(value)
+
+
+def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
+    """One eval summary as a run; None (with the reason in the caller's warning) if its noise is unknown."""
+    metrics = obj["metrics"]
+    values = {
+        name: _number(metrics.get(key), str(path), f"metrics.{key}") for name, key in METRIC_KEYS.items()
+    }
+    zero_shot = bool(obj.get("zero_shot"))
+    noise_type, rate = (NO_NOISE, 0.0) if zero_shot else _noise(obj.get("noise"))
+    members = [m.get("noise") for m in obj.get("prompts") or [] if isinstance(m, dict)]
+    if not zero_shot and obj.get("noise") is None and any(n is not None for n in members):
+        return None  # an ensemble of prompts tuned on differently noisy labels: no one noise rate
+    if rate is None:
+        return None
+    key = SeriesKey(
+        method="zero-shot" if zero_shot else str(obj.get("method") or "mixed"),
+        loss="" if zero_shot else str(obj.get("loss") or ""),
+        loss_params="" if zero_shot else _params_label(obj.get("loss_params")),
+        shots="" if zero_shot or obj.get("shots") is None else str(obj.get("shots")),
+        model=_model_label(obj.get("model")),
+        variant="" if zero_shot else _variant(obj.get("noise"), obj.get("split")),
+    )
+    return EvalRun(key, noise_type, rate, obj.get("seed"), zero_shot, values, str(path))
+
+
+def _log_provenance(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for row in rows:
+        if isinstance(row.get("run"), dict):
+            return row["run"]
+    return None
+
+
+def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
+    """A tune log as a run; provenance from the ``run`` object its lines carry (if any)."""
+    epochs = []
+    for number, row in enumerate(rows, start=1):
+        if "epoch" not in row:
+            continue  # a header line (provenance only)
+        where = f"{path}: epoch line {number}"
+        clean = row.get("clean_accuracy")
+        epochs.append(
+            {
+                "epoch": int(_number(row.get("epoch"), where, "epoch")),
+                "accuracy": _number(row.get("accuracy"), where, "accuracy"),
+                "clean_accuracy": None if clean is None else _number(clean, where, "clean_accuracy"),
+                "loss": row.get("loss"),
+            }
+        )
+    run = _log_provenance(rows)
+    if run is None:
+        return LogRun(None, "", None, None, epochs, str(path), sha256)
+    loss = run.get("loss")
+    loss_params = run.get("loss_params")
+    if isinstance(loss, dict):  # {"name": ..., params} as loss_params() gives
+        loss_params, loss = loss, loss.get("name")
+    noise_type, rate = _noise(run.get("noise"))
+    key = SeriesKey(
+        method=str(run.get("method") or "unknown"),
+        loss=str(loss or ""),
+        loss_params=_params_label(loss_params),
+        shots="" if run.get("shots") is None else str(run.get("shots")),
+        model=_model_label(run.get("model")),
+        variant=_variant(run.get("noise"), run.get("split")),
+    )
+    return LogRun(key, noise_type, rate, run.get("seed"), epochs, str(path), sha256)
+
+
+def _grad_value(row: dict[str, str], column: str, where: str) -> Any:
+    cell = (row.get(column) or "").strip()
+    if column in _GRAD_INTS:
+        try:
+            return int(float(cell))
+        except ValueError:
+            raise InputError(f"column {column} is not a number ({cell!r})", where=where) from None
+    if column in _GRAD_FLOATS:
+        if cell == "" or cell.lower() == "nan":
+            return math.nan
+        try:
+            return float(cell)
+        except ValueError:
+            raise InputError(f"column {column} is not a number ({cell!r})", where=where) from None
+    return cell
+
+
+def grad_runs(rows: list[dict[str, str]], path: Path) -> list[GradRun]:
+    """The runs of a gradstats CSV (one per method, loss, noise and seed in it)."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for number, raw in enumerate(rows, start=2):
+        row = {c: _grad_value(raw, c, f"{path}:{number}") for c in GRADSTATS_COLUMNS}
+        rate = round(row["noise_rate"], 6) if math.isfinite(row["noise_rate"]) else 0.0
+        noise_type = NO_NOISE if rate == 0 else (row["noise_type"] or "unknown")
+        groups[(row["method"], row["loss"], noise_type, rate, row["seed"])].append(row)
+    return [
+        GradRun(SeriesKey(method, loss), noise_type, rate, seed, group, str(path))
+        for (method, loss, noise_type, rate, seed), group in sorted(groups.items(), key=lambda kv: str(kv[0]))
+    ]
+
+
+def read_results(paths: Sequence[str | Path]) -> Results:
+    """Read every result file under ``paths``; files in folders that are not results are skipped."""
+    from promptcli.io.fileio import sha256_bytes
+
+    results = Results()
+    seen: dict[str, str] = {}
+    for path, explicit in find_result_files(paths):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            if explicit:
+                raise InputError(
+                    "not a UTF-8 text file", where=path, hint="give eval/tune/gradstats results"
+                ) from None
+            results.skipped.append(str(path))
+            continue
+        kind, content = classify(text, path)
+        if kind is None:
+            if explicit:
+                raise InputError(
+                    "not a promptcli result (eval summary, tune log or gradstats CSV)",
+                    where=path,
+                    hint="give `eval --json` output, a `tune --log` file or a `gradstats` CSV",
+                )
+            results.skipped.append(str(path))
+            continue
+        digest = sha256_bytes(data)
+        if digest in seen:
+            results.warnings.append(f"{path} has the same content as {seen[digest]}; read once")
+            continue
+        seen[digest] = str(path)
+        if kind == "eval":
+            run = eval_run(content, path)
+            if run is None:
+                results.warnings.append(
+                    f"{path}: no single noise rate (ensemble of different noise?); not plotted"
+                )
+                continue
+            results.evals.append(run)
+            n = 1
+        elif kind == "tune-log":
+            log = log_run(content, path, digest)
+            results.logs.append(log)
+            n = len(log.epochs)
+        else:
+            runs = grad_runs(content, path)
+            results.grads.extend(runs)
+            n = len(content)
+        results.files.append(SourceFile(str(path), kind, digest, n))
+    if not results.files:
+        where = ", ".join(str(p) for p in paths)
+        raise InputError(
+            "no results found"
+            + (f" ({len(results.skipped)} other file(s) skipped)" if results.skipped else ""),
+            where=where,
+            hint="give `eval --json` summaries, `tune --log` files or `gradstats` CSVs",
+        )
+    unlabelled = sum(1 for log in results.logs if log.key is None)
+    if unlabelled:
+        results.warnings.append(
+            f"{unlabelled} tune log(s) carry no provenance (method, loss, noise, seed): each is drawn as "
+            "its own unlabelled run"
+        )
+    return results
