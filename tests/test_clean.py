@@ -17,7 +17,8 @@ from promptcli.io.features import read_features
 from promptcli.io.fileio import sha256_file
 from promptcli.io.labels import join_labels, read_labels
 from promptcli.io.prompt_files import read_prompt, save_prompt
-from promptcli.learning.training import TuneOptions, tune
+from promptcli.learning.options import TuneOptions
+from promptcli.learning.tune_run import tune
 from promptcli.noise.cleaning import auroc, detection_metrics, label_scores, select_suspects
 
 FLIPPED = (0, 7, 13)  # rows whose label moves to the next class

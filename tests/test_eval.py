@@ -14,7 +14,8 @@ from promptcli.analysis.evaluation import compute_metrics, evaluate, prompt_logi
 from promptcli.io.features import read_features
 from promptcli.io.fileio import sha256_file
 from promptcli.io.prompt_files import read_prompt, save_prompt
-from promptcli.learning.training import TuneOptions, tune
+from promptcli.learning.options import TuneOptions
+from promptcli.learning.tune_run import tune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,4 +232,6 @@ def test_every_method_has_a_head_that_saves_and_rebuilds_itself():
 
     assert set(HEAD_OF_METHOD) == set(Method.values())
     for cls in set(HEAD_OF_METHOD.values()):
-        assert callable(cls.from_tensors) and callable(cls.file_metadata) and isinstance(cls.needs_model, bool)
+        assert (
+            callable(cls.from_tensors) and callable(cls.file_metadata) and isinstance(cls.needs_model, bool)
+        )

@@ -14,7 +14,8 @@ from promptcli.analysis.gradstats import COLUMNS, group_stats, learnable_paramet
 from promptcli.io.fileio import sha256_file
 from promptcli.io.prompt_files import read_prompt
 from promptcli.learning.losses import make_loss
-from promptcli.learning.training import TuneOptions, partial_path, prepare_run, tune
+from promptcli.learning.options import TuneOptions
+from promptcli.learning.tune_run import partial_path, prepare_run, tune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

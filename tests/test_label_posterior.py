@@ -328,7 +328,8 @@ def test_posterior_scores_relabel_and_record_the_noise_model(tiny_features, nois
 
 
 def test_posterior_with_a_prompt_prior(noisy_labels, tiny_features, tmp_path, run_cli):
-    from promptcli.learning.training import TuneOptions, tune
+    from promptcli.learning.options import TuneOptions
+    from promptcli.learning.tune_run import tune
 
     prompt = tmp_path / "coop.safetensors"
     tune(
@@ -373,7 +374,7 @@ def test_bad_invocations(tiny_features, noisy_labels, tmp_path, run_cli):
     code, _, err = run_cli("clean", f, labels, "--zero-shot", "-p", tmp_path / "x.safetensors")
     assert code == 2 and "give --prompt or --zero-shot, not both" in err
     code, _, err = run_cli("clean", f, labels, "--zero-shot", "--score", "median")
-    assert code == 2 and "--score: unknown score 'median'" in err
+    assert code == 2 and "--score: unknown value 'median'" in err
     code, _, err = run_cli("clean", f, labels, "--zero-shot", "--score", "posterior", "--threshold", "-0.2")
     assert code == 2 and "--threshold: must be in [0, 1]" in err
     code, _, err = run_cli("clean", f, labels, "--zero-shot", "--noise-rate", "0.2")
@@ -383,7 +384,7 @@ def test_bad_invocations(tiny_features, noisy_labels, tmp_path, run_cli):
     code, _, err = run_cli("clean", f, labels, "--zero-shot", "--noise-model", "class")
     assert code == 2 and "--noise-model: applies only with --score posterior" in err
     code, _, err = run_cli("clean", f, labels, "--zero-shot", "--score", "posterior", "--noise-model", "pair")
-    assert code == 2 and "--noise-model: unknown noise model 'pair'" in err and "symmetric or class" in err
+    assert code == 2 and "--noise-model: unknown value 'pair'" in err and "symmetric, class" in err
     code, _, err = run_cli("clean", f, labels, "--template", "a {}.", "-p", tmp_path / "x.safetensors")
     assert code == 2 and "--template: applies only with --zero-shot" in err
     limit = (n_classes - 1) / n_classes

@@ -14,23 +14,15 @@ from conftest import write_synthetic_features
 from promptcli.errors import InputError
 from promptcli.io.prompt_files import read_prompt
 from promptcli.learning.losses import CrossEntropy, GeneralizedCrossEntropy
-from promptcli.learning.training import (
-    OptimConfig,
-    SplitConfig,
-    TrainData,
-    TuneOptions,
-    ot_split,
-    partial_path,
-    split_loss,
-    train,
-    tune,
-)
+from promptcli.learning.options import OptimConfig, SplitConfig, TuneOptions
+from promptcli.learning.training import TrainData, ot_split, split_loss, train
 from promptcli.learning.transport import (
     DEFAULT_EPSILON,
     ot_clean_mask,
     ot_clean_mask_from_logits,
     split_quality,
 )
+from promptcli.learning.tune_run import partial_path, tune
 from promptcli.models.heads import LinearHead, build_head
 from promptcli.models.prompt_learner import PromptConfig
 
@@ -289,6 +281,6 @@ def test_bad_split_options_and_gradstats_refuses(syn, tmp_path, run_cli):
     assert code == 2 and "Error: --split:" in err and "only supported by `promptcli tune`" in err
     assert not (tmp_path / "g.csv").exists()
     with pytest.raises(InputError, match="only supported"):
-        from promptcli.learning.training import check_options
+        from promptcli.learning.tune_run import check_options
 
         check_options(TuneOptions(split="ot"), lambda _: None)

@@ -372,7 +372,8 @@ def test_gradient_ratio_is_the_ratio_of_count_weighted_mean_norms(tmp_path):
 def test_reads_a_real_eval_summary_and_tune_log(tmp_path, tiny_features):
     from promptcli.analysis.evaluation import evaluate
     from promptcli.io.features import read_features
-    from promptcli.learning.training import TuneOptions, tune
+    from promptcli.learning.options import TuneOptions
+    from promptcli.learning.tune_run import tune
 
     fs = read_features(tiny_features)
     labels = tmp_path / "noisy.csv"

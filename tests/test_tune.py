@@ -16,17 +16,9 @@ from conftest import write_synthetic_features
 from promptcli.errors import InputError
 from promptcli.io.fileio import sha256_bytes, sha256_file
 from promptcli.io.prompt_files import decode_metadata, encode_metadata, read_prompt
-from promptcli.learning.training import (
-    WEIGHT_DECAY_GRID,
-    OptimConfig,
-    TrainData,
-    TuneOptions,
-    held_out_split,
-    partial_path,
-    sample_shots,
-    train,
-    tune,
-)
+from promptcli.learning.options import WEIGHT_DECAY_GRID, OptimConfig, TuneOptions
+from promptcli.learning.training import TrainData, held_out_split, train
+from promptcli.learning.tune_run import partial_path, sample_shots, tune
 
 CLASSNAMES = ["cat", "dog", "car", "tree"]
 PER_CLASS = 12

@@ -30,7 +30,9 @@ import torch
 
 from promptcli.analysis.results import GRADSTATS_COLUMNS
 from promptcli.errors import InputError
-from promptcli.learning.training import PreparedRun, Step, TrainResult, TuneOptions, train
+from promptcli.learning.options import TuneOptions
+from promptcli.learning.training import Step, TrainResult, train
+from promptcli.learning.tune_run import PreparedRun
 from promptcli.models.heads import Head, apply_classifier
 
 COLUMNS = GRADSTATS_COLUMNS
@@ -268,7 +270,8 @@ def gradstats(
         write_json,
     )
     from promptcli.io.labels import read_labels
-    from promptcli.learning.training import check_options, noise_summary, prepare_run, read_noise_sidecar
+    from promptcli.io.sidecar import noise_summary, read_noise_sidecar
+    from promptcli.learning.tune_run import check_options, prepare_run
 
     if not methods:
         raise InputError("no method given", where="--method", hint="e.g. --method coop")

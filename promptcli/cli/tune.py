@@ -40,6 +40,16 @@ from typing import Annotated, Any
 import typer
 
 from promptcli.choices import Method
+from promptcli.cli._finetune import (
+    FtPrecisionOpt,
+    FtWorkersOpt,
+    ImagesOpt,
+    LpEpochsOpt,
+    LpFtOpt,
+    SkipBadOpt,
+    TrainLayersOpt,
+    WiseAlphaOpt,
+)
 from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
 from promptcli.cli._output import Output
 from promptcli.cli._tune_options import tune_options, with_training_options
@@ -71,12 +81,28 @@ def command(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    images: ImagesOpt = None,
+    skip_bad: SkipBadOpt = False,
+    workers: FtWorkersOpt = 2,
+    precision: FtPrecisionOpt = None,
+    train_layers: TrainLayersOpt = "all",
+    lp_ft: LpFtOpt = False,
+    lp_epochs: LpEpochsOpt = 50,
+    wise_alpha: WiseAlphaOpt = None,
     **training: Any,
 ) -> None:
-    from promptcli.learning.training import tune
+    from promptcli.cli import _finetune
+    from promptcli.learning.tune_run import tune
 
     out = Output(quiet=quiet, json_mode=json_out)
     options = tune_options(method, training)
+    ft = _finetune.finetune_options(method, locals(), out)
+    if ft is not None:
+        _finetune.run(
+            features, labels, output, options, ft, device=device, amp=amp, pretrained=pretrained,
+            log=log, resume=resume, force=force, out=out,
+        )  # fmt: skip
+        return
     epochs = options.epochs
     with out.progress(f"tune {method}", total=epochs, unit="epochs") as bar:
         done = [0]  # epochs shown so far (a resumed run jumps to its checkpoint's epoch)

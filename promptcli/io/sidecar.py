@@ -50,3 +50,33 @@ def read_sidecar(
         warn(f"{path} describes another version of {csv_path} (its SHA-256 differs); ignored")
         return path, None
     return path, data
+
+
+def read_noise_sidecar(labels_path: str | Path, warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """The labels' sidecar record; None without one, or (with a warning) when it is not JSON or was
+    written for another version of the CSV."""
+    return read_sidecar(labels_path, warn)[1]
+
+
+# What prompt metadata and logs keep of a corrupt sidecar (not its C x C transition counts).
+NOISE_KEYS = ("type", "rate", "seed", "shots", "per_class", "n_noisy", "realised_rate")
+
+
+def noise_summary(sidecar: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The few fields of a labels sidecar that identify the noise (those it has).
+
+    Besides corrupt's sidecar, the labels may come from ``pseudolabel`` (``labels: pseudo``, with the
+    pseudo-labels' error rate when ground truth was known) or from ``clean --clean-out``
+    (``labels: cleaned``, keeping the noise of the labels that were cleaned).
+    """
+    if sidecar is None:
+        return None
+    summary = {k: sidecar[k] for k in NOISE_KEYS if k in sidecar}
+    if "selection" in sidecar and "templates" in sidecar:  # written by `pseudolabel`
+        accuracy = sidecar.get("pseudo_label_accuracy")
+        summary = {"labels": "pseudo", "selection": sidecar["selection"]}
+        if isinstance(accuracy, (int, float)):
+            summary["realised_rate"] = round(1.0 - float(accuracy), 6)
+    elif "cleaning" in sidecar:
+        summary["labels"] = "cleaned"
+    return summary

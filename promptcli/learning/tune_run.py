@@ -1,0 +1,426 @@
+"""``tune`` as a library step: files in, a prompt file out, around the training loop of :mod:`.training`.
+
+:func:`check_options` validates a :class:`~promptcli.learning.options.TuneOptions` before any file is
+read; :func:`prepare_run` reads the features and labels, samples the shots, loads the model and
+settles the weight decay (shared with ``gradstats``); :func:`tune` trains with checkpoints, logs and
+writes the prompt file with its provenance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from promptcli.errors import InputError
+from promptcli.io.checks import check_finite_fields, check_seed
+from promptcli.io.fileio import locks_output
+from promptcli.io.sidecar import noise_summary, read_noise_sidecar
+from promptcli.learning.options import (
+    DEFAULT_EPSILON,
+    HELD_OUT_FRACTION,
+    OptimConfig,
+    SplitConfig,
+    TuneOptions,
+)
+from promptcli.learning.training import TrainData, load_checkpoint, select_weight_decay, train
+from promptcli.models.heads import Head
+
+
+def sample_shots(
+    labels: np.ndarray, shots: int, seed: int, n_classes: int
+) -> tuple[np.ndarray, dict[int, int]]:
+    """K examples per class of the given labels (seeded); returns sorted indices and short classes' counts."""
+    rng = np.random.default_rng(seed)
+    chosen, short = [], {}
+    for c in range(n_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < shots:
+            short[c] = len(idx)
+        chosen.append(rng.permutation(idx)[:shots])
+    return np.sort(np.concatenate(chosen)), short
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """A stable digest of what a run depends on (to refuse resuming a different run)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def remove_file(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def partial_path(output: str | Path) -> Path:
+    """Where an interrupted tune keeps its per-epoch checkpoint."""
+    return Path(f"{output}.partial")
+
+
+@dataclass
+class PreparedRun:
+    """A tune run ready to train: data, loss, optimiser settings and a head factory (see :func:`prepare_run`)."""
+
+    options: TuneOptions
+    features: Any  # FeatureSet
+    joined: Any  # JoinedLabels
+    index: np.ndarray  # the joined label rows used (all, or the --shots sample)
+    data: TrainData
+    loss_fn: torch.nn.Module
+    prompt_config: Any  # PromptConfig for prompt methods, else None
+    optim: OptimConfig
+    weight_decay_search: list[dict[str, float]]
+    make_head: Callable[[], Head]
+    device: torch.device
+    features_sha: str
+    labels_sha: str
+    labels_source: str
+    short: dict[int, int]
+    loaded: Any  # LoadedModel, None for linear-probe
+
+    def provenance(self, noise: dict[str, Any] | None) -> dict[str, Any]:
+        """The ``run`` object of log lines: what ``report`` groups runs by."""
+        from promptcli.learning.losses import loss_params
+
+        record = self.features.model_record()
+        run = {
+            "method": self.options.method,
+            "loss": self.options.loss,
+            "loss_params": loss_params(self.loss_fn),
+            "seed": self.options.seed,
+            "shots": self.options.shots,
+            "noise": noise_summary(noise),
+            "model": {k: str(record[k]) for k in ("model_name", "pretrained", "checkpoint_sha256")},
+        }
+        split = self.options.split_config()
+        if split is not None:  # runs without a split keep the provenance they always had
+            run["split"] = {"method": split.method, "noisy_loss": split.noisy_loss, "epsilon": split.epsilon}
+        return run
+
+
+def check_options(
+    options: TuneOptions, warn: Callable[[str], None], *, split_ok: bool = False
+) -> tuple[Any, torch.nn.Module]:
+    """Validate ``options`` before any file is read; return (prompt config or None, loss).
+
+    A clean/noisy split (``options.split`` other than none) changes the loss per sample and epoch,
+    which only a caller passing ``options.split_config()`` to :func:`train` honours: callers say so
+    with ``split_ok`` (``tune`` does); others get a clear error rather than a silently ignored option.
+    """
+    from promptcli.learning.losses import make_loss
+    from promptcli.models.heads import TEXT_METHODS, check_method
+
+    check_method(options.method)
+    check_finite_fields(options)
+    check_seed(options.seed)
+    split = SplitConfig(options.split, options.noisy_loss, options.ot_epsilon).validate()
+    if split.method != "none" and not split_ok:
+        raise InputError(
+            f"--split {split.method} is only supported by `promptcli tune`",
+            where="--split",
+            hint="this command measures one loss for every sample: drop --split (or pass --split none)",
+        )
+    if split.method == "none" and (options.noisy_loss != "mae" or options.ot_epsilon != DEFAULT_EPSILON):
+        warn("--noisy-loss and --ot-epsilon apply with --split ot; ignored")
+    if options.method not in TEXT_METHODS and (
+        options.ctx_init or options.csc or options.class_position != "end"
+    ):
+        warn(f"--ctx-init, --csc and --class-position apply to prompt methods; ignored for {options.method}")
+    prompt_config = None
+    if options.method in TEXT_METHODS:
+        from promptcli.models.prompt_learner import PromptConfig
+
+        prompt_config = PromptConfig(
+            method=options.method,
+            n_ctx=options.n_ctx,
+            ctx_init=options.ctx_init,
+            class_position=options.class_position,
+            csc=options.csc,
+            template=options.template,
+            init_std=options.init_std,
+        )
+        prompt_config.validate()
+    elif options.method == "classifier-zs":
+        from promptcli.models.zeroshot import resolve_templates
+
+        resolve_templates([options.template])  # one {} or a clear --template error
+    loss_fn = make_loss(
+        options.loss,
+        q=options.q,
+        alpha=options.alpha,
+        beta=options.beta,
+        label_smoothing=options.label_smoothing,
+    )
+    options.optim_config(options.weight_decay if options.weight_decay is not None else 5e-4).validate()
+    if options.shots is not None and options.shots < 1:
+        raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")
+    return prompt_config, loss_fn
+
+
+def prepare_run(
+    features_path: str | Path,
+    labels_path: str | Path,
+    options: TuneOptions,
+    *,
+    device: str | torch.device = "auto",
+    amp: bool = True,
+    pretrained: str | None = None,
+    info: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
+    loaded: Any = None,
+    split_ok: bool = False,
+) -> PreparedRun:
+    """Read the inputs, sample the shots, load the model and settle the weight decay, as ``tune`` does.
+
+    ``loaded`` reuses a model already loaded for this features file (several runs on one file);
+    ``split_ok`` as in :func:`check_options`.
+    """
+    from promptcli.io.features import read_features
+    from promptcli.io.fileio import sha256_file
+    from promptcli.io.labels import join_labels, labels_sha256, read_labels
+    from promptcli.models.devices import resolve_device
+    from promptcli.models.heads import build_head
+
+    prompt_config, loss_fn = check_options(options, warn, split_ok=split_ok)
+    torch_device = resolve_device(str(device))
+    fs = read_features(features_path, load_views=options.use_views)
+    table = read_labels(labels_path)
+    labels_sha = labels_sha256(table, labels_path)
+    features_sha = sha256_file(features_path)
+    joined = join_labels(fs, table, skip_missing=options.skip_missing)
+    index = np.arange(len(joined.labels))
+    short: dict[int, int] = {}
+    if options.shots is not None:
+        index, short = sample_shots(joined.labels, options.shots, options.seed, len(fs.classnames))
+        for c, have in short.items():
+            warn(
+                f"class {fs.classnames[c]!r} has only {have} labelled image(s), fewer than --shots {options.shots}"
+            )
+    rows = joined.rows[index]
+    data = TrainData(
+        features=torch.from_numpy(fs.features[rows]),
+        labels=torch.from_numpy(joined.labels[index]),
+        views=torch.from_numpy(fs.views[rows]) if fs.views is not None and options.use_views else None,
+        clean=None if joined.clean is None else torch.from_numpy(joined.clean[index]),
+        is_noisy=None if joined.is_noisy is None else torch.from_numpy(joined.is_noisy[index]),
+    )
+
+    if options.method != "linear-probe" and loaded is None:
+        from promptcli.models.loading import load_model_from_record
+
+        loaded = load_model_from_record(
+            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
+        )
+
+    def make_head() -> Head:
+        generator = torch.Generator().manual_seed(options.seed)
+        return build_head(
+            options.method,
+            classnames=fs.classnames,
+            dim=fs.dim,
+            loaded=loaded,
+            prompt_config=prompt_config if prompt_config is not None else options,
+            generator=generator,
+        )
+
+    search: list[dict[str, float]] = []
+    weight_decay = options.weight_decay
+    if weight_decay is None and options.method == "linear-probe":
+        info(f"Choosing the weight decay on a held-out {HELD_OUT_FRACTION:.0%} of the labels")
+        weight_decay, search = select_weight_decay(
+            make_head,
+            data,
+            loss_fn,
+            options.optim_config(0.0),
+            seed=options.seed,
+            device=torch_device,
+            amp=amp,
+            split=options.split_config(),
+        )
+        if weight_decay is None:
+            warn("too few labels to hold some out; using weight decay 5e-4")
+    if weight_decay is None:
+        weight_decay = 5e-4
+    return PreparedRun(
+        options=options,
+        features=fs,
+        joined=joined,
+        index=index,
+        data=data,
+        loss_fn=loss_fn,
+        prompt_config=prompt_config,
+        optim=options.optim_config(weight_decay),
+        weight_decay_search=search,
+        make_head=make_head,
+        device=torch_device,
+        features_sha=features_sha,
+        labels_sha=labels_sha,
+        labels_source=table.source,
+        short=short,
+        loaded=loaded,
+    )
+
+
+@locks_output("output")
+def tune(
+    features_path: str | Path,
+    labels_path: str | Path,
+    output: str | Path,
+    options: TuneOptions,
+    *,
+    device: str = "auto",
+    amp: bool = True,
+    pretrained: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    log_path: str | Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    info: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Learn a prompt (or head) from cached features and labels; write it to ``output``; return a summary."""
+    from promptcli.io import provenance
+    from promptcli.io.fileio import check_distinct, check_jsonl_prefix, check_output_path
+    from promptcli.learning.losses import loss_params
+    from promptcli.models.heads import save_head
+
+    check_options(options, warn, split_ok=True)
+    check_distinct(
+        {"FEATURES": features_path, "LABELS": labels_path},
+        {"-o": output, "--log": log_path, "the checkpoint -o.partial": partial_path(output)},
+    )
+    output = check_output_path(output, force)
+    partial = partial_path(output)
+    if partial.exists() and not resume:
+        if not force:
+            raise InputError(
+                "an interrupted tune left a checkpoint",
+                where=partial,
+                hint="pass --resume to continue it, or --force to start over",
+            )
+        remove_file(partial)
+    if log_path is not None and not resume:
+        check_output_path(log_path, force, option="--log")
+
+    run = prepare_run(
+        features_path,
+        labels_path,
+        options,
+        device=device,
+        amp=amp,
+        pretrained=pretrained,
+        info=info,
+        warn=warn,
+        split_ok=True,
+    )
+    split = options.split_config()
+    fs, joined, data, loss_fn, optim = run.features, run.joined, run.data, run.loss_fn, run.optim
+    search = run.weight_decay_search
+    noise = read_noise_sidecar(labels_path, warn)
+    run_info = run.provenance(noise)
+
+    run_id = fingerprint(
+        {
+            "features": run.features_sha,
+            "labels": run.labels_sha,
+            "options": asdict(options),
+            "weight_decay": optim.weight_decay,
+        }
+    )
+    head = run.make_head()
+    # Check a checkpoint to resume before touching the log: a refused resume must leave the log intact.
+    history = load_checkpoint(partial, run_id)["history"] if resume and partial.exists() else []
+    log_handle = None
+    if log_path is not None and resume:  # the log is rewritten: only if it is this run's
+        check_jsonl_prefix(log_path, [{**row, "run": run_info} for row in history], force)
+    if log_path is not None:
+        log_handle = open(log_path, "w", encoding="utf-8")
+        for row in history:  # the log restarts with the epochs the checkpoint already holds
+            log_handle.write(json.dumps({**row, "run": run_info}, sort_keys=True) + "\n")
+
+    def log_epoch(row: dict[str, Any]) -> None:
+        if log_handle is not None:
+            log_handle.write(json.dumps({**row, "run": run_info}, sort_keys=True) + "\n")
+            log_handle.flush()
+        if on_epoch is not None:
+            on_epoch(row)
+
+    try:
+        if resume and partial.exists():
+            info(f"Resuming from {partial}")
+        result = train(
+            head,
+            data,
+            loss_fn,
+            optim,
+            seed=options.seed,
+            device=run.device,
+            amp=amp,
+            checkpoint=partial,
+            resume=resume,
+            fingerprint=run_id,
+            on_epoch=log_epoch,
+            split=split,
+        )
+    finally:
+        if log_handle is not None:
+            log_handle.close()
+
+    record = fs.model_record()
+    metadata: dict[str, Any] = {
+        "method": options.method,
+        "classnames": list(fs.classnames),
+        "model_name": str(record["model_name"]),
+        "pretrained": str(record["pretrained"]),
+        "checkpoint_sha256": str(record["checkpoint_sha256"]),
+        "model_config": str(record["model_config"]),
+        "embed_dim": fs.dim,
+        "loss": options.loss,
+        "loss_params": loss_params(loss_fn),
+        "optimizer": optim.to_dict(),
+        "seed": options.seed,
+        "shots": options.shots,
+        "use_views": data.views is not None,
+        "n_views": 0 if data.views is None else int(data.views.shape[1]),
+        "features_sha256": run.features_sha,
+        "features_file": str(features_path),
+        "labels_sha256": run.labels_sha,
+        "labels_file": run.labels_source,
+        "n_train": len(data),
+        "n_skipped": joined.n_skipped,
+        "metrics": result.final,
+        "split": {"method": "none"} if split is None else split.to_dict(),
+        **provenance.base_provenance(),
+    }
+    if search:
+        metadata["weight_decay_search"] = search
+    if noise is not None:
+        metadata["noise"] = noise_summary(noise)
+    save_head(output, head, metadata)
+    remove_file(partial)
+    times = [r["time"] for r in result.history[result.resumed_from :]]
+    return {
+        "output": str(output),
+        "method": options.method,
+        "loss": loss_params(loss_fn),
+        "optimizer": optim.to_dict(),
+        "weight_decay_search": search,
+        "n_train": len(data),
+        "n_skipped": joined.n_skipped,
+        "skipped": joined.skipped[:20],
+        "short_classes": {fs.classnames[c]: n for c, n in run.short.items()},
+        "resumed_from_epoch": result.resumed_from,
+        "seconds_per_epoch": float(np.mean(times)) if times else None,
+        "metrics": result.final,
+        "split": None if split is None else split.to_dict(),
+        "noise": noise_summary(noise),
+        "log": str(log_path) if log_path is not None else None,
+    }
