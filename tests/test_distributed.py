@@ -52,6 +52,7 @@ def single_run(tmp_path_factory, image_folder, tiny_model_files) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_failure_on_one_rank_stops_all_and_the_resumed_run_matches_one_process(
     tmp_path, image_folder, cli_model_args, single_run
 ):

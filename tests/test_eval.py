@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import read_csv_rows
 from promptcli.analysis.evaluation import compute_metrics, evaluate, prompt_logits, zero_shot_class_logits
 from promptcli.io.features import read_features
 from promptcli.io.fileio import sha256_file
@@ -38,11 +38,6 @@ def _prompt(labelled, name: str, **options) -> Path:
     if not out.exists():
         tune(labelled["features"], labelled["labels"], out, TuneOptions(**options), device="cpu")
     return out
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.mark.parametrize(
@@ -80,7 +75,7 @@ def test_untrained_coop_equals_zero_shot_through_the_cli(labelled, tmp_path, run
         "-q",
     )
     assert code == 0, err
-    a, b = _read_csv(prompt_csv), _read_csv(zs_csv)
+    a, b = read_csv_rows(prompt_csv), read_csv_rows(zs_csv)
     assert [r["label"] for r in a] == [r["label"] for r in b]
     assert np.allclose([float(r["confidence"]) for r in a], [float(r["confidence"]) for r in b], atol=2e-6)
 
@@ -159,7 +154,7 @@ def test_outputs_and_provenance(labelled, tmp_path, run_cli):
     assert summary["model"]["model_name"] == "tiny-clip" and summary["n_evaluated"] == 18
     m = summary["metrics"]
     assert set(m) == {"n", "top1", "top5", "top5_k", "macro_accuracy", "per_class"} and m["top5_k"] == 3
-    rows = _read_csv(preds)
+    rows = read_csv_rows(preds)
     assert list(rows[0]) == ["path", "label", "confidence", "true_label"] and len(rows) == 18
     correct = sum(r["label"] == r["true_label"] for r in rows)
     assert correct / 18 == pytest.approx(m["top1"])

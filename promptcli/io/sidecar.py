@@ -17,12 +17,11 @@ def sidecar_path(csv_path: str | Path) -> Path:
     return Path(f"{csv_path}.json")
 
 
-def write_sidecar(csv_path: str | Path, record: dict[str, Any], indent: int | None = 2) -> Path:
-    """Write ``record`` plus the SHA-256 of the (already written) CSV to ``<csv>.json``."""
-    path = sidecar_path(csv_path)
+def write_sidecar(csv_path: str | Path, record: dict[str, Any], indent: int | None = 2) -> dict[str, Any]:
+    """Write ``record`` plus the SHA-256 of the (already written) CSV to ``<csv>.json``; return what was written."""
     data = {**record, CSV_SHA256: sha256_file(csv_path)}
-    write_json(path, data, indent)
-    return path
+    write_json(sidecar_path(csv_path), data, indent)
+    return data
 
 
 def read_sidecar(

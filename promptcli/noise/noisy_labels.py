@@ -17,6 +17,7 @@ import numpy as np
 
 from promptcli.choices import ConfusionFrom, NoiseType
 from promptcli.errors import InputError
+from promptcli.io.checks import check_seed
 from promptcli.io.fileio import (
     STDIO,
     check_distinct,
@@ -78,6 +79,7 @@ def corrupt_file(
     )
     if rate is not None:
         noise.check_rate(rate)
+    check_seed(seed)
     sidecar = None if to_stdout else Path(f"{output}.json")
     inputs = {"LABELS": labels, "--features": features, "--classnames": classnames}
     check_distinct({**inputs, "--pairs": pairs, "--matrix": matrix}, {"-o": output, "the sidecar": sidecar})
@@ -227,7 +229,7 @@ def corrupt_file(
     if sidecar is not None:
         # A C x C count matrix: one number per line is unreadable past a few dozen classes.
         indent = 2 if n_classes <= 50 else None
-        write_sidecar(output, result, indent=indent)  # records the CSV's SHA-256: readers check it
+        result = write_sidecar(output, result, indent=indent)  # + the CSV's SHA-256: readers check it
     return result
 
 

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from promptcli.choices import PseudoLabelMethod
 from promptcli.errors import InputError
+from promptcli.io.checks import check_seed
 from promptcli.models.loading import LoadedModel
 from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
 
@@ -88,6 +90,7 @@ def select(
     """Rows to keep, ascending. ``min_confidence`` filters first; then per predicted class either the
     ``top_k`` most confident (UPL; ties by row order) or ``random_k`` at random (seeded); a class with
     fewer candidates keeps them all. No rule keeps every row."""
+    check_seed(seed)
     if top_k is not None and random_k is not None:
         raise InputError("--top-k and --random-k exclude each other", where="--random-k", hint="choose one")
     for name, k in (("--top-k", top_k), ("--random-k", random_k)):
@@ -160,6 +163,8 @@ class PseudolabelOptions:
     seed: int = 0
     pretrained: str | None = None
     device: str = "auto"
+    method: str = "zero-shot"  # or "transductive" (promptcli.noise.transductive)
+    labels: Path | None = None  # transductive only: given (possibly noisy) labels for some images
 
 
 def pseudolabel_file(
@@ -199,9 +204,19 @@ def pseudolabel_file(
         )
     # Validate the selection options before loading anything.
     select(np.zeros(0, dtype=np.int64), np.zeros(0), 0, top_k, random_k, min_confidence, seed)
+    method = PseudoLabelMethod.check(o.method, "--method")
+    if o.labels is not None and method != PseudoLabelMethod.TRANSDUCTIVE.value:
+        raise InputError(
+            "--labels applies only with --method transductive",
+            where="--labels",
+            hint="add --method transductive, or drop --labels",
+        )
     prompts = resolve_templates(template, templates)
     sidecar = None if to_stdout else Path(f"{output}.json")
-    check_distinct({"FEATURES": features, "--classnames": classnames}, {"-o": output, "the sidecar": sidecar})
+    check_distinct(
+        {"FEATURES": features, "--classnames": classnames, "--labels": o.labels},
+        {"-o": output, "the sidecar": sidecar},
+    )
     if sidecar is not None:
         check_output_path(output, force)
         check_output_path(sidecar, force)
@@ -227,10 +242,19 @@ def pseudolabel_file(
     loaded = load_model_from_record(fs.attrs, source=features, pretrained=pretrained, device=device)
     check_dim(loaded, fs.features, where=features)
     info(f"Zero-shot {len(fs)} images over {len(label_names)} classes, {len(prompts)} template(s)")
-    pred = zero_shot_predict(loaded, fs.features, prompt_names, prompts)
+    fit = None
+    if method == PseudoLabelMethod.TRANSDUCTIVE.value:
+        from promptcli.noise.transductive import transductive_fit
+
+        pred, zero_shot, fit = transductive_fit(loaded, fs, prompt_names, prompts, o.labels)
+    else:
+        pred = zero_shot_predict(loaded, fs.features, prompt_names, prompts)
     kept = select(pred.labels, pred.confidence, len(label_names), top_k, random_k, min_confidence, seed)
     truth = fs.labels
     stats = summary(pred.labels, truth, kept, label_names)
+    if fit is not None:  # summary's zero_shot_accuracy measured the transductive labels: say so
+        stats["transductive_accuracy"] = stats["zero_shot_accuracy"]
+        stats["zero_shot_accuracy"] = summary(zero_shot, truth, kept[:0], label_names)["zero_shot_accuracy"]
 
     # clean_label/is_noisy only when every kept row has ground truth: `tune` joins them by class name.
     has_truth = bool(len(kept)) and bool((truth[kept] >= 0).all())
@@ -258,10 +282,12 @@ def pseudolabel_file(
         "classes": label_names,
         "prompt_classnames": prompt_names,
         "selection": {"top_k": top_k, "random_k": random_k, "min_confidence": min_confidence, "seed": seed},
+        "method": method,
+        **({"transductive": fit} if fit is not None else {}),
         **stats,
     }
     write_labels(output, columns, rows)
     if sidecar is not None:
-        write_sidecar(output, result)  # records the CSV's SHA-256: readers check it
+        result = write_sidecar(output, result)  # + the CSV's SHA-256: readers check it
 
     return {**result, "n_images": len(fs), "n_kept": int(len(kept))}
