@@ -56,6 +56,7 @@ class Method(Choice):
     FULL_PROMPT = "full-prompt"
     LINEAR_PROBE = "linear-probe"
     CLASSIFIER_ZS = "classifier-zs"
+    FINETUNE = "finetune"  # trains the image tower on images (learning/finetune.py)
 
 
 # Methods that learn text prompts through the frozen text tower (the others are linear heads).
@@ -129,6 +130,13 @@ class NoiseModel(Choice):
     CLASS = "class"
 
 
+class PseudoLabelMethod(Choice):
+    """``pseudolabel --method``: zero-shot predictions, or the transductive mixture over all images."""
+
+    ZERO_SHOT = "zero-shot"
+    TRANSDUCTIVE = "transductive"
+
+
 class Precision(Choice):
     FP32 = "fp32"
     FP16 = "fp16"
@@ -155,29 +163,6 @@ class Metric(Choice):
     TOP1 = "top1"
     TOP5 = "top5"
     MACRO = "macro"
-
-
-class DatasetLayout(Choice):
-    """``dataset NAME``: a known on-disk dataset layout (see ``datasets/registry.py``)."""
-
-    CALTECH101 = "caltech101"
-    OXFORD_PETS = "oxford-pets"
-    STANFORD_CARS = "stanford-cars"
-    OXFORD_FLOWERS = "oxford-flowers"
-    FOOD101 = "food101"
-    FGVC_AIRCRAFT = "fgvc-aircraft"
-    SUN397 = "sun397"
-    DTD = "dtd"
-    EUROSAT = "eurosat"
-    UCF101 = "ucf101"
-    IMAGENET = "imagenet"
-    SPLIT_JSON = "split-json"
-    FOOD101N = "food101n"
-    CLOTHING1M = "clothing1m"
-    WEBVISION = "webvision"
-    MINI_WEBVISION = "mini-webvision"
-    CIFAR10N = "cifar10n"
-    CIFAR100N = "cifar100n"
 
 
 class DatasetSplit(Choice):

@@ -93,6 +93,7 @@ _ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
 # Outputs are renamed into place only when complete, so an interrupted command replaced nothing;
 # extract and tune keep their finished chunks/epochs in OUTPUT.partial.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 INTERRUPTED = (
     "interrupted — no half-written output was left (files are renamed into place when complete; a tune "
     "--log holds the epochs done); extract and tune kept their finished work in OUTPUT.partial: rerun "
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, *_ABORTS):
         _error(INTERRUPTED)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except _USAGE_ERRORS as exc:
         if getattr(exc, "exit_code", 1) == 0 or type(exc).__name__ == "NoArgsIsHelpError":
             exc.show()  # `promptcli` alone prints the help
@@ -160,4 +161,6 @@ def main(argv: list[str] | None = None) -> None:
             "rerun with --debug for the traceback and report it"
         )
         sys.exit(EXIT_RUNTIME)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130), returned without standalone mode
+        _error(INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from promptcli.errors import InputError
+from promptcli.io.checks import check_class_names, check_unique_keys
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CSV_COLUMNS = ("path", "label", "split")
+# Accepted and not encoded: `promptcli dataset` writes them where a release knows the true labels.
+TRUTH_COLUMNS = ("clean_label", "is_noisy")
 
 
 @dataclass
@@ -53,6 +57,7 @@ def read_image_folder(root: Path, split: str = "") -> ImageSource:
             hint="use ImageFolder layout (ROOT/<class>/<image>) or a CSV with a path column",
         )
     classnames = [folder_class_name(d.name) for d in class_dirs]
+    check_class_names(zip((d.name for d in class_dirs), classnames), root)
     paths, files, labels = [], [], []
     for label, class_dir in enumerate(class_dirs):
         for f in sorted(class_dir.rglob("*")):
@@ -86,12 +91,12 @@ def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> Image
             where=csv_path,
             hint="add a header row with a path column (and optionally label, split)",
         )
-    unknown = [c for c in columns if c not in CSV_COLUMNS]
+    unknown = [c for c in columns if c not in CSV_COLUMNS + TRUTH_COLUMNS]
     if unknown:
         raise InputError(
             f"unknown column(s) {', '.join(unknown)}",
             where=csv_path,
-            hint=f"image lists take only {', '.join(CSV_COLUMNS)}",
+            hint=f"image lists take only {', '.join(CSV_COLUMNS + TRUTH_COLUMNS)}",
         )
     if not rows:
         raise InputError("no rows", where=csv_path, hint="list at least one image")
@@ -118,6 +123,8 @@ def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> Image
         files.append(file)
         labels.append(index[label_name] if label_name else -1)
         splits.append((row.get("split") or "").strip())
+    given = [names[y] if y >= 0 else "" for y in labels]
+    check_unique_keys([os.path.normpath(p) for p in paths], str(csv_path), given if has_label else None)
     return ImageSource(csv_path, "csv", paths, files, labels, splits, names)
 
 
@@ -142,7 +149,13 @@ def read_classnames(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise InputError("class-name file not found", where=p, hint="one class name per line")
-    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # a leading BOM is not part of the first name
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"not UTF-8 text (byte {exc.start})", where=p, hint="save the class list as UTF-8"
+        ) from exc
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(set(names)) != len(names):
         raise InputError("duplicate class names", where=p, hint="list each class once")
     if not names:
