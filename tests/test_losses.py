@@ -116,3 +116,11 @@ def test_make_loss_validation():
         make_loss("mae", label_smoothing=0.1)
     with pytest.raises(InputError, match="label smoothing must be"):
         make_loss("ce", label_smoothing=1.0)
+
+
+def test_the_loss_registry_and_the_loss_choices_agree():
+    from promptcli.choices import Loss
+    from promptcli.learning.losses import LOSSES
+
+    assert set(LOSSES) == set(Loss.values())
+    assert all(cls.name == name for name, cls in LOSSES.items())

@@ -22,8 +22,6 @@ from torch import nn
 
 from promptcli.errors import InputError
 
-LOSSES = ("ce", "gce", "mae", "sce")
-
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
     return F.softmax(logits.float(), dim=-1)
@@ -43,10 +41,15 @@ class CrossEntropy(nn.Module):
     """-sum_k t_k log p_k with label-smoothed targets t."""
 
     name = "ce"
+    smooths = True  # takes --label-smoothing
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
+
+    @classmethod
+    def from_options(cls, *, label_smoothing: float, **_: float) -> CrossEntropy:
+        return cls(label_smoothing)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits.float(), dim=-1)
@@ -61,10 +64,17 @@ class GeneralizedCrossEntropy(nn.Module):
     """(1 - p_y^q) / q: CE's gradient weighted by p_y^q, so confidently-wrong (noisy) labels pull less."""
 
     name = "gce"
+    smooths = False
 
     def __init__(self, q: float = 0.7) -> None:
         super().__init__()
         self.q = q
+
+    @classmethod
+    def from_options(cls, *, q: float, **_: float) -> GeneralizedCrossEntropy:
+        if not 0.0 < q <= 1.0:
+            raise InputError(f"q must be in (0, 1], got {q}", where="--q", hint="the usual value is 0.7")
+        return cls(q)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         p_y = _p_y(logits, targets).clamp_min(1e-12)
@@ -78,6 +88,11 @@ class MeanAbsoluteError(nn.Module):
     """1/2 ||p - e_y||_1 = 1 - p_y: bounded, symmetric, hence noise-tolerant but slow to fit."""
 
     name = "mae"
+    smooths = False
+
+    @classmethod
+    def from_options(cls, **_: float) -> MeanAbsoluteError:
+        return cls()
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (1.0 - _p_y(logits, targets)).mean()
@@ -90,12 +105,23 @@ class SymmetricCrossEntropy(nn.Module):
     """alpha * CE + beta * RCE, RCE = -sum_k p_k log(e_y[k]) with log 0 := A (= -4), i.e. -A (1 - p_y)."""
 
     name = "sce"
+    smooths = True
     A = -4.0
 
     def __init__(self, alpha: float = 0.1, beta: float = 1.0, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.alpha, self.beta = alpha, beta
         self.ce = CrossEntropy(label_smoothing)
+
+    @classmethod
+    def from_options(
+        cls, *, alpha: float, beta: float, label_smoothing: float, **_: float
+    ) -> SymmetricCrossEntropy:
+        if alpha < 0 or beta < 0 or alpha + beta == 0:
+            raise InputError(
+                f"alpha and beta must be >= 0 and not both 0 (got {alpha}, {beta})", where="--alpha/--beta"
+            )
+        return cls(alpha, beta, label_smoothing)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         p = _probs(logits)
@@ -105,6 +131,16 @@ class SymmetricCrossEntropy(nn.Module):
 
     def params(self) -> dict[str, float]:
         return {"alpha": self.alpha, "beta": self.beta, "A": self.A, **self.ce.params()}
+
+
+# --loss NAME -> its class. Adding a loss: a class above (name, smooths, from_options, forward, params),
+# one line here and its value in promptcli.choices.Loss (a test checks the two agree).
+LOSSES: dict[str, type[nn.Module]] = {
+    "ce": CrossEntropy,
+    "gce": GeneralizedCrossEntropy,
+    "mae": MeanAbsoluteError,
+    "sce": SymmetricCrossEntropy,
+}
 
 
 def make_loss(
@@ -117,25 +153,15 @@ def make_loss(
         raise InputError(
             f"label smoothing must be in [0, 1), got {label_smoothing}", where="--label-smoothing"
         )
-    if label_smoothing and name in ("gce", "mae"):
+    loss = LOSSES[name]
+    if label_smoothing and not loss.smooths:
+        smoothing = ", ".join(n for n, c in LOSSES.items() if c.smooths)
         raise InputError(
-            f"--label-smoothing applies to ce and sce, not {name}",
+            f"--label-smoothing applies to {smoothing.replace(', ', ' and ')}, not {name}",
             where="--label-smoothing",
-            hint="drop it, or use --loss ce/sce",
+            hint=f"drop it, or use --loss {smoothing.replace(', ', '/')}",
         )
-    if name == "ce":
-        return CrossEntropy(label_smoothing)
-    if name == "gce":
-        if not 0.0 < q <= 1.0:
-            raise InputError(f"q must be in (0, 1], got {q}", where="--q", hint="the usual value is 0.7")
-        return GeneralizedCrossEntropy(q)
-    if name == "mae":
-        return MeanAbsoluteError()
-    if alpha < 0 or beta < 0 or alpha + beta == 0:
-        raise InputError(
-            f"alpha and beta must be >= 0 and not both 0 (got {alpha}, {beta})", where="--alpha/--beta"
-        )
-    return SymmetricCrossEntropy(alpha, beta, label_smoothing)
+    return loss.from_options(q=q, alpha=alpha, beta=beta, label_smoothing=label_smoothing)
 
 
 def loss_params(loss: nn.Module) -> dict[str, Any]:
