@@ -7,6 +7,7 @@ import importlib.util
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 
 import click
 import typer
@@ -15,16 +16,6 @@ import promptcli
 from promptcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, PromptcliError
 from promptcli.io.provenance import set_command
 
-app = typer.Typer(
-    name="promptcli",
-    help="Noise-robust prompt tuning of CLIP: extract features, corrupt labels, tune prompts, evaluate.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
 
 def _version(value: bool) -> None:
     if value:
@@ -32,7 +23,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
@@ -56,25 +46,44 @@ COMMANDS = (
 )
 
 
-def _register() -> None:
-    """Each subcommand lives in ``promptcli/cli/<name>.py`` (``-`` -> ``_``) as a function named ``command``."""
-    for name in COMMANDS:
+def make_app(names: Sequence[str] = COMMANDS) -> typer.Typer:
+    """The typer app with the subcommands ``names``.
+
+    Each subcommand lives in ``promptcli/cli/<name>.py`` (``-`` -> ``_``) as a function named ``command``
+    whose docstring is its help.
+    """
+    app = typer.Typer(
+        name="promptcli",
+        help="Noise-robust prompt tuning of CLIP: extract features, corrupt labels, tune prompts, evaluate.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="markdown",
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    for name in names:
         module_name = f"promptcli.cli.{name.replace('-', '_')}"
         if importlib.util.find_spec(module_name) is None:
             continue
         module = importlib.import_module(module_name)
         app.command(name, help=module.__doc__)(module.command)
+    return app
 
 
-_register()
+def __getattr__(name: str) -> typer.Typer:
+    if name == "app":  # the whole CLI as a typer app, built on first use (keeps this import cheap)
+        return make_app()
+    raise AttributeError(name)
 
 
-def build_command() -> click.Command:
-    """The click command tree of the CLI, with help that reads as users expect.
+def build_command(only: str | None = None) -> click.Command:
+    """The click command tree of the CLI (only the subcommand ``only`` when it names one: a faster start).
 
-    Flags show no value placeholder (typer renders ``<bool>``) and arguments show upper-case names.
+    Help reads as users expect: flags show no value placeholder (typer renders ``<bool>``) and
+    arguments show upper-case names.
     """
-    root = typer.main.get_command(app)
+    root = typer.main.get_command(make_app([only] if only in COMMANDS else COMMANDS))
     commands = getattr(root, "commands", {})
     for cmd in [root, *commands.values()]:
         for param in cmd.params:
@@ -132,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("PROMPTCLI_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
     set_command(args)
-    command = build_command()
+    if args == ["--version"]:  # answered before any command is built
+        sys.stdout.write(f"promptcli {promptcli.__version__}\n")
+        sys.exit(0)
+    command = build_command(next((a for a in args if not a.startswith("-")), None))
     try:
         code = command.main(args=args, prog_name="promptcli", standalone_mode=False)
     except PromptcliError as exc:

@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -28,8 +27,7 @@ import typer
 from promptcli.choices import DatasetSplit
 from promptcli.cli._options import ForceOpt, JsonOpt, QuietOpt
 from promptcli.cli._output import Output
-from promptcli.errors import InputError
-from promptcli.io.fileio import STDIO, check_output_path, write_text_atomic
+from promptcli.io.fileio import STDIO
 
 LIST = "list"
 
@@ -79,77 +77,27 @@ def command(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    from promptcli.datasets.registry import LAYOUTS
+    from promptcli.datasets.export import ExportOptions, export_dataset
 
     if list_layouts or name == LIST:
         _show_layouts(json_out)
         return
-    if name is None:
-        raise InputError(
-            "no dataset layout", where="NAME", hint="see `promptcli dataset list` for the known ones"
-        )
-    if name not in LAYOUTS:
-        raise InputError(
-            f"unknown dataset layout {name!r}", where="NAME", hint="use one of: " + ", ".join(LAYOUTS)
-        )
-    layout = LAYOUTS[name]
-    if root is None:
-        raise InputError("no ROOT folder", where="ROOT", hint=f"promptcli dataset {name} ROOT -o images.csv")
-    if not root.is_dir():
-        raise InputError("not a folder", where=root, hint="give the folder holding the release")
-    if output is None:
-        raise InputError("no output", where="-o", hint="give -o images.csv (or -o - for stdout)")
     to_stdout = output == STDIO
-    if to_stdout and json_out:
-        raise InputError(
-            "-o - and --json both write to stdout", where="--json", hint="write the CSV to a file"
-        )
-    given = {
-        "--split-file": split_file,
-        "--test-root": test_root,
-        "--images-dir": images_dir,
-        "--noise-label": noise_label,
-        "--noise-file": noise_file,
-    }
-    for option, value in given.items():
-        if value is not None and option not in layout.options:
-            takes = ", ".join(layout.options) or "none of the layout options"
-            raise InputError(f"{name} does not take {option}", where=option, hint=f"{name} takes {takes}")
     out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=to_stdout)
-    sidecar = None if to_stdout else Path(f"{output}.json")
-    if not to_stdout:
-        check_output_path(output, force)
-        check_output_path(sidecar, force)
-    if classnames_out is not None:
-        check_output_path(classnames_out, force, "--classnames-out")
-
-    from promptcli.datasets.export import check_rows, csv_rows, select_rows, summary
-    from promptcli.datasets.registry import ReadOptions
-    from promptcli.io.labels import write_labels
-    from promptcli.io.sidecar import write_sidecar
-
-    options = ReadOptions(split_file, test_root, images_dir, noise_label, noise_file, force)
-    listing = layout.read(root, options)
-    split_name = DatasetSplit.check(split, "--split")
-    rows = select_rows(listing, split_name, known_noise)
-    check_rows(rows)
-    base = None if (to_stdout or absolute) else Path(os.path.abspath(output)).parent
-    result = {
-        **_provenance(),
-        "format": "promptcli-image-list",
-        "root": str(root),
-        "split": split_name,
-        "known_noise": known_noise,
-        "paths": "absolute" if base is None else "relative to the CSV's folder",
-        "options": {k.lstrip("-"): str(v) for k, v in given.items() if v is not None},
-        "output": output,
-        **summary(listing, rows),
-    }
-    write_labels(output, listing.columns(), csv_rows(listing, rows, base))
-    if sidecar is not None:
-        write_sidecar(output, result, indent=1)
-    if classnames_out is not None:
-        write_text_atomic(classnames_out, "".join(f"{c}\n" for c in listing.classes))
+    options = ExportOptions(
+        split=str(split),
+        split_file=split_file,
+        test_root=test_root,
+        images_dir=images_dir,
+        noise_label=noise_label,
+        noise_file=noise_file,
+        known_noise=known_noise,
+        absolute=absolute,
+        classnames_out=classnames_out,
+    )
+    result, listing = export_dataset(name, root, output, options, force=force, json_out=json_out)
+    rows = result["n_rows"]
+    sidecar = f"{output}.json"
     for note in listing.notes:
         out.info(note)
     table_rows = [
@@ -158,32 +106,8 @@ def command(
     out.table(
         f"{name}: {len(listing.classes)} classes", ["split", "images", "classes", "noisy (known)"], table_rows
     )
-    out.info(f"{len(rows)} images" + ("" if to_stdout else f"; wrote {output} and {sidecar}"))
+    out.info(f"{rows} images" + ("" if to_stdout else f"; wrote {output} and {sidecar}"))
     out.result(result)
-
-
-def _provenance() -> dict[str, str]:
-    """What base_provenance records, with versions read from package metadata: importing open_clip and
-    torch only to name their versions would double the run time of a command that needs neither."""
-    import datetime as dt
-    from importlib.metadata import PackageNotFoundError, version
-
-    import promptcli
-    from promptcli.io.provenance import command_line
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "unknown"
-
-    return {
-        "promptcli_version": promptcli.__version__,
-        "open_clip_version": installed("open_clip_torch"),
-        "torch_version": installed("torch"),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line(),
-    }
 
 
 def _fraction(entry: dict) -> str:

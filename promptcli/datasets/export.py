@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,102 @@ def summary(listing: Listing, rows: list[Row]) -> dict[str, Any]:
         "files_read": listing.files_read,
         "notes": listing.notes,
     }
+
+
+@dataclass
+class ExportOptions:
+    """What ``promptcli dataset`` takes besides the layout, its folder and the output."""
+
+    split: str = "all"
+    split_file: Path | None = None
+    test_root: Path | None = None
+    images_dir: Path | None = None
+    noise_label: str | None = None
+    noise_file: Path | None = None
+    known_noise: bool = False
+    absolute: bool = False
+    classnames_out: Path | None = None
+
+
+def export_dataset(
+    name: str | None,
+    root: Path | None,
+    output: str | None,
+    options: ExportOptions,
+    *,
+    force: bool = False,
+    json_out: bool = False,
+) -> tuple[dict[str, Any], Listing]:
+    """``promptcli dataset`` as one step: read layout ``name`` under ``root``, write the image-list CSV
+    ``output`` (``-``: stdout) with its sidecar (and the class list); return the summary and the listing."""
+    from promptcli.choices import DatasetSplit
+    from promptcli.datasets.registry import LAYOUTS, ReadOptions
+    from promptcli.io.fileio import STDIO, check_output_path, write_text_atomic
+    from promptcli.io.labels import write_labels
+    from promptcli.io.provenance import base_provenance
+    from promptcli.io.sidecar import write_sidecar
+
+    if name is None:
+        raise InputError(
+            "no dataset layout", where="NAME", hint="see `promptcli dataset list` for the known ones"
+        )
+    if name not in LAYOUTS:
+        raise InputError(
+            f"unknown dataset layout {name!r}", where="NAME", hint="use one of: " + ", ".join(LAYOUTS)
+        )
+    split_file, test_root, images_dir = options.split_file, options.test_root, options.images_dir
+    noise_label, noise_file, classnames_out = options.noise_label, options.noise_file, options.classnames_out
+    layout = LAYOUTS[name]
+    if root is None:
+        raise InputError("no ROOT folder", where="ROOT", hint=f"promptcli dataset {name} ROOT -o images.csv")
+    if not root.is_dir():
+        raise InputError("not a folder", where=root, hint="give the folder holding the release")
+    if output is None:
+        raise InputError("no output", where="-o", hint="give -o images.csv (or -o - for stdout)")
+    to_stdout = output == STDIO
+    if to_stdout and json_out:
+        raise InputError(
+            "-o - and --json both write to stdout", where="--json", hint="write the CSV to a file"
+        )
+    given = {
+        "--split-file": split_file,
+        "--test-root": test_root,
+        "--images-dir": images_dir,
+        "--noise-label": noise_label,
+        "--noise-file": noise_file,
+    }
+    for option, value in given.items():
+        if value is not None and option not in layout.options:
+            takes = ", ".join(layout.options) or "none of the layout options"
+            raise InputError(f"{name} does not take {option}", where=option, hint=f"{name} takes {takes}")
+    sidecar = None if to_stdout else Path(f"{output}.json")
+    if not to_stdout:
+        check_output_path(output, force)
+        check_output_path(sidecar, force)
+    if classnames_out is not None:
+        check_output_path(classnames_out, force, "--classnames-out")
+
+    listing = layout.read(
+        root, ReadOptions(split_file, test_root, images_dir, noise_label, noise_file, force)
+    )
+    split_name = DatasetSplit.check(options.split, "--split")
+    rows = select_rows(listing, split_name, options.known_noise)
+    check_rows(rows)
+    base = None if (to_stdout or options.absolute) else Path(os.path.abspath(output)).parent
+    result = {
+        **base_provenance(),
+        "format": "promptcli-image-list",
+        "root": str(root),
+        "split": split_name,
+        "known_noise": options.known_noise,
+        "paths": "absolute" if base is None else "relative to the CSV's folder",
+        "options": {k.lstrip("-"): str(v) for k, v in given.items() if v is not None},
+        "output": output,
+        **summary(listing, rows),
+    }
+    write_labels(output, listing.columns(), csv_rows(listing, rows, base))
+    if sidecar is not None:
+        result = write_sidecar(output, result, indent=1)
+    if classnames_out is not None:
+        write_text_atomic(classnames_out, "".join(f"{c}\n" for c in listing.classes))
+    return {**result, "n_rows": len(rows)}, listing

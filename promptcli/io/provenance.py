@@ -28,14 +28,21 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
-def versions() -> dict[str, str]:
-    import open_clip
-    import torch
+def _version(package: str) -> str:
+    """An installed package's version, from its metadata: without importing it (torch takes seconds)."""
+    from importlib import metadata
 
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
     return {
         "promptcli_version": promptcli.__version__,
-        "open_clip_version": str(getattr(open_clip, "__version__", "unknown")),
-        "torch_version": str(torch.__version__),
+        "open_clip_version": _version("open_clip_torch"),
+        "torch_version": _version("torch"),
     }
 
 
