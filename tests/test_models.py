@@ -12,7 +12,9 @@ from promptcli.models.loading import load_model, load_model_from_record, spec_fr
 
 
 def test_checkpoint_round_trip(tiny_model_files, tiny_model):
-    fresh = load_model("tiny-clip", None, tiny_model_files["config"], device="cpu")
+    fresh = load_model(
+        "tiny-clip", None, tiny_model_files["config"], device="cpu", random_weights=True, seed=1
+    )
     reloaded = load_model(
         "tiny-clip", str(tiny_model_files["weights"]), tiny_model_files["config"], device="cpu"
     )
@@ -97,3 +99,25 @@ def test_devices_and_precision():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_an_unreachable_hub_is_not_retried(monkeypatch):
+    """With the hub unreachable, weights are looked up in the local cache only (offline mode): no retries."""
+    import open_clip
+    from huggingface_hub import constants
+
+    from promptcli.errors import PromptcliError
+    from promptcli.models import loading
+
+    seen = []
+
+    def fake_download(cfg, *args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        raise FileNotFoundError("not in the cache")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "_reachable", lambda host, **_: False)
+    monkeypatch.setattr(open_clip, "download_pretrained", fake_download)
+    with pytest.raises(PromptcliError, match="could not fetch pretrained weights"):
+        loading.load_model("ViT-B-32", "openai", device="cpu")
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False

@@ -14,7 +14,9 @@ import io
 import json
 import logging
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +50,14 @@ class ModelSpec:
     name: str
     pretrained: str | None = None
     config: dict[str, Any] | None = None
+    random_seed: int | None = None  # seeded random weights (--random-weights), instead of pretrained
 
     def to_record(self) -> dict[str, str]:
         return {
             "model_name": self.name,
             "pretrained": self.pretrained or "",
             "model_config": json.dumps(self.config, sort_keys=True) if self.config else "",
+            "random_weights_seed": "" if self.random_seed is None else str(self.random_seed),
         }
 
 
@@ -159,6 +163,10 @@ def _resolve_checkpoint(spec: ModelSpec) -> tuple[str | None, str]:
         path = Path(spec.pretrained)
         if not path.is_file():
             raise InputError("checkpoint file not found", where=path, hint="check the --pretrained path")
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+        if path.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: u64 header size, JSON
+            check_safetensors(path)
         return str(path), sha256_file(path)
     tags = open_clip.list_pretrained_tags_by_model(spec.name)
     if spec.pretrained not in tags:
@@ -170,7 +178,7 @@ def _resolve_checkpoint(spec: ModelSpec) -> tuple[str | None, str]:
         )
     cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
     try:
-        with _quiet_hub():
+        with _quiet_hub(), _offline_unless_reachable(cfg):
             local = open_clip.download_pretrained(cfg)
     except Exception as exc:  # network errors come in many types; all mean the same here
         raise RuntimeFailure(
@@ -187,6 +195,71 @@ def _resolve_checkpoint(spec: ModelSpec) -> tuple[str | None, str]:
     return spec.pretrained, sha256_file(local)
 
 
+def _unreadable_checkpoint(path: str, exc: Exception) -> InputError:
+    """The one-line error for a checkpoint file torch or safetensors cannot read."""
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc).lower().replace(" ", "_"):
+        return InputError(
+            "a pickle checkpoint holding objects torch's safe loader refuses (weights_only)",
+            where=path,
+            hint="where you trust the file, convert it: python -c \"import torch; from safetensors.torch "
+            "import save_file; sd = torch.load('IN.pt', weights_only=False); sd = sd.get('state_dict', sd); "
+            "save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\" "
+            "and pass --pretrained OUT.safetensors",
+        )
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return InputError(
+        f"not a readable checkpoint ({type(exc).__name__}{': ' + first if first else ''})",
+        where=path,
+        hint="the file is truncated or not a model checkpoint: download or save it again",
+    )
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Read a safetensors file's header (cheap): a truncated or foreign file is an InputError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            list(handle.keys())
+    except Exception as exc:  # safetensors raises SafetensorError, and OSError for unreadable files
+        raise _unreadable_checkpoint(str(path), exc) from exc
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable(cfg: dict[str, Any]):
+    """Fetch through the Hugging Face hub in offline mode (its cache only) when the hub cannot be reached.
+
+    Without it, an unreachable hub costs ~60 s of retries before the same error; one connection
+    attempt (a few seconds at most) decides instead. Weights already in the cache still load.
+    """
+    if not cfg.get("hf_hub"):
+        yield  # plain URL downloads check their cache first and do not retry
+        return
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if constants.HF_HUB_OFFLINE or _reachable(host):
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _quiet_hub():
     """Silence open_clip/hub logging and stray prints while fetching (errors are re-raised)."""
@@ -200,23 +273,57 @@ def _quiet_hub():
         logger.setLevel(level)
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's state dict (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}\t{t.dtype}\t{tuple(tensor.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _no_weights_error(model: str) -> InputError:
+    return InputError(
+        f"no weights given for {model}: it would be randomly initialised",
+        where="--pretrained",
+        hint="pass --pretrained TAG or a checkpoint file, or --random-weights for a seeded random model",
+    )
+
+
 def load_model(
     model: str,
     pretrained: str | None = None,
     model_config: str | Path | dict[str, Any] | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    *,
+    random_weights: bool = False,
+    seed: int = 0,
 ) -> LoadedModel:
     """Create an open_clip model, frozen and in eval mode, from a name, weights and optional config.
 
     ``pretrained`` is an open_clip tag (``openai``) or a local checkpoint file; ``model_config``
     a custom config (path or dict) registered under ``model``. Models promptcli can build
     itself offline (``promptcli-demo``) are built on first use and loaded the same way.
+    A model without weights is refused unless ``random_weights``: then it is initialised from
+    ``seed`` (recorded, so :func:`load_model_from_record` rebuilds the same weights) and its
+    ``checkpoint_sha256`` is the :func:`weights_digest` of the fp32 weights.
     """
     import open_clip
 
+    from promptcli.io.checks import check_seed
+
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)
+    if random_weights:
+        check_seed(seed)
+        if pretrained:
+            raise InputError(
+                "--random-weights and --pretrained exclude each other",
+                where="--random-weights",
+                hint="drop one of them",
+            )
 
     _register_builtin_builders()
     config: dict[str, Any] | None
@@ -224,10 +331,12 @@ def load_model(
         config = read_model_config(model_config)
     else:
         config = model_config
-    if config is None and model in LOCAL_BUILDERS:
+    if config is None and model in LOCAL_BUILDERS and not random_weights:
         config, built_checkpoint = LOCAL_BUILDERS[model]()
         pretrained = pretrained or str(built_checkpoint)
-    spec = ModelSpec(name=model, pretrained=pretrained, config=config)
+    spec = ModelSpec(
+        name=model, pretrained=pretrained, config=config, random_seed=seed if random_weights else None
+    )
 
     if config is not None:
         _register_config(model, config)
@@ -238,6 +347,8 @@ def load_model(
             hint="use a name from `python -c 'import open_clip; print(open_clip.list_models())'` "
             "or describe it with --model-config my_model.json",
         )
+    if not pretrained and not random_weights:
+        raise _no_weights_error(model)
 
     open_clip_pretrained, checkpoint_sha = _resolve_checkpoint(spec)
     preprocess_overrides = {}
@@ -249,16 +360,36 @@ def load_model(
             "image_interpolation": pp.get("interpolation"),
             "image_resize_mode": pp.get("resize_mode"),
         }
-    try:
+
+    def create(on: torch.device, precision: str):
         with _quiet_hub():
-            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+            return open_clip.create_model_and_transforms(
                 model,
                 pretrained=open_clip_pretrained,
-                device=torch_device,
+                device=on,
                 precision=precision,
                 pretrained_text=False,
                 **preprocess_overrides,
             )
+
+    try:
+        if random_weights:
+            # The init runs on CPU in fp32 whatever the target, so the digest names the weights the
+            # seed gives; another device or precision rebuilds them from the same seed.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                clip_model, _, preprocess = create(torch.device("cpu"), "fp32")
+            checkpoint_sha = weights_digest(clip_model)
+            if torch_device.type != "cpu" or precision != "fp32":
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    clip_model, _, preprocess = create(torch_device, precision)
+        else:
+            clip_model, _, preprocess = create(torch_device, precision)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        if not (spec.pretrained and _is_checkpoint_path(spec.pretrained)):
+            raise
+        raise _unreadable_checkpoint(spec.pretrained, exc) from exc
     except RuntimeError as exc:
         text = str(exc)
         if "Error(s) in loading state_dict" in text or "size mismatch" in text:
@@ -267,6 +398,8 @@ def load_model(
                 where=spec.pretrained,
                 hint=f"pass weights saved from a {model} model (or the matching --model-config)",
             ) from exc
+        if "PytorchStreamReader" in text and spec.pretrained:  # a truncated or foreign .pt zip archive
+            raise _unreadable_checkpoint(spec.pretrained, exc) from exc
         raise RuntimeFailure(
             f"could not create model {model} ({text.splitlines()[0][:200]})",
             where="--model",
@@ -304,10 +437,12 @@ def load_model(
 def spec_from_record(record: dict[str, Any]) -> ModelSpec:
     """Rebuild a :class:`ModelSpec` from the attributes an output file recorded."""
     config_text = record.get("model_config") or ""
+    seed_text = str(record.get("random_weights_seed") or "")
     return ModelSpec(
         name=str(record["model_name"]),
         pretrained=str(record.get("pretrained") or "") or None,
         config=json.loads(config_text) if config_text else None,
+        random_seed=int(seed_text) if seed_text else None,
     )
 
 
@@ -323,12 +458,31 @@ def load_model_from_record(
     ``pretrained`` overrides the recorded checkpoint location (e.g. the file moved); the hash
     must still match so that text and image embeddings come from the same weights.
     """
-    spec = spec_from_record(record)
+    try:
+        spec = spec_from_record(record)
+    except (KeyError, ValueError) as exc:  # json errors are ValueErrors
+        raise InputError(
+            f"unreadable model record ({type(exc).__name__}: {exc})",
+            where=source,
+            hint="the file is damaged; make it again",
+        ) from exc
     _register_builtin_builders()
+    if spec.random_seed is not None and not pretrained:
+        loaded = load_model(
+            spec.name, None, spec.config, device, precision, random_weights=True, seed=spec.random_seed
+        )
+        _check_digest(record, loaded, source)
+        return loaded
     if spec.name in LOCAL_BUILDERS and not pretrained:
         config, built = LOCAL_BUILDERS[spec.name]()
         spec = ModelSpec(spec.name, str(built), config)
     chosen = pretrained or spec.pretrained
+    if not chosen:
+        raise InputError(
+            "the file records no model weights (made with random weights that were not recorded?)",
+            where=source,
+            hint="pass the checkpoint with --pretrained PATH, or re-extract with --pretrained or --random-weights",
+        )
     if chosen and _is_checkpoint_path(chosen) and not Path(chosen).is_file():
         raise InputError(
             f"the checkpoint this file was made with is not at {chosen}",
@@ -336,15 +490,21 @@ def load_model_from_record(
             hint="pass its current location with --pretrained PATH",
         )
     loaded = load_model(spec.name, chosen, spec.config, device=device, precision=precision)
+    _check_digest(record, loaded, source)
+    return loaded
+
+
+def _check_digest(record: dict[str, Any], loaded: LoadedModel, source: str | Path) -> None:
     expected = str(record.get("checkpoint_sha256") or "")
     if expected and loaded.checkpoint_sha256 and expected != loaded.checkpoint_sha256:
         raise InputError(
             f"checkpoint differs from the one the file was made with "
             f"(sha256 {loaded.checkpoint_sha256[:12]} vs {expected[:12]})",
             where=source,
-            hint="use the same weights the features were extracted with",
+            hint="use the same weights the features were extracted with"
+            if loaded.spec.random_seed is None
+            else "its seeded random weights do not rebuild here (another torch version?)",
         )
-    return loaded
 
 
 def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
