@@ -24,7 +24,11 @@ PER_CLASS=${PER_CLASS:-}
 MODEL=(--model promptcli-demo)
 mkdir -p "$OUT/runs" "$OUT/results"
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+if [ -t 2 ]; then
+  step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }  # bold on a terminal
+else
+  step() { printf '\n== %s\n' "$*" >&2; }                  # plain text in a log file
+fi
 todo() { [ ! -e "$1" ]; }  # a step runs only when its output is missing
 
 step "Demo images (Fashion-MNIST subset) -> $OUT/images"
@@ -49,7 +53,7 @@ for rate in $RATES; do
     name="$1-$2-r$rate-s$SEED"
     step "Tune $1 with $2 loss on ${rate} noise"
     todo "$OUT/runs/$name.safetensors" && promptcli tune "$OUT/train.h5" "$labels" -o "$OUT/runs/$name.safetensors" \
-      --method "$1" --loss "$2" --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --log "$OUT/runs/$name.jsonl" --resume -q
+      --method "$1" --loss "$2" --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --log "$OUT/runs/$name.jsonl" --resume
     todo "$OUT/results/$name.json" &&
       promptcli eval "$OUT/test.h5" --prompt "$OUT/runs/$name.safetensors" -o "$OUT/results/$name.json" -q
   done
@@ -58,10 +62,10 @@ done
 step "Unsupervised: zero-shot pseudo-labels (16 most confident per class), then tune on them"
 todo "$OUT/runs/pseudo.csv" && promptcli pseudolabel "$OUT/train.h5" --top-k "$SHOTS" -o "$OUT/runs/pseudo.csv"
 todo "$OUT/runs/unsupervised-coop-gce.safetensors" && promptcli tune "$OUT/train.h5" "$OUT/runs/pseudo.csv" \
-  -o "$OUT/runs/unsupervised-coop-gce.safetensors" --loss gce --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --resume -q
+  -o "$OUT/runs/unsupervised-coop-gce.safetensors" --loss gce --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --resume
 todo "$OUT/results/unsupervised-coop-gce.json" && promptcli eval "$OUT/test.h5" \
   --prompt "$OUT/runs/unsupervised-coop-gce.safetensors" -o "$OUT/results/unsupervised-coop-gce.json" -q
 
 step "Results (test accuracy; report files in $OUT/report.*)"
-promptcli report "$OUT/results" -o "$OUT/report.html" -o "$OUT/report.png" -o "$OUT/report.md" --force -q
+promptcli report "$OUT/results" "$OUT"/runs/*.jsonl -o "$OUT/report.html" -o "$OUT/report.png" -o "$OUT/report.md" --force -q
 promptcli report "$OUT/results"

@@ -31,6 +31,18 @@ def test_quickstart_runs_end_to_end(tmp_path):
     for name in ("report.html", "report.png", "report.md"):
         assert (out / name).stat().st_size > 0
     assert "zero-shot" in run.stdout.lower()  # the final table
+    assert "\033[" not in run.stderr  # no raw escape codes in a log file
+    assert run.stderr.count("Trained ") == 4  # every tune says what it did (no -q)
+    import subprocess
+    import sys
+
+    logs = sorted(str(p) for p in (out / "runs").glob("*.jsonl"))
+    report = subprocess.run(
+        [sys.executable, "-m", "promptcli", "report", str(out / "results"), *logs, "--json", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    assert report.returncode == 0 and json.loads(report.stdout)["training_curves"]  # the report's curves
 
     # a rerun skips every finished step and prints the same table
     again = run_example("quickstart.sh", timeout=300, **env)
