@@ -78,6 +78,11 @@ class Output:
             yield _Bar(bar, task, unit)
 
 
+def pct(value: float | None) -> str:
+    """An accuracy (a fraction) as promptcli shows it to people: percent, one decimal; "-" when unknown."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"

@@ -57,7 +57,7 @@ from promptcli.cli._options import (
     TemplateOpt,
     TemplatesOpt,
 )
-from promptcli.cli._output import Output
+from promptcli.cli._output import Output, pct
 
 
 def command(
@@ -202,7 +202,7 @@ def command(
         pairs = ", ".join(f"{c['true']} -> {c['given']} {c['p']:.2f}" for c in model["top_confusions"][:3])
         out.info(f"Likeliest label errors (true -> given, P): {pairs}")
     if detection and "relabel_accuracy" in detection:
-        out.info(f"Relabelled rows now matching clean_label: {detection['relabel_accuracy']:.4f}")
+        out.info(f"Relabelled rows now matching clean_label: {pct(detection['relabel_accuracy'])}")
     written = [p for p in (output, clean_out) if p is not None and p != "-"]
     out.info(
         f"{counts['rows_in']} rows in: kept {counts['kept']} ({counts['relabelled']} relabelled), "

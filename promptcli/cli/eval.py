@@ -32,7 +32,7 @@ from promptcli.cli._options import (
     TemplateOpt,
     TemplatesOpt,
 )
-from promptcli.cli._output import Output
+from promptcli.cli._output import Output, pct
 
 
 def command(
@@ -87,7 +87,7 @@ def command(
     out.table(
         "Per-class accuracy",
         ["class", "n", "correct", "accuracy"],
-        [[r["class"], r["n"], r["correct"], r["accuracy"]] for r in metrics.per_class],
+        [[r["class"], r["n"], r["correct"], pct(r["accuracy"])] for r in metrics.per_class],
     )
     what = (
         "zero-shot"
@@ -95,7 +95,7 @@ def command(
         else f"{len(summary['prompts'])} prompt(s), {summary['method'] or 'mixed'}"
     )
     out.info(
-        f"{what} on {metrics.n} images: top-1 {metrics.top1:.4f}, top-{metrics.top5_k} {metrics.top5:.4f}, "
-        f"macro {metrics.macro:.4f}"
+        f"{what} on {metrics.n} images: top-1 {pct(metrics.top1)}, top-{metrics.top5_k} {pct(metrics.top5)}, "
+        f"macro {pct(metrics.macro)}"
     )
     out.result(summary)

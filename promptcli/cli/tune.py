@@ -51,7 +51,7 @@ from promptcli.cli._finetune import (
     WiseAlphaOpt,
 )
 from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
-from promptcli.cli._output import Output
+from promptcli.cli._output import Output, pct
 from promptcli.cli._tune_options import tune_options, with_training_options
 
 
@@ -111,8 +111,8 @@ def command(
             clean = row.get("clean_accuracy")
             judged = row.get("n_judged_clean")
             bar.describe(
-                f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} acc {row['accuracy']:.3f}"
-                + (f" clean {clean:.3f}" if clean is not None else "")
+                f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} acc {pct(row['accuracy'])}"
+                + (f" clean {pct(clean)}" if clean is not None else "")
                 + (f" judged clean {judged}" if judged is not None else "")
             )
             bar.advance(row["epoch"] - done[0])
@@ -137,13 +137,13 @@ def command(
     if summary["n_skipped"]:
         out.warn(f"skipped {summary['n_skipped']} label row(s) whose path or class the features lack")
     for row in summary["weight_decay_search"]:
-        out.info(f"  weight decay {row['weight_decay']:g}: held-out accuracy {row['held_out_accuracy']:.4f}")
+        out.info(f"  weight decay {row['weight_decay']:g}: held-out accuracy {pct(row['held_out_accuracy'])}")
     clean = metrics.get("train_clean_accuracy")
     out.info(
         f"Trained {method} on {summary['n_train']} images for {epochs} epochs"
         + (f" (resumed at epoch {summary['resumed_from_epoch']})" if summary["resumed_from_epoch"] else "")
-        + f": train accuracy {metrics['train_accuracy']:.4f}"
-        + (f", against clean labels {clean:.4f}" if clean is not None else "")
+        + f": train accuracy {pct(metrics['train_accuracy'])}"
+        + (f", against clean labels {pct(clean)}" if clean is not None else "")
         + f"; wrote {summary['output']}"
     )
     out.result(summary)
