@@ -434,3 +434,10 @@ def test_cli_class_list_from_features(run_cli, tiny_features, tmp_path):
     code, _, stderr = run_cli("corrupt", src, "--type", "pair", "--rate", "0.5", "-o", tmp_path / "m.csv")
     assert code == 0, stderr
     assert json.loads((tmp_path / "m.csv.json").read_text())["transition_counts"] == [[3, 3], [3, 3]]
+
+
+def test_the_noise_type_registry_and_the_choices_agree():
+    from promptcli.choices import NoiseType
+    from promptcli.noise.noisy_labels import TRANSITIONS
+
+    assert set(TRANSITIONS) == set(NoiseType.values())

@@ -9,7 +9,7 @@ flips exactly the asked number of labels (or draws a few-shot noisy set), and wr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,53 +104,9 @@ def corrupt_file(
         )
     clean = _label_indices(table, names)
     n_classes = len(names)
-    record: dict[str, Any] = {}
 
-    transition: np.ndarray
-    sources = None
-    if noise_type == "symmetric":
-        transition = noise.symmetric_transition(n_classes)
-    elif noise_type == "pair":
-        mapping = noise.read_pairs(pairs, names) if pairs else None
-        transition = noise.pair_transition(n_classes, mapping)
-        record["pairs"] = {
-            names[i]: names[int(transition[i].argmax())] for i in range(n_classes) if transition[i].any()
-        }
-        if pairs:
-            record["pairs_file"] = {"path": str(pairs), "sha256": sha256_file(pairs)}
-    elif noise_type == "confusion":
-        if fs is None:
-            raise InputError(
-                "--type confusion needs the features file and its model",
-                where="--features",
-                hint="pass --features features.h5 (or give the .h5 as input)",
-            )
-        score, record = _confusion_score(
-            fs,
-            table,
-            clean,
-            names,
-            confusion_from or "text",
-            template,
-            templates,
-            o.pretrained,
-            o.device,
-            info,
-        )
-        transition = noise.confusion_transition(score)
-        sources = noise.confusion_sources(score)
-        record["confusion"] = {names[i]: names[int(transition[i].argmax())] for i in range(n_classes)}
-    else:
-        transition = noise.read_transition_matrix(require_file(matrix, "matrix file"), names)
-        record["matrix_file"] = {"path": str(matrix), "sha256": sha256_file(matrix)}
-        if rate is None:
-            record["rate_from_matrix_diagonal"] = True
-        elif np.any(np.diag(transition) > 0):
-            raise InputError(
-                "with --rate the matrix only says where flips go, so its diagonal must be 0",
-                where=matrix,
-                hint="drop --rate to use 1 - diagonal as each class's noise rate, or zero the diagonal",
-            )
+    built = TRANSITIONS[noise_type](_Inputs(o, table, fs, clean, names, info))
+    transition, sources, record = built.transition, built.sources, built.record
 
     effective_rate: float | np.ndarray = rate if rate is not None else 1.0 - np.diag(transition)
     if shots is not None:
@@ -371,3 +327,97 @@ def _confusion_score(fs, table, clean, names, source, template, templates, pretr
     record["zero_shot_confusion"] = confusion.tolist()
     # Similarity lies in [-1, 1], so 0.25 x similarity only breaks ties between equal counts.
     return confusion + 0.25 * similarity, record
+
+
+@dataclass
+class _Inputs:
+    """What a noise type's transition builder may use."""
+
+    options: CorruptOptions
+    table: LabelTable
+    fs: Any  # FeatureSet or None
+    clean: np.ndarray  # true class index per row
+    names: list[str]
+    info: Callable[[str], None]
+
+
+@dataclass
+class _Built:
+    transition: np.ndarray  # (C, C): rows the true class, where its flips go
+    sources: np.ndarray | None = None  # which classes flip (confusion noise), None: as the rate says
+    record: dict[str, Any] = field(default_factory=dict)  # what the sidecar records about it
+
+
+def _symmetric(x: _Inputs) -> _Built:
+    from promptcli.noise import corruption as noise
+
+    return _Built(noise.symmetric_transition(len(x.names)))
+
+
+def _pair(x: _Inputs) -> _Built:
+    from promptcli.noise import corruption as noise
+
+    pairs, names = x.options.pairs, x.names
+    transition = noise.pair_transition(len(names), noise.read_pairs(pairs, names) if pairs else None)
+    record: dict[str, Any] = {
+        "pairs": {
+            names[i]: names[int(transition[i].argmax())] for i in range(len(names)) if transition[i].any()
+        }
+    }
+    if pairs:
+        record["pairs_file"] = {"path": str(pairs), "sha256": sha256_file(pairs)}
+    return _Built(transition, None, record)
+
+
+def _confusion(x: _Inputs) -> _Built:
+    from promptcli.noise import corruption as noise
+
+    o, names = x.options, x.names
+    if x.fs is None:
+        raise InputError(
+            "--type confusion needs the features file and its model",
+            where="--features",
+            hint="pass --features features.h5 (or give the .h5 as input)",
+        )
+    score, record = _confusion_score(
+        x.fs,
+        x.table,
+        x.clean,
+        names,
+        o.confusion_from or "text",
+        o.template,
+        o.templates,
+        o.pretrained,
+        o.device,
+        x.info,
+    )
+    transition = noise.confusion_transition(score)
+    record["confusion"] = {names[i]: names[int(transition[i].argmax())] for i in range(len(names))}
+    return _Built(transition, noise.confusion_sources(score), record)
+
+
+def _matrix(x: _Inputs) -> _Built:
+    from promptcli.noise import corruption as noise
+
+    matrix, rate = x.options.matrix, x.options.rate
+    transition = noise.read_transition_matrix(require_file(matrix, "matrix file"), x.names)
+    record: dict[str, Any] = {"matrix_file": {"path": str(matrix), "sha256": sha256_file(matrix)}}
+    if rate is None:
+        record["rate_from_matrix_diagonal"] = True
+    elif np.any(np.diag(transition) > 0):
+        raise InputError(
+            "with --rate the matrix only says where flips go, so its diagonal must be 0",
+            where=matrix,
+            hint="drop --rate to use 1 - diagonal as each class's noise rate, or zero the diagonal",
+        )
+    return _Built(transition, None, record)
+
+
+# --type NAME -> how its transition matrix is built. Adding a noise type: a builder here, one line
+# below and its value in promptcli.choices.NoiseType (a test checks the two agree).
+TRANSITIONS: dict[str, Callable[[_Inputs], _Built]] = {
+    "symmetric": _symmetric,
+    "pair": _pair,
+    "confusion": _confusion,
+    "matrix": _matrix,
+}
