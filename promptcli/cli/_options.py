@@ -35,6 +35,7 @@ ModelConfigOpt = Annotated[
         "--model-config", help="Custom open_clip model config JSON for models open_clip does not list."
     ),
 ]
+AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Batch size.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", help="Data-loading worker processes.")]

@@ -29,7 +29,7 @@ from typing import Annotated, Any
 import typer
 
 from promptcli.choices import Method
-from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from promptcli.cli._options import AmpOpt, DeviceOpt, FeaturesPretrainedOpt, ForceOpt, JsonOpt, QuietOpt
 from promptcli.cli._output import Output
 from promptcli.cli._tune_options import tune_options, with_training_options
 
@@ -54,11 +54,8 @@ def command(
         typer.Option("--grad-batch", help="Per-sample gradients computed this many at a time (memory)."),
     ] = 32,
     device: DeviceOpt = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")] = True,
-    pretrained: Annotated[
-        str | None,
-        typer.Option("--pretrained", help="Where the features' checkpoint is now, if it moved."),
-    ] = None,
+    amp: AmpOpt = True,
+    pretrained: FeaturesPretrainedOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -67,7 +64,7 @@ def command(
     from promptcli.analysis.gradstats import SUMMARY_COLUMNS, gradstats, summary_table
 
     methods = [str(m) for m in method] if method else [Method.COOP.value]
-    out = Output(quiet=quiet, json_mode=json_out)
+    out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=str(output) == "-")  # -o -: tables on stderr
     options = tune_options(methods[0], training)
     epochs = options.epochs
     with out.progress("gradstats", total=epochs * len(methods), unit="epochs") as bar:
@@ -94,5 +91,6 @@ def command(
     out.table(
         "Gradient norms per epoch (mean per-sample |g|)", SUMMARY_COLUMNS, summary_table(summary["runs"])
     )
-    out.info(f"Wrote {summary['n_rows']} rows to {summary['output']} and {summary['sidecar']}")
+    if summary["sidecar"]:
+        out.info(f"Wrote {summary['n_rows']} rows to {summary['output']} and {summary['sidecar']}")
     out.result(summary)

@@ -50,7 +50,7 @@ from promptcli.cli._finetune import (
     TrainLayersOpt,
     WiseAlphaOpt,
 )
-from promptcli.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from promptcli.cli._options import AmpOpt, DeviceOpt, FeaturesPretrainedOpt, ForceOpt, JsonOpt, QuietOpt
 from promptcli.cli._output import Output, pct
 from promptcli.cli._tune_options import tune_options, with_training_options
 
@@ -67,11 +67,8 @@ def command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Prompt file to write (.safetensors).")],
     method: Annotated[Method, typer.Option("--method", help="What to learn (see above).")] = Method.COOP,
     device: DeviceOpt = "auto",
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on GPU.")] = True,
-    pretrained: Annotated[
-        str | None,
-        typer.Option("--pretrained", help="Where the features' checkpoint is now, if it moved."),
-    ] = None,
+    amp: AmpOpt = True,
+    pretrained: FeaturesPretrainedOpt = None,
     log: Annotated[
         Path | None, typer.Option("--log", help="Write one JSON line per epoch to this file.")
     ] = None,
