@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from promptcli.choices import NoiseModel
 from promptcli.errors import InputError, RuntimeFailure
 from promptcli.io.features import FeatureSet
 from promptcli.io.labels import LabelTable
@@ -359,230 +360,6 @@ class CleanResult:
     clean_rows: list[dict[str, str]]
 
 
-def clean_labels(
-    features_path: str | Path,
-    labels_path: str | Path,
-    prompt_paths: Sequence[str | Path],
-    *,
-    zero_shot: bool = False,
-    templates: Sequence[str] | None = None,
-    template_set: str | None = None,
-    score: str = "margin",
-    noise_rate: float | None = None,
-    fit_weights: bool | None = None,
-    noise_model: str = "symmetric",
-    threshold: float | None = None,
-    keep_fraction: float | None = None,
-    relabel: bool = False,
-    relabel_confidence: float = DEFAULT_RELABEL_CONFIDENCE,
-    skip_missing: bool = False,
-    pretrained: str | None = None,
-    device: str = "auto",
-    on_fit_step: Callable[[], None] | None = None,
-) -> CleanResult:
-    """Score every label row, flag suspects, drop or relabel them; count everything.
-
-    ``on_fit_step()`` is called after each grid point when the posterior's weights are fitted."""
-    from promptcli.analysis.evaluation import prompt_provenance
-    from promptcli.io import provenance
-    from promptcli.io.features import read_features
-    from promptcli.io.fileio import sha256_file
-    from promptcli.io.labels import join_labels, labels_sha256, read_labels
-
-    check_selection(threshold, keep_fraction, score)
-    if not 0.0 < relabel_confidence <= 1.0:
-        raise InputError(
-            f"must be in (0, 1], got {relabel_confidence}",
-            where="--relabel-confidence",
-            hint="the predicted class's probability a relabel needs, e.g. 0.5",
-        )
-    require_prior(prompt_paths, zero_shot)
-    from promptcli.noise.label_posterior import NOISE_MODELS
-
-    if noise_model not in NOISE_MODELS:
-        raise InputError(
-            f"unknown noise model {noise_model!r}",
-            where="--noise-model",
-            hint=f"choose {' or '.join(NOISE_MODELS)}",
-        )
-    given_model = None if noise_model == "symmetric" else noise_model
-    for value, option in (
-        (noise_rate, "--noise-rate"),
-        (fit_weights, "--fit-weights/--fixed-weights"),
-        (given_model, "--noise-model"),
-    ):
-        if value is not None and score != "posterior":
-            raise InputError(
-                "applies only with --score posterior", where=option, hint="add --score posterior"
-            )
-    fs = read_features(features_path, load_views=False)
-    table = read_labels(labels_path)
-    labels_sha = labels_sha256(table, labels_path)
-    has_noisy, has_clean = table.has("is_noisy"), table.has("clean_label")
-    if relabel and has_noisy and not has_clean:
-        raise InputError(
-            "the labels have is_noisy but no clean_label, so a relabelled row's is_noisy is unknown",
-            where=table.source,
-            hint="add the clean_label column, or clean without --relabel",
-        )
-    prior = prior_probabilities(
-        fs,
-        prompt_paths,
-        zero_shot=zero_shot,
-        templates=templates,
-        template_set=template_set,
-        pretrained=pretrained,
-        device=device,
-    )
-    probs, prompts = prior.probs, prior.prompts
-    joined = join_labels(fs, table, skip_missing=skip_missing)
-    table_rows = joined_table_rows(fs, table) if skip_missing else np.arange(len(table))
-    if len(table_rows) != len(joined.rows) or any(
-        fs.index_by_path()[table.rows[t]["path"]] != r for t, r in zip(table_rows, joined.rows)
-    ):
-        raise RuntimeFailure("label rows and feature rows fell out of step", hint="report this as a bug")
-
-    fitted_model = None
-    if score == "posterior":
-        scale = model_logit_scale(fs, prior, pretrained, device)
-        fit = zero_shot if fit_weights is None else fit_weights
-        scores, fitted_model = posterior_scores(
-            fs,
-            joined.rows,
-            joined.labels,
-            probs[joined.rows],
-            scale,
-            noise_rate,
-            fit,
-            device=device,
-            on_fit_step=on_fit_step,
-            noise_model=noise_model,
-        )
-    else:
-        scores = label_scores(probs[joined.rows], joined.labels)
-    suspect = select_suspects(scores.score, threshold=threshold, keep_fraction=keep_fraction, kind=score)
-    relabelled = (
-        relabel_mask(suspect, scores.predicted, scores.p_predicted, joined.labels, relabel_confidence)
-        if relabel
-        else np.zeros(len(suspect), dtype=bool)
-    )
-    dropped = suspect & ~relabelled
-    names = fs.classnames
-
-    action = ["skipped"] * len(table)
-    per_row: list[dict[str, str] | None] = [None] * len(table)
-    for j, t in enumerate(table_rows):
-        action[t] = "relabelled" if relabelled[j] else ("dropped" if dropped[j] else "kept")
-        per_row[t] = {
-            "score": f"{scores.score[j]:.6f}",
-            "p_label": f"{scores.p_label[j]:.6f}",
-            "predicted": names[scores.predicted[j]],
-            "p_predicted": f"{scores.p_predicted[j]:.6f}",
-            "suspect": "1" if suspect[j] else "0",
-        }
-    passthrough = [c for c in table.columns if c not in SCORE_COLUMNS]
-    score_rows: list[dict[str, str]] = []
-    clean_rows: list[dict[str, str]] = []
-    for t, row in enumerate(table.rows):
-        extra = per_row[t] or dict.fromkeys(SCORE_COLUMNS[:-1], "")
-        score_rows.append({**row, **extra, "action": action[t]})
-        if action[t] == "kept":
-            clean_rows.append(dict(row))
-        elif action[t] == "relabelled":
-            new = dict(row, label=extra["predicted"])
-            if has_noisy:
-                new["is_noisy"] = "1" if new["label"] != new["clean_label"] else "0"
-            clean_rows.append(new)
-
-    counts = {a: action.count(a) for a in ACTIONS}
-    counts_summary = {
-        "rows_in": len(table),
-        "scored": len(table_rows),
-        "skipped": counts["skipped"],
-        "suspect": int(suspect.sum()),
-        "kept": counts["kept"] + counts["relabelled"],
-        "kept_unchanged": counts["kept"],
-        "relabelled": counts["relabelled"],
-        "dropped": counts["dropped"],
-    }
-    if (
-        counts_summary["kept"] + counts_summary["dropped"] + counts_summary["skipped"] != len(table)
-        or len(clean_rows) != counts_summary["kept"]
-    ):
-        raise RuntimeFailure("cleaning counts do not add up", hint="report this as a bug")
-
-    detection = None
-    if joined.is_noisy is not None:
-        detection = detection_metrics(scores.score, suspect, joined.is_noisy)
-        after = [r["is_noisy"] == "1" for r in clean_rows]
-        detection["noise_rate_before"] = float(joined.is_noisy.mean())
-        detection["noise_rate_after"] = float(np.mean(after)) if after else None
-        detection["n_noisy_after"] = int(sum(after))
-    if relabel and joined.clean is not None and relabelled.any():
-        correct = scores.predicted[relabelled] == joined.clean[relabelled]
-        detection = detection or {}
-        detection["relabel_accuracy"] = float(correct.mean())
-
-    summary: dict[str, Any] = {
-        "features": str(fs.path),
-        "features_sha256": sha256_file(fs.path),
-        "labels": table.source,
-        "labels_sha256": labels_sha,
-        "model": {k: fs.attrs.get(k, "") for k in ("model_name", "pretrained", "checkpoint_sha256")},
-        "prompts": [prompt_provenance(p, sha256_file(p.path)) for p in prompts],
-        "ensemble": len(prompts) > 1,
-        "zero_shot": {"templates": prior.templates} if zero_shot else None,
-        "score": score,
-        "score_definition": SCORE_DEFINITIONS[score],
-        "noise_model": fitted_model,
-        "options": {
-            "threshold": DEFAULT_THRESHOLDS[score]
-            if threshold is None and keep_fraction is None
-            else threshold,
-            "noise_rate": noise_rate,
-            "fit_weights": fit_weights,
-            "noise_model": noise_model if score == "posterior" else None,
-            "keep_fraction": keep_fraction,
-            "relabel": relabel,
-            "relabel_confidence": relabel_confidence if relabel else None,
-            "skip_missing": skip_missing,
-        },
-        "counts": counts_summary,
-        "detection": detection,
-        "skipped_paths": [table.rows[t].get("path", "") for t in range(len(table)) if action[t] == "skipped"][
-            :20
-        ],
-        **provenance.base_provenance(),
-    }
-    return CleanResult(summary, passthrough + SCORE_COLUMNS, score_rows, list(table.columns), clean_rows)
-
-
-def noise_sidecar(
-    labels_path: str | Path, warn: Callable[[str], None] = lambda _: None
-) -> tuple[Path | None, dict[str, Any] | None]:
-    """``LABELS.json``, what `corrupt` (or an earlier clean) recorded about the labels, if readable and
-    still describing these labels (see :mod:`promptcli.io.sidecar`)."""
-    from promptcli.io.sidecar import read_sidecar
-
-    return read_sidecar(labels_path, warn)
-
-
-def clean_sidecar(summary: dict[str, Any], labels_path: str | Path) -> dict[str, Any]:
-    """The cleaned labels' sidecar: the source labels' noise record carried forward, plus ``cleaning``.
-
-    The top-level keys (type, rate, seed, ...) keep describing the noise injected into the source
-    labels, so a prompt tuned on the cleaned file is reported under the same noise condition;
-    ``cleaning`` says how this file was made from it (an earlier one moves to ``cleaning.previous``).
-    """
-    source, noise = noise_sidecar(labels_path)
-    record = dict(summary, noise_sidecar=None if source is None else str(source))
-    out = dict(noise or {})
-    if "cleaning" in out:
-        record["previous"] = out.pop("cleaning")
-    out["cleaning"] = record
-    return out
-
-
 @dataclass
 class CleanOptions:
     """What ``promptcli clean`` takes besides its files (see :func:`clean_labels` for each)."""
@@ -614,9 +391,245 @@ class CleanOptions:
             )
         if self.relabel_confidence is not None and not self.relabel:
             raise InputError(
-                "--relabel-confidence applies with --relabel", where="--relabel-confidence", hint="add --relabel"
+                "--relabel-confidence applies with --relabel",
+                where="--relabel-confidence",
+                hint="add --relabel",
             )
+        if not 0.0 < self.confidence <= 1.0:
+            raise InputError(
+                f"must be in (0, 1], got {self.confidence}",
+                where="--relabel-confidence",
+                hint="the predicted class's probability a relabel needs, e.g. 0.5",
+            )
+        NoiseModel.check(self.noise_model, "--noise-model")
+        given_model = None if self.noise_model == NoiseModel.SYMMETRIC.value else self.noise_model
+        for value, option in (
+            (self.noise_rate, "--noise-rate"),
+            (self.fit_weights, "--fit-weights/--fixed-weights"),
+            (given_model, "--noise-model"),
+        ):
+            if value is not None and self.score != "posterior":
+                raise InputError(
+                    "applies only with --score posterior", where=option, hint="add --score posterior"
+                )
         return self
+
+    @property
+    def confidence(self) -> float:
+        """The relabel confidence in force (the default when not given)."""
+        return DEFAULT_RELABEL_CONFIDENCE if self.relabel_confidence is None else self.relabel_confidence
+
+
+def clean_labels(
+    features_path: str | Path,
+    labels_path: str | Path,
+    options: CleanOptions,
+    on_fit_step: Callable[[], None] | None = None,
+) -> CleanResult:
+    """Score every label row, flag suspects, drop or relabel them; count everything.
+
+    ``on_fit_step()`` is called after each grid point when the posterior's weights are fitted."""
+    from promptcli.analysis.evaluation import prompt_provenance
+    from promptcli.io import provenance
+    from promptcli.io.features import read_features
+    from promptcli.io.fileio import sha256_file
+    from promptcli.io.labels import labels_sha256, read_labels
+
+    o = options.validate()
+    fs = read_features(features_path, load_views=False)
+    table = read_labels(labels_path)
+    labels_sha = labels_sha256(table, labels_path)
+    has_noisy = table.has("is_noisy")
+    if o.relabel and has_noisy and not table.has("clean_label"):
+        raise InputError(
+            "the labels have is_noisy but no clean_label, so a relabelled row's is_noisy is unknown",
+            where=table.source,
+            hint="add the clean_label column, or clean without --relabel",
+        )
+    prior = prior_probabilities(
+        fs,
+        o.prompts,
+        zero_shot=o.zero_shot,
+        templates=o.templates,
+        template_set=o.template_set,
+        pretrained=o.pretrained,
+        device=o.device,
+    )
+    joined, table_rows = _join(fs, table, o.skip_missing)
+    scores, fitted_model = _scores(fs, joined, prior, o, on_fit_step)
+    suspect = select_suspects(
+        scores.score, threshold=o.threshold, keep_fraction=o.keep_fraction, kind=o.score
+    )
+    relabelled = (
+        relabel_mask(suspect, scores.predicted, scores.p_predicted, joined.labels, o.confidence)
+        if o.relabel
+        else np.zeros(len(suspect), dtype=bool)
+    )
+    action, score_rows, clean_rows = _apply(
+        table, table_rows, fs.classnames, scores, suspect, relabelled, has_noisy
+    )
+    counts = _counts(action, len(table_rows), suspect, clean_rows)
+    summary: dict[str, Any] = {
+        "features": str(fs.path),
+        "features_sha256": sha256_file(fs.path),
+        "labels": table.source,
+        "labels_sha256": labels_sha,
+        "model": {k: fs.attrs.get(k, "") for k in ("model_name", "pretrained", "checkpoint_sha256")},
+        "prompts": [prompt_provenance(p, sha256_file(p.path)) for p in prior.prompts],
+        "ensemble": len(prior.prompts) > 1,
+        "zero_shot": {"templates": prior.templates} if o.zero_shot else None,
+        "score": o.score,
+        "score_definition": SCORE_DEFINITIONS[o.score],
+        "noise_model": fitted_model,
+        "options": {
+            "threshold": DEFAULT_THRESHOLDS[o.score]
+            if o.threshold is None and o.keep_fraction is None
+            else o.threshold,
+            "noise_rate": o.noise_rate,
+            "fit_weights": o.fit_weights,
+            "noise_model": o.noise_model if o.score == "posterior" else None,
+            "keep_fraction": o.keep_fraction,
+            "relabel": o.relabel,
+            "relabel_confidence": o.confidence if o.relabel else None,
+            "skip_missing": o.skip_missing,
+        },
+        "counts": counts,
+        "detection": _detection(joined, scores, suspect, relabelled, clean_rows, o.relabel),
+        "skipped_paths": [table.rows[t].get("path", "") for t in range(len(table)) if action[t] == "skipped"][
+            :20
+        ],
+        **provenance.base_provenance(),
+    }
+    passthrough = [c for c in table.columns if c not in SCORE_COLUMNS]
+    return CleanResult(summary, passthrough + SCORE_COLUMNS, score_rows, list(table.columns), clean_rows)
+
+
+def _join(fs: FeatureSet, table: LabelTable, skip_missing: bool) -> tuple[Any, np.ndarray]:
+    """The label rows joined to the features, and which table row each joined row is."""
+    from promptcli.io.labels import join_labels
+
+    joined = join_labels(fs, table, skip_missing=skip_missing)
+    table_rows = joined_table_rows(fs, table) if skip_missing else np.arange(len(table))
+    if len(table_rows) != len(joined.rows) or any(
+        fs.index_by_path()[table.rows[t]["path"]] != r for t, r in zip(table_rows, joined.rows)
+    ):
+        raise RuntimeFailure("label rows and feature rows fell out of step", hint="report this as a bug")
+    return joined, table_rows
+
+
+def _scores(
+    fs: FeatureSet, joined: Any, prior: Prior, o: CleanOptions, on_fit_step: Callable[[], None] | None
+) -> tuple[Scores, dict[str, Any] | None]:
+    """Each joined row's score (margin, or the posterior with the noise model it fitted)."""
+    probs = prior.probs[joined.rows]
+    if o.score != "posterior":
+        return label_scores(probs, joined.labels), None
+    return posterior_scores(
+        fs,
+        joined.rows,
+        joined.labels,
+        probs,
+        model_logit_scale(fs, prior, o.pretrained, o.device),
+        o.noise_rate,
+        o.zero_shot if o.fit_weights is None else o.fit_weights,
+        device=o.device,
+        on_fit_step=on_fit_step,
+        noise_model=o.noise_model,
+    )
+
+
+def _apply(
+    table: LabelTable,
+    table_rows: np.ndarray,
+    names: Sequence[str],
+    scores: Scores,
+    suspect: np.ndarray,
+    relabelled: np.ndarray,
+    has_noisy: bool,
+) -> tuple[list[str], list[dict[str, str]], list[dict[str, str]]]:
+    """Each table row's action, the scored rows (every row) and the cleaned rows (kept or relabelled)."""
+    dropped = suspect & ~relabelled
+    action = ["skipped"] * len(table)
+    per_row: list[dict[str, str] | None] = [None] * len(table)
+    for j, t in enumerate(table_rows):
+        action[t] = "relabelled" if relabelled[j] else ("dropped" if dropped[j] else "kept")
+        per_row[t] = {
+            "score": f"{scores.score[j]:.6f}",
+            "p_label": f"{scores.p_label[j]:.6f}",
+            "predicted": names[scores.predicted[j]],
+            "p_predicted": f"{scores.p_predicted[j]:.6f}",
+            "suspect": "1" if suspect[j] else "0",
+        }
+    score_rows: list[dict[str, str]] = []
+    clean_rows: list[dict[str, str]] = []
+    for t, row in enumerate(table.rows):
+        extra = per_row[t] or dict.fromkeys(SCORE_COLUMNS[:-1], "")
+        score_rows.append({**row, **extra, "action": action[t]})
+        if action[t] == "kept":
+            clean_rows.append(dict(row))
+        elif action[t] == "relabelled":
+            new = dict(row, label=extra["predicted"])
+            if has_noisy:
+                new["is_noisy"] = "1" if new["label"] != new["clean_label"] else "0"
+            clean_rows.append(new)
+    return action, score_rows, clean_rows
+
+
+def _counts(action: list[str], n_scored: int, suspect: np.ndarray, clean_rows: list) -> dict[str, int]:
+    """How many rows went each way; they must add up to the rows read."""
+    by = {a: action.count(a) for a in ACTIONS}
+    counts = {
+        "rows_in": len(action),
+        "scored": n_scored,
+        "skipped": by["skipped"],
+        "suspect": int(suspect.sum()),
+        "kept": by["kept"] + by["relabelled"],
+        "kept_unchanged": by["kept"],
+        "relabelled": by["relabelled"],
+        "dropped": by["dropped"],
+    }
+    if (
+        counts["kept"] + counts["dropped"] + counts["skipped"] != len(action)
+        or len(clean_rows) != counts["kept"]
+    ):
+        raise RuntimeFailure("cleaning counts do not add up", hint="report this as a bug")
+    return counts
+
+
+def _detection(
+    joined: Any, scores: Scores, suspect: np.ndarray, relabelled: np.ndarray, clean_rows: list, relabel: bool
+) -> dict[str, Any] | None:
+    """Detection metrics against the labels' own is_noisy, and relabel accuracy against clean_label."""
+    detection = None
+    if joined.is_noisy is not None:
+        detection = detection_metrics(scores.score, suspect, joined.is_noisy)
+        after = [r["is_noisy"] == "1" for r in clean_rows]
+        detection["noise_rate_before"] = float(joined.is_noisy.mean())
+        detection["noise_rate_after"] = float(np.mean(after)) if after else None
+        detection["n_noisy_after"] = int(sum(after))
+    if relabel and joined.clean is not None and relabelled.any():
+        correct = scores.predicted[relabelled] == joined.clean[relabelled]
+        detection = detection or {}
+        detection["relabel_accuracy"] = float(correct.mean())
+    return detection
+
+
+def clean_sidecar(summary: dict[str, Any], labels_path: str | Path) -> dict[str, Any]:
+    """The cleaned labels' sidecar: the source labels' noise record carried forward, plus ``cleaning``.
+
+    The top-level keys (type, rate, seed, ...) keep describing the noise injected into the source
+    labels, so a prompt tuned on the cleaned file is reported under the same noise condition;
+    ``cleaning`` says how this file was made from it (an earlier one moves to ``cleaning.previous``).
+    """
+    from promptcli.io.sidecar import read_sidecar
+
+    source, noise = read_sidecar(labels_path)
+    record = dict(summary, noise_sidecar=None if source is None else str(source))
+    out = dict(noise or {})
+    if "cleaning" in out:
+        record["previous"] = out.pop("cleaning")
+    out["cleaning"] = record
+    return out
 
 
 def clean_file(
@@ -658,26 +671,7 @@ def clean_file(
     check_distinct(
         {"FEATURES": features_path, "LABELS": labels_path}, {"-o": output, "--clean-out": clean_out, **sides}
     )
-    result = clean_labels(
-        features_path,
-        labels_path,
-        o.prompts,
-        zero_shot=o.zero_shot,
-        templates=o.templates,
-        template_set=o.template_set,
-        score=o.score,
-        noise_rate=o.noise_rate,
-        fit_weights=o.fit_weights,
-        noise_model=o.noise_model,
-        threshold=o.threshold,
-        keep_fraction=o.keep_fraction,
-        relabel=o.relabel,
-        relabel_confidence=DEFAULT_RELABEL_CONFIDENCE if o.relabel_confidence is None else o.relabel_confidence,
-        skip_missing=o.skip_missing,
-        pretrained=o.pretrained,
-        device=o.device,
-        on_fit_step=on_fit_step,
-    )
+    result = clean_labels(features_path, labels_path, o, on_fit_step)
     result.summary["output"] = output
     result.summary["clean_out"] = clean_out
     if output is not None:

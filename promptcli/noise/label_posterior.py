@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from promptcli.choices import NoiseModel
+
 DEFAULT_ROUNDS = 10
 INITIAL_RATE = 0.5
 EMPTY_MASS = 1e-6  # a leave-one-out centroid with less posterior mass than this is empty
@@ -65,7 +67,7 @@ RATE_MARGIN = 1e-3  # keeps an estimated rate inside (0, (C-1)/C), where labels 
 FIT_PRIOR_WEIGHTS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 FIT_CENTROID_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 FIT_GRID_SIZE = len(FIT_PRIOR_WEIGHTS) * len(FIT_CENTROID_FRACTIONS)
-NOISE_MODELS = ("symmetric", "class")
+NOISE_MODELS = NoiseModel.values()
 TRANSITION_SMOOTHING = 16.0  # pseudo-rows per true class pulling a class-conditional row to symmetric
 
 
