@@ -63,7 +63,8 @@ def test_cli_extract_csv(run_cli, cli_model_args, image_folder, tmp_path):
     for i in range(3):
         Image.open(image_folder / "blue_sky" / f"img00{i}.png").save(tmp_path / "imgs" / f"b{i}.png")
         rows.append(f"imgs/b{i}.png,blue sky,test")
-    rows.append("imgs/b0.png,,test")
+    (tmp_path / "imgs" / "u0.png").write_bytes((tmp_path / "imgs" / "b0.png").read_bytes())
+    rows.append("imgs/u0.png,,test")  # an unlabelled row (each path once: duplicates are refused)
     csv.write_text("\n".join(rows) + "\n")
     out = tmp_path / "c.h5"
     code, _, stderr = run_cli("extract", csv, "-o", out, *cli_model_args, "--workers", "0", "-q")

@@ -25,7 +25,7 @@ from torchvision import transforms as T
 
 from promptcli.errors import InputError, RuntimeFailure
 from promptcli.extraction.decode import BOMB, DEFAULT_MAX_PIXELS, decode_rgb
-from promptcli.io.checks import check_seed
+from promptcli.io.checks import INT_MAX, MAX_VIEWS, check_at_most, check_seed
 from promptcli.io.features import FEATURE_DTYPES, write_features
 from promptcli.io.fileio import check_output_path, locks_output
 from promptcli.io.image_sources import ImageSource
@@ -61,6 +61,10 @@ class ExtractOptions:
         if self.max_pixels < 1:
             raise InputError("must be >= 1", where="--max-pixels", hint=f"default {DEFAULT_MAX_PIXELS}")
         check_seed(self.seed)
+        check_at_most(self.views, MAX_VIEWS, "--views")
+        for value, option in ((self.batch_size, "--batch-size"), (self.workers, "--workers")):
+            check_at_most(value, INT_MAX, option)
+        check_at_most(self.chunk_size, INT_MAX, "--chunk-size")
 
     @property
     def rows_per_chunk(self) -> int:

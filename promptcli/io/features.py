@@ -12,12 +12,13 @@ import h5py
 import numpy as np
 
 from promptcli.errors import InputError
+from promptcli.io.checks import check_class_names, check_finite_rows, check_unique_keys
 
 FORMAT = "promptcli-features"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 FEATURE_DTYPES = ("float16", "float32")
-MODEL_KEYS = ("model_name", "pretrained", "model_config", "checkpoint_sha256")
+MODEL_KEYS = ("model_name", "pretrained", "model_config", "checkpoint_sha256", "random_weights_seed")
 
 
 @dataclass
@@ -164,7 +165,7 @@ def read_features(path: str | Path, load_views: bool = True) -> FeatureSet:
         views = None
         if load_views and "views" in f:
             views = f["views"][...].astype(np.float32)
-        return FeatureSet(
+        fs = FeatureSet(
             path=Path(path),
             features=f["features"][...].astype(np.float32),
             paths=_decode(f["paths"][...]),
@@ -174,11 +175,45 @@ def read_features(path: str | Path, load_views: bool = True) -> FeatureSet:
             attrs=_read_attrs(f),
             views=views,
         )
+    check_feature_set(fs)
+    return fs
+
+
+def check_feature_set(fs: FeatureSet) -> None:
+    """Refuse a features file whose rows disagree in number, hold NaN/inf or an out-of-range label."""
+    n = len(fs.paths)
+    sizes = {"features": fs.features.shape[0], "labels": fs.labels.shape[0], "splits": len(fs.splits)}
+    if fs.views is not None:
+        sizes["views"] = fs.views.shape[0]
+    wrong = {k: v for k, v in sizes.items() if v != n}
+    if wrong:
+        raise InputError(
+            f"{n} paths but " + ", ".join(f"{v} {k}" for k, v in wrong.items()),
+            where=fs.path,
+            hint="the file is damaged; re-run `promptcli extract`",
+        )
+    check_finite_rows(fs.features, fs.path, lambda i: fs.paths[i])
+    if fs.views is not None:
+        check_finite_rows(fs.views, fs.path, lambda i: fs.paths[i], what="augmented views")
+    bad = np.flatnonzero((fs.labels < -1) | (fs.labels >= len(fs.classnames)))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(
+            f"label index {int(fs.labels[i])} of row {i} ({fs.paths[i]}) is out of range "
+            f"for {len(fs.classnames)} classes",
+            where=fs.path,
+            hint="the file is damaged; re-run `promptcli extract`",
+        )
+    check_unique_keys(fs.paths, str(fs.path), first_line=0, key="image path", unit="row")
+    check_class_names(((f"class {i}", n) for i, n in enumerate(fs.classnames)), fs.path, what="entry")
 
 
 def iter_rows(path: str | Path, batch: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
     """Stream (start row, float32 block) from a features file without loading it all."""
     with _open(path) as f:
         ds = f["features"]
+        paths = f["paths"]
         for start in range(0, ds.shape[0], batch):
-            yield start, ds[start : start + batch].astype(np.float32)
+            block = ds[start : start + batch].astype(np.float32)
+            check_finite_rows(block, path, lambda i, s=start: _decode([paths[s + i]])[0])
+            yield start, block

@@ -40,7 +40,7 @@ def check_output_path(path: str | Path, force: bool, option: str = "-o") -> Path
 def check_writable_folder(folder: str | Path, option: str = "-o") -> None:
     """Refuse, before any work, an output folder this process cannot create files in."""
     folder = Path(folder)
-    read_only_mount = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    read_only_mount = hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     if read_only_mount or not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(
             "output folder is not writable" + (" (read-only file system)" if read_only_mount else ""),

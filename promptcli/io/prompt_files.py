@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from promptcli.errors import InputError
+from promptcli.errors import InputError, PromptcliError, RuntimeFailure
 from promptcli.io.fileio import atomic_path
 
 FORMAT = "promptcli-prompt"
@@ -60,16 +60,39 @@ def encode_metadata(metadata: dict[str, Any]) -> dict[str, str]:
 
 
 def decode_metadata(raw: dict[str, str], where: str | Path = "") -> dict[str, Any]:
+    """The metadata dict :func:`encode_metadata` was given; a damaged entry is an InputError naming it."""
     if raw.get("format") != FORMAT:
         raise InputError("not a promptcli prompt file", where=where, hint="make it with `promptcli tune`")
-    if int(raw.get("format_version", "0") or 0) > FORMAT_VERSION:
-        raise InputError("prompt file from a newer promptcli", where=where, hint="upgrade promptcli")
-    json_keys = set(json.loads(raw.get("json_keys", "[]")))
-    return {
-        key: json.loads(value) if key in json_keys else value
-        for key, value in raw.items()
-        if key not in RESERVED
-    }
+    key = "format_version"
+    try:
+        if int(raw.get("format_version", "0") or 0) > FORMAT_VERSION:
+            raise InputError("prompt file from a newer promptcli", where=where, hint="upgrade promptcli")
+        key = "json_keys"
+        json_keys = json.loads(raw.get("json_keys", "[]"))
+        if not isinstance(json_keys, list):
+            raise ValueError("not a list")
+        out = {}
+        for key, value in raw.items():
+            if key not in RESERVED:
+                out[key] = json.loads(value) if key in json_keys else value
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise InputError(
+            f"damaged metadata entry {key!r} ({exc})", where=where, hint="make the prompt file again with tune"
+        ) from exc
+    return out
+
+
+def check_finite_tensors(
+    tensors: dict[str, torch.Tensor], where: str | Path, error: type[PromptcliError] = InputError
+) -> None:
+    """Refuse tensors holding NaN or inf (a diverged training must never be saved or used)."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise error(
+                f"tensor {name!r} holds NaN or inf values",
+                where=where,
+                hint="training diverged: tune again with a lower --lr",
+            )
 
 
 def save_prompt(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
@@ -77,6 +100,7 @@ def save_prompt(path: str | Path, tensors: dict[str, torch.Tensor], metadata: di
     from safetensors.torch import save_file
 
     path = Path(path)
+    check_finite_tensors(tensors, path, RuntimeFailure)  # a bug or a divergence, not the user's input
     encoded = encode_metadata(metadata)
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=encoded)
@@ -98,4 +122,6 @@ def read_prompt(path: str | Path) -> PromptFile:
         raise InputError(
             "not a safetensors prompt file", where=path, hint="make it with `promptcli tune`"
         ) from exc
-    return PromptFile(path, tensors, decode_metadata(raw, path))
+    metadata = decode_metadata(raw, path)
+    check_finite_tensors(tensors, path)
+    return PromptFile(path, tensors, metadata)

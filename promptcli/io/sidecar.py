@@ -65,15 +65,24 @@ def noise_summary(sidecar: dict[str, Any] | None) -> dict[str, Any] | None:
     """The few fields of a labels sidecar that identify the noise (those it has).
 
     Besides corrupt's sidecar, the labels may come from ``pseudolabel`` (``labels: pseudo``, with the
-    pseudo-labels' error rate when ground truth was known) or from ``clean --clean-out``
+    pseudo-labels' error rate when ground truth was known and ``method`` unless zero-shot; or
+    ``labels: transductive`` with the noise of the given labels ``--labels`` when they had a sidecar), or from ``clean --clean-out``
     (``labels: cleaned``, keeping the noise of the labels that were cleaned).
     """
     if sidecar is None:
         return None
     summary = {k: sidecar[k] for k in NOISE_KEYS if k in sidecar}
-    if "selection" in sidecar and "templates" in sidecar:  # written by `pseudolabel`
+    fit = sidecar.get("transductive")
+    given = fit.get("labels") if isinstance(fit, dict) else None
+    if isinstance(given, dict) and isinstance(given.get("noise"), dict):
+        # `pseudolabel --method transductive --labels L`: trained on the noise condition of L
+        summary = {k: given["noise"][k] for k in NOISE_KEYS if k in given["noise"]}
+        summary["labels"] = "transductive"
+    elif "selection" in sidecar and "templates" in sidecar:  # written by `pseudolabel`
         accuracy = sidecar.get("pseudo_label_accuracy")
         summary = {"labels": "pseudo", "selection": sidecar["selection"]}
+        if sidecar.get("method") not in (None, "zero-shot"):
+            summary["method"] = sidecar["method"]
         if isinstance(accuracy, (int, float)):
             summary["realised_rate"] = round(1.0 - float(accuracy), 6)
     elif "cleaning" in sidecar:

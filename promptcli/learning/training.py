@@ -100,6 +100,9 @@ def ot_split(head: Head, features: torch.Tensor, labels: torch.Tensor, split: Sp
     """(N,) bool: the samples whose OT class under ``head`` is their given label (clean)."""
     from promptcli.learning.transport import ot_clean_mask, ot_clean_mask_from_logits
 
+    if hasattr(head, "logits"):  # heads without fixed class weights (cocoop, the adapters)
+        logits = predict_logits(head, features).double()
+        return ot_clean_mask_from_logits(logits, labels, epsilon=split.epsilon, n_iter=split.n_iter)
     weight, bias, scale = head.classifier()
     if bias is None:  # prompt heads: image features vs the learner's class text features
         return ot_clean_mask(features, weight, labels, scale, epsilon=split.epsilon, n_iter=split.n_iter)
@@ -287,6 +290,8 @@ def train(
                 loss = split_loss(
                     loss_fn, logits.float(), targets, judged_clean[batch.to(device)], split.noisy_loss
                 )
+            if hasattr(head, "regularizer"):  # kgcoop: a term of the head's own, once per batch
+                loss = loss + head.regularizer().float()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             loss_value = float(loss.detach().item())

@@ -331,9 +331,10 @@ def load_model(
         config = read_model_config(model_config)
     else:
         config = model_config
-    if config is None and model in LOCAL_BUILDERS and not random_weights:
+    if config is None and model in LOCAL_BUILDERS:
         config, built_checkpoint = LOCAL_BUILDERS[model]()
-        pretrained = pretrained or str(built_checkpoint)
+        if not random_weights:  # --random-weights keeps the architecture, not the built weights
+            pretrained = pretrained or str(built_checkpoint)
     spec = ModelSpec(
         name=model, pretrained=pretrained, config=config, random_seed=seed if random_weights else None
     )
