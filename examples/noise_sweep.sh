@@ -24,7 +24,13 @@
 #   SEEDS       seeds (of the noise, the shot sample and training) ["1 2 3"]
 #   SHOTS       labelled images per class [16]
 #   EPOCHS      training epochs [50]
-#   METHODS     method+loss pairs ["coop+ce coop+gce linear-probe+ce"]
+#   METHODS     method+loss pairs, the report's rows ["coop+ce coop+gce linear-probe+ce"]; add
+#               finetune+ce for end-to-end fine-tuning of the image tower (slow on CPU: each run trains
+#               on images, and its test features are extracted through the tuned tower with --adapter)
+#               The other prompt-learning methods on cached features: kgcoop, clip-adapter, cocoop
+#               (its paper's 10 epochs, not EPOCHS: its text pass is per image), tip-adapter
+#               (training-free) and tip-adapter-f (its paper's 20 epochs), e.g. METHODS="coop+ce kgcoop+ce cocoop+ce clip-adapter+ce tip-adapter-f+ce"
+#   FINETUNE_ARGS  extra flags for the finetune rows' tune, e.g. "--train-layers last-2 --workers 4" []
 #   TUNE_ARGS   extra flags for tune and gradstats, e.g. "--n-ctx 4" []
 #   GRADSTATS   methods whose noisy/clean gradient norms are recorded at every noisy rate, one
 #               method+loss pair each ("" turns it off) ["coop+ce linear-probe+ce"]
@@ -51,6 +57,7 @@ SHOTS=${SHOTS:-16}
 EPOCHS=${EPOCHS:-50}
 METHODS=${METHODS:-coop+ce coop+gce linear-probe+ce}
 TUNE_ARGS=${TUNE_ARGS:-}
+FINETUNE_ARGS=${FINETUNE_ARGS:-}
 GRADSTATS=${GRADSTATS-coop+ce linear-probe+ce}
 GRADSTATS_SEEDS=${GRADSTATS_SEEDS:-$SEEDS}
 PROMPTCLI=${PROMPTCLI:-promptcli}
@@ -58,6 +65,7 @@ PROMPTCLI=${PROMPTCLI:-promptcli}
 read -r -a cli <<<"$PROMPTCLI"
 read -r -a model_args <<<"$MODEL_ARGS"
 read -r -a tune_args <<<"$TUNE_ARGS"
+read -r -a finetune_args <<<"$FINETUNE_ARGS"
 if [[ -n "$PRETRAINED" ]]; then model_args+=(--pretrained "$PRETRAINED"); fi
 
 ran=0 # commands run by this invocation (the report is redrawn only when something changed)
@@ -108,11 +116,20 @@ for rate in $RATES; do
         for pair in $METHODS; do
             method=${pair%+*} loss=${pair#*+}
             prompt=$OUT/prompts/${method}_${loss}_$name.safetensors
+            extra=() eval_h5=$test_h5
+            if [[ "$method" == finetune ]]; then extra=("${finetune_args[@]}"); fi
+            epochs=(--epochs "$EPOCHS") # these keep their papers' epochs (tip-adapter: training-free)
+            if [[ "$method" == cocoop || "$method" == tip-adapter || "$method" == tip-adapter-f ]]; then epochs=(); fi
             run "$prompt" "${cli[@]}" tune "$train_h5" "$labels" -o "$prompt" --method "$method" --loss "$loss" \
-                --epochs "$EPOCHS" --seed "$seed" --device "$DEVICE" "${tune_args[@]}" \
+                "${epochs[@]}" --seed "$seed" --device "$DEVICE" "${tune_args[@]}" "${extra[@]}" \
                 --log "$OUT/results/${method}_${loss}_$name.jsonl" --resume -q
+            if [[ "$method" == finetune ]]; then # the tuned tower's own test features
+                eval_h5=$OUT/features/test_${method}_${loss}_$name.h5
+                run "$eval_h5" "${cli[@]}" extract "$TEST_DIR" -o "$eval_h5" --model "$MODEL" "${model_args[@]}" \
+                    --adapter "$prompt" --device "$DEVICE" --resume -q
+            fi
             result=$OUT/results/${method}_${loss}_$name.json
-            run "$result" "${cli[@]}" eval "$test_h5" --prompt "$prompt" --device "$DEVICE" -o "$result" -q
+            run "$result" "${cli[@]}" eval "$eval_h5" --prompt "$prompt" --device "$DEVICE" -o "$result" -q
         done
         if [[ "$rate" != 0 && "$rate" != 0.0 && " $GRADSTATS_SEEDS " == *" $seed "* ]]; then
             for pair in $GRADSTATS; do

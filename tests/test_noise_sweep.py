@@ -162,3 +162,30 @@ def test_gradstats_seeds_limits_gradient_statistics_to_those_seeds(tmp_path):
     grads = [line.split(" -o ")[1].split()[0] for line in lines if line.startswith("gradstats")]
     assert [Path(g).name for g in grads] == ["grads_coop_ce_r0.5_s2.csv", "grads_linear-probe_ce_r0.5_s2.csv"]
     assert sum(line.startswith("tune") for line in lines) == 2 * 3 * 3  # every rate, seed and method
+
+
+def test_methods_chooses_rows_and_a_finetune_row_evaluates_on_its_own_features(tmp_path):
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fake.sh"  # a promptcli that records its command line and creates its -o files
+    fake.write_text(
+        f'echo "$*" >> {calls}\n'
+        'prev=""\nfor a in "$@"; do\n'
+        '  if [[ "$prev" == "-o" ]]; then mkdir -p "$(dirname "$a")"; touch "$a" "$a.json"; fi\n'
+        "  prev=$a\ndone\n"
+    )
+    env = {**os.environ, "OUT": str(tmp_path / "s"), "PROMPTCLI": f"bash {fake}"}
+    env.update(TRAIN_DIR=str(tmp_path), TEST_DIR=str(tmp_path / "test"), RATES="0.5", SEEDS="1", GRADSTATS="")
+    env.update(METHODS="coop+gce finetune+ce", FINETUNE_ARGS="--train-layers last-2 --workers 3")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = calls.read_text().splitlines()
+    tunes = [line for line in lines if line.startswith("tune")]
+    assert len(tunes) == 2 and "--method coop --loss gce" in tunes[0] and "--train-layers" not in tunes[0]
+    assert "--method finetune --loss ce" in tunes[1] and "--train-layers last-2 --workers 3" in tunes[1]
+    prompt = f"{tmp_path}/s/prompts/finetune_ce_r0.5_s1.safetensors"
+    adapter_h5 = f"{tmp_path}/s/features/test_finetune_ce_r0.5_s1.h5"
+    assert any(line.startswith(f"extract {tmp_path}/test -o {adapter_h5}") and f"--adapter {prompt}" in line
+               for line in lines)  # fmt: skip
+    evals = [line for line in lines if line.startswith("eval") and "--prompt" in line]
+    assert evals[0].startswith(f"eval {tmp_path}/s/features/test.h5 --prompt")
+    assert evals[1].startswith(f"eval {adapter_h5} --prompt {prompt}")

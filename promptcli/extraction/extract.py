@@ -27,7 +27,7 @@ from promptcli.errors import InputError, RuntimeFailure
 from promptcli.extraction.decode import BOMB, DEFAULT_MAX_PIXELS, decode_rgb
 from promptcli.io.checks import INT_MAX, MAX_VIEWS, check_at_most, check_seed
 from promptcli.io.features import FEATURE_DTYPES, write_features
-from promptcli.io.fileio import check_output_path, locks_output
+from promptcli.io.fileio import check_output_path, disk_full_guard, locks_output
 from promptcli.io.image_sources import ImageSource
 from promptcli.io.provenance import base_provenance
 from promptcli.models.loading import LoadedModel
@@ -178,7 +178,12 @@ def chunk_path(partial: Path, chunk: int) -> Path:
 
 def _write_chunk(partial: Path, chunk: int, payload: dict[str, np.ndarray]) -> None:
     tmp = partial / f".chunk-{chunk:06d}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **payload)
+    try:
+        with disk_full_guard(partial):
+            np.savez(tmp, **payload)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written chunk is of no use and may fill the disk further
+        raise
     os.replace(tmp, chunk_path(partial, chunk))
 
 
@@ -231,9 +236,10 @@ def prepare_partial(output: Path, manifest: dict[str, Any], resume: bool, force:
                 hint="rerun with the same inputs and options, or pass --force to start over",
             )
         return partial, len(list(partial.glob("chunk-*.npz")))
-    partial.mkdir(parents=True, exist_ok=True)
     tmp = partial / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    with disk_full_guard(output.parent):
+        partial.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, partial / MANIFEST)
     return partial, 0
 
@@ -383,20 +389,25 @@ def assemble(
         **(extra_attrs or {}),
     }
     tmp = partial / "assembled.h5.tmp"
-    write_features(
-        tmp,
-        features=blocks("features"),
-        n_rows=len(kept),
-        dim=loaded.embed_dim,
-        paths=[source.paths[i] for i in kept],
-        labels=[source.labels[i] for i in kept],
-        splits=[source.splits[i] for i in kept],
-        classnames=source.classnames,
-        attrs=attrs,
-        n_views=options.views,
-        views=blocks("views") if options.views else None,
-        dtype=options.dtype,
-    )
+    try:
+        with disk_full_guard(output.parent):
+            write_features(
+                tmp,
+                features=blocks("features"),
+                n_rows=len(kept),
+                dim=loaded.embed_dim,
+                paths=[source.paths[i] for i in kept],
+                labels=[source.labels[i] for i in kept],
+                splits=[source.splits[i] for i in kept],
+                classnames=source.classnames,
+                attrs=attrs,
+                n_views=options.views,
+                views=blocks("views") if options.views else None,
+                dtype=options.dtype,
+            )
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the chunks stay for --resume; a half-assembled file is of no use
+        raise
     os.replace(tmp, output)
     shutil.rmtree(partial, ignore_errors=True)
     return ExtractResult(output, len(kept), len(skipped), skipped, loaded.embed_dim, options.views)

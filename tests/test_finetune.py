@@ -1,0 +1,380 @@
+"""tune --method finetune: the image tower trains on images; extract --adapter and eval use the result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import CLASSES, make_image_folder
+from promptcli.errors import InputError
+from promptcli.io.features import read_features
+from promptcli.io.fileio import sha256_file
+from promptcli.io.prompt_files import read_prompt
+from promptcli.learning.finetune import FinetuneOptions, finetune
+from promptcli.learning.options import TuneOptions
+from promptcli.models.image_adapter import trainable_names, wise_interpolate, wise_path
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FLIPPED = (0, 7)  # two wrong labels: class c -> c + 1
+
+
+@pytest.fixture(scope="module")
+def labels_csv(tmp_path_factory, tiny_features) -> Path:
+    fs = read_features(tiny_features, load_views=False)
+    lines = ["path,label,clean_label,is_noisy"]
+    for i, (p, c) in enumerate(zip(fs.paths, fs.labels)):
+        given = (c + 1) % len(CLASSES) if i in FLIPPED else c
+        lines.append(f"{p},{fs.classnames[given]},{fs.classnames[c]},{int(i in FLIPPED)}")
+    out = tmp_path_factory.mktemp("ft-labels") / "noisy.csv"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _ft(features, labels, out, ft: dict | None = None, **options):
+    opts = TuneOptions(**{"method": "finetune", "epochs": 2, "batch_size": 8, "seed": 0, **options})
+    return finetune(
+        features, labels, out, opts, FinetuneOptions(**{"workers": 0, **(ft or {})}), device="cpu", force=True
+    )
+
+
+def _extract(run_cli, images, out, model_args, *extra) -> Path:
+    code, _, err = run_cli(
+        "extract", images, "-o", out, *model_args, "--dtype", "float32", "-j", "0", "-q", *extra
+    )
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero_epochs(tmp_path_factory, tiny_features, labels_csv) -> Path:
+    out = tmp_path_factory.mktemp("ft0") / "ft0.safetensors"
+    _ft(tiny_features, labels_csv, out, ft={"wise_alphas": [0.0]}, epochs=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_features, labels_csv) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ft") / "ft.safetensors"
+    summary = _ft(
+        tiny_features,
+        labels_csv,
+        out,
+        ft={"wise_alphas": [0.0, 0.5, 1.0]},
+        epochs=3,
+        optimizer="adamw",
+        lr=1e-3,
+    )
+    return out, summary
+
+
+def test_training_fits_the_images_and_writes_only_tower_tensors_and_head(trained, tiny_model_files):
+    out, summary = trained
+    assert summary["metrics"]["train_accuracy"] >= 0.8  # 2 of 18 labels are wrong
+    prompt = read_prompt(out)
+    assert prompt.method == "finetune" and set(prompt.tensors) >= {"weight", "bias"}
+    tower = sorted(k for k in prompt.tensors if k.startswith("visual."))
+    assert tower == prompt.metadata["finetune"]["tensors"] and tower
+    assert all(not k.startswith(("transformer.", "token_embedding", "logit_scale")) for k in prompt.tensors)
+    from safetensors.torch import load_file
+
+    base = load_file(str(tiny_model_files["weights"]))
+    assert all(prompt.tensors[k].shape == base[k].shape for k in tower)
+    assert any(not torch.equal(prompt.tensors[k], base[k]) for k in tower)  # it trained
+    meta = prompt.metadata
+    assert meta["loss"] == "ce" and meta["seed"] == 0 and meta["n_train"] == 18 and meta["command"]
+    assert meta["features_sha256"] and meta["labels_sha256"] and meta["finetune"]["train_layers"] == "all"
+
+
+def test_zero_epochs_give_the_zero_shot_predictions(
+    zero_epochs, tiny_features, image_folder, run_cli, cli_model_args, tmp_path
+):
+    from promptcli.analysis.evaluation import evaluate
+
+    feats = _extract(run_cli, image_folder, tmp_path / "ft0.h5", cli_model_args, "--adapter", zero_epochs)
+    tuned = evaluate(feats, [zero_epochs], device="cpu")
+    zero = evaluate(tiny_features, zero_shot=True, device="cpu")
+    assert np.array_equal(tuned.probs.argmax(1), zero.probs.argmax(1))
+    np.testing.assert_allclose(tuned.probs, zero.probs, rtol=1e-4, atol=1e-6)
+    assert read_prompt(zero_epochs).metadata["optimizer"]["lr"] == 1e-4  # finetune's SGD default, not CoOp's
+    assert read_features(feats).attrs["adapter_sha256"] == sha256_file(zero_epochs)
+
+
+def test_lr_zero_leaves_adapter_features_equal_to_the_frozen_extraction(
+    tmp_path, tiny_features, labels_csv, image_folder, run_cli, cli_model_args
+):
+    out = tmp_path / "lr0.safetensors"
+    _ft(tiny_features, labels_csv, out, epochs=2, lr=0.0, warmup_epochs=0)
+    frozen = _extract(run_cli, image_folder, tmp_path / "frozen.h5", cli_model_args)
+    tuned = _extract(run_cli, image_folder, tmp_path / "lr0.h5", cli_model_args, "--adapter", out)
+    assert np.array_equal(read_features(frozen).features, read_features(tuned).features)
+
+
+def test_eval_refuses_features_not_made_with_the_adapter(
+    trained, zero_epochs, tiny_features, run_cli, tmp_path
+):
+    out, _ = trained
+    code, _, err = run_cli("eval", tiny_features, "--prompt", out)
+    assert code == 2 and "--adapter" in err and len(err.strip().splitlines()) == 1
+    wrong = tmp_path / "other.h5"
+    shutil.copy(tiny_features, wrong)
+    with h5py.File(wrong, "a") as f:
+        f.attrs["adapter_sha256"] = "0" * 64
+    code, _, err = run_cli("eval", wrong, "--prompt", out)
+    assert code == 2 and "not extracted through this fine-tuned" in err
+
+
+def test_wise_alpha_ends_are_zero_shot_and_fine_tuned(trained, zero_epochs):
+    out, summary = trained
+    tuned, zero = read_prompt(out).tensors, read_prompt(zero_epochs).tensors
+    w0, wh, w1 = (read_prompt(wise_path(out, a)).tensors for a in (0.0, 0.5, 1.0))
+    assert set(w0) == set(tuned) == set(w1) == set(zero)
+    assert all(torch.equal(w0[k], zero[k]) for k in zero)  # alpha 0: pretrained tower + zero-shot head
+    assert all(torch.equal(w1[k], tuned[k]) for k in tuned)
+    assert all(torch.allclose(wh[k], 0.5 * (zero[k] + tuned[k])) for k in tuned)
+    assert read_prompt(wise_path(out, 0.5)).metadata["wise"]["alpha"] == 0.5
+    assert summary["wise_outputs"] == {f"{a:g}": str(wise_path(out, a)) for a in (0.0, 0.5, 1.0)}
+    assert wise_path("ft.safetensors", 0.25).name == "ft.wise0.25.safetensors"
+    with pytest.raises(ValueError):
+        wise_interpolate({"a": torch.zeros(1)}, {"b": torch.zeros(1)}, 0.5)
+
+
+def test_interrupted_and_resumed_training_ends_bit_exact(tmp_path, tiny_features, labels_csv):
+    opts = {"epochs": 3, "optimizer": "sgd", "lr": 0.01, "split": "ot"}
+    full = tmp_path / "full.safetensors"
+    _ft(tiny_features, labels_csv, full, **opts)
+    cut = tmp_path / "cut.safetensors"
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    options = TuneOptions(method="finetune", batch_size=8, seed=0, **opts)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            tiny_features, labels_csv, cut, options, FinetuneOptions(workers=0), device="cpu",
+            on_epoch=stop, log_path=tmp_path / "log.jsonl",
+        )  # fmt: skip
+    assert not cut.exists() and Path(f"{cut}.partial").exists()
+    with pytest.raises(InputError, match="--resume"):
+        finetune(tiny_features, labels_csv, cut, options, FinetuneOptions(workers=0), device="cpu")
+    summary = finetune(
+        tiny_features, labels_csv, cut, options, FinetuneOptions(workers=0), device="cpu", resume=True,
+        log_path=tmp_path / "log.jsonl",
+    )  # fmt: skip
+    assert summary["resumed_from_epoch"] == 2 and not Path(f"{cut}.partial").exists()
+    a, b = read_prompt(full).tensors, read_prompt(cut).tensors
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(r["run"]["method"] == "finetune" for r in rows)
+    assert all("n_judged_clean" in r and r["clean_precision"] is not None for r in rows)
+
+
+def test_train_layers_last_k_trains_the_last_blocks_and_after(
+    tiny_model, tmp_path, tiny_features, labels_csv
+):
+    visual = tiny_model.model.visual
+    names, info = trainable_names(visual, "last-1")
+    assert info == {"train_layers": "last-1", "tower": "vit", "n_blocks": 2, "n_tensors": len(names)}
+    assert any(n.startswith("transformer.resblocks.1.") for n in names)
+    assert not any(n.startswith(("transformer.resblocks.0.", "conv1", "positional_embedding")) for n in names)
+    assert {"proj", "ln_post.weight"} <= set(names)
+    last0, _ = trainable_names(visual, "last-0")
+    assert set(last0) == {"proj", "ln_post.weight", "ln_post.bias"}
+    out = tmp_path / "last1.safetensors"
+    _ft(tiny_features, labels_csv, out, ft={"train_layers": "last-1"}, epochs=1)
+    assert sorted(k[len("visual.") :] for k in read_prompt(out).tensors if k.startswith("visual.")) == sorted(
+        names
+    )
+
+
+def test_lp_ft_starts_fine_tuning_from_the_linear_probe(tmp_path, tiny_features, labels_csv, zero_epochs):
+    out = tmp_path / "lpft.safetensors"
+    summary = _ft(tiny_features, labels_csv, out, ft={"lp_ft": True, "lp_epochs": 5}, epochs=0)
+    meta = read_prompt(out).metadata
+    assert meta["lp_ft"]["optimizer"]["epochs"] == 5 and meta["lp_ft"]["optimizer"]["lr"] == 1.0
+    assert summary["lp_ft"]["metrics"]["epochs"] == 5
+    assert not torch.equal(read_prompt(out).tensors["weight"], read_prompt(zero_epochs).tensors["weight"])
+
+
+def test_cli_run_log_and_bad_inputs_get_one_line_errors(
+    tmp_path, tiny_features, labels_csv, image_folder, run_cli, tiny_model_files
+):
+    base = [
+        tiny_features,
+        labels_csv,
+        "--method",
+        "finetune",
+        "--epochs",
+        "1",
+        "-b",
+        "8",
+        "-j",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    out = tmp_path / "cli.safetensors"
+    code, stdout, err = run_cli("tune", *base, "-o", out, "--log", tmp_path / "l.jsonl", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(stdout)["method"] == "finetune" and out.exists()
+    code, _, err = run_cli("report", tmp_path / "l.jsonl", "-q")
+    assert code == 0, err
+
+    def one_line_error(*args: str, where: str) -> None:
+        code, _, err = run_cli("tune", *base, "-o", tmp_path / "x.safetensors", *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and where in lines[0], err
+
+    one_line_error("--train-layers", "top", where="--train-layers")
+    one_line_error("--train-layers", "last-9", where="--train-layers")
+    one_line_error("--precision", "bf16", where="--precision")
+    one_line_error("--wise-alpha", "1.5", where="--wise-alpha")
+    one_line_error("--lr", "-1", where="--lr")
+    one_line_error("--images", tmp_path / "nowhere", where="--images")
+    # moved images: missing files are named, with the way out
+    moved = tmp_path / "moved"
+    shutil.copytree(image_folder, moved)
+    (moved / "blue_sky" / "img002.png").unlink()
+    one_line_error("--images", moved, where="img002.png")
+    code, _, err = run_cli(
+        "tune", *base, "-o", tmp_path / "skip.safetensors", "--images", moved, "--skip-bad", "-q"
+    )
+    assert code == 0, err
+    assert read_prompt(tmp_path / "skip.safetensors").metadata["skipped_images"] == [
+        {"path": "blue_sky/img002.png", "error": "image not found"}
+    ]
+    (moved / "blue_sky" / "img003.png").write_bytes(b"not an image")
+    code, _, err = run_cli("tune", *base, "-o", tmp_path / "skip.safetensors", "--images", moved, "--skip-bad",
+                           "--force", "-q")  # fmt: skip
+    assert code == 0, err
+    skipped = read_prompt(tmp_path / "skip.safetensors").metadata["skipped_images"]
+    assert [(s["path"], s["error"]) for s in skipped] == [
+        ("blue_sky/img002.png", "image not found"), ("blue_sky/img003.png", "not a readable image")
+    ]  # fmt: skip
+    shutil.copy(image_folder / "blue_sky" / "img002.png", moved / "blue_sky" / "img002.png")
+    one_line_error("--images", moved, where="img003.png")
+    # images that are not the extracted ones
+    other = make_image_folder(tmp_path / "other", seed=7)
+    for f in other.rglob("*.png"):  # same names, other colours
+        f.write_bytes((other / "green_grass" / "img000.png").read_bytes())
+    one_line_error("--images", other, where="not the image that was extracted")
+    # a fine-tuned tower's features are not training input; an adapter needs its base model
+    code, _, err = run_cli("extract", image_folder, "-o", tmp_path / "a.h5", "--model", "tiny-clip",
+                           "--model-config", tiny_model_files["config"], "--random-weights", "--seed", "3",
+                           "--device", "cpu", "-j", "0", "--adapter", out)  # fmt: skip
+    assert code == 2 and "fine-tuned from" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_and_resume_a_one_process_partial(
+    tmp_path, tiny_features, labels_csv
+):
+    """2 gloo ranks, same global batch: the same tensors as one process (float tolerance); a partial
+    left by one process is completed by two."""
+    import os
+    import subprocess
+    import sys
+
+    opts = {"epochs": 2, "optimizer": "sgd", "lr": 0.01, "split": "ot", "batch_size": 6}
+    one = tmp_path / "one.safetensors"
+    _ft(tiny_features, labels_csv, one, **opts)
+    cut = tmp_path / "two.safetensors"
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    options = TuneOptions(method="finetune", seed=0, **opts)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            tiny_features, labels_csv, cut, options, FinetuneOptions(workers=0), device="cpu", on_epoch=stop
+        )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROMPTCLI_DIST_TIMEOUT": "120"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "promptcli",
+    ]
+    cmd += [
+        "tune",
+        str(tiny_features),
+        str(labels_csv),
+        "-o",
+        str(cut),
+        "--method",
+        "finetune",
+        "--epochs",
+        "2",
+    ]
+    cmd += [
+        "-b",
+        "6",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--split",
+        "ot",
+        "-j",
+        "0",
+        "--device",
+        "cpu",
+        "-q",
+    ]
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = read_prompt(one).tensors, read_prompt(cut).tensors
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert read_prompt(cut).metadata["finetune"]["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("vision_cfg", "kind", "n_blocks", "after"),
+    [
+        (
+            {"timm_model_name": "tf_efficientnet_lite0", "timm_model_pretrained": False, "timm_pool": "avg",
+             "timm_proj": "linear", "image_size": 32},
+            "timm", 7, {"head.proj.weight"},
+        ),
+        ({"layers": [1, 1, 1, 1], "width": 8, "image_size": 64, "head_width": 8}, "resnet", 4, {"attnpool.c_proj.weight"}),
+    ],
+)  # fmt: skip
+def test_train_layers_finds_the_blocks_of_timm_and_resnet_towers(vision_cfg, kind, n_blocks, after):
+    import open_clip
+
+    from promptcli.models.image_adapter import tower_groups
+
+    cfg = {"embed_dim": 16, "vision_cfg": vision_cfg, "text_cfg": {"width": 16, "heads": 2, "layers": 1}}
+    visual = open_clip.CLIP(**cfg).visual
+    groups = tower_groups(visual)
+    assert groups.kind == kind and len(groups.blocks) == n_blocks
+    everything = groups.pre + [n for b in groups.blocks for n in b] + groups.post
+    assert sorted(everything) == sorted(n for n, _ in visual.named_parameters())  # a partition
+    last0, _ = trainable_names(visual, "last-0")
+    assert set(last0) == set(groups.post) and after <= set(last0)
+    last1, info = trainable_names(visual, "last-1")
+    assert set(last1) == set(groups.blocks[-1]) | set(groups.post) and info["tower"] == kind
+    with pytest.raises(InputError, match="--train-layers"):
+        trainable_names(visual, f"last-{n_blocks + 1}")
+
+
+def test_loader_workers_do_not_change_the_result(tmp_path, tiny_features, labels_csv):
+    """Views are seeded by (seed, epoch, row): decoding in 2 worker processes trains the same tensors."""
+    a, b = tmp_path / "w0.safetensors", tmp_path / "w2.safetensors"
+    _ft(tiny_features, labels_csv, a, ft={"workers": 0}, epochs=1, lr=0.01, warmup_epochs=0)
+    _ft(tiny_features, labels_csv, b, ft={"workers": 2}, epochs=1, lr=0.01, warmup_epochs=0)
+    ta, tb = read_prompt(a).tensors, read_prompt(b).tensors
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
