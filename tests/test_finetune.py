@@ -378,3 +378,15 @@ def test_loader_workers_do_not_change_the_result(tmp_path, tiny_features, labels
     _ft(tiny_features, labels_csv, b, ft={"workers": 2}, epochs=1, lr=0.01, warmup_epochs=0)
     ta, tb = read_prompt(a).tensors, read_prompt(b).tensors
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_relative_source_is_found_beside_the_features_file(tmp_path, monkeypatch):
+    from promptcli.io.image_dataset import image_files
+
+    (tmp_path / "data" / "imgs" / "cat").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    attrs = {"source": "imgs", "source_kind": "folder"}
+    files = image_files(attrs, ["cat/1.png"], tmp_path / "data" / "train.h5", None)
+    assert files == [tmp_path / "data" / "imgs" / "cat" / "1.png"]

@@ -45,6 +45,10 @@ def image_files(
             where=where,
             hint="pass --images DIR (the folder the recorded paths are relative to)",
         )
+    if images is None and not root.is_absolute() and not root.exists():
+        beside = Path(where).parent / root  # a relative source, recorded from the features file's folder
+        if beside.exists():
+            root = beside
     return [Path(p) if Path(p).is_absolute() else root / p for p in paths]
 
 
