@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from promptcli.choices import Precision
-from promptcli.cli._output import Output
+from promptcli.cli._output import Output, epoch_progress, pct
 
 # The options only fine-tuning reads (tune passes them through; other methods ignore them).
 ImagesOpt = Annotated[
@@ -105,18 +105,7 @@ def _run_one(
 
     main = shard is None or shard.is_main
     epochs = options.epochs
-    with out.progress("finetune", total=epochs, unit="epochs") as bar:
-        done = [0]
-
-        def on_epoch(row: dict) -> None:
-            clean = row.get("clean_accuracy")
-            bar.describe(
-                f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} acc {row['accuracy']:.3f}"
-                + (f" clean {clean:.3f}" if clean is not None else "")
-            )
-            bar.advance(row["epoch"] - done[0])
-            done[0] = row["epoch"]
-
+    with epoch_progress(out, "finetune", epochs) as on_epoch:
         summary = finetune(
             features,
             labels,
@@ -144,8 +133,8 @@ def _run_one(
         f"Fine-tuned the image tower ({summary['train_layers']['train_layers']}) on {summary['n_train']} images "
         f"for {epochs} epochs"
         + (f" (resumed at epoch {summary['resumed_from_epoch']})" if summary["resumed_from_epoch"] else "")
-        + f": train accuracy {metrics['train_accuracy']:.4f}"
-        + (f", against clean labels {clean:.4f}" if clean is not None else "")
+        + f": train accuracy {pct(metrics['train_accuracy'])}"
+        + (f", against clean labels {pct(clean)}" if clean is not None else "")
         + f"; wrote {summary['output']}"
         + "".join(f", {p}" for p in summary["wise_outputs"].values())
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -76,6 +76,25 @@ class Output:
         with Progress(*columns, console=self.err, transient=False) as bar:
             task = bar.add_task(description, total=total, rate="")
             yield _Bar(bar, task, unit)
+
+
+@contextlib.contextmanager
+def epoch_progress(out: Output, label: str, epochs: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar over training epochs; yields the ``on_epoch(row)`` hook that describes and advances it."""
+    with out.progress(label, total=epochs, unit="epochs") as bar:
+        done = [0]  # epochs shown so far (a resumed run jumps to its checkpoint's epoch)
+
+        def on_epoch(row: dict[str, Any]) -> None:
+            clean, judged = row.get("clean_accuracy"), row.get("n_judged_clean")
+            bar.describe(
+                f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} acc {pct(row['accuracy'])}"
+                + (f" clean {pct(clean)}" if clean is not None else "")
+                + (f" judged clean {judged}" if judged is not None else "")
+            )
+            bar.advance(row["epoch"] - done[0])
+            done[0] = row["epoch"]
+
+        yield on_epoch
 
 
 def pct(value: float | None) -> str:
