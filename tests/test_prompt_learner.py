@@ -35,7 +35,7 @@ def _native_model(name: str, **text_cfg):
     if text_cfg:
         cfg["custom_text"] = True
     torch.manual_seed(1)
-    return load_model(name, None, cfg, device="cpu")
+    return load_model(name, None, cfg, device="cpu", random_weights=True, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,12 @@ def tiny_hf_model(tmp_path_factory):
         "hf_proj_type": "linear",
         "context_length": 32,
     }
-    loaded = load_model("tiny-hf-bert", None, {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": text_cfg})
+    loaded = load_model(
+        "tiny-hf-bert",
+        None,
+        {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": text_cfg},
+        random_weights=True,
+    )
     ids = loaded.tokenizer(["a photo of a red apple."])[0].tolist()
     assert ids[:9] == [2, 5, 6, 7, 5, 8, 9, 14, 3]  # the vocabulary really is used (no [UNK])
     return loaded
@@ -347,3 +352,166 @@ def test_prompt_longer_than_context_is_an_input_error(tiny_model):
         _learner(tiny_model, names=["red apple"], n_ctx=73)
     assert info.value.where == "class 'red apple'"
     assert _learner(tiny_model, names=["red apple"], n_ctx=72).seq_len == 77
+
+
+# --------------------------------------------------------------------------- length groups and class chunks
+
+# 1 to 7 CLIP BPE tokens: several length groups on every path
+VARIED = [
+    "tench",
+    "great white shark",
+    "hammerhead shark",
+    "cock",
+    "American robin",
+    "European green lizard",
+    "loggerhead sea turtle",
+    "eft",
+    "Carolina anole",
+    "smooth newt",
+    "spotted salamander",
+    "axolotl",
+    "American bullfrog",
+    "tree frog",
+    "desert grassland whiptail lizard",
+    "Komodo dragon",
+    "Nile crocodile",
+    "triceratops",
+    "worm snake",
+    "ring-necked snake",
+    "Saharan horned viper",
+    "kingsnake",
+    "garter snake",
+    "water snake",
+]
+
+GROUP_CASES = [
+    dict(),
+    dict(csc=True),
+    dict(class_position="middle"),
+    dict(class_position="front"),
+    dict(method="cls-tuning"),
+    dict(method="full-prompt"),
+]
+
+
+def _assert_same(a, b):
+    (values_a, grads_a), (values_b, grads_b) = a, b
+    torch.testing.assert_close(values_a, values_b, **TOL)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert grads_a[name].abs().max() > 0
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", GROUP_CASES)
+def test_length_groups_match_plain_values_and_gradients(tiny_model, cfg):
+    learner = _learner(tiny_model, names=VARIED, seed=12, **cfg)
+    (chunk,) = learner.chunks(None)
+    assert len(chunk.groups) >= 4  # classes really are computed to different lengths
+    assert sorted(torch.cat([g.rows for g in chunk.groups]).tolist()) == list(range(len(VARIED)))
+    weights = torch.randn(len(VARIED), 32, generator=torch.Generator().manual_seed(13))
+    _assert_same(
+        _values_and_grads(learner, learner.forward, weights),
+        _values_and_grads(learner, learner.forward_plain, weights),
+    )
+
+
+def test_shared_prefix_path_computes_each_class_to_its_own_end_of_text(tiny_model):
+    learner = _learner(tiny_model, names=VARIED)
+    assert learner.fast_path == "shared-prefix" and learner.shared_prefix_len == 17
+    own = [len(learner._scheme.encode(name)) + 2 for name in VARIED]  # name tokens + "." + [EOT]
+    assert learner.needed_tokens == own
+    assert learner.seq_len == 17 + max(own) and min(own) < max(own) - 4
+
+
+@pytest.mark.parametrize(("cfg", "chunk"), [(cfg, 5) for cfg in GROUP_CASES] + [(dict(), 1)])
+def test_class_chunks_match_one_pass(tiny_model, cfg, chunk):
+    weights = torch.randn(len(VARIED), 32, generator=torch.Generator().manual_seed(14))
+    whole = _learner(tiny_model, names=VARIED, seed=15, **cfg)
+    chunked = _learner(tiny_model, names=VARIED, seed=15, class_chunk=chunk, **cfg)
+    assert len(chunked.chunks(chunk)) >= len(VARIED) // (2 * chunk)  # about `chunk` classes each
+    _assert_same(
+        _values_and_grads(chunked, chunked.forward, weights),
+        _values_and_grads(whole, whole.forward, weights),
+    )
+
+
+def test_class_chunks_match_one_pass_custom_block_and_fallback_towers(custom_block_model):
+    bidir = _native_model("tiny-bidir-chunks", no_causal_mask=True, pool_type="last")
+    for loaded, path in [(custom_block_model, "shared-prefix"), (bidir, "full")]:
+        names = VARIED[:12]
+        weights = torch.randn(len(names), 32, generator=torch.Generator().manual_seed(16))
+        whole = _learner(loaded, names=names, seed=17)
+        chunked = _learner(loaded, names=names, seed=17, class_chunk=5)
+        assert chunked.fast_path == path
+        _assert_same(
+            _values_and_grads(chunked, chunked.forward, weights),
+            _values_and_grads(whole, whole.forward_plain, weights),
+        )
+
+
+@pytest.mark.parametrize("cfg", [dict(n_ctx=4), dict(method="full-prompt")])
+def test_class_chunks_match_plain_hf(tiny_hf_model, cfg):
+    weights = torch.randn(len(NAMES), 16, generator=torch.Generator().manual_seed(18))
+    whole = _learner(tiny_hf_model, seed=19, **cfg)
+    chunked = _learner(tiny_hf_model, seed=19, class_chunk=2, **cfg)
+    assert len(whole.chunks(None)[0].groups) >= 2  # classes computed to different lengths
+    _assert_same(
+        _values_and_grads(chunked, chunked.forward, weights),
+        _values_and_grads(whole, whole.forward_plain, weights),
+    )
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward of ``fn()`` (the activations)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_class_chunks_keep_no_activations_for_the_backward(tiny_model):
+    def saved(names, chunk):
+        learner = _learner(tiny_model, names=names, class_chunk=chunk)
+        return _saved_bytes(learner), sum(p.numel() * 4 for p in learner.parameters())
+
+    whole_small, _ = saved(VARIED[:12], 0)
+    whole_large, _ = saved(VARIED, 0)
+    chunked_small, params = saved(VARIED[:12], 4)
+    chunked_large, _ = saved(VARIED, 4)
+    assert whole_large > whole_small > 10 * params  # one pass keeps activations that grow with classes
+    assert chunked_small == chunked_large == params  # chunks keep only the learnable tensors
+
+
+def test_no_grad_text_pass_is_chunked(tiny_model, monkeypatch):
+    import promptcli.models.prompt_learner as module
+
+    learner = _learner(tiny_model, names=VARIED)
+    with torch.no_grad():
+        expected = learner()
+    calls = []
+    original = learner._features
+    monkeypatch.setattr(
+        learner, "_features", lambda chunk, *a: calls.append(len(chunk.rows)) or original(chunk, *a)
+    )
+    monkeypatch.setattr(module, "NO_GRAD_CLASS_CHUNK", 10)
+    with torch.no_grad():
+        torch.testing.assert_close(learner(), expected, **TOL)
+    assert len(calls) >= 3 and calls == [len(c.rows) for c in learner.chunks(10)] and sum(calls) == 24
+    calls.clear()
+    learner().sum().backward()  # with gradient and class_chunk 0: one pass
+    assert calls == [24]
+
+
+def test_class_chunk_is_validated_and_not_part_of_the_prompt():
+    with pytest.raises(InputError, match="class chunk must be 0") as info:
+        PromptConfig(class_chunk=-1).validate()
+    assert info.value.where == "--class-chunk"
+    config = PromptConfig(class_chunk=64)
+    assert not any("chunk" in key for key in config.to_metadata())
+    assert PromptConfig.from_metadata({**config.to_metadata(), "prompt.class_chunk": "64"}).class_chunk == 0

@@ -7,15 +7,19 @@ context vectors in the token-embedding space (shared, or per class with ``csc``)
 ``full-prompt``: the template's words (as context) and the class-name tokens are all learned.
 
 Initialised from words (``ctx_init`` or the template), the learner reproduces the zero-shot text
-embeddings exactly. :meth:`PromptLearner.forward` skips work that cannot change the result: the
-sequence is cut after the last token that matters, and with a causal tower the part of the
-prompt shared by all classes (start token and shared context) goes through each block once.
-:meth:`PromptLearner.forward_plain` is the straightforward full-length computation.
+embeddings exactly. :meth:`PromptLearner.forward` skips work that cannot change the result: each
+class is computed only up to the last token that matters for it (classes grouped by that length),
+and with a causal tower the part of the prompt shared by all classes (start token and shared
+context) goes through each block once, the classes' own tokens packed without padding, and the
+last block only as far as the pooled tokens need. With ``class_chunk`` (and always without
+gradient) classes are computed in chunks so memory does not grow with their number (see
+:mod:`promptcli.models.text_packing`). :meth:`PromptLearner.forward_plain` is the straightforward
+full-length computation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -24,6 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptcli.errors import InputError
+from promptcli.models.text_packing import (
+    LengthGroup,
+    RowChunk,
+    chunked_rows,
+    encode_grouped,
+    plan_chunks,
+    restore_order,
+)
 
 TEXT_METHODS = ("coop", "cls-tuning", "full-prompt")
 CLASS_POSITIONS = ("end", "middle", "front")
@@ -43,9 +55,17 @@ class PromptConfig:
     csc: bool = False  # class-specific context
     template: str = "a photo of a {}."  # cls-tuning: fixed template words; full-prompt: the initial words
     init_std: float = 0.02  # random context ~ N(0, init_std)
+    # How the text pass is computed, not what it gives (so not in the metadata): with gradient, in
+    # chunks of this many classes (0: all at once); peak memory is then one chunk's.
+    class_chunk: int = 0
 
     def validate(self) -> None:
         """Raise :class:`InputError` for an inconsistent configuration."""
+        if self.class_chunk < 0:
+            raise InputError(
+                f"class chunk must be 0 (all classes at once) or positive (got {self.class_chunk})",
+                where="--class-chunk",
+            )
         if self.method not in TEXT_METHODS:
             raise InputError(
                 f"unknown prompt method {self.method!r}",
@@ -108,6 +128,8 @@ class PromptConfig:
         """Inverse of :meth:`to_metadata`; other keys in ``meta`` are ignored, missing ones take defaults."""
         values: dict[str, Any] = {}
         for f in fields(cls):
+            if f.name == "class_chunk":  # a computation setting, not part of the prompt
+                continue
             key = _META_PREFIX + f.name
             if key not in meta:
                 continue
@@ -319,74 +341,185 @@ class _NativeTower:
                 return False
         return True
 
-    def encode_shared_prefix(
-        self, x: torch.Tensor, prefix_len: int, pool_index: torch.Tensor
+    def encode_packed(
+        self,
+        prefix: torch.Tensor,
+        suffix: torch.Tensor,
+        groups: Sequence[LengthGroup],
+        prefix_of: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Encode (C, L, W) token embeddings whose first ``prefix_len`` positions are equal for all classes.
+        """(N, D) features of prompts made of a prefix (P tokens) and their own suffix tokens.
 
-        Under the causal mask the prefix attends only to itself, so its hidden states are computed
-        once per block; each class's remaining tokens attend to the prefix's keys/values plus their own.
+        ``prefix`` (B, P, W) token embeddings; ``suffix`` (N, S, W): row n continues prefix
+        ``prefix_of[n]`` (the single prefix when None) and is pooled at the last of its group's
+        ``length`` tokens (``groups`` from :func:`group_by_length` over the rows). Under the causal mask
+        a prefix attends only to itself, so it is computed once per block; the suffix tokens of all
+        rows are packed into one (T, W) matrix (no padding) for every per-token layer, and attend to
+        their prefix and themselves group by group. The last block computes keys and values for all
+        tokens but the rest only for the pooled ones.
         """
-        x = x.to(self.cast_dtype())
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        xp, xs = x[:1, :prefix_len], x[:, prefix_len:]
-        n_suffix = xs.shape[1]
-        neg_inf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
-        mask_p = torch.zeros(prefix_len, prefix_len, dtype=x.dtype, device=x.device)
-        mask_p = mask_p.masked_fill(torch.ones_like(mask_p, dtype=torch.bool).triu(1), neg_inf)
-        mask_s = torch.zeros(n_suffix, prefix_len + n_suffix, dtype=x.dtype, device=x.device)
-        upper = torch.ones(n_suffix, n_suffix, dtype=torch.bool, device=x.device).triu(1)
-        mask_s[:, prefix_len:] = mask_s[:, prefix_len:].masked_fill(upper, neg_inf)
-        for blk in self.transformer.resblocks:
-            xp, xs = _block_with_prefix(blk, xp, xs, mask_p, mask_s)
-        rows = torch.arange(xs.shape[0], device=x.device)
-        pooled = self.ln_final(xs[rows, pool_index - prefix_len])
-        return self.project(pooled)
-
-
-def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
-    batch, length, width = t.shape
-    return t.view(batch, length, n_heads, width // n_heads).transpose(1, 2)
-
-
-def _block_with_prefix(
-    blk: nn.Module, xp: torch.Tensor, xs: torch.Tensor, mask_p: torch.Tensor, mask_s: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One open_clip residual block on a shared prefix (1, P, W) and per-class suffixes (C, S, W)."""
-    attn = blk.attn
-    custom = not isinstance(attn, nn.MultiheadAttention)
-    n_heads = attn.num_heads
-
-    def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = (
-            _heads(t, n_heads) for t in F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        dtype = self.cast_dtype()
+        n_prefix = prefix.shape[1]
+        pos = self.positional_embedding.to(dtype)
+        xp = prefix.to(dtype) + pos[:n_prefix]
+        xs = torch.cat(
+            [
+                (suffix[g.rows, : g.length].to(dtype) + pos[n_prefix : n_prefix + g.length]).flatten(0, 1)
+                for g in groups
+            ]
         )
-        if custom:
-            q, k = attn.ln_q(q), attn.ln_k(k)
-        return q, k, v
+        layout = _PackedLayout.build(groups, n_prefix, prefix_of, xs.device)
+        blocks = list(self.transformer.resblocks)
+        for blk in blocks[:-1]:
+            xp, xs = _packed_block(blk, xp, xs, layout)
+        pooled = _packed_last_block(blocks[-1], xp, xs, layout)
+        return restore_order(self.project(self.ln_final(pooled)), layout.rows)
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if custom and attn.head_scale is not None:
-            out = out * attn.head_scale
-        out = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-        if custom:
-            out = attn.ln_inner(out)
-        out = attn.out_proj(out)
-        return blk.ln_attn(out) if custom else out
 
-    qp, kp, vp = qkv(blk.ln_1(xp))
-    qs, ks, vs = qkv(blk.ln_1(xs))
-    n = xs.shape[0]
-    out_p = attend(qp, kp, vp, mask_p)
-    out_s = attend(
-        qs, torch.cat([kp.expand(n, -1, -1, -1), ks], 2), torch.cat([vp.expand(n, -1, -1, -1), vs], 2), mask_s
-    )
-    xp = xp + blk.ls_1(out_p)
-    xs = xs + blk.ls_1(out_s)
+@dataclass(frozen=True)
+class _PackedLayout:
+    """Where each length group's tokens sit in the packed (T, W) suffix matrix."""
+
+    groups: tuple[LengthGroup, ...]
+    offsets: tuple[int, ...]  # first packed row of each group
+    prefix_len: int
+    prefix_of: tuple[torch.Tensor | None, ...]  # per group: prefix index of each row (None: the one prefix)
+    masks: tuple[torch.Tensor, ...]  # per group (S, P + S): causal among its own tokens
+    pooled: torch.Tensor  # packed row of each row's pooled (last) token, in group order
+    rows: torch.Tensor  # the rows in group order
+
+    @staticmethod
+    def build(
+        groups: Sequence[LengthGroup], prefix_len: int, prefix_of: torch.Tensor | None, device: torch.device
+    ) -> _PackedLayout:
+        offsets, pooled, masks, owners = [], [], [], []
+        at = 0
+        for g in groups:
+            n, s = len(g.rows), g.length
+            offsets.append(at)
+            pooled.append(at + torch.arange(n, device=device) * s + s - 1)
+            mask = torch.zeros(s, prefix_len + s, device=device)
+            upper = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
+            mask[:, prefix_len:] = mask[:, prefix_len:].masked_fill(upper, float("-inf"))
+            masks.append(mask)
+            owners.append(None if prefix_of is None else prefix_of[g.rows])
+            at += n * s
+        return _PackedLayout(
+            groups=tuple(groups),
+            offsets=tuple(offsets),
+            prefix_len=prefix_len,
+            prefix_of=tuple(owners),
+            masks=tuple(masks),
+            pooled=torch.cat(pooled),
+            rows=torch.cat([g.rows for g in groups]),
+        )
+
+    def group_slices(self):
+        for g, at, owner, mask in zip(self.groups, self.offsets, self.prefix_of, self.masks):
+            yield g, slice(at, at + len(g.rows) * g.length), owner, mask
+
+
+def _is_custom(blk: nn.Module) -> bool:
+    return not isinstance(blk.attn, nn.MultiheadAttention)
+
+
+def _project_heads(blk: nn.Module, h: torch.Tensor, part: slice) -> list[torch.Tensor]:
+    """The query/key/value projections of ``h`` (..., W) selected by ``part`` (a slice of [q, k, v]),
+    split into heads (..., H, d); custom blocks normalise queries and keys per head."""
+    attn = blk.attn
+    width = h.shape[-1]
+    start, stop = part.start * width, part.stop * width
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[start:stop]
+    out = F.linear(h, attn.in_proj_weight[start:stop], bias).chunk(part.stop - part.start, -1)
+    out = [t.unflatten(-1, (attn.num_heads, width // attn.num_heads)) for t in out]
+    if _is_custom(blk):
+        names = ["ln_q", "ln_k", None][part.start : part.stop]
+        out = [t if name is None else getattr(attn, name)(t) for t, name in zip(out, names)]
+    return out
+
+
+def _attend(
+    blk: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
+    """Attention of (n, H, Lq, d) queries over (n, H, Lk, d) keys/values; returns (n, Lq, H, d)."""
+    attn = blk.attn
+    mask = None if mask is None else mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    if _is_custom(blk) and attn.head_scale is not None:
+        out = out * attn.head_scale
+    return out.transpose(1, 2)
+
+
+def _attention_output(blk: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """(..., W) attention output after the block's inner norm, output projection and outer norm."""
+    attn = blk.attn
+    if _is_custom(blk):
+        return blk.ln_attn(attn.out_proj(attn.ln_inner(out)))
+    return attn.out_proj(out)
+
+
+def _prefix_keys(kp: torch.Tensor, owner: torch.Tensor | None, n: int) -> torch.Tensor:
+    """(n, H, P, d) prefix keys (or values) for n rows, from (B, P, H, d)."""
+    kp = kp.transpose(1, 2)
+    return kp.expand(n, -1, -1, -1) if owner is None else kp[owner]
+
+
+def _suffix_attention(
+    blk: nn.Module,
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    vs: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    layout: _PackedLayout,
+) -> torch.Tensor:
+    """Attention of every packed suffix token over its prefix and the tokens of its own row up to itself."""
+    outs = []
+    for g, rows, owner, mask in layout.group_slices():
+        n, s = len(g.rows), g.length
+
+        def heads(t: torch.Tensor, n: int = n, s: int = s, rows: slice = rows) -> torch.Tensor:
+            return t[rows].view(n, s, *t.shape[1:]).transpose(1, 2)
+
+        k = torch.cat([_prefix_keys(kp, owner, n), heads(ks)], 2)
+        v = torch.cat([_prefix_keys(vp, owner, n), heads(vs)], 2)
+        outs.append(_attend(blk, heads(qs), k, v, mask, False).flatten(0, 1))
+    return torch.cat(outs).flatten(1)
+
+
+def _packed_block(
+    blk: nn.Module, xp: torch.Tensor, xs: torch.Tensor, layout: _PackedLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One open_clip residual block on prefixes (B, P, W) and packed suffix tokens (T, W)."""
+    qp, kp, vp = _project_heads(blk, blk.ln_1(xp), slice(0, 3))
+    qs, ks, vs = _project_heads(blk, blk.ln_1(xs), slice(0, 3))
+    out_p = _attend(blk, qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), None, True).flatten(2)
+    out_s = _suffix_attention(blk, qs, ks, vs, kp, vp, layout)
+    xp = xp + blk.ls_1(_attention_output(blk, out_p))
+    xs = xs + blk.ls_1(_attention_output(blk, out_s))
     xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
     xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
     return xp, xs
+
+
+def _packed_last_block(
+    blk: nn.Module, xp: torch.Tensor, xs: torch.Tensor, layout: _PackedLayout
+) -> torch.Tensor:
+    """The last block, computed only as far as the pooled tokens need: (N, W) in group order."""
+    kp, vp = _project_heads(blk, blk.ln_1(xp), slice(1, 3))
+    hs = blk.ln_1(xs)
+    ks, vs = _project_heads(blk, hs, slice(1, 3))
+    x = xs[layout.pooled]
+    (q,) = _project_heads(blk, hs[layout.pooled], slice(0, 1))
+    outs, at = [], 0
+    for g, rows, owner, _ in layout.group_slices():
+        n, s = len(g.rows), g.length
+        k = torch.cat([_prefix_keys(kp, owner, n), ks[rows].view(n, s, *ks.shape[1:]).transpose(1, 2)], 2)
+        v = torch.cat([_prefix_keys(vp, owner, n), vs[rows].view(n, s, *vs.shape[1:]).transpose(1, 2)], 2)
+        outs.append(_attend(blk, q[at : at + n].unsqueeze(2), k, v, None, False).flatten(1))
+        at += n
+    x = x + blk.ls_1(_attention_output(blk, torch.cat(outs)))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
 class _HFTower:
@@ -485,6 +618,101 @@ def _assemble(
     return sequences, sources, (rows_c, rows_p, rows_src)
 
 
+def _class_name_ids(scheme: _TokenScheme, classnames: list[str]) -> list[list[int]]:
+    names = [scheme.encode(n) for n in classnames]
+    for name, tokens in zip(classnames, names):
+        if not tokens:
+            raise InputError(
+                "class name has no tokens", where=f"class {name!r}", hint="use a word as class name"
+            )
+    return names
+
+
+_Layout = tuple[dict[str, list[int]], set[str], list[list[_Piece]]]
+
+
+def _coop_layout(cfg: PromptConfig, scheme: _TokenScheme, names: list[list[int]]) -> _Layout:
+    """coop: the learned context (from ctx_init or random) around each class name, then ``.``."""
+    random: set[str] = set()
+    if cfg.ctx_init is not None:
+        ctx_ids = scheme.encode(cfg.ctx_init)
+        if not ctx_ids:
+            raise InputError("ctx_init has no tokens", where="--ctx-init", hint='e.g. "a photo of a"')
+    else:
+        ctx_ids = [(scheme.encode(_PLACEHOLDER) or [scheme.pad_id])[0]] * cfg.n_ctx
+        random.add("ctx")
+    m = len(ctx_ids)
+    init = {"ctx": ctx_ids * len(names) if cfg.csc else list(ctx_ids)}
+    tail = scheme.encode(_COOP_TAIL)
+    half = m // 2
+    pieces = []
+    for c, name in enumerate(names):
+        base = c * m if cfg.csc else 0
+        rows = [base + i for i in range(m)]
+
+        def ctx(lo: int, hi: int, rows: list[int] = rows) -> _Piece:
+            return _Piece(ctx_ids[lo:hi], "ctx", rows[lo:hi])
+
+        if cfg.class_position == "end":
+            seq = [ctx(0, m), _Piece(name), _Piece(tail)]
+        elif cfg.class_position == "front":
+            seq = [_Piece(name), ctx(0, m), _Piece(tail)]
+        else:
+            seq = [ctx(0, half), _Piece(name), ctx(half, m), _Piece(tail)]
+        pieces.append([p for p in seq if p.ids])
+    return init, random, pieces
+
+
+def _template_layout(cfg: PromptConfig, scheme: _TokenScheme, names: list[list[int]]) -> _Layout:
+    """cls-tuning / full-prompt: the template's words around learned class-name tokens."""
+    before, after = (scheme.encode(part) if part.strip() else [] for part in cfg.template.split("{}"))
+    init: dict[str, list[int]] = {"class_tokens": [t for name in names for t in name]}
+    starts = [0]
+    for name in names:
+        starts.append(starts[-1] + len(name))
+    if cfg.method == "full-prompt":
+        if before:
+            init["ctx"] = before * len(names) if cfg.csc else list(before)
+        if after:
+            init["ctx_suffix"] = after * len(names) if cfg.csc else list(after)
+    pieces = []
+    for c, name in enumerate(names):
+        cls_piece = _Piece(name, "class_tokens", list(range(starts[c], starts[c] + len(name))))
+        if cfg.method == "cls-tuning":
+            seq = [_Piece(before), cls_piece, _Piece(after)]
+        else:
+            b0 = c * len(before) if cfg.csc else 0
+            a0 = c * len(after) if cfg.csc else 0
+            seq = [
+                _Piece(before, "ctx", list(range(b0, b0 + len(before)))),
+                cls_piece,
+                _Piece(after, "ctx_suffix", list(range(a0, a0 + len(after)))),
+            ]
+        pieces.append([p for p in seq if p.ids])
+    return init, set(), pieces
+
+
+def _padded_ids(sequences: list[list[int]], scheme: _TokenScheme, device: torch.device) -> torch.Tensor:
+    """(C, context_length) token ids, right-padded."""
+    ids = torch.full((len(sequences), scheme.context_length), scheme.pad_id, dtype=torch.long)
+    for c, seq in enumerate(sequences):
+        ids[c, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids.to(device)
+
+
+def _common_prefix(sources: list[list[tuple[str, int]]]) -> int:
+    """Number of leading positions made of the same thing (fixed id or learnable row) in every prompt."""
+    common = 0
+    while common < min(len(s) for s in sources) and all(s[common] == sources[0][common] for s in sources):
+        common += 1
+    return common
+
+
+# With gradient the text pass runs in one piece unless --class-chunk asks otherwise (chunking then
+# costs one extra forward); without gradient, chunking is free and always bounds memory.
+NO_GRAD_CLASS_CHUNK = 256
+
+
 class PromptLearner(nn.Module):
     """Learnable prompts for ``classnames``; ``forward()`` gives (C, D) L2-normalised class text features.
 
@@ -511,177 +739,166 @@ class PromptLearner(nn.Module):
         self.device = torch.device(loaded.device)
         model = loaded.model
         model.requires_grad_(False)
-        tower = _text_tower(model)
-        self._tower = tower
-        scheme = _token_scheme(
+        self._tower = tower = _text_tower(model)
+        self._scheme = scheme = _token_scheme(
             loaded.tokenizer,
             tower.context_length if isinstance(tower, _NativeTower) else int(model.text.context_length),
             pad_id=tower.pad_id,
         )
-        self._scheme = scheme
 
-        init_ids, init_random, pieces = self._layout(scheme)
+        names = _class_name_ids(scheme, self.classnames)
+        layout = _coop_layout if config.method == "coop" else _template_layout
+        init_ids, init_random, pieces = layout(config, scheme, names)
         # context tokens per class (0 for cls-tuning)
         self.n_ctx = len(init_ids.get("ctx", [])) // (len(classnames) if config.csc else 1)
+        offsets = self._register_learnable(init_ids, init_random, generator)
+        self._param_order = list(init_ids)
+
+        placeholder = (scheme.encode(_PLACEHOLDER) or [scheme.pad_id])[0]
+        sequences, sources, learnable_at = _assemble(
+            pieces, scheme, offsets, init_random, placeholder, self.classnames
+        )
+        ids = _padded_ids(sequences, scheme, self.device)
+        pool_index = tower.pool_index(ids)
+        self._plan_computation(sequences, sources, pool_index)
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("pool_index", pool_index, persistent=False)
+        for name, values in zip(("_rows_c", "_rows_p", "_rows_src"), learnable_at):
+            self.register_buffer(
+                name, torch.tensor(values, dtype=torch.long, device=self.device), persistent=False
+            )
+        self._plans: dict[tuple[int | None, str], tuple[tuple[RowChunk, tuple[torch.Tensor, ...]], ...]] = {}
+
+    def _register_learnable(
+        self, init_ids: dict[str, list[int]], init_random: set[str], generator: torch.Generator | None
+    ) -> dict[str, int]:
+        """Create the learnable tensors (from token embeddings or random); their row offsets in the bank."""
+        tower, n_cls = self._tower, len(self.classnames)
         offsets, total = {}, 0
         for name, ids in init_ids.items():
             with torch.no_grad():
                 if name in init_random:
-                    shape = (len(ids), tower.width)
-                    value = torch.empty(shape, dtype=torch.float32).normal_(
-                        0.0, config.init_std, generator=generator
+                    value = torch.empty((len(ids), tower.width), dtype=torch.float32).normal_(
+                        0.0, self.config.init_std, generator=generator
                     )
                 else:
                     value = tower.embed_ids(torch.tensor(ids, dtype=torch.long, device=self.device)).float()
-            if name in ("ctx", "ctx_suffix") and config.csc:
-                value = value.reshape(len(classnames), -1, tower.width)
+            if name in ("ctx", "ctx_suffix") and self.config.csc:
+                value = value.reshape(n_cls, -1, tower.width)
             self.register_parameter(name, nn.Parameter(value.to(self.device).clone()))
             offsets[name] = total
             total += len(ids)
+        return offsets
 
-        placeholder = (scheme.encode(_PLACEHOLDER) or [scheme.pad_id])[0]
-        sequences, sources, (rows_c, rows_p, rows_src) = _assemble(
-            pieces, scheme, offsets, init_random, placeholder, self.classnames
-        )
-        length = scheme.context_length
-        ids = torch.full((len(classnames), length), scheme.pad_id, dtype=torch.long)
-        for c, seq in enumerate(sequences):
-            ids[c, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        ids = ids.to(self.device)
-        pool_index = tower.pool_index(ids)
-        last_content = max(len(s) for s in sequences) - 1
+    def _plan_computation(
+        self, sequences: list[list[int]], sources: list[list[tuple[str, int]]], pool_index: torch.Tensor
+    ) -> None:
+        """Which path forward() takes and how many tokens each class needs on it.
 
-        # How much of the sequence forward() must compute, and whether the prefix can be shared.
+        Tokens after a class's last content token and its pooled token cannot change its feature
+        when the tower can truncate; with a causal tower the prefix shared by all classes (start
+        token and shared context) is computed once, and each class then needs only its own tokens
+        up to the pooled one.
+        """
+        tower = self._tower
+        length = self._scheme.context_length
+        pooled = [int(p) for p in pool_index.tolist()]
         self.full_length = length
         if tower.can_truncate():
-            self.seq_len = int(max(last_content, int(pool_index.max())) + 1)
+            needed = [max(len(s) - 1, p) + 1 for s, p in zip(sequences, pooled)]
         else:
-            self.seq_len = length
-        common = 0
-        while common < min(len(s) for s in sources) and all(s[common] == sources[0][common] for s in sources):
-            common += 1
-        common = min(common, int(pool_index.min()))
+            needed = [length] * len(sequences)
+        self.seq_len = max(needed)
+        common = min(_common_prefix(sources), min(pooled))
         shared = isinstance(tower, _NativeTower) and tower.prefix_sharing_supported() and common >= 2
         self.shared_prefix_len = common if shared else 0
         self.fast_path = "shared-prefix" if shared else ("truncated" if self.seq_len < length else "full")
-
-        self.register_buffer("token_ids", ids, persistent=False)
-        self.register_buffer("pool_index", pool_index, persistent=False)
-        with torch.no_grad():
-            fixed = tower.embed_ids(ids[:, : self.seq_len])
-            self.register_buffer("fixed_embeddings", fixed.detach().clone(), persistent=False)
-            pad_embedding = tower.embed_ids(torch.tensor([scheme.pad_id], device=self.device))[0]
-            self.register_buffer("pad_embedding", pad_embedding.detach().clone(), persistent=False)
-        device = self.device
-        self.register_buffer(
-            "_rows_c", torch.tensor(rows_c, dtype=torch.long, device=device), persistent=False
-        )
-        self.register_buffer(
-            "_rows_p", torch.tensor(rows_p, dtype=torch.long, device=device), persistent=False
-        )
-        self.register_buffer(
-            "_rows_src", torch.tensor(rows_src, dtype=torch.long, device=device), persistent=False
-        )
-        self._param_order = list(init_ids)
-
-    # ---- layout
-
-    def _layout(self, scheme: _TokenScheme) -> tuple[dict[str, list[int]], set[str], list[list[_Piece]]]:
-        """Per learnable tensor, the ids it starts from (flattened rows); which start random; per class, pieces."""
-        cfg = self.config
-        names = [scheme.encode(n) for n in self.classnames]
-        for name, tokens in zip(self.classnames, names):
-            if not tokens:
-                raise InputError(
-                    "class name has no tokens", where=f"class {name!r}", hint="use a word as class name"
-                )
-        n_cls = len(names)
-        init: dict[str, list[int]] = {}
-        random: set[str] = set()
-        pieces: list[list[_Piece]] = []
-
-        if cfg.method == "coop":
-            if cfg.ctx_init is not None:
-                ctx_ids = scheme.encode(cfg.ctx_init)
-                if not ctx_ids:
-                    raise InputError("ctx_init has no tokens", where="--ctx-init", hint='e.g. "a photo of a"')
-            else:
-                ctx_ids = [(scheme.encode(_PLACEHOLDER) or [scheme.pad_id])[0]] * cfg.n_ctx
-                random.add("ctx")
-            m = len(ctx_ids)
-            init["ctx"] = ctx_ids * n_cls if cfg.csc else list(ctx_ids)
-            tail = scheme.encode(_COOP_TAIL)
-            half = m // 2
-            for c, name in enumerate(names):
-                base = c * m if cfg.csc else 0
-                rows = [base + i for i in range(m)]
-
-                def ctx(lo: int, hi: int, rows: list[int] = rows) -> _Piece:
-                    return _Piece(ctx_ids[lo:hi], "ctx", rows[lo:hi])
-
-                if cfg.class_position == "end":
-                    seq = [ctx(0, m), _Piece(name), _Piece(tail)]
-                elif cfg.class_position == "front":
-                    seq = [_Piece(name), ctx(0, m), _Piece(tail)]
-                else:
-                    seq = [ctx(0, half), _Piece(name), ctx(half, m), _Piece(tail)]
-                pieces.append([p for p in seq if p.ids])
-            return init, random, pieces
-
-        before, after = (scheme.encode(part) if part.strip() else [] for part in cfg.template.split("{}"))
-        init["class_tokens"] = [t for name in names for t in name]
-        starts = [0]
-        for name in names:
-            starts.append(starts[-1] + len(name))
-        if cfg.method == "full-prompt":
-            if before:
-                init["ctx"] = before * n_cls if cfg.csc else list(before)
-            if after:
-                init["ctx_suffix"] = after * n_cls if cfg.csc else list(after)
-        for c, name in enumerate(names):
-            cls_piece = _Piece(name, "class_tokens", list(range(starts[c], starts[c] + len(name))))
-            if cfg.method == "cls-tuning":
-                seq = [_Piece(before), cls_piece, _Piece(after)]
-            else:
-                b0 = c * len(before) if cfg.csc else 0
-                a0 = c * len(after) if cfg.csc else 0
-                seq = [
-                    _Piece(before, "ctx", list(range(b0, b0 + len(before)))),
-                    cls_piece,
-                    _Piece(after, "ctx_suffix", list(range(a0, a0 + len(after)))),
-                ]
-            pieces.append([p for p in seq if p.ids])
-        return init, random, pieces
+        # per class, the tokens its group is computed to (after the shared prefix on that path)
+        self.needed_tokens = [p - common + 1 for p in pooled] if shared else needed
 
     # ---- forward
 
     def _learnable_rows(self) -> torch.Tensor:
         return torch.cat([getattr(self, name).reshape(-1, self._tower.width) for name in self._param_order])
 
-    def prompt_embeddings(self, length: int | None = None) -> torch.Tensor:
-        """(C, length, W) token embeddings of the prompts (default: the length forward() computes)."""
+    def prompt_embeddings(self, length: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, length, W) token embeddings of the prompts (default: the length forward() computes);
+        with ``rows``, of those classes only, in that order."""
         length = self.seq_len if length is None else length
-        fixed = self.fixed_embeddings
-        if length > fixed.shape[1]:
-            pad = self.pad_embedding.view(1, 1, -1).expand(fixed.shape[0], length - fixed.shape[1], -1)
-            fixed = torch.cat([fixed, pad], dim=1)
-        else:
-            fixed = fixed[:, :length]
-        rows = self._learnable_rows().to(fixed.dtype)
-        return fixed.index_put((self._rows_c, self._rows_p), rows[self._rows_src])
+        if rows is None:
+            rows = torch.arange(len(self.classnames), device=self.token_ids.device)
+            return self._embeddings(length, rows, (self._rows_c, self._rows_p, self._rows_src))
+        return self._embeddings(length, rows, self._chunk_put(rows))
+
+    def _chunk_put(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(class within ``rows``, position, bank row) of the learnable positions of those classes."""
+        local = torch.full((len(self.classnames),), -1, dtype=torch.long, device=rows.device)
+        local[rows] = torch.arange(len(rows), device=rows.device)
+        at = local[self._rows_c]
+        keep = at >= 0
+        return at[keep], self._rows_p[keep], self._rows_src[keep]
+
+    def chunks(self, size: int | None) -> tuple[RowChunk, ...]:
+        """The classes in chunks of at most ``size`` (None or 0: one chunk), each grouped by needed length."""
+        return tuple(chunk for chunk, _ in self._plan(size))
+
+    def _plan(self, size: int | None) -> tuple[tuple[RowChunk, tuple[torch.Tensor, ...]], ...]:
+        if size is not None and (size <= 0 or size >= len(self.classnames)):
+            size = None
+        device = self.token_ids.device
+        key = (size, str(device))
+        if key not in self._plans:
+            self._plans[key] = tuple(
+                (chunk, self._chunk_put(chunk.rows))
+                for chunk in plan_chunks(self.needed_tokens, size, device)
+            )
+        return self._plans[key]
 
     def forward(self) -> torch.Tensor:
-        """(C, D) float32 L2-normalised class text features, skipping computation that cannot matter."""
-        x = self.prompt_embeddings()
-        if self.fast_path == "shared-prefix":
-            feats = self._forward_shared_prefix(x)
+        """(C, D) float32 L2-normalised class text features, skipping computation that cannot matter.
+
+        Classes are grouped by the tokens they need; with ``class_chunk`` (and always without
+        gradient) they are computed in chunks of classes so memory does not grow with their number.
+        """
+        params = [getattr(self, name) for name in self._param_order]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        size = self.config.class_chunk if grad else (self.config.class_chunk or NO_GRAD_CLASS_CHUNK)
+        plan = self._plan(size)
+        puts = {id(chunk): put for chunk, put in plan}
+        single = len(plan) == 1
+
+        def compute(chunk: RowChunk) -> torch.Tensor:
+            return self._features(chunk, puts[id(chunk)], single)
+
+        return chunked_rows(compute, [chunk for chunk, _ in plan], len(self.classnames), params)
+
+    def _features(self, chunk: RowChunk, put: tuple[torch.Tensor, ...], single: bool) -> torch.Tensor:
+        """Normalised features of ``chunk.rows`` (in that order)."""
+        if self.fast_path == "full":
+            x = self._embeddings(self.full_length, chunk.rows, put)
+            feats = self._tower.encode(x, self.token_ids[chunk.rows], self.pool_index[chunk.rows])
         else:
-            feats = self._tower.encode(x, self.token_ids[:, : self.seq_len], self.pool_index)
+            x = self._embeddings(self.seq_len, chunk.rows, put)
+            if self.fast_path == "shared-prefix":
+                feats = self._forward_shared_prefix(x) if single else self._forward_shared_prefix(x, chunk)
+            else:
+                ids, pool = self.token_ids[chunk.rows, : self.seq_len], self.pool_index[chunk.rows]
+                feats = encode_grouped(self._tower.encode, x, ids, pool, chunk.groups)
         return F.normalize(feats.float(), dim=-1)
 
-    def _forward_shared_prefix(self, x: torch.Tensor) -> torch.Tensor:
+    def _embeddings(self, length: int, rows: torch.Tensor, put: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(len(rows), length, W): the fixed tokens' embeddings with the learnable rows put in (``put``)."""
+        with torch.no_grad():
+            fixed = self._tower.embed_ids(self.token_ids[rows, :length])
+        learned = self._learnable_rows().to(fixed.dtype)
+        return fixed.index_put(put[:2], learned[put[2]])
+
+    def _forward_shared_prefix(self, x: torch.Tensor, chunk: RowChunk | None = None) -> torch.Tensor:
+        """Features of the rows of ``x`` (those of ``chunk``; default: the one chunk of all classes)."""
         assert isinstance(self._tower, _NativeTower)
-        return self._tower.encode_shared_prefix(x, self.shared_prefix_len, self.pool_index)
+        chunk = self._plan(None)[0][0] if chunk is None else chunk
+        p = self.shared_prefix_len
+        return self._tower.encode_packed(x[:1, :p], x[:, p:], chunk.groups)
 
     def forward_plain(self) -> torch.Tensor:
         """The same features computed the straightforward way: full context length, every class separately."""
