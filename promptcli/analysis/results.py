@@ -77,7 +77,10 @@ def _variant(noise: Any, split: Any) -> str:
         parts.append(f"{str(split['method']).upper()} split")
     labels = noise.get("labels") if isinstance(noise, dict) else None
     if labels == "pseudo":
-        parts.append("pseudo-labels")
+        method = noise.get("method")
+        parts.append(f"{method} pseudo-labels" if method else "pseudo-labels")
+    elif labels == "transductive":
+        parts.append("transductive")
     elif labels == "cleaned":
         parts.append("cleaned")
     return ", ".join(parts)

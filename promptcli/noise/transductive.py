@@ -1,0 +1,276 @@
+"""Transductive class posteriors over every image of a features file, labelled or not.
+
+A mixture model in the spirit of TransCLIP (NeurIPS 2024): each image i of the whole file
+(labelled or not) has a true class k, and its evidence for k combines the zero-shot prior with the
+file's own cluster structure,
+
+    evidence_i(k) = a * log p_prior(k | x_i) + s * cos(x_i - m, c_k^(-i))
+
+with m the mean feature of all images and c_k^(-i) class k's q-weighted centroid of the other
+images' centred, normalised features (the leave-one-out centroids of
+:mod:`promptcli.noise.label_posterior`, now over thousands of unlabelled images rather than the
+labelled few). Rows that carry a given label (``labels[i] >= 0``) add the symmetric noise channel
+``log P(y_i | k)`` (rate r estimated from them, as in ``label_posterior``). Balancing the classes in
+the E-step (entropic transport, equal mass per class) was measured and labelled the demo worse
+(docs/cleaning.md), so the proportions are left to the evidence.
+
+Naming clusters by the labels (``name_by_labels``): the prior names every cluster, and where it
+confuses two classes it can hand a whole cluster the wrong name, which the few noisy labels in the
+cluster cannot undo row by row. Under symmetric noise the given labels still name each true class
+by plurality (at 75% noise and 10 classes, 25% against 8.3% for each wrong class), so after the
+unlabelled clustering (half the rounds) the clusters are renamed by the assignment (Hungarian)
+that maximises the posterior mass of labelled rows whose label equals their cluster's name, plus a
+little of the prior's votes (:func:`name_clusters`); posterior and prior are permuted with the names
+(the prior's evidence for its own name of a cluster now speaks for the new name) and the EM
+continues with the labels' channel.
+
+The result gives every image of the file a class posterior, which ``pseudolabel --method
+transductive`` (optionally ``--labels``) turns into a labels file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from promptcli.noise.label_posterior import (
+    INITIAL_RATE,
+    RATE_MARGIN,
+    centred_directions,
+    leave_one_out_cosine,
+    log_channel,
+    max_noise_rate,
+)
+
+DEFAULT_ROUNDS = 10
+DEFAULT_PRIOR_WEIGHT = 1.0
+DEFAULT_CENTROID_FRACTION = 0.25  # of the logit scale
+# Weight of the prior's votes when the labels name clusters, relative to one labelled row; chosen
+# on the demo's seeds 1-3 (docs/cleaning.md): 0.1 never lost there, 0.25 and more let the prior's
+# systematic confusions win again.
+PRIOR_VOTES = 0.1
+
+
+@dataclass
+class TransductiveResult:
+    """Per-image class posteriors of the whole file and what the fit found."""
+
+    posterior: torch.Tensor  # (N, C) float64, rows sum to 1
+    noise_rate: float | None  # estimated from the labelled rows; None without labels
+    naming: list[int]  # naming[k] = the class the k-th prior-named cluster was given by the labels
+    prior_weight: float
+    centroid_scale: float
+    rounds: int
+
+    @property
+    def renamed(self) -> list[tuple[int, int]]:
+        """(prior's name, new name) of every cluster the labels renamed."""
+        return [(k, j) for k, j in enumerate(self.naming) if k != j]
+
+
+def name_clusters(
+    q: torch.Tensor,
+    labels: torch.Tensor,
+    prior_probs: torch.Tensor | None = None,
+    prior_votes: float = PRIOR_VOTES,
+) -> list[int]:
+    """The cluster -> class permutation that the given labels (and, a little, the prior) agree with most.
+
+    ``labels`` (N,) with -1 for unlabelled rows. The score of naming cluster k as class j is the
+    q-mass of labelled rows labelled j in cluster k, plus ``prior_votes`` x the cluster's expected
+    zero-shot votes for j (``prior_probs``, all rows) scaled to the labelled rows' count. Solved
+    exactly (Hungarian, scipy); where renaming gains nothing the prior's names stay.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n_classes = q.shape[1]
+    known = labels >= 0
+    score = q[known].t() @ torch.nn.functional.one_hot(labels[known], n_classes).to(q.dtype)
+    if prior_probs is not None and prior_votes > 0:
+        score = score + prior_votes * (q.t() @ prior_probs.to(q.dtype)) * (known.sum() / len(labels))
+    rows, cols = linear_sum_assignment(score.cpu().numpy(), maximize=True)
+    naming = [0] * n_classes
+    for k, j in zip(rows.tolist(), cols.tolist()):
+        naming[k] = j
+    base = float(score.diagonal().sum())
+    best = float(score[torch.arange(n_classes), torch.tensor(naming)].sum())
+    return naming if best > base + 1e-9 else list(range(n_classes))
+
+
+def transductive_posterior(
+    features: torch.Tensor,
+    prior_log_probs: torch.Tensor,
+    *,
+    centroid_scale: float,
+    labels: torch.Tensor | None = None,
+    prior_weight: float = DEFAULT_PRIOR_WEIGHT,
+    rounds: int = DEFAULT_ROUNDS,
+    name_by_labels: bool = True,
+    noise_rate: float | None = None,
+) -> TransductiveResult:
+    """EM over the true classes of every image (see the module docstring).
+
+    ``features`` (N, D), ``prior_log_probs`` (N, C) zero-shot log-probabilities; ``labels`` (N,)
+    given class indices, -1 where a row has none (None: no labels at all). ``noise_rate`` fixes r.
+    """
+    n, n_classes = prior_log_probs.shape
+    if features.shape[0] != n:
+        raise ValueError(f"features {tuple(features.shape)} and prior {(n, n_classes)} disagree")
+    if n_classes < 2:
+        raise ValueError("need at least two classes")
+    if not torch.isfinite(features).all():
+        raise ValueError("features must be finite")
+    if torch.isnan(prior_log_probs).any() or (prior_log_probs > 1e-6).any():
+        raise ValueError("prior log-probabilities must be <= 0 (-inf allowed), not NaN")
+    if labels is not None:
+        labels = labels.long()
+        if labels.shape[0] != n:
+            raise ValueError(f"labels {tuple(labels.shape)} and features {tuple(features.shape)} disagree")
+        if labels.max().item() >= n_classes or labels.min().item() < -1:
+            raise ValueError("labels must be class indices, or -1 for unlabelled rows")
+        if not (labels >= 0).any():
+            labels = None
+    limit = max_noise_rate(n_classes)
+    if noise_rate is not None and not 0.0 <= noise_rate < limit:
+        raise ValueError(f"noise rate must be in [0, {limit:.4f}), got {noise_rate}")
+    directions = centred_directions(features)
+    prior = prior_weight * prior_log_probs.double().clamp_min(-1e4)
+    known = None if labels is None else labels >= 0
+    rate = (INITIAL_RATE if noise_rate is None else noise_rate) if labels is not None else None
+
+    def channel() -> torch.Tensor:
+        out = torch.zeros(n, n_classes, dtype=torch.float64, device=prior.device)
+        if labels is not None:
+            out[known] = log_channel(labels[known], n_classes, rate)
+        return out
+
+    # Clusters first, from the prior and the features alone: half the rounds.
+    naming = list(range(n_classes))
+    q = torch.softmax(prior, dim=1)
+    cluster_rounds = rounds // 2 if labels is not None else rounds
+    for _ in range(cluster_rounds):
+        q = torch.softmax(prior + centroid_scale * leave_one_out_cosine(directions, q), dim=1)
+    if labels is not None:
+        if name_by_labels:
+            naming = name_clusters(q, labels, prior_log_probs.double().exp())
+            if naming != list(range(n_classes)):
+                inverse = torch.argsort(torch.tensor(naming, device=q.device))
+                # the prior's evidence for its own name of a cluster now speaks for the new name
+                q, prior = q[:, inverse], prior[:, inverse]
+        # then the labels' channel joins in
+        for _ in range(rounds - cluster_rounds):
+            evidence = prior + centroid_scale * leave_one_out_cosine(directions, q)
+            q = torch.softmax(evidence + channel(), dim=1)
+            if noise_rate is None:
+                agree = q[known].gather(1, labels[known][:, None]).mean().item()
+                rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
+    if not torch.isfinite(q).all():
+        raise ValueError("the transductive posterior is not finite (non-finite features or prior?)")
+    return TransductiveResult(q, rate, naming, prior_weight, centroid_scale, rounds)
+
+
+def given_labels(n_rows: int, rows: np.ndarray, labels: np.ndarray, where: str) -> torch.Tensor:
+    """(N,) class index per feature row from joined label rows, -1 where a row has no label.
+
+    A feature row labelled twice is an error (which label would count is otherwise arbitrary)."""
+    from promptcli.errors import InputError
+
+    out = torch.full((n_rows,), -1, dtype=torch.long)
+    seen, counts = np.unique(rows, return_counts=True)
+    if len(seen) < len(rows):
+        raise InputError(
+            f"{int((counts > 1).sum())} image(s) are labelled more than once",
+            where=where,
+            hint="give each path one row",
+        )
+    out[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(labels, dtype=torch.long)
+    return out
+
+
+def transductive_predict(
+    features: np.ndarray,
+    prior_log_probs: np.ndarray,
+    scale: float,
+    labels: torch.Tensor | None = None,
+    *,
+    prior_weight: float = DEFAULT_PRIOR_WEIGHT,
+    centroid_fraction: float = DEFAULT_CENTROID_FRACTION,
+    rounds: int = DEFAULT_ROUNDS,
+) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+    """Labels, confidences and a record of the fit for every row (``pseudolabel --method transductive``).
+
+    ``prior_log_probs`` are zero-shot log-probabilities, ``scale`` the model's logit scale (the
+    centroid weight is ``centroid_fraction x scale``), ``labels`` as in :func:`transductive_posterior`.
+    """
+    result = transductive_posterior(
+        torch.as_tensor(np.asarray(features, dtype=np.float32)),
+        torch.as_tensor(prior_log_probs),
+        centroid_scale=centroid_fraction * scale,
+        labels=labels,
+        prior_weight=prior_weight,
+        rounds=rounds,
+    )
+    q = result.posterior.cpu().numpy()
+    record: dict[str, object] = {
+        "method": "transductive",
+        "prior_weight": prior_weight,
+        "centroid_scale": result.centroid_scale,
+        "logit_scale": scale,
+        "rounds": rounds,
+        "n_labelled": 0 if labels is None else int((labels >= 0).sum()),
+        "noise_rate": result.noise_rate,
+        "renamed_clusters": [list(pair) for pair in result.renamed],
+    }
+    return q.argmax(axis=1).astype(np.int64), q.max(axis=1), record
+
+
+def transductive_fit(
+    loaded: object,
+    fs: object,
+    prompt_names: list[str],
+    templates: list[str],
+    labels_path: Path | None,
+    *,
+    skip_missing: bool = False,
+) -> tuple[object, np.ndarray, dict[str, object]]:
+    """``pseudolabel --method transductive``: (predictions, the zero-shot argmax, the fit's record).
+
+    ``loaded`` is the features' model, ``fs`` the features file, ``labels_path`` an optional labels
+    CSV (joined by path) whose labels join the fit."""
+    from promptcli.analysis.evaluation import zero_shot_class_logits
+    from promptcli.errors import InputError
+    from promptcli.io.fileio import sha256_file
+    from promptcli.io.labels import join_labels, read_labels
+    from promptcli.io.sidecar import noise_summary, read_noise_sidecar
+    from promptcli.models.zeroshot import logit_scale
+    from promptcli.noise.pseudolabels import Predictions
+
+    feats = torch.as_tensor(np.asarray(fs.features, dtype=np.float32), device=loaded.device)
+    if not torch.isfinite(feats).all():
+        bad = int((~torch.isfinite(feats).all(dim=1)).sum())
+        raise InputError(
+            f"{bad} feature row(s) are not finite (NaN or inf)",
+            where=str(fs.path),
+            hint="extract the features again",
+        )
+    logits = zero_shot_class_logits(loaded, prompt_names, templates, feats).double()
+    log_probs = torch.log_softmax(logits, dim=1).cpu()
+    given, labels_record = None, None
+    if labels_path is not None:
+        joined = join_labels(fs, read_labels(labels_path), skip_missing=skip_missing)
+        given = given_labels(len(fs), joined.rows, joined.labels, where=str(labels_path))
+        labels_record = {
+            "path": str(labels_path),
+            "sha256": sha256_file(labels_path),
+            "rows": len(joined.rows),
+            "noise": noise_summary(read_noise_sidecar(labels_path, lambda _: None)),
+        }
+    pred, confidence, record = transductive_predict(
+        fs.features, log_probs.numpy(), logit_scale(loaded), given
+    )
+    if labels_record is not None:
+        record["labels"] = labels_record
+    return Predictions(pred, confidence), log_probs.argmax(dim=1).numpy(), record

@@ -1,0 +1,160 @@
+"""promptcli.noise.transductive and `pseudolabel --method transductive`: the mixture over all images,
+cluster naming by the given labels, provenance and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from promptcli.errors import InputError
+from promptcli.io.sidecar import noise_summary
+from promptcli.noise.transductive import given_labels, name_clusters, transductive_posterior
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _clusters(n_per_class=60, n_classes=10, dim=32, spread=0.35, seed=0):
+    """Well-separated unit-norm clusters: (features, true class)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(n_classes, dim, generator=g), dim=1)
+    truth = torch.arange(n_classes).repeat_interleave(n_per_class)
+    x = centres[truth] + spread * torch.randn(len(truth), dim, generator=g) / dim**0.5
+    return torch.nn.functional.normalize(x, dim=1), truth
+
+
+def _swapped_prior(truth, n_classes, swap=(0, 1), strength=1.0):
+    """A zero-shot prior that is right except that it calls class swap[0] swap[1] and vice versa."""
+    named = truth.clone()
+    named[truth == swap[0]], named[truth == swap[1]] = swap[1], swap[0]
+    logits = strength * torch.nn.functional.one_hot(named, n_classes).double()
+    return torch.log_softmax(logits, dim=1)
+
+
+def _symmetric_noise(truth, n_classes, labelled, rate, seed=0):
+    """Given labels on ``labelled`` rows from `corrupt`'s exact symmetric noise (per class); -1 elsewhere."""
+    from promptcli.noise.corruption import corrupt_labels
+
+    y = corrupt_labels(truth[labelled].numpy(), n_classes, rate, "symmetric", seed, True, None)
+    labels = torch.full((len(truth),), -1, dtype=torch.long)
+    labels[torch.as_tensor(labelled)] = torch.as_tensor(y)
+    return labels
+
+
+def test_name_clusters_renames_by_plurality_and_keeps_ties():
+    q = torch.eye(3, dtype=torch.float64).repeat_interleave(4, dim=0)  # 3 pure clusters of 4 rows
+    labels = torch.tensor([1, 1, 0, 2, 0, 0, 2, 1, 2, 2, 0, -1])  # cluster 0 says 1, cluster 1 says 0
+    assert name_clusters(q, labels) == [1, 0, 2]
+    assert name_clusters(q, torch.full((12,), -1)) == [0, 1, 2]  # no labels: the prior's names stay
+
+
+def test_labels_fix_a_cluster_the_prior_misnames_even_at_75_percent_noise():
+    x, truth = _clusters()
+    prior = _swapped_prior(truth, 10)
+    unsupervised = transductive_posterior(x, prior, centroid_scale=10.0)
+    pred = unsupervised.posterior.argmax(dim=1)
+    assert (pred[truth == 0] == 1).float().mean() > 0.9  # without labels the swap stays
+    assert unsupervised.noise_rate is None and unsupervised.renamed == []
+    labelled = np.arange(0, len(truth), 3)  # a third of the images labelled, 3 in 4 labels wrong
+    labels = _symmetric_noise(truth, 10, labelled, 0.75, seed=3)
+    # the given labels are right on a quarter of the rows only ...
+    assert (labels[labelled] == truth[labelled]).float().mean() == pytest.approx(0.25, abs=0.01)
+    result = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels)
+    accuracy = (result.posterior.argmax(dim=1) == truth).float().mean()
+    assert accuracy > 0.95  # ... and still name the swapped clusters
+    assert sorted(result.renamed) == [(0, 1), (1, 0)]
+    assert result.noise_rate == pytest.approx(0.75, abs=0.02)  # estimated from the labelled rows
+    torch.testing.assert_close(result.posterior.sum(dim=1), torch.ones(len(truth), dtype=torch.float64))
+
+
+def test_without_naming_the_labels_do_not_rename_whole_clusters():
+    x, truth = _clusters(seed=1)
+    prior = _swapped_prior(truth, 10, strength=3.0)
+    labels = _symmetric_noise(truth, 10, np.arange(0, len(truth), 3), 0.75, seed=3)
+    plain = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels, name_by_labels=False)
+    named = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels)
+    accuracy = [(r.posterior.argmax(dim=1) == truth).float().mean().item() for r in (plain, named)]
+    assert accuracy[0] < 0.85 and accuracy[1] > 0.95  # the prior's swapped pair stays wrong without naming
+
+
+def test_bad_inputs_are_errors():
+    x, truth = _clusters(n_per_class=2)
+    prior = _swapped_prior(truth, 10)
+    bad = x.clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        transductive_posterior(bad, prior, centroid_scale=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        transductive_posterior(x, prior.masked_fill(prior < -0.5, float("nan")), centroid_scale=1.0)
+    with pytest.raises(ValueError, match="class indices"):
+        transductive_posterior(x, prior, centroid_scale=1.0, labels=torch.full((20,), 10))
+    with pytest.raises(ValueError, match="disagree"):
+        transductive_posterior(x[:5], prior, centroid_scale=1.0)
+    with pytest.raises(InputError, match="more than once"):
+        given_labels(20, np.array([1, 2, 1]), np.array([0, 1, 2]), where="noisy.csv")
+
+
+def _csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_transductive_with_and_without_labels(run_cli, noisy_labels, tmp_path):
+    features, labels = noisy_labels["features"], noisy_labels["labels"]
+    out = tmp_path / "t.csv"
+    code, stdout, stderr = run_cli("pseudolabel", features, "--method", "transductive", "-o", out, "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    rows = _csv(out)
+    assert len(rows) == summary["n_images"] == summary["n_kept"]  # every image labelled
+    assert summary["method"] == "transductive" and summary["transductive"]["n_labelled"] == 0
+    truth_acc = np.mean([r["label"] == r["clean_label"] for r in rows])
+    assert summary["transductive_accuracy"] == pytest.approx(truth_acc)
+    assert 0 <= summary["zero_shot_accuracy"] <= 1  # the zero-shot accuracy, measured separately
+    record = noise_summary(json.loads(out.with_name("t.csv.json").read_text()))
+    assert record["labels"] == "pseudo" and record["method"] == "transductive"
+
+    named = tmp_path / "named.csv"
+    code, stdout, stderr = run_cli(
+        "pseudolabel",
+        features,
+        "--method",
+        "transductive",
+        "--labels",
+        labels,
+        "--top-k",
+        "2",
+        "-o",
+        named,
+        "--json",
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    given = summary["transductive"]["labels"]
+    assert given["path"] == str(labels) and given["rows"] == len(_csv(labels))
+    assert given["noise"]["type"] == "symmetric" and given["noise"]["rate"] == pytest.approx(0.34)
+    assert 0 < summary["transductive"]["noise_rate"] < 0.9
+    assert len(_csv(named)) <= 2 * len(summary["classes"])
+    record = noise_summary(json.loads(named.with_name("named.csv.json").read_text()))
+    assert record["labels"] == "transductive" and record["rate"] == pytest.approx(0.34)
+
+
+def test_cli_labels_need_the_transductive_method(run_cli, noisy_labels, tmp_path):
+    code, _, stderr = run_cli(
+        "pseudolabel", noisy_labels["features"], "--labels", noisy_labels["labels"], "-o", tmp_path / "p.csv"
+    )
+    assert code == 2 and "--labels applies only with --method transductive" in stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_report_draws_transductive_runs_as_their_own_series():
+    from promptcli.analysis.results import _noise, _variant
+
+    pseudo = {"labels": "pseudo", "method": "transductive", "realised_rate": 0.42}
+    assert _variant(pseudo, None) == "transductive pseudo-labels" and _noise(pseudo) == ("none", 0.0)
+    assert _variant({"labels": "pseudo"}, None) == "pseudo-labels"
+    named = {"labels": "transductive", "type": "symmetric", "rate": 0.75}
+    assert _variant(named, None) == "transductive" and _noise(named) == ("symmetric", 0.75)
