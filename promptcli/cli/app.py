@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 import typer
@@ -130,6 +132,18 @@ def usage_message(exc: Exception) -> str:
     return f"{where + ': ' if where and where not in message else ''}{message} — {help_hint}"
 
 
+def _stop_writing_stdout() -> None:
+    """After the reader of stdout went away (``| head``): exit quietly, the way ``yes | head`` does.
+
+    stdout now points at /dev/null so the interpreter's final flush cannot fail (Python would print
+    "Exception ignored ... BrokenPipeError" and exit 120); the exit status is 1.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _error(message: str) -> None:
     sys.stderr.write(f"Error: {message}\n")
     sys.stderr.flush()
@@ -162,9 +176,14 @@ def main(argv: list[str] | None = None) -> None:
         _error(usage_message(exc))
         sys.exit(EXIT_BAD_INPUT)
     except BrokenPipeError:
-        sys.stderr.close()
+        _stop_writing_stdout()
         sys.exit(EXIT_RUNTIME)
     except Exception as exc:
+        from promptcli.io.fileio import disk_full_error, is_disk_full
+
+        if is_disk_full(exc):  # a write outside promptcli's own file helpers
+            _error(disk_full_error(getattr(exc, "filename", None) and Path(exc.filename).parent).message)
+            sys.exit(EXIT_RUNTIME)
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import inspect
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from promptcli.errors import InputError
+from promptcli.errors import InputError, RuntimeFailure
 
 STDIO = "-"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -138,8 +139,12 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()  # stale: its writer is gone
             continue
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(f"{os.getpid()}\n")
+        try:
+            with disk_full_guard(parent), os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(f"{os.getpid()}\n")
+        except BaseException:
+            lock.unlink()
+            raise
         break
     else:
         raise InputError("could not take the output lock", where=lock, hint="delete it if no promptcli runs")
@@ -185,17 +190,67 @@ def apply_default_mode(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os error 28", "errno = 28")
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def is_disk_full(exc: BaseException, folder: str | Path | None = None) -> bool:
+    """Whether ``exc`` is a write failing for want of space (on ``folder``'s file system, when given).
+
+    OSError carries the errno; h5py and safetensors only say so in their message; torch.save's
+    "file write failed" says nothing, so a write error on a file system left with (almost) no free
+    space counts as well.
+    """
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    if any(text in str(exc) for text in _DISK_FULL_TEXTS):
+        return True
+    if folder is None or not hasattr(os, "statvfs"):
+        return False
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
+
+
+def disk_full_error(folder: str | Path | None) -> RuntimeFailure:
+    """The one-line error for a full disk (exit 1), naming the folder being written."""
+    return RuntimeFailure(
+        "no space left on device (the disk is full)",
+        where=folder,
+        hint="free some space or write to another folder, then rerun (extract and tune: with --resume)",
+    )
+
+
+@contextlib.contextmanager
+def disk_full_guard(folder: str | Path) -> Iterator[None]:
+    """Turn a write that fails for want of space in ``folder`` into :func:`disk_full_error`."""
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, RuntimeFailure) and is_disk_full(exc, folder):
+            raise disk_full_error(folder) from exc
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp", dir=path.parent or "."
-    )
+    folder = path.parent if str(path.parent) else Path(".")
+    with disk_full_guard(folder):
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp", dir=folder
+        )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with disk_full_guard(folder):
+            yield tmp_path
         apply_default_mode(tmp_path)
         os.replace(tmp_path, path)
     finally:
