@@ -1,28 +1,35 @@
-"""Benchmark `promptcli tune`: time per epoch of CoOp's computation against promptcli's, and FLOP efficiency.
+"""Benchmark `promptcli tune`: time per epoch of CoOp's computation against promptcli's, FLOPs, peak memory.
 
-    python benchmarks/bench_tune.py            # 10 and 100 classes, 3 interleaved repeats (~20 min on 2 cores)
-    python benchmarks/bench_tune.py --quick    # 10 classes, 1 repeat (~3 min)
+    python benchmarks/bench_tune.py                         # 10, 100 and 1,000 classes, 3 repeats, memory runs
+    python benchmarks/bench_tune.py --repeats 1 --threads 1 --c-max-steps 5   # what a busy 2-core machine allows
+    python benchmarks/bench_tune.py --quick                 # 10 classes, 1 repeat, no memory runs
 
 Setting (CoOp's): open_clip ViT-B-32 with random weights on CPU, 16 shots per class, batch 32, 16
 learned context vectors shared by all classes, class name at the end, SGD (lr 0.002 with CoOp's
 warm-up epoch at 1e-5, momentum 0.9, weight decay 5e-4), cross-entropy. One epoch is ceil(16 C / 32)
-steps. Three computations of the same training step:
+steps. Class names of realistic, varied token counts: CIFAR-10 (10), CIFAR-100 (100), ImageNet
+(1,000; open_clip's ``IMAGENET_CLASSNAMES``, 1 to 14 tokens). Three computations of the same step:
 
 (a) CoOp's original: every step encodes the batch's 224x224 images with the (frozen) image encoder and
     runs the text transformer with gradient over every class prompt padded to 77 tokens.
 (b) cached image features (as promptcli trains), text pass still the plain 77-token one
     (``PromptLearner.forward_plain``).
-(c) promptcli as shipped: one epoch of ``promptcli.learning.training.train`` (the loop ``promptcli tune`` runs)
-    with the ``coop`` head, whose text pass is ``PromptLearner.forward``: the sequence cut after the
-    longest end-of-text token, the shared [SOS]+context prefix computed once per block. Its epoch time
-    is the one ``train`` reports, which also includes the end-of-epoch training-accuracy pass.
+(c) promptcli as shipped: an epoch of ``promptcli.learning.training.train`` (the loop ``promptcli tune``
+    runs) with the ``coop`` head, whose text pass is ``PromptLearner.forward``: the shared [SOS]+context
+    prefix computed once per block, each class only up to its own end-of-text token (classes grouped
+    by that length, their tokens packed without padding), the last block only for what the
+    end-of-text tokens need. Its epoch time is the one ``train`` reports (it includes the
+    end-of-epoch training-accuracy pass). Epochs longer than ``--c-max-steps`` steps are timed on
+    their first ``--c-max-steps`` batches and extrapolated with the median step time (marked *).
 
-(a) and (b) run the same step by hand (same optimiser, loss, batch order). They are slow (ViT-B-32
-on 1,600 images per epoch at 100 classes), so by default each repeat times ``--ab-steps`` (1) steps
-and the epoch time is extrapolated as steps per epoch x step time (every step has the same shapes);
-``--full-epoch-steps N`` times whole epochs of (a) and (b) when an epoch has at most N steps. The
-table marks extrapolated times. The three are run interleaved ``--repeats`` times and the median of each is kept, so
-load from other processes on the machine hits all three alike.
+(a) and (b) run the same step by hand (same optimiser, loss, batch order). They are slow, so each
+repeat times ``--ab-steps`` (1) steps and the epoch time is extrapolated as steps per epoch x step
+time (every step has the same shapes; ``--full-epoch-steps N`` times whole epochs of up to N steps).
+Above ``--plain-max-classes`` (100) the plain pass over all classes does not fit in memory (CoOp's
+1,000 x 77-token pass with gradient needs ~19 GB of activations: 1,957 MiB measured at 100), so
+their step is composed from a slice of that many classes: (a) = (a) on the slice + (C / slice - 1) x (b) on the slice (the plain
+pass is the same independent 77-token pass per class; marked †). The three are run interleaved
+``--repeats`` times and the median of each is kept.
 
 FLOPs: the warm-up run of each computation runs under ``torch.utils.flop_counter.FlopCounterMode``
 (matmul-type work: linear layers, attention, convolutions; forward and backward as executed). The
@@ -34,6 +41,12 @@ weights are frozen, so there are no weight gradients and the backward costs abou
 not the 2x of full training). The per-token accounting is checked against the counted FLOPs of one
 shipped text pass (``text_forward_formula_shipped_layout`` vs ``text_forward_counted``).
 Peak: the best GFLOP/s of a 2048x2048 float32 matmul with the same threads.
+
+Memory (``--memory-classes``, default the counts >= 100): in a fresh process per measurement, the
+peak resident memory one training step adds (VmHWM after minus VmRSS before, the peak reset through
+/proc/self/clear_refs; glibc told to map every allocation over 16 KiB on its own so frees return):
+plain (b)'s step (up to ``--plain-max-classes``), shipped, shipped with ``--class-chunk
+--memory-chunk`` (50), and a no-gradient text pass (eval).
 
 Nothing is downloaded: the model is built from open_clip's ViT-B-32 config with random weights.
 """
@@ -67,12 +80,15 @@ CIFAR100 = (
 ).split()
 
 
+NAMES = {"imagenet": False}  # --imagenet-names: ImageNet's names at every class count
+
+
 def classnames(n: int) -> list[str]:
     """Realistic names (and token counts): CIFAR-10's for 10 classes, the first ``n`` of CIFAR-100's up
     to 100, of ImageNet's (open_clip's ``IMAGENET_CLASSNAMES``, 1 to 14 tokens) up to 1,000."""
-    if n == 10:
+    if n == 10 and not NAMES["imagenet"]:
         return list(CIFAR10)
-    if n <= len(CIFAR100):
+    if n <= len(CIFAR100) and not NAMES["imagenet"]:
         return [name.replace("_", " ") for name in CIFAR100[:n]]
     from open_clip import IMAGENET_CLASSNAMES
 
@@ -194,8 +210,20 @@ def setup(loaded: Any, n_classes: int, seed: int, class_chunk: int = 0) -> dict[
     }
 
 
-def coop_steps(s: dict[str, Any], loaded: Any, n_steps: int, *, encode_images: bool, seed: int) -> float:
-    """(a) / (b): ``n_steps`` training steps with the plain text pass; returns seconds per step."""
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds: this process's CPU time is what contention on a shared machine does not inflate."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    now = clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def coop_steps(
+    s: dict[str, Any], loaded: Any, n_steps: int, *, encode_images: bool, seed: int
+) -> tuple[float, float]:
+    """(a) / (b): ``n_steps`` training steps with the plain text pass; (wall, CPU) seconds per step."""
     import torch
     import torch.nn.functional as F
 
@@ -208,7 +236,7 @@ def coop_steps(s: dict[str, Any], loaded: Any, n_steps: int, *, encode_images: b
         group["lr"] = optim.lr_at(0)
     batches = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).split(optim.batch_size)
     batches = batches[:n_steps]
-    start = time.perf_counter()
+    start = clock()
     for batch in batches:
         if encode_images:  # CoOp: the frozen image encoder on the batch's pixels, every step
             x = F.normalize(loaded.model.encode_image(s["images"][: len(batch)]), dim=-1)
@@ -219,11 +247,13 @@ def coop_steps(s: dict[str, Any], loaded: Any, n_steps: int, *, encode_images: b
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - start) / len(batches)
+    wall, cpu = since(start)
+    return wall / len(batches), cpu / len(batches)
 
 
-def shipped_epoch(s: dict[str, Any], seed: int, max_steps: int = 0) -> float:
-    """(c): one epoch of ``promptcli.learning.training.train``; the epoch time it reports.
+def shipped_epoch(s: dict[str, Any], seed: int, max_steps: int = 0) -> tuple[float, float]:
+    """(c): one epoch of ``promptcli.learning.training.train``; the epoch time it reports (and the CPU
+    time from the call to its end-of-epoch callback).
 
     With ``max_steps`` and a longer epoch, ``train`` runs an epoch of the first ``max_steps`` batches
     and the rest is extrapolated: its epoch time + (steps - max_steps) x the median time between
@@ -234,23 +264,28 @@ def shipped_epoch(s: dict[str, Any], seed: int, max_steps: int = 0) -> float:
 
     data = s["data"]
     steps = math.ceil(len(data) / BATCH)
-    if not max_steps or steps <= max_steps:
-        result = train(s["head"], data, s["loss"], s["optim"], seed=seed, device="cpu", amp=False)
-        return float(result.history[0]["time"])
-    part = TrainData(features=data.features[: max_steps * BATCH], labels=data.labels[: max_steps * BATCH])
-    stamps: list[float] = []
+    truncated = bool(max_steps) and steps > max_steps
+    if truncated:
+        data = TrainData(features=data.features[: max_steps * BATCH], labels=data.labels[: max_steps * BATCH])
+    stamps: list[tuple[float, float]] = []
+    epoch_end: list[float] = []
+    start = clock()
     result = train(
         s["head"],
-        part,
+        data,
         s["loss"],
         s["optim"],
         seed=seed,
         device="cpu",
         amp=False,
-        on_step=lambda _: stamps.append(time.perf_counter()),
+        on_step=lambda _: stamps.append(clock()),
+        on_epoch=lambda _: epoch_end.append(time.process_time()),
     )
-    step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-    return float(result.history[0]["time"]) + (steps - max_steps) * step
+    wall, cpu = float(result.history[0]["time"]), epoch_end[0] - start[1]
+    if truncated:
+        wall += (steps - max_steps) * statistics.median(b[0] - a[0] for a, b in zip(stamps, stamps[1:]))
+        cpu += (steps - max_steps) * statistics.median(b[1] - a[1] for a, b in zip(stamps, stamps[1:]))
+    return wall, cpu
 
 
 def count_flops(fn) -> tuple[float, int]:
@@ -293,8 +328,10 @@ def shipped_forward_flops(width: int, layers: int, embed: int, prefix: int, suff
     return forward + 2 * len(suffixes) * width * embed
 
 
-def plain_slice_steps(loaded: Any, s_slice: dict[str, Any], seed: int) -> tuple[float, float]:
-    """Seconds of one (a) and one (b) step with a slice of the classes (see ``compose_plain``)."""
+def plain_slice_steps(
+    loaded: Any, s_slice: dict[str, Any], seed: int
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(wall, CPU) seconds of one (a) and one (b) step with a slice of the classes (see ``compose_plain``)."""
     a = coop_steps(s_slice, loaded, 1, encode_images=True, seed=seed)
     b = coop_steps(s_slice, loaded, 1, encode_images=False, seed=seed)
     return a, b
@@ -343,23 +380,31 @@ def bench_classes(loaded: Any, n_classes: int, args: argparse.Namespace) -> dict
     print("  warm-up and FLOP counts done", flush=True)
 
     times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    cpu_times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
     for rep in range(args.repeats):
         if composed:
-            a, b = compose_plain(*plain_slice_steps(loaded, s_plain, rep), ratio)
-            times["a"].append(steps_per_epoch * a)
-            times["b"].append(steps_per_epoch * b)
+            (a_wall, a_cpu), (b_wall, b_cpu) = plain_slice_steps(loaded, s_plain, rep)
+            a = compose_plain(a_wall, b_wall, ratio) + compose_plain(a_cpu, b_cpu, ratio)
+            step = {"a": (a[0], a[2]), "b": (a[1], a[3])}
         else:
-            times["a"].append(steps_per_epoch * coop_steps(s, loaded, ab_steps, encode_images=True, seed=rep))
-            times["b"].append(
-                steps_per_epoch * coop_steps(s, loaded, ab_steps, encode_images=False, seed=rep)
-            )
-        times["c"].append(shipped_epoch(s, rep, args.c_max_steps))
+            step = {
+                "a": coop_steps(s, loaded, ab_steps, encode_images=True, seed=rep),
+                "b": coop_steps(s, loaded, ab_steps, encode_images=False, seed=rep),
+            }
+        for k in ("a", "b"):
+            times[k].append(steps_per_epoch * step[k][0])
+            cpu_times[k].append(steps_per_epoch * step[k][1])
+        c_wall, c_cpu = shipped_epoch(s, rep, args.c_max_steps)
+        times["c"].append(c_wall)
+        cpu_times["c"].append(c_cpu)
         print(
             f"  repeat {rep + 1}/{args.repeats}: (a) {times['a'][-1]:.1f} s  (b) {times['b'][-1]:.1f} s  "
-            f"(c) {times['c'][-1]:.2f} s per epoch",
+            f"(c) {times['c'][-1]:.2f} s per epoch; CPU (a) {cpu_times['a'][-1]:.1f} s  "
+            f"(b) {cpu_times['b'][-1]:.1f} s  (c) {cpu_times['c'][-1]:.2f} s",
             flush=True,
         )
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
 
     w, layers, embed, prefix = lay["width"], lay["layers"], lay["embed"], lay["prefix"]
     minimal_epoch = steps_per_epoch * minimal_step_flops(w, layers, embed, prefix, lay["suffix_own"], BATCH)
@@ -379,6 +424,10 @@ def bench_classes(loaded: Any, n_classes: int, args: argparse.Namespace) -> dict
         "median_seconds_per_epoch": med,
         "ratio_a_over_c": med["a"] / med["c"],
         "ratio_b_over_c": med["b"] / med["c"],
+        "cpu_seconds_per_epoch": cpu_times,
+        "median_cpu_seconds_per_epoch": cpu_med,
+        "cpu_ratio_a_over_c": cpu_med["a"] / cpu_med["c"],
+        "cpu_ratio_b_over_c": cpu_med["b"] / cpu_med["c"],
         "flops": {
             "a_per_epoch": flops_a_step * steps_per_epoch,
             "b_per_epoch": flops_b_step * steps_per_epoch,
@@ -404,7 +453,7 @@ def _proc_status_kib(field: str) -> int:
 
 def memory_child(n_classes: int, mode: str, chunk: int, threads: int) -> dict[str, Any]:
     """Peak resident memory added by one training step (``mode``: plain, shipped, chunked) or one
-    no-grad text pass (eval), after a warm-up step, in this fresh process."""
+    no-grad text pass (eval), after a warm-up step (not for plain), in this fresh process."""
     import torch
 
     from promptcli.models.loading import load_model
@@ -424,7 +473,8 @@ def memory_child(n_classes: int, mode: str, chunk: int, threads: int) -> dict[st
         s["loss"](logits, y).backward()
         head.learner.zero_grad(set_to_none=True)
 
-    step()
+    if mode != "plain":  # warm-up; plain's peak is gigabytes, its one-time allocations do not matter
+        step()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     base = _proc_status_kib("VmRSS")
     start = time.perf_counter()
@@ -435,6 +485,7 @@ def memory_child(n_classes: int, mode: str, chunk: int, threads: int) -> dict[st
         "classes": n_classes,
         "mode": mode,
         "class_chunk": chunk if mode == "chunked" else 0,
+        "classnames": "imagenet" if NAMES["imagenet"] or n_classes > 100 else "cifar",
         "resident_before_mib": base / 1024,
         "step_peak_mib": (peak - base) / 1024,
         "step_seconds": seconds,
@@ -458,7 +509,7 @@ def measure_memory(n_classes: int, mode: str, args: argparse.Namespace) -> dict[
         "--memory-chunk",
         str(args.memory_chunk),
     ]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads)] + (["--imagenet-names"] if args.imagenet_names else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"memory child {n_classes} {mode} failed:\n{out.stderr[-2000:]}")
@@ -493,6 +544,13 @@ def targets(results: list[dict[str, Any]]) -> dict[str, bool]:
     out = {f"a_over_c>=15@{r['classes']}": r["ratio_a_over_c"] >= 15 for r in results if r["classes"] >= 100}
     out.update(
         {
+            f"cpu_a_over_c>=15@{r['classes']}": r["cpu_ratio_a_over_c"] >= 15
+            for r in results
+            if r["classes"] >= 100
+        }
+    )
+    out.update(
+        {
             f"c_over_minimal<=1.2@{r['classes']}": r["efficiency"]["c_counted_over_minimal"] <= 1.2
             for r in results
         }
@@ -508,7 +566,7 @@ def print_tables(report: dict[str, Any]) -> None:
     )
     print(f"load average at start {m['load_average_start']}, at end {m['load_average_end']}")
     head = f"{'classes':>8}{'steps':>7}{'(a) CoOp orig.':>16}{'(b) cached+plain':>18}"
-    print(head + f"{'(c) promptcli':>15}{'(a)/(c)':>9}{'(b)/(c)':>9}")
+    print(head + f"{'(c) promptcli':>15}{'(a)/(c)':>9}{'(b)/(c)':>9}{'CPU (a)/(c)':>13}{'CPU (b)/(c)':>13}")
     for r in report["results"]:
         t = r["median_seconds_per_epoch"]
         mark = "†" if r["ab_composed_from_slice_of_classes"] else ("*" if r["ab_extrapolated"] else " ")
@@ -516,8 +574,10 @@ def print_tables(report: dict[str, Any]) -> None:
         print(
             f"{r['classes']:>8}{r['steps_per_epoch']:>7}{t['a']:>14.1f}s{mark}{t['b']:>16.1f}s{mark}"
             f"{t['c']:>13.2f}s{cmark}{r['ratio_a_over_c']:>9.1f}{r['ratio_b_over_c']:>9.1f}"
+            f"{r['cpu_ratio_a_over_c']:>13.1f}{r['cpu_ratio_b_over_c']:>13.1f}"
         )
-    print("seconds per epoch, median of interleaved repeats; * = extrapolated from timed steps;")
+    print("wall seconds per epoch, median of interleaved repeats; * = extrapolated from timed steps;")
+    print("CPU: the same ratios in this process's CPU time (not inflated by other processes' load);")
     print("† = also composed from a slice of the classes (the plain pass over all does not fit in memory)")
     print(f"\nFLOPs per epoch (GFLOP) and efficiency of (c); matmul peak {report['peak_gflops']:.1f} GFLOP/s")
     print(
@@ -597,10 +657,25 @@ def main() -> None:
     parser.add_argument(
         "--memory-chunk", type=int, default=50, help="--class-chunk of the chunked memory runs"
     )
+    parser.add_argument(
+        "--memory-modes",
+        nargs="+",
+        default=["plain", "shipped", "chunked", "eval"],
+        help="memory runs to make",
+    )
+    parser.add_argument("--memory-only", action="store_true", help="only the memory runs (own JSON)")
+    parser.add_argument("--imagenet-names", action="store_true", help="ImageNet's class names at every count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cocoop", action="store_true", help="only the CoCoOp text-pass section (see cocoop_text_pass)"
+    )
+    parser.add_argument("--cocoop-images", type=int, default=8, help="--cocoop: images per step")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "tune.json")
     parser.add_argument("--memory-child", nargs=2, metavar=("CLASSES", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    NAMES["imagenet"] = args.imagenet_names
+    if args.cocoop:
+        return cocoop_main(args)
     if args.memory_child:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         n, mode = int(args.memory_child[0]), args.memory_child[1]
@@ -610,6 +685,16 @@ def main() -> None:
         args.classes, args.repeats, args.memory_classes = [10], 1, []
     if args.memory_classes is None:
         args.memory_classes = [n for n in args.classes if n >= 100]
+    if args.memory_only:
+        memory = []
+        for n in args.memory_classes:
+            modes = [m for m in args.memory_modes if m != "plain" or n <= args.plain_max_classes]
+            memory += [measure_memory(n, mode, args) for mode in modes]
+        report = {"machine": machine(args.threads), "load_average_end": os.getloadavg(), "memory": memory}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -622,11 +707,18 @@ def main() -> None:
     # random weights (seeded), nothing fetched
     loaded = load_model("ViT-B-32", None, device="cpu", random_weights=True)
     start = time.perf_counter()
-    results = [bench_classes(loaded, n, args) for n in args.classes]
+    results = []
+    partial = args.json.with_suffix(".partial.json")
+    for n in args.classes:
+        results.append(bench_classes(loaded, n, args))
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"machine": info, "results": results}, indent=2))
     memory = []
     for n in args.memory_classes:
-        modes = (["plain"] if n <= args.plain_max_classes else []) + ["shipped", "chunked", "eval"]
-        memory += [measure_memory(n, mode, args) for mode in modes]
+        modes = [m for m in args.memory_modes if m != "plain" or n <= args.plain_max_classes]
+        for mode in modes:
+            memory.append(measure_memory(n, mode, args))
+            partial.write_text(json.dumps({"machine": info, "results": results, "memory": memory}, indent=2))
     peak = max(peak_start, matmul_peak())
     info["uptime_end"], info["load_average_end"] = uptime(), [round(x, 2) for x in os.getloadavg()]
     for row in results:
@@ -659,6 +751,84 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json}")
+
+
+# -- CoCoOp's per-image text pass (issue 14) -----------------------------------------------------
+
+
+def cocoop_text_pass(
+    loaded: Any, n_classes: int, n_images: int, threads: int, repeats: int = 3
+) -> dict[str, Any]:
+    """One CoCoOp step's text pass (forward + backward into context and meta-net) for ``n_images``
+    images x ``n_classes`` classes: the shipped packed pass (``CoCoOpHead.text_features``: each image's
+    [SOS]+context prefix once per block, each (image, class) row only its own tokens) against the naive
+    one (``text_features_plain``: B x C prompts of 77 tokens). Median of ``repeats`` timed runs after
+    the FLOP-counted one; the two results compared."""
+    import torch
+
+    from promptcli.learning.method_options import coop_variant_config
+    from promptcli.learning.options import TuneOptions
+    from promptcli.models.heads import build_head
+
+    torch.set_num_threads(threads)
+    options = TuneOptions(method="cocoop")
+    head = build_head(
+        "cocoop",
+        classnames=classnames(n_classes),
+        dim=loaded.embed_dim,
+        loaded=loaded,
+        prompt_config=coop_variant_config(options),
+        generator=torch.Generator().manual_seed(FEATURE_SEED),
+        options=options,
+    )
+    gen = torch.Generator().manual_seed(FEATURE_SEED)
+    x = torch.nn.functional.normalize(torch.randn(n_images, loaded.embed_dim, generator=gen), dim=-1)
+    params = [p for g in head.param_groups(0.0) for p in g["params"]]
+
+    def step(text_fn) -> list[Any]:
+        text = text_fn(head.shift(x))
+        loss = torch.einsum("bd,bcd->bc", x, text).logsumexp(1).mean()
+        return [text.detach(), *torch.autograd.grad(loss, params)]
+
+    row: dict[str, Any] = {"classes": n_classes, "images": n_images, "threads": threads}
+    outs = {}
+    for name, fn in (("packed", head.text_features), ("naive", head.text_features_plain)):
+        outs[name] = step(fn)  # warm-up
+        row[f"{name}_flops"] = count_flops(lambda fn=fn: step(fn))[1]
+        times = []
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            step(fn)
+            times.append(time.perf_counter() - start)
+        row[f"{name}_seconds"] = statistics.median(times)
+    row["speedup"] = row["naive_seconds"] / row["packed_seconds"]
+    row["flop_ratio"] = row["naive_flops"] / row["packed_flops"]
+    row["max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(outs["packed"], outs["naive"]))
+    row["tokens_per_row_packed"] = sorted(set(head.learner.needed_tokens))
+    row["prefix_tokens"] = head.learner.shared_prefix_len
+    return row
+
+
+def cocoop_main(args: argparse.Namespace) -> None:
+    """``--cocoop``: the CoCoOp text pass on ViT-B-32 (random weights), --classes x --cocoop-images."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from promptcli.models.loading import load_model
+
+    loaded = load_model("ViT-B-32", None, device="cpu", random_weights=True)
+    rows = []
+    for n in args.classes:
+        row = cocoop_text_pass(loaded, n, args.cocoop_images, args.threads, args.repeats)
+        rows.append(row)
+        print(
+            f"cocoop text pass, {n} classes x {args.cocoop_images} images: packed {row['packed_seconds']:.3f} s "
+            f"({row['packed_flops'] / 1e9:.1f} GFLOP), naive 77-token {row['naive_seconds']:.3f} s "
+            f"({row['naive_flops'] / 1e9:.1f} GFLOP): {row['speedup']:.1f}x faster, "
+            f"{row['flop_ratio']:.1f}x fewer FLOPs, max |diff| {row['max_abs_diff']:.2e}"
+        )
+    out = args.json.with_name("cocoop.json") if args.json.name == "tune.json" else args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(args.threads), "cocoop": rows}, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

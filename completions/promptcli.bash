@@ -8,18 +8,25 @@ _promptcli() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     case "$cmd" in
-        "") COMPREPLY=($(compgen -W "clean corrupt demo-images eval extract gradstats pseudolabel report tune --version --debug --help -h" -- "$cur")); return ;;
+        "") COMPREPLY=($(compgen -W "clean corrupt dataset demo-images eval extract gradstats pseudolabel report tune --version --debug --help -h" -- "$cur")); return ;;
         clean)
             case "$prev" in --templates) COMPREPLY=($(compgen -W "imagenet imagenet-simple" -- "$cur")); return ;; esac
+            case "$prev" in --score) COMPREPLY=($(compgen -W "margin posterior" -- "$cur")); return ;; esac
+            case "$prev" in --noise-model) COMPREPLY=($(compgen -W "symmetric class" -- "$cur")); return ;; esac
             case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
             case "$prev" in --prompt|-p|--template|--templates|--score|--noise-rate|--noise-model|--output|-o|--clean-out|--threshold|--keep-fraction|--relabel-confidence|--pretrained|--device) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt -p --zero-shot --template --templates --score --noise-rate --noise-model --fit-weights --fixed-weights --output -o --clean-out --threshold --keep-fraction --relabel --relabel-confidence --skip-missing --pretrained --device --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         corrupt)
             case "$prev" in --type) COMPREPLY=($(compgen -W "symmetric pair confusion matrix" -- "$cur")); return ;; esac
+            case "$prev" in --confusion-from) COMPREPLY=($(compgen -W "text predictions" -- "$cur")); return ;; esac
             case "$prev" in --templates) COMPREPLY=($(compgen -W "imagenet imagenet-simple" -- "$cur")); return ;; esac
             case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
             case "$prev" in --output|-o|--rate|--type|--seed|--shots|--pairs|--matrix|--features|--classnames|--confusion-from|--template|--templates|--pretrained|--device) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --rate --type --seed --per-class --shots --pairs --matrix --features --classnames --confusion-from --template --templates --pretrained --device --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        dataset)
+            case "$prev" in --split) COMPREPLY=($(compgen -W "train val test all" -- "$cur")); return ;; esac
+            case "$prev" in --output|-o|--split|--split-file|--test-root|--images-dir|--noise-label|--noise-file|--classnames-out) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --split --split-file --test-root --images-dir --noise-label --noise-file --known-noise --absolute --classnames-out --list --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         demo-images)
             case "$prev" in --per-class) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--plain --per-class --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
@@ -32,32 +39,39 @@ _promptcli() {
             case "$prev" in --dtype) COMPREPLY=($(compgen -W "float16 float32" -- "$cur")); return ;; esac
             case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
             case "$prev" in --precision) COMPREPLY=($(compgen -W "fp32 fp16 bf16" -- "$cur")); return ;; esac
-            case "$prev" in --output|-o|--model|-m|--pretrained|--model-config|--views|--dtype|--classnames|--split|--batch-size|-b|--workers|-j|--seed|--device|--precision|--chunk-size) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --model -m --pretrained --model-config --views --dtype --classnames --split --batch-size -b --workers -j --seed --device --precision --skip-bad --resume --chunk-size --distributed --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            case "$prev" in --output|-o|--model|-m|--pretrained|--model-config|--adapter|--views|--dtype|--classnames|--split|--batch-size|-b|--workers|-j|--seed|--device|--precision|--max-pixels|--chunk-size) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --model -m --pretrained --model-config --random-weights --adapter --views --dtype --classnames --split --batch-size -b --workers -j --seed --device --precision --skip-bad --resume --max-pixels --chunk-size --distributed --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         gradstats)
-            case "$prev" in --method) COMPREPLY=($(compgen -W "coop cls-tuning full-prompt linear-probe classifier-zs" -- "$cur")); return ;; esac
+            case "$prev" in --method) COMPREPLY=($(compgen -W "coop cls-tuning full-prompt linear-probe classifier-zs finetune kgcoop cocoop clip-adapter tip-adapter tip-adapter-f" -- "$cur")); return ;; esac
+            case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
             case "$prev" in --class-position) COMPREPLY=($(compgen -W "end middle front" -- "$cur")); return ;; esac
             case "$prev" in --loss) COMPREPLY=($(compgen -W "ce gce mae sce" -- "$cur")); return ;; esac
             case "$prev" in --optimizer) COMPREPLY=($(compgen -W "sgd adamw" -- "$cur")); return ;; esac
-            case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
-            case "$prev" in --output|-o|--method|--grad-batch|--n-ctx|--ctx-init|--class-position|--template|--init-std|--loss|--q|--alpha|--beta|--label-smoothing|--epochs|--lr|--momentum|--weight-decay|--warmup-epochs|--warmup-lr|--batch-size|-b|--optimizer|--shots|--split|--noisy-loss|--ot-epsilon|--seed|--device|--pretrained) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --method --grad-batch --n-ctx --ctx-init --class-position --csc --template --init-std --loss --q --alpha --beta --label-smoothing --epochs --lr --momentum --weight-decay --warmup-epochs --warmup-lr --batch-size -b --optimizer --shots --split --noisy-loss --ot-epsilon --no-views --seed --device --amp --no-amp --pretrained --skip-missing --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            case "$prev" in --split) COMPREPLY=($(compgen -W "none ot" -- "$cur")); return ;; esac
+            case "$prev" in --noisy-loss) COMPREPLY=($(compgen -W "mae none" -- "$cur")); return ;; esac
+            case "$prev" in --output|-o|--method|--grad-batch|--device|--pretrained|--n-ctx|--ctx-init|--class-position|--template|--init-std|--class-chunk|--loss|--q|--alpha|--beta|--label-smoothing|--epochs|--lr|--momentum|--weight-decay|--warmup-epochs|--warmup-lr|--batch-size|-b|--optimizer|--shots|--split|--noisy-loss|--ot-epsilon|--kg-lambda|--adapter-ratio|--tip-alpha|--tip-beta|--val-fraction|--seed) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --method --grad-batch --device --amp --no-amp --pretrained --force --quiet -q --json --n-ctx --ctx-init --class-position --csc --template --init-std --class-chunk --loss --q --alpha --beta --label-smoothing --epochs --lr --momentum --weight-decay --warmup-epochs --warmup-lr --batch-size -b --optimizer --shots --split --noisy-loss --ot-epsilon --kg-lambda --adapter-ratio --tip-alpha --tip-beta --val-fraction --no-views --seed --skip-missing --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         pseudolabel)
             case "$prev" in --templates) COMPREPLY=($(compgen -W "imagenet imagenet-simple" -- "$cur")); return ;; esac
+            case "$prev" in --method) COMPREPLY=($(compgen -W "zero-shot transductive" -- "$cur")); return ;; esac
             case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
-            case "$prev" in --output|-o|--template|--templates|--classnames|--top-k|--random-k|--min-confidence|--seed|--pretrained|--device) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --template --templates --classnames --top-k --random-k --min-confidence --seed --pretrained --device --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            case "$prev" in --output|-o|--template|--templates|--classnames|--top-k|--random-k|--min-confidence|--seed|--method|--labels|--pretrained|--device) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --template --templates --classnames --top-k --random-k --min-confidence --seed --method --labels --pretrained --device --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         report)
+            case "$prev" in --metric) COMPREPLY=($(compgen -W "top1 top5 macro" -- "$cur")); return ;; esac
             case "$prev" in --output|-o|--metric|--curve-rate|--title) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --metric --curve-rate --title --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         tune)
-            case "$prev" in --method) COMPREPLY=($(compgen -W "coop cls-tuning full-prompt linear-probe classifier-zs" -- "$cur")); return ;; esac
+            case "$prev" in --method) COMPREPLY=($(compgen -W "coop cls-tuning full-prompt linear-probe classifier-zs finetune kgcoop cocoop clip-adapter tip-adapter tip-adapter-f" -- "$cur")); return ;; esac
+            case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
+            case "$prev" in --precision) COMPREPLY=($(compgen -W "fp32 fp16 bf16" -- "$cur")); return ;; esac
             case "$prev" in --class-position) COMPREPLY=($(compgen -W "end middle front" -- "$cur")); return ;; esac
             case "$prev" in --loss) COMPREPLY=($(compgen -W "ce gce mae sce" -- "$cur")); return ;; esac
             case "$prev" in --optimizer) COMPREPLY=($(compgen -W "sgd adamw" -- "$cur")); return ;; esac
-            case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
-            case "$prev" in --output|-o|--method|--n-ctx|--ctx-init|--class-position|--template|--init-std|--loss|--q|--alpha|--beta|--label-smoothing|--epochs|--lr|--momentum|--weight-decay|--warmup-epochs|--warmup-lr|--batch-size|-b|--optimizer|--shots|--split|--noisy-loss|--ot-epsilon|--seed|--device|--pretrained|--log) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --method --n-ctx --ctx-init --class-position --csc --template --init-std --loss --q --alpha --beta --label-smoothing --epochs --lr --momentum --weight-decay --warmup-epochs --warmup-lr --batch-size -b --optimizer --shots --split --noisy-loss --ot-epsilon --no-views --seed --device --amp --no-amp --pretrained --log --skip-missing --resume --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            case "$prev" in --split) COMPREPLY=($(compgen -W "none ot" -- "$cur")); return ;; esac
+            case "$prev" in --noisy-loss) COMPREPLY=($(compgen -W "mae none" -- "$cur")); return ;; esac
+            case "$prev" in --output|-o|--method|--device|--pretrained|--log|--images|--workers|-j|--precision|--train-layers|--lp-epochs|--wise-alpha|--n-ctx|--ctx-init|--class-position|--template|--init-std|--class-chunk|--loss|--q|--alpha|--beta|--label-smoothing|--epochs|--lr|--momentum|--weight-decay|--warmup-epochs|--warmup-lr|--batch-size|-b|--optimizer|--shots|--split|--noisy-loss|--ot-epsilon|--kg-lambda|--adapter-ratio|--tip-alpha|--tip-beta|--val-fraction|--seed) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --method --device --amp --no-amp --pretrained --log --resume --force --quiet -q --json --images --skip-bad --workers -j --precision --train-layers --lp-ft --lp-epochs --wise-alpha --n-ctx --ctx-init --class-position --csc --template --init-std --class-chunk --loss --q --alpha --beta --label-smoothing --epochs --lr --momentum --weight-decay --warmup-epochs --warmup-lr --batch-size -b --optimizer --shots --split --noisy-loss --ot-epsilon --kg-lambda --adapter-ratio --tip-alpha --tip-beta --val-fraction --no-views --seed --skip-missing --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
     esac
 }
 complete -o filenames -F _promptcli promptcli

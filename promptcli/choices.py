@@ -57,11 +57,25 @@ class Method(Choice):
     LINEAR_PROBE = "linear-probe"
     CLASSIFIER_ZS = "classifier-zs"
     FINETUNE = "finetune"  # trains the image tower on images (learning/finetune.py)
+    KGCOOP = "kgcoop"  # CoOp + knowledge-guided regulariser (models/kgcoop.py)
+    COCOOP = "cocoop"  # CoOp context shifted per image by a meta-net (models/cocoop.py)
+    CLIP_ADAPTER = "clip-adapter"  # residual MLP on image features (models/clip_adapter.py)
+    TIP_ADAPTER = "tip-adapter"  # training-free cache model (models/tip_adapter.py)
+    TIP_ADAPTER_F = "tip-adapter-f"  # cache keys fine-tuned
 
 
 # Methods that learn text prompts through the frozen text tower (the others are linear heads).
 PROMPT_METHODS: tuple[str, ...] = (Method.COOP.value, Method.CLS_TUNING.value, Method.FULL_PROMPT.value)
 LINEAR_METHODS: tuple[str, ...] = (Method.LINEAR_PROBE.value, Method.CLASSIFIER_ZS.value)
+# CoOp variants: learn a CoOp context (and more), so they take the prompt options (--n-ctx, --ctx-init...).
+COOP_VARIANTS: tuple[str, ...] = (Method.KGCOOP.value, Method.COCOOP.value)
+# Heads on the zero-shot classifier (--template) and the cached image features; no text pass in training.
+ZERO_SHOT_BASED: tuple[str, ...] = (
+    Method.CLIP_ADAPTER.value,
+    Method.TIP_ADAPTER.value,
+    Method.TIP_ADAPTER_F.value,
+)
+TIP_METHODS: tuple[str, ...] = (Method.TIP_ADAPTER.value, Method.TIP_ADAPTER_F.value)
 
 
 class Loss(Choice):

@@ -189,7 +189,8 @@ def test_cli_errors(noisy, tmp_path, run_cli):
     plain = tmp_path / "plain.csv"
     plain.write_text(
         "\n".join(
-            ["path,label"] + [",".join(r.split(",")[:2]) for r in noisy["labels"].read_text().splitlines()[1:]]
+            ["path,label"]
+            + [",".join(r.split(",")[:2]) for r in noisy["labels"].read_text().splitlines()[1:]]
         )
     )
     base = ["gradstats", noisy["features"]]

@@ -14,6 +14,11 @@ learnable parameters theta only through ``W`` and ``b``, so its gradient is exac
 A "per-sample gradient" is that of the sample's own loss (not divided by B). A group's "sum" is its
 share of the step's gradient, ``(1/B) sum_{i in group} g_i``; the noisy and clean shares add up to
 the gradient the optimiser applies (before weight decay).
+
+Where it applies: every head with ``classifier()`` (coop, cls-tuning, full-prompt, linear-probe,
+classifier-zs, kgcoop). For kgcoop the per-sample gradients are those of the data loss; its
+regulariser belongs to no sample, so the two shares add up to the step's gradient minus the
+regulariser's. Heads without fixed class weights (cocoop, clip-adapter, tip-adapter[-f]) are refused.
 """
 
 from __future__ import annotations
@@ -37,6 +42,18 @@ from promptcli.models.heads import Head, apply_classifier
 
 COLUMNS = GRADSTATS_COLUMNS
 DEFAULT_CHUNK = 32
+
+
+def check_gradient_definition(method: str) -> None:
+    """One-line error for a method whose logits are not ``scale * x @ W.T + b`` (see the module docstring)."""
+    from promptcli.models.heads import head_class
+
+    if not hasattr(head_class(method), "classifier"):
+        raise InputError(
+            f"gradstats does not apply to {method}: its logits have no class weights shared by the batch",
+            where="--method",
+            hint="trace coop, kgcoop, cls-tuning, full-prompt, linear-probe or classifier-zs",
+        )
 
 
 def learnable_parameters(head: Head) -> list[torch.nn.Parameter]:
@@ -282,6 +299,7 @@ def gradstats(
     per_method = [replace(options, method=m) for m in methods]
     for opts in per_method:
         check_options(opts, warn)
+        check_gradient_definition(opts.method)
     to_stdout = str(output) == STDIO  # the CSV on stdout, no sidecar
     check_distinct({"FEATURES": features_path, "LABELS": labels_path}, {"-o": output})
     if not to_stdout:

@@ -61,6 +61,17 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "init_std": _opt(
         Annotated[float, typer.Option("--init-std", help="Std of the random context init.")], 0.02
     ),
+    "class_chunk": _opt(
+        Annotated[
+            int,
+            typer.Option(
+                "--class-chunk",
+                help="Prompt methods: compute the text pass and its backward N classes at a time, so "
+                "memory stays bounded with many classes (one extra text forward per step); 0: all at once.",
+            ),
+        ],
+        0,
+    ),
     "loss": _opt(Annotated[Loss, typer.Option("--loss", help="Training loss.")], Loss.CE),
     "q": _opt(Annotated[float, typer.Option("--q", help="GCE exponent q in (0, 1].")], 0.7),
     "alpha": _opt(Annotated[float, typer.Option("--alpha", help="SCE weight of the cross-entropy.")], 0.1),
@@ -70,7 +81,16 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "label_smoothing": _opt(
         Annotated[float, typer.Option("--label-smoothing", help="Label smoothing epsilon (ce, sce).")], 0.0
     ),
-    "epochs": _opt(Annotated[int, typer.Option("--epochs", help="Training epochs.")], 50),
+    "epochs": _opt(
+        Annotated[
+            int | None,
+            typer.Option(
+                "--epochs",
+                help="Training epochs [default: 50; cocoop: 10; tip-adapter-f: 20; tip-adapter: 0].",
+            ),
+        ],
+        None,
+    ),
     "lr": _opt(
         Annotated[
             float | None,
@@ -96,7 +116,13 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
         Annotated[float, typer.Option("--warmup-lr", help="Constant warm-up learning rate.")], 1e-5
     ),
     "batch_size": _opt(Annotated[int, typer.Option("--batch-size", "-b", help="Batch size.")], 32),
-    "optimizer": _opt(Annotated[Optimizer, typer.Option("--optimizer", help="Optimiser.")], Optimizer.SGD),
+    "optimizer": _opt(
+        Annotated[
+            Optimizer | None,
+            typer.Option("--optimizer", help="Optimiser [default: sgd; tip-adapter-f: adamw]."),
+        ],
+        None,
+    ),
     "shots": _opt(
         Annotated[
             int | None, typer.Option("--shots", help="Use K labelled images per class (seeded sample).")
@@ -122,6 +148,45 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
             float, typer.Option("--ot-epsilon", help="With --split ot, the Sinkhorn entropic regularisation.")
         ],
         DEFAULT_EPSILON,
+    ),
+    "kg_lambda": _opt(
+        Annotated[
+            float,
+            typer.Option(
+                "--kg-lambda", help="kgcoop: weight of the distance to the zero-shot class text features."
+            ),
+        ],
+        8.0,
+    ),
+    "adapter_ratio": _opt(
+        Annotated[
+            float,
+            typer.Option(
+                "--adapter-ratio", help="clip-adapter: residual ratio alpha in [0, 1] (0: zero-shot)."
+            ),
+        ],
+        0.2,
+    ),
+    "tip_alpha": _opt(
+        Annotated[float, typer.Option("--tip-alpha", help="tip-adapter(-f): weight of the cache logits.")],
+        1.0,
+    ),
+    "tip_beta": _opt(
+        Annotated[
+            float, typer.Option("--tip-beta", help="tip-adapter(-f): sharpness of the cache affinities.")
+        ],
+        1.0,
+    ),
+    "val_fraction": _opt(
+        Annotated[
+            float | None,
+            typer.Option(
+                "--val-fraction",
+                help="tip-adapter(-f): hold out this fraction of the labels and choose --tip-alpha/--tip-beta "
+                "on it by the paper's grid search.",
+            ),
+        ],
+        None,
     ),
     "no_views": _opt(
         Annotated[bool, typer.Option("--no-views", help="Train on the plain features even if views exist.")],

@@ -118,7 +118,9 @@ def usage_message(exc: Exception) -> str:
     ctx = getattr(exc, "ctx", None)
     where = ""
     if param is not None:
-        opts = [o for o in getattr(param, "opts", []) if o.startswith("--")] or list(getattr(param, "opts", []))
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("--")] or list(
+            getattr(param, "opts", [])
+        )
         where = opts[0] if opts and getattr(param, "param_type_name", "") == "option" else param.name.upper()
     descriptor = getattr(param, "type_descriptor", None)
     choices = getattr(descriptor, "choices", None) if getattr(descriptor, "is_choice", False) else None

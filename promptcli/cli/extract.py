@@ -61,7 +61,9 @@ def command(
     ] = False,
     adapter: Annotated[
         Path | None,
-        typer.Option("--adapter", help="Encode through a fine-tuned image tower (`tune --method finetune` output)."),
+        typer.Option(
+            "--adapter", help="Encode through a fine-tuned image tower (`tune --method finetune` output)."
+        ),
     ] = None,
     views: Annotated[
         int, typer.Option("--views", help="Extra augmented views per image (CoOp augmentation).")

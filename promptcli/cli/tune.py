@@ -22,6 +22,12 @@ others with MAE (--noisy-loss mae) or not at all (--noisy-loss none). A batch's 
 then carry n_judged_clean and, when the labels have is_noisy, the split's clean_precision and
 clean_recall (precision and recall of the images judged clean).
 
+--method finetune trains the image tower itself on the images the features file records (--images
+when they moved), end to end, with a linear head started from the zero-shot classifier; --train-layers
+last-K trains only the last K blocks, --lp-ft fits the head on the cached features first, --wise-alpha
+A also writes OUTPUT.wiseA (WiSE-FT). Default lr: AdamW 1e-5, SGD 1e-4 (use --optimizer adamw).
+Evaluate it on features extracted through the tuned tower: `promptcli extract ... --adapter OUTPUT`.
+
 Examples:
 
     promptcli tune train.h5 noisy.csv -o coop.safetensors
@@ -30,6 +36,7 @@ Examples:
     promptcli tune train.h5 noisy.csv -o lp.safetensors --method linear-probe --log lp.jsonl --json
     promptcli tune train.h5 noisy.csv -o ot.safetensors --split ot --shots 16 --log ot.jsonl
     promptcli tune train.h5 noisy.csv -o coop.safetensors --resume   # continue an interrupted run
+    promptcli tune train.h5 noisy.csv -o ft.safetensors --method finetune --optimizer adamw --wise-alpha 0.5
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from promptcli.cli._finetune import (
     WiseAlphaOpt,
 )
 from promptcli.cli._options import AmpOpt, DeviceOpt, FeaturesPretrainedOpt, ForceOpt, JsonOpt, QuietOpt
-from promptcli.cli._output import Output, pct
+from promptcli.cli._output import Output, epoch_progress, pct
 from promptcli.cli._tune_options import tune_options, with_training_options
 
 
@@ -101,20 +108,7 @@ def command(
         )  # fmt: skip
         return
     epochs = options.epochs
-    with out.progress(f"tune {method}", total=epochs, unit="epochs") as bar:
-        done = [0]  # epochs shown so far (a resumed run jumps to its checkpoint's epoch)
-
-        def on_epoch(row: dict) -> None:
-            clean = row.get("clean_accuracy")
-            judged = row.get("n_judged_clean")
-            bar.describe(
-                f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} acc {pct(row['accuracy'])}"
-                + (f" clean {pct(clean)}" if clean is not None else "")
-                + (f" judged clean {judged}" if judged is not None else "")
-            )
-            bar.advance(row["epoch"] - done[0])
-            done[0] = row["epoch"]
-
+    with epoch_progress(out, f"tune {method}", epochs) as on_epoch:
         summary = tune(
             features,
             labels,

@@ -59,9 +59,7 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def check_distinct(
-    inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]
-) -> None:
+def check_distinct(inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]) -> None:
     """Refuse an output that is also an input, or two outputs that name one file.
 
     Keys name the argument or option (``-o``, ``--log``, ``FEATURES``); ``None`` entries are

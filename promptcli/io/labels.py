@@ -65,7 +65,9 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
         parsed = list(reader)
     except csv.Error as exc:
         raise InputError(
-            f"malformed CSV (line {reader.line_num}: {exc})", where=where, hint="check quoting and field sizes"
+            f"malformed CSV (line {reader.line_num}: {exc})",
+            where=where,
+            hint="check quoting and field sizes",
         ) from exc
     missing = [c for c in required if c not in columns]
     if missing:
@@ -138,7 +140,9 @@ def join_labels(features: FeatureSet, table: LabelTable, skip_missing: bool = Fa
     names = {c: i for i, c in enumerate(features.classnames)}
     # A blank clean_label / is_noisy cell means "not known" (real-noise releases verify only some images,
     # see `promptcli dataset`); a column with blank cells gives no truth for the set rather than a partial one.
-    unknown = [r for r in table.rows if any(table.has(c) and not r.get(c) for c in ("clean_label", "is_noisy"))]
+    unknown = [
+        r for r in table.rows if any(table.has(c) and not r.get(c) for c in ("clean_label", "is_noisy"))
+    ]
     has_clean = table.has("clean_label") and not any(not r.get("clean_label") for r in table.rows)
     has_noisy = table.has("is_noisy") and not any(not r.get("is_noisy") for r in table.rows)
     rows, labels, clean, noisy, skipped = [], [], [], [], []

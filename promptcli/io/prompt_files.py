@@ -77,7 +77,9 @@ def decode_metadata(raw: dict[str, str], where: str | Path = "") -> dict[str, An
                 out[key] = json.loads(value) if key in json_keys else value
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
         raise InputError(
-            f"damaged metadata entry {key!r} ({exc})", where=where, hint="make the prompt file again with tune"
+            f"damaged metadata entry {key!r} ({exc})",
+            where=where,
+            hint="make the prompt file again with tune",
         ) from exc
     return out
 

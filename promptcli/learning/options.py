@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from promptcli.choices import LINEAR_METHODS, NoisyLoss, Optimizer, Split
+from promptcli.choices import LINEAR_METHODS, Method, NoisyLoss, Optimizer, Split
 from promptcli.errors import InputError
 
 DEFAULT_EPSILON = 0.1  # Sinkhorn entropic regularisation, in logit units
@@ -30,6 +30,12 @@ DEFAULT_LR = 0.002  # CoOp
 # leave them (nearly) where they start, so they default to a larger step (stable: the loss's curvature
 # in the weights is at most ~1 for unit-norm inputs).
 LINEAR_LR = 1.0
+DEFAULT_EPOCHS = 50
+# Methods whose paper sets other defaults (used when --epochs / --lr / --optimizer are not given).
+# tip-adapter is training-free; cocoop's text pass is per image (its paper trains 10 epochs).
+METHOD_EPOCHS = {Method.TIP_ADAPTER.value: 0, Method.TIP_ADAPTER_F.value: 20, Method.COCOOP.value: 10}
+METHOD_LR = {Method.TIP_ADAPTER_F.value: 0.001}
+METHOD_OPTIMIZER = {Method.TIP_ADAPTER_F.value: Optimizer.ADAMW.value}
 
 
 @dataclass
@@ -58,6 +64,7 @@ class OptimConfig:
             (self.warmup_epochs >= 0, "--warmup-epochs", "must be >= 0"),
             (self.warmup_lr > 0, "--warmup-lr", "must be > 0"),
             (self.batch_size >= 1, "--batch-size", "must be >= 1"),
+            (self.batch_size <= 2**31 - 1, "--batch-size", "must be <= 2147483647"),
         ]
         for ok, option, what in checks:
             if not ok:
@@ -121,16 +128,17 @@ class TuneOptions:
     csc: bool = False
     template: str = "a photo of a {}."
     init_std: float = 0.02
+    class_chunk: int = 0  # prompt methods: text pass with gradient in chunks of this many classes (0: one)
     loss: str = "ce"
     q: float = 0.7
     alpha: float = 0.1
     beta: float = 1.0
     label_smoothing: float = 0.0
-    optimizer: str = "sgd"
+    optimizer: str | None = None  # None: the method's default (sgd; tip-adapter-f: adamw)
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
-    epochs: int = 50
+    epochs: int | None = None  # None: the method's default (see METHOD_EPOCHS)
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     batch_size: int = 32
@@ -141,6 +149,17 @@ class TuneOptions:
     split: str = "none"
     noisy_loss: str = "mae"
     ot_epsilon: float = DEFAULT_EPSILON
+    kg_lambda: float = 8.0  # kgcoop: weight of the knowledge-guided regulariser
+    adapter_ratio: float = 0.2  # clip-adapter: residual ratio alpha
+    tip_alpha: float = 1.0  # tip-adapter(-f): weight of the cache logits
+    tip_beta: float = 1.0  # tip-adapter(-f): sharpness of the cache affinities
+    val_fraction: float | None = None  # tip-adapter(-f): hold out this fraction to search (alpha, beta)
+
+    def __post_init__(self) -> None:
+        if self.epochs is None:
+            self.epochs = METHOD_EPOCHS.get(str(self.method), DEFAULT_EPOCHS)
+        if self.optimizer is None:
+            self.optimizer = METHOD_OPTIMIZER.get(str(self.method), Optimizer.SGD.value)
 
     def split_config(self) -> SplitConfig | None:
         """The clean/noisy split these options ask for (None for ``split="none"``)."""
@@ -149,13 +168,15 @@ class TuneOptions:
         return SplitConfig(method=self.split, noisy_loss=self.noisy_loss, epsilon=self.ot_epsilon).validate()
 
     def optim_config(self, weight_decay: float) -> OptimConfig:
-        lr = self.lr if self.lr is not None else (LINEAR_LR if self.method in LINEAR_METHODS else DEFAULT_LR)
+        lr = self.lr
+        if lr is None:
+            lr = METHOD_LR.get(self.method, LINEAR_LR if self.method in LINEAR_METHODS else DEFAULT_LR)
         return OptimConfig(
-            optimizer=self.optimizer,
+            optimizer=str(self.optimizer),
             lr=lr,
             momentum=self.momentum,
             weight_decay=weight_decay,
-            epochs=self.epochs,
+            epochs=int(self.epochs if self.epochs is not None else DEFAULT_EPOCHS),
             warmup_epochs=self.warmup_epochs,
             warmup_lr=self.warmup_lr,
             batch_size=self.batch_size,

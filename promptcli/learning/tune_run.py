@@ -85,6 +85,7 @@ class PreparedRun:
     labels_source: str
     short: dict[int, int]
     loaded: Any  # LoadedModel, None for linear-probe
+    val_data: TrainData | None = None  # --val-fraction: held-out rows (tip-adapter's search)
 
     def provenance(self, noise: dict[str, Any] | None) -> dict[str, Any]:
         """The ``run`` object of log lines: what ``report`` groups runs by."""
@@ -115,7 +116,9 @@ def check_options(
     which only a caller passing ``options.split_config()`` to :func:`train` honours: callers say so
     with ``split_ok`` (``tune`` does); others get a clear error rather than a silently ignored option.
     """
+    from promptcli.choices import COOP_VARIANTS, ZERO_SHOT_BASED
     from promptcli.learning.losses import make_loss
+    from promptcli.learning.method_options import check_method_options, coop_variant_config
     from promptcli.models.heads import TEXT_METHODS, check_method
 
     check_method(options.method)
@@ -130,7 +133,8 @@ def check_options(
         )
     if split.method == "none" and (options.noisy_loss != "mae" or options.ot_epsilon != DEFAULT_EPSILON):
         warn("--noisy-loss and --ot-epsilon apply with --split ot; ignored")
-    if options.method not in TEXT_METHODS and (
+    check_method_options(options, warn)
+    if options.method not in (*TEXT_METHODS, *COOP_VARIANTS) and (
         options.ctx_init or options.csc or options.class_position != "end"
     ):
         warn(f"--ctx-init, --csc and --class-position apply to prompt methods; ignored for {options.method}")
@@ -146,9 +150,12 @@ def check_options(
             csc=options.csc,
             template=options.template,
             init_std=options.init_std,
+            class_chunk=options.class_chunk,
         )
         prompt_config.validate()
-    elif options.method == "classifier-zs":
+    elif options.method in COOP_VARIANTS:
+        prompt_config = coop_variant_config(options)
+    elif options.method in ("classifier-zs", *ZERO_SHOT_BASED):
         from promptcli.models.zeroshot import resolve_templates
 
         resolve_templates([options.template])  # one {} or a clear --template error
@@ -205,7 +212,7 @@ def prepare_run(
                 f"class {fs.classnames[c]!r} has only {have} labelled image(s), fewer than --shots {options.shots}"
             )
     rows = joined.rows[index]
-    data = TrainData(
+    data: TrainData = TrainData(
         features=torch.from_numpy(fs.features[rows]),
         labels=torch.from_numpy(joined.labels[index]),
         views=torch.from_numpy(fs.views[rows]) if fs.views is not None and options.use_views else None,
@@ -213,6 +220,11 @@ def prepare_run(
         is_noisy=None if joined.is_noisy is None else torch.from_numpy(joined.is_noisy[index]),
     )
 
+    val_data = None
+    if options.val_fraction is not None:  # tip-adapter(-f): rows held out for the (alpha, beta) search
+        from promptcli.learning.method_options import hold_out_validation
+
+        data, val_data = hold_out_validation(data, options)
     if options.method != "linear-probe" and loaded is None:
         from promptcli.models.loading import load_model_from_record
 
@@ -229,6 +241,8 @@ def prepare_run(
             loaded=loaded,
             prompt_config=prompt_config if prompt_config is not None else options,
             generator=generator,
+            options=options,
+            data=data,
         )
 
     search: list[dict[str, float]] = []
@@ -266,6 +280,7 @@ def prepare_run(
         labels_source=table.source,
         short=short,
         loaded=loaded,
+        val_data=val_data,
     )
 
 
@@ -374,6 +389,12 @@ def tune(
         if log_handle is not None:
             log_handle.close()
 
+    search_result = None
+    if run.val_data is not None and hasattr(head, "search"):
+        search_result = head.search(run.val_data.features.to(run.device), run.val_data.labels.to(run.device))
+        info(
+            f"Chose alpha {search_result['alpha']:.3g}, beta {search_result['beta']:.3g} on {len(run.val_data)} held-out rows"
+        )
     record = fs.model_record()
     metadata: dict[str, Any] = {
         "method": options.method,
@@ -402,12 +423,18 @@ def tune(
     }
     if search:
         metadata["weight_decay_search"] = search
+    if run.val_data is not None:
+        metadata["n_val"] = len(run.val_data)
+    if options.class_chunk:  # how the text pass was computed (the result is the same up to rounding)
+        metadata["class_chunk"] = options.class_chunk
     if noise is not None:
         metadata["noise"] = noise_summary(noise)
     save_head(output, head, metadata)
     remove_file(partial)
     times = [r["time"] for r in result.history[result.resumed_from :]]
+    extra = {} if search_result is None else {"tip_search": search_result}
     return {
+        **extra,
         "output": str(output),
         "method": options.method,
         "loss": loss_params(loss_fn),

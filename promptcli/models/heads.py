@@ -10,6 +10,12 @@ compute the class weights once, never per sample:
 - ``linear-probe``: :class:`LinearHead` from zeros (logistic regression on the image features).
 - ``classifier-zs``: :class:`LinearHead` initialised to ``logit_scale.exp() x`` the zero-shot class
   text embeddings, bias 0, so that it starts at the zero-shot logits.
+- ``kgcoop`` (models/kgcoop.py): a PromptHead whose ``regularizer()`` the training loop adds to the loss.
+
+Heads whose logits are not of that form (``cocoop``: per-image class weights; ``clip-adapter``: an
+MLP on the features; ``tip-adapter``: a cache model) have no ``classifier()`` and define
+``logits(features)`` instead (and ``predict_batch``, the images per no-grad call): training,
+evaluation, ``clean`` and the OT split go through :func:`predict_logits` / ``head(x)``, which use it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from promptcli.choices import PROMPT_METHODS, Method
 from promptcli.errors import InputError
+from promptcli.models.clip_adapter import ClipAdapterHead
+from promptcli.models.cocoop import CoCoOpHead
+from promptcli.models.head_base import LinearHead, PromptHead, apply_classifier  # noqa: F401  (the API)
+from promptcli.models.kgcoop import KgCoOpHead
 from promptcli.models.loading import LoadedModel
+from promptcli.models.tip_adapter import TipAdapterHead
 from promptcli.models.zeroshot import logit_scale as model_logit_scale
 
 TEXT_METHODS = PROMPT_METHODS  # learn text prompts through the frozen text tower
@@ -32,142 +42,23 @@ def check_method(method: str) -> str:
     return Method.check(method, "--method")
 
 
-def apply_classifier(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float):
-    """scale * features @ weight.T (+ bias)."""
-    logits = scale * features @ weight.t().to(features.dtype)
-    return logits if bias is None else logits + bias.to(logits.dtype)
-
-
-class LinearHead(nn.Module):
-    """A linear classifier on image features: features @ weight.T + bias."""
-
-    def __init__(
-        self,
-        dim: int,
-        n_classes: int,
-        method: str = "linear-probe",
-        weight: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        self.method = method
-        init = torch.zeros(n_classes, dim) if weight is None else weight.detach().float().clone().cpu()
-        if init.shape != (n_classes, dim):
-            raise ValueError(f"initial weight has shape {tuple(init.shape)}, expected {(n_classes, dim)}")
-        self.weight = nn.Parameter(init)
-        self.bias = nn.Parameter(torch.zeros(n_classes))
-        self.template: str | None = None  # classifier-zs: the template of its zero-shot start
-
-    def classifier(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        return self.weight, self.bias, 1.0
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return apply_classifier(features, *self.classifier())
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Weight decay on the weights only (the bias is not regularised, as in logistic regression)."""
-        return [
-            {"params": [self.weight], "weight_decay": weight_decay},
-            {"params": [self.bias], "weight_decay": 0.0},
-        ]
-
-    def learnable_state(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight.detach().clone(), "bias": self.bias.detach().clone()}
-
-    needs_model = False  # a linear head is rebuilt from its tensors alone
-
-    def file_metadata(self) -> dict[str, Any]:
-        """What this head adds to its file's metadata (besides the run's provenance)."""
-        return {} if self.template is None else {"template": self.template}
-
-    @classmethod
-    def from_tensors(
-        cls, method: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], loaded: Any
-    ) -> LinearHead:
-        weight = tensors.get("weight")
-        if weight is None or weight.ndim != 2:
-            raise InputError("tensor 'weight' missing or not 2-D", hint="is this a promptcli prompt?")
-        head = cls(weight.shape[1], weight.shape[0], method)
-        head.load_learnable_state(tensors)
-        return head
-
-    def load_learnable_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = {"weight", "bias"} - set(tensors)
-        if missing:
-            raise InputError(
-                f"tensor(s) {', '.join(sorted(missing))} missing", hint="is this a promptcli prompt?"
-            )
-        with torch.no_grad():
-            self.weight.copy_(tensors["weight"])
-            self.bias.copy_(tensors["bias"])
-
-
-class PromptHead(nn.Module):
-    """Logits from a prompt learner: logit_scale.exp() x features @ learner().T."""
-
-    def __init__(self, learner: nn.Module, logit_scale: float, method: str) -> None:
-        super().__init__()
-        self.learner = learner
-        self.logit_scale = float(logit_scale)
-        self.method = method
-
-    def classifier(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        return self.learner(), None, self.logit_scale  # one text pass for all classes
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return apply_classifier(features, *self.classifier())
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        params = [p for p in self.learner.parameters() if p.requires_grad]
-        return [{"params": params, "weight_decay": weight_decay}]
-
-    def learnable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.learner.learnable_state().items()}
-
-    def load_learnable_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.learner.load_learnable_state(tensors)
-
-    needs_model = True  # the text tower turns the learned prompt into class weights
-
-    def file_metadata(self) -> dict[str, Any]:
-        """The prompt's construction, so that :meth:`from_tensors` rebuilds the same learner."""
-        config = self.learner.config
-        return {
-            "prompt_config": config.to_metadata(),
-            "n_ctx": int(getattr(self.learner, "n_ctx", config.n_ctx)),
-            "class_position": config.class_position,
-            "csc": config.csc,
-            "ctx_init": config.ctx_init or "",
-            "template": config.template,
-            "logit_scale": self.logit_scale,
-        }
-
-    @classmethod
-    def from_tensors(
-        cls, method: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], loaded: Any
-    ) -> PromptHead:
-        if loaded is None:
-            raise ValueError(f"{method} prompts need the CLIP model")
-        from promptcli.models.prompt_learner import PromptConfig, PromptLearner
-
-        config = PromptConfig.from_metadata(metadata.get("prompt_config", {}))
-        learner = PromptLearner(loaded, list(metadata.get("classnames", [])), config)
-        head = cls(learner, model_logit_scale(loaded), method)
-        head.load_learnable_state(tensors)
-        return head
-
-
-Head = LinearHead | PromptHead
+Head = LinearHead | PromptHead | KgCoOpHead | CoCoOpHead | ClipAdapterHead | TipAdapterHead
 
 # The head class of each method: how it is saved and rebuilt. A test checks it covers every Method.
-HEAD_OF_METHOD: dict[str, type[LinearHead] | type[PromptHead]] = {
+HEAD_OF_METHOD: dict[str, type[Any]] = {
     **{m: PromptHead for m in PROMPT_METHODS},
     Method.LINEAR_PROBE.value: LinearHead,
     Method.CLASSIFIER_ZS.value: LinearHead,
     Method.FINETUNE.value: LinearHead,  # the head; its image-tower tensors are an adapter (models/image_adapter)
+    Method.KGCOOP.value: KgCoOpHead,
+    Method.COCOOP.value: CoCoOpHead,
+    Method.CLIP_ADAPTER.value: ClipAdapterHead,
+    Method.TIP_ADAPTER.value: TipAdapterHead,
+    Method.TIP_ADAPTER_F.value: TipAdapterHead,
 }
 
 
-def head_class(method: str, where: Any = "--method") -> type[LinearHead] | type[PromptHead]:
+def head_class(method: str, where: Any = "--method") -> type[Any]:
     """The head class of ``method`` (one-line error for an unknown method)."""
     if method not in HEAD_OF_METHOD:
         raise InputError(
@@ -205,9 +96,27 @@ def build_head(
     loaded: LoadedModel | None = None,
     prompt_config: Any = None,
     generator: torch.Generator | None = None,
+    options: Any = None,
+    data: Any = None,
 ) -> Head:
-    """A freshly initialised head for ``method`` (prompt methods and classifier-zs need the model)."""
+    """A freshly initialised head for ``method`` (prompt methods and classifier-zs need the model).
+
+    Heads with a ``build`` classmethod (the CoOp variants and the adapters) get the tune
+    ``options`` and the training ``data`` too (tip-adapter's cache is made of it).
+    """
     check_method(method)
+    cls = HEAD_OF_METHOD[method]
+    if hasattr(cls, "build"):
+        return cls.build(
+            method,
+            classnames=list(classnames),
+            dim=dim,
+            loaded=loaded,
+            prompt_config=prompt_config,
+            generator=generator,
+            options=options,
+            data=data,
+        )
     if method == "linear-probe":
         return LinearHead(dim, len(classnames), method)
     if loaded is None:
@@ -229,7 +138,11 @@ def build_head(
 
 @torch.no_grad()
 def predict_logits(head: Head, features: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-    """(N, C) float32 logits, the class weights computed once for all images."""
+    """(N, C) float32 logits, the class weights computed once for all images (when the head has them)."""
+    if hasattr(head, "logits"):  # no fixed class weights: the head's own logits, a chunk at a time
+        step = int(getattr(head, "predict_batch", batch))
+        parts = [head.logits(features[i : i + step].float()).float() for i in range(0, len(features), step)]
+        return torch.cat(parts) if parts else torch.zeros(0, len(head.classnames))
     weight, bias, scale = head.classifier()
     weight = weight.float()
     out = [

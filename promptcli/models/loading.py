@@ -201,7 +201,7 @@ def _unreadable_checkpoint(path: str, exc: Exception) -> InputError:
         return InputError(
             "a pickle checkpoint holding objects torch's safe loader refuses (weights_only)",
             where=path,
-            hint="where you trust the file, convert it: python -c \"import torch; from safetensors.torch "
+            hint='where you trust the file, convert it: python -c "import torch; from safetensors.torch '
             "import save_file; sd = torch.load('IN.pt', weights_only=False); sd = sd.get('state_dict', sd); "
             "save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\" "
             "and pass --pretrained OUT.safetensors",

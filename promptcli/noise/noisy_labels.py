@@ -17,7 +17,7 @@ import numpy as np
 
 from promptcli.choices import ConfusionFrom, NoiseType
 from promptcli.errors import InputError
-from promptcli.io.checks import check_seed
+from promptcli.io.checks import INT_MAX, check_at_most, check_seed
 from promptcli.io.fileio import (
     STDIO,
     check_distinct,
@@ -80,6 +80,8 @@ def corrupt_file(
     if rate is not None:
         noise.check_rate(rate)
     check_seed(seed)
+    if shots is not None:
+        check_at_most(shots, INT_MAX, "--shots")
     sidecar = None if to_stdout else Path(f"{output}.json")
     inputs = {"LABELS": labels, "--features": features, "--classnames": classnames}
     check_distinct({**inputs, "--pairs": pairs, "--matrix": matrix}, {"-o": output, "the sidecar": sidecar})

@@ -1,0 +1,105 @@
+"""The options of the CoOp variants and the adapters (kgcoop, cocoop, clip-adapter, tip-adapter[-f]).
+
+Checked before any file is read, each bad value a one-line error naming its option.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from promptcli.choices import TIP_METHODS, Method
+from promptcli.errors import InputError
+from promptcli.learning.options import TuneOptions
+
+# option -> (field, its default, the methods that use it): set for another method, it is ignored.
+_OWN_OPTIONS = {
+    "--kg-lambda": ("kg_lambda", TuneOptions.kg_lambda, (Method.KGCOOP.value,)),
+    "--adapter-ratio": ("adapter_ratio", TuneOptions.adapter_ratio, (Method.CLIP_ADAPTER.value,)),
+    "--tip-alpha": ("tip_alpha", TuneOptions.tip_alpha, TIP_METHODS),
+    "--tip-beta": ("tip_beta", TuneOptions.tip_beta, TIP_METHODS),
+}
+
+
+def check_method_options(options: TuneOptions, warn: Callable[[str], None] = lambda _: None) -> None:
+    """Refuse values out of range; warn about a method's option given to another method (ignored)."""
+    method = options.method
+    for option, (name, default, methods) in _OWN_OPTIONS.items():
+        if method not in methods and getattr(options, name) != default:
+            warn(f"{option} applies to {', '.join(methods)}; ignored for {method}")
+    if not (math.isfinite(options.kg_lambda) and options.kg_lambda >= 0):
+        raise InputError(
+            f"must be a finite number >= 0 (got {options.kg_lambda})",
+            where="--kg-lambda",
+            hint="the paper uses 8.0",
+        )
+    if not (math.isfinite(options.adapter_ratio) and 0 <= options.adapter_ratio <= 1):
+        raise InputError(
+            f"must be in [0, 1] (got {options.adapter_ratio})",
+            where="--adapter-ratio",
+            hint="the paper uses 0.2",
+        )
+    for value, option in ((options.tip_alpha, "--tip-alpha"), (options.tip_beta, "--tip-beta")):
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(
+                f"must be a finite number >= 0 (got {value})", where=option, hint="the paper uses 1.0"
+            )
+    if options.val_fraction is not None:
+        if method not in TIP_METHODS:
+            raise InputError(
+                f"--val-fraction applies to tip-adapter and tip-adapter-f, not {method}",
+                where="--val-fraction",
+                hint="drop --val-fraction",
+            )
+        if not (math.isfinite(options.val_fraction) and 0 < options.val_fraction < 1):
+            raise InputError(
+                f"must be in (0, 1) (got {options.val_fraction})", where="--val-fraction", hint="e.g. 0.2"
+            )
+    if method == Method.TIP_ADAPTER.value and options.epochs:
+        raise InputError(
+            "tip-adapter is training-free",
+            where="--epochs",
+            hint="drop --epochs (or use --method tip-adapter-f, which fine-tunes the cache keys)",
+        )
+    if method == Method.COCOOP.value and options.class_chunk:
+        warn("--class-chunk applies to the class text pass of coop-style methods; ignored for cocoop")
+    if method == Method.COCOOP.value and (options.csc or options.class_position != "end"):
+        raise InputError(
+            "cocoop shifts one shared context placed before the class name",
+            where="--csc" if options.csc else "--class-position",
+            hint="drop --csc and --class-position for cocoop",
+        )
+
+
+def coop_variant_config(options: TuneOptions) -> Any:
+    """The CoOp prompt of kgcoop and cocoop: context from --ctx-init, default "a photo of a" (both
+    papers' initialisation; --n-ctx applies only with --ctx-init "")."""
+    from promptcli.models.cocoop import DEFAULT_CTX_INIT
+    from promptcli.models.prompt_learner import PromptConfig
+
+    ctx_init = DEFAULT_CTX_INIT if options.ctx_init is None else (options.ctx_init or None)
+    config = PromptConfig(
+        method="coop",
+        n_ctx=options.n_ctx,
+        ctx_init=ctx_init,
+        class_position=options.class_position,
+        csc=options.csc,
+        template=options.template,
+        init_std=options.init_std,
+        class_chunk=options.class_chunk,
+    )
+    config.validate()
+    return config
+
+
+def hold_out_validation(data: Any, options: TuneOptions) -> tuple[Any, Any]:
+    """(train, validation) TrainData: a seeded stratified ``--val-fraction`` of the rows held out."""
+    from promptcli.learning.training import held_out_split
+
+    train_idx, val_idx = held_out_split(data.labels.numpy(), options.seed, float(options.val_fraction))
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise InputError(
+            "too few labelled rows to hold some out", where="--val-fraction", hint="drop --val-fraction"
+        )
+    return data.subset(train_idx), data.subset(val_idx)
