@@ -62,7 +62,6 @@ def run(
     out: Output,
 ) -> None:
     """Fine-tune (one process, or one rank under torchrun) and report like tune does."""
-    from promptcli.errors import PromptcliError
     from promptcli.extraction.distributed import context_from_env
     from promptcli.learning.shards import DistShard
 
@@ -71,18 +70,11 @@ def run(
     if ctx is None:
         _run_one(features, labels, output, options, finetune_options, out=out, shard=None, **kwargs)
         return
-    try:
-        ctx.init(device)
+    with ctx.session(device):
         kwargs["device"] = ctx.device_spec(device)
         if not ctx.is_main:
             out = Output(quiet=True)
         _run_one(features, labels, output, options, finetune_options, out=out, shard=DistShard(ctx), **kwargs)
-    except PromptcliError as exc:
-        if ctx.is_main:
-            raise
-        sys.exit(exc.exit_code)  # rank 0 reports the error; the others only stop with its code
-    finally:
-        ctx.close()
 
 
 def _run_one(

@@ -16,7 +16,6 @@ Under torchrun (or with --distributed) each rank encodes its share of the chunks
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -37,7 +36,7 @@ from promptcli.cli._options import (
     WorkersOpt,
 )
 from promptcli.cli._output import Output
-from promptcli.errors import InputError, PromptcliError
+from promptcli.errors import InputError
 from promptcli.io.fileio import check_output_path
 
 if TYPE_CHECKING:
@@ -110,15 +109,8 @@ def command(
     if ctx is None:
         _run(**locals())  # every option, by name
         return
-    try:
-        ctx.init(device)
+    with ctx.session(device):
         _run(**locals())
-    except PromptcliError as exc:
-        if ctx.is_main:
-            raise
-        sys.exit(exc.exit_code)  # rank 0 reports the error; the others only stop with its code
-    finally:
-        ctx.close()
 
 
 def _run(

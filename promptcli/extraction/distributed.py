@@ -16,10 +16,12 @@ that error instead of leaving the others waiting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -111,6 +113,22 @@ class DistContext:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
         self.backend = ""
+
+    @contextlib.contextmanager
+    def session(self, device: str) -> Iterator[None]:
+        """The process group around one command: rank 0 reports a promptcli error, the others only
+        exit with its code (no duplicate messages); the group is closed however the command ends."""
+        from promptcli.errors import PromptcliError
+
+        try:
+            self.init(device)
+            yield
+        except PromptcliError as exc:
+            if self.is_main:
+                raise
+            sys.exit(exc.exit_code)
+        finally:
+            self.close()
 
     # -- agreeing on outcomes --------------------------------------------------------------
 
