@@ -10,6 +10,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 import typer
@@ -79,6 +80,18 @@ def __getattr__(name: str) -> typer.Typer:
     raise AttributeError(name)
 
 
+def _flag_help_option(make: Any) -> Any:
+    """``-h/--help`` is made per context; show it as the flag it is, like the other flags."""
+
+    def get_help_option(ctx: click.Context) -> Any:
+        option = make(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return get_help_option
+
+
 def build_command(only: str | None = None) -> click.Command:
     """The click command tree of the CLI (only the subcommand ``only`` when it names one: a faster start).
 
@@ -94,6 +107,7 @@ def build_command(only: str | None = None) -> click.Command:
                     param.metavar = param.name.upper()
             elif getattr(param, "is_flag", False) and not getattr(param, "count", False):
                 param.metavar = ""
+        cmd.get_help_option = _flag_help_option(cmd.get_help_option)
     return root
 
 
