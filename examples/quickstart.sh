@@ -6,7 +6,7 @@
 #   data    a Fashion-MNIST subset shipped in the package: 200 train / 100 test images per class
 #
 # extract -> zero-shot eval -> corrupt (16 shots, symmetric, 0% and 50%) -> tune (coop+ce, coop+gce,
-# linear-probe) -> eval -> pseudolabel -> unsupervised tune -> eval -> one table.
+# linear-probe) -> eval -> pseudolabel --method transductive -> unsupervised linear probe -> eval -> one table.
 # Every step is a plain promptcli command; finished steps are skipped when the script is rerun, and
 # interrupted ones (extract, tune) continue where they stopped (--resume).
 #
@@ -59,12 +59,12 @@ for rate in $RATES; do
   done
 done
 
-step "Unsupervised: zero-shot pseudo-labels (16 most confident per class), then tune on them"
-todo "$OUT/runs/pseudo.csv" && promptcli pseudolabel "$OUT/train.h5" --top-k "$SHOTS" -o "$OUT/runs/pseudo.csv"
-todo "$OUT/runs/unsupervised-coop-gce.safetensors" && promptcli tune "$OUT/train.h5" "$OUT/runs/pseudo.csv" \
-  -o "$OUT/runs/unsupervised-coop-gce.safetensors" --loss gce --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --resume
-todo "$OUT/results/unsupervised-coop-gce.json" && promptcli eval "$OUT/test.h5" \
-  --prompt "$OUT/runs/unsupervised-coop-gce.safetensors" -o "$OUT/results/unsupervised-coop-gce.json" -q
+step "Unsupervised: every training image labelled by a mixture model (zero-shot prior + the images' clusters), then a linear probe on those labels"
+todo "$OUT/runs/pseudo.csv.json" && promptcli pseudolabel "$OUT/train.h5" --method transductive -o "$OUT/runs/pseudo.csv" --force
+todo "$OUT/runs/unsupervised-linear-probe.safetensors" && promptcli tune "$OUT/train.h5" "$OUT/runs/pseudo.csv" \
+  -o "$OUT/runs/unsupervised-linear-probe.safetensors" --method linear-probe --epochs "$EPOCHS" --seed "$SEED" --device "$DEVICE" --resume
+todo "$OUT/results/unsupervised-linear-probe.json" && promptcli eval "$OUT/test.h5" \
+  --prompt "$OUT/runs/unsupervised-linear-probe.safetensors" -o "$OUT/results/unsupervised-linear-probe.json" -q
 
 step "Results (test accuracy; report files in $OUT/report.*)"
 promptcli report "$OUT/results" "$OUT"/runs/*.jsonl -o "$OUT/report.html" -o "$OUT/report.png" -o "$OUT/report.md" --force -q

@@ -23,7 +23,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
         "coop-ce-r0.5-s1.json",
         "coop-gce-r0.5-s1.json",
         "linear-probe-ce-r0.5-s1.json",
-        "unsupervised-coop-gce.json",
+        "unsupervised-linear-probe.json",
         "zero-shot.json",
     ]
     zero_shot = json.loads((out / "results" / "zero-shot.json").read_text())
