@@ -212,3 +212,73 @@ def run_example(script: str, timeout: int = 900, **env: str):
     return subprocess.run(
         ["bash", str(EXAMPLES / script)], env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+_CLI_CLIENT = r"""
+import json, socket, sys
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(sys.argv[1])
+conn.sendall(json.dumps(sys.argv[2:]).encode() + b"\n")
+data = b""
+while chunk := conn.recv(1 << 16):
+    data += chunk
+reply = json.loads(data)
+sys.stdout.write(reply["out"])
+sys.stderr.write(reply["err"])
+sys.exit(reply["code"])
+"""
+
+
+def run_served_script(
+    script: Path, env: dict[str, str], run_cli, folder: Path, extra_env: dict[str, str] | None = None
+) -> tuple[int, str, list[list[str]]]:
+    """Run an example script whose ``$PROMPTCLI`` commands are served in this process (fast: no new
+    interpreter per command); returns (exit code, its output, the commands it ran)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="cli"))  # short: a socket path is at most ~100 bytes
+    sock_path = sock_dir / "cli.sock"
+    client = folder / "client.py"
+    client.write_text(_CLI_CLIENT)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    server.listen()
+    server.settimeout(0.05)
+    log = folder / f"{script.stem}.log"
+    commands: list[list[str]] = []
+    try:
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(
+                ["bash", str(script)],
+                env={**env, **(extra_env or {}), "PROMPTCLI": f"{sys.executable} {client} {sock_path}"},
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(30)
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        data += conn.recv(1 << 16)
+                    argv = json.loads(data)
+                    commands.append(argv)
+                    code, out, err = run_cli(*argv)
+                    conn.sendall(json.dumps({"code": code, "out": out, "err": err}).encode())
+            if proc.poll() is None:
+                proc.kill()
+            code = proc.wait()
+    finally:
+        server.close()
+        sock_path.unlink(missing_ok=True)
+        sock_dir.rmdir()
+    return code, log.read_text(), commands

@@ -9,34 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, COLORS
+from conftest import CLASSES, COLORS, run_served_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "benchmark.sh"
-
-CLIENT = r"""
-import json, socket, sys
-conn = socket.socket(socket.AF_UNIX)
-conn.connect(sys.argv[1])
-conn.sendall(json.dumps(sys.argv[2:]).encode() + b"\n")
-data = b""
-while chunk := conn.recv(1 << 16):
-    data += chunk
-reply = json.loads(data)
-sys.stdout.write(reply["out"])
-sys.stderr.write(reply["err"])
-sys.exit(reply["code"])
-"""
 
 
 def make_dtd(data: Path, per_split: dict[str, int], seed: int = 0) -> Path:
@@ -58,48 +41,7 @@ def make_dtd(data: Path, per_split: dict[str, int], seed: int = 0) -> Path:
 
 
 def run_script(env: dict[str, str], run_cli, folder: Path) -> tuple[int, str, list[list[str]]]:
-    """Run the script, serving its promptcli commands in-process; (exit code, output, commands)."""
-    sock_dir = Path(tempfile.mkdtemp(prefix="bench"))
-    sock_path = sock_dir / "cli.sock"
-    client = folder / "client.py"
-    client.write_text(CLIENT)
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(sock_path))
-    server.listen()
-    server.settimeout(0.05)
-    log = folder / "bench.log"
-    commands: list[list[str]] = []
-    try:
-        with open(log, "w") as handle:
-            proc = subprocess.Popen(
-                ["bash", str(SCRIPT)],
-                env={**env, "PROMPTCLI": f"{sys.executable} {client} {sock_path}", "PYTHON": sys.executable},
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-            )
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    conn, _ = server.accept()
-                except TimeoutError:
-                    continue
-                with conn:
-                    conn.settimeout(30)
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        data += conn.recv(1 << 16)
-                    argv = json.loads(data)
-                    commands.append(argv)
-                    code, out, err = run_cli(*argv)
-                    conn.sendall(json.dumps({"code": code, "out": out, "err": err}).encode())
-            if proc.poll() is None:
-                proc.kill()
-            code = proc.wait()
-    finally:
-        server.close()
-        sock_path.unlink(missing_ok=True)
-        sock_dir.rmdir()
-    return code, log.read_text(), commands
+    return run_served_script(SCRIPT, env, run_cli, folder, {"PYTHON": sys.executable})
 
 
 @pytest.mark.slow

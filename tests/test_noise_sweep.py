@@ -8,16 +8,13 @@ Everything else (the script's flow, file names, skipping, exit codes) is the scr
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import run_served_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "noise_sweep.sh"
 
@@ -25,64 +22,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "noise_sweep.sh"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-CLIENT = r"""
-import json, socket, sys
-conn = socket.socket(socket.AF_UNIX)
-conn.connect(sys.argv[1])
-conn.sendall(json.dumps(sys.argv[2:]).encode() + b"\n")
-data = b""
-while chunk := conn.recv(1 << 16):
-    data += chunk
-reply = json.loads(data)
-sys.stdout.write(reply["out"])
-sys.stderr.write(reply["err"])
-sys.exit(reply["code"])
-"""
-
-
 def _sweep(env: dict[str, str], run_cli, folder: Path) -> tuple[int, str, list[list[str]]]:
-    """Run the script, serving its promptcli commands in-process; (exit code, stdout, commands)."""
-    sock_dir = Path(tempfile.mkdtemp(prefix="sweep"))  # short: a socket path is at most ~100 bytes
-    sock_path = sock_dir / "cli.sock"
-    client = folder / "client.py"
-    client.write_text(CLIENT)
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(sock_path))
-    server.listen()
-    server.settimeout(0.05)
-    log = folder / "sweep.log"
-    commands: list[list[str]] = []
-    try:
-        with open(log, "w") as handle:
-            proc = subprocess.Popen(
-                ["bash", str(SCRIPT)],
-                env={**env, "PROMPTCLI": f"{sys.executable} {client} {sock_path}"},
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-            )
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    conn, _ = server.accept()
-                except TimeoutError:
-                    continue
-                with conn:
-                    conn.settimeout(30)
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        data += conn.recv(1 << 16)
-                    argv = json.loads(data)
-                    commands.append(argv)
-                    code, out, err = run_cli(*argv)
-                    conn.sendall(json.dumps({"code": code, "out": out, "err": err}).encode())
-            if proc.poll() is None:
-                proc.kill()
-            code = proc.wait()
-    finally:
-        server.close()
-        sock_path.unlink(missing_ok=True)
-        sock_dir.rmdir()
-    return code, log.read_text(), commands
+    return run_served_script(SCRIPT, env, run_cli, folder)
 
 
 def test_noise_sweep_end_to_end_and_rerun_skips(tmp_path, tiny_model_files, image_folder, run_cli):
