@@ -42,7 +42,7 @@ _promptcli() {
             case "$prev" in --output|-o|--model|-m|--pretrained|--model-config|--adapter|--views|--dtype|--classnames|--split|--batch-size|-b|--workers|-j|--seed|--device|--precision|--max-pixels|--chunk-size) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --model -m --pretrained --model-config --random-weights --adapter --views --dtype --classnames --split --batch-size -b --workers -j --seed --device --precision --skip-bad --resume --max-pixels --chunk-size --distributed --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         gradstats)
-            case "$prev" in --method) COMPREPLY=($(compgen -W "coop cls-tuning full-prompt linear-probe classifier-zs finetune kgcoop cocoop clip-adapter tip-adapter tip-adapter-f" -- "$cur")); return ;; esac
+            case "$prev" in --method) COMPREPLY=($(compgen -W "coop cls-tuning full-prompt linear-probe classifier-zs finetune kgcoop cocoop clip-adapter tip-adapter tip-adapter-f vpt maple" -- "$cur")); return ;; esac
             case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
             case "$prev" in --class-position) COMPREPLY=($(compgen -W "end middle front" -- "$cur")); return ;; esac
             case "$prev" in --loss) COMPREPLY=($(compgen -W "ce gce mae sce" -- "$cur")); return ;; esac
@@ -62,16 +62,17 @@ _promptcli() {
             case "$prev" in --output|-o|--metric|--curve-rate|--title) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
             if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --metric --curve-rate --title --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         tune)
-            case "$prev" in --method) COMPREPLY=($(compgen -W "coop cls-tuning full-prompt linear-probe classifier-zs finetune kgcoop cocoop clip-adapter tip-adapter tip-adapter-f" -- "$cur")); return ;; esac
+            case "$prev" in --method) COMPREPLY=($(compgen -W "coop cls-tuning full-prompt linear-probe classifier-zs finetune kgcoop cocoop clip-adapter tip-adapter tip-adapter-f vpt maple" -- "$cur")); return ;; esac
             case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
             case "$prev" in --precision) COMPREPLY=($(compgen -W "fp32 fp16 bf16" -- "$cur")); return ;; esac
+            case "$prev" in --vpt-depth) COMPREPLY=($(compgen -W "shallow deep" -- "$cur")); return ;; esac
             case "$prev" in --class-position) COMPREPLY=($(compgen -W "end middle front" -- "$cur")); return ;; esac
             case "$prev" in --loss) COMPREPLY=($(compgen -W "ce gce mae sce" -- "$cur")); return ;; esac
             case "$prev" in --optimizer) COMPREPLY=($(compgen -W "sgd adamw" -- "$cur")); return ;; esac
             case "$prev" in --split) COMPREPLY=($(compgen -W "none ot" -- "$cur")); return ;; esac
             case "$prev" in --noisy-loss) COMPREPLY=($(compgen -W "mae none" -- "$cur")); return ;; esac
-            case "$prev" in --output|-o|--method|--device|--pretrained|--log|--images|--workers|-j|--precision|--train-layers|--lp-epochs|--wise-alpha|--n-ctx|--ctx-init|--class-position|--template|--init-std|--class-chunk|--loss|--q|--alpha|--beta|--label-smoothing|--epochs|--lr|--momentum|--weight-decay|--warmup-epochs|--warmup-lr|--batch-size|-b|--optimizer|--shots|--split|--noisy-loss|--ot-epsilon|--kg-lambda|--adapter-ratio|--tip-alpha|--tip-beta|--val-fraction|--seed) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --method --device --amp --no-amp --pretrained --log --resume --force --quiet -q --json --images --skip-bad --workers -j --precision --train-layers --lp-ft --lp-epochs --wise-alpha --n-ctx --ctx-init --class-position --csc --template --init-std --class-chunk --loss --q --alpha --beta --label-smoothing --epochs --lr --momentum --weight-decay --warmup-epochs --warmup-lr --batch-size -b --optimizer --shots --split --noisy-loss --ot-epsilon --kg-lambda --adapter-ratio --tip-alpha --tip-beta --val-fraction --no-views --seed --skip-missing --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            case "$prev" in --output|-o|--method|--device|--pretrained|--log|--train-log|--images|--workers|-j|--precision|--train-layers|--lp-epochs|--wise-alpha|--vpt-depth|--vpt-tokens|--maple-depth|--n-ctx|--ctx-init|--class-position|--template|--init-std|--class-chunk|--loss|--q|--alpha|--beta|--label-smoothing|--epochs|--lr|--momentum|--weight-decay|--warmup-epochs|--warmup-lr|--batch-size|-b|--optimizer|--shots|--split|--noisy-loss|--ot-epsilon|--kg-lambda|--adapter-ratio|--tip-alpha|--tip-beta|--val-fraction|--seed) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --method --device --amp --no-amp --pretrained --log --train-log --resume --force --quiet -q --json --images --skip-bad --workers -j --precision --train-layers --lp-ft --lp-epochs --wise-alpha --vpt-depth --vpt-tokens --maple-depth --n-ctx --ctx-init --class-position --csc --template --init-std --class-chunk --loss --q --alpha --beta --label-smoothing --epochs --lr --momentum --weight-decay --warmup-epochs --warmup-lr --batch-size -b --optimizer --shots --split --noisy-loss --ot-epsilon --kg-lambda --adapter-ratio --tip-alpha --tip-beta --val-fraction --no-views --seed --skip-missing --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
     esac
 }
 complete -o filenames -F _promptcli promptcli

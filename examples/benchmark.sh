@@ -61,25 +61,7 @@ declare -A FOLDER=(
     [dtd]=dtd [eurosat]=eurosat [ucf101]=ucf101 [imagenet]=imagenet
 )
 
-read -r -a cli <<<"$PROMPTCLI"
-read -r -a model_args <<<"$MODEL_ARGS"
-read -r -a tune_args <<<"$TUNE_ARGS"
-if [[ -n "$PRETRAINED" ]]; then model_args+=(--pretrained "$PRETRAINED"); fi
-
-ran=0 # commands run by this invocation (reports are redrawn only when something changed)
-
-# run OUTPUT COMMAND...: run COMMAND unless OUTPUT (the last file it writes) exists.
-run() {
-    local output=$1
-    shift
-    if [[ -e "$output" ]]; then
-        echo "skip: $output exists"
-        return
-    fi
-    echo "run: $*"
-    "$@"
-    ran=$((ran + 1))
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 for name in $DATASETS; do # every name checked before hours of work start
     if [[ -z "${FOLDER[$name]:-}" ]]; then

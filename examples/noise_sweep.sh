@@ -30,7 +30,9 @@
 #               The other prompt-learning methods on cached features: kgcoop, clip-adapter, cocoop
 #               (its paper's 10 epochs, not EPOCHS: its text pass is per image), tip-adapter
 #               (training-free) and tip-adapter-f (its paper's 20 epochs), e.g. METHODS="coop+ce kgcoop+ce cocoop+ce clip-adapter+ce tip-adapter-f+ce"
-#   FINETUNE_ARGS  extra flags for the finetune rows' tune, e.g. "--train-layers last-2 --workers 4" []
+#               On images, with a ViT image tower (not the demo's): vpt+ce and maple+ce (their
+#               papers' 5 epochs; test features extracted through the prompted tower, as for finetune)
+#   FINETUNE_ARGS  extra flags for the finetune, vpt and maple rows' tune, e.g. "--workers 4" []
 #   TUNE_ARGS   extra flags for tune and gradstats, e.g. "--n-ctx 4" []
 #   GRADSTATS   methods whose noisy/clean gradient norms are recorded at every noisy rate, one
 #               method+loss pair each ("" turns it off) ["coop+ce linear-probe+ce"]
@@ -62,43 +64,12 @@ GRADSTATS=${GRADSTATS-coop+ce linear-probe+ce}
 GRADSTATS_SEEDS=${GRADSTATS_SEEDS:-$SEEDS}
 PROMPTCLI=${PROMPTCLI:-promptcli}
 
-read -r -a cli <<<"$PROMPTCLI"
-read -r -a model_args <<<"$MODEL_ARGS"
-read -r -a tune_args <<<"$TUNE_ARGS"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 read -r -a finetune_args <<<"$FINETUNE_ARGS"
-if [[ -n "$PRETRAINED" ]]; then model_args+=(--pretrained "$PRETRAINED"); fi
-
-ran=0 # commands run by this invocation (the report is redrawn only when something changed)
-
-# run OUTPUT COMMAND...: run COMMAND unless OUTPUT exists.
-run() {
-    local output=$1
-    shift
-    if [[ -e "$output" ]]; then
-        echo "skip: $output exists"
-        return
-    fi
-    echo "run: $*"
-    "$@"
-    ran=$((ran + 1))
-}
 
 mkdir -p "$OUT/features" "$OUT/labels" "$OUT/prompts" "$OUT/results"
 
-if [[ -z "$TRAIN_DIR" || -z "$TEST_DIR" ]]; then
-    run "$OUT/images" "${cli[@]}" demo-images "$OUT/images" -q
-    TRAIN_DIR=${TRAIN_DIR:-$OUT/images/train}
-    TEST_DIR=${TEST_DIR:-$OUT/images/test}
-fi
-
-train_h5=$OUT/features/train.h5
-test_h5=$OUT/features/test.h5
-run "$train_h5" "${cli[@]}" extract "$TRAIN_DIR" -o "$train_h5" --model "$MODEL" "${model_args[@]}" \
-    --device "$DEVICE" --views "$VIEWS" --resume -q
-run "$test_h5" "${cli[@]}" extract "$TEST_DIR" -o "$test_h5" --model "$MODEL" "${model_args[@]}" \
-    --device "$DEVICE" --resume -q
-run "$OUT/results/zero-shot.json" "${cli[@]}" eval "$test_h5" --zero-shot --device "$DEVICE" \
-    -o "$OUT/results/zero-shot.json" -q
+image_features --views "$VIEWS"
 
 for rate in $RATES; do
     for seed in $SEEDS; do
@@ -117,13 +88,14 @@ for rate in $RATES; do
             method=${pair%+*} loss=${pair#*+}
             prompt=$OUT/prompts/${method}_${loss}_$name.safetensors
             extra=() eval_h5=$test_h5
-            if [[ "$method" == finetune ]]; then extra=("${finetune_args[@]}"); fi
+            on_images=0 # methods that train on the images: their test features come through the result
+            case "$method" in finetune | vpt | maple) on_images=1 extra=("${finetune_args[@]}") ;; esac
             epochs=(--epochs "$EPOCHS") # these keep their papers' epochs (tip-adapter: training-free)
-            if [[ "$method" == cocoop || "$method" == tip-adapter || "$method" == tip-adapter-f ]]; then epochs=(); fi
+            case "$method" in cocoop | tip-adapter | tip-adapter-f | vpt | maple) epochs=() ;; esac
             run "$prompt" "${cli[@]}" tune "$train_h5" "$labels" -o "$prompt" --method "$method" --loss "$loss" \
                 "${epochs[@]}" --seed "$seed" --device "$DEVICE" "${tune_args[@]}" "${extra[@]}" \
                 --log "$OUT/results/${method}_${loss}_$name.jsonl" --resume -q
-            if [[ "$method" == finetune ]]; then # the tuned tower's own test features
+            if ((on_images)); then # the tuned (or prompted) tower's own test features
                 eval_h5=$OUT/features/test_${method}_${loss}_$name.h5
                 run "$eval_h5" "${cli[@]}" extract "$TEST_DIR" -o "$eval_h5" --model "$MODEL" "${model_args[@]}" \
                     --adapter "$prompt" --device "$DEVICE" --resume -q

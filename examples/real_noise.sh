@@ -47,23 +47,9 @@ case "$DATASET" in
     *) echo "DATASET must be clothing1m or food101n, got '$DATASET'" >&2; exit 2 ;;
 esac
 
-read -r -a cli <<<"$PROMPTCLI"
-read -r -a model_args <<<"$MODEL_ARGS"
-if [[ -n "$PRETRAINED" ]]; then model_args+=(--pretrained "$PRETRAINED"); fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 clean_args=(--zero-shot --score "$SCORE")
 if [[ "$RELABEL" == 1 ]]; then clean_args+=(--relabel); fi
-
-# run OUTPUT COMMAND...: run COMMAND unless OUTPUT (the last file it writes) exists.
-run() {
-    local output=$1
-    shift
-    if [[ -e "$output" ]]; then
-        echo "skip: $output exists"
-        return
-    fi
-    echo "run: $*"
-    "$@"
-}
 
 mkdir -p "$OUT/features" "$OUT/labels" "$OUT/prompts" "$OUT/results" "$OUT/clean"
 run "$OUT/classes.txt" "${cli[@]}" dataset "$DATASET" "$ROOT" "${dataset_args[@]}" --split train --known-noise \

@@ -52,41 +52,13 @@ TOP_K=${TOP_K:-}
 TUNE_ARGS=${TUNE_ARGS:-}
 PROMPTCLI=${PROMPTCLI:-promptcli}
 
-read -r -a cli <<<"$PROMPTCLI"
-read -r -a model_args <<<"$MODEL_ARGS"
-read -r -a tune_args <<<"$TUNE_ARGS"
-if [[ -n "$PRETRAINED" ]]; then model_args+=(--pretrained "$PRETRAINED"); fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 select_args=()
 if [[ -n "$TOP_K" ]]; then select_args=(--top-k "$TOP_K"); fi
 
-# run OUTPUT COMMAND...: run COMMAND unless OUTPUT exists.
-run() {
-    local output=$1
-    shift
-    if [[ -e "$output" ]]; then
-        echo "skip: $output exists"
-        return
-    fi
-    echo "run: $*"
-    "$@"
-}
-
 mkdir -p "$OUT/features" "$OUT/labels" "$OUT/prompts" "$OUT/results"
 
-if [[ -z "$TRAIN_DIR" || -z "$TEST_DIR" ]]; then
-    run "$OUT/images" "${cli[@]}" demo-images "$OUT/images" -q
-    TRAIN_DIR=${TRAIN_DIR:-$OUT/images/train}
-    TEST_DIR=${TEST_DIR:-$OUT/images/test}
-fi
-
-train_h5=$OUT/features/train.h5
-test_h5=$OUT/features/test.h5
-run "$train_h5" "${cli[@]}" extract "$TRAIN_DIR" -o "$train_h5" --model "$MODEL" "${model_args[@]}" \
-    --device "$DEVICE" --resume -q
-run "$test_h5" "${cli[@]}" extract "$TEST_DIR" -o "$test_h5" --model "$MODEL" "${model_args[@]}" \
-    --device "$DEVICE" --resume -q
-zero_shot=$OUT/results/zero-shot.json
-run "$zero_shot" "${cli[@]}" eval "$test_h5" --zero-shot --device "$DEVICE" -o "$zero_shot" -q
+image_features
 
 pseudo=$OUT/labels/transductive${TOP_K:+-top$TOP_K}.csv
 # pseudolabel writes the CSV, then its sidecar: both must be there

@@ -62,6 +62,8 @@ class Method(Choice):
     CLIP_ADAPTER = "clip-adapter"  # residual MLP on image features (models/clip_adapter.py)
     TIP_ADAPTER = "tip-adapter"  # training-free cache model (models/tip_adapter.py)
     TIP_ADAPTER_F = "tip-adapter-f"  # cache keys fine-tuned
+    VPT = "vpt"  # visual prompt tokens in a frozen ViT image tower, on images (models/image_prompts.py)
+    MAPLE = "maple"  # coupled text and vision prompts, on images (models/image_prompts.py)
 
 
 # Methods that learn text prompts through the frozen text tower (the others are linear heads).
@@ -76,6 +78,15 @@ ZERO_SHOT_BASED: tuple[str, ...] = (
     Method.TIP_ADAPTER_F.value,
 )
 TIP_METHODS: tuple[str, ...] = (Method.TIP_ADAPTER.value, Method.TIP_ADAPTER_F.value)
+# Methods that train on images through the image tower (learning/finetune.py runs them all).
+IMAGE_METHODS: tuple[str, ...] = (Method.FINETUNE.value, Method.VPT.value, Method.MAPLE.value)
+
+
+class VptDepth(Choice):
+    """``tune --method vpt --vpt-depth``: prompt tokens at the input only, or a fresh set before every block."""
+
+    SHALLOW = "shallow"
+    DEEP = "deep"
 
 
 class Loss(Choice):

@@ -14,6 +14,7 @@ import pytest
 
 from promptcli.errors import InputError
 from promptcli.extraction.distributed import DistContext, context_from_env, shard
+from promptcli.io.fileio import output_lock
 
 # 18 rows in chunks of 4 -> 5 chunks: rank 0 takes 0, 2, 4 and rank 1 takes 1, 3.
 EXTRACT_ARGS = ["--views", "1", "--dtype", "float32", "-b", "4", "--chunk-size", "4"]
@@ -61,8 +62,16 @@ def test_failure_on_one_rank_stops_all_and_the_resumed_run_matches_one_process(
     bad = images / "blue_sky" / "img004.png"  # row 4: chunk 1, which rank 1 encodes
     bad.write_bytes(b"not an image")
     out = tmp_path / "dist.h5"
+    with output_lock(out):  # another writer holds the output: rank 0 is refused and every rank stops
+        proc = torchrun(images, out, cli_model_args, "-j", "0")
+    assert proc.returncode != 0  # torchrun's own status for a failed rank
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "is writing this output" in errors[0], proc.stderr[-3000:]
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
     proc = torchrun(images, out, cli_model_args, "-j", "0")
     assert proc.returncode != 0
+    assert not Path(f"{out}.lock").exists()  # released by rank 0 however the run ended
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]  # reported once, by rank 0, for rank 1's image
     assert errors[0].startswith(f"Error: {bad}: cannot read image (not a readable image) — ")

@@ -272,27 +272,38 @@ def test_cli_run_log_and_bad_inputs_get_one_line_errors(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "ft", "flags"),
+    [("finetune", {}, []), ("maple", {"maple_depth": 2}, ["--maple-depth", "2"])],
+)
 def test_torchrun_two_processes_equal_one_and_resume_a_one_process_partial(
-    tmp_path, tiny_features, labels_csv
+    tmp_path, tiny_features, labels_csv, method, ft, flags
 ):
     """2 gloo ranks, same global batch: the same tensors as one process (float tolerance); a partial
-    left by one process is completed by two."""
+    left by one process is completed by two. (maple: the engine's image-prompt path, with the text
+    tower in every step.)"""
     import os
     import subprocess
     import sys
 
     opts = {"epochs": 2, "optimizer": "sgd", "lr": 0.01, "split": "ot", "batch_size": 6}
     one = tmp_path / "one.safetensors"
-    _ft(tiny_features, labels_csv, one, **opts)
+    _ft(tiny_features, labels_csv, one, ft, method=method, **opts)
     cut = tmp_path / "two.safetensors"
 
     def stop(row):
         raise KeyboardInterrupt
 
-    options = TuneOptions(method="finetune", seed=0, **opts)
+    options = TuneOptions(method=method, seed=0, **opts)
     with pytest.raises(KeyboardInterrupt):
         finetune(
-            tiny_features, labels_csv, cut, options, FinetuneOptions(workers=0), device="cpu", on_epoch=stop
+            tiny_features,
+            labels_csv,
+            cut,
+            options,
+            FinetuneOptions(workers=0, **ft),
+            device="cpu",
+            on_epoch=stop,
         )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROMPTCLI_DIST_TIMEOUT": "120"}
     env.pop("WORLD_SIZE", None)
@@ -313,9 +324,10 @@ def test_torchrun_two_processes_equal_one_and_resume_a_one_process_partial(
         "-o",
         str(cut),
         "--method",
-        "finetune",
+        method,
         "--epochs",
         "2",
+        *flags,
     ]
     cmd += [
         "-b",
@@ -332,13 +344,17 @@ def test_torchrun_two_processes_equal_one_and_resume_a_one_process_partial(
         "cpu",
         "-q",
     ]
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, env=env)
+    log = tmp_path / "two.jsonl"
+    done = subprocess.run(
+        [*cmd, "--resume", "--train-log", str(log)], capture_output=True, text=True, timeout=240, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
     a, b = read_prompt(one).tensors, read_prompt(cut).tensors
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    assert read_prompt(cut).metadata["finetune"]["world_size"] == 2
+    assert read_prompt(cut).metadata[method]["world_size"] == 2
 
 
 @pytest.mark.parametrize(

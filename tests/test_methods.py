@@ -12,6 +12,7 @@ from test_prompt_learner import NAMES as HF_NAMES
 from test_prompt_learner import tiny_hf_model  # noqa: F401  (the fixture)
 from test_tune import CLASSNAMES, write_synthetic
 
+from promptcli.analysis.evaluation import evaluate_file
 from promptcli.errors import InputError
 from promptcli.io.features import read_features
 from promptcli.io.prompt_files import read_prompt
@@ -206,6 +207,11 @@ def test_kgcoop_lambda_only_changes_the_loss(syn, tmp_path):
     assert torch.equal(read_prompt(tmp_path / "kg0.0.st").tensors["ctx"], coop)
     assert not torch.equal(read_prompt(tmp_path / "kg8.0.st").tensors["ctx"], coop)
     assert read_prompt(tmp_path / "kg8.0.st").metadata["kg_lambda"] == 8.0
+    # recorded as the method's settings, which eval copies and report keeps apart
+    assert read_prompt(tmp_path / "kg8.0.st").metadata["method_params"] == {"kg_lambda": 8.0}
+    assert "method_params" not in read_prompt(tmp_path / "coop.st").metadata
+    summary = evaluate_file(syn["features"], [tmp_path / "kg0.0.st"], device="cpu").summary
+    assert summary["method_params"] == {"kg_lambda": 0.0}
 
 
 # ----------------------------------------------------------------------------- files, tune, eval

@@ -130,3 +130,15 @@ def test_methods_chooses_rows_and_a_finetune_row_evaluates_on_its_own_features(t
     evals = [line for line in lines if line.startswith("eval") and "--prompt" in line]
     assert evals[0].startswith(f"eval {tmp_path}/s/features/test.h5 --prompt")
     assert evals[1].startswith(f"eval {adapter_h5} --prompt {prompt}")
+
+    # vpt and maple also train on the images: their own test features, their papers' epochs
+    calls.unlink()
+    env.update(METHODS="vpt+ce", FINETUNE_ARGS="--workers 3")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = calls.read_text().splitlines()
+    (tune,) = [line for line in lines if line.startswith("tune")]
+    assert "--method vpt --loss ce" in tune and "--epochs" not in tune and "--workers 3" in tune
+    vpt_h5 = f"{tmp_path}/s/features/test_vpt_ce_r0.5_s1.h5"
+    assert any(line.startswith(f"extract {tmp_path}/test -o {vpt_h5}") and "--adapter" in line for line in lines)
+    assert any(line.startswith(f"eval {vpt_h5} --prompt") for line in lines)

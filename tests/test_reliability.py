@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -481,8 +482,9 @@ def test_stdout_carries_only_data(syn, tmp_path, run_cli):
 
 def test_one_writer_per_output(tmp_path):
     out = tmp_path / "p.safetensors"
+    me = f"{os.getpid()} {socket.gethostname()}"
     with output_lock(out) as lock:
-        assert lock.read_text().strip() == str(os.getpid())
+        assert lock.read_text().strip() == me
         with pytest.raises(InputError, match=f"another promptcli \\(pid {os.getpid()}\\) is writing"):
             with output_lock(out):
                 pass
@@ -492,8 +494,32 @@ def test_one_writer_per_output(tmp_path):
     )
     lock.write_text(dead.stdout)  # a writer that was killed left its lock
     with output_lock(out):
-        assert lock.read_text().strip() == str(os.getpid())
+        assert lock.read_text().strip() == me
     assert not lock.exists()
+    # a writer on another host (shared filesystem) is never guessed dead
+    lock.write_text(f"{dead.stdout.strip()} some-other-node\n")
+    with pytest.raises(InputError, match="pid [0-9]+ on some-other-node\\) is writing"):
+        with output_lock(out):
+            pass
+    assert lock.exists()
+    lock.unlink()
+
+
+def test_finetune_holds_the_output_lock(tiny_features, noisy_labels, tmp_path):
+    from promptcli.learning.finetune import FinetuneOptions, finetune
+    from promptcli.learning.options import TuneOptions
+
+    out = tmp_path / "ft.safetensors"
+    with output_lock(out):
+        with pytest.raises(InputError, match="is writing this output"):
+            finetune(
+                tiny_features,
+                noisy_labels["labels"],
+                out,
+                TuneOptions(method="finetune", epochs=0),
+                FinetuneOptions(workers=0),
+                device="cpu",
+            )
 
 
 def test_a_second_tune_or_extract_on_one_output_is_refused(

@@ -251,6 +251,29 @@ def test_pseudo_labels_cleaned_labels_and_ot_split_are_their_own_series(tmp_path
     ]
 
 
+def test_a_methods_own_settings_split_its_series(tmp_path):
+    """kgcoop at two lambdas is two rows (labelled with them); one setting keeps the plain label."""
+    write_json(
+        tmp_path / "a.json",
+        {**eval_summary(top1=0.6), "method": "kgcoop", "method_params": {"kg_lambda": 8.0}},
+    )
+    write_json(
+        tmp_path / "b.json",
+        {**eval_summary(top1=0.5), "method": "kgcoop", "method_params": {"kg_lambda": 1.0}},
+    )
+    write_json(
+        tmp_path / "c.json",
+        {**eval_summary(top1=0.7), "method": "clip-adapter", "method_params": {"adapter_ratio": 0.2}},
+    )
+    header, rows = reporting.table(aggregate(read_results([tmp_path])))
+    assert [r[0] for r in rows] == [
+        "clip-adapter + ce",
+        "kgcoop (kg_lambda=1) + ce",
+        "kgcoop (kg_lambda=8) + ce",
+    ]
+    assert [r[1] for r in rows] == ["70.0 (1)", "50.0 (1)", "60.0 (1)"]
+
+
 def test_grouping_ignores_file_names(tmp_path):
     first = sweep(tmp_path / "a")
     # The same files under misleading names, in other folders, in another order.

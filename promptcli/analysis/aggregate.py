@@ -41,14 +41,19 @@ def _labeller(keys: Iterable[SeriesKey]) -> Callable[[SeriesKey], str]:
     """Labels "method + loss", with parameters, shots or model only where they tell series apart."""
     keys = set(keys)
     params_by_loss = defaultdict(set)
+    settings_by_method = defaultdict(set)
     for k in keys:
+        settings_by_method[k.method].add(k.method_params)
         if k.loss_params:
             params_by_loss[(k.method, k.loss)].add(k.loss_params)
     many_shots = len({k.shots for k in keys if k.shots}) > 1
     many_models = len({k.model for k in keys if k.model}) > 1
 
     def label(k: SeriesKey) -> str:
-        text = k.method + (f" + {k.loss}" if k.loss else "")
+        text = k.method
+        if len(settings_by_method[k.method]) > 1 and k.method_params:
+            text += f" ({k.method_params})"
+        text += f" + {k.loss}" if k.loss else ""
         if len(params_by_loss[(k.method, k.loss)]) > 1:
             text += f" ({k.loss_params})"
         if many_shots and k.shots:

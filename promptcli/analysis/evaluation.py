@@ -23,6 +23,7 @@ from promptcli.models.loading import LoadedModel, same_model
 # What eval copies from a prompt's metadata into its summary (the report command reads these).
 PROVENANCE_KEYS = (
     "method",
+    "method_params",
     "loss",
     "loss_params",
     "seed",
@@ -120,10 +121,11 @@ def check_compatible(prompt: PromptFile, features: FeatureSet) -> None:
 
 def check_adapter(prompt: PromptFile, features: FeatureSet) -> None:
     """A fine-tuned tower's head reads only features extracted through that tower, and only it does."""
+    from promptcli.choices import IMAGE_METHODS
     from promptcli.io.fileio import sha256_file
 
     made_with = str(features.attrs.get("adapter_sha256", "") or "")
-    if prompt.method == "finetune":
+    if prompt.method in IMAGE_METHODS:  # finetune, vpt, maple: the features come through their tower
         if made_with != sha256_file(prompt.path):
             raise InputError(
                 "the features were not extracted through this fine-tuned image tower",
@@ -255,7 +257,7 @@ class EvalResult:
     features: FeatureSet
 
 
-SUMMARY_KEYS = ("method", "loss", "loss_params", "seed", "shots", "noise")
+SUMMARY_KEYS = ("method", "method_params", "loss", "loss_params", "seed", "shots", "noise")
 
 
 def _common(values: list[Any]) -> Any:
@@ -339,7 +341,15 @@ def evaluate(
         **provenance.base_provenance(),
     }
     if zero_shot:
-        summary.update(method="zero-shot", loss=None, loss_params=None, seed=None, shots=None, noise=None)
+        summary.update(
+            method="zero-shot",
+            method_params=None,
+            loss=None,
+            loss_params=None,
+            seed=None,
+            shots=None,
+            noise=None,
+        )
     else:
         summary.update({k: _common([m[k] for m in members]) for k in SUMMARY_KEYS})
     return EvalResult(summary, metrics, probs, truth, fs)

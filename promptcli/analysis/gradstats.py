@@ -46,8 +46,16 @@ DEFAULT_CHUNK = 32
 
 def check_gradient_definition(method: str) -> None:
     """One-line error for a method whose logits are not ``scale * x @ W.T + b`` (see the module docstring)."""
+    from promptcli.choices import IMAGE_METHODS
     from promptcli.models.heads import head_class
 
+    if method in IMAGE_METHODS:
+        raise InputError(
+            f"gradstats does not apply to {method}: it trains through the image tower on images, and "
+            "per-sample gradients over the tower are not supported",
+            where="--method",
+            hint="trace coop, kgcoop, cls-tuning, full-prompt, linear-probe or classifier-zs",
+        )
     if not hasattr(head_class(method), "classifier"):
         raise InputError(
             f"gradstats does not apply to {method}: its logits have no class weights shared by the batch",

@@ -64,6 +64,7 @@ class SeriesKey:
 
     method: str
     loss: str = ""
+    method_params: str = ""  # "kg_lambda=8": the method's own settings, "" when it has none
     loss_params: str = ""  # "q=0.7", "" when unknown or none
     shots: str = ""  # "16", "" when all data or unknown
     model: str = ""  # "ViT-B-32/openai", "" when unknown
@@ -297,6 +298,7 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
     key = SeriesKey(
         method="zero-shot" if zero_shot else str(obj.get("method") or "mixed"),
         loss="" if zero_shot else str(obj.get("loss") or ""),
+        method_params="" if zero_shot else _params_label(obj.get("method_params")),
         loss_params="" if zero_shot else _params_label(obj.get("loss_params")),
         shots="" if zero_shot or obj.get("shots") is None else str(obj.get("shots")),
         model=_model_label(obj.get("model")),
@@ -339,6 +341,7 @@ def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
     key = SeriesKey(
         method=str(run.get("method") or "unknown"),
         loss=str(loss or ""),
+        method_params=_params_label(run.get("method_params")),
         loss_params=_params_label(loss_params),
         shots="" if run.get("shots") is None else str(run.get("shots")),
         model=_model_label(run.get("model")),

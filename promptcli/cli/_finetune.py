@@ -1,4 +1,5 @@
-"""``tune --method finetune``: the options fine-tuning adds to tune, and running it with progress and messages."""
+"""``tune --method finetune|vpt|maple``: the options training on images adds to tune, and running it
+with progress and messages."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from promptcli.choices import Precision
+from promptcli.choices import IMAGE_METHODS, Precision, VptDepth
 from promptcli.cli._output import Output, epoch_progress, pct
 
 # The options only fine-tuning reads (tune passes them through; other methods ignore them).
@@ -43,6 +44,19 @@ WiseAlphaOpt = Annotated[
     typer.Option(
         "--wise-alpha", help="finetune: also write OUTPUT.wiseA (WiSE-FT weight interpolation; repeatable)."
     ),
+]
+
+
+VptDepthOpt = Annotated[
+    VptDepth,
+    typer.Option(
+        "--vpt-depth", help="vpt: tokens at the input only (shallow) or a fresh set before every block."
+    ),
+]
+VptTokensOpt = Annotated[int, typer.Option("--vpt-tokens", help="vpt: prompt tokens per layer.")]
+MapleDepthOpt = Annotated[
+    int,
+    typer.Option("--maple-depth", help="maple: layers J with text and coupled vision prompts (paper: 9)."),
 ]
 
 
@@ -97,7 +111,7 @@ def _run_one(
 
     main = shard is None or shard.is_main
     epochs = options.epochs
-    with epoch_progress(out, "finetune", epochs) as on_epoch:
+    with epoch_progress(out, str(options.method), epochs) as on_epoch:
         summary = finetune(
             features,
             labels,
@@ -122,7 +136,7 @@ def _run_one(
         out.warn(f"skipped {summary['n_skipped']} label row(s) whose path or class the features lack")
     clean = metrics.get("train_clean_accuracy")
     out.info(
-        f"Fine-tuned the image tower ({summary['train_layers']['train_layers']}) on {summary['n_train']} images "
+        f"Trained {summary['trained']} on {summary['n_train']} images "
         f"for {epochs} epochs"
         + (f" (resumed at epoch {summary['resumed_from_epoch']})" if summary["resumed_from_epoch"] else "")
         + f": train accuracy {pct(metrics['train_accuracy'])}"
@@ -143,25 +157,36 @@ FINETUNE_PARAMS = (
     "lp_ft",
     "lp_epochs",
     "wise_alpha",
+    "vpt_depth",
+    "vpt_tokens",
+    "maple_depth",
 )
+# The options of one image method (the others warn that they are ignored for it).
+_OWN = {"vpt_depth": "vpt", "vpt_tokens": "vpt", "maple_depth": "maple"}
 
 
 def finetune_options(method: str, values: dict[str, Any], out: Output) -> Any:
-    """The :class:`FinetuneOptions` for ``--method finetune``; for other methods None (and a warning
-    when a fine-tuning option was changed from its default)."""
+    """The :class:`FinetuneOptions` for the image methods (finetune, vpt, maple); for other methods
+    None. An option changed from its default that the method does not read is reported as ignored
+    (the finetune-only ones given to vpt/maple are refused by ``FinetuneOptions.validate``)."""
     from promptcli.learning.finetune import FinetuneOptions
 
+    method = str(method)
     given = {k: values[k] for k in FINETUNE_PARAMS}
-    if str(method) != "finetune":
-        defaults = FinetuneOptions()
-        changed = [
-            "--" + k.replace("_", "-")
-            for k, v in given.items()
-            if v not in (None, [], getattr(defaults, k if k != "wise_alpha" else "wise_alphas", None))
-        ]
+    defaults = FinetuneOptions()
+    changed = [
+        k
+        for k, v in given.items()
+        if v not in (None, [], getattr(defaults, k if k != "wise_alpha" else "wise_alphas", None))
+    ]
+    if method not in IMAGE_METHODS:
         if changed:
-            out.warn(f"{', '.join(changed)} apply to --method finetune; ignored for {method}")
+            names = ", ".join("--" + k.replace("_", "-") for k in changed)
+            out.warn(f"{names} apply to --method {', '.join(IMAGE_METHODS)}; ignored for {method}")
         return None
+    for k in changed:
+        if k in _OWN and _OWN[k] != method:
+            out.warn(f"--{k.replace('_', '-')} applies to --method {_OWN[k]}; ignored for {method}")
     return FinetuneOptions(
         train_layers=given["train_layers"],
         images=None if given["images"] is None else str(given["images"]),
@@ -171,4 +196,7 @@ def finetune_options(method: str, values: dict[str, Any], out: Output) -> Any:
         lp_ft=given["lp_ft"],
         lp_epochs=given["lp_epochs"],
         wise_alphas=list(given["wise_alpha"] or []),
-    ).validate()
+        vpt_depth=str(given["vpt_depth"]),
+        vpt_tokens=given["vpt_tokens"],
+        maple_depth=given["maple_depth"],
+    ).validate(method)

@@ -61,7 +61,8 @@ def command(
     adapter: Annotated[
         Path | None,
         typer.Option(
-            "--adapter", help="Encode through a fine-tuned image tower (`tune --method finetune` output)."
+            "--adapter",
+            help="Encode through a fine-tuned or prompted image tower (`tune --method finetune/vpt/maple` output).",
         ),
     ] = None,
     views: Annotated[

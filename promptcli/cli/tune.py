@@ -28,6 +28,16 @@ last-K trains only the last K blocks, --lp-ft fits the head on the cached featur
 A also writes OUTPUT.wiseA (WiSE-FT). Default lr: AdamW 1e-5, SGD 1e-4 (use --optimizer adamw).
 Evaluate it on features extracted through the tuned tower: `promptcli extract ... --adapter OUTPUT`.
 
+--method vpt and --method maple also train on images (same options: --images, --workers, --precision,
+every loss, --split ot, --resume), with every CLIP weight frozen and a ViT image tower (a CNN tower is
+refused). vpt (Jia et al. 2022) learns --vpt-tokens prompt tokens (default 8) after the class token,
+--vpt-depth deep (a fresh set before every block, default) or shallow (input only), under the frozen
+zero-shot classifier of --template. maple (Khattak et al. 2023) learns 2 text context tokens (from the
+template's first words, "a photo") and deep text prompts in the first --maple-depth J layers (paper: 9),
+with vision prompts W_i P_i + b_i coupled from them; its classifier is the class text features of the
+learned prompts. Both default to MaPLe's schedule (SGD lr 0.0035, 5 epochs); evaluate through
+`extract --adapter OUTPUT` as for finetune.
+
 Examples:
 
     promptcli tune train.h5 noisy.csv -o coop.safetensors
@@ -37,6 +47,8 @@ Examples:
     promptcli tune train.h5 noisy.csv -o ot.safetensors --split ot --shots 16 --log ot.jsonl
     promptcli tune train.h5 noisy.csv -o coop.safetensors --resume   # continue an interrupted run
     promptcli tune train.h5 noisy.csv -o ft.safetensors --method finetune --optimizer adamw --wise-alpha 0.5
+    promptcli tune train.h5 noisy.csv -o vpt.safetensors --method vpt --vpt-depth shallow --shots 16
+    promptcli tune train.h5 noisy.csv -o maple.safetensors --method maple --split ot
 """
 
 from __future__ import annotations
@@ -46,15 +58,18 @@ from typing import Annotated, Any
 
 import typer
 
-from promptcli.choices import Method
+from promptcli.choices import Method, VptDepth
 from promptcli.cli._finetune import (
     FtPrecisionOpt,
     FtWorkersOpt,
     ImagesOpt,
     LpEpochsOpt,
     LpFtOpt,
+    MapleDepthOpt,
     SkipBadOpt,
     TrainLayersOpt,
+    VptDepthOpt,
+    VptTokensOpt,
     WiseAlphaOpt,
 )
 from promptcli.cli._options import AmpOpt, DeviceOpt, FeaturesPretrainedOpt, ForceOpt, JsonOpt, QuietOpt
@@ -77,7 +92,12 @@ def command(
     amp: AmpOpt = True,
     pretrained: FeaturesPretrainedOpt = None,
     log: Annotated[
-        Path | None, typer.Option("--log", help="Write one JSON line per epoch to this file.")
+        Path | None,
+        typer.Option(
+            "--log",
+            "--train-log",
+            help="Write one JSON line per epoch to this file (--train-log: the same, for torchrun).",
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from OUTPUT.partial left by an interrupted run.")
@@ -93,6 +113,9 @@ def command(
     lp_ft: LpFtOpt = False,
     lp_epochs: LpEpochsOpt = 50,
     wise_alpha: WiseAlphaOpt = None,
+    vpt_depth: VptDepthOpt = VptDepth.DEEP,
+    vpt_tokens: VptTokensOpt = 8,
+    maple_depth: MapleDepthOpt = 9,
     **training: Any,
 ) -> None:
     from promptcli.cli import _finetune

@@ -31,7 +31,7 @@ import torch
 
 from promptcli.errors import InputError, PromptcliError, RuntimeFailure
 from promptcli.extraction import extract as ex
-from promptcli.io.fileio import check_output_path
+from promptcli.io.fileio import check_output_path, locks_output
 from promptcli.io.image_sources import ImageSource
 from promptcli.models.loading import LoadedModel
 
@@ -275,6 +275,7 @@ def shard(items: list[int], rank: int, world_size: int) -> list[int]:
     return items[rank::world_size]
 
 
+@locks_output("output", group="ctx")
 def extract_distributed(
     source: ImageSource,
     loaded: LoadedModel,

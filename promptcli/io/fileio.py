@@ -101,20 +101,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _lock_owner(lock: Path) -> int | None:
+def _this_host() -> str:
+    import socket
+
+    return socket.gethostname() or "?"
+
+
+def _lock_owner(lock: Path) -> tuple[int, str | None] | None:
+    """(pid, host) written in a lock; host None in a lock from before hosts were recorded."""
     try:
-        return int(lock.read_text(encoding="utf-8").split()[0])
+        fields = lock.read_text(encoding="utf-8").split()
+        return int(fields[0]), (fields[1] if len(fields) > 1 else None)
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _owner_gone(owner: tuple[int, str | None]) -> bool:
+    """Whether a lock's writer surely no longer runs: only knowable for a process on this host."""
+    pid, host = owner
+    return host in (None, _this_host()) and not _pid_alive(pid)
 
 
 @contextlib.contextmanager
 def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
     """Hold ``<path>.lock`` (created with O_EXCL, holding the pid) while a command writes ``path``.
 
-    A second command writing the same output is refused; a lock whose pid no longer runs (the
-    writer was killed) is taken over. The lock is removed on exit, whatever happens.
+    A second command writing the same output is refused; a lock whose pid no longer runs on this
+    host (the writer was killed) is taken over; one from another host (a shared filesystem) is
+    never guessed stale. The lock holds "pid host" and is removed on exit, whatever happens.
     """
+    me = (os.getpid(), _this_host())
     lock = Path(f"{path}{LOCK_SUFFIX}")
     parent = lock.parent
     if not parent.is_dir():
@@ -128,9 +144,11 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
             if owner is None:  # being written this very moment, or damaged: look once more
                 time.sleep(0.05)
                 owner = _lock_owner(lock)
-            if owner is not None and _pid_alive(owner):
+            if owner is not None and not _owner_gone(owner):
+                pid, host = owner
+                on = "" if host in (None, me[1]) else f" on {host}"
                 raise InputError(
-                    f"another promptcli (pid {owner}) is writing this output",
+                    f"another promptcli (pid {pid}{on}) is writing this output",
                     where=path,
                     hint=f"wait for it to finish or choose another output (if none runs, delete {lock})",
                 ) from None
@@ -139,7 +157,7 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
             continue
         try:
             with disk_full_guard(parent), os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(f"{os.getpid()}\n")
+                handle.write(f"{me[0]} {me[1]}\n")
         except BaseException:
             lock.unlink()
             raise
@@ -149,7 +167,7 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
     try:
         yield lock
     finally:
-        if _lock_owner(lock) == os.getpid():
+        if _lock_owner(lock) == me:
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
 
@@ -308,8 +326,13 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     return p
 
 
-def locks_output(argument: str = "output") -> Callable[[F], F]:
-    """Decorate a function that writes the file named by its ``argument`` to hold :func:`output_lock`."""
+def locks_output(argument: str = "output", group: str | None = None) -> Callable[[F], F]:
+    """Decorate a function that writes the file named by its ``argument`` to hold :func:`output_lock`.
+
+    ``group`` names the argument holding the function's process group under torchrun (an object
+    with ``from_main(fn)``: fn runs on rank 0, its error reaches every rank); then rank 0 alone
+    holds the lock and a refused lock stops every rank. None there means a single process.
+    """
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func)
@@ -320,7 +343,12 @@ def locks_output(argument: str = "output") -> Callable[[F], F]:
             target = bound.arguments[argument]
             if str(target) == STDIO:
                 return func(*args, **kwargs)
-            with output_lock(target):
+            ranks = bound.arguments.get(group) if group else None
+            if ranks is None:
+                with output_lock(target):
+                    return func(*args, **kwargs)
+            with contextlib.ExitStack() as held:
+                ranks.from_main(lambda: held.enter_context(output_lock(target)) and None)
                 return func(*args, **kwargs)
 
         return locked  # type: ignore[return-value]

@@ -1,4 +1,5 @@
-"""End-to-end fine-tuning of the image tower on images (``tune --method finetune``), LP-FT and WiSE-FT.
+"""Training on images through the image tower: fine-tuning (``tune --method finetune``, LP-FT, WiSE-FT),
+VPT and MaPLe (``--method vpt|maple``, models/image_prompts.py).
 
 The model is the features file's image tower followed by a linear head on its L2-normalised
 embeddings, started from the zero-shot classifier (``logit_scale.exp() x`` the class-name prompt
@@ -12,6 +13,14 @@ The tower runs in eval mode while it trains: BatchNorm statistics and dropout st
 (few-shot batches are too small for batch statistics; and a step then does not depend on how a
 batch is split across processes). Each epoch ends with one pass over the plain centre crops of the
 training images through the current tower: the log's accuracy, and the next epoch's OT split.
+
+One engine (:func:`finetune`) runs every image method; an :class:`ImageMethod` says what differs:
+which tensors train, how pixels become an embedding and logits (``model``), the classifier on plain
+embeddings (``model.head``: the log's accuracy, the OT split), what a checkpoint and the output file
+hold, and what the metadata records. ``extract --adapter`` installs the output for extraction
+(``models/image_adapter.apply_adapter``). VPT and MaPLe keep every CLIP weight frozen: VPT trains
+prompt tokens under the frozen zero-shot classifier; MaPLe trains text prompts and their coupling to
+vision prompts, and its classifier is the class text features of its prompts.
 
 ``--lp-ft`` first trains the head alone on the cached (frozen) features, tune's linear-probe loop
 (``--lp-epochs``, lr 1.0), then fine-tunes from it (Kumar et al. 2022). ``--wise-alpha A`` also
@@ -32,6 +41,7 @@ import numpy as np
 import torch
 
 from promptcli.errors import InputError, RuntimeFailure
+from promptcli.io.fileio import locks_output
 from promptcli.learning.options import CHECKPOINT_VERSION, LINEAR_LR, OptimConfig, TuneOptions
 from promptcli.learning.shards import Shard
 
@@ -48,7 +58,7 @@ FINETUNE_LR = {"adamw": 1e-5, "sgd": 1e-4}
 
 @dataclass
 class FinetuneOptions:
-    """What fine-tuning adds to tune's options."""
+    """What training on images adds to tune's options (finetune, vpt, maple)."""
 
     train_layers: str = "all"
     images: str | None = None
@@ -58,11 +68,35 @@ class FinetuneOptions:
     lp_ft: bool = False
     lp_epochs: int = 50
     wise_alphas: list[float] = field(default_factory=list)
+    vpt_depth: str = "deep"  # vpt: shallow (input only) or deep (a fresh set before every block)
+    vpt_tokens: int = 8  # vpt: prompt tokens per layer (0: none, the zero-shot tower)
+    maple_depth: int = 9  # maple: J, the layers with prompts (the paper's 9 of ViT-B/16's 12)
 
-    def validate(self) -> FinetuneOptions:
+    def validate(self, method: str = "finetune") -> FinetuneOptions:
+        from promptcli.choices import IMAGE_METHODS, VptDepth
         from promptcli.models.image_adapter import parse_train_layers
 
+        if method not in IMAGE_METHODS:
+            raise ValueError(f"{method} does not train on images")
         parse_train_layers(self.train_layers)
+        VptDepth.check(self.vpt_depth, "--vpt-depth")
+        if self.vpt_tokens < 0:
+            raise InputError("must be >= 0", where="--vpt-tokens", hint="VPT's CLIP baselines use 8")
+        if self.maple_depth < 1:
+            raise InputError("must be >= 1", where="--maple-depth", hint="the paper uses 9")
+        if method != "finetune":
+            given = [
+                ("--train-layers", self.train_layers.strip().lower() != "all"),
+                ("--lp-ft", self.lp_ft),
+                ("--wise-alpha", bool(self.wise_alphas)),
+            ]
+            for option, is_given in given:
+                if is_given:
+                    raise InputError(
+                        f"{option} applies to --method finetune; {method} keeps the CLIP weights frozen",
+                        where=option,
+                        hint=f"drop {option}",
+                    )
         if self.workers < 0:
             raise InputError("must be >= 0", where="--workers", hint="0 decodes in the main process")
         if self.lp_epochs < 0:
@@ -213,9 +247,11 @@ def drop(run: ImageRun, bad: dict[int, str]) -> None:
 class PlainEncoder:
     """Centre-crop embeddings of all training images through the current tower (no gradients)."""
 
-    def __init__(self, loader, sampler, model: TowerClassifier, device, dtype, shard: Shard, batch: int):
+    def __init__(
+        self, loader, sampler, model: TowerClassifier, device, dtype, shard: Shard, batch: int, dim: int
+    ):
         self.loader, self.sampler, self.model = loader, sampler, model
-        self.device, self.dtype, self.shard, self.batch = device, dtype, shard, batch
+        self.device, self.dtype, self.shard, self.batch, self.dim = device, dtype, shard, batch, dim
 
     @torch.no_grad()
     def __call__(self, n: int, bad: dict[int, str] | None = None) -> torch.Tensor:
@@ -238,9 +274,8 @@ class PlainEncoder:
                 emb = self.model.embed(pixels.to(self.device, non_blocking=True))
             index_parts.append(index)
             emb_parts.append(emb.float().cpu())
-        dim = self.model.head.weight.shape[1]
         index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.long)
-        emb = torch.cat(emb_parts) if emb_parts else torch.zeros(0, dim)
+        emb = torch.cat(emb_parts) if emb_parts else torch.zeros(0, self.dim)
         out = self.shard.gather_rows(index, emb, n)
         found = self.shard.merge(found)  # every process learns of every unreadable image
         if found and bad is None:
@@ -287,17 +322,241 @@ def check_match(plain: torch.Tensor, run: ImageRun) -> None:
         )
 
 
-def zero_shot_head(loaded: Any, classnames: list[str], template: str) -> torch.nn.Module:
+def zero_shot_head(
+    loaded: Any, classnames: list[str], template: str, method: str = "finetune"
+) -> torch.nn.Module:
     """The classifier-zs head: ``logit_scale.exp() x`` class-name prompt embeddings, bias 0."""
     from promptcli.models.heads import LinearHead, model_logit_scale
-    from promptcli.models.image_adapter import FINETUNE_METHOD
     from promptcli.models.zeroshot import class_text_embeddings, resolve_templates
 
     resolve_templates([template])
     text = class_text_embeddings(loaded, classnames, [template]).float().cpu()
-    return LinearHead(
-        text.shape[1], len(classnames), FINETUNE_METHOD, weight=model_logit_scale(loaded) * text
-    )
+    return LinearHead(text.shape[1], len(classnames), method, weight=model_logit_scale(loaded) * text)
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() for k, v in tensors.items()}
+
+
+class ImageMethod:
+    """What an image method trains and writes; :func:`finetune` runs every one alike.
+
+    ``model`` maps pixels to logits (``model.embed``: the normalised embedding; ``model.head``: the
+    classifier on embeddings). :meth:`state` holds every trained tensor (checkpoints; CPU float32),
+    :meth:`file_tensors` what the output file holds, :meth:`describe` its metadata block.
+    """
+
+    name: str
+    model: TowerClassifier
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.param_groups(0.0) for p in g["params"]]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state(self, tensors: dict[str, torch.Tensor], where: Any) -> None:
+        raise NotImplementedError
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state()
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def trained_text(self) -> str:
+        """What trained, for the closing message."""
+        raise NotImplementedError
+
+    def method_params(self) -> dict[str, Any]:
+        """The method's own settings, recorded as ``method_params`` (``report`` keeps them apart)."""
+        return {}
+
+    def base_tower(self):
+        """A context in which ``model.embed`` is the pretrained tower's (for the images' match check)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class TowerFinetune(ImageMethod):
+    """``finetune``: the image tower's tensors (``--train-layers``) and a zero-shot-initialised linear head."""
+
+    name = "finetune"
+
+    def __init__(self, loaded: Any, classnames: list[str], options: TuneOptions, ft: FinetuneOptions) -> None:
+        from promptcli.extraction.extract import is_convolutional
+        from promptcli.models.image_adapter import set_trainable, tower_state, trainable_names
+
+        visual = loaded.model.visual
+        self.names, self.layers_info = trainable_names(visual, ft.train_layers)
+        head = zero_shot_head(loaded, classnames, options.template)
+        self.zero_state = {**tower_state(visual, self.names), **head.learnable_state()}
+        channels_last = is_convolutional(visual)
+        if channels_last:
+            visual.to(memory_format=torch.channels_last)
+        self.visual, self.head = visual, head
+        self.model = TowerClassifier(visual, head, channels_last)
+        self.tower_params = set_trainable(visual, self.names)
+        head.requires_grad_(True)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return [
+            {"params": self.tower_params, "weight_decay": weight_decay},
+            *self.head.param_groups(weight_decay),
+        ]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        from promptcli.models.image_adapter import tower_state
+
+        return {**tower_state(self.visual, self.names), **_cpu(self.head.learnable_state())}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], where: Any) -> None:
+        from promptcli.models.image_adapter import load_tower_state
+
+        load_tower_state(self.visual, tensors, where)
+        device = self.head.weight.device
+        self.head.load_learnable_state(
+            {k: v.to(device) for k, v in tensors.items() if k in ("weight", "bias")}
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.layers_info,
+            "tensors": sorted(k for k in self.state() if k.startswith("visual.")),
+            "head_init": "logit_scale.exp() x zero-shot text embeddings of --template, bias 0",
+        }
+
+    def trained_text(self) -> str:
+        return f"the image tower ({self.layers_info['train_layers']})"
+
+
+class VptMethod(ImageMethod):
+    """``vpt``: prompt tokens in the frozen ViT under the frozen zero-shot classifier."""
+
+    name = "vpt"
+
+    def __init__(
+        self, loaded: Any, classnames: list[str], options: TuneOptions, ft: FinetuneOptions, generator
+    ) -> None:
+        from promptcli.models.image_prompts import PromptedViT, VptPrompts, check_vit
+
+        visual = loaded.model.visual
+        check_vit(visual, self.name)
+        loaded.model.requires_grad_(False)
+        self.prompts = VptPrompts(visual, ft.vpt_depth, ft.vpt_tokens, generator).to(
+            visual.conv1.weight.device
+        )
+        self.head = zero_shot_head(loaded, classnames, options.template, method=self.name)
+        self.head.requires_grad_(False)
+        self.tower = PromptedViT(visual, self.prompts)
+        self.model = TowerClassifier(self.tower, self.head, False)
+        self.template = options.template
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return [{"params": [self.prompts.tokens], "weight_decay": weight_decay}]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        from promptcli.models.image_prompts import VISION_PROMPTS
+
+        return _cpu({VISION_PROMPTS: self.prompts.tokens})
+
+    def load_state(self, tensors: dict[str, torch.Tensor], where: Any) -> None:
+        from promptcli.models.image_prompts import VISION_PROMPTS
+
+        with torch.no_grad():
+            self.prompts.tokens.copy_(tensors[VISION_PROMPTS].to(self.prompts.tokens.device))
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.state(), **_cpu(self.head.learnable_state())}
+
+    def describe(self) -> dict[str, Any]:
+        tokens = self.prompts.tokens
+        return {
+            "depth": self.prompts.depth,
+            "tokens": int(tokens.shape[1]),
+            "layers": int(tokens.shape[0]),
+            "init": f"uniform(-v, v), v = sqrt(6 / (3 * patch^2 + width)) = {self.prompts.init_bound:.6g} (VPT's)",
+            "position": "after the class token, no position embedding; inserted before ln_pre, "
+            "deep: replaced before every block; dropped before pooling",
+            "head": "frozen: logit_scale.exp() x zero-shot text embeddings of --template, bias 0",
+            "template": self.template,
+        }
+
+    def trained_text(self) -> str:
+        return f"{self.prompts.depth} VPT prompts ({int(self.prompts.tokens.shape[1])} tokens)"
+
+    def method_params(self) -> dict[str, Any]:
+        return {"vpt_depth": self.prompts.depth, "vpt_tokens": int(self.prompts.tokens.shape[1])}
+
+    def base_tower(self):
+        return self.tower.disabled()
+
+
+class MapleMethod(ImageMethod):
+    """``maple``: text prompts and their linear coupling to vision prompts, both towers frozen."""
+
+    name = "maple"
+
+    def __init__(
+        self, loaded: Any, classnames: list[str], options: TuneOptions, ft: FinetuneOptions, generator
+    ) -> None:
+        from promptcli.models.heads import model_logit_scale
+        from promptcli.models.image_prompts import MapleHead, MaplePrompts, PromptedViT, check_vit
+        from promptcli.models.zeroshot import resolve_templates
+
+        visual = loaded.model.visual
+        check_vit(visual, self.name)
+        resolve_templates([options.template])
+        loaded.model.requires_grad_(False)
+        self.prompts = MaplePrompts(
+            loaded, visual, classnames, options.template, ft.maple_depth, generator=generator
+        )
+        self.head = MapleHead(self.prompts, model_logit_scale(loaded))
+        self.tower = PromptedViT(visual, self.prompts)
+        self.model = TowerClassifier(self.tower, self.head, False)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.prompts.parameters()), "weight_decay": weight_decay}]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.prompts.file_tensors()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], where: Any) -> None:
+        self.prompts.load_file_tensors(tensors, where)
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        from promptcli.models.image_prompts import VISION_PROMPTS
+
+        with torch.no_grad():
+            vision = torch.stack(self.prompts.vision_prompts()).float().cpu()
+        return {**self.state(), VISION_PROMPTS: vision, **self.head.linear_state()}
+
+    def describe(self) -> dict[str, Any]:
+        p = self.prompts
+        return {
+            "depth": p.depth,
+            "n_ctx": p.n_ctx,
+            "ctx_init": p.ctx_init,
+            "template": p.template,
+            "text_init": f"P_0 from the template's first {p.n_ctx} words; P_1..P_J-1 ~ N(0, 0.02)",
+            "coupling": "F_i(P_i) = W_i P_i + b_i, Linear(text width -> vision width), nn.Linear's init",
+            "position": "text: after the start token (P_i replaces them before text block i < J); vision: "
+            "after the class token, no position embedding (F_i(P_i) before block i < J; F_0(P_0) before ln_pre)",
+            "head": "logit_scale.exp() x the normalised class text features with the learned prompts",
+        }
+
+    def trained_text(self) -> str:
+        return f"MaPLe prompts (depth {self.prompts.depth}, {self.prompts.n_ctx} tokens)"
+
+    def method_params(self) -> dict[str, Any]:
+        return {"maple_depth": self.prompts.depth}
+
+    def base_tower(self):
+        return self.tower.disabled()
 
 
 def linear_probe_stage(
@@ -327,6 +586,7 @@ def linear_probe_stage(
     return {"optimizer": config.to_dict(), "metrics": result.final, "history": result.history}
 
 
+@locks_output("output", group="shard")
 def finetune(
     features_path: str | Path,
     labels_path: str | Path,
@@ -346,8 +606,9 @@ def finetune(
     warn: Callable[[str], None] = lambda _: None,
     shard: Shard | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the image tower and a zero-shot-initialised head on images; write ``output`` (and WiSE files)."""
-    from promptcli.extraction.extract import augmentation, is_convolutional
+    """Train ``options.method`` (finetune, vpt or maple) on images; write ``output`` (and WiSE files)."""
+    from promptcli.choices import IMAGE_METHODS
+    from promptcli.extraction.extract import augmentation
     from promptcli.io import provenance
     from promptcli.io.fileio import check_output_path, sha256_file
     from promptcli.io.image_dataset import EpochBatches, TrainImages, make_loader, raise_bad
@@ -364,20 +625,14 @@ def finetune(
     from promptcli.learning.tune_run import fingerprint as digest
     from promptcli.learning.tune_run import partial_path, remove_file
     from promptcli.models.devices import resolve_device
-    from promptcli.models.image_adapter import (
-        FINETUNE_METHOD,
-        set_trainable,
-        tower_state,
-        trainable_names,
-        wise_interpolate,
-        wise_path,
-    )
+    from promptcli.models.image_adapter import FINETUNE_METHOD, wise_interpolate, wise_path
     from promptcli.models.loading import load_model_from_record
 
     shard = shard or Shard()
-    if options.method != FINETUNE_METHOD:
-        raise ValueError(f"finetune() trains method {FINETUNE_METHOD}, not {options.method}")
-    ft.validate()
+    method_name = str(options.method)
+    if method_name not in IMAGE_METHODS:
+        raise ValueError(f"finetune() trains {', '.join(IMAGE_METHODS)}, not {method_name}")
+    ft.validate(method_name)
     split = options.split_config()
     loss_fn = make_loss(
         options.loss,
@@ -386,14 +641,19 @@ def finetune(
         beta=options.beta,
         label_smoothing=options.label_smoothing,
     )
-    if options.lr is None and options.optimizer in FINETUNE_LR:
+    if method_name == FINETUNE_METHOD and options.lr is None and options.optimizer in FINETUNE_LR:
         options = replace(options, lr=FINETUNE_LR[options.optimizer])
     optim = options.optim_config(options.weight_decay if options.weight_decay is not None else 5e-4)
     check_optim(optim)
     if options.shots is not None and options.shots < 1:
         raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")
     if options.ctx_init or options.csc or options.class_position != "end":
-        warn("--ctx-init, --csc and --class-position apply to prompt methods; ignored for finetune")
+        warn(f"--ctx-init, --csc and --class-position apply to prompt methods; ignored for {method_name}")
+    if method_name == "maple" and options.n_ctx != TuneOptions.n_ctx:
+        warn("--n-ctx: maple learns the paper's 2 context tokens (the template's first words); ignored")
+    from promptcli.models.zeroshot import resolve_templates
+
+    resolve_templates([options.template])  # one {} (checked before any file is read)
     torch_device = resolve_device(device) if shard.world_size == 1 else torch.device(device)
     amp_dtype = _autocast_dtype(ft.precision, torch_device, amp)
     output = Path(output)
@@ -419,17 +679,18 @@ def finetune(
     run = read_inputs(features_path, labels_path, options, ft, warn)
     fs = run.fs
     loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device))
-    visual = loaded.model.visual
-    names, layers_info = trainable_names(visual, ft.train_layers)
-    head = zero_shot_head(loaded, list(fs.classnames), options.template)
-    zero_state = {**tower_state(visual, names), **head.learnable_state()}
-    channels_last = is_convolutional(visual)
-    if channels_last:
-        visual.to(memory_format=torch.channels_last)
-    model = TowerClassifier(visual, head, channels_last).to(torch_device)
+    classnames = list(fs.classnames)
+    init_generator = torch.Generator().manual_seed(options.seed)  # prompt initialisation
+    method: ImageMethod
+    if method_name == FINETUNE_METHOD:
+        method = TowerFinetune(loaded, classnames, options, ft)
+    elif method_name == "vpt":
+        method = VptMethod(loaded, classnames, options, ft, init_generator)
+    else:
+        method = MapleMethod(loaded, classnames, options, ft, init_generator)
+    head = method.model.head
+    model = method.model.to(torch_device)
     model.eval()  # see the module docstring: BatchNorm statistics and dropout stay as pretrained
-    tower_params = set_trainable(visual, names)
-    head.requires_grad_(True)
 
     def make_encoder() -> PlainEncoder:
         dataset = TrainImages(
@@ -441,13 +702,14 @@ def finetune(
         )
         sampler = EpochBatches()
         loader = make_loader(dataset, sampler, ft.workers, torch_device.type == "cuda")
-        return PlainEncoder(loader, sampler, model, torch_device, amp_dtype, shard, optim.batch_size)
+        return PlainEncoder(loader, sampler, model, torch_device, amp_dtype, shard, optim.batch_size, fs.dim)
 
     encode = make_encoder()
 
     # The pretrained tower's centre crops: finds unreadable images, checks they are the extracted ones.
     bad: dict[int, str] = {}
-    plain = encode(len(run.files), bad)
+    with method.base_tower():
+        plain: torch.Tensor | None = encode(len(run.files), bad)
     if bad and not ft.skip_bad:
         raise_bad(run.files, sorted(bad.items()))
     if bad:
@@ -459,12 +721,14 @@ def finetune(
         encode = make_encoder()  # a fresh loader: persistent workers hold the old file list
     loader, sampler = encode.loader, encode.sampler
     check_match(plain, run)
+    if method_name != FINETUNE_METHOD:
+        plain = None  # the prompted tower's embeddings differ: computed when needed
     n = len(run.files)
     labels, clean = run.labels, run.clean
     noise = read_noise_sidecar(labels_path, warn)
     record = fs.model_record()
     run_info: dict[str, Any] = {
-        "method": FINETUNE_METHOD,
+        "method": method_name,
         "loss": options.loss,
         "loss_params": loss_params(loss_fn),
         "seed": options.seed,
@@ -472,6 +736,8 @@ def finetune(
         "noise": noise_summary(noise),
         "model": {k: str(record[k]) for k in ("model_name", "pretrained", "checkpoint_sha256")},
     }
+    if method.method_params():
+        run_info["method_params"] = method.method_params()
     if split is not None:
         run_info["split"] = {"method": split.method, "noisy_loss": split.noisy_loss, "epsilon": split.epsilon}
     if ft.lp_ft:
@@ -481,7 +747,9 @@ def finetune(
             "features": run.features_sha,
             "labels": run.labels_sha,
             "options": asdict(options),
-            "finetune": {**asdict(ft), "wise_alphas": None, "workers": None, "images": None},
+            "finetune": {**asdict(ft), "wise_alphas": None, "workers": None, "images": None}
+            if method_name == FINETUNE_METHOD
+            else {**asdict(ft), "workers": None, "images": None},
             "rows": run.rows.tolist(),
             "weight_decay": optim.weight_decay,
         }
@@ -493,24 +761,19 @@ def finetune(
         info(f"Linear probe on the frozen features ({ft.lp_epochs} epochs), then fine-tuning")
         lp_record = linear_probe_stage(head, run, options, ft, loss_fn, optim, torch_device)
         head.to(torch_device)
+        assert plain is not None
         plain_head_acc = _accuracy(head, plain.to(torch_device), labels.to(torch_device))
         lp_record["plain_accuracy_before_ft"] = plain_head_acc
         shard.broadcast(list(head.parameters()))
 
-    groups = [
-        {"params": tower_params, "weight_decay": optim.weight_decay},
-        *head.param_groups(optim.weight_decay),
-    ]
-    optimizer = make_optimizer(groups, optim)
+    optimizer = make_optimizer(method.param_groups(optim.weight_decay), optim)
     generator = torch.Generator().manual_seed(options.seed)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     history: list[dict[str, Any]] = []
     start = 0
     if state is not None:
-        from promptcli.models.image_adapter import load_tower_state
-
-        load_tower_state(visual, state["tower"], partial)
-        head.load_learnable_state({k: v.to(torch_device) for k, v in state["head"].items()})
+        trained = state["trained"] if "trained" in state else {**state["tower"], **state["head"]}
+        method.load_state(trained, partial)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -530,7 +793,7 @@ def finetune(
         log_handle.flush()
 
     is_noisy = run.is_noisy if run.is_noisy is not None else (None if clean is None else labels != clean)
-    params = tower_params + [p for g in head.param_groups(0.0) for p in g["params"]]
+    params = method.parameters()
     try:
         for epoch in range(start, optim.epochs):
             t0 = time.perf_counter()
@@ -607,8 +870,7 @@ def finetune(
                         "version": CHECKPOINT_VERSION,
                         "fingerprint": run_id,
                         "epoch": epoch + 1,
-                        "tower": tower_state(visual, names),
-                        "head": {k: v.cpu() for k, v in head.learnable_state().items()},
+                        "trained": method.state(),
                         "optimizer": optimizer.state_dict(),
                         "generator": generator.get_state(),
                         "torch_rng": torch.get_rng_state(),
@@ -637,9 +899,16 @@ def finetune(
             head, plain.to(torch_device), None if clean is None else clean.to(torch_device)
         ),
     }
-    tuned_state = {**tower_state(visual, names), **{k: v.cpu() for k, v in head.learnable_state().items()}}
+    tuned_state = method.file_tensors()
+    image_run = {
+        "precision": "fp32" if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
+        "mode": "tower in eval mode (BatchNorm statistics and dropout as pretrained)",
+        "augmentation": "RandomResizedCrop(scale=(0.08, 1), bicubic) + RandomHorizontalFlip, seeded by (seed, epoch, row)",
+        "images": str(ft.images) if ft.images else str(fs.attrs.get("source", "")),
+        "world_size": shard.world_size,
+    }
     metadata: dict[str, Any] = {
-        "method": FINETUNE_METHOD,
+        "method": method_name,
         "classnames": list(fs.classnames),
         "model_name": str(record["model_name"]),
         "pretrained": str(record["pretrained"]),
@@ -652,16 +921,7 @@ def finetune(
         "optimizer": optim.to_dict(),
         "seed": options.seed,
         "shots": options.shots,
-        "finetune": {
-            **layers_info,
-            "tensors": sorted(k for k in tuned_state if k.startswith("visual.")),
-            "precision": "fp32" if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
-            "mode": "tower in eval mode (BatchNorm statistics and dropout as pretrained)",
-            "augmentation": "RandomResizedCrop(scale=(0.08, 1), bicubic) + RandomHorizontalFlip, seeded by (seed, epoch, row)",
-            "head_init": "logit_scale.exp() x zero-shot text embeddings of --template, bias 0",
-            "images": str(ft.images) if ft.images else str(fs.attrs.get("source", "")),
-            "world_size": shard.world_size,
-        },
+        method_name: {**method.describe(), **image_run},
         "lp_ft": None if lp_record is None else {k: v for k, v in lp_record.items() if k != "history"},
         "skipped_images": run.skipped_images,
         "features_sha256": run.features_sha,
@@ -675,6 +935,8 @@ def finetune(
         "wise": None,
         **provenance.base_provenance(),
     }
+    if method.method_params():
+        metadata["method_params"] = method.method_params()
     if noise is not None:
         metadata["noise"] = noise_summary(noise)
     written: dict[str, str] = {}
@@ -683,7 +945,8 @@ def finetune(
         written[""] = str(output)
         tuned_sha = sha256_file(output)
         for alpha, path in wise_outputs.items():
-            tensors = wise_interpolate(zero_state, tuned_state, alpha)
+            assert isinstance(method, TowerFinetune)
+            tensors = wise_interpolate(method.zero_state, tuned_state, alpha)
             wise_meta = {
                 **metadata,
                 "metrics": None,
@@ -702,10 +965,11 @@ def finetune(
     return {
         "output": str(output),
         "wise_outputs": {k: v for k, v in written.items() if k},
-        "method": FINETUNE_METHOD,
+        "method": method_name,
         "loss": loss_params(loss_fn),
         "optimizer": optim.to_dict(),
-        "train_layers": layers_info,
+        "train_layers": method.layers_info if isinstance(method, TowerFinetune) else None,
+        "trained": method.trained_text(),
         "lp_ft": metadata["lp_ft"],
         "weight_decay_search": [],
         "n_train": n,

@@ -22,6 +22,18 @@ _OWN_OPTIONS = {
 }
 
 
+def method_params(options: TuneOptions) -> dict[str, float]:
+    """The method's own settings (``--kg-lambda``, ``--adapter-ratio``, ``--tip-alpha/--tip-beta``):
+    recorded in the prompt file and its log, so that ``report`` keeps runs with different values apart.
+    With ``--val-fraction`` tip-adapter's alpha and beta are searched, so the fraction is recorded instead."""
+    method = options.method
+    if method in TIP_METHODS and options.val_fraction is not None:
+        return {"val_fraction": float(options.val_fraction)}
+    return {
+        name: float(getattr(options, name)) for name, _, methods in _OWN_OPTIONS.values() if method in methods
+    }
+
+
 def check_method_options(options: TuneOptions, warn: Callable[[str], None] = lambda _: None) -> None:
     """Refuse values out of range; warn about a method's option given to another method (ignored)."""
     method = options.method

@@ -33,8 +33,15 @@ LINEAR_LR = 1.0
 DEFAULT_EPOCHS = 50
 # Methods whose paper sets other defaults (used when --epochs / --lr / --optimizer are not given).
 # tip-adapter is training-free; cocoop's text pass is per image (its paper trains 10 epochs).
-METHOD_EPOCHS = {Method.TIP_ADAPTER.value: 0, Method.TIP_ADAPTER_F.value: 20, Method.COCOOP.value: 10}
-METHOD_LR = {Method.TIP_ADAPTER_F.value: 0.001}
+# vpt and maple: MaPLe's schedule (SGD lr 0.0035, 5 epochs), which its VPT baseline shares.
+METHOD_EPOCHS = {
+    Method.TIP_ADAPTER.value: 0,
+    Method.TIP_ADAPTER_F.value: 20,
+    Method.COCOOP.value: 10,
+    Method.VPT.value: 5,
+    Method.MAPLE.value: 5,
+}
+METHOD_LR = {Method.TIP_ADAPTER_F.value: 0.001, Method.VPT.value: 0.0035, Method.MAPLE.value: 0.0035}
 METHOD_OPTIMIZER = {Method.TIP_ADAPTER_F.value: Optimizer.ADAMW.value}
 
 

@@ -48,6 +48,10 @@ class Shard:
     def broadcast(self, params: list[torch.Tensor]) -> None:
         pass
 
+    def from_main(self, fn: Any) -> Any:
+        """``fn()`` on the main process, its result (and error) on every process."""
+        return fn()
+
 
 class DistShard(Shard):
     """One rank of a torchrun job: a contiguous share of every global batch, gradients summed.
@@ -109,3 +113,6 @@ class DistShard(Shard):
 
         for t in params:
             dist.broadcast(t.data, src=0)
+
+    def from_main(self, fn: Any) -> Any:
+        return self.ctx.from_main(fn)

@@ -101,6 +101,11 @@ class PreparedRun:
             "noise": noise_summary(noise),
             "model": {k: str(record[k]) for k in ("model_name", "pretrained", "checkpoint_sha256")},
         }
+        from promptcli.learning.method_options import method_params
+
+        params = method_params(self.options)
+        if params:  # methods without settings of their own keep the provenance they always had
+            run["method_params"] = params
         split = self.options.split_config()
         if split is not None:  # runs without a split keep the provenance they always had
             run["split"] = {"method": split.method, "noisy_loss": split.noisy_loss, "epsilon": split.epsilon}
@@ -116,12 +121,18 @@ def check_options(
     which only a caller passing ``options.split_config()`` to :func:`train` honours: callers say so
     with ``split_ok`` (``tune`` does); others get a clear error rather than a silently ignored option.
     """
-    from promptcli.choices import COOP_VARIANTS, ZERO_SHOT_BASED
+    from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, ZERO_SHOT_BASED
     from promptcli.learning.losses import make_loss
     from promptcli.learning.method_options import check_method_options, coop_variant_config
     from promptcli.models.heads import TEXT_METHODS, check_method
 
     check_method(options.method)
+    if options.method in IMAGE_METHODS:  # tune trains on cached features; these train on images
+        raise InputError(
+            f"{options.method} trains on images through the image tower, not on cached features",
+            where="--method",
+            hint="run it with `promptcli tune` or learning.finetune.finetune",
+        )
     check_finite_fields(options)
     check_seed(options.seed)
     split = SplitConfig(options.split, options.noisy_loss, options.ot_epsilon).validate()
@@ -305,6 +316,7 @@ def tune(
     from promptcli.io import provenance
     from promptcli.io.fileio import check_distinct, check_jsonl_prefix, check_output_path
     from promptcli.learning.losses import loss_params
+    from promptcli.learning.method_options import method_params
     from promptcli.models.heads import save_head
 
     check_options(options, warn, split_ok=True)
@@ -425,6 +437,9 @@ def tune(
         metadata["weight_decay_search"] = search
     if run.val_data is not None:
         metadata["n_val"] = len(run.val_data)
+    params = method_params(options)
+    if params:
+        metadata["method_params"] = params
     if options.class_chunk:  # how the text pass was computed (the result is the same up to rounding)
         metadata["class_chunk"] = options.class_chunk
     if noise is not None:

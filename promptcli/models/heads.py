@@ -55,6 +55,10 @@ HEAD_OF_METHOD: dict[str, type[Any]] = {
     Method.CLIP_ADAPTER.value: ClipAdapterHead,
     Method.TIP_ADAPTER.value: TipAdapterHead,
     Method.TIP_ADAPTER_F.value: TipAdapterHead,
+    # vpt: the frozen zero-shot classifier; maple: its final class text classifier, saved as a linear
+    # head (weight = logit_scale x text features). Their vision prompts are an adapter (image_prompts).
+    Method.VPT.value: LinearHead,
+    Method.MAPLE.value: LinearHead,
 }
 
 

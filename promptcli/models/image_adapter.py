@@ -180,22 +180,24 @@ def wise_path(output: str | Path, alpha: float) -> Path:
 
 
 def apply_adapter(loaded: Any, adapter_path: str | Path) -> dict[str, Any]:
-    """Load a fine-tuning output's tower tensors into ``loaded``'s image tower (in place).
+    """Load a fine-tuning output's tower tensors into ``loaded``'s image tower (in place), or, for a
+    ``vpt`` / ``maple`` output, wrap the tower so that it encodes with the file's vision prompts.
 
     The adapter must come from the same base model (checkpoint SHA-256, else name and tag). Returns
     what the features file records: the adapter path and SHA-256. ``loaded.info["adapter_sha256"]``
     is set so that extraction manifests and outputs carry it.
     """
+    from promptcli.choices import IMAGE_METHODS
     from promptcli.io.fileio import sha256_file
     from promptcli.io.prompt_files import read_prompt
     from promptcli.models.loading import same_model
 
     prompt = read_prompt(adapter_path)
-    if prompt.method != FINETUNE_METHOD:
+    if prompt.method not in IMAGE_METHODS:
         raise InputError(
-            f"not a fine-tuned image tower (method {prompt.method or '?'})",
+            f"not a fine-tuned or prompted image tower (method {prompt.method or '?'})",
             where=adapter_path,
-            hint="make one with `promptcli tune ... --method finetune`",
+            hint="make one with `promptcli tune ... --method finetune` (or vpt, maple)",
         )
     if not same_model(prompt.model_identity(), loaded.identity()):
         mine = prompt.model_identity()
@@ -205,8 +207,13 @@ def apply_adapter(loaded: Any, adapter_path: str | Path) -> dict[str, Any]:
             where=adapter_path,
             hint="extract with the model the adapter was fine-tuned from (--model/--pretrained)",
         )
-    n = load_tower_state(loaded.model.visual, prompt.tensors, adapter_path)
-    if n == 0:
+    if prompt.method == FINETUNE_METHOD:
+        n = load_tower_state(loaded.model.visual, prompt.tensors, adapter_path)
+    else:
+        from promptcli.models.image_prompts import install_prompts
+
+        n = install_prompts(loaded, prompt)
+    if n == 0 and prompt.method == FINETUNE_METHOD:
         raise InputError("no image-tower tensors", where=adapter_path, hint="is this a fine-tuning output?")
     sha = sha256_file(adapter_path)
     loaded.info["adapter_sha256"] = sha
