@@ -197,6 +197,24 @@ def noisy_labels(tmp_path_factory, tiny_features) -> dict[str, Path]:
     return {"features": tiny_features, "labels": labels, "sidecar": Path(f"{labels}.json")}
 
 
+TWO_FLIPPED = (0, 7)  # rows of `flipped_labels` whose label moves to the next class
+
+
+@pytest.fixture(scope="session")
+def flipped_labels(tmp_path_factory, tiny_features) -> Path:
+    """A labels CSV of the tiny features with two wrong labels (TWO_FLIPPED) and the clean columns."""
+    from promptcli.io.features import read_features
+
+    fs = read_features(tiny_features, load_views=False)
+    lines = ["path,label,clean_label,is_noisy"]
+    for i, (p, c) in enumerate(zip(fs.paths, fs.labels)):
+        given = (c + 1) % len(CLASSES) if i in TWO_FLIPPED else c
+        lines.append(f"{p},{fs.classnames[given]},{fs.classnames[c]},{int(i in TWO_FLIPPED)}")
+    out = tmp_path_factory.mktemp("flipped") / "noisy.csv"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

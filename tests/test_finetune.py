@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASSES, make_image_folder
+from conftest import make_image_folder
 from promptcli.errors import InputError
 from promptcli.io.features import read_features
 from promptcli.io.fileio import sha256_file
@@ -21,19 +21,11 @@ from promptcli.learning.options import TuneOptions
 from promptcli.models.image_adapter import trainable_names, wise_interpolate, wise_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FLIPPED = (0, 7)  # two wrong labels: class c -> c + 1
 
 
 @pytest.fixture(scope="module")
-def labels_csv(tmp_path_factory, tiny_features) -> Path:
-    fs = read_features(tiny_features, load_views=False)
-    lines = ["path,label,clean_label,is_noisy"]
-    for i, (p, c) in enumerate(zip(fs.paths, fs.labels)):
-        given = (c + 1) % len(CLASSES) if i in FLIPPED else c
-        lines.append(f"{p},{fs.classnames[given]},{fs.classnames[c]},{int(i in FLIPPED)}")
-    out = tmp_path_factory.mktemp("ft-labels") / "noisy.csv"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+def labels_csv(flipped_labels) -> Path:
+    return flipped_labels
 
 
 def _ft(features, labels, out, ft: dict | None = None, **options):

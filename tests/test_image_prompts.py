@@ -28,20 +28,12 @@ from promptcli.models.image_prompts import (
 from promptcli.models.zeroshot import class_text_embeddings, logit_scale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FLIPPED = (0, 7)  # two wrong labels: class c -> c + 1
 TEMPLATE = "a photo of a {}."
 
 
 @pytest.fixture(scope="module")
-def labels_csv(tmp_path_factory, tiny_features) -> Path:
-    fs = read_features(tiny_features, load_views=False)
-    lines = ["path,label,clean_label,is_noisy"]
-    for i, (p, c) in enumerate(zip(fs.paths, fs.labels)):
-        given = (c + 1) % len(CLASSES) if i in FLIPPED else c
-        lines.append(f"{p},{fs.classnames[given]},{fs.classnames[c]},{int(i in FLIPPED)}")
-    out = tmp_path_factory.mktemp("vp-labels") / "noisy.csv"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+def labels_csv(flipped_labels) -> Path:
+    return flipped_labels
 
 
 def _train(features, labels, out, method: str, ft: dict | None = None, rows: list | None = None, **options):

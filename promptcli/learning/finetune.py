@@ -42,7 +42,7 @@ import torch
 
 from promptcli.errors import InputError, RuntimeFailure
 from promptcli.io.fileio import locks_output
-from promptcli.learning.options import CHECKPOINT_VERSION, LINEAR_LR, OptimConfig, TuneOptions
+from promptcli.learning.options import LINEAR_LR, OptimConfig, TuneOptions
 from promptcli.learning.shards import Shard
 
 # The centre-crop embeddings the tower computes for the training images must match the features
@@ -616,6 +616,7 @@ def finetune(
     from promptcli.io.sidecar import noise_summary, read_noise_sidecar
     from promptcli.learning.losses import loss_params, make_loss
     from promptcli.learning.training import (
+        LoopState,
         load_checkpoint,
         make_optimizer,
         ot_split,
@@ -769,18 +770,13 @@ def finetune(
     optimizer = make_optimizer(method.param_groups(optim.weight_decay), optim)
     generator = torch.Generator().manual_seed(options.seed)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    history: list[dict[str, Any]] = []
+    loop = LoopState(optimizer, generator, scaler, history=[])
+    history = loop.history
     start = 0
     if state is not None:
         trained = state["trained"] if "trained" in state else {**state["tower"], **state["head"]}
         method.load_state(trained, partial)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history = list(state["history"])
-        start = int(state["epoch"])
+        start = loop.restore(state)
         lp_record = state.get("lp") or None
         plain = None  # the tower changed: recomputed when needed
         info(f"Resuming from {partial} after epoch {start}")
@@ -865,19 +861,7 @@ def finetune(
             history.append(row)
             if shard.is_main:
                 save_checkpoint(
-                    partial,
-                    {
-                        "version": CHECKPOINT_VERSION,
-                        "fingerprint": run_id,
-                        "epoch": epoch + 1,
-                        "trained": method.state(),
-                        "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                        "history": history,
-                        "lp": lp_record or {},
-                    },
+                    partial, loop.checkpoint(run_id, epoch + 1, trained=method.state(), lp=lp_record or {})
                 )
             if log_handle is not None:
                 log_handle.write(json.dumps({**row, "run": run_info}, sort_keys=True) + "\n")

@@ -170,6 +170,40 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+@dataclass
+class LoopState:
+    """What a training loop carries from epoch to epoch, besides the trained tensors."""
+
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    scaler: Any  # torch.amp.GradScaler
+    history: list[dict[str, Any]]
+
+    def checkpoint(self, fingerprint: str, epoch: int, **trained: Any) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` (1-based): versioned, fingerprinted, with ``trained``."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            **trained,
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "history": self.history,
+        }
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Take the loop's part of a checkpoint (optimiser, RNGs, scaler, history); return its epoch."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.history[:] = list(state["history"])
+        return int(state["epoch"])
+
+
 def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -243,18 +277,13 @@ def train(
     scaler = torch.amp.GradScaler(
         "cuda", enabled=use_amp and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     )
-    history: list[dict[str, Any]] = []
+    loop = LoopState(optimizer, generator, scaler, history=[])
+    history = loop.history
     start = 0
     if checkpoint is not None and resume and checkpoint.exists():
         state = load_checkpoint(checkpoint, fingerprint)
         head.load_learnable_state({k: v.to(device) for k, v in state["head"].items()})
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history = list(state["history"])
-        start = int(state["epoch"])
+        start = loop.restore(state)
 
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
@@ -317,18 +346,12 @@ def train(
         if checkpoint is not None:
             save_checkpoint(
                 checkpoint,
-                {
-                    "version": CHECKPOINT_VERSION,
-                    "fingerprint": fingerprint,
-                    "epoch": epoch + 1,
-                    "head": {k: v.cpu() for k, v in head.learnable_state().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": {"name": "warmup-cosine", "last_epoch": epoch},
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                    "history": history,
-                },
+                loop.checkpoint(
+                    fingerprint,
+                    epoch + 1,
+                    head={k: v.cpu() for k, v in head.learnable_state().items()},
+                    scheduler={"name": "warmup-cosine", "last_epoch": epoch},
+                ),
             )
         if on_epoch is not None:
             on_epoch(row)
