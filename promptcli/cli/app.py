@@ -105,10 +105,19 @@ def build_command(only: str | None = None) -> click.Command:
             if getattr(param, "param_type_name", "") == "argument":
                 if param.metavar is None:
                     param.metavar = param.name.upper()
+                if hasattr(param, "_usage_display_name"):  # typer writes a required one as {NAME}
+                    param._usage_display_name = _usage_name.__get__(param)
             elif getattr(param, "is_flag", False) and not getattr(param, "count", False):
                 param.metavar = ""
         cmd.get_help_option = _flag_help_option(cmd.get_help_option)
     return root
+
+
+def _usage_name(param: Any) -> str:
+    """An argument in the usage line as POSIX writes it: NAME when required, [NAME] when not."""
+    name = param.metavar or param.name.upper()
+    name = name if param.required else f"[{name}]"
+    return name + ("..." if param.nargs != 1 else "")
 
 
 # typer >= 0.23 vendors click: its usage errors derive from typer.TyperException, not click's.
