@@ -2,7 +2,9 @@
 # GPU paths of fine-tuning and extraction, in a few minutes on one or two GPUs (not runnable on CPU):
 #   1. an AMP fine-tuning run (bf16 autocast, then fp16 with loss scaling), 2 epochs, with --wise-alpha;
 #   2. fp16 extraction through the fine-tuned tower (--adapter) and eval on it;
-#   3. with 2+ GPUs: torchrun with 2 processes (NCCL) against 1 process, same global batch.
+#   3. with 2+ GPUs: torchrun with 2 processes (NCCL) against 1 process, same global batch;
+#   4. vpt (fp16) and maple (bf16) on a ViT-B-16 tower with random weights (no download), 1 epoch each,
+#      then extraction through the prompted tower (--adapter) and eval.
 # Uses the offline demo model and 160 demo training images. Every step must exit 0; the script stops at
 # the first failure (set -e) and prints PASS at the end.
 #
@@ -65,4 +67,18 @@ PY
 else
     echo "3. skipped: $n_gpu GPU visible (DDP needs 2)"
 fi
+echo "4. image prompts on a ViT tower (random ViT-B-16 weights): maple bf16, vpt fp16, extract --adapter, eval"
+vit=(--model ViT-B-16 --random-weights --seed 1 --device cuda)
+"${cli[@]}" extract "$OUT/images/train" -o "$OUT/vit-train.h5" "${vit[@]}" --dtype float32 --force -q
+"${cli[@]}" corrupt "$OUT/vit-train.h5" --shots 16 --rate 0.5 --seed 1 -o "$OUT/vit-noisy.csv" --force -q
+for method in maple vpt; do
+    precision=bf16
+    if [[ $method == vpt ]]; then precision=fp16; fi
+    "${cli[@]}" tune "$OUT/vit-train.h5" "$OUT/vit-noisy.csv" -o "$OUT/$method.safetensors" --method "$method" \
+        --epochs 1 -b 32 --workers 4 --device cuda --precision "$precision" --seed 1 --force -q
+    "${cli[@]}" extract "$OUT/images/test" -o "$OUT/vit-test-$method.h5" "${vit[@]}" --precision fp16 \
+        --adapter "$OUT/$method.safetensors" --force -q
+    "${cli[@]}" eval "$OUT/vit-test-$method.h5" --prompt "$OUT/$method.safetensors" -o "$OUT/$method.json" --force -q
+    python -c "import json; m = json.load(open('$OUT/$method.json'))['metrics']; print('   $method ($precision) test top-1', m['top1'])"
+done
 echo "PASS in $((SECONDS - start)) s"
