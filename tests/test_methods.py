@@ -364,3 +364,10 @@ def test_methods_take_their_papers_defaults_unless_given():
     given = TuneOptions(method="tip-adapter-f", epochs=3, lr=0.01, optimizer="sgd").optim_config(0.0)
     assert (given.epochs, given.lr, given.optimizer) == (3, 0.01, "sgd")
     assert TuneOptions(method="coop").optim_config(0.0).optimizer == "sgd"
+
+
+def test_methods_default_to_their_papers_batch_size_unless_given():
+    assert TuneOptions(method="cocoop").batch_size == 1  # CoCoOp: one image per step
+    assert TuneOptions(method="maple").batch_size == TuneOptions(method="vpt").batch_size == 4
+    assert TuneOptions(method="coop").batch_size == TuneOptions(method="kgcoop").batch_size == 32
+    assert TuneOptions(method="cocoop", batch_size=8).optim_config(0.0).batch_size == 8

@@ -115,7 +115,17 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "warmup_lr": _opt(
         Annotated[float, typer.Option("--warmup-lr", help="Constant warm-up learning rate.")], 1e-5
     ),
-    "batch_size": _opt(Annotated[int, typer.Option("--batch-size", "-b", help="Batch size.")], 32),
+    "batch_size": _opt(
+        Annotated[
+            int | None,
+            typer.Option(
+                "--batch-size",
+                "-b",
+                help="Batch size [default: 32; cocoop 1, vpt and maple 4, as their papers].",
+            ),
+        ],
+        None,
+    ),
     "optimizer": _opt(
         Annotated[
             Optimizer | None,

@@ -41,6 +41,10 @@ METHOD_EPOCHS = {
     Method.VPT.value: 5,
     Method.MAPLE.value: 5,
 }
+# Batch sizes of the papers' configs: CoCoOp trains one image per step (its text pass is per image),
+# MaPLe (and the VPT baseline of its code) four.
+DEFAULT_BATCH = 32
+METHOD_BATCH = {Method.COCOOP.value: 1, Method.VPT.value: 4, Method.MAPLE.value: 4}
 METHOD_LR = {Method.TIP_ADAPTER_F.value: 0.001, Method.VPT.value: 0.0035, Method.MAPLE.value: 0.0035}
 METHOD_OPTIMIZER = {Method.TIP_ADAPTER_F.value: Optimizer.ADAMW.value}
 
@@ -148,7 +152,7 @@ class TuneOptions:
     epochs: int | None = None  # None: the method's default (see METHOD_EPOCHS)
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the method's default (see METHOD_BATCH)
     shots: int | None = None
     seed: int = 0
     use_views: bool = True
@@ -165,6 +169,8 @@ class TuneOptions:
     def __post_init__(self) -> None:
         if self.epochs is None:
             self.epochs = METHOD_EPOCHS.get(str(self.method), DEFAULT_EPOCHS)
+        if self.batch_size is None:
+            self.batch_size = METHOD_BATCH.get(str(self.method), DEFAULT_BATCH)
         if self.optimizer is None:
             self.optimizer = METHOD_OPTIMIZER.get(str(self.method), Optimizer.SGD.value)
 
@@ -186,5 +192,5 @@ class TuneOptions:
             epochs=int(self.epochs if self.epochs is not None else DEFAULT_EPOCHS),
             warmup_epochs=self.warmup_epochs,
             warmup_lr=self.warmup_lr,
-            batch_size=self.batch_size,
+            batch_size=int(self.batch_size if self.batch_size is not None else DEFAULT_BATCH),
         )
