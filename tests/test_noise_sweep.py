@@ -140,5 +140,7 @@ def test_methods_chooses_rows_and_a_finetune_row_evaluates_on_its_own_features(t
     (tune,) = [line for line in lines if line.startswith("tune")]
     assert "--method vpt --loss ce" in tune and "--epochs" not in tune and "--workers 3" in tune
     vpt_h5 = f"{tmp_path}/s/features/test_vpt_ce_r0.5_s1.h5"
-    assert any(line.startswith(f"extract {tmp_path}/test -o {vpt_h5}") and "--adapter" in line for line in lines)
+    assert any(
+        line.startswith(f"extract {tmp_path}/test -o {vpt_h5}") and "--adapter" in line for line in lines
+    )
     assert any(line.startswith(f"eval {vpt_h5} --prompt") for line in lines)
