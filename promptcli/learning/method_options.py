@@ -88,13 +88,22 @@ def coop_variant_config(options: TuneOptions) -> Any:
     """The CoOp prompt of kgcoop and cocoop: context from --ctx-init, default "a photo of a" (both
     papers' initialisation; --n-ctx applies only with --ctx-init "")."""
     from promptcli.models.cocoop import DEFAULT_CTX_INIT
-    from promptcli.models.prompt_learner import PromptConfig
 
     ctx_init = DEFAULT_CTX_INIT if options.ctx_init is None else (options.ctx_init or None)
+    return checked_prompt_config(options, method="coop", ctx_init=ctx_init)
+
+
+_OWN = object()  # checked_prompt_config: keep the options' own value
+
+
+def checked_prompt_config(options: TuneOptions, *, method: str | None = None, ctx_init: Any = _OWN) -> Any:
+    """The validated :class:`PromptConfig` of ``options`` (``method`` and ``ctx_init`` replace theirs)."""
+    from promptcli.models.prompt_learner import PromptConfig
+
     config = PromptConfig(
-        method="coop",
+        method=method or options.method,
         n_ctx=options.n_ctx,
-        ctx_init=ctx_init,
+        ctx_init=options.ctx_init if ctx_init is _OWN else ctx_init,
         class_position=options.class_position,
         csc=options.csc,
         template=options.template,

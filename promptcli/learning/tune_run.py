@@ -123,7 +123,11 @@ def check_options(
     """
     from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, ZERO_SHOT_BASED
     from promptcli.learning.losses import make_loss
-    from promptcli.learning.method_options import check_method_options, coop_variant_config
+    from promptcli.learning.method_options import (
+        check_method_options,
+        checked_prompt_config,
+        coop_variant_config,
+    )
     from promptcli.models.heads import TEXT_METHODS, check_method
 
     check_method(options.method)
@@ -151,19 +155,7 @@ def check_options(
         warn(f"--ctx-init, --csc and --class-position apply to prompt methods; ignored for {options.method}")
     prompt_config = None
     if options.method in TEXT_METHODS:
-        from promptcli.models.prompt_learner import PromptConfig
-
-        prompt_config = PromptConfig(
-            method=options.method,
-            n_ctx=options.n_ctx,
-            ctx_init=options.ctx_init,
-            class_position=options.class_position,
-            csc=options.csc,
-            template=options.template,
-            init_std=options.init_std,
-            class_chunk=options.class_chunk,
-        )
-        prompt_config.validate()
+        prompt_config = checked_prompt_config(options)
     elif options.method in COOP_VARIANTS:
         prompt_config = coop_variant_config(options)
     elif options.method in ("classifier-zs", *ZERO_SHOT_BASED):

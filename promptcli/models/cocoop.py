@@ -196,13 +196,12 @@ class CoCoOpHead(nn.Module):
     ) -> CoCoOpHead:
         if loaded is None:
             raise ValueError(f"{method} prompts need the CLIP model")
-        from promptcli.models.prompt_learner import PromptConfig, PromptLearner
+        from promptcli.models.head_base import learner_from_metadata
 
         weight = tensors.get(_META + "linear1.weight")
         if weight is None or weight.ndim != 2:
             raise InputError("tensor 'meta_net.linear1.weight' missing", hint="is this a cocoop prompt?")
-        config = PromptConfig.from_metadata(metadata.get("prompt_config", {}))
-        learner = PromptLearner(loaded, list(metadata.get("classnames", [])), config)
+        learner = learner_from_metadata(method, metadata, loaded)
         head = cls(learner, model_logit_scale(loaded), int(weight.shape[1]), method)
         head.load_learnable_state(tensors)
         return head

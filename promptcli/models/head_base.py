@@ -84,6 +84,17 @@ class LinearHead(nn.Module):
             self.bias.copy_(tensors["bias"])
 
 
+def learner_from_metadata(method: str, metadata: dict[str, Any], loaded: Any) -> Any:
+    """The :class:`PromptLearner` a prompt file's metadata describes (its class names and prompt
+    settings), rebuilt on ``loaded``'s text tower."""
+    if loaded is None:
+        raise ValueError(f"{method} prompts need the CLIP model")
+    from promptcli.models.prompt_learner import PromptConfig, PromptLearner
+
+    config = PromptConfig.from_metadata(metadata.get("prompt_config", {}))
+    return PromptLearner(loaded, list(metadata.get("classnames", [])), config)
+
+
 class PromptHead(nn.Module):
     """Logits from a prompt learner: logit_scale.exp() x features @ learner().T."""
 
@@ -128,12 +139,6 @@ class PromptHead(nn.Module):
     def from_tensors(
         cls, method: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], loaded: Any
     ) -> PromptHead:
-        if loaded is None:
-            raise ValueError(f"{method} prompts need the CLIP model")
-        from promptcli.models.prompt_learner import PromptConfig, PromptLearner
-
-        config = PromptConfig.from_metadata(metadata.get("prompt_config", {}))
-        learner = PromptLearner(loaded, list(metadata.get("classnames", [])), config)
-        head = cls(learner, model_logit_scale(loaded), method)
+        head = cls(learner_from_metadata(method, metadata, loaded), model_logit_scale(loaded), method)
         head.load_learnable_state(tensors)
         return head

@@ -80,13 +80,10 @@ class KgCoOpHead(PromptHead):
     def from_tensors(
         cls, method: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], loaded: Any
     ) -> KgCoOpHead:
-        if loaded is None:
-            raise ValueError(f"{method} prompts need the CLIP model")
-        from promptcli.models.prompt_learner import PromptConfig, PromptLearner
+        from promptcli.models.head_base import learner_from_metadata
 
-        config = PromptConfig.from_metadata(metadata.get("prompt_config", {}))
+        learner = learner_from_metadata(method, metadata, loaded)
         classnames = list(metadata.get("classnames", []))
-        learner = PromptLearner(loaded, classnames, config)
         template = str(metadata.get("kg_template") or DEFAULT_TEMPLATE)
         zs = zero_shot_text(loaded, classnames, template)
         head = cls(
