@@ -8,7 +8,10 @@
 #     evidence weights fitted), tune coop+gce on the relabelled rows; and the same without
 #     --relabel (suspects dropped)
 #   oracle: coop+gce on only the correctly labelled rows (what perfect cleaning could give)
-# and evaluate each on the test features. Results: $SWEEP/high-noise/results/*.json, one table at the end.
+#   transductive: pseudolabel --method transductive --labels (every training image labelled by the
+#     mixture model, the given labels naming its clusters), then a linear probe on those labels
+# and evaluate each on the test features. Results: $SWEEP/high-noise/results/*.json
+# (`promptcli report $SWEEP/high-noise/results` tabulates them).
 #
 #     OUT=noise-sweep examples/noise_sweep.sh && SWEEP=noise-sweep benchmarks/high_noise.sh
 set -euo pipefail
@@ -65,6 +68,9 @@ PY
         todo "$dropped" && promptcli clean "$train" "$labels" --zero-shot --score posterior \
             --clean-out "$dropped" --json -q >"$OUT/results/posterior_drop_$name.summary.json"
         tune "posterior_drop_coop_gce_$name" "$dropped" --loss gce --seed "$seed"
+        named=$OUT/labels/transductive_$name.csv
+        todo "$named" && promptcli pseudolabel "$train" --method transductive --labels "$labels" -o "$named" -q
+        tune "transductive_linear_probe_$name" "$named" --method linear-probe --seed "$seed"
     done
 done
 

@@ -12,7 +12,13 @@ import torch
 
 from promptcli.errors import InputError
 from promptcli.io.sidecar import noise_summary
-from promptcli.noise.transductive import given_labels, name_clusters, transductive_posterior
+from promptcli.noise.transductive import (
+    given_labels,
+    knn_graph,
+    name_clusters,
+    spread_labels,
+    transductive_posterior,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,6 +72,7 @@ def test_labels_fix_a_cluster_the_prior_misnames_even_at_75_percent_noise():
     accuracy = (result.posterior.argmax(dim=1) == truth).float().mean()
     assert accuracy > 0.95  # ... and still name the swapped clusters
     assert sorted(result.renamed) == [(0, 1), (1, 0)]
+    assert result.spread == {"neighbours": 10, "alpha": 0.8, "rounds": 30, "graph_rows": len(truth)}
     assert result.noise_rate == pytest.approx(0.75, abs=0.02)  # estimated from the labelled rows
     torch.testing.assert_close(result.posterior.sum(dim=1), torch.ones(len(truth), dtype=torch.float64))
 
@@ -78,6 +85,73 @@ def test_without_naming_the_labels_do_not_rename_whole_clusters():
     named = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels)
     accuracy = [(r.posterior.argmax(dim=1) == truth).float().mean().item() for r in (plain, named)]
     assert accuracy[0] < 0.85 and accuracy[1] > 0.95  # the prior's swapped pair stays wrong without naming
+
+
+def test_knn_graph_matches_a_dense_reference_in_any_chunk_size():
+    g = torch.Generator().manual_seed(0)
+    d = torch.nn.functional.normalize(torch.randn(37, 8, generator=g, dtype=torch.float64), dim=1)
+    sim = d @ d.t()
+    sim.fill_diagonal_(-torch.inf)
+    near = sim.topk(4, dim=1).indices
+    a = torch.zeros(37, 37, dtype=torch.float64).scatter_(1, near, 1.0)
+    a = ((a + a.t()) > 0).double()  # symmetric, an edge found from both ends counted once
+    degree = a.sum(dim=1).rsqrt()
+    dense = degree[:, None] * a * degree[None, :]
+    eye = torch.eye(37, dtype=torch.float64)
+    for chunk in (5, 37, 1024):
+        torch.testing.assert_close(knn_graph(d, 4, chunk=chunk) @ eye, dense)
+    with pytest.raises(ValueError, match="two rows"):
+        knn_graph(d[:1], 4)
+
+
+def test_spread_labels_keeps_the_mass_and_spreads_it_to_neighbours():
+    x, truth = _clusters(n_per_class=20, n_classes=3, spread=0.2)
+    labels = torch.full((60,), -1)
+    labels[[0, 1, 25]] = torch.tensor([0, 0, 1])
+    rows, mass = spread_labels(x.double(), labels, 3)
+    assert rows.tolist() == list(range(60))
+    assert mass.sum().item() == pytest.approx(3.0)
+    by_cluster = torch.stack([mass[truth == c].sum(dim=0) for c in range(3)])
+    # each label's mass stays in its own row's cluster; the unlabelled cluster 2 gets none
+    assert by_cluster[0, 0] > 0.99 * 2 and by_cluster[1, 1] > 0.99 and by_cluster[2].sum() < 1e-3
+    assert (mass[truth == 0, 0] > 0).sum() > 10  # spread over the cluster, not left on two rows
+    rows0, mass0 = spread_labels(x.double(), labels, 3, alpha=0.0)
+    torch.testing.assert_close(mass0[[0, 1, 25]], torch.eye(3, dtype=torch.float64)[[0, 0, 1]])
+    with pytest.raises(ValueError, match="alpha"):
+        spread_labels(x.double(), labels, 3, alpha=1.0)
+
+
+def test_spread_labels_samples_a_big_file_reproducibly():
+    x, _ = _clusters(n_per_class=10, n_classes=6)
+    labels = torch.full((60,), -1)
+    labels[::6] = torch.arange(10) % 6
+    rows, mass = spread_labels(x.double(), labels, 6, max_rows=25)
+    assert len(rows) == 25 and set(range(0, 60, 6)) <= set(rows.tolist())
+    assert rows.tolist() == sorted(rows.tolist()) and mass.shape == (25, 6)
+    again, _ = spread_labels(x.double(), labels, 6, max_rows=25)
+    assert torch.equal(rows, again)
+
+
+def test_spreading_names_a_cluster_whose_right_labels_the_prior_pulls_away():
+    """Right labels on images the prior pulls into the neighbouring cluster: counted row by row
+    they name that cluster; spread over their neighbours they name their own."""
+    x, truth = _clusters(n_per_class=40, n_classes=3, spread=0.3, seed=2)
+    logits = 4.0 * torch.nn.functional.one_hot(truth, 3).double()
+    labels = torch.full((120,), -1)
+    pulled = torch.tensor([0, 1, 2, 3])  # class 0 images labelled 0, which the prior calls class 1
+    logits[pulled] = 40.0 * torch.nn.functional.one_hot(torch.ones(4, dtype=torch.long), 3).double()
+    labels[pulled] = 0
+    labels[[40, 41]] = 1  # class 1, labelled right
+    labels[[4]] = 1  # class 0, labelled wrong
+    labels[[80, 81, 82]] = 2
+    prior = torch.log_softmax(logits, dim=1)
+    raw = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels, spread=False)
+    spread = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels)
+    assert sorted(raw.renamed) == [(0, 1), (1, 0)] and raw.spread is None
+    assert spread.renamed == []
+    # the 36 class-0 images the prior does not pull away: all called 1 by the raw naming, 0 by spreading
+    assert (raw.posterior.argmax(dim=1)[4:40] == 1).all()
+    assert (spread.posterior.argmax(dim=1)[4:40] == 0).all()
 
 
 def test_bad_inputs_are_errors():
@@ -137,6 +211,7 @@ def test_cli_transductive_with_and_without_labels(run_cli, noisy_labels, tmp_pat
     assert given["path"] == str(labels) and given["rows"] == len(_csv(labels))
     assert given["noise"]["type"] == "symmetric" and given["noise"]["rate"] == pytest.approx(0.34)
     assert 0 < summary["transductive"]["noise_rate"] < 0.9
+    assert summary["transductive"]["label_spreading"]["neighbours"] == 10
     assert len(_csv(named)) <= 2 * len(summary["classes"])
     record = noise_summary(json.loads(named.with_name("named.csv.json").read_text()))
     assert record["labels"] == "transductive" and record["rate"] == pytest.approx(0.34)
