@@ -72,7 +72,13 @@ def test_labels_fix_a_cluster_the_prior_misnames_even_at_75_percent_noise():
     accuracy = (result.posterior.argmax(dim=1) == truth).float().mean()
     assert accuracy > 0.95  # ... and still name the swapped clusters
     assert sorted(result.renamed) == [(0, 1), (1, 0)]
-    assert result.spread == {"neighbours": 10, "alpha": 0.8, "rounds": 30, "graph_rows": len(truth)}
+    assert result.spread == {
+        "neighbours": 10,
+        "alpha": 0.8,
+        "rounds": 30,
+        "graph_rows": len(truth),
+        "local_weight": 1.0,
+    }
     assert result.noise_rate == pytest.approx(0.75, abs=0.02)  # estimated from the labelled rows
     torch.testing.assert_close(result.posterior.sum(dim=1), torch.ones(len(truth), dtype=torch.float64))
 
@@ -152,6 +158,22 @@ def test_spreading_names_a_cluster_whose_right_labels_the_prior_pulls_away():
     # the 36 class-0 images the prior does not pull away: all called 1 by the raw naming, 0 by spreading
     assert (raw.posterior.argmax(dim=1)[4:40] == 1).all()
     assert (spread.posterior.argmax(dim=1)[4:40] == 0).all()
+
+
+def test_spread_labels_outvote_a_wrong_prior_on_the_images_around_them():
+    """Images the prior (wrongly) calls class 1, in a cluster whose labels say 0: the spread labels'
+    local evidence moves them, the cluster counts alone do not."""
+    x, truth = _clusters(n_per_class=40, n_classes=3, spread=0.3, seed=0)
+    logits = 3.0 * torch.nn.functional.one_hot(truth, 3).double()
+    logits[30:40] = 3.0 * torch.nn.functional.one_hot(torch.ones(10, dtype=torch.long), 3).double()
+    prior = torch.log_softmax(logits, dim=1)
+    labels = torch.full((120,), -1)
+    labels[[0, 1, 30, 31, 32, 40, 41, 80, 81]] = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 2])
+    without = transductive_posterior(x, prior, centroid_scale=2.0, labels=labels, local_weight=0.0)
+    with_local = transductive_posterior(x, prior, centroid_scale=2.0, labels=labels)
+    assert (without.posterior.argmax(dim=1)[33:40] == 1).all()  # the unlabelled ones keep the prior's class
+    assert (with_local.posterior.argmax(dim=1) == truth).all()
+    assert without.spread["local_weight"] == 0.0 and with_local.spread["local_weight"] == 1.0
 
 
 def test_bad_inputs_are_errors():
