@@ -174,6 +174,19 @@ def spread_labels(
     return rows, mass * (seeds.sum(dim=0) / mass.sum(dim=0).clamp_min(1e-300))
 
 
+def local_evidence(label_mass: tuple[torch.Tensor, torch.Tensor], n_rows: int, weight: float) -> torch.Tensor:
+    """(N, C) ``weight x log((1 - e) share + e / C)``: what the spread labels around each image say.
+
+    ``share`` is each graph row's share of the spread label mass (:func:`spread_labels`); images off
+    the graph, or with no mass, get no evidence (a constant row)."""
+    rows, mass = label_mass
+    n_classes = mass.shape[1]
+    share = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    out = torch.zeros(n_rows, n_classes, dtype=mass.dtype, device=mass.device)
+    out[rows] = weight * torch.log((1.0 - LOCAL_SMOOTHING) * share + LOCAL_SMOOTHING / n_classes)
+    return out
+
+
 def name_clusters(
     q: torch.Tensor,
     labels: torch.Tensor,
@@ -270,7 +283,6 @@ def transductive_posterior(
         q = torch.softmax(prior + centroid_scale * leave_one_out_cosine(directions, q), dim=1)
     if labels is not None:
         label_mass = None
-        local = torch.zeros(n, n_classes, dtype=torch.float64, device=prior.device)
         if spread:
             label_mass = spread_labels(directions, labels, n_classes)
             spread_record = {
@@ -280,21 +292,17 @@ def transductive_posterior(
                 "graph_rows": len(label_mass[0]),
                 "local_weight": local_weight,
             }
-            if local_weight > 0:
-                # each image's share of the spread label mass: what the labels around it say
-                rows, mass = label_mass
-                share = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-300)
-                smoothed = (1.0 - LOCAL_SMOOTHING) * share + LOCAL_SMOOTHING / n_classes
-                local[rows] = local_weight * torch.log(smoothed)
         if name_by_labels:
             naming = name_clusters(q, labels, prior_log_probs.double().exp(), label_mass=label_mass)
             if naming != list(range(n_classes)):
                 inverse = torch.argsort(torch.tensor(naming, device=q.device))
                 # the prior's evidence for its own name of a cluster now speaks for the new name
                 q, prior = q[:, inverse], prior[:, inverse]
-        # then the labels' channel (and the spread labels' local evidence) joins in
+        # then the labels' channel (and the spread labels' local evidence, in class space: after the renaming)
+        if label_mass is not None and local_weight > 0:
+            prior = prior + local_evidence(label_mass, n, local_weight)
         for _ in range(rounds - cluster_rounds):
-            evidence = prior + local + centroid_scale * leave_one_out_cosine(directions, q)
+            evidence = prior + centroid_scale * leave_one_out_cosine(directions, q)
             q = torch.softmax(evidence + channel(), dim=1)
             if noise_rate is None:
                 agree = q[known].gather(1, labels[known][:, None]).mean().item()
