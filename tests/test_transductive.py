@@ -77,6 +77,7 @@ def test_labels_fix_a_cluster_the_prior_misnames_even_at_75_percent_noise():
         "alpha": 0.8,
         "rounds": 30,
         "graph_rows": len(truth),
+        "held_out_folds": 10,
         "local_weight": 1.0,
     }
     assert result.noise_rate == pytest.approx(0.75, abs=0.02)  # estimated from the labelled rows
@@ -114,14 +115,15 @@ def test_spread_labels_keeps_the_mass_and_spreads_it_to_neighbours():
     x, truth = _clusters(n_per_class=20, n_classes=3, spread=0.2)
     labels = torch.full((60,), -1)
     labels[[0, 1, 25]] = torch.tensor([0, 0, 1])
-    rows, mass = spread_labels(x.double(), labels, 3)
+    spread = spread_labels(x.double(), labels, 3)
+    rows, mass = spread.rows, spread.mass
     assert rows.tolist() == list(range(60))
     assert mass.sum().item() == pytest.approx(3.0)
     by_cluster = torch.stack([mass[truth == c].sum(dim=0) for c in range(3)])
     # each label's mass stays in its own row's cluster; the unlabelled cluster 2 gets none
     assert by_cluster[0, 0] > 0.99 * 2 and by_cluster[1, 1] > 0.99 and by_cluster[2].sum() < 1e-3
     assert (mass[truth == 0, 0] > 0).sum() > 10  # spread over the cluster, not left on two rows
-    rows0, mass0 = spread_labels(x.double(), labels, 3, alpha=0.0)
+    mass0 = spread_labels(x.double(), labels, 3, alpha=0.0).mass
     torch.testing.assert_close(mass0[[0, 1, 25]], torch.eye(3, dtype=torch.float64)[[0, 0, 1]])
     with pytest.raises(ValueError, match="alpha"):
         spread_labels(x.double(), labels, 3, alpha=1.0)
@@ -131,11 +133,41 @@ def test_spread_labels_samples_a_big_file_reproducibly():
     x, _ = _clusters(n_per_class=10, n_classes=6)
     labels = torch.full((60,), -1)
     labels[::6] = torch.arange(10) % 6
-    rows, mass = spread_labels(x.double(), labels, 6, max_rows=25)
+    spread = spread_labels(x.double(), labels, 6, max_rows=25)
+    rows = spread.rows
     assert len(rows) == 25 and set(range(0, 60, 6)) <= set(rows.tolist())
-    assert rows.tolist() == sorted(rows.tolist()) and mass.shape == (25, 6)
-    again, _ = spread_labels(x.double(), labels, 6, max_rows=25)
-    assert torch.equal(rows, again)
+    assert rows.tolist() == sorted(rows.tolist()) and spread.mass.shape == (25, 6)
+    assert torch.equal(rows, spread_labels(x.double(), labels, 6, max_rows=25).rows)
+
+
+def test_a_labelled_image_hears_its_neighbours_labels_not_its_own():
+    """held_out: a labelled row's mass without its own fold's labels (one fold per label here: the
+    spreading of the other labels), rescaled as the full mass is; an unlabelled row keeps the full mass."""
+    x, truth = _clusters(n_per_class=20, n_classes=3, spread=0.2)
+    labels = torch.full((60,), -1)
+    labels[[0, 1, 2, 25]] = torch.tensor([0, 2, 0, 1])  # row 1: a class-0 image labelled 2
+    spread = spread_labels(x.double(), labels, 3, folds=4)
+    w = knn_graph(x.double(), 10) @ torch.eye(60, dtype=torch.float64)  # dense reference
+
+    def spread_dense(y: torch.Tensor) -> torch.Tensor:
+        seeds = torch.nn.functional.one_hot(y.clamp_min(0), 3).double() * (y >= 0)[:, None]
+        f = seeds.clone()
+        for _ in range(30):
+            f = 0.8 * w @ f + 0.2 * seeds
+        return f
+
+    full = spread_dense(labels)
+    scale = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64) / full.sum(dim=0)
+    torch.testing.assert_close(spread.mass, full * scale)
+    for row in (0, 1, 2, 25):
+        others = labels.clone()
+        others[row] = -1
+        torch.testing.assert_close(spread.held_out[row], spread_dense(others)[row] * scale)
+    assert spread.held_out[1].argmax() == 0 and spread.mass[1].argmax() == 2  # its own label spoke loudest
+    torch.testing.assert_close(spread.held_out[truth == 2], spread.mass[truth == 2])
+    assert spread.held_out[25].sum() < 1e-3  # the one label of its cluster: nothing else speaks there
+    with pytest.raises(ValueError, match="folds"):
+        spread_labels(x.double(), labels, 3, folds=0)
 
 
 def test_spreading_names_a_cluster_whose_right_labels_the_prior_pulls_away():
