@@ -41,6 +41,21 @@ def _problem(rows: int, dims: int, classes: int, shots: int, seed: int = 0):
     return features, prior, labels
 
 
+def _cases(features: torch.Tensor, prior: torch.Tensor, labels: torch.Tensor, classes: int) -> dict:
+    directions = centred_directions(features)
+    return {
+        "fit, no labels": lambda: transductive_posterior(features, prior, centroid_scale=25.0),
+        "fit, labels, no spreading": lambda: transductive_posterior(
+            features, prior, centroid_scale=25.0, labels=labels, spread=False
+        ),
+        "fit, labels (default)": lambda: transductive_posterior(
+            features, prior, centroid_scale=25.0, labels=labels
+        ),
+        "k-NN graph alone": lambda: knn_graph(directions, 10),
+        "spread_labels alone (graph + folds)": lambda: spread_labels(directions, labels, classes),
+    }
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -62,18 +77,7 @@ def main() -> None:
     results = []
     for classes in args.classes:
         features, prior, labels = _problem(args.rows, args.dims, classes, args.shots)
-        directions = centred_directions(features)
-        cases = {
-            "fit, no labels": lambda: transductive_posterior(features, prior, centroid_scale=25.0),
-            "fit, labels, no spreading": lambda: transductive_posterior(
-                features, prior, centroid_scale=25.0, labels=labels, spread=False
-            ),
-            "fit, labels (default)": lambda: transductive_posterior(
-                features, prior, centroid_scale=25.0, labels=labels
-            ),
-            "k-NN graph alone": lambda: knn_graph(directions, 10),
-            "spread_labels alone (graph + folds)": lambda: spread_labels(directions, labels, classes),
-        }
+        cases = _cases(features, prior, labels, classes)
         best = {name: float("inf") for name in cases}
         for _ in range(args.repeats):
             for name, fn in cases.items():
@@ -83,7 +87,12 @@ def main() -> None:
         for name, seconds in best.items():
             print(f"  {name:38s} {seconds:8.2f} s   x{seconds / base:5.1f}")
             results.append(
-                {"classes": classes, "case": name, "seconds": seconds, "ratio_to_unlabelled_fit": seconds / base}
+                {
+                    "classes": classes,
+                    "case": name,
+                    "seconds": seconds,
+                    "ratio_to_unlabelled_fit": seconds / base,
+                }
             )
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
