@@ -20,6 +20,7 @@ import platform
 import time
 from pathlib import Path
 
+import scipy.optimize  # noqa: F401  (the naming's import, not timed)
 import torch
 
 from promptcli.noise.label_posterior import centred_directions
