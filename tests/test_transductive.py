@@ -244,6 +244,7 @@ def test_cli_transductive_with_and_without_labels(run_cli, noisy_labels, tmp_pat
     assert 0 <= summary["zero_shot_accuracy"] <= 1  # the zero-shot accuracy, measured separately
     record = noise_summary(json.loads(out.with_name("t.csv.json").read_text()))
     assert record["labels"] == "pseudo" and record["method"] == "transductive"
+    assert "No given labels: the zero-shot prior named the clusters" in stderr
 
     named = tmp_path / "named.csv"
     code, stdout, stderr = run_cli(
@@ -266,6 +267,7 @@ def test_cli_transductive_with_and_without_labels(run_cli, noisy_labels, tmp_pat
     assert given["noise"]["type"] == "symmetric" and given["noise"]["rate"] == pytest.approx(0.34)
     assert 0 < summary["transductive"]["noise_rate"] < 0.9
     assert summary["transductive"]["label_spreading"]["neighbours"] == 10
+    assert f"{summary['transductive']['n_labelled']} given labels, estimated noise rate" in stderr
     assert len(_csv(named)) <= 2 * len(summary["classes"])
     record = noise_summary(json.loads(named.with_name("named.csv.json").read_text()))
     assert record["labels"] == "transductive" and record["rate"] == pytest.approx(0.34)
@@ -287,3 +289,13 @@ def test_report_draws_transductive_runs_as_their_own_series():
     assert _variant({"labels": "pseudo"}, None) == "pseudo-labels"
     named = {"labels": "transductive", "type": "symmetric", "rate": 0.75}
     assert _variant(named, None) == "transductive" and _noise(named) == ("symmetric", 0.75)
+
+
+def test_the_fit_line_names_the_renamed_clusters():
+    from promptcli.cli.pseudolabel import transductive_line
+
+    fit = {"n_labelled": 160, "noise_rate": 0.7712, "renamed_clusters": [[2, 6], [6, 2]]}
+    line = transductive_line(fit, ["a", "b", "coat", "d", "e", "f", "shirt"])
+    assert line.startswith("160 given labels, estimated noise rate 77.1% (an upper estimate)")
+    assert "coat -> shirt, shirt -> coat" in line
+    assert "kept the prior's name" in transductive_line({**fit, "renamed_clusters": []}, ["a", "b"])

@@ -115,8 +115,28 @@ def command(
             f"Zero-shot accuracy {pct(stats['zero_shot_accuracy'])} on {stats['n_with_truth']} labelled images; "
             f"pseudo-label accuracy after selection {pct(stats['pseudo_label_accuracy'])}"
         )
+    if "transductive" in result:
+        out.info(transductive_line(result["transductive"], result["classes"]))
     out.info(
         f"Kept {result['n_kept']} of {result['n_images']} images"
         + ("" if output == "-" else f"; wrote {output} and {output}.json")
     )
     out.result(result)
+
+
+def transductive_line(fit: dict, classes: list[str]) -> str:
+    """One line on what the transductive fit did with the given labels."""
+    if not fit["n_labelled"]:
+        return "No given labels: the zero-shot prior named the clusters"
+    renamed = fit["renamed_clusters"]
+    names = (
+        "the labels renamed "
+        + ", ".join(f"{classes[old]} -> {classes[new]}" for old, new in renamed)
+        + " (the prior's name -> the labels')"
+        if renamed
+        else "the labels kept the prior's name for every cluster"
+    )
+    return (
+        f"{fit['n_labelled']} given labels, estimated noise rate {pct(fit['noise_rate'])} "
+        f"(an upper estimate); {names}"
+    )

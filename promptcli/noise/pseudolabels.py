@@ -241,9 +241,13 @@ def pseudolabel_file(
 
     loaded = load_model_from_record(fs.attrs, source=features, pretrained=pretrained, device=device)
     check_dim(loaded, fs.features, where=features)
-    info(f"Zero-shot {len(fs)} images over {len(label_names)} classes, {len(prompts)} template(s)")
+    transductive = method == PseudoLabelMethod.TRANSDUCTIVE.value
+    info(
+        f"{'Transductive fit over' if transductive else 'Zero-shot'} {len(fs)} images, {len(label_names)} classes, "
+        f"{len(prompts)} template(s)"
+    )
     fit = None
-    if method == PseudoLabelMethod.TRANSDUCTIVE.value:
+    if transductive:
         from promptcli.noise.transductive import transductive_fit
 
         pred, zero_shot, fit = transductive_fit(loaded, fs, prompt_names, prompts, o.labels)
