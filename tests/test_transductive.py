@@ -296,6 +296,6 @@ def test_the_fit_line_names_the_renamed_clusters():
 
     fit = {"n_labelled": 160, "noise_rate": 0.7712, "renamed_clusters": [[2, 6], [6, 2]]}
     line = transductive_line(fit, ["a", "b", "coat", "d", "e", "f", "shirt"])
-    assert line.startswith("160 given labels, estimated noise rate 77.1% (an upper estimate)")
+    assert line.startswith("160 given labels, estimated noise rate 77.1% (it tends to read high)")
     assert "coat -> shirt, shirt -> coat" in line
     assert "kept the prior's name" in transductive_line({**fit, "renamed_clusters": []}, ["a", "b"])

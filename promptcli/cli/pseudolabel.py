@@ -138,5 +138,5 @@ def transductive_line(fit: dict, classes: list[str]) -> str:
     )
     return (
         f"{fit['n_labelled']} given labels, estimated noise rate {pct(fit['noise_rate'])} "
-        f"(an upper estimate); {names}"
+        f"(it tends to read high); {names}"
     )
