@@ -273,6 +273,27 @@ def test_cli_transductive_with_and_without_labels(run_cli, noisy_labels, tmp_pat
     assert record["labels"] == "transductive" and record["rate"] == pytest.approx(0.34)
 
 
+def test_cli_skip_missing_leaves_out_label_rows_the_features_lack(run_cli, noisy_labels, tmp_path):
+    rows = _csv(noisy_labels["labels"])
+    rows[0]["path"] = "elsewhere/0.png"
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    args = ["pseudolabel", noisy_labels["features"], "--method", "transductive", "--labels", bad]
+    code, _, stderr = run_cli(*args, "-o", tmp_path / "a.csv")
+    assert code == 2 and "elsewhere/0.png" in stderr and "--skip-missing" in stderr
+    assert not (tmp_path / "a.csv").exists()
+    code, stdout, stderr = run_cli(*args, "--skip-missing", "-o", tmp_path / "b.csv", "--json")
+    assert code == 0, stderr
+    given = json.loads(stdout)["transductive"]["labels"]
+    assert given["skipped"] == 1 and given["rows"] == len(rows) - 1
+    assert "skipped 1 --labels row(s)" in stderr
+    code, _, stderr = run_cli("pseudolabel", noisy_labels["features"], "--skip-missing", "-o", tmp_path / "c.csv")
+    assert code == 2 and "--skip-missing applies only to --labels rows" in stderr
+
+
 def test_cli_labels_need_the_transductive_method(run_cli, noisy_labels, tmp_path):
     code, _, stderr = run_cli(
         "pseudolabel", noisy_labels["features"], "--labels", noisy_labels["labels"], "-o", tmp_path / "p.csv"

@@ -38,6 +38,7 @@ from promptcli.cli._options import (
     JsonOpt,
     QuietOpt,
     SeedOpt,
+    SkipMissingOpt,
     TemplateOpt,
     TemplatesOpt,
 )
@@ -78,6 +79,7 @@ def command(
         Path | None,
         typer.Option("--labels", help="--method transductive: labels (possibly noisy) for some images."),
     ] = None,
+    skip_missing: SkipMissingOpt = False,
     pretrained: FeaturesPretrainedOpt = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
@@ -99,6 +101,7 @@ def command(
         device=device,
         method=str(method),
         labels=labels,
+        skip_missing=skip_missing,
     )
     result = pseudolabel_file(
         features, output, options, force=force, json_out=json_out, info=out.info, warn=out.warn

@@ -165,6 +165,7 @@ class PseudolabelOptions:
     device: str = "auto"
     method: str = "zero-shot"  # or "transductive" (promptcli.noise.transductive)
     labels: Path | None = None  # transductive only: given (possibly noisy) labels for some images
+    skip_missing: bool = False  # --labels rows whose path or class the features lack are skipped
 
 
 def pseudolabel_file(
@@ -211,6 +212,12 @@ def pseudolabel_file(
             where="--labels",
             hint="add --method transductive, or drop --labels",
         )
+    if o.skip_missing and o.labels is None:
+        raise InputError(
+            "--skip-missing applies only to --labels rows",
+            where="--skip-missing",
+            hint="add --method transductive --labels FILE, or drop --skip-missing",
+        )
     prompts = resolve_templates(template, templates)
     sidecar = None if to_stdout else Path(f"{output}.json")
     check_distinct(
@@ -250,7 +257,11 @@ def pseudolabel_file(
     if transductive:
         from promptcli.noise.transductive import transductive_fit
 
-        pred, zero_shot, fit = transductive_fit(loaded, fs, prompt_names, prompts, o.labels)
+        pred, zero_shot, fit = transductive_fit(
+            loaded, fs, prompt_names, prompts, o.labels, skip_missing=o.skip_missing
+        )
+        if fit.get("labels", {}).get("skipped"):
+            warn(f"skipped {fit['labels']['skipped']} --labels row(s) whose path or class the features lack")
     else:
         pred = zero_shot_predict(loaded, fs.features, prompt_names, prompts)
     kept = select(pred.labels, pred.confidence, len(label_names), top_k, random_k, min_confidence, seed)

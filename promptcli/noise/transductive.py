@@ -454,6 +454,7 @@ def transductive_fit(
             "path": str(labels_path),
             "sha256": sha256_file(labels_path),
             "rows": len(joined.rows),
+            "skipped": joined.n_skipped,
             "noise": noise_summary(read_noise_sidecar(labels_path, lambda _: None)),
         }
     pred, confidence, record = transductive_predict(
