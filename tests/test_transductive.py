@@ -290,7 +290,9 @@ def test_cli_skip_missing_leaves_out_label_rows_the_features_lack(run_cli, noisy
     given = json.loads(stdout)["transductive"]["labels"]
     assert given["skipped"] == 1 and given["rows"] == len(rows) - 1
     assert "skipped 1 --labels row(s)" in stderr
-    code, _, stderr = run_cli("pseudolabel", noisy_labels["features"], "--skip-missing", "-o", tmp_path / "c.csv")
+    code, _, stderr = run_cli(
+        "pseudolabel", noisy_labels["features"], "--skip-missing", "-o", tmp_path / "c.csv"
+    )
     assert code == 2 and "--skip-missing applies only to --labels rows" in stderr
 
 
