@@ -60,7 +60,7 @@ def test_name_clusters_renames_by_plurality_and_keeps_ties():
 def test_labels_fix_a_cluster_the_prior_misnames_even_at_75_percent_noise():
     x, truth = _clusters()
     prior = _swapped_prior(truth, 10)
-    unsupervised = transductive_posterior(x, prior, centroid_scale=10.0)
+    unsupervised = transductive_posterior(x, prior, centroid_scale=10.0, neighbour_scale=4.0)
     pred = unsupervised.posterior.argmax(dim=1)
     assert (pred[truth == 0] == 1).float().mean() > 0.9  # without labels the swap stays
     assert unsupervised.noise_rate is None and unsupervised.renamed == []
@@ -68,7 +68,7 @@ def test_labels_fix_a_cluster_the_prior_misnames_even_at_75_percent_noise():
     labels = _symmetric_noise(truth, 10, labelled, 0.75, seed=3)
     # the given labels are right on a quarter of the rows only ...
     assert (labels[labelled] == truth[labelled]).float().mean() == pytest.approx(0.25, abs=0.01)
-    result = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels)
+    result = transductive_posterior(x, prior, centroid_scale=10.0, neighbour_scale=4.0, labels=labels)
     accuracy = (result.posterior.argmax(dim=1) == truth).float().mean()
     assert accuracy > 0.95  # ... and still name the swapped clusters
     assert sorted(result.renamed) == [(0, 1), (1, 0)]
@@ -88,8 +88,10 @@ def test_without_naming_the_labels_do_not_rename_whole_clusters():
     x, truth = _clusters(seed=1)
     prior = _swapped_prior(truth, 10, strength=3.0)
     labels = _symmetric_noise(truth, 10, np.arange(0, len(truth), 3), 0.75, seed=3)
-    plain = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels, name_by_labels=False)
-    named = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels)
+    plain = transductive_posterior(
+        x, prior, centroid_scale=10.0, neighbour_scale=4.0, labels=labels, name_by_labels=False
+    )
+    named = transductive_posterior(x, prior, centroid_scale=10.0, neighbour_scale=4.0, labels=labels)
     accuracy = [(r.posterior.argmax(dim=1) == truth).float().mean().item() for r in (plain, named)]
     assert accuracy[0] < 0.85 and accuracy[1] > 0.95  # the prior's swapped pair stays wrong without naming
 
@@ -183,8 +185,10 @@ def test_spreading_names_a_cluster_whose_right_labels_the_prior_pulls_away():
     labels[[4]] = 1  # class 0, labelled wrong
     labels[[80, 81, 82]] = 2
     prior = torch.log_softmax(logits, dim=1)
-    raw = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels, spread=False)
-    spread = transductive_posterior(x, prior, centroid_scale=10.0, labels=labels)
+    raw = transductive_posterior(
+        x, prior, centroid_scale=10.0, neighbour_scale=4.0, labels=labels, spread=False
+    )
+    spread = transductive_posterior(x, prior, centroid_scale=10.0, neighbour_scale=4.0, labels=labels)
     assert sorted(raw.renamed) == [(0, 1), (1, 0)] and raw.spread is None
     assert spread.renamed == []
     # the 36 class-0 images the prior does not pull away: all called 1 by the raw naming, 0 by spreading
@@ -201,11 +205,29 @@ def test_spread_labels_outvote_a_wrong_prior_on_the_images_around_them():
     prior = torch.log_softmax(logits, dim=1)
     labels = torch.full((120,), -1)
     labels[[0, 1, 30, 31, 32, 40, 41, 80, 81]] = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 2])
-    without = transductive_posterior(x, prior, centroid_scale=2.0, labels=labels, local_weight=0.0)
-    with_local = transductive_posterior(x, prior, centroid_scale=2.0, labels=labels)
+    without = transductive_posterior(
+        x, prior, centroid_scale=2.0, neighbour_scale=0.0, labels=labels, local_weight=0.0
+    )
+    with_local = transductive_posterior(x, prior, centroid_scale=2.0, neighbour_scale=0.0, labels=labels)
     assert (without.posterior.argmax(dim=1)[33:40] == 1).all()  # the unlabelled ones keep the prior's class
     assert (with_local.posterior.argmax(dim=1) == truth).all()
     assert without.spread["local_weight"] == 0.0 and with_local.spread["local_weight"] == 1.0
+
+
+def test_neighbours_outvote_a_wrong_prior_without_labels():
+    """Images the prior (wrongly) calls class 1, amid class 0: their neighbours' posteriors move them
+    back, in the second half of the rounds; without the neighbour term the cluster alone does not."""
+    x, truth = _clusters(n_per_class=40, n_classes=3, spread=0.3, seed=0)
+    logits = 3.0 * torch.nn.functional.one_hot(truth, 3).double()
+    logits[30:40] = 3.0 * torch.nn.functional.one_hot(torch.ones(10, dtype=torch.long), 3).double()
+    prior = torch.log_softmax(logits, dim=1)
+    without = transductive_posterior(x, prior, centroid_scale=2.0, neighbour_scale=0.0)
+    with_neighbours = transductive_posterior(x, prior, centroid_scale=2.0, neighbour_scale=5.0)
+    assert (without.posterior.argmax(dim=1)[30:40] == 1).all()
+    assert (with_neighbours.posterior.argmax(dim=1) == truth).all()
+    assert with_neighbours.neighbour_scale == 5.0 and with_neighbours.noise_rate is None
+    with pytest.raises(ValueError, match="neighbour_scale"):
+        transductive_posterior(x, prior, centroid_scale=2.0, neighbour_scale=float("nan"))
 
 
 def test_bad_inputs_are_errors():
@@ -214,13 +236,17 @@ def test_bad_inputs_are_errors():
     bad = x.clone()
     bad[3, 0] = float("nan")
     with pytest.raises(ValueError, match="finite"):
-        transductive_posterior(bad, prior, centroid_scale=1.0)
+        transductive_posterior(bad, prior, centroid_scale=1.0, neighbour_scale=0.4)
     with pytest.raises(ValueError, match="NaN"):
-        transductive_posterior(x, prior.masked_fill(prior < -0.5, float("nan")), centroid_scale=1.0)
+        transductive_posterior(
+            x, prior.masked_fill(prior < -0.5, float("nan")), centroid_scale=1.0, neighbour_scale=0.4
+        )
     with pytest.raises(ValueError, match="class indices"):
-        transductive_posterior(x, prior, centroid_scale=1.0, labels=torch.full((20,), 10))
+        transductive_posterior(
+            x, prior, centroid_scale=1.0, neighbour_scale=0.4, labels=torch.full((20,), 10)
+        )
     with pytest.raises(ValueError, match="disagree"):
-        transductive_posterior(x[:5], prior, centroid_scale=1.0)
+        transductive_posterior(x[:5], prior, centroid_scale=1.0, neighbour_scale=0.4)
     with pytest.raises(InputError, match="more than once"):
         given_labels(20, np.array([1, 2, 1]), np.array([0, 1, 2]), where="noisy.csv")
 
@@ -245,6 +271,8 @@ def test_cli_transductive_with_and_without_labels(run_cli, noisy_labels, tmp_pat
     record = noise_summary(json.loads(out.with_name("t.csv.json").read_text()))
     assert record["labels"] == "pseudo" and record["method"] == "transductive"
     assert "No given labels: the zero-shot prior named the clusters" in stderr
+    fit = summary["transductive"]
+    assert fit["neighbour_scale"] == pytest.approx(0.1 * fit["logit_scale"])  # on without labels
 
     named = tmp_path / "named.csv"
     code, stdout, stderr = run_cli(
@@ -267,6 +295,7 @@ def test_cli_transductive_with_and_without_labels(run_cli, noisy_labels, tmp_pat
     assert given["noise"]["type"] == "symmetric" and given["noise"]["rate"] == pytest.approx(0.34)
     assert 0 < summary["transductive"]["noise_rate"] < 0.9
     assert summary["transductive"]["label_spreading"]["neighbours"] == 10
+    assert summary["transductive"]["neighbour_scale"] == 0.0  # off with labels
     assert f"{summary['transductive']['n_labelled']} given labels, estimated noise rate" in stderr
     assert len(_csv(named)) <= 2 * len(summary["classes"])
     record = noise_summary(json.loads(named.with_name("named.csv.json").read_text()))
