@@ -5,7 +5,8 @@
 #   3. with 2+ GPUs: torchrun with 2 processes (NCCL) against 1 process, same global batch;
 #   4. vpt (fp16) and maple (bf16) on a ViT-B-16 tower with random weights (no download), 1 epoch each,
 #      then extraction through the prompted tower (--adapter) and eval.
-#   5. pseudolabel --method transductive --labels on CUDA against CPU (same labels on >= 99% of images).
+#   5. pseudolabel --method transductive, with --labels (spreading) and without (the neighbour term), on CUDA
+#      against CPU (same labels on >= 99% of images).
 # Uses the offline demo model and 160 demo training images. Every step must exit 0; the script stops at
 # the first failure (set -e) and prints PASS at the end.
 #
@@ -82,20 +83,26 @@ for method in maple vpt; do
     "${cli[@]}" eval "$OUT/vit-test-$method.h5" --prompt "$OUT/$method.safetensors" -o "$OUT/$method.json" --force -q
     python -c "import json; m = json.load(open('$OUT/$method.json'))['metrics']; print('   $method ($precision) test top-1', m['top1'])"
 done
-echo "5. transductive pseudo-labels with noisy labels (k-NN graph, sparse spreading) on CUDA against CPU"
+echo "5. transductive pseudo-labels with and without noisy labels (k-NN graph, sparse products) on CUDA against CPU"
 for device in cuda cpu; do
     "${cli[@]}" pseudolabel "$OUT/train.h5" --method transductive --labels "$OUT/noisy.csv" --device "$device" \
         -o "$OUT/transductive-$device.csv" --force -q
+    "${cli[@]}" pseudolabel "$OUT/train.h5" --method transductive --device "$device" \
+        -o "$OUT/unsupervised-$device.csv" --force -q
 done
 python - "$OUT" <<'PY'
 import csv, json, sys
 out = sys.argv[1]
-rows = {d: list(csv.DictReader(open(f"{out}/transductive-{d}.csv"))) for d in ("cuda", "cpu")}
-same = sum(a["label"] == b["label"] for a, b in zip(rows["cuda"], rows["cpu"])) / len(rows["cpu"])
-fits = {d: json.load(open(f"{out}/transductive-{d}.csv.json"))["transductive"] for d in ("cuda", "cpu")}
-print(f"   labels equal on {same:.4f} of {len(rows['cpu'])} images; estimated noise rate cuda {fits['cuda']['noise_rate']:.4f}"
-      f" cpu {fits['cpu']['noise_rate']:.4f}")
-assert same >= 0.99 and abs(fits["cuda"]["noise_rate"] - fits["cpu"]["noise_rate"]) < 1e-3
-assert fits["cuda"]["renamed_clusters"] == fits["cpu"]["renamed_clusters"]
+for kind in ("transductive", "unsupervised"):
+    rows = {d: list(csv.DictReader(open(f"{out}/{kind}-{d}.csv"))) for d in ("cuda", "cpu")}
+    same = sum(a["label"] == b["label"] for a, b in zip(rows["cuda"], rows["cpu"])) / len(rows["cpu"])
+    fits = {d: json.load(open(f"{out}/{kind}-{d}.csv.json"))["transductive"] for d in ("cuda", "cpu")}
+    rates = {d: fits[d]["noise_rate"] for d in fits}
+    print(f"   {kind}: labels equal on {same:.4f} of {len(rows['cpu'])} images; estimated noise rate {rates}")
+    assert same >= 0.99 and fits["cuda"]["renamed_clusters"] == fits["cpu"]["renamed_clusters"]
+    if kind == "transductive":
+        assert abs(rates["cuda"] - rates["cpu"]) < 1e-3
+    else:
+        assert fits["cpu"]["neighbour_scale"] > 0 and rates["cpu"] is None
 PY
 echo "PASS in $((SECONDS - start)) s"
