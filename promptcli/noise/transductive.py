@@ -170,7 +170,7 @@ def knn_graph(directions: torch.Tensor, k: int, chunk: int = 1024) -> Graph:
 
 @dataclass
 class Neighbours:
-    """The k-NN graph over ``rows`` of a file: every labelled row, and a fixed sample of the rest."""
+    """The k-NN graph over ``rows`` of a file: all of them, or every labelled row and a fixed sample of the rest."""
 
     rows: torch.Tensor  # (R,) long, sorted
     graph: Graph | None  # None when the file has fewer than two rows
