@@ -351,3 +351,19 @@ def test_the_fit_line_names_the_renamed_clusters():
     assert line.startswith("160 given labels, estimated noise rate 77.1% (it tends to read high)")
     assert "coat -> shirt, shirt -> coat" in line
     assert "kept the prior's name" in transductive_line({**fit, "renamed_clusters": []}, ["a", "b"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_fit_on_cuda_matches_cpu():
+    """The fit runs on the features' device (graph, sparse spreading, neighbour term): CUDA against CPU."""
+    from promptcli.noise.transductive import transductive_predict
+
+    x, truth = _clusters(seed=1)
+    prior = _swapped_prior(truth, 10).numpy()
+    labels = _symmetric_noise(truth, 10, np.arange(0, len(truth), 3), 0.75, seed=3)
+    for given in (None, labels):
+        cpu = transductive_predict(x.numpy(), prior, 40.0, given, device="cpu")
+        cuda = transductive_predict(x.numpy(), prior, 40.0, given, device="cuda")
+        assert (cpu[0] == cuda[0]).mean() >= 0.99
+        assert cpu[2]["renamed_clusters"] == cuda[2]["renamed_clusters"]
+        np.testing.assert_allclose(cpu[1], cuda[1], atol=1e-6)

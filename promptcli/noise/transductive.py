@@ -306,12 +306,13 @@ def name_clusters(
         score = q[label_mass.rows].t() @ label_mass.mass.to(q.dtype)
     if prior_probs is not None and prior_votes > 0:
         score = score + prior_votes * (q.t() @ prior_probs.to(q.dtype)) * (known.sum() / len(labels))
-    rows, cols = linear_sum_assignment(score.cpu().numpy(), maximize=True)
+    votes = score.cpu().numpy()
+    rows, cols = linear_sum_assignment(votes, maximize=True)
     naming = [0] * n_classes
     for k, j in zip(rows.tolist(), cols.tolist()):
         naming[k] = j
-    base = float(score.diagonal().sum())
-    best = float(score[torch.arange(n_classes), torch.tensor(naming)].sum())
+    base = float(np.trace(votes))
+    best = float(votes[rows, cols].sum())
     return naming if best > base + 1e-9 else list(range(n_classes))
 
 
@@ -338,6 +339,7 @@ def transductive_posterior(
     ``neighbour_scale`` the neighbours' posterior mass in the second half of the rounds (0: none).
     """
     n, n_classes = prior_log_probs.shape
+    prior_log_probs = prior_log_probs.to(features.device)
     if features.shape[0] != n:
         raise ValueError(f"features {tuple(features.shape)} and prior {(n, n_classes)} disagree")
     if n_classes < 2:
@@ -347,7 +349,7 @@ def transductive_posterior(
     if torch.isnan(prior_log_probs).any() or (prior_log_probs > 1e-6).any():
         raise ValueError("prior log-probabilities must be <= 0 (-inf allowed), not NaN")
     if labels is not None:
-        labels = labels.long()
+        labels = labels.long().to(features.device)
         if labels.shape[0] != n:
             raise ValueError(f"labels {tuple(labels.shape)} and features {tuple(features.shape)} disagree")
         if labels.max().item() >= n_classes or labels.min().item() < -1:
@@ -444,20 +446,21 @@ def transductive_predict(
     centroid_fraction: float = DEFAULT_CENTROID_FRACTION,
     neighbour_fraction: float | None = None,
     rounds: int = DEFAULT_ROUNDS,
+    device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
     """Labels, confidences and a record of the fit for every row (``pseudolabel --method transductive``).
 
     ``prior_log_probs`` are zero-shot log-probabilities, ``scale`` the model's logit scale (the
     centroid weight is ``centroid_fraction x scale``, the neighbours' ``neighbour_fraction x scale``;
     None: ``UNLABELLED_NEIGHBOUR_FRACTION`` without labels, 0 with them), ``labels`` as in
-    :func:`transductive_posterior`.
+    :func:`transductive_posterior`. The fit runs on ``device``.
     """
     if neighbour_fraction is None:
         unlabelled = labels is None or not bool((labels >= 0).any())
         neighbour_fraction = UNLABELLED_NEIGHBOUR_FRACTION if unlabelled else 0.0
     result = transductive_posterior(
-        torch.as_tensor(np.asarray(features, dtype=np.float32)),
-        torch.as_tensor(prior_log_probs),
+        torch.as_tensor(np.asarray(features, dtype=np.float32), device=device),
+        torch.as_tensor(prior_log_probs, device=device),
         centroid_scale=centroid_fraction * scale,
         neighbour_scale=neighbour_fraction * scale,
         labels=labels,
@@ -523,7 +526,7 @@ def transductive_fit(
             "noise": noise_summary(read_noise_sidecar(labels_path, lambda _: None)),
         }
     pred, confidence, record = transductive_predict(
-        fs.features, log_probs.numpy(), logit_scale(loaded), given
+        fs.features, log_probs.numpy(), logit_scale(loaded), given, device=loaded.device
     )
     if labels_record is not None:
         record["labels"] = labels_record
