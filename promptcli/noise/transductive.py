@@ -231,14 +231,14 @@ def spread_labels(
     rounds: int = SPREAD_ROUNDS,
     max_rows: int = SPREAD_MAX_ROWS,
     folds: int = HELD_OUT_FOLDS,
-    graph: Neighbours | None = None,
+    near: Neighbours | None = None,
 ) -> LabelMass:
     """Each given label spread over a k-NN graph of the images (label spreading).
 
     ``F <- alpha W F + (1 - alpha) Y`` for ``rounds`` rounds, with Y the one-hot given labels (zero
     rows for unlabelled images) and W the normalised graph of :func:`knn_graph`, then each class's
     column rescaled to that label's count, so every given label still casts one vote. The graph is
-    ``graph``, or :func:`neighbours` of the rows (``k``, ``max_rows``).
+    ``near``'s, or that of :func:`neighbours` of the rows (``k``, ``max_rows``).
 
     ``held_out`` leaves a labelled row's own label out of what its neighbours say: the labelled rows
     are dealt into ``folds`` folds (in row order), each fold's labels are spread alone, and a row of
@@ -247,23 +247,23 @@ def spread_labels(
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
     if folds < 1:
         raise ValueError(f"folds must be at least 1, got {folds}")
-    if graph is None:
-        graph = neighbours(directions, labels, k, max_rows)
-    rows = graph.rows
+    if near is None:
+        near = neighbours(directions, labels, k, max_rows)
+    rows = near.rows
     sub_labels = labels[rows]
     seeds = torch.zeros(len(rows), n_classes, dtype=torch.float64, device=directions.device)
     have = sub_labels >= 0
     seeds[have] = torch.nn.functional.one_hot(sub_labels[have], n_classes).double()
-    if graph.graph is None or alpha == 0.0:
+    if near.graph is None or alpha == 0.0:
         return LabelMass(rows, seeds, torch.zeros_like(seeds))
-    mass = _spread(graph.graph, seeds, alpha, rounds)
+    mass = _spread(near.graph, seeds, alpha, rounds)
     held_out = mass.clone()
     labelled = torch.nonzero(have).squeeze(1)
     for fold in range(min(folds, len(labelled))):
         members = labelled[fold::folds]
         fold_seeds = torch.zeros_like(seeds)
         fold_seeds[members] = seeds[members]
-        held_out[members] -= _spread(graph.graph, fold_seeds, alpha, rounds)[members]
+        held_out[members] -= _spread(near.graph, fold_seeds, alpha, rounds)[members]
     scale = seeds.sum(dim=0) / mass.sum(dim=0).clamp_min(1e-300)
     return LabelMass(rows, mass * scale, held_out.clamp_min(0.0) * scale)
 
@@ -379,13 +379,13 @@ def transductive_posterior(
     cluster_rounds = rounds // 2
     for _ in range(cluster_rounds):
         q = torch.softmax(prior + centroid_scale * leave_one_out_cosine(directions, q), dim=1)
-    graph = None
+    near = None
     if neighbour_scale > 0 or (labels is not None and spread):
-        graph = neighbours(directions, labels)
+        near = neighbours(directions, labels)
     if labels is not None:
         label_mass = None
         if spread:
-            label_mass = spread_labels(directions, labels, n_classes, graph=graph)
+            label_mass = spread_labels(directions, labels, n_classes, near=near)
             spread_record = {
                 "neighbours": SPREAD_NEIGHBOURS,
                 "alpha": SPREAD_ALPHA,
@@ -405,8 +405,8 @@ def transductive_posterior(
             prior = prior + local_evidence(label_mass, n, local_weight)
     for _ in range(rounds - cluster_rounds):
         evidence = prior + centroid_scale * leave_one_out_cosine(directions, q)
-        if graph is not None and neighbour_scale > 0:
-            evidence = evidence + neighbour_scale * graph.smooth(q)
+        if near is not None and neighbour_scale > 0:
+            evidence = evidence + neighbour_scale * near.smooth(q)
         q = torch.softmax(evidence + channel(), dim=1)
         if labels is not None and noise_rate is None:
             agree = q[known].gather(1, labels[known][:, None]).mean().item()
@@ -437,8 +437,8 @@ def given_labels(n_rows: int, rows: np.ndarray, labels: np.ndarray, where: str) 
 
 
 def transductive_predict(
-    features: np.ndarray,
-    prior_log_probs: np.ndarray,
+    features: np.ndarray | torch.Tensor,
+    prior_log_probs: np.ndarray | torch.Tensor,
     scale: float,
     labels: torch.Tensor | None = None,
     *,
@@ -459,7 +459,7 @@ def transductive_predict(
         unlabelled = labels is None or not bool((labels >= 0).any())
         neighbour_fraction = UNLABELLED_NEIGHBOUR_FRACTION if unlabelled else 0.0
     result = transductive_posterior(
-        torch.as_tensor(np.asarray(features, dtype=np.float32), device=device),
+        torch.as_tensor(features, dtype=torch.float32, device=device),
         torch.as_tensor(prior_log_probs, device=device),
         centroid_scale=centroid_fraction * scale,
         neighbour_scale=neighbour_fraction * scale,
@@ -513,7 +513,7 @@ def transductive_fit(
             hint="extract the features again",
         )
     logits = zero_shot_class_logits(loaded, prompt_names, templates, feats).double()
-    log_probs = torch.log_softmax(logits, dim=1).cpu()
+    log_probs = torch.log_softmax(logits, dim=1)
     given, labels_record = None, None
     if labels_path is not None:
         joined = join_labels(fs, read_labels(labels_path), skip_missing=skip_missing)
@@ -525,9 +525,10 @@ def transductive_fit(
             "skipped": joined.n_skipped,
             "noise": noise_summary(read_noise_sidecar(labels_path, lambda _: None)),
         }
+    # the features and the prior are already on the model's device: the fit runs there on them
     pred, confidence, record = transductive_predict(
-        fs.features, log_probs.numpy(), logit_scale(loaded), given, device=loaded.device
+        feats, log_probs, logit_scale(loaded), given, device=loaded.device
     )
     if labels_record is not None:
         record["labels"] = labels_record
-    return Predictions(pred, confidence), log_probs.argmax(dim=1).numpy(), record
+    return Predictions(pred, confidence), log_probs.argmax(dim=1).cpu().numpy(), record
