@@ -10,6 +10,8 @@
 #   oracle: coop+gce on only the correctly labelled rows (what perfect cleaning could give)
 #   transductive: pseudolabel --method transductive --labels (every training image labelled by the
 #     mixture model, the given labels naming its clusters), then a linear probe on those labels
+#   with VERIFIED=K: the same with K of the given labels checked (pseudolabel --trusted; simulated:
+#     K random rows of the labels file, numpy seed 1000 + seed, with their clean_label)
 # and evaluate each on the test features. Results: $SWEEP/high-noise/results/*.json
 # (`promptcli report $SWEEP/high-noise/results` tabulates them).
 #
@@ -21,6 +23,7 @@ RATES=${RATES:-0.5 0.75}
 SEEDS=${SEEDS:-1 2 3}
 EPOCHS=${EPOCHS:-50}
 DEVICE=${DEVICE:-auto}
+VERIFIED=${VERIFIED:-}
 OUT=$SWEEP/high-noise
 mkdir -p "$OUT/labels" "$OUT/prompts" "$OUT/results"
 train=$SWEEP/features/train.h5
@@ -71,6 +74,25 @@ PY
         named=$OUT/labels/transductive_$name.csv
         todo "$named" && promptcli pseudolabel "$train" --method transductive --labels "$labels" -o "$named" -q
         tune "transductive_linear_probe_$name" "$named" --method linear-probe --seed "$seed"
+        if [[ -n "$VERIFIED" ]]; then
+            checked=$OUT/labels/verified${VERIFIED}_$name.csv
+            todo "$checked" && python - "$labels" "$checked" "$VERIFIED" "$seed" <<'PY'
+import csv, sys
+import numpy as np
+src, dst, k, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with open(src, newline="") as f:
+    rows = list(csv.DictReader(f))
+pick = sorted(np.random.default_rng(1000 + seed).permutation(len(rows))[:k])
+with open(dst, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["path", "label"])
+    w.writerows([rows[i]["path"], rows[i]["clean_label"]] for i in pick)
+PY
+            named=$OUT/labels/transductive_verified${VERIFIED}_$name.csv
+            todo "$named" && promptcli pseudolabel "$train" --method transductive --labels "$labels" \
+                --trusted "$checked" -o "$named" -q
+            tune "transductive_verified${VERIFIED}_linear_probe_$name" "$named" --method linear-probe --seed "$seed"
+        fi
     done
 done
 

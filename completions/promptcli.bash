@@ -55,8 +55,8 @@ _promptcli() {
             case "$prev" in --templates) COMPREPLY=($(compgen -W "imagenet imagenet-simple" -- "$cur")); return ;; esac
             case "$prev" in --method) COMPREPLY=($(compgen -W "zero-shot transductive" -- "$cur")); return ;; esac
             case "$prev" in --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;; esac
-            case "$prev" in --output|-o|--template|--templates|--classnames|--top-k|--random-k|--min-confidence|--seed|--method|--labels|--pretrained|--device) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --template --templates --classnames --top-k --random-k --min-confidence --seed --method --labels --skip-missing --pretrained --device --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+            case "$prev" in --output|-o|--template|--templates|--classnames|--top-k|--random-k|--min-confidence|--seed|--method|--labels|--trusted|--pretrained|--device) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--output -o --template --templates --classnames --top-k --random-k --min-confidence --seed --method --labels --trusted --skip-missing --pretrained --device --force --quiet -q --json --help -h" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         report)
             case "$prev" in --metric) COMPREPLY=($(compgen -W "top1 top5 macro" -- "$cur")); return ;; esac
             case "$prev" in --output|-o|--metric|--curve-rate|--title) COMPREPLY=($(compgen -f -- "$cur")); return ;; esac

@@ -162,6 +162,7 @@ complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l min-confid
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l seed -r -d 'Random seed.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l method -r -f -a 'zero-shot transductive' -d 'zero-shot (each images own prediction) or transductive (a mixture model over all images).'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l labels -rF -d '--method transductive - labels (possibly noisy) for some images.'
+complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l trusted -rF -d '--method transductive - labels you verified (path,label), for a few images.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l skip-missing -d 'Skip label rows whose path or class the features lack.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l pretrained -r -d 'Where the features checkpoint is now, if it moved.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l device -r -f -a 'auto cpu cuda' -d 'auto (CUDA when present), cpu, cuda or cuda -N.'

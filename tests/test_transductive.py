@@ -251,6 +251,56 @@ def test_bad_inputs_are_errors():
         given_labels(20, np.array([1, 2, 1]), np.array([0, 1, 2]), where="noisy.csv")
 
 
+def test_trusted_votes_outweigh_given_ones_in_the_naming_and_the_spreading():
+    q = torch.eye(2, dtype=torch.float64).repeat_interleave(3, dim=0)  # 2 pure clusters of 3 rows
+    labels = torch.tensor([1, 1, 0, 0, 0, 1])  # each cluster's plurality names the other
+    assert name_clusters(q, labels) == [1, 0]
+    weights = torch.tensor([1.0, 1.0, 3.0, 1.0, 1.0, 3.0])  # the minority rows verified, 3 votes each
+    assert name_clusters(q, labels, weights=weights) == [0, 1]
+    x, _ = _clusters(n_per_class=20, n_classes=3, spread=0.2)
+    given = torch.full((60,), -1)
+    given[[0, 1, 25]] = torch.tensor([0, 0, 1])
+    spread = spread_labels(x.double(), given, 3, weights=torch.full((60,), 2.0))
+    torch.testing.assert_close(spread.mass.sum(dim=0), torch.tensor([4.0, 2.0, 0.0], dtype=torch.float64))
+
+
+def test_trusted_labels_alone_name_the_clusters_the_prior_swaps():
+    x, truth = _clusters()
+    prior = _swapped_prior(truth, 10)
+    trusted = torch.full_like(truth, -1)
+    trusted[[0, 1, 60, 61]] = truth[[0, 1, 60, 61]]  # two verified images of each swapped class
+    result = transductive_posterior(x, prior, centroid_scale=10.0, neighbour_scale=4.0, trusted=trusted)
+    assert sorted(result.renamed) == [(0, 1), (1, 0)] and result.noise_rate is None
+    assert (result.posterior.argmax(dim=1) == truth).float().mean() > 0.95
+    assert result.spread["trusted_votes"] == 2.0
+
+
+def test_trusted_labels_replace_the_given_ones_and_keep_their_class():
+    x, truth = _clusters()
+    prior = _swapped_prior(truth, 10, swap=(2, 3))
+    labelled = np.arange(0, len(truth), 3)
+    labels = _symmetric_noise(truth, 10, labelled, 0.5, seed=3)
+    trusted = torch.full_like(truth, -1)
+    checked = labelled[:100]  # a third of the given labels verified ...
+    trusted[checked] = truth[checked]
+    odd = int(labelled[-1])  # ... and one image "verified" as a class its cluster is not
+    trusted[odd] = (truth[odd] + 5) % 10
+    kwargs = {"centroid_scale": 10.0, "neighbour_scale": 0.0}
+    result = transductive_posterior(x, prior, labels=labels, trusted=trusted, **kwargs)
+    pred = result.posterior.argmax(dim=1)
+    assert pred[odd] == trusted[odd] and result.posterior[odd].max() == 1.0  # it keeps its class
+    assert (pred[checked] == truth[checked]).all()
+    assert sorted(result.renamed) == [(2, 3), (3, 2)]
+    # the noise rate is the remaining given labels' (about half wrong), not diluted by the verified rows
+    remaining = labelled[100:-1]
+    wrong = (labels[remaining] != truth[remaining]).float().mean().item()
+    assert result.noise_rate == pytest.approx(wrong, abs=0.05)
+    with pytest.raises(ValueError, match="trusted_votes"):
+        transductive_posterior(x, prior, labels=labels, trusted=trusted, trusted_votes=0.0, **kwargs)
+    with pytest.raises(ValueError, match="trusted .* disagree"):
+        transductive_posterior(x, prior, labels=labels, trusted=trusted[:5], **kwargs)
+
+
 def _csv(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -322,7 +372,38 @@ def test_cli_skip_missing_leaves_out_label_rows_the_features_lack(run_cli, noisy
     code, _, stderr = run_cli(
         "pseudolabel", noisy_labels["features"], "--skip-missing", "-o", tmp_path / "c.csv"
     )
-    assert code == 2 and "--skip-missing applies only to --labels rows" in stderr
+    assert code == 2 and "--skip-missing applies only to --labels and --trusted rows" in stderr
+
+
+def test_cli_trusted_labels_replace_given_ones_and_are_recorded(run_cli, noisy_labels, tmp_path):
+    features, labels = noisy_labels["features"], noisy_labels["labels"]
+    given = _csv(labels)
+    checked = [r for r in given if r["is_noisy"] == "1"][:2] + [r for r in given if r["is_noisy"] == "0"][:1]
+    trusted = tmp_path / "checked.csv"
+    trusted.write_text("path,label\n" + "".join(f"{r['path']},{r['clean_label']}\n" for r in checked))
+    out = tmp_path / "named.csv"
+    args = ["pseudolabel", features, "--method", "transductive", "--labels", labels]
+    code, stdout, stderr = run_cli(*args, "--trusted", trusted, "-o", out, "--json")
+    assert code == 0, stderr
+    fit = json.loads(stdout)["transductive"]
+    assert fit["n_trusted"] == 3 and fit["n_labelled"] == len(given) - 3
+    record = fit["trusted"]
+    assert record["path"] == str(trusted)
+    assert (record["rows"], record["replaced"], record["changed"]) == (3, 3, 2)
+    assert len(record["sha256"]) == 64
+    assert f"{len(given) - 3} given labels" in stderr and ", 3 trusted;" in stderr
+    written = {r["path"]: r["label"] for r in _csv(out)}
+    assert all(written[r["path"]] == r["clean_label"] for r in checked)  # verified images keep their class
+
+    code, _, stderr = run_cli(*args, "--trusted", labels, "-o", tmp_path / "same.csv")
+    assert code == 2 and "--labels and --trusted name the same file" in stderr
+    code, _, stderr = run_cli("pseudolabel", features, "--trusted", trusted, "-o", tmp_path / "zs.csv")
+    assert code == 2 and "--trusted applies only with --method transductive" in stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\nnowhere/1.png," + checked[0]["clean_label"] + "\n")
+    code, _, stderr = run_cli(*args, "--trusted", bad, "-o", tmp_path / "bad_out.csv")
+    assert code == 2 and f"{bad}:2" in stderr and "nowhere/1.png" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "bad_out.csv").exists()
 
 
 def test_cli_labels_need_the_transductive_method(run_cli, noisy_labels, tmp_path):

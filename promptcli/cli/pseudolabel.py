@@ -12,7 +12,9 @@ random), and/or --min-confidence P; none of them keeps every image.
 --method transductive labels every image by a mixture model over the whole file (the zero-shot
 prior plus the images' own class clusters; docs/cleaning.md). --labels NOISY.csv adds given,
 possibly noisy, labels for some of the images: they name the clusters (on the demo this beats
-`clean` and tuning on the few labelled rows at 50% and 75% noise).
+`clean` and tuning on the few labelled rows at 50% and 75% noise). --trusted VERIFIED.csv adds
+labels you checked (a few images, any classes): each outvotes several given labels when the
+clusters are named, replaces the given label of its image, and keeps its own class.
 
 Examples:
 
@@ -21,6 +23,7 @@ Examples:
     promptcli pseudolabel unlabelled.h5 --classnames classes.txt --min-confidence 0.5 -o - | head
     promptcli pseudolabel train.h5 --method transductive -o transductive.csv
     promptcli pseudolabel train.h5 --method transductive --labels noisy16.csv -o named.csv
+    promptcli pseudolabel train.h5 --method transductive --labels noisy16.csv --trusted checked.csv -o named.csv
 """
 
 from __future__ import annotations
@@ -79,6 +82,12 @@ def command(
         Path | None,
         typer.Option("--labels", help="--method transductive: labels (possibly noisy) for some images."),
     ] = None,
+    trusted: Annotated[
+        Path | None,
+        typer.Option(
+            "--trusted", help="--method transductive: labels you verified (path,label), for a few images."
+        ),
+    ] = None,
     skip_missing: SkipMissingOpt = False,
     pretrained: FeaturesPretrainedOpt = None,
     device: DeviceOpt = "auto",
@@ -101,6 +110,7 @@ def command(
         device=device,
         method=str(method),
         labels=labels,
+        trusted=trusted,
         skip_missing=skip_missing,
     )
     result = pseudolabel_file(
@@ -129,7 +139,8 @@ def command(
 
 def transductive_line(fit: dict, classes: list[str]) -> str:
     """One line on what the transductive fit did with the given labels."""
-    if not fit["n_labelled"]:
+    trusted = fit.get("n_trusted", 0)
+    if not fit["n_labelled"] and not trusted:
         return "No given labels: the zero-shot prior named the clusters"
     renamed = fit["renamed_clusters"]
     names = (
@@ -139,7 +150,9 @@ def transductive_line(fit: dict, classes: list[str]) -> str:
         if renamed
         else "the labels kept the prior's name for every cluster"
     )
-    return (
-        f"{fit['n_labelled']} given labels, estimated noise rate {pct(fit['noise_rate'])} "
-        f"(it tends to read high); {names}"
+    given = (
+        f"{fit['n_labelled']} given labels, estimated noise rate {pct(fit['noise_rate'])} (it tends to read high)"
+        if fit["n_labelled"]
+        else "no given labels"
     )
+    return given + (f", {trusted} trusted" if trusted else "") + f"; {names}"

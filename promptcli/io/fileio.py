@@ -50,7 +50,8 @@ def check_writable_folder(folder: str | Path, option: str = "-o") -> None:
         )
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (symlinks, hard links and case-insensitive file systems too)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
     try:
@@ -73,14 +74,14 @@ def check_distinct(inputs: dict[str, str | Path | None], outputs: dict[str, str 
                 raise InputError(
                     f"{other} and {name} both write to stdout", where=name, hint="send one of them to a file"
                 )
-            if STDIO not in (path, other_path) and _same_file(path, other_path):
+            if STDIO not in (path, other_path) and same_file(path, other_path):
                 raise InputError(
                     f"{other} and {name} name the same file", where=path, hint="give each output its own file"
                 )
         if path == STDIO:
             continue
         for other, in_path in given_in:
-            if _same_file(path, in_path):
+            if same_file(path, in_path):
                 raise InputError(
                     f"output {name} is the input {other}",
                     where=path,

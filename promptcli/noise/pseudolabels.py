@@ -165,6 +165,7 @@ class PseudolabelOptions:
     device: str = "auto"
     method: str = "zero-shot"  # or "transductive" (promptcli.noise.transductive)
     labels: Path | None = None  # transductive only: given (possibly noisy) labels for some images
+    trusted: Path | None = None  # transductive only: verified labels, which outvote and replace given ones
     skip_missing: bool = False  # --labels rows whose path or class the features lack are skipped
 
 
@@ -184,7 +185,7 @@ def pseudolabel_file(
     """
     from promptcli.errors import InputError
     from promptcli.io.features import read_features
-    from promptcli.io.fileio import STDIO, check_distinct, check_output_path, sha256_file
+    from promptcli.io.fileio import STDIO, check_distinct, check_output_path, same_file, sha256_file
     from promptcli.io.image_sources import read_classnames
     from promptcli.io.labels import write_labels
     from promptcli.io.provenance import base_provenance
@@ -212,16 +213,28 @@ def pseudolabel_file(
             where="--labels",
             hint="add --method transductive, or drop --labels",
         )
-    if o.skip_missing and o.labels is None:
+    if o.trusted is not None and method != PseudoLabelMethod.TRANSDUCTIVE.value:
         raise InputError(
-            "--skip-missing applies only to --labels rows",
+            "--trusted applies only with --method transductive",
+            where="--trusted",
+            hint="add --method transductive, or drop --trusted",
+        )
+    if o.skip_missing and o.labels is None and o.trusted is None:
+        raise InputError(
+            "--skip-missing applies only to --labels and --trusted rows",
             where="--skip-missing",
             hint="add --method transductive --labels FILE, or drop --skip-missing",
+        )
+    if o.labels is not None and o.trusted is not None and same_file(o.labels, o.trusted):
+        raise InputError(
+            "--labels and --trusted name the same file",
+            where="--trusted",
+            hint="give the verified labels their own file (a few rows you checked)",
         )
     prompts = resolve_templates(template, templates)
     sidecar = None if to_stdout else Path(f"{output}.json")
     check_distinct(
-        {"FEATURES": features, "--classnames": classnames, "--labels": o.labels},
+        {"FEATURES": features, "--classnames": classnames, "--labels": o.labels, "--trusted": o.trusted},
         {"-o": output, "the sidecar": sidecar},
     )
     if sidecar is not None:
@@ -258,10 +271,11 @@ def pseudolabel_file(
         from promptcli.noise.transductive import transductive_fit
 
         pred, zero_shot, fit = transductive_fit(
-            loaded, fs, prompt_names, prompts, o.labels, skip_missing=o.skip_missing
+            loaded, fs, prompt_names, prompts, o.labels, trusted_path=o.trusted, skip_missing=o.skip_missing
         )
-        if fit.get("labels", {}).get("skipped"):
-            warn(f"skipped {fit['labels']['skipped']} --labels row(s) whose path or class the features lack")
+        for key in ("labels", "trusted"):
+            if fit.get(key, {}).get("skipped"):
+                warn(f"skipped {fit[key]['skipped']} --{key} row(s) whose path or class the features lack")
     else:
         pred = zero_shot_predict(loaded, fs.features, prompt_names, prompts)
     kept = select(pred.labels, pred.confidence, len(label_names), top_k, random_k, min_confidence, seed)

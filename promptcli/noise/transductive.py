@@ -46,6 +46,12 @@ TransCLIP). It raised the unlabelled fit's accuracy on every image set measured.
 neighbourhood, and adding it lost points on the held-out images with the weakest clusters
 (docs/cleaning.md).
 
+Verified labels (``trusted``, ``pseudolabel --trusted``) add what the noisy labels cannot: a user who
+checked a few images. Each replaces its image's given label, casts ``TRUSTED_VOTES`` votes (not one)
+in the naming and the spread labels, and fixes its image's class in the labelled rounds; the noise rate
+is estimated from the given labels alone. Their weight is kept low because one image's class says
+little about its cluster's: on this demo model a verified shirt often lies among the t-shirts.
+
 The result gives every image of the file a class posterior, which ``pseudolabel --method
 transductive`` (optionally ``--labels``) turns into a labels file.
 """
@@ -98,6 +104,11 @@ HELD_OUT_FOLDS = 10
 # labels it is 0 (see the module docstring): at 75% it added 0.1-2.8 points on the design seeds it was
 # first chosen on, but on the fresh held-out draws it lost up to 5.5.
 UNLABELLED_NEIGHBOUR_FRACTION = 0.1
+# Votes of one trusted (verified) label, in units of one given label's, in the naming and the spread labels.
+# Chosen on the demo's seeds 1-9 and the first held-out images' seeds 1-12 at 75% noise with 10 or 20 of
+# the 160 given labels verified (docs/cleaning.md): 1.5 and 2 were alike; 3 and 10 renamed clusters wrongly
+# (a verified shirt lying among the t-shirts outvoted the t-shirt cluster's labels) and lost up to 12 points.
+TRUSTED_VOTES = 2.0
 
 
 @dataclass
@@ -232,13 +243,15 @@ def spread_labels(
     max_rows: int = SPREAD_MAX_ROWS,
     folds: int = HELD_OUT_FOLDS,
     near: Neighbours | None = None,
+    weights: torch.Tensor | None = None,
 ) -> LabelMass:
     """Each given label spread over a k-NN graph of the images (label spreading).
 
     ``F <- alpha W F + (1 - alpha) Y`` for ``rounds`` rounds, with Y the one-hot given labels (zero
     rows for unlabelled images) and W the normalised graph of :func:`knn_graph`, then each class's
-    column rescaled to that label's count, so every given label still casts one vote. The graph is
-    ``near``'s, or that of :func:`neighbours` of the rows (``k``, ``max_rows``).
+    column rescaled to that label's count, so every given label still casts one vote (``weights``
+    (N,): row i's label casts ``weights[i]`` votes instead). The graph is ``near``'s, or that of
+    :func:`neighbours` of the rows (``k``, ``max_rows``).
 
     ``held_out`` leaves a labelled row's own label out of what its neighbours say: the labelled rows
     are dealt into ``folds`` folds (in row order), each fold's labels are spread alone, and a row of
@@ -254,6 +267,8 @@ def spread_labels(
     seeds = torch.zeros(len(rows), n_classes, dtype=torch.float64, device=directions.device)
     have = sub_labels >= 0
     seeds[have] = torch.nn.functional.one_hot(sub_labels[have], n_classes).double()
+    if weights is not None:
+        seeds = seeds * weights[rows].to(seeds)[:, None]
     if near.graph is None or alpha == 0.0:
         return LabelMass(rows, seeds, torch.zeros_like(seeds))
     mass = _spread(near.graph, seeds, alpha, rounds)
@@ -286,26 +301,29 @@ def name_clusters(
     prior_probs: torch.Tensor | None = None,
     prior_votes: float = PRIOR_VOTES,
     label_mass: LabelMass | None = None,
+    weights: torch.Tensor | None = None,
 ) -> list[int]:
     """The cluster -> class permutation that the given labels (and, a little, the prior) agree with most.
 
-    ``labels`` (N,) with -1 for unlabelled rows. The score of naming cluster k as class j is the
-    q-mass of labelled rows labelled j in cluster k, plus ``prior_votes`` x the cluster's expected
-    zero-shot votes for j (``prior_probs``, all rows) scaled to the labelled rows' count.
-    ``label_mass`` from :func:`spread_labels` replaces the labelled rows' one-hot
-    votes by the spread ones. Solved exactly (Hungarian, scipy); where renaming gains nothing the
-    prior's names stay.
+    ``labels`` (N,) with -1 for unlabelled rows; ``weights`` (N,) the votes each row's label casts
+    (None: one each). The score of naming cluster k as class j is the q-weighted votes of rows
+    labelled j in cluster k, plus ``prior_votes`` x the cluster's expected zero-shot votes for j
+    (``prior_probs``, all rows) scaled to the labels' total votes. ``label_mass`` from
+    :func:`spread_labels` replaces the labelled rows' one-hot votes by the spread ones. Solved
+    exactly (Hungarian, scipy); where renaming gains nothing the prior's names stay.
     """
     from scipy.optimize import linear_sum_assignment
 
     n_classes = q.shape[1]
     known = labels >= 0
+    votes_per_row = known.to(q.dtype) if weights is None else known.to(q.dtype) * weights.to(q.dtype)
     if label_mass is None:
-        score = q[known].t() @ torch.nn.functional.one_hot(labels[known], n_classes).to(q.dtype)
+        one_hot = torch.nn.functional.one_hot(labels[known], n_classes).to(q.dtype)
+        score = q[known].t() @ (one_hot * votes_per_row[known][:, None])
     else:
         score = q[label_mass.rows].t() @ label_mass.mass.to(q.dtype)
     if prior_probs is not None and prior_votes > 0:
-        score = score + prior_votes * (q.t() @ prior_probs.to(q.dtype)) * (known.sum() / len(labels))
+        score = score + prior_votes * (q.t() @ prior_probs.to(q.dtype)) * (votes_per_row.sum() / len(labels))
     votes = score.cpu().numpy()
     rows, cols = linear_sum_assignment(votes, maximize=True)
     naming = [0] * n_classes
@@ -323,6 +341,8 @@ def transductive_posterior(
     centroid_scale: float,
     neighbour_scale: float,
     labels: torch.Tensor | None = None,
+    trusted: torch.Tensor | None = None,
+    trusted_votes: float = TRUSTED_VOTES,
     prior_weight: float = DEFAULT_PRIOR_WEIGHT,
     rounds: int = DEFAULT_ROUNDS,
     name_by_labels: bool = True,
@@ -333,7 +353,9 @@ def transductive_posterior(
     """EM over the true classes of every image (see the module docstring).
 
     ``features`` (N, D), ``prior_log_probs`` (N, C) zero-shot log-probabilities; ``labels`` (N,)
-    given class indices, -1 where a row has none (None: no labels at all). ``noise_rate`` fixes r;
+    given class indices, -1 where a row has none (None: no labels at all). ``trusted`` (N,) likewise:
+    verified labels, which replace a row's given label, cast ``trusted_votes`` votes each in the naming
+    and the spread labels, and fix their own rows' class after the naming. ``noise_rate`` fixes r;
     ``spread=False`` names the clusters from the raw labels, without label spreading; ``local_weight``
     weighs the spread labels' evidence for every image in the labelled rounds (0: none);
     ``neighbour_scale`` the neighbours' posterior mass in the second half of the rounds (0: none).
@@ -348,14 +370,22 @@ def transductive_posterior(
         raise ValueError("features must be finite")
     if torch.isnan(prior_log_probs).any() or (prior_log_probs > 1e-6).any():
         raise ValueError("prior log-probabilities must be <= 0 (-inf allowed), not NaN")
-    if labels is not None:
-        labels = labels.long().to(features.device)
-        if labels.shape[0] != n:
-            raise ValueError(f"labels {tuple(labels.shape)} and features {tuple(features.shape)} disagree")
-        if labels.max().item() >= n_classes or labels.min().item() < -1:
-            raise ValueError("labels must be class indices, or -1 for unlabelled rows")
+    labels = _class_indices(labels, "labels", n, n_classes, features.device)
+    trusted = _class_indices(trusted, "trusted", n, n_classes, features.device)
+    if not (trusted_votes > 0.0 and np.isfinite(trusted_votes)):
+        raise ValueError(f"trusted_votes must be a finite number > 0, got {trusted_votes}")
+    sure = None if trusted is None else trusted >= 0
+    if labels is not None and sure is not None:
+        labels = torch.where(sure, -1, labels)  # a verified label replaces the given one
         if not (labels >= 0).any():
             labels = None
+    # every label that names the clusters: the given ones (one vote each) and the trusted ones
+    voters, votes = None, None
+    if labels is not None or sure is not None:
+        voters = labels.clone() if labels is not None else torch.full_like(trusted, -1)
+        votes = torch.ones(n, dtype=torch.float64, device=features.device)
+        if sure is not None:
+            voters[sure], votes[sure] = trusted[sure], trusted_votes
     limit = max_noise_rate(n_classes)
     if noise_rate is not None and not 0.0 <= noise_rate < limit:
         raise ValueError(f"noise rate must be in [0, {limit:.4f}), got {noise_rate}")
@@ -380,12 +410,12 @@ def transductive_posterior(
     for _ in range(cluster_rounds):
         q = torch.softmax(prior + centroid_scale * leave_one_out_cosine(directions, q), dim=1)
     near = None
-    if neighbour_scale > 0 or (labels is not None and spread):
-        near = neighbours(directions, labels)
-    if labels is not None:
+    if neighbour_scale > 0 or (voters is not None and spread):
+        near = neighbours(directions, voters)
+    if voters is not None:
         label_mass = None
         if spread:
-            label_mass = spread_labels(directions, labels, n_classes, near=near)
+            label_mass = spread_labels(directions, voters, n_classes, near=near, weights=votes)
             spread_record = {
                 "neighbours": SPREAD_NEIGHBOURS,
                 "alpha": SPREAD_ALPHA,
@@ -394,8 +424,12 @@ def transductive_posterior(
                 "held_out_folds": HELD_OUT_FOLDS,
                 "local_weight": local_weight,
             }
+            if sure is not None:
+                spread_record["trusted_votes"] = trusted_votes
         if name_by_labels:
-            naming = name_clusters(q, labels, prior_log_probs.double().exp(), label_mass=label_mass)
+            naming = name_clusters(
+                q, voters, prior_log_probs.double().exp(), label_mass=label_mass, weights=votes
+            )
             if naming != list(range(n_classes)):
                 inverse = torch.argsort(torch.tensor(naming, device=q.device))
                 # the prior's evidence for its own name of a cluster now speaks for the new name
@@ -408,6 +442,10 @@ def transductive_posterior(
         if near is not None and neighbour_scale > 0:
             evidence = evidence + neighbour_scale * near.smooth(q)
         q = torch.softmax(evidence + channel(), dim=1)
+        if sure is not None:
+            q = torch.where(
+                sure[:, None], torch.nn.functional.one_hot(trusted.clamp_min(0), n_classes).to(q), q
+            )
         if labels is not None and noise_rate is None:
             agree = q[known].gather(1, labels[known][:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
@@ -416,6 +454,20 @@ def transductive_posterior(
     return TransductiveResult(
         q, rate, naming, spread_record, prior_weight, centroid_scale, rounds, neighbour_scale
     )
+
+
+def _class_indices(
+    values: torch.Tensor | None, name: str, n: int, n_classes: int, device: torch.device
+) -> torch.Tensor | None:
+    """``values`` as a long tensor on ``device``, checked: (n,) class indices or -1; None if none is >= 0."""
+    if values is None:
+        return None
+    values = values.long().to(device)
+    if values.shape != (n,):
+        raise ValueError(f"{name} {tuple(values.shape)} and features ({n}, ...) disagree")
+    if values.max().item() >= n_classes or values.min().item() < -1:
+        raise ValueError(f"{name} must be class indices, or -1 for unlabelled rows")
+    return values if (values >= 0).any() else None
 
 
 def given_labels(n_rows: int, rows: np.ndarray, labels: np.ndarray, where: str) -> torch.Tensor:
@@ -442,6 +494,7 @@ def transductive_predict(
     scale: float,
     labels: torch.Tensor | None = None,
     *,
+    trusted: torch.Tensor | None = None,
     prior_weight: float = DEFAULT_PRIOR_WEIGHT,
     centroid_fraction: float = DEFAULT_CENTROID_FRACTION,
     neighbour_fraction: float | None = None,
@@ -452,18 +505,22 @@ def transductive_predict(
 
     ``prior_log_probs`` are zero-shot log-probabilities, ``scale`` the model's logit scale (the
     centroid weight is ``centroid_fraction x scale``, the neighbours' ``neighbour_fraction x scale``;
-    None: ``UNLABELLED_NEIGHBOUR_FRACTION`` without labels, 0 with them), ``labels`` as in
-    :func:`transductive_posterior`. The fit runs on ``device``.
+    None: ``UNLABELLED_NEIGHBOUR_FRACTION`` without given labels, 0 with them), ``labels`` and
+    ``trusted`` as in :func:`transductive_posterior`. The fit runs on ``device``.
     """
+    given = labels  # the given labels that count: a trusted label replaces its row's
+    if labels is not None and trusted is not None:
+        given = torch.where(trusted.to(labels.device) >= 0, -1, labels)
+    n_given = 0 if given is None else int((given >= 0).sum())
     if neighbour_fraction is None:
-        unlabelled = labels is None or not bool((labels >= 0).any())
-        neighbour_fraction = UNLABELLED_NEIGHBOUR_FRACTION if unlabelled else 0.0
+        neighbour_fraction = UNLABELLED_NEIGHBOUR_FRACTION if n_given == 0 else 0.0
     result = transductive_posterior(
         torch.as_tensor(features, dtype=torch.float32, device=device),
         torch.as_tensor(prior_log_probs, device=device),
         centroid_scale=centroid_fraction * scale,
         neighbour_scale=neighbour_fraction * scale,
         labels=labels,
+        trusted=trusted,
         prior_weight=prior_weight,
         rounds=rounds,
     )
@@ -475,7 +532,8 @@ def transductive_predict(
         "neighbour_scale": result.neighbour_scale,
         "logit_scale": scale,
         "rounds": rounds,
-        "n_labelled": 0 if labels is None else int((labels >= 0).sum()),
+        "n_labelled": n_given,
+        "n_trusted": 0 if trusted is None else int((trusted >= 0).sum()),
         "noise_rate": result.noise_rate,
         "renamed_clusters": [list(pair) for pair in result.renamed],
         "label_spreading": result.spread,
@@ -490,12 +548,14 @@ def transductive_fit(
     templates: list[str],
     labels_path: Path | None,
     *,
+    trusted_path: Path | None = None,
     skip_missing: bool = False,
 ) -> tuple[object, np.ndarray, dict[str, object]]:
     """``pseudolabel --method transductive``: (predictions, the zero-shot argmax, the fit's record).
 
     ``loaded`` is the features' model, ``fs`` the features file, ``labels_path`` an optional labels
-    CSV (joined by path) whose labels join the fit."""
+    CSV (joined by path) whose labels join the fit, ``trusted_path`` one of verified labels (their
+    ``label`` column), which replace the given label of the images they name."""
     from promptcli.analysis.evaluation import zero_shot_class_logits
     from promptcli.errors import InputError
     from promptcli.io.fileio import sha256_file
@@ -514,7 +574,7 @@ def transductive_fit(
         )
     logits = zero_shot_class_logits(loaded, prompt_names, templates, feats).double()
     log_probs = torch.log_softmax(logits, dim=1)
-    given, labels_record = None, None
+    given, labels_record, trusted, trusted_record = None, None, None, None
     if labels_path is not None:
         joined = join_labels(fs, read_labels(labels_path), skip_missing=skip_missing)
         given = given_labels(len(fs), joined.rows, joined.labels, where=str(labels_path))
@@ -525,10 +585,25 @@ def transductive_fit(
             "skipped": joined.n_skipped,
             "noise": noise_summary(read_noise_sidecar(labels_path, lambda _: None)),
         }
+    if trusted_path is not None:
+        joined = join_labels(fs, read_labels(trusted_path), skip_missing=skip_missing)
+        trusted = given_labels(len(fs), joined.rows, joined.labels, where=str(trusted_path))
+        trusted_record = {
+            "path": str(trusted_path),
+            "sha256": sha256_file(trusted_path),
+            "rows": len(joined.rows),
+            "skipped": joined.n_skipped,
+            "replaced": 0 if given is None else int(((given >= 0) & (trusted >= 0)).sum()),
+            "changed": 0
+            if given is None
+            else int(((given >= 0) & (trusted >= 0) & (given != trusted)).sum()),
+        }
     # the features and the prior are already on the model's device: the fit runs there on them
     pred, confidence, record = transductive_predict(
-        feats, log_probs, logit_scale(loaded), given, device=loaded.device
+        feats, log_probs, logit_scale(loaded), given, trusted=trusted, device=loaded.device
     )
     if labels_record is not None:
         record["labels"] = labels_record
+    if trusted_record is not None:
+        record["trusted"] = trusted_record
     return Predictions(pred, confidence), log_probs.argmax(dim=1).cpu().numpy(), record
