@@ -394,6 +394,8 @@ def test_cli_trusted_labels_replace_given_ones_and_are_recorded(run_cli, noisy_l
     assert f"{len(given) - 3} given labels" in stderr and ", 3 trusted;" in stderr
     written = {r["path"]: r["label"] for r in _csv(out)}
     assert all(written[r["path"]] == r["clean_label"] for r in checked)  # verified images keep their class
+    record = noise_summary(json.loads(out.with_name("named.csv.json").read_text()))
+    assert record["labels"] == "transductive" and record["trusted"] == 3  # what tune and report will see
 
     code, _, stderr = run_cli(*args, "--trusted", labels, "-o", tmp_path / "same.csv")
     assert code == 2 and "--labels and --trusted name the same file" in stderr
@@ -422,6 +424,15 @@ def test_report_draws_transductive_runs_as_their_own_series():
     assert _variant({"labels": "pseudo"}, None) == "pseudo-labels"
     named = {"labels": "transductive", "type": "symmetric", "rate": 0.75}
     assert _variant(named, None) == "transductive" and _noise(named) == ("symmetric", 0.75)
+    # with verified labels it is another pipeline: its own series, not averaged into the plain one
+    assert _variant({**named, "trusted": 20}, None) == "transductive, 20 verified"
+    fit = {"labels": {"noise": {"type": "symmetric", "rate": 0.75}}, "trusted": {"rows": 20}}
+    assert noise_summary({"transductive": fit}) == {
+        "type": "symmetric",
+        "rate": 0.75,
+        "labels": "transductive",
+        "trusted": 20,
+    }
 
 
 def test_the_fit_line_names_the_renamed_clusters():

@@ -84,6 +84,9 @@ def _variant(noise: Any, split: Any) -> str:
         parts.append("transductive")
     elif labels == "cleaned":
         parts.append("cleaned")
+    trusted = noise.get("trusted") if isinstance(noise, dict) else None
+    if isinstance(trusted, int) and trusted > 0:
+        parts.append(f"{trusted} verified")
     return ", ".join(parts)
 
 

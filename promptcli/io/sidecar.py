@@ -66,8 +66,9 @@ def noise_summary(sidecar: dict[str, Any] | None) -> dict[str, Any] | None:
 
     Besides corrupt's sidecar, the labels may come from ``pseudolabel`` (``labels: pseudo``, with the
     pseudo-labels' error rate when ground truth was known and ``method`` unless zero-shot; or
-    ``labels: transductive`` with the noise of the given labels ``--labels`` when they had a sidecar), or from ``clean --clean-out``
-    (``labels: cleaned``, keeping the noise of the labels that were cleaned).
+    ``labels: transductive`` with the noise of the given labels ``--labels`` when they had a sidecar; ``trusted``:
+    how many verified labels ``--trusted`` added), or from ``clean --clean-out`` (``labels: cleaned``, keeping the
+    noise of the labels that were cleaned).
     """
     if sidecar is None:
         return None
@@ -87,4 +88,7 @@ def noise_summary(sidecar: dict[str, Any] | None) -> dict[str, Any] | None:
             summary["realised_rate"] = round(1.0 - float(accuracy), 6)
     elif "cleaning" in sidecar:
         summary["labels"] = "cleaned"
+    trusted = fit.get("trusted") if isinstance(fit, dict) else None
+    if isinstance(trusted, dict) and isinstance(trusted.get("rows"), int):
+        summary["trusted"] = trusted["rows"]  # `--trusted`: verified labels joined the fit
     return summary
