@@ -13,7 +13,7 @@ random), and/or --min-confidence P; none of them keeps every image.
 prior plus the images' own class clusters; docs/cleaning.md). --labels NOISY.csv adds given,
 possibly noisy, labels for some of the images: they name the clusters (on the demo this beats
 `clean` and tuning on the few labelled rows at 50% and 75% noise). --trusted VERIFIED.csv adds
-labels you checked (a few images, any classes): each outvotes several given labels when the
+labels you checked (a few images, any classes): each counts as two given labels when the
 clusters are named, replaces the given label of its image, and keeps its own class.
 
 Examples:
