@@ -558,8 +558,6 @@ def transductive_fit(
     ``label`` column), which replace the given label of the images they name."""
     from promptcli.analysis.evaluation import zero_shot_class_logits
     from promptcli.errors import InputError
-    from promptcli.io.fileio import sha256_file
-    from promptcli.io.labels import join_labels, read_labels
     from promptcli.io.sidecar import noise_summary, read_noise_sidecar
     from promptcli.models.zeroshot import logit_scale
     from promptcli.noise.pseudolabels import Predictions
@@ -576,28 +574,13 @@ def transductive_fit(
     log_probs = torch.log_softmax(logits, dim=1)
     given, labels_record, trusted, trusted_record = None, None, None, None
     if labels_path is not None:
-        joined = join_labels(fs, read_labels(labels_path), skip_missing=skip_missing)
-        given = given_labels(len(fs), joined.rows, joined.labels, where=str(labels_path))
-        labels_record = {
-            "path": str(labels_path),
-            "sha256": sha256_file(labels_path),
-            "rows": len(joined.rows),
-            "skipped": joined.n_skipped,
-            "noise": noise_summary(read_noise_sidecar(labels_path, lambda _: None)),
-        }
+        given, labels_record = _joined_labels(fs, labels_path, skip_missing)
+        labels_record["noise"] = noise_summary(read_noise_sidecar(labels_path, lambda _: None))
     if trusted_path is not None:
-        joined = join_labels(fs, read_labels(trusted_path), skip_missing=skip_missing)
-        trusted = given_labels(len(fs), joined.rows, joined.labels, where=str(trusted_path))
-        trusted_record = {
-            "path": str(trusted_path),
-            "sha256": sha256_file(trusted_path),
-            "rows": len(joined.rows),
-            "skipped": joined.n_skipped,
-            "replaced": 0 if given is None else int(((given >= 0) & (trusted >= 0)).sum()),
-            "changed": 0
-            if given is None
-            else int(((given >= 0) & (trusted >= 0) & (given != trusted)).sum()),
-        }
+        trusted, trusted_record = _joined_labels(fs, trusted_path, skip_missing)
+        both = (trusted >= 0) if given is None else (given >= 0) & (trusted >= 0)
+        trusted_record["replaced"] = 0 if given is None else int(both.sum())
+        trusted_record["changed"] = 0 if given is None else int((both & (given != trusted)).sum())
     # the features and the prior are already on the model's device: the fit runs there on them
     pred, confidence, record = transductive_predict(
         feats, log_probs, logit_scale(loaded), given, trusted=trusted, device=loaded.device
@@ -607,3 +590,19 @@ def transductive_fit(
     if trusted_record is not None:
         record["trusted"] = trusted_record
     return Predictions(pred, confidence), log_probs.argmax(dim=1).cpu().numpy(), record
+
+
+def _joined_labels(fs: object, path: Path, skip_missing: bool) -> tuple[torch.Tensor, dict[str, object]]:
+    """A labels CSV joined to the features' rows by path: (N,) class indices (-1: none) and its record."""
+    from promptcli.io.fileio import sha256_file
+    from promptcli.io.labels import join_labels, read_labels
+
+    joined = join_labels(fs, read_labels(path), skip_missing=skip_missing)
+    labels = given_labels(len(fs), joined.rows, joined.labels, where=str(path))
+    record = {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "rows": len(joined.rows),
+        "skipped": joined.n_skipped,
+    }
+    return labels, record
