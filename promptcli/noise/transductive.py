@@ -375,10 +375,7 @@ def transductive_posterior(
     if not (trusted_votes > 0.0 and np.isfinite(trusted_votes)):
         raise ValueError(f"trusted_votes must be a finite number > 0, got {trusted_votes}")
     sure = None if trusted is None else trusted >= 0
-    if labels is not None and sure is not None:
-        labels = torch.where(sure, -1, labels)  # a verified label replaces the given one
-        if not (labels >= 0).any():
-            labels = None
+    labels = unverified(labels, trusted)
     # every label that names the clusters: the given ones (one vote each) and the trusted ones
     voters, votes = None, None
     if labels is not None or sure is not None:
@@ -437,15 +434,15 @@ def transductive_posterior(
         # then the labels' channel (and the spread labels' local evidence, in class space: after the renaming)
         if label_mass is not None and local_weight > 0:
             prior = prior + local_evidence(label_mass, n, local_weight)
+    if sure is not None:  # the verified rows' class, fixed in every labelled round
+        fixed = torch.nn.functional.one_hot(trusted.clamp_min(0), n_classes).to(q)
     for _ in range(rounds - cluster_rounds):
         evidence = prior + centroid_scale * leave_one_out_cosine(directions, q)
         if near is not None and neighbour_scale > 0:
             evidence = evidence + neighbour_scale * near.smooth(q)
         q = torch.softmax(evidence + channel(), dim=1)
         if sure is not None:
-            q = torch.where(
-                sure[:, None], torch.nn.functional.one_hot(trusted.clamp_min(0), n_classes).to(q), q
-            )
+            q = torch.where(sure[:, None], fixed, q)
         if labels is not None and noise_rate is None:
             agree = q[known].gather(1, labels[known][:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
@@ -454,6 +451,14 @@ def transductive_posterior(
     return TransductiveResult(
         q, rate, naming, spread_record, prior_weight, centroid_scale, rounds, neighbour_scale
     )
+
+
+def unverified(labels: torch.Tensor | None, trusted: torch.Tensor | None) -> torch.Tensor | None:
+    """The given labels that still count: -1 where a verified label replaces one; None if none is left."""
+    if labels is None or trusted is None:
+        return labels
+    labels = torch.where(trusted.to(labels.device) >= 0, -1, labels)
+    return labels if (labels >= 0).any() else None
 
 
 def _class_indices(
@@ -508,9 +513,7 @@ def transductive_predict(
     None: ``UNLABELLED_NEIGHBOUR_FRACTION`` without given labels, 0 with them), ``labels`` and
     ``trusted`` as in :func:`transductive_posterior`. The fit runs on ``device``.
     """
-    given = labels  # the given labels that count: a trusted label replaces its row's
-    if labels is not None and trusted is not None:
-        given = torch.where(trusted.to(labels.device) >= 0, -1, labels)
+    given = unverified(labels, trusted)
     n_given = 0 if given is None else int((given >= 0).sum())
     if neighbour_fraction is None:
         neighbour_fraction = UNLABELLED_NEIGHBOUR_FRACTION if n_given == 0 else 0.0
@@ -578,9 +581,9 @@ def transductive_fit(
         labels_record["noise"] = noise_summary(read_noise_sidecar(labels_path, lambda _: None))
     if trusted_path is not None:
         trusted, trusted_record = _joined_labels(fs, trusted_path, skip_missing)
-        both = (trusted >= 0) if given is None else (given >= 0) & (trusted >= 0)
-        trusted_record["replaced"] = 0 if given is None else int(both.sum())
-        trusted_record["changed"] = 0 if given is None else int((both & (given != trusted)).sum())
+        both = None if given is None else (given >= 0) & (trusted >= 0)  # verified images with a given label
+        trusted_record["replaced"] = 0 if both is None else int(both.sum())
+        trusted_record["changed"] = 0 if both is None else int((both & (given != trusted)).sum())
     # the features and the prior are already on the model's device: the fit runs there on them
     pred, confidence, record = transductive_predict(
         feats, log_probs, logit_scale(loaded), given, trusted=trusted, device=loaded.device
