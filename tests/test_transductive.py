@@ -445,6 +445,19 @@ def test_the_fit_line_names_the_renamed_clusters():
     assert "kept the prior's name" in transductive_line({**fit, "renamed_clusters": []}, ["a", "b"])
 
 
+def test_checks_are_advised_only_at_high_noise_without_checked_labels():
+    from promptcli.cli.pseudolabel import checks_advice
+
+    fit = {"n_labelled": 160, "n_trusted": 0, "noise_rate": 0.77}
+    assert "check 20 random given labels" in checks_advice(fit) and "--trusted" in checks_advice(fit)
+    assert "check 13 random" in checks_advice({**fit, "n_labelled": 97})  # one in eight, rounded up
+    assert checks_advice({**fit, "noise_rate": 0.56}) is None  # the 50% fits read 0.52-0.59
+    assert checks_advice({**fit, "n_trusted": 20}) is None  # already checked
+    assert (
+        checks_advice({"n_labelled": 0, "n_trusted": 0, "noise_rate": None, "renamed_clusters": []}) is None
+    )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_fit_on_cuda_matches_cpu():
     """The fit runs on the features' device (graph, sparse spreading, neighbour term): CUDA against CPU."""
