@@ -111,7 +111,7 @@ UNLABELLED_NEIGHBOUR_FRACTION = 0.1
 TRUSTED_VOTES = 2.0
 # From this estimated noise rate of the given labels on, the labels named a cluster wrongly on a few seeds, and
 # checking one given label in eight (``--trusted``) prevented that on every run measured (docs/cleaning.md); the
-# 75 fits at 75% noise measured there read 0.73-0.82, the 36 at 50% 0.52-0.59.
+# 87 fits at 75% noise measured there read 0.73-0.82, the 48 at 50% 0.52-0.60.
 CHECKS_ADVISED_RATE = 0.65
 
 
