@@ -11,7 +11,8 @@
 #   transductive: pseudolabel --method transductive --labels (every training image labelled by the
 #     mixture model, the given labels naming its clusters), then a linear probe on those labels
 #   with VERIFIED=K: the same with K of the given labels checked (pseudolabel --trusted; simulated:
-#     K random rows of the labels file, numpy seed 1000 + seed, with their clean_label)
+#     K random rows of the labels file, numpy seed 1000 + seed, with their clean_label), and coop+gce
+#     on the labels file with those K rows corrected (the baseline given the same checks)
 # and evaluate each on the test features. Results: $SWEEP/high-noise/results/*.json
 # (`promptcli report $SWEEP/high-noise/results` tabulates them).
 #
@@ -92,6 +93,21 @@ PY
             todo "$named" && promptcli pseudolabel "$train" --method transductive --labels "$labels" \
                 --trusted "$checked" -o "$named" -q
             tune "transductive_verified${VERIFIED}_linear_probe_$name" "$named" --method linear-probe --seed "$seed"
+            # the baseline given the same checks: the labels file with the checked rows corrected, coop+gce on it
+            corrected=$OUT/labels/corrected${VERIFIED}_$name.csv
+            todo "$corrected" && python - "$labels" "$checked" "$corrected" <<'PY'
+import csv, sys
+src, checked, dst = sys.argv[1:]
+with open(checked, newline="") as f:
+    fixed = {r["path"]: r["label"] for r in csv.DictReader(f)}
+with open(src, newline="") as f:
+    rows = list(csv.DictReader(f))
+with open(dst, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["path", "label"])
+    w.writerows([r["path"], fixed.get(r["path"], r["label"])] for r in rows)
+PY
+            tune "verified${VERIFIED}_coop_gce_$name" "$corrected" --loss gce --seed "$seed"
         fi
     done
 done
