@@ -143,11 +143,11 @@ def command(
 
 def checks_advice(fit: dict) -> str | None:
     """A hint to check a few labels (``--trusted``) when the given labels are very noisy; None otherwise."""
-    from promptcli.noise.transductive import checks_advised
+    from promptcli.noise.transductive import advised_checks
 
-    if not checks_advised(fit):
+    n_checks = advised_checks(fit)
+    if not n_checks:
         return None
-    n_checks = -(-fit["n_labelled"] // 8)
     return (
         "Hint: at this noise rate the labels named a whole cluster wrongly on a few seeds measured "
         f"(docs/cleaning.md); check {n_checks} random given labels (one in eight) and pass them with --trusted"

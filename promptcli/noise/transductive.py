@@ -113,6 +113,7 @@ TRUSTED_VOTES = 2.0
 # checking one given label in eight (``--trusted``) prevented that on every run measured (docs/cleaning.md); the
 # 87 fits at 75% noise measured there read 0.73-0.82, the 48 at 50% 0.52-0.60.
 CHECKS_ADVISED_RATE = 0.65
+CHECKS_ADVISED_SHARE = 8  # one given label in this many
 
 
 @dataclass
@@ -457,17 +458,15 @@ def transductive_posterior(
     )
 
 
-def checks_advised(record: dict[str, object]) -> bool:
-    """Whether a fit's given labels are noisy enough that a few checked ones (``--trusted``) were measured to matter.
+def advised_checks(record: dict[str, object]) -> int:
+    """How many given labels to check (``--trusted``): one in eight when they are noisy enough that checks were
+    measured to matter, else 0.
 
     ``record`` is :func:`transductive_predict`'s; a fit that already has checked labels needs no advice."""
-    rate = record.get("noise_rate")
-    return (
-        bool(record.get("n_labelled"))
-        and not record.get("n_trusted")
-        and rate is not None
-        and rate >= CHECKS_ADVISED_RATE
-    )
+    rate, n_given = record.get("noise_rate"), int(record.get("n_labelled") or 0)
+    if not n_given or record.get("n_trusted") or rate is None or rate < CHECKS_ADVISED_RATE:
+        return 0
+    return -(-n_given // CHECKS_ADVISED_SHARE)
 
 
 def unverified(labels: torch.Tensor | None, trusted: torch.Tensor | None) -> torch.Tensor | None:
