@@ -461,7 +461,7 @@ def _attention_output(blk: nn.Module, out: torch.Tensor) -> torch.Tensor:
 def _prefix_keys(kp: torch.Tensor, owner: torch.Tensor | None, n: int) -> torch.Tensor:
     """(n, H, P, d) prefix keys (or values) for n rows, from (B, P, H, d)."""
     kp = kp.transpose(1, 2)
-    return kp.expand(n, -1, -1, -1) if owner is None else kp[owner]
+    return kp.expand(n, -1, -1, -1) if owner is None else kp.index_select(0, owner)
 
 
 def _suffix_attention(
@@ -891,7 +891,7 @@ class PromptLearner(nn.Module):
         with torch.no_grad():
             fixed = self._tower.embed_ids(self.token_ids[rows, :length])
         learned = self._learnable_rows().to(fixed.dtype)
-        return fixed.index_put(put[:2], learned[put[2]])
+        return fixed.index_put(put[:2], learned.index_select(0, put[2]))
 
     def _forward_shared_prefix(self, x: torch.Tensor, chunk: RowChunk | None = None) -> torch.Tensor:
         """Features of the rows of ``x`` (those of ``chunk``; default: the one chunk of all classes)."""
