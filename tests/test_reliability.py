@@ -105,8 +105,32 @@ def test_divergence_stops_training_and_saves_nothing(syn, tmp_path, run_cli):
         "--epochs", "3", "--n-ctx", "2", "--device", "cpu",
     )  # fmt: skip
     line = one_line_error(code, err, expected_code=1)
-    assert "training diverged at epoch" in line and "step" in line and "lower --lr" in line
+    assert "training diverged at epoch 1" in line and "not finite" in line and "lower --lr" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("loss", "what"), [("ce", "loss exploded"), ("gce", "largest logit exploded")])
+def test_finite_divergence_stops_training_and_saves_nothing(syn, tmp_path, run_cli, loss, what):
+    """A linear head at a huge learning rate: weights of 1e20+ stay finite, so only the size of the
+    loss (cross-entropy) or of the logits (GCE, whose loss is bounded) tells the run diverged."""
+    out = tmp_path / "p.safetensors"
+    code, _, err = run_cli(
+        "tune", syn["features"], syn["labels"], "-o", out, "--method", "classifier-zs", "--loss", loss,
+        "--lr", "1e6", "--warmup-epochs", "0", "--epochs", "3", "--device", "cpu",
+    )  # fmt: skip
+    line = one_line_error(code, err, expected_code=1)
+    assert "training diverged at epoch" in line and what in line and "lower --lr" in line
+    assert not out.exists()
+
+
+def test_divergence_limits_leave_ordinary_runs_alone():
+    from promptcli.io.checks import DIVERGED_LOGIT, check_step
+
+    check_step(2.3 * 999, DIVERGED_LOGIT, 10, 1, 1, 0.1)  # just under both limits
+    with pytest.raises(RuntimeFailure, match="the loss exploded"):
+        check_step(2.31 * 1000, 1.0, 10, 1, 1, 0.1)
+    with pytest.raises(RuntimeFailure, match="the largest logit is not finite"):
+        check_step(1.0, float("nan"), 10, 1, 1, 0.1)
 
 
 def test_a_non_finite_prompt_is_never_written_nor_read(tmp_path):
@@ -551,3 +575,24 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(syn, tmp_path, run_cli, mon
     assert code == 130
     assert "no half-written output" in err and ".partial" in err and "--resume" in err
     assert not list(tmp_path.iterdir())  # nothing written, the output lock released
+
+
+def test_a_head_with_overflowing_logits_is_neither_saved_nor_scored(syn, tmp_path, run_cli):
+    """Tip-Adapter at --tip-alpha 1e38: zs + alpha x cache overflows to inf - inf = NaN."""
+    out = tmp_path / "tip.safetensors"
+    args = ["tune", syn["features"], syn["labels"], "-o", out, "--method", "tip-adapter", "--device", "cpu"]
+    line = one_line_error(*run_cli(*args, "--tip-alpha", "1e38")[::2], expected_code=1)
+    assert "non-finite logits" in line and "--tip-alpha" in line and not out.exists()
+    # a file made elsewhere (or edited) that overflows is refused by eval and clean, naming it
+    assert run_cli(*args)[0] == 0
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(out), framework="pt") as handle:
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    meta["tip_alpha"] = "1e38"
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    for cmd in (["eval", syn["features"], "-p", bad], ["clean", syn["features"], syn["labels"], "-p", bad]):
+        line = one_line_error(*run_cli(*cmd, "-o", tmp_path / f"{cmd[0]}.out", "--device", "cpu")[::2])
+        assert "bad.safetensors" in line and "non-finite logits" in line

@@ -151,7 +151,15 @@ def prompt_logits(prompt: PromptFile, features: torch.Tensor, loaded: LoadedMode
     head = head_from_prompt(prompt, loaded)
     head.to(features.device)
     head.eval()
-    return predict_logits(head, features)
+    logits = predict_logits(head, features)
+    bad = int((~torch.isfinite(logits).all(dim=1)).sum())
+    if bad:
+        raise InputError(
+            f"the prompt gives non-finite logits (NaN or inf) on {bad} of {len(logits)} images",
+            where=prompt.path,
+            hint="tune it again with other options (its values overflow)",
+        )
+    return logits
 
 
 def zero_shot_class_logits(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,39 @@ def check_finite_fields(options: Any, hint: str = "give a finite number") -> Non
             check_finite_option(value, "--" + f.name.replace("_", "-"), hint)
 
 
-def divergence_error(epoch: int, step: int | None, lr: float, what: str) -> RuntimeFailure:
-    """The one-line error of a training run whose loss or parameters became NaN/inf (exit 1)."""
+# Past these, a run has diverged while staying finite. A batch loss of 1000 x log(classes) (the
+# cross-entropy of a uniform guess) needs logit gaps in the thousands, and a logit of 1e6 is far past
+# where softmax saturates: no fit to any labels needs either. Bounded losses (GCE, MAE) never reach the
+# first; their runs are caught by the second.
+DIVERGED_LOSS_FACTOR = 1000.0
+DIVERGED_LOGIT = 1e6
+
+
+def divergence_error(
+    epoch: int, step: int | None, lr: float, what: str, value: float | None = None
+) -> RuntimeFailure:
+    """The one-line error of a training run whose loss or parameters became NaN/inf, or exploded."""
     at = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
+    why = (
+        "is not finite (NaN or inf)"
+        if value is None or not math.isfinite(value)
+        else f"exploded to {value:.3g}"
+    )
     return RuntimeFailure(
-        f"training diverged at {at}: the {what} is not finite (NaN or inf); no prompt was saved",
+        f"training diverged at {at}: the {what} {why}; no prompt was saved",
         where="--lr",
         hint=f"tune again with a lower --lr (this run used {lr:g})",
     )
+
+
+def check_step(
+    loss: float, largest_logit: float, n_classes: int, epoch: int, step: int | None, lr: float
+) -> None:
+    """Stop a run whose batch loss or largest |logit| is NaN/inf or past the divergence limits above."""
+    if not math.isfinite(loss) or loss > DIVERGED_LOSS_FACTOR * math.log(max(n_classes, 2)):
+        raise divergence_error(epoch, step, lr, "loss", loss)
+    if not largest_logit <= DIVERGED_LOGIT:  # NaN fails too
+        raise divergence_error(epoch, step, lr, "largest logit", largest_logit)
 
 
 def check_seed(seed: int, option: str = "--seed") -> int:
@@ -112,12 +138,19 @@ def check_unique_keys(
         raise InputError(what, where=where, hint=f"list each {key} once")
 
 
-def check_class_names(names: Iterable[tuple[str, str]], where: str | Path, what: str = "folder") -> None:
-    """Refuse sources (folder names, labels) whose class names are empty or collide.
+def prompt_key(name: str) -> str:
+    """What a class name is in a prompt: CLIP's tokenizer ignores case, repeated spaces and Unicode form."""
+    folded = unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+    return " ".join(folded.split())
 
-    ``names`` holds (source, class name) pairs, e.g. ("x_y", "x y").
+
+def check_class_names(names: Iterable[tuple[str, str]], where: str | Path, what: str = "folder") -> None:
+    """Refuse sources (folder names, labels) whose class names are empty or read the same in a prompt.
+
+    ``names`` holds (source, class name) pairs, e.g. ("x_y", "x y"). ``Dog``/``dog``, ``x  y``/``x y``
+    and the NFC/NFD spellings of ``café`` give one prompt, so they collide too.
     """
-    owner: dict[str, str] = {}
+    owner: dict[str, tuple[str, str]] = {}
     for source, name in names:
         if not name:
             raise InputError(
@@ -125,10 +158,21 @@ def check_class_names(names: Iterable[tuple[str, str]], where: str | Path, what:
                 where=where,
                 hint=f"rename the {what} to a class name",
             )
-        if name in owner:
+        key = prompt_key(name)
+        if key in owner:
             raise InputError(
-                f"{what}s {owner[name]!r} and {source!r} both give the class name {name!r}",
-                where=where,
-                hint=f"rename one of the {what}s",
+                _collision(what, owner[key], (source, name)), where=where, hint=f"rename one of the {what}s"
             )
-        owner[name] = source
+        owner[key] = (source, name)
+
+
+def _collision(what: str, first: tuple[str, str], second: tuple[str, str]) -> str:
+    """Why two (source, class name) pairs collide, naming both."""
+    (a, name_a), (b, name_b) = first, second
+    if name_a == name_b:
+        return f"{what}s {a!r} and {b!r} both give the class name {name_a!r}"
+    if unicodedata.normalize("NFC", name_a) == unicodedata.normalize("NFC", name_b):
+        # the two spellings print alike: show their code points
+        return f"{what}s {ascii(a)} and {ascii(b)} spell one class name in two Unicode forms (NFC and NFD)"
+    names = "" if (a, b) == (name_a, name_b) else f" (class names {name_a!r} and {name_b!r})"
+    return f"{what}s {a!r} and {b!r}{names} read the same in a prompt (case and repeated spaces are ignored)"

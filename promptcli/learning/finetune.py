@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from promptcli.errors import InputError, RuntimeFailure
+from promptcli.io.checks import check_step
 from promptcli.io.fileio import locks_output
 from promptcli.learning.options import LINEAR_LR, OptimConfig, TuneOptions
 from promptcli.learning.shards import Shard
@@ -815,7 +816,7 @@ def finetune(
             total = 0.0
             for step, (batch, mine) in enumerate(zip(batches, parts), start=1):
                 optimizer.zero_grad(set_to_none=True)
-                value, errors = 0.0, []
+                value, largest, errors = 0.0, 0.0, []
                 if len(mine):  # a rank whose share of a small last batch is empty adds zero gradients
                     index, pixels, errors = next(feed)
                 if shard.total([float(len(errors))])[0]:  # an image became unreadable: every process stops
@@ -833,14 +834,17 @@ def finetune(
                         loss = split_loss(loss_fn, logits.float(), targets, mask, split.noisy_loss) * share
                     scaler.scale(loss).backward()
                     value = float(loss.detach().item())
+                    largest = float(logits.detach().abs().max().item())
                 shard.reduce_grads(params)
-                value = shard.total([value])[0]
+                # summed over processes: every one sees the same figures and stops together
+                value, largest = shard.total([value, largest])
                 if not math.isfinite(value):
                     raise RuntimeFailure(
                         f"the loss became {value} at epoch {epoch + 1}, step {step}",
                         where="--lr",
                         hint="lower the learning rate (or use --precision bf16/fp32)",
                     )
+                check_step(value, largest, len(run.fs.classnames), epoch + 1, step, lr)
                 scaler.step(optimizer)
                 scaler.update()
                 total += value * len(batch)

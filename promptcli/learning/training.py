@@ -25,7 +25,6 @@ a checkpoint recomputes it exactly.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -35,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from promptcli.errors import InputError
-from promptcli.io.checks import divergence_error
+from promptcli.errors import InputError, RuntimeFailure
+from promptcli.io.checks import check_step, divergence_error
 from promptcli.io.fileio import atomic_path
 from promptcli.learning.options import (
     CHECKPOINT_VERSION,
@@ -154,6 +153,10 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return torch.autocast("cuda", dtype=dtype)
 
 
+class NonFiniteLogits(RuntimeFailure):
+    """A head whose logits on the training images are NaN or inf (a training loop words it as divergence)."""
+
+
 @torch.no_grad()
 def accuracy(head: Head, features: torch.Tensor, labels: torch.Tensor, amp: bool = False) -> float:
     """Top-1 accuracy of ``head`` on ``features`` (class weights computed once)."""
@@ -161,6 +164,11 @@ def accuracy(head: Head, features: torch.Tensor, labels: torch.Tensor, amp: bool
         return float("nan")
     with _autocast(features.device, amp):
         logits = predict_logits(head, features)
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits(
+            "the tuned head gives non-finite logits (NaN or inf) on the training images; no prompt was saved",
+            hint="tune again with a lower --lr, or smaller scale options of the method (e.g. --tip-alpha)",
+        )
     return float((logits.argmax(dim=1) == labels).float().mean().item())
 
 
@@ -324,24 +332,28 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             loss_value = float(loss.detach().item())
-            if not math.isfinite(loss_value):
-                raise divergence_error(epoch + 1, step, lr, "loss")
+            largest = float(logits.detach().abs().max().item())
+            check_step(loss_value, largest, logits.shape[-1], epoch + 1, step, lr)
             if on_step is not None:
                 on_step(Step(epoch + 1, step, head, batch, x, targets, loss_value))
             scaler.step(optimizer)
             scaler.update()
             total += loss_value * len(batch)
+        if not all(bool(torch.isfinite(t).all()) for t in head.learnable_state().values()):
+            raise divergence_error(epoch + 1, None, lr, "learned tensor")  # checked before it is checkpointed
+        try:
+            train_accuracy = accuracy(head, feats, labels, use_amp)
+        except NonFiniteLogits:
+            raise divergence_error(epoch + 1, None, lr, "head's output on the training images") from None
         row = {
             "epoch": epoch + 1,
             "loss": total / n,
             "lr": lr,
-            "accuracy": accuracy(head, feats, labels, use_amp),
+            "accuracy": train_accuracy,
             "clean_accuracy": None if clean is None else accuracy(head, feats, clean, use_amp),
             **split_row,
             "time": time.perf_counter() - t0,
         }
-        if not all(bool(torch.isfinite(t).all()) for t in head.learnable_state().values()):
-            raise divergence_error(epoch + 1, None, lr, "learned tensor")  # checked before it is checkpointed
         history.append(row)
         if checkpoint is not None:
             save_checkpoint(

@@ -311,7 +311,9 @@ def tune(
     from promptcli.learning.method_options import method_params
     from promptcli.models.heads import save_head
 
-    check_options(options, warn, split_ok=True)
+    check_options(
+        options, lambda _: None, split_ok=True
+    )  # errors before any file is touched; prepare_run warns
     check_distinct(
         {"FEATURES": features_path, "LABELS": labels_path},
         {"-o": output, "--log": log_path, "the checkpoint -o.partial": partial_path(output)},
