@@ -230,3 +230,28 @@ def test_every_method_has_a_head_that_saves_and_rebuilds_itself():
         assert (
             callable(cls.from_tensors) and callable(cls.file_metadata) and isinstance(cls.needs_model, bool)
         )
+
+
+def test_an_ensemble_over_noise_seeds_keeps_its_noise_condition():
+    from promptcli.analysis.evaluation import _common_noise
+    from promptcli.analysis.results import eval_run
+
+    draws = [
+        {"type": "symmetric", "rate": 0.75, "seed": s, "shots": 16, "n_noisy": 120 + s, "realised_rate": 0.75}
+        for s in (1, 2)
+    ]
+    common = _common_noise(draws)
+    assert common == {"type": "symmetric", "rate": 0.75, "shots": 16, "realised_rate": 0.75}
+    summary = {
+        "metrics": {"top1": 0.5, "top5": 0.9, "macro_accuracy": 0.5},
+        "noise": common,
+        "method": "coop",
+    }
+    summary["prompts"] = [{"noise": d} for d in draws]
+    run = eval_run(summary, Path("ens.json"))
+    assert run is not None and run.noise_rate == 0.75 and run.noise_type == "symmetric"
+    # different conditions have no common one: rate, type, or how the labels were made
+    assert _common_noise([draws[0], {**draws[1], "rate": 0.5}]) is None
+    assert _common_noise([draws[0], {**draws[1], "labels": "transductive"}]) is None
+    assert _common_noise([draws[0], None]) is None
+    assert _common_noise([None, None]) is None

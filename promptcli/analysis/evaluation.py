@@ -272,6 +272,20 @@ def _common(values: list[Any]) -> Any:
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
+# What differs between draws of one noise condition: an ensemble over noise seeds keeps the condition.
+NOISE_DRAW_KEYS = ("seed", "n_noisy", "realised_rate")
+
+
+def _common_noise(values: list[Any]) -> Any:
+    """The members' shared noise condition: their fields that agree, if all but the draw's own agree."""
+    if not values or not all(isinstance(v, dict) for v in values):
+        return _common(values)
+    condition = [{k: v for k, v in value.items() if k not in NOISE_DRAW_KEYS} for value in values]
+    if _common(condition) is None:
+        return None
+    return {k: v for k, v in values[0].items() if all(k in value and value[k] == v for value in values)}
+
+
 def evaluate(
     features_path: str | Path,
     prompt_paths: Sequence[str | Path] = (),
@@ -360,6 +374,7 @@ def evaluate(
         )
     else:
         summary.update({k: _common([m[k] for m in members]) for k in SUMMARY_KEYS})
+        summary["noise"] = _common_noise([m["noise"] for m in members])
     return EvalResult(summary, metrics, probs, truth, fs)
 
 
