@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import unicodedata
+
 import h5py
 import numpy as np
 import pytest
@@ -9,9 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder
+from promptcli.errors import InputError
 from promptcli.extraction.extract import ExtractOptions, extract_features
 from promptcli.io.features import read_features
-from promptcli.io.image_sources import read_image_source
+from promptcli.io.image_sources import read_classnames, read_image_csv, read_image_folder, read_image_source
 
 
 def _datasets(path) -> dict[str, np.ndarray]:
@@ -196,7 +200,7 @@ def test_skip_bad_lists_skipped(run_cli, cli_model_args, bad_folder, tmp_path):
     [
         (lambda p: p / "missing", "not found"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "no class sub-folders"),
-        (lambda p: (p / "e2" / "cls").mkdir(parents=True) or p / "e2", "no images found"),
+        (lambda p: (p / "e2" / "cls").mkdir(parents=True) or p / "e2", "class folder holds no images"),
         (
             lambda p: (p / "nopath.csv").write_text("file,label\na.png,x\n") and p / "nopath.csv",
             "no 'path' column",
@@ -239,3 +243,210 @@ def test_debug_shows_traceback(run_cli, cli_model_args, tmp_path):
         "extract", tmp_path / "missing", "-o", tmp_path / "o.h5", *cli_model_args, "--debug"
     )
     assert code == 2 and "Traceback" in stderr and "Error: " in stderr
+
+
+# --- image folders: hidden and linked sub-folders, broken links, empty classes ----------------------
+
+
+def _png(path, shade: int = 0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (shade, 100, 200)).save(path)
+    return path
+
+
+@pytest.fixture
+def linked_folder(tmp_path):
+    """cat/ with a notebook checkpoint and a broken link; dog/ with a linked sub-folder and a cycle."""
+    root = tmp_path / "f"
+    _png(root / "cat" / "a.png")
+    _png(root / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    _png(root / "cat" / "sub" / ".hidden" / "h.png")
+    _png(root / "dog" / "b.png")
+    _png(tmp_path / "shared" / "c.png")
+    _png(root / "__MACOSX" / "cat" / "._a.png")
+    _png(root / "dog" / "__MACOSX" / "._b.png")
+    (root / "cat" / "broken.png").symlink_to(tmp_path / "nowhere" / "img.png")
+    (root / "dog" / "more").symlink_to(tmp_path / "shared", target_is_directory=True)
+    (root / "dog" / "loop").symlink_to(root / "dog", target_is_directory=True)
+    return root
+
+
+def test_folder_skips_hidden_and_macos_folders_and_follows_linked_folders(linked_folder):
+    source = read_image_folder(linked_folder)
+    assert source.classnames == ["cat", "dog"]
+    assert source.paths == ["cat/a.png", "cat/broken.png", "dog/b.png", "dog/more/c.png"]
+    assert source.labels == [0, 0, 1, 1]
+
+
+def test_broken_link_is_an_unreadable_image(run_cli, cli_model_args, linked_folder, tmp_path):
+    code, _, stderr = run_cli(
+        "extract", linked_folder, "-o", tmp_path / "bad.h5", *cli_model_args, "--workers", "0"
+    )
+    assert code == 2 and "broken.png" in stderr and "--skip-bad" in stderr and "Traceback" not in stderr
+    out = tmp_path / "o.h5"
+    code, _, stderr = run_cli(
+        "extract", linked_folder, "-o", out, *cli_model_args, "--workers", "0", "--skip-bad", "-q"
+    )
+    assert code == 0, stderr
+    fs = read_features(out)
+    assert fs.paths == ["cat/a.png", "dog/b.png", "dog/more/c.png"] and fs.attrs["n_skipped"] == 1
+
+
+def test_broken_link_in_place_of_a_class_folder_is_refused(tmp_path):
+    _png(tmp_path / "cat" / "a.png")
+    (tmp_path / "dog").symlink_to(tmp_path / "gone", target_is_directory=True)
+    with pytest.raises(InputError, match="broken symbolic link") as err:
+        read_image_folder(tmp_path)
+    assert err.value.where == str(tmp_path / "dog")
+
+
+def test_class_folder_without_images_is_refused(tmp_path):
+    _png(tmp_path / "cat" / "a.png")
+    (tmp_path / "dog" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(InputError, match="class folder holds no images") as err:
+        read_image_folder(tmp_path)
+    assert err.value.where == str(tmp_path / "dog") and "remove the folder" in err.value.hint
+
+
+# --- class names that read the same in a prompt ---------------------------------------------------
+
+
+def test_folder_class_names_collapse_repeated_spaces(tmp_path):
+    _png(tmp_path / "red__apple" / "a.png")
+    _png(tmp_path / "sky_" / "a.png")
+    assert read_image_folder(tmp_path).classnames == ["red apple", "sky"]
+
+
+@pytest.mark.parametrize(
+    ("folders", "why"),
+    [
+        (["Dog", "dog"], r"folders 'Dog' and 'dog' read the same in a prompt"),
+        (["x_y", "x__y"], r"folders 'x__y' and 'x_y' both give the class name 'x y'"),
+        (["Red_Apple", "red apple"], r"class names 'Red Apple' and 'red apple'"),
+        (
+            [unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")],
+            r"two Unicode forms",
+        ),
+    ],
+)
+def test_folders_giving_one_prompt_are_refused(tmp_path, folders, why):
+    for name in folders:
+        _png(tmp_path / name / "a.png")
+    if len({p.name for p in tmp_path.iterdir()}) < 2:
+        pytest.skip("the file system folds these names into one folder")
+    with pytest.raises(InputError, match=why) as err:
+        read_image_folder(tmp_path)
+    assert err.value.where == str(tmp_path)
+
+
+def test_labels_and_class_lists_giving_one_prompt_are_refused(tmp_path):
+    images = tmp_path / "list.csv"
+    images.write_text("path,label\na.png,Dog\nb.png,dog\n")
+    with pytest.raises(InputError, match="labels 'Dog' and 'dog' read the same"):
+        read_image_csv(images)
+    names = tmp_path / "classes.txt"
+    names.write_text("ice cream\nIce  Cream\n")
+    with pytest.raises(InputError, match="class names 'ice cream' and 'Ice  Cream'"):
+        read_classnames(names)
+
+
+# --- --classnames and --split with either kind of source ------------------------------------------
+
+
+def test_classnames_order_the_classes_of_a_folder(tmp_path):
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "red_apple" / "b.png")
+    source = read_image_source(tmp_path, classnames=["red apple", "bird", "cat"])
+    assert source.classnames == ["red apple", "bird", "cat"]  # a listed class may have no folder
+    assert source.paths == ["cat/a.png", "red_apple/b.png"] and source.labels == [2, 0]
+
+
+def test_folder_not_in_classnames_is_refused(tmp_path):
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "Dog" / "b.png")
+    with pytest.raises(InputError, match="'Dog', which is not in the --classnames list") as err:
+        read_image_source(tmp_path, classnames=["cat", "dog"])
+    assert err.value.where == str(tmp_path / "Dog")
+
+
+def test_cli_classnames_apply_to_a_folder(run_cli, cli_model_args, image_folder, tmp_path):
+    names = tmp_path / "classes.txt"
+    names.write_text("red apple\nblue sky\nyellow sun\ngreen grass\n")
+    out = tmp_path / "o.h5"
+    code, _, stderr = run_cli(
+        "extract", image_folder, "-o", out, *cli_model_args, "--workers", "0", "--classnames", names, "-q"
+    )
+    assert code == 0, stderr
+    fs = read_features(out)
+    assert fs.classnames == ["red apple", "blue sky", "yellow sun", "green grass"]
+    assert fs.labels.tolist() == [1] * 6 + [3] * 6 + [0] * 6  # rows: sorted folders
+
+
+def test_cli_split_is_refused_for_an_image_list(run_cli, cli_model_args, tmp_path):
+    _png(tmp_path / "a.png")
+    images = tmp_path / "list.csv"
+    images.write_text("path\na.png\n")
+    code, _, stderr = run_cli("extract", images, "-o", tmp_path / "o.h5", *cli_model_args, "--split", "test")
+    assert code == 2 and stderr.startswith("Error: --split:") and "split column" in stderr
+
+
+# --- image lists: one file twice, bad headers and rows, TSV ---------------------------------------
+
+
+def test_image_list_refuses_one_file_under_two_spellings(tmp_path):
+    _png(tmp_path / "imgs" / "a.png")
+    (tmp_path / "link").symlink_to(tmp_path / "imgs", target_is_directory=True)
+    images = tmp_path / "list.csv"
+    for second in (f"{tmp_path}/imgs/a.png", "link/a.png", "link/../link/a.png"):
+        images.write_text(f"path,label\nimgs/a.png,cat\n{second},dog\n")
+        with pytest.raises(InputError, match=r"lines 2 \('imgs/a.png'\) and 3 .* name the same image file"):
+            read_image_csv(images)
+    images.write_text(f"path\nimgs/a.png\n{tmp_path}/imgs/a.png\n")
+    with pytest.raises(InputError, match="name the same image file —"):
+        read_image_csv(images)
+    # a link's `..` leaves the folder it points to: lexically alike, these are two files
+    _png(tmp_path / "deep" / "inner" / "a.png")
+    _png(tmp_path / "deep" / "b.png")
+    (tmp_path / "imgs" / "in").symlink_to(tmp_path / "deep" / "inner", target_is_directory=True)
+    images.write_text("path\nimgs/in/../b.png\nimgs/b.png\n")
+    assert read_image_csv(images).paths == ["imgs/in/../b.png", "imgs/b.png"]
+
+
+def test_image_list_refuses_a_repeated_column_and_overlong_rows(tmp_path):
+    images = tmp_path / "list.csv"
+    images.write_text("path,label,label\na.png,cat,dog\n")
+    with pytest.raises(InputError, match="column 'label' appears twice"):
+        read_image_csv(images)
+    images.write_text("path,label\na.png,cat\nb,c.png,dog\n")
+    with pytest.raises(InputError, match="row has 3 fields, the header 2") as err:
+        read_image_csv(images)
+    assert err.value.where == f"{images}:3"
+
+
+def test_tsv_image_list_is_tab_separated(tmp_path):
+    images = tmp_path / "list.tsv"
+    images.write_text("path\tlabel\tsplit\na, b.png\tred apple\ttrain\nc.png\tsky\ttest\n")
+    source = read_image_csv(images)
+    assert source.paths == ["a, b.png", "c.png"] and source.classnames == ["red apple", "sky"]
+    assert source.splits == ["train", "test"]
+
+
+# --- an output that is one of the inputs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["IMAGES", "--classnames"])
+def test_output_may_not_be_an_input(run_cli, cli_model_args, tmp_path, which):
+    _png(tmp_path / "a.png")
+    images = tmp_path / "list.csv"
+    images.write_text("path,label\na.png,cat\n")
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\n")
+    target = images if which == "IMAGES" else names
+    before = target.read_bytes()
+    code, _, stderr = run_cli(
+        "extract", images, "-o", target, "--classnames", names, *cli_model_args, "--force"
+    )
+    assert code == 2 and f"output -o is the input {which}" in stderr and "Traceback" not in stderr
+    assert target.read_bytes() == before
+    assert not os.path.exists(f"{target}.lock")

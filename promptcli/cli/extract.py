@@ -37,7 +37,7 @@ from promptcli.cli._options import (
 )
 from promptcli.cli._output import Output
 from promptcli.errors import InputError
-from promptcli.io.fileio import check_output_path
+from promptcli.io.fileio import check_distinct, check_output_path
 
 if TYPE_CHECKING:
     from promptcli.extraction.distributed import DistContext
@@ -71,9 +71,15 @@ def command(
     dtype: Annotated[FeatureDtype, typer.Option("--dtype", help="Stored dtype.")] = FeatureDtype.FLOAT16,
     classnames: Annotated[
         Path | None,
-        typer.Option("--classnames", help="Class names, one per line (CSV labels must be among them)."),
+        typer.Option(
+            "--classnames",
+            help="Class names in label order, one per line (CSV labels and class folders' names must be among them).",
+        ),
     ] = None,
-    split: Annotated[str, typer.Option("--split", help="Split name recorded for a folder's images.")] = "",
+    split: Annotated[
+        str,
+        typer.Option("--split", help="Split name recorded for a folder's images (a CSV has a split column)."),
+    ] = "",
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = 2,
     seed: SeedOpt = 0,
@@ -162,6 +168,14 @@ def _run(
 
     def setup():
         options.validate()
+        inputs = {
+            "IMAGES": images,
+            "--classnames": classnames,
+            "--adapter": adapter,
+            "--model-config": model_config,
+            "--pretrained": pretrained,  # a tag names no file, so it never matches
+        }
+        check_distinct(inputs, {"-o": output})
         check_output_path(output, force)
         names = read_classnames(classnames) if classnames else None
         source = read_image_source(images, split=split, classnames=names)

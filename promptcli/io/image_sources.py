@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# datasets.base imports only promptcli.errors: the one rule for turning folder names into class names
+from promptcli.datasets.base import underscores_to_spaces
 from promptcli.errors import InputError
-from promptcli.io.checks import check_class_names, check_unique_keys
+from promptcli.io.checks import check_class_names
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CSV_COLUMNS = ("path", "label", "split")
@@ -43,48 +46,128 @@ class ImageSource:
 
 
 def folder_class_name(folder: str) -> str:
-    """Class name of an ImageFolder sub-folder: underscores become spaces."""
-    return folder.replace("_", " ").strip()
+    """Class name of an ImageFolder sub-folder: underscores become spaces, runs of spaces one space."""
+    return underscores_to_spaces(folder)
 
 
-def read_image_folder(root: Path, split: str = "") -> ImageSource:
-    """One sub-folder per class; class names come from sorted folder names."""
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def is_skipped_folder(name: str) -> bool:
+    """Hidden folders (``.ipynb_checkpoints``, ``.git``) and macOS archive debris (``__MACOSX``)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image_entry(path: str) -> bool:
+    """An image file, or a broken link named like one (extraction then reports it as unreadable)."""
+    if os.path.basename(path).startswith(".") or not path.lower().endswith(IMAGE_SUFFIXES):
+        return False
+    # a FIFO or device named *.png would block or mislead the decoder: only files and dangling links
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+
+
+def folder_images(class_dir: Path) -> list[Path]:
+    """Sorted image files under ``class_dir``, following linked sub-folders, each real folder once."""
+    found: list[Path] = []
+    visited: set[str] = set()
+    for folder, subfolders, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a link cycle, or a second link to a folder already read
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders[:] = [d for d in subfolders if not is_skipped_folder(d)]
+        found.extend(Path(folder, n) for n in names if _is_image_entry(os.path.join(folder, n)))
+    return sorted(found)
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    """Sorted class folders of ``root``; a dangling link where a class folder may be is refused."""
+    dirs = []
+    for entry in sorted(root.iterdir()):
+        if is_skipped_folder(entry.name):
+            continue
+        if entry.is_symlink() and not entry.exists():
+            raise InputError(
+                "broken symbolic link in the image folder",
+                where=entry,
+                hint="point it at the class folder it stands for, or remove it",
+            )
+        if entry.is_dir():
+            dirs.append(entry)
+    return dirs
+
+
+def _folder_labels(
+    class_dirs: list[Path], classnames: list[str], given: list[str] | None
+) -> tuple[list[str], list[int]]:
+    """Class list and each folder's label: sorted folder order, or the order of ``given``."""
+    if given is None:
+        return classnames, list(range(len(class_dirs)))
+    index = {name: i for i, name in enumerate(given)}
+    for class_dir, name in zip(class_dirs, classnames):
+        if name not in index:
+            raise InputError(
+                f"class folder gives the class name {name!r}, which is not in the --classnames list",
+                where=class_dir,
+                hint="rename the folder to a listed class name (_ for a space) or add the name to the list",
+            )
+    return list(given), [index[name] for name in classnames]
+
+
+def read_image_folder(root: Path, split: str = "", classnames: list[str] | None = None) -> ImageSource:
+    """One sub-folder per class; class names come from sorted folder names, or ``classnames``.
+
+    With ``classnames`` the list sets the classes and their order; every folder's class name must
+    be in it, and listed classes without a folder are allowed (as for a CSV list).
+    """
+    class_dirs = _class_dirs(root)
     if not class_dirs:
         raise InputError(
             "no class sub-folders",
             where=root,
             hint="use ImageFolder layout (ROOT/<class>/<image>) or a CSV with a path column",
         )
-    classnames = [folder_class_name(d.name) for d in class_dirs]
-    check_class_names(zip((d.name for d in class_dirs), classnames), root)
+    folder_names = [folder_class_name(d.name) for d in class_dirs]
+    check_class_names(zip((d.name for d in class_dirs), folder_names), root)
+    names, folder_labels = _folder_labels(class_dirs, folder_names, classnames)
     paths, files, labels = [], [], []
-    for label, class_dir in enumerate(class_dirs):
-        for f in sorted(class_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
-                paths.append(f.relative_to(root).as_posix())
-                files.append(f)
-                labels.append(label)
-    if not paths:
-        raise InputError(
-            f"no images found in {len(class_dirs)} class folders",
-            where=root,
-            hint=f"images need one of the suffixes {', '.join(IMAGE_SUFFIXES)}",
-        )
-    return ImageSource(root, "folder", paths, files, labels, [split] * len(paths), classnames)
+    for label, class_dir in zip(folder_labels, class_dirs):
+        images = folder_images(class_dir)
+        if not images:
+            raise InputError(
+                "class folder holds no images",
+                where=class_dir,
+                hint=f"add images (suffixes {', '.join(IMAGE_SUFFIXES)}) or remove the folder",
+            )
+        paths.extend(f.relative_to(root).as_posix() for f in images)
+        files.extend(images)
+        labels.extend([label] * len(images))
+    return ImageSource(root, "folder", paths, files, labels, [split] * len(paths), names)
 
 
-def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> ImageSource:
-    """A CSV with a ``path`` column (relative paths resolve against the CSV's folder)."""
+def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of an image list: tab-separated for ``.tsv``, else comma-separated."""
+    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            columns = list(reader.fieldnames or [])
             rows = list(reader)
     except UnicodeDecodeError as exc:
         raise InputError("not a UTF-8 text CSV", where=csv_path, hint="save it as UTF-8 CSV") from exc
     except csv.Error as exc:
         raise InputError(f"malformed CSV ({exc})", where=csv_path, hint="check quoting") from exc
+    _check_columns(csv_path, columns)
+    for line, row in enumerate(rows, start=2):
+        if None in row:  # DictReader files the fields beyond the header under None
+            raise InputError(
+                f"row has {len(columns) + len(row[None])} fields, the header {len(columns)}",
+                where=f"{csv_path}:{line}",
+                hint="quote fields that hold a " + ("tab" if delimiter == "\t" else "comma"),
+            )
+    return columns, rows
+
+
+def _check_columns(csv_path: Path, columns: list[str]) -> None:
+    """An image list's header: a path column, known columns, each once."""
     if "path" not in columns:
         raise InputError(
             f"no 'path' column (columns: {', '.join(columns) or 'none'})",
@@ -98,12 +181,64 @@ def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> Image
             where=csv_path,
             hint=f"image lists take only {', '.join(CSV_COLUMNS + TRUTH_COLUMNS)}",
         )
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise InputError(
+            f"column {repeated[0]!r} appears twice in the header",
+            where=csv_path,
+            hint="keep one column of each name",
+        )
+
+
+def _real_file(file: Path, real_folders: dict[str, str]) -> str:
+    """``os.path.realpath(file)``, resolving each folder once (image lists run to millions of rows)."""
+    folder, name = os.path.split(file)
+    if name in ("", ".", ".."):
+        return os.path.realpath(file)
+    real_folder = real_folders.get(folder)
+    if real_folder is None:
+        real_folder = real_folders[folder] = os.path.realpath(folder or ".")
+    joined = os.path.join(real_folder, name)
+    return os.path.realpath(joined) if os.path.islink(joined) else joined
+
+
+def check_same_files(
+    csv_path: Path, paths: Sequence[str], files: Sequence[Path], given: Sequence[str] | None
+) -> None:
+    """Refuse two rows that open one file, however spelled (``a.png``, ``./a.png``, ``/abs/a.png``, a link)."""
+    seen: dict[str, int] = {}
+    real_folders: dict[str, str] = {}
+    for i, file in enumerate(files):
+        j = seen.setdefault(_real_file(file, real_folders), i)
+        if j != i:
+            raise InputError(_same_file_rows(paths, given, j, i), where=csv_path, hint="list each image once")
+
+
+def _same_file_rows(paths: Sequence[str], given: Sequence[str] | None, j: int, i: int) -> str:
+    """The message for rows ``j`` < ``i`` that open one file."""
+    a, b = j + 2, i + 2
+    conflict = given is not None and given[i] != given[j]
+    if os.path.normpath(paths[i]) == os.path.normpath(paths[j]):
+        if conflict:
+            return (
+                f"path {paths[j]!r} is listed twice with different labels "
+                f"({given[j]!r} on line {a}, {given[i]!r} on line {b})"
+            )
+        return f"path {paths[j]!r} is listed twice (lines {a} and {b})"
+    what = f"lines {a} ({paths[j]!r}) and {b} ({paths[i]!r}) name the same image file"
+    return what + (f", with different labels ({given[j]!r} and {given[i]!r})" if conflict else "")
+
+
+def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> ImageSource:
+    """A CSV with a ``path`` column (relative paths resolve against the CSV's folder); ``.tsv``: tabs."""
+    columns, rows = _read_rows(csv_path)
     if not rows:
         raise InputError("no rows", where=csv_path, hint="list at least one image")
     has_label = "label" in columns
     names = list(classnames or [])
     if has_label and not names:
         names = sorted({(r.get("label") or "").strip() for r in rows} - {""})
+        check_class_names(((n, n) for n in names), csv_path, what="label")
     index = {n: i for i, n in enumerate(names)}
     base = csv_path.parent
     paths, files, labels, splits = [], [], [], []
@@ -123,21 +258,27 @@ def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> Image
         files.append(file)
         labels.append(index[label_name] if label_name else -1)
         splits.append((row.get("split") or "").strip())
-    given = [names[y] if y >= 0 else "" for y in labels]
-    check_unique_keys([os.path.normpath(p) for p in paths], str(csv_path), given if has_label else None)
+    given = [names[y] if y >= 0 else "" for y in labels] if has_label else None
+    check_same_files(csv_path, paths, files, given)
     return ImageSource(csv_path, "csv", paths, files, labels, splits, names)
 
 
 def read_image_source(
     source: str | Path, split: str = "", classnames: list[str] | None = None
 ) -> ImageSource:
-    """Read an ImageFolder tree or a CSV image list."""
+    """Read an ImageFolder tree or a CSV image list (``split`` names a folder's split only)."""
     path = Path(source)
     if not path.exists():
         raise InputError("not found", where=path, hint="give an image folder or a CSV with a path column")
     if path.is_dir():
-        return read_image_folder(path, split=split)
+        return read_image_folder(path, split=split, classnames=classnames)
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        if split:
+            raise InputError(
+                "applies to an image folder only; an image list gives each row's split in its split column",
+                where="--split",
+                hint="drop --split, or add a split column to the list",
+            )
         return read_image_csv(path, classnames=classnames)
     raise InputError(
         "neither a folder nor a CSV", where=path, hint="give an image folder or a .csv with a path column"
@@ -156,8 +297,7 @@ def read_classnames(path: str | Path) -> list[str]:
             f"not UTF-8 text (byte {exc.start})", where=p, hint="save the class list as UTF-8"
         ) from exc
     names = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(set(names)) != len(names):
-        raise InputError("duplicate class names", where=p, hint="list each class once")
     if not names:
         raise InputError("no class names", where=p, hint="one class name per line")
+    check_class_names(((n, n) for n in names), p, what="class name")
     return names
