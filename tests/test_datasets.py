@@ -132,6 +132,86 @@ def test_coop_split_file_to_csv_that_extract_reads(tmp_path, run_cli):
     assert code == 0 and json.loads(stdout)["splits"]["val"]["n_images"] == 4
 
 
+def test_paths_resolve_from_a_symlinked_output_folder(tmp_path, run_cli):
+    make_pets(tmp_path / "data")
+    (tmp_path / "far" / "away" / "csvs").mkdir(parents=True)
+    (tmp_path / "out").symlink_to(tmp_path / "far" / "away" / "csvs")
+    csv_path = tmp_path / "out" / "pets.csv"
+    code, _, err = run_cli("dataset", "oxford-pets", tmp_path / "data", "-o", csv_path, "-q")
+    assert code == 0, err
+    real_folder = (tmp_path / "far" / "away" / "csvs").resolve()
+    # the kernel reads ".." after a symlink from its target: paths must resolve from the real folder
+    rows = read_csv_rows(csv_path)
+    assert all((real_folder / r["path"]).is_file() for r in rows) and rows[0]["path"].startswith("../")
+    side = json.loads((tmp_path / "out" / "pets.csv.json").read_text())
+    assert side["root"] == str((tmp_path / "data").resolve())
+    assert side["image_root"] == str((tmp_path / "data" / "oxford_pets" / "images").resolve())
+    assert all(os.path.isabs(k) for k in side["files_read"])
+
+
+def test_dotdot_after_a_symlinked_image_folder_names_the_file_the_kernel_reads(tmp_path, run_cli):
+    img(tmp_path / "real" / "images" / "a.png", 1)
+    img(tmp_path / "real" / "more" / "b.png", 2)
+    img(tmp_path / "data" / "more" / "b.png", 3)  # what "images/../more" would name, read by name
+    (tmp_path / "data" / "images").symlink_to(tmp_path / "real" / "images")
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [["a.png", 0, "a"], ["../more/b.png", 1, "b"]]}))
+    for extra in ([], ["--absolute"]):
+        out = tmp_path / f"s{len(extra)}.csv"
+        code, _, err = run_cli(
+            "dataset", "split-json", tmp_path / "data" / "images", "--split-file", split, "-o", out, *extra
+        )
+        assert code == 0, err
+        paths = resolved(out, read_csv_rows(out))
+        assert paths[1] == (tmp_path / "real" / "more" / "b.png").resolve()
+
+
+def test_outputs_never_overwrite_each_other_or_inputs(tmp_path, run_cli):
+    root = make_pets(tmp_path / "data")
+    split = root / "split_zhou_OxfordPets.json"
+    before = split.read_bytes()
+    image = root / "images" / "Abyssinian_train0.jpg"
+    image_bytes = image.read_bytes()
+    cases = [
+        (["-o", tmp_path / "same.csv", "--classnames-out", tmp_path / "same.csv"], "name the same file"),
+        (["-o", tmp_path / "s2.csv", "--classnames-out", tmp_path / "s2.csv.json"], "name the same file"),
+        (["-o", split, "--force"], "output -o is the input"),
+        (["-o", tmp_path / "x.csv", "--classnames-out", split, "--force"], "--classnames-out is the input"),
+        (["-o", tmp_path / "y.csv", "--split-file", split, "--classnames-out", split], "is the input"),
+        (["-o", image, "--force"], "output -o is the image"),
+    ]
+    for args, expected in cases:
+        code, _, err = run_cli("dataset", "oxford-pets", tmp_path / "data", *args)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert split.read_bytes() == before and image.read_bytes() == image_bytes
+    assert not any(tmp_path.glob("*.csv*")) and not (root / "split_zhou_OxfordPets.json.json").exists()
+
+
+def test_split_file_may_start_with_a_bom(tmp_path, run_cli):
+    root = make_pets(tmp_path)
+    path = root / "split_zhou_OxfordPets.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    code, _, err = run_cli("dataset", "oxford-pets", root, "-o", tmp_path / "b.csv", "-q")
+    assert code == 0, err
+    assert len(read_csv_rows(tmp_path / "b.csv")) == 12
+
+
+def test_unreadable_list_file_is_an_input_error(tmp_path, run_cli, monkeypatch):
+    import builtins
+
+    root = make_pets(tmp_path)
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):
+        if str(file).endswith("split_zhou_OxfordPets.json"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    code, _, err = run_cli("dataset", "oxford-pets", root, "-o", tmp_path / "p.csv")
+    assert code == 2 and "split_zhou_OxfordPets.json: cannot read (Permission denied)" in err, err
+
+
 @pytest.mark.parametrize(
     ("layout", "raw", "clean"),
     [
@@ -192,7 +272,7 @@ def test_fgvc_aircraft_variant_lists(tmp_path, run_cli):
 
 def test_imagenet_folders_and_classnames(tmp_path, run_cli):
     root = tmp_path / "imagenet"
-    write_lines(root / "classnames.txt", ["n01440764 tench", "n01443537 goldfish", "n09999999 unused"])
+    write_lines(root / "classnames.txt", ["n01440764 tench", "n01443537 goldfish"])
     for split in ("train", "val"):
         for wnid in ("n01443537", "n01440764"):
             img(root / "images" / split / wnid / f"{wnid}_{split}.JPEG")
@@ -213,6 +293,30 @@ def test_imagenet_folders_and_classnames(tmp_path, run_cli):
     assert code == 2 and "n07777777 is not in classnames.txt" in err
 
 
+def test_imagenet_refuses_unsorted_val_images_and_classes_without_images(tmp_path, run_cli):
+    root = tmp_path / "inet"
+    write_lines(root / "classnames.txt", ["n01440764 tench", "n01443537 goldfish"])
+    img(root / "images" / "train" / "n01440764" / "a.JPEG")
+    img(root / "images" / "train" / "n01443537" / "b.JPEG")
+    # the official ILSVRC2012 val archive: every image directly in val/, no wnid folders
+    for i in (1, 2):
+        img(root / "images" / "val" / f"ILSVRC2012_val_0000000{i}.JPEG")
+    code, _, err = run_cli("dataset", "imagenet", root, "-o", tmp_path / "a.csv")
+    assert code == 2 and "directly in val/" in err and "2 of them" in err and "DATASETS.md" in err, err
+    assert not (tmp_path / "a.csv").exists()
+    for i in (1, 2):
+        (root / "images" / "val" / f"ILSVRC2012_val_0000000{i}.JPEG").unlink()
+    img(root / "images" / "val" / "n01440764" / "v.JPEG")
+    write_lines(
+        root / "classnames.txt", ["n01440764 tench", "n01443537 goldfish", "n01484850 great white shark"]
+    )
+    code, _, err = run_cli("dataset", "imagenet", root, "-o", tmp_path / "a.csv")
+    assert code == 2 and "classnames.txt" in err and "1 of its classes (n01484850)" in err, err
+    (root / "images" / "train" / "n01484850").mkdir()  # an empty folder is no better
+    code, _, err = run_cli("dataset", "imagenet", root, "-o", tmp_path / "a.csv")
+    assert code == 2 and "n01484850" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
@@ -223,7 +327,12 @@ def test_imagenet_folders_and_classnames(tmp_path, run_cli):
             "split_zhou_OxfordPets.json:val[4]: malformed row",
         ),
         (lambda s, r: s["test"].append(["x.jpg", 1, "Sphynx"]), "label 1 is named 'Sphynx' here"),
-        (lambda s, r: s["test"].append(["x.jpg", 3, "Sphynx"]), "labels [2] never occur"),
+        (lambda s, r: s["test"].append(["x.jpg", 3, "Sphynx"]), "test[4]: label 3, yet label 2 never occurs"),
+        # a huge label: checked without building range(label + 1)
+        (
+            lambda s, r: s["train"].insert(1, ["x.jpg", 10**12, "cat"]),
+            "train[1]: label 1000000000000, yet label 2 never",
+        ),
         (lambda s, r: s["test"].append(["gone.jpg", 1, "American_Bulldog"]), "test[4]: image"),
         (lambda s, r: s["test"].append(["Abyssinian_train0.jpg", 0, "Abyssinian"]), "is listed again"),
         (lambda s, r: s["test"].append(["x.jpg", 2, "american bulldog"]), "classes 1 and 2 are both named"),
@@ -557,6 +666,19 @@ def test_cifar10n_writes_lossless_pngs_and_human_labels(tmp_path, run_cli):
     )
     code, _, err = run_cli("dataset", "cifar10n", tmp_path, "-o", tmp_path / "d.csv")
     assert code == 2 and "--images-dir" in err
+    (tmp_path / "notadir").touch()
+    for images_dir in ("notadir", "notadir/sub"):
+        code, _, err = run_cli(
+            "dataset", "cifar10n", tmp_path, "--images-dir", tmp_path / images_dir, "-o", tmp_path / "d.csv"
+        )
+        assert code == 2 and "--images-dir" in err and "is a file, not a folder" in err, err
+    (tmp_path / "png2").mkdir()
+    (tmp_path / "png2" / "test").touch()
+    code, _, err = run_cli(
+        "dataset", "cifar10n", tmp_path, "--images-dir", tmp_path / "png2", "-o", tmp_path / "d.csv"
+    )
+    assert code == 2 and "--images-dir" in err and "png2/test" in err, err
+    assert not (tmp_path / "d.csv").exists()
     code, _, err = run_cli(
         "dataset",
         "cifar10n",

@@ -60,8 +60,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_readable(path: Path) -> Path:
+    """``path``, when this process can open it for reading (else a one-line error, not a traceback)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"cannot read ({exc.strerror or type(exc).__name__})",
+            where=path,
+            hint="check the file's permissions",
+        ) from exc
+    return path
+
+
 def need_file(root: Path, relative: str, layout: str, hint: str | None = None) -> Path:
-    """``root/relative`` when it is a file, else a one-line error saying what the layout needs."""
+    """``root/relative`` when it is a readable file, else a one-line error saying what the layout needs."""
     path = root / relative
     if not path.is_file():
         raise InputError(
@@ -69,7 +83,7 @@ def need_file(root: Path, relative: str, layout: str, hint: str | None = None) -
             where=path,
             hint=hint or f"see `promptcli dataset list` for the {layout} layout",
         )
-    return path
+    return check_readable(path)
 
 
 def need_dir(root: Path, relative: str, layout: str) -> Path:

@@ -14,6 +14,7 @@ file cannot run code; an ``.npz`` with the same keys is read with ``allow_pickle
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from promptcli.datasets.base import (
     Listing,
     Row,
+    check_readable,
     need_dir,
     need_file,
     sha256_of,
@@ -111,6 +113,7 @@ def load_label_arrays(path: Path) -> dict[str, np.ndarray]:
             where=path,
             hint="download it from the CIFAR-N repository, or give --noise-file",
         )
+    check_readable(path)
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -207,9 +210,45 @@ def write_png(path: Path, pixels: np.ndarray, force: bool) -> bool:
                 where=path,
                 hint="pass --force to overwrite, or choose another --images-dir",
             )
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            Image.fromarray(pixels, mode="RGB").save(tmp, format="PNG")
+    except (PermissionError, IsADirectoryError) as exc:
+        raise InputError(
+            f"cannot write ({exc.strerror})", where=path, hint="choose an --images-dir you can write to"
+        ) from exc
     return True
+
+
+def check_images_dir(images_dir: Path) -> None:
+    """Refuse, before any work, an --images-dir that is a file or that this process cannot create."""
+    existing = next((p for p in (images_dir, *images_dir.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise InputError(
+            f"{existing} is a file, not a folder",
+            where="--images-dir",
+            hint="give --images-dir a folder to write the PNG files into (new or existing)",
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"cannot {'write to' if existing == images_dir else 'create a folder in'} {existing}",
+            where="--images-dir",
+            hint="give --images-dir a folder you can write to",
+        )
+
+
+def make_images_dir(images_dir: Path, split: str) -> Path:
+    """``images_dir/split``, created if need be."""
+    folder = images_dir / split
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # FileExistsError: a file named like the folder
+        raise InputError(
+            f"cannot create the folder {folder} ({exc.strerror or type(exc).__name__})",
+            where="--images-dir",
+            hint="give --images-dir a folder you can write to, with no file named train or test in it",
+        ) from exc
+    return folder
 
 
 def read_cifar_n(
@@ -227,6 +266,7 @@ def read_cifar_n(
             where="--images-dir",
             hint="e.g. --images-dir cifar-png",
         )
+    check_images_dir(images_dir)
     choice = noise_label or release.default_label
     if choice not in release.label_keys:
         raise InputError(
@@ -268,9 +308,9 @@ def read_cifar_n(
     rows: list[Row] = []
     written = 0
     for split, x, y_given, y_clean in (("train", train_x, given, clean), ("test", test_x, test_y, test_y)):
-        (images_dir / split).mkdir(parents=True, exist_ok=True)
+        folder = make_images_dir(images_dir, split)
         for i in range(len(x)):
-            file = images_dir / split / f"{i:05d}.png"
+            file = folder / f"{i:05d}.png"
             written += write_png(file, x[i], force)
             rows.append(
                 Row(

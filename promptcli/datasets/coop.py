@@ -21,6 +21,7 @@ from promptcli.datasets.base import (
     Listing,
     Row,
     bad_row,
+    check_readable,
     need_dir,
     need_file,
     sha256_of,
@@ -167,8 +168,9 @@ def read_split_json(layout: str, path: Path, image_dir: Path, dataset: CoopDatas
     """A ``{"train": [[path, label, classname], ...], "val": ..., "test": ...}`` split file."""
     if not path.is_file():
         raise InputError("split file not found", where=path, hint="give the split_zhou_<Name>.json file")
+    check_readable(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine, as in CSVs
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(
             f"not a JSON split file ({exc})", where=path, hint="give a split_zhou_<Name>.json"
@@ -213,17 +215,24 @@ def read_split_json(layout: str, path: Path, image_dir: Path, dataset: CoopDatas
             items.append((split, entry[0], label, where))
     if not items:
         raise InputError("no rows in any split", where=path, hint="the split file lists no images")
-    n_classes = max(raw_names) + 1
-    missing = sorted(set(range(n_classes)) - set(raw_names))
-    if missing:
-        raise InputError(
-            f"labels {missing[:5]} never occur, so their class names are unknown",
-            where=path,
-            hint="labels must run 0..C-1 over the train, val and test lists",
-        )
+    n_classes = check_label_range(items, raw_names)
     classes = unique_classes([clean_name(dataset, raw_names[c]) for c in range(n_classes)], path)
     rows = [Row(join(image_dir, rel), classes[label], split, where) for split, rel, label, where in items]
     return Listing(layout, image_dir, classes, rows, files_read={str(path): sha256_of(path)})
+
+
+def check_label_range(items: list[tuple[str, str, int, str]], raw_names: dict[int, str]) -> int:
+    """The number of classes, when the labels run 0..C-1 with none missing (no class name is unknown)."""
+    n_classes = len(raw_names)
+    if max(raw_names) < n_classes:  # distinct labels >= 0, as many as the largest + 1: no gap
+        return n_classes
+    label, where = next((label, where) for _, _, label, where in items if label >= n_classes)
+    missing = next(c for c in range(n_classes) if c not in raw_names)  # there is a gap below n_classes
+    raise InputError(
+        f"label {label}, yet label {missing} never occurs in the file, so its class name is unknown",
+        where=where,
+        hint="labels must run 0..C-1 over the train, val and test lists",
+    )
 
 
 def read_fgvc_aircraft(layout: str, root: Path) -> Listing:

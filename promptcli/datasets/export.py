@@ -7,10 +7,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from promptcli.datasets.base import SPLITS, UNKNOWN, Listing, Row
 from promptcli.errors import InputError
+from promptcli.io.fileio import STDIO, check_distinct, check_output_path
 
 
 def select_rows(listing: Listing, split: str, known_noise: bool = False) -> list[Row]:
@@ -40,8 +42,8 @@ def select_rows(listing: Listing, split: str, known_noise: bool = False) -> list
     return rows
 
 
-def check_rows(rows: list[Row]) -> None:
-    """Every image file exists and is listed once (features join labels by path)."""
+def check_unique(rows: list[Row]) -> None:
+    """No image is listed twice (features join labels by path)."""
     seen: dict[str, str] = {}
     for row in rows:
         key = os.path.normpath(row.file)
@@ -52,23 +54,30 @@ def check_rows(rows: list[Row]) -> None:
                 hint="each image may appear once: the release's lists overlap",
             )
         seen[key] = row.where
-        if not os.path.isfile(row.file):
-            raise InputError(
-                f"image {row.file} does not exist",
-                where=row.where,
-                hint="unpack the images where the layout expects them (see `promptcli dataset list`)",
-            )
 
 
-def csv_rows(listing: Listing, rows: list[Row], base: Path | None) -> list[dict[str, str]]:
-    """CSV rows; paths relative to ``base`` (the CSV's folder, so extract resolves them), or absolute."""
+def folder_as_written(folder: str, base: str | None) -> str:
+    """Image folder ``folder`` as the CSV names it: relative to ``base`` (a resolved folder), or absolute.
+
+    A folder reached through a symlink keeps its name, unless collapsing ``..`` in it by name would
+    reach another folder than the kernel does (``link/..`` is the link target's parent)."""
+    named = os.path.abspath(folder)
+    real = os.path.realpath(folder)
+    if os.path.realpath(named) != real:
+        named = real
+    # from a resolved base each ".." goes up a real folder, so the path resolves as it reads
+    return os.path.relpath(named, base) if base is not None else named
+
+
+def csv_rows(listing: Listing, rows: list[Row], base: str | None) -> list[dict[str, str]]:
+    """CSV rows; paths relative to ``base`` (the CSV's resolved folder, so extract finds them), or
+    absolute."""
     out = []
-    folders: dict[str, str] = {}  # image folder -> as written (relpath is slow; there are few folders)
-    # abspath, not resolve: no system call per image, and a symlinked data folder keeps its name
+    folders: dict[str, str] = {}  # image folder -> as written (realpath is slow; there are few folders)
     for row in rows:
-        folder, name = os.path.split(os.path.abspath(row.file))
+        folder, name = os.path.split(row.file)
         if folder not in folders:
-            folders[folder] = os.path.relpath(folder, base) if base is not None else folder
+            folders[folder] = folder_as_written(folder or ".", base)
         path = os.path.join(folders[folder], name)
         record = {"path": path.replace(os.sep, "/"), "label": row.label, "split": row.split}
         if listing.has_clean_label:
@@ -77,6 +86,48 @@ def csv_rows(listing: Listing, rows: list[Row], base: Path | None) -> list[dict[
             record["is_noisy"] = row.is_noisy
         out.append(record)
     return out
+
+
+def file_ids(paths: dict[str, str | Path | None]) -> dict[tuple[int, int], str]:
+    """(device, inode) -> option, of the given paths that exist as files."""
+    ids = {}
+    for option, path in paths.items():
+        if path is not None and str(path) != STDIO and os.path.isfile(path):
+            stat = os.stat(path)
+            ids[(stat.st_dev, stat.st_ino)] = option
+    return ids
+
+
+def check_images(
+    rows: list[Row], records: list[dict[str, str]], base: str | None, outputs: dict[tuple[int, int], str]
+) -> None:
+    """Every image exists at the path written, as read from the CSV's folder, and is none of the outputs."""
+    for row, record in zip(rows, records):
+        written = record["path"] if base is None else os.path.join(base, record["path"])
+        try:
+            stat = os.stat(written)
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
+            if os.path.isfile(row.file):
+                raise InputError(
+                    f"image {row.file} exists, but the path written for it ({record['path']}) "
+                    f"does not reach it from {base}",
+                    where=row.where,
+                    hint="write absolute paths with --absolute, and report this",
+                )
+            raise InputError(
+                f"image {row.file} does not exist",
+                where=row.where,
+                hint="unpack the images where the layout expects them (see `promptcli dataset list`)",
+            )
+        option = outputs.get((stat.st_dev, stat.st_ino))
+        if option is not None:
+            raise InputError(
+                f"output {option} is the image {row.file}",
+                where=row.where,
+                hint="write the output to another file (the images must stay intact)",
+            )
 
 
 def summary(listing: Listing, rows: list[Row]) -> dict[str, Any]:
@@ -98,13 +149,13 @@ def summary(listing: Listing, rows: list[Row]) -> dict[str, Any]:
         splits[split] = entry
     return {
         "layout": listing.layout,
-        "image_root": str(listing.root),
+        "image_root": os.path.realpath(listing.root),  # absolute: the sidecar may be read from anywhere
         "n_images": len(rows),
         "n_classes": len(listing.classes),
         "classes": listing.classes,
         "splits": splits,
         "columns": listing.columns(),
-        "files_read": listing.files_read,
+        "files_read": {os.path.realpath(k): v for k, v in listing.files_read.items()},
         "notes": listing.notes,
     }
 
@@ -123,6 +174,64 @@ class ExportOptions:
     absolute: bool = False
     classnames_out: Path | None = None
 
+    def layout_options(self) -> dict[str, Any]:
+        """The layout-specific options by their CLI names."""
+        return {
+            "--split-file": self.split_file,
+            "--test-root": self.test_root,
+            "--images-dir": self.images_dir,
+            "--noise-label": self.noise_label,
+            "--noise-file": self.noise_file,
+        }
+
+
+def check_arguments(
+    name: str | None, root: Path | None, output: str | None, options: ExportOptions
+) -> tuple[str, Path, str]:
+    """(name, root, output) when the layout exists, ROOT is a folder, there is an output, and the
+    layout takes the options given."""
+    from promptcli.datasets.registry import LAYOUTS
+
+    if name is None:
+        raise InputError(
+            "no dataset layout", where="NAME", hint="see `promptcli dataset list` for the known ones"
+        )
+    if name not in LAYOUTS:
+        raise InputError(
+            f"unknown dataset layout {name!r}", where="NAME", hint="use one of: " + ", ".join(LAYOUTS)
+        )
+    if root is None:
+        raise InputError("no ROOT folder", where="ROOT", hint=f"promptcli dataset {name} ROOT -o images.csv")
+    if not root.is_dir():
+        raise InputError("not a folder", where=root, hint="give the folder holding the release")
+    if output is None:
+        raise InputError("no output", where="-o", hint="give -o images.csv (or -o - for stdout)")
+    takes = LAYOUTS[name].options
+    for option, value in options.layout_options().items():
+        if value is not None and option not in takes:
+            listed = ", ".join(takes) or "none of the layout options"
+            raise InputError(f"{name} does not take {option}", where=option, hint=f"{name} takes {listed}")
+    return name, root, output
+
+
+def check_outputs(
+    outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None], force: bool
+) -> None:
+    """Each output is no other output or input, is new (or ``force``), and is in a writable folder."""
+    check_distinct(inputs, outputs)
+    for option, path in outputs.items():
+        if path is not None and str(path) != STDIO:
+            check_output_path(path, force, "-o" if option == "the sidecar" else option)
+
+
+def csv_base(output: str, absolute: bool) -> str | None:
+    """The resolved folder of the CSV (relative paths start there), or None for absolute paths.
+
+    Resolved, because the kernel reads ``..`` after a symlinked folder from the link's target."""
+    if output == STDIO or absolute:
+        return None
+    return os.path.realpath(os.path.dirname(output) or ".")
+
 
 def export_dataset(
     name: str | None,
@@ -137,62 +246,45 @@ def export_dataset(
     ``output`` (``-``: stdout) with its sidecar (and the class list); return the summary and the listing."""
     from promptcli.choices import DatasetSplit
     from promptcli.datasets.registry import LAYOUTS, ReadOptions
-    from promptcli.io.fileio import STDIO, check_output_path, write_text_atomic
+    from promptcli.io.fileio import write_text_atomic
     from promptcli.io.labels import write_labels
     from promptcli.io.provenance import base_provenance
     from promptcli.io.sidecar import write_sidecar
 
-    if name is None:
-        raise InputError(
-            "no dataset layout", where="NAME", hint="see `promptcli dataset list` for the known ones"
-        )
-    if name not in LAYOUTS:
-        raise InputError(
-            f"unknown dataset layout {name!r}", where="NAME", hint="use one of: " + ", ".join(LAYOUTS)
-        )
-    split_file, test_root, images_dir = options.split_file, options.test_root, options.images_dir
-    noise_label, noise_file, classnames_out = options.noise_label, options.noise_file, options.classnames_out
-    layout = LAYOUTS[name]
-    if root is None:
-        raise InputError("no ROOT folder", where="ROOT", hint=f"promptcli dataset {name} ROOT -o images.csv")
-    if not root.is_dir():
-        raise InputError("not a folder", where=root, hint="give the folder holding the release")
-    if output is None:
-        raise InputError("no output", where="-o", hint="give -o images.csv (or -o - for stdout)")
+    name, root, output = check_arguments(name, root, output, options)
     to_stdout = output == STDIO
     if to_stdout and json_out:
         raise InputError(
             "-o - and --json both write to stdout", where="--json", hint="write the CSV to a file"
         )
-    given = {
-        "--split-file": split_file,
-        "--test-root": test_root,
-        "--images-dir": images_dir,
-        "--noise-label": noise_label,
-        "--noise-file": noise_file,
-    }
-    for option, value in given.items():
-        if value is not None and option not in layout.options:
-            takes = ", ".join(layout.options) or "none of the layout options"
-            raise InputError(f"{name} does not take {option}", where=option, hint=f"{name} takes {takes}")
-    sidecar = None if to_stdout else Path(f"{output}.json")
-    if not to_stdout:
-        check_output_path(output, force)
-        check_output_path(sidecar, force)
-    if classnames_out is not None:
-        check_output_path(classnames_out, force, "--classnames-out")
+    sidecar = None if to_stdout else f"{output}.json"
+    outputs = {"-o": output, "the sidecar": sidecar, "--classnames-out": options.classnames_out}
+    given = options.layout_options()
+    check_outputs(outputs, {"--split-file": options.split_file, "--noise-file": options.noise_file}, force)
 
-    listing = layout.read(
-        root, ReadOptions(split_file, test_root, images_dir, noise_label, noise_file, force)
+    listing = LAYOUTS[name].read(
+        root,
+        ReadOptions(
+            options.split_file,
+            options.test_root,
+            options.images_dir,
+            options.noise_label,
+            options.noise_file,
+            force,
+        ),
     )
+    # --force may overwrite outputs, never what the reader read (split files, list files)
+    check_distinct({f"file {path}": path for path in listing.files_read}, outputs)
     split_name = DatasetSplit.check(options.split, "--split")
     rows = select_rows(listing, split_name, options.known_noise)
-    check_rows(rows)
-    base = None if (to_stdout or options.absolute) else Path(os.path.abspath(output)).parent
+    check_unique(rows)
+    base = csv_base(output, options.absolute)
+    records = csv_rows(listing, rows, base)
+    check_images(rows, records, base, file_ids(outputs))
     result = {
         **base_provenance(),
         "format": "promptcli-image-list",
-        "root": str(root),
+        "root": os.path.realpath(root),
         "split": split_name,
         "known_noise": options.known_noise,
         "paths": "absolute" if base is None else "relative to the CSV's folder",
@@ -200,9 +292,9 @@ def export_dataset(
         "output": output,
         **summary(listing, rows),
     }
-    write_labels(output, listing.columns(), csv_rows(listing, rows, base))
+    write_labels(output, listing.columns(), records)
     if sidecar is not None:
         result = write_sidecar(output, result, indent=1)
-    if classnames_out is not None:
-        write_text_atomic(classnames_out, "".join(f"{c}\n" for c in listing.classes))
+    if options.classnames_out is not None:
+        write_text_atomic(options.classnames_out, "".join(f"{c}\n" for c in listing.classes))
     return {**result, "n_rows": len(rows)}, listing

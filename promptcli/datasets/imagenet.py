@@ -34,14 +34,43 @@ def _images(folder: Path) -> list[Path]:
     )
 
 
+def _folders(tree: Path) -> list[str]:
+    return sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def check_no_loose_images(tree: Path) -> None:
+    """Images directly in ``tree`` have no wnid folder, hence no label: refuse rather than drop them
+    (the official ILSVRC2012 val archive unpacks this way)."""
+    loose = _images(tree)
+    if loose:
+        raise InputError(
+            f"images lie directly in {tree.name}/, not in wnid folders: {len(loose)} of them (e.g. {loose[0].name})",
+            where=tree,
+            hint=f"sort them into {tree.name}/<wnid>/ folders, the layout CoOp's DATASETS.md shows for ImageNet",
+        )
+
+
+def check_classes_have_images(names: dict[str, str], images: dict[str, list[Path]], names_file: Path) -> None:
+    """Every class of ``classnames.txt`` has training images (a class without them would vanish)."""
+    empty = [wnid for wnid in names if not images.get(wnid)]
+    if empty:
+        shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise InputError(
+            f"no images in images/train/ for {len(empty)} of its classes ({shown})",
+            where=names_file,
+            hint=f"add images/train/<wnid>/ images for them, or remove their lines from {names_file.name}",
+        )
+
+
 def read_imagenet(layout: str, root: Path) -> Listing:
+    """ImageNet's train and val wnid folders (val is the test split), labelled in sorted wnid order."""
     if not (root / "classnames.txt").exists() and (root / "imagenet" / "classnames.txt").exists():
         root = root / "imagenet"
     files: dict[str, str] = {}
     names_file = need_file(root, "classnames.txt", layout, hint="CoOp's DATASETS.md links classnames.txt")
     names = read_wnid_names(names_file, files)
     trees = {folder: need_dir(root, f"images/{folder}", layout) for folder, _ in FOLDER_SPLITS}
-    wnids = sorted(d.name for d in trees["train"].iterdir() if d.is_dir() and not d.name.startswith("."))
+    wnids = _folders(trees["train"])
     if not wnids:
         raise InputError("no class folders", where=trees["train"], hint="images/train/<wnid>/<image>")
     for wnid in wnids:
@@ -54,7 +83,8 @@ def read_imagenet(layout: str, root: Path) -> Listing:
     classes = unique_classes([names[w] for w in wnids], names_file)
     rows: list[Row] = []
     for folder, split in FOLDER_SPLITS:
-        present = sorted(d.name for d in trees[folder].iterdir() if d.is_dir() and not d.name.startswith("."))
+        check_no_loose_images(trees[folder])
+        present = _folders(trees[folder])
         extra = sorted(set(present) - set(wnids))
         if extra:
             raise InputError(
@@ -62,9 +92,10 @@ def read_imagenet(layout: str, root: Path) -> Listing:
                 where=trees[folder] / extra[0],
                 hint="images/val/ needs the same wnid folders as images/train/",
             )
+        images = {wnid: _images(trees[folder] / wnid) for wnid in present}
+        if folder == "train":
+            check_classes_have_images(names, images, names_file)
         for label, wnid in enumerate(wnids):
-            if wnid not in present:
-                continue
-            for file in _images(trees[folder] / wnid):
+            for file in images.get(wnid, []):
                 rows.append(Row(str(file), classes[label], split, str(trees[folder] / wnid)))
     return Listing(layout, root / "images", classes, rows, files_read=files)
