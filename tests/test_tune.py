@@ -333,3 +333,33 @@ def test_optim_config_schedule():
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
     with pytest.raises(InputError, match="must be >= 1"):
         replace(config, batch_size=0).validate()
+
+
+@pytest.mark.parametrize(
+    ("options", "warning"),
+    [
+        (["--q", "0.5"], "--q applies to --loss gce; ignored for ce"),
+        (["--loss", "gce", "--alpha", "0.5"], "--alpha applies to --loss sce; ignored for gce"),
+        (
+            ["--warmup-epochs", "3"],
+            "--warmup-epochs 3 covers all 2 epochs: the whole run trains at --warmup-lr 1e-05",
+        ),
+        (["--kg-lambda", "4"], "--kg-lambda applies to kgcoop; ignored for coop"),
+    ],
+)
+def test_options_that_do_nothing_warn_once(syn, tmp_path, run_cli, options, warning):
+    code, _, err = run_cli(
+        "tune", syn["features"], syn["labels"], "-o", tmp_path / "p.safetensors", "--epochs", "2", "--n-ctx", "2",
+        "--device", "cpu", *options,
+    )  # fmt: skip
+    assert code == 0, err
+    assert " ".join(err.split()).count(warning) == 1, err
+
+
+def test_options_a_loss_takes_give_no_warning(syn, tmp_path, run_cli):
+    code, _, err = run_cli(
+        "tune", syn["features"], syn["labels"], "-o", tmp_path / "p.safetensors", "--epochs", "2", "--n-ctx", "2",
+        "--device", "cpu", "--loss", "sce", "--alpha", "0.5", "--beta", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Warning" not in err, err

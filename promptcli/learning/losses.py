@@ -42,6 +42,7 @@ class CrossEntropy(nn.Module):
 
     name = "ce"
     smooths = True  # takes --label-smoothing
+    takes: tuple[str, ...] = ()  # its own options besides --label-smoothing (TuneOptions fields)
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -65,6 +66,7 @@ class GeneralizedCrossEntropy(nn.Module):
 
     name = "gce"
     smooths = False
+    takes = ("q",)
 
     def __init__(self, q: float = 0.7) -> None:
         super().__init__()
@@ -89,6 +91,7 @@ class MeanAbsoluteError(nn.Module):
 
     name = "mae"
     smooths = False
+    takes: tuple[str, ...] = ()
 
     @classmethod
     def from_options(cls, **_: float) -> MeanAbsoluteError:
@@ -106,6 +109,7 @@ class SymmetricCrossEntropy(nn.Module):
 
     name = "sce"
     smooths = True
+    takes = ("alpha", "beta")
     A = -4.0
 
     def __init__(self, alpha: float = 0.1, beta: float = 1.0, label_smoothing: float = 0.0) -> None:
@@ -133,7 +137,7 @@ class SymmetricCrossEntropy(nn.Module):
         return {"alpha": self.alpha, "beta": self.beta, "A": self.A, **self.ce.params()}
 
 
-# --loss NAME -> its class. Adding a loss: a class above (name, smooths, from_options, forward, params),
+# --loss NAME -> its class. Adding a loss: a class above (name, smooths, takes, from_options, forward, params),
 # one line here and its value in promptcli.choices.Loss (a test checks the two agree).
 LOSSES: dict[str, type[nn.Module]] = {
     "ce": CrossEntropy,
@@ -162,6 +166,15 @@ def make_loss(
             hint=f"drop it, or use --loss {smoothing.replace(', ', '/')}",
         )
     return loss.from_options(q=q, alpha=alpha, beta=beta, label_smoothing=label_smoothing)
+
+
+LOSS_OPTIONS = ("q", "alpha", "beta")  # the options some loss takes (besides --label-smoothing)
+
+
+def ignored_loss_options(name: str, given: dict[str, float]) -> list[str]:
+    """The loss options in ``given`` (changed from their defaults) that loss ``name`` does not take."""
+    takes = getattr(LOSSES.get(name), "takes", ())
+    return [option for option in LOSS_OPTIONS if option in given and option not in takes]
 
 
 def loss_params(loss: nn.Module) -> dict[str, Any]:

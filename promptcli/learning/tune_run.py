@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ def check_options(
     with ``split_ok`` (``tune`` does); others get a clear error rather than a silently ignored option.
     """
     from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, ZERO_SHOT_BASED
-    from promptcli.learning.losses import make_loss
+    from promptcli.learning.losses import LOSSES, ignored_loss_options, make_loss
     from promptcli.learning.method_options import (
         check_method_options,
         checked_prompt_config,
@@ -149,6 +149,17 @@ def check_options(
     if split.method == "none" and (options.noisy_loss != "mae" or options.ot_epsilon != DEFAULT_EPSILON):
         warn("--noisy-loss and --ot-epsilon apply with --split ot; ignored")
     check_method_options(options, warn)
+    changed = {
+        f.name: getattr(options, f.name) for f in fields(options) if getattr(options, f.name) != f.default
+    }
+    if "warmup_epochs" in changed and options.epochs and options.warmup_epochs >= options.epochs:
+        warn(
+            f"--warmup-epochs {options.warmup_epochs} covers all {options.epochs} epochs: "
+            f"the whole run trains at --warmup-lr {options.warmup_lr:g}"
+        )
+    for option in ignored_loss_options(options.loss, changed):
+        users = ", ".join(n for n, c in LOSSES.items() if option in c.takes)
+        warn(f"--{option} applies to --loss {users}; ignored for {options.loss}")
     if options.method not in (*TEXT_METHODS, *COOP_VARIANTS) and (
         options.ctx_init or options.csc or options.class_position != "end"
     ):
