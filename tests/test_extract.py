@@ -292,6 +292,21 @@ def test_broken_link_is_an_unreadable_image(run_cli, cli_model_args, linked_fold
     assert fs.paths == ["cat/a.png", "dog/b.png", "dog/more/c.png"] and fs.attrs["n_skipped"] == 1
 
 
+@pytest.mark.parametrize("second", ["dog/a-again.png", "cat/a-again.png"])
+def test_one_image_reached_twice_through_links_is_refused(tmp_path, second):
+    """In two classes it would carry two labels; in one it would weigh twice."""
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "dog" / "b.png")
+    (tmp_path / second).symlink_to(tmp_path / "cat" / "a.png")
+    with pytest.raises(InputError, match="are the same image file") as err:
+        read_image_folder(tmp_path)
+    assert (
+        err.value.where == str(tmp_path)
+        and "'cat/a.png'" in str(err.value)
+        and f"'{second}'" in str(err.value)
+    )
+
+
 def test_broken_link_in_place_of_a_class_folder_is_refused(tmp_path):
     _png(tmp_path / "cat" / "a.png")
     (tmp_path / "dog").symlink_to(tmp_path / "gone", target_is_directory=True)

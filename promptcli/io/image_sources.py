@@ -140,7 +140,22 @@ def read_image_folder(root: Path, split: str = "", classnames: list[str] | None 
         paths.extend(f.relative_to(root).as_posix() for f in images)
         files.extend(images)
         labels.extend([label] * len(images))
+    _check_folder_files(root, paths, files)
     return ImageSource(root, "folder", paths, files, labels, [split] * len(paths), names)
+
+
+def _check_folder_files(root: Path, paths: Sequence[str], files: Sequence[Path]) -> None:
+    """Refuse one image file reached twice through links (it would count twice, or in two classes)."""
+    seen: dict[str, int] = {}
+    real_folders: dict[str, str] = {}
+    for i, file in enumerate(files):
+        j = seen.setdefault(_real_file(file, real_folders), i)
+        if j != i:
+            raise InputError(
+                f"{paths[j]!r} and {paths[i]!r} are the same image file (reached through a link)",
+                where=root,
+                hint="keep one of them: an image belongs to one class, once",
+            )
 
 
 def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
