@@ -4,8 +4,9 @@ NAME is a layout (`promptcli dataset list` shows them all, the files each needs 
 them), ROOT the folder holding the release. The CSV has `path,label,split`, plus `clean_label` and
 `is_noisy` where the release knows which labels are wrong (blank cells: not known). Class names
 are written as CoOp shows them to the text encoder (`_` as a space, each dataset's renaming).
-Paths are relative to the CSV's folder (absolute with `-o -` or --absolute). A sidecar OUTPUT.json
-records how the file was made.
+Paths are relative to the CSV's real folder (absolute with `-o -` or --absolute); every image must
+exist at the path written, once. An output may not be another output, one of the release's files or
+an image. A sidecar OUTPUT.json records how the file was made (absolute paths).
 
 Examples:
 
