@@ -25,12 +25,29 @@ SEEDS=${SEEDS:-1 2 3}
 EPOCHS=${EPOCHS:-50}
 DEVICE=${DEVICE:-auto}
 VERIFIED=${VERIFIED:-}
+WAIT_MINUTES=${WAIT_MINUTES:-60}
 OUT=$SWEEP/high-noise
+if [[ ! -d "$SWEEP/features" ]]; then
+    echo "Error: $SWEEP/features: no noise sweep here — run examples/noise_sweep.sh with OUT=$SWEEP first (or set SWEEP)" >&2
+    exit 2
+fi
 mkdir -p "$OUT/labels" "$OUT/prompts" "$OUT/results"
 train=$SWEEP/features/train.h5
 test=$SWEEP/features/test.h5
 
 todo() { [[ ! -e "$1" ]]; }
+await() { # await FILE WHAT: a file the sweep (maybe still running) makes; give up after WAIT_MINUTES
+    local waited=0
+    while [[ ! -e "$1" ]]; do
+        if ((waited == 0)); then echo "waiting for $1 ($2)" >&2; fi
+        if ((waited >= WAIT_MINUTES * 60)); then
+            echo "Error: $1 did not appear in $WAIT_MINUTES min — $2 (WAIT_MINUTES sets the wait)" >&2
+            exit 2
+        fi
+        sleep 20
+        waited=$((waited + 20))
+    done
+}
 tune() { # tune OUTPUT LABELS ARGS...
     local out=$1 labels=$2
     shift 2
@@ -45,7 +62,7 @@ for rate in $RATES; do
     for seed in $SEEDS; do
         name=r${rate}_s${seed}
         labels=$SWEEP/labels/$name.csv
-        while [[ ! -e "$test" ]]; do sleep 20; done # the sweep's features, maybe still extracting
+        await "$test" "the sweep's test features, written once its extraction ends"
         # the same command as the sweep's, so the same file (the sweep then skips it)
         todo "$labels.json" && promptcli corrupt "$train" --shots 16 --rate "$rate" --type symmetric \
             --seed "$seed" -o "$labels" --force -q
@@ -118,7 +135,7 @@ for rate in $RATES; do
         name=r${rate}_s${seed}
         labels=$SWEEP/labels/$name.csv
         gce=$SWEEP/prompts/coop_gce_$name.safetensors
-        while [[ ! -e "$gce" ]]; do sleep 20; done # the sweep's prompt, maybe still training
+        await "$gce" "the sweep's coop+gce prompt: is the sweep still training, and does it run coop+gce at rate $rate, seed $seed?"
         kept=$OUT/labels/kept_$name.csv
         todo "$kept" && promptcli clean "$train" "$labels" --prompt "$gce" -o "$OUT/labels/scores_$name.csv" \
             --clean-out "$kept" --json -q >"$OUT/results/clean_$name.summary.json"

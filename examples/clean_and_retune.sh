@@ -52,8 +52,9 @@ todo "$OUT/gce.safetensors" && promptcli tune "$OUT/train.h5" "$OUT/noisy.csv" -
 todo "$OUT/results/gce.json" && promptcli eval "$OUT/test.h5" --prompt "$OUT/gce.safetensors" -o "$OUT/results/gce.json" -q
 
 step "2. Clean: score every label ($SCORE, $PRIOR prior), relabel or drop the likely-wrong rows"
+# --force: scores.csv is written before kept.csv, so a run stopped between the two leaves scores.csv alone
 todo "$OUT/kept.csv" && promptcli clean "$OUT/train.h5" "$OUT/noisy.csv" -o "$OUT/scores.csv" \
-  --clean-out "$OUT/kept.csv" "${CLEAN[@]}"
+  --clean-out "$OUT/kept.csv" "${CLEAN[@]}" --force
 
 step "3. Tune again on the cleaned rows"
 todo "$OUT/retuned.safetensors" && promptcli tune "$OUT/train.h5" "$OUT/kept.csv" -o "$OUT/retuned.safetensors" "${TUNE[@]}"

@@ -26,10 +26,15 @@ run() {
 # image_features [TRAIN EXTRACT FLAGS...]: the demo's images unless TRAIN_DIR and TEST_DIR are set;
 # then $train_h5 and $test_h5 (MODEL on DEVICE) and the zero-shot eval $zero_shot, all under $OUT.
 image_features() {
-    if [[ -z "$TRAIN_DIR" || -z "$TEST_DIR" ]]; then
+    if [[ -n "$TRAIN_DIR" && -z "$TEST_DIR" ]] || [[ -z "$TRAIN_DIR" && -n "$TEST_DIR" ]]; then
+        # one of them alone would pair the user's images with the demo's: a meaningless accuracy
+        echo "Error: set both TRAIN_DIR and TEST_DIR (or neither, for the demo images)" >&2
+        exit 2
+    fi
+    if [[ -z "$TRAIN_DIR" ]]; then
         run "$OUT/images" "${cli[@]}" demo-images "$OUT/images" -q
-        TRAIN_DIR=${TRAIN_DIR:-$OUT/images/train}
-        TEST_DIR=${TEST_DIR:-$OUT/images/test}
+        TRAIN_DIR=$OUT/images/train
+        TEST_DIR=$OUT/images/test
     fi
     train_h5=$OUT/features/train.h5
     test_h5=$OUT/features/test.h5

@@ -338,3 +338,34 @@ def test_bad_invocations(noisy, tmp_path, run_cli):
     assert code == 2 and "is_noisy but no clean_label" in err
     code, _, err = run_cli("clean", f, labels, "-p", coop, "-o", "-", "--clean-out", "-")
     assert code == 2 and "can use stdout" in err
+
+
+def test_outputs_never_overwrite_the_prompt_or_the_labels_sidecar(noisy, tmp_path, run_cli):
+    import shutil
+
+    f, labels = noisy["features"], noisy["labels"]
+    prompt = tmp_path / "p.safetensors"
+    shutil.copy(noisy["coop"], prompt)
+    before = prompt.read_bytes(), labels.with_name("noisy.csv.json").read_bytes()
+    code, _, err = run_cli("clean", f, labels, "-p", prompt, "-o", prompt, "--force")
+    assert code == 2 and "output -o is the input --prompt" in err
+    code, _, err = run_cli("clean", f, labels, "-p", prompt, "--clean-out", f"{labels}.json", "--force")
+    assert code == 2 and "is the input the labels' sidecar LABELS.json" in err
+    assert (prompt.read_bytes(), labels.with_name("noisy.csv.json").read_bytes()) == before
+
+
+def test_the_cleaned_sidecar_does_not_describe_the_source_file_as_its_own(noisy, tmp_path, run_cli):
+    import shutil
+
+    labels = tmp_path / "noisy.csv"
+    shutil.copy(noisy["labels"], labels)
+    source = {"type": "symmetric", "rate": 0.17, "seed": 3, "n_rows": 99, "n_noisy": 17, "output": "x.csv"}
+    Path(f"{labels}.json").write_text(json.dumps(source))
+    kept = tmp_path / "kept.csv"
+    code, _, err = run_cli("clean", noisy["features"], labels, "-p", noisy["coop"], "--clean-out", kept, "-q")
+    assert code == 0, err
+    side = json.loads(Path(f"{kept}.json").read_text())
+    assert {k: side[k] for k in ("type", "rate", "seed")} == {"type": "symmetric", "rate": 0.17, "seed": 3}
+    assert not {"n_rows", "n_noisy", "output"} & side.keys()
+    assert side["cleaning"]["source"] == {"n_rows": 99, "n_noisy": 17, "output": "x.csv"}
+    assert side["csv_sha256"] == sha256_file(kept)

@@ -174,6 +174,13 @@ def join_labels(features: FeatureSet, table: LabelTable, skip_missing: bool = Fa
             if flag not in ("0", "1"):
                 raise InputError(f"is_noisy must be 0 or 1, got {flag!r}", where=where, hint="fix the column")
             noisy.append(flag == "1")
+            if has_clean and (labels[-1] != clean[-1]) != noisy[-1]:
+                relation = "differs from" if labels[-1] != clean[-1] else "equals"
+                raise InputError(
+                    f"is_noisy is {flag} but label {row['label']!r} {relation} clean_label {row['clean_label']!r}",
+                    where=where,
+                    hint="is_noisy must be 1 exactly where label differs from clean_label: fix the row",
+                )
     if not rows:
         raise InputError(
             "no label rows match the features", where=table.source, hint="check paths and class names"

@@ -614,12 +614,28 @@ def _detection(
     return detection
 
 
+# Keys of a labels sidecar that describe that one file, not the noise condition it was drawn under.
+SOURCE_FILE_KEYS = (
+    "n_rows",
+    "n_noisy",
+    "output",
+    "command",
+    "created",
+    "input",
+    "input_sha256",
+    "csv_sha256",
+    "transition_counts",
+    "per_class_counts",
+)
+
+
 def clean_sidecar(summary: dict[str, Any], labels_path: str | Path) -> dict[str, Any]:
     """The cleaned labels' sidecar: the source labels' noise record carried forward, plus ``cleaning``.
 
     The top-level keys (type, rate, seed, ...) keep describing the noise injected into the source
     labels, so a prompt tuned on the cleaned file is reported under the same noise condition;
-    ``cleaning`` says how this file was made from it (an earlier one moves to ``cleaning.previous``).
+    ``cleaning`` says how this file was made from it (an earlier one moves to ``cleaning.previous``)
+    and holds the source file's own record (``SOURCE_FILE_KEYS``) under ``cleaning.source``.
     """
     from promptcli.io.sidecar import read_sidecar
 
@@ -628,6 +644,11 @@ def clean_sidecar(summary: dict[str, Any], labels_path: str | Path) -> dict[str,
     out = dict(noise or {})
     if "cleaning" in out:
         record["previous"] = out.pop("cleaning")
+    # what described the source file itself (its rows, its noisy count, how it was written) would
+    # misdescribe this one: kept under cleaning.source
+    own = {k: out.pop(k) for k in SOURCE_FILE_KEYS if k in out}
+    if own:
+        record["source"] = own
     out["cleaning"] = record
     return out
 
@@ -668,9 +689,12 @@ def clean_file(
         raise InputError("-o and --clean-out name the same file", where=output, hint="give two file names")
     sides = {f"{name} sidecar": f"{v}.json" for name, v in (("-o", output), ("--clean-out", clean_out)) if v}
     sides = {k: v for k, v in sides.items() if v != f"{STDIO}.json"}
-    check_distinct(
-        {"FEATURES": features_path, "LABELS": labels_path}, {"-o": output, "--clean-out": clean_out, **sides}
-    )
+    inputs: dict[str, str | Path | None] = {"FEATURES": features_path, "LABELS": labels_path}
+    if str(labels_path) != STDIO:  # its noise record is carried into the outputs' sidecars
+        inputs["the labels' sidecar LABELS.json"] = f"{labels_path}.json"
+    for i, prompt in enumerate(o.prompts, start=1):
+        inputs["--prompt" if len(o.prompts) == 1 else f"--prompt #{i}"] = prompt
+    check_distinct(inputs, {"-o": output, "--clean-out": clean_out, **sides})
     result = clean_labels(features_path, labels_path, o, on_fit_step)
     result.summary["output"] = output
     result.summary["clean_out"] = clean_out
