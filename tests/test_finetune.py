@@ -398,3 +398,32 @@ def test_a_relative_source_is_found_beside_the_features_file(tmp_path, monkeypat
     attrs = {"source": "imgs", "source_kind": "folder"}
     files = image_files(attrs, ["cat/1.png"], tmp_path / "data" / "train.h5", None)
     assert files == [tmp_path / "data" / "imgs" / "cat" / "1.png"]
+
+
+def test_outputs_may_not_be_inputs_or_each_other(tmp_path, tiny_features, labels_csv, run_cli):
+    labels = tmp_path / "labels.csv"
+    shutil.copy(labels_csv, labels)
+    before = labels.read_bytes()
+    base = [
+        "tune",
+        tiny_features,
+        labels,
+        "--method",
+        "finetune",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--force",
+    ]
+    for args, message in (
+        (["-o", labels], "output -o is the input LABELS"),
+        (["-o", tmp_path / "p.safetensors", "--log", labels], "output --log is the input LABELS"),
+        (
+            ["-o", tmp_path / "p.safetensors", "--log", tmp_path / "p.safetensors"],
+            "-o and --log name the same file",
+        ),
+    ):
+        code, _, err = run_cli(*base, *args)
+        assert code == 2 and message in err, err
+    assert labels.read_bytes() == before and not (tmp_path / "p.safetensors").exists()

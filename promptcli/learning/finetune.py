@@ -611,7 +611,7 @@ def finetune(
     from promptcli.choices import IMAGE_METHODS
     from promptcli.extraction.extract import augmentation
     from promptcli.io import provenance
-    from promptcli.io.fileio import check_output_path, sha256_file
+    from promptcli.io.fileio import check_distinct, check_output_path, sha256_file
     from promptcli.io.image_dataset import EpochBatches, TrainImages, make_loader, raise_bad
     from promptcli.io.prompt_files import save_prompt
     from promptcli.io.sidecar import noise_summary, read_noise_sidecar
@@ -662,6 +662,15 @@ def finetune(
     wise_outputs = {a: wise_path(output, a) for a in ft.wise_alphas}
     partial = partial_path(output)
     # Every process checks (and so fails alike, none waiting for another); only rank 0 deletes.
+    check_distinct(
+        {"FEATURES": features_path, "LABELS": labels_path},
+        {
+            "-o": output,
+            "--log": log_path,
+            "the checkpoint -o.partial": partial,
+            **{f"--wise-alpha {a:g}": path for a, path in wise_outputs.items()},
+        },
+    )
     check_output_path(output, force)
     for path in wise_outputs.values():
         check_output_path(path, force, option="--wise-alpha")
