@@ -369,3 +369,13 @@ def test_the_cleaned_sidecar_does_not_describe_the_source_file_as_its_own(noisy,
     assert not {"n_rows", "n_noisy", "output"} & side.keys()
     assert side["cleaning"]["source"] == {"n_rows": 99, "n_noisy": 17, "output": "x.csv"}
     assert side["csv_sha256"] == sha256_file(kept)
+
+
+def test_dropping_every_row_writes_nothing(noisy, tmp_path, run_cli):
+    kept, scores = tmp_path / "kept.csv", tmp_path / "scores.csv"
+    code, _, err = run_cli(
+        "clean", noisy["features"], noisy["labels"], "-p", noisy["coop"], "--threshold", "-1",
+        "-o", scores, "--clean-out", kept,
+    )  # fmt: skip
+    assert code == 2 and "every row was dropped" in err, err
+    assert not kept.exists() and not scores.exists()

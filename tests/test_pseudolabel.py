@@ -177,3 +177,12 @@ def test_cli_class_count_mismatch_and_overwrite(run_cli, tiny_features, tmp_path
     out.write_text("keep me\n")
     code, _, stderr = run_cli("pseudolabel", tiny_features, "--device", "cpu", "-o", out)
     assert code == 2 and "output exists" in stderr and out.read_text() == "keep me\n"
+
+
+def test_a_selection_that_keeps_no_image_is_an_error(run_cli, tiny_features, tmp_path):
+    out = tmp_path / "none.csv"
+    code, _, err = run_cli(
+        "pseudolabel", tiny_features, "--min-confidence", "1", "-o", out, "--device", "cpu"
+    )
+    assert code == 2 and "--min-confidence: no image has a confidence of 1 or more" in err, err
+    assert "the highest confidence is" in err and not out.exists()

@@ -696,6 +696,12 @@ def clean_file(
         inputs["--prompt" if len(o.prompts) == 1 else f"--prompt #{i}"] = prompt
     check_distinct(inputs, {"-o": output, "--clean-out": clean_out, **sides})
     result = clean_labels(features_path, labels_path, o, on_fit_step)
+    if clean_out is not None and not result.clean_rows:  # an empty file would only fail later, in tune
+        raise InputError(
+            "every row was dropped: --clean-out would hold no labels (nothing was written)",
+            where="--threshold" if o.threshold is not None else "--clean-out",
+            hint="raise --threshold, use --keep-fraction, or --relabel the suspects instead of dropping them",
+        )
     result.summary["output"] = output
     result.summary["clean_out"] = clean_out
     if output is not None:

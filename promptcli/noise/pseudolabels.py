@@ -279,6 +279,12 @@ def pseudolabel_file(
     else:
         pred = zero_shot_predict(loaded, fs.features, prompt_names, prompts)
     kept = select(pred.labels, pred.confidence, len(label_names), top_k, random_k, min_confidence, seed)
+    if not len(kept):  # an empty labels file would only fail later, in tune
+        raise InputError(
+            f"no image has a confidence of {min_confidence:g} or more",
+            where="--min-confidence",
+            hint=f"lower it (the highest confidence is {float(pred.confidence.max()):.4f})",
+        )
     truth = fs.labels
     stats = summary(pred.labels, truth, kept, label_names)
     if fit is not None:  # summary's zero_shot_accuracy measured the transductive labels: say so
