@@ -23,6 +23,18 @@ run() {
     ran=$((ran + 1))
 }
 
+# check_words NAME PATTERN EXAMPLE WORDS...: every word matches PATTERN (checked before any work), else exit 2.
+check_words() {
+    local name=$1 pattern=$2 example=$3 word
+    shift 3
+    for word in "$@"; do
+        if [[ ! "$word" =~ $pattern ]]; then
+            echo "Error: $name: '$word' is not a valid value — e.g. $name=\"$example\"" >&2
+            exit 2
+        fi
+    done
+}
+
 # image_features [TRAIN EXTRACT FLAGS...]: the demo's images unless TRAIN_DIR and TEST_DIR are set;
 # then $train_h5 and $test_h5 (MODEL on DEVICE) and the zero-shot eval $zero_shot, all under $OUT.
 image_features() {

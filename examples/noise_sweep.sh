@@ -66,6 +66,10 @@ PROMPTCLI=${PROMPTCLI:-promptcli}
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 read -r -a finetune_args <<<"$FINETUNE_ARGS"
+# shellcheck disable=SC2086  # word lists
+check_words SEEDS '^[0-9]+$' "1 2 3" $SEEDS $GRADSTATS_SEEDS
+# shellcheck disable=SC2086
+check_words RATES '^(0|0?\.[0-9]+)$' "0 0.25 0.5" $RATES
 
 mkdir -p "$OUT/features" "$OUT/labels" "$OUT/prompts" "$OUT/results"
 
