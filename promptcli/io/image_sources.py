@@ -146,16 +146,14 @@ def read_image_folder(root: Path, split: str = "", classnames: list[str] | None 
 
 def _check_folder_files(root: Path, paths: Sequence[str], files: Sequence[Path]) -> None:
     """Refuse one image file reached twice through links (it would count twice, or in two classes)."""
-    seen: dict[str, int] = {}
-    real_folders: dict[str, str] = {}
-    for i, file in enumerate(files):
-        j = seen.setdefault(_real_file(file, real_folders), i)
-        if j != i:
-            raise InputError(
-                f"{paths[j]!r} and {paths[i]!r} are the same image file (reached through a link)",
-                where=root,
-                hint="keep one of them: an image belongs to one class, once",
-            )
+    repeat = _first_same_file(files)
+    if repeat is not None:
+        j, i = repeat
+        raise InputError(
+            f"{paths[j]!r} and {paths[i]!r} are the same image file (reached through a link)",
+            where=root,
+            hint="keep one of them: an image belongs to one class, once",
+        )
 
 
 def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -217,16 +215,24 @@ def _real_file(file: Path, real_folders: dict[str, str]) -> str:
     return os.path.realpath(joined) if os.path.islink(joined) else joined
 
 
-def check_same_files(
-    csv_path: Path, paths: Sequence[str], files: Sequence[Path], given: Sequence[str] | None
-) -> None:
-    """Refuse two rows that open one file, however spelled (``a.png``, ``./a.png``, ``/abs/a.png``, a link)."""
+def _first_same_file(files: Sequence[Path]) -> tuple[int, int] | None:
+    """The first (earlier, later) indices of two entries that open one file, however spelled; None if none."""
     seen: dict[str, int] = {}
     real_folders: dict[str, str] = {}
     for i, file in enumerate(files):
         j = seen.setdefault(_real_file(file, real_folders), i)
         if j != i:
-            raise InputError(_same_file_rows(paths, given, j, i), where=csv_path, hint="list each image once")
+            return j, i
+    return None
+
+
+def check_same_files(
+    csv_path: Path, paths: Sequence[str], files: Sequence[Path], given: Sequence[str] | None
+) -> None:
+    """Refuse two rows that open one file, however spelled (``a.png``, ``./a.png``, ``/abs/a.png``, a link)."""
+    repeat = _first_same_file(files)
+    if repeat is not None:
+        raise InputError(_same_file_rows(paths, given, *repeat), where=csv_path, hint="list each image once")
 
 
 def _same_file_rows(paths: Sequence[str], given: Sequence[str] | None, j: int, i: int) -> str:

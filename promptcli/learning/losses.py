@@ -171,8 +171,8 @@ def make_loss(
 LOSS_OPTIONS = ("q", "alpha", "beta")  # the options some loss takes (besides --label-smoothing)
 
 
-def ignored_loss_options(name: str, given: dict[str, float]) -> list[str]:
-    """The loss options in ``given`` (changed from their defaults) that loss ``name`` does not take."""
+def ignored_loss_options(name: str, given: set[str]) -> list[str]:
+    """The loss options in ``given`` (those changed from their defaults) that loss ``name`` does not take."""
     takes = getattr(LOSSES.get(name), "takes", ())
     return [option for option in LOSS_OPTIONS if option in given and option not in takes]
 

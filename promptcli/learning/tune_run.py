@@ -149,9 +149,7 @@ def check_options(
     if split.method == "none" and (options.noisy_loss != "mae" or options.ot_epsilon != DEFAULT_EPSILON):
         warn("--noisy-loss and --ot-epsilon apply with --split ot; ignored")
     check_method_options(options, warn)
-    changed = {
-        f.name: getattr(options, f.name) for f in fields(options) if getattr(options, f.name) != f.default
-    }
+    changed = {f.name for f in fields(options) if getattr(options, f.name) != f.default}
     if "warmup_epochs" in changed and options.epochs and options.warmup_epochs >= options.epochs:
         warn(
             f"--warmup-epochs {options.warmup_epochs} covers all {options.epochs} epochs: "
@@ -322,9 +320,8 @@ def tune(
     from promptcli.learning.method_options import method_params
     from promptcli.models.heads import save_head
 
-    check_options(
-        options, lambda _: None, split_ok=True
-    )  # errors before any file is touched; prepare_run warns
+    # errors before any file is touched; prepare_run checks again and warns
+    check_options(options, lambda _: None, split_ok=True)
     check_distinct(
         {"FEATURES": features_path, "LABELS": labels_path},
         {"-o": output, "--log": log_path, "the checkpoint -o.partial": partial_path(output)},
