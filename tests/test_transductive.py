@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,6 +400,11 @@ def test_cli_trusted_labels_replace_given_ones_and_are_recorded(run_cli, noisy_l
 
     code, _, stderr = run_cli(*args, "--trusted", labels, "-o", tmp_path / "same.csv")
     assert code == 2 and "--labels and --trusted name the same file" in stderr
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(Path(labels).read_bytes())
+    code, _, stderr = run_cli(*args, "--trusted", copy, "-o", tmp_path / "copy_out.csv")
+    assert code == 2 and f"--trusted repeats all {len(given)} given labels unchanged" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "copy_out.csv").exists()
     code, _, stderr = run_cli("pseudolabel", features, "--trusted", trusted, "-o", tmp_path / "zs.csv")
     assert code == 2 and "--trusted applies only with --method transductive" in stderr
     bad = tmp_path / "bad.csv"
@@ -472,3 +478,17 @@ def test_the_fit_on_cuda_matches_cpu():
         assert (cpu[0] == cuda[0]).mean() >= 0.99
         assert cpu[2]["renamed_clusters"] == cuda[2]["renamed_clusters"]
         np.testing.assert_allclose(cpu[1], cuda[1], atol=1e-6)
+
+
+def test_trusted_labels_all_equal_to_noisy_given_ones_are_warned_about():
+    from promptcli.noise.transductive import unchecked_warning
+
+    def fit(replaced: int, changed: int, rate: float | None) -> dict:
+        return {"noise_rate": rate, "trusted": {"replaced": replaced, "changed": changed}}
+
+    message = unchecked_warning(fit(20, 0, 0.75))
+    assert message and "none of the 20 --trusted labels" in message and "75%" in message
+    assert unchecked_warning(fit(20, 1, 0.75)) is None  # one correction: they were checked
+    assert unchecked_warning(fit(20, 0, 0.10)) is None  # 0.9^20 = 12%: plausible by chance
+    assert unchecked_warning(fit(4, 0, 0.75)) is None  # too few to tell
+    assert unchecked_warning(fit(0, 0, None)) is None and unchecked_warning({"noise_rate": 0.7}) is None

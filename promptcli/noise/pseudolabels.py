@@ -268,7 +268,7 @@ def pseudolabel_file(
     )
     fit = None
     if transductive:
-        from promptcli.noise.transductive import transductive_fit
+        from promptcli.noise.transductive import transductive_fit, unchecked_warning
 
         pred, zero_shot, fit = transductive_fit(
             loaded, fs, prompt_names, prompts, o.labels, trusted_path=o.trusted, skip_missing=o.skip_missing
@@ -276,6 +276,9 @@ def pseudolabel_file(
         for key in ("labels", "trusted"):
             if fit.get(key, {}).get("skipped"):
                 warn(f"skipped {fit[key]['skipped']} --{key} row(s) whose path or class the features lack")
+        unchecked = unchecked_warning(fit)
+        if unchecked:
+            warn(unchecked)
     else:
         pred = zero_shot_predict(loaded, fs.features, prompt_names, prompts)
     kept = select(pred.labels, pred.confidence, len(label_names), top_k, random_k, min_confidence, seed)

@@ -114,6 +114,10 @@ TRUSTED_VOTES = 2.0
 # 87 fits at 75% noise measured there read 0.73-0.82, the 48 at 50% 0.52-0.60.
 CHECKS_ADVISED_RATE = 0.65
 CHECKS_ADVISED_SHARE = 8  # one given label in this many
+# A warning when at least this many verified labels all agree with their given labels though that would
+# happen by chance less often than this, at the fit's estimated noise rate (``unchecked_warning``).
+UNCHANGED_CHECKS_MIN = 5
+UNCHANGED_CHECKS_CHANCE = 0.01
 
 
 @dataclass
@@ -469,6 +473,21 @@ def advised_checks(record: dict[str, object]) -> int:
     return -(-n_given // CHECKS_ADVISED_SHARE)
 
 
+def unchecked_warning(record: dict[str, object]) -> str | None:
+    """A warning when many verified labels all equal their given labels although the fit finds those labels
+    noisy: most likely the checked rows were copied from the labels file and never corrected."""
+    trusted, rate = record.get("trusted") or {}, record.get("noise_rate")
+    replaced, changed = int(trusted.get("replaced", 0)), int(trusted.get("changed", 0))
+    if changed or replaced < UNCHANGED_CHECKS_MIN or rate is None:  # also: no --trusted at all
+        return None
+    if (1.0 - rate) ** replaced >= UNCHANGED_CHECKS_CHANCE:
+        return None
+    return (
+        f"none of the {replaced} --trusted labels differs from its given label, though the fit estimates "
+        f"{rate:.0%} of the given labels wrong: were their label columns corrected?"
+    )
+
+
 def unverified(labels: torch.Tensor | None, trusted: torch.Tensor | None) -> torch.Tensor | None:
     """The given labels that still count: -1 where a verified label replaces one; None if none is left."""
     if labels is None or trusted is None:
@@ -600,6 +619,14 @@ def transductive_fit(
         both = None if given is None else (given >= 0) & (trusted >= 0)  # verified images with a given label
         trusted_record["replaced"] = 0 if both is None else int(both.sum())
         trusted_record["changed"] = 0 if both is None else int((both & (given != trusted)).sum())
+        if both is not None and bool(both.eq(given >= 0).all()) and trusted_record["changed"] == 0:
+            # every given label "verified" unchanged: the labels file (or a copy) passed as --trusted
+            raise InputError(
+                f"--trusted repeats all {trusted_record['replaced']} given labels unchanged",
+                where=str(trusted_path),
+                hint="pass only the rows you checked, with their label column corrected (a copy of --labels "
+                "checks nothing)",
+            )
     # the features and the prior are already on the model's device: the fit runs there on them
     pred, confidence, record = transductive_predict(
         feats, log_probs, logit_scale(loaded), given, trusted=trusted, device=loaded.device
