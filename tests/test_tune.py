@@ -345,6 +345,7 @@ def test_optim_config_schedule():
             "--warmup-epochs 3 covers all 2 epochs: the whole run trains at --warmup-lr 1e-05",
         ),
         (["--kg-lambda", "4"], "--kg-lambda applies to kgcoop; ignored for coop"),
+        (["--epochs", "0"], "--epochs 0: coop is saved untrained, with its initial weights"),  # the last wins
     ],
 )
 def test_options_that_do_nothing_warn_once(syn, tmp_path, run_cli, options, warning):

@@ -74,6 +74,8 @@ def check_method_options(options: TuneOptions, warn: Callable[[str], None] = lam
             where="--epochs",
             hint="drop --epochs (or use --method tip-adapter-f, which fine-tunes the cache keys)",
         )
+    if method != Method.TIP_ADAPTER.value and options.epochs == 0:  # kept: an untrained prompt is a check
+        warn(f"--epochs 0: {method} is saved untrained, with its initial weights")
     if method == Method.COCOOP.value and options.class_chunk:
         warn("--class-chunk applies to the class text pass of coop-style methods; ignored for cocoop")
     if method == Method.COCOOP.value and (options.csc or options.class_position != "end"):
