@@ -121,3 +121,18 @@ def test_an_unreachable_hub_is_not_retried(monkeypatch):
     with pytest.raises(PromptcliError, match="could not fetch pretrained weights"):
         loading.load_model("ViT-B-32", "openai", device="cpu")
     assert seen == [True] and constants.HF_HUB_OFFLINE is False
+
+
+def test_loading_leaves_no_temporary_files_and_the_callers_random_stream(
+    tiny_model_files, tmp_path, monkeypatch
+):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    # a name open_clip does not know yet, so that its config is registered through a temporary file
+    load_model("tiny-clip-unseen", str(tiny_model_files["weights"]), tiny_model_files["config"], device="cpu")
+    assert torch.equal(torch.rand(3), want)  # a notebook's seeded stream goes on where it was
+    assert list(tmp_path.iterdir()) == []  # the config's temporary folder is gone

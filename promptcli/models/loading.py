@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -136,9 +137,19 @@ def _register_config(name: str, config: dict[str, Any]) -> None:
     existing = open_clip.get_model_config(name)
     if existing is not None and existing == model_cfg:
         return
+    # open_clip registers configs from files; it reads the file at once, so the folder can go right after
     folder = Path(tempfile.mkdtemp(prefix="promptcli-config-"))
-    (folder / f"{name}.json").write_text(json.dumps(model_cfg), encoding="utf-8")
-    open_clip.add_model_config(folder / f"{name}.json")
+    try:
+        (folder / f"{name}.json").write_text(json.dumps(model_cfg), encoding="utf-8")
+        open_clip.add_model_config(folder / f"{name}.json")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if open_clip.get_model_config(name) != json.loads(json.dumps(model_cfg)):
+        raise InputError(
+            f"open_clip did not accept the config of model {name!r}",
+            where="--model-config",
+            hint="give it embed_dim, vision_cfg and text_cfg (as open_clip's model configs have)",
+        )
 
 
 def _is_checkpoint_path(pretrained: str) -> bool:
@@ -386,7 +397,10 @@ def load_model(
                     torch.manual_seed(seed)
                     clip_model, _, preprocess = create(torch_device, precision)
         else:
-            clip_model, _, preprocess = create(torch_device, precision)
+            # the random init before the weights load must not advance the caller's random streams
+            cuda = [torch_device.index or 0] if torch_device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                clip_model, _, preprocess = create(torch_device, precision)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         if not (spec.pretrained and _is_checkpoint_path(spec.pretrained)):
             raise
