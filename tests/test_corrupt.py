@@ -225,7 +225,10 @@ def test_cli_corrupt_csv_with_sidecar(run_cli, tmp_path):
         recount[idx[r["clean_label"]], idx[r["label"]]] += 1
     assert side["transition_counts"] == recount.tolist()
     assert [v["flipped_from"] for v in side["per_class_counts"].values()] == [3, 3, 3]
-    assert len(side["input_sha256"]) == 64 and side["command"]
+    assert len(side["input_sha256"]) == 64 and side["command"].startswith("promptcli corrupt ")
+    from promptcli.io.provenance import command_line
+
+    assert "--json" not in command_line()  # a later library call in this process records its own command
     # same seed, same file; existing outputs are protected
     code, _, stderr = run_cli("corrupt", src, "--rate", "0.3", "-o", out)
     assert code == 2 and "output exists" in stderr

@@ -17,7 +17,7 @@ import typer
 
 import promptcli
 from promptcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, PromptcliError
-from promptcli.io.provenance import set_command
+from promptcli.io.provenance import recorded_command
 
 
 def _version(value: bool) -> None:
@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("PROMPTCLI_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
-    set_command(args)
+    with recorded_command(args):
+        _run(args, debug)
+
+
+def _run(args: list[str], debug: bool) -> None:
     if args == ["--version"]:  # answered before any command is built
         sys.stdout.write(f"promptcli {promptcli.__version__}\n")
         sys.exit(0)

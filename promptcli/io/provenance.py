@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import shlex
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import promptcli
@@ -12,10 +14,17 @@ import promptcli
 _COMMAND: list[str] | None = None
 
 
-def set_command(args: list[str]) -> None:
-    """Record the promptcli arguments being run (the CLI calls this; ``sys.argv`` may be another program's)."""
+@contextlib.contextmanager
+def recorded_command(args: list[str]) -> Iterator[None]:
+    """Record the promptcli arguments being run while the block runs (the CLI does; ``sys.argv`` may be another
+    program's). Afterwards the earlier value is back, so later library calls in the same process do not record
+    this command as theirs."""
     global _COMMAND
-    _COMMAND = ["promptcli", *args]
+    before, _COMMAND = _COMMAND, ["promptcli", *args]
+    try:
+        yield
+    finally:
+        _COMMAND = before
 
 
 def command_line() -> str:
