@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -48,3 +49,13 @@ class RuntimeFailure(PromptcliError):
     def __init__(self, what: str, **kwargs) -> None:
         kwargs.setdefault("exit_code", EXIT_RUNTIME)
         super().__init__(what, **kwargs)
+
+
+class PromptcliWarning(UserWarning):
+    """Something a library call went on despite (the CLI prints these as "Warning: ...")."""
+
+
+def warn_user(message: str) -> None:
+    """The library steps' default ``warn``: a :class:`PromptcliWarning` through Python's warnings machinery, so a
+    script or notebook sees it (and can filter it, or turn it into an error) rather than losing it."""
+    warnings.warn(message, PromptcliWarning, stacklevel=3)

@@ -364,3 +364,14 @@ def test_options_a_loss_takes_give_no_warning(syn, tmp_path, run_cli):
     )  # fmt: skip
     assert code == 0, err
     assert "Warning" not in err, err
+
+
+def test_library_calls_warn_through_pythons_warnings():
+    from promptcli.errors import PromptcliWarning
+    from promptcli.learning.method_options import check_method_options
+
+    with pytest.warns(PromptcliWarning, match="--epochs 0: coop is saved untrained"):
+        check_method_options(TuneOptions(method="coop", epochs=0))
+    heard: list[str] = []
+    check_method_options(TuneOptions(method="coop", epochs=0), heard.append)  # the CLI passes its own
+    assert heard == ["--epochs 0: coop is saved untrained, with its initial weights"]

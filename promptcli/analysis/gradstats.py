@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from promptcli.analysis.results import GRADSTATS_COLUMNS
-from promptcli.errors import InputError
+from promptcli.errors import InputError, warn_user
 from promptcli.learning.options import TuneOptions
 from promptcli.learning.training import Step, TrainResult, train
 from promptcli.learning.tune_run import PreparedRun
@@ -278,7 +278,7 @@ def gradstats(
     chunk_size: int = DEFAULT_CHUNK,
     on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
     info: Callable[[str], None] = lambda _: None,
-    warn: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = warn_user,
 ) -> dict[str, Any]:
     """Train each method as ``tune`` would and write per-step gradient statistics to ``output`` (CSV).
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from promptcli.errors import InputError, RuntimeFailure
+from promptcli.errors import InputError, RuntimeFailure, warn_user
 from promptcli.io.checks import check_step
 from promptcli.io.fileio import locks_output
 from promptcli.learning.options import LINEAR_LR, OptimConfig, TuneOptions
@@ -604,7 +604,7 @@ def finetune(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_images: Callable[[int], None] | None = None,
     info: Callable[[str], None] = lambda _: None,
-    warn: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = warn_user,
     shard: Shard | None = None,
 ) -> dict[str, Any]:
     """Train ``options.method`` (finetune, vpt or maple) on images; write ``output`` (and WiSE files)."""

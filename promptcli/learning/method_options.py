@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from promptcli.choices import TIP_METHODS, Method
-from promptcli.errors import InputError
+from promptcli.errors import InputError, warn_user
 from promptcli.learning.options import TuneOptions
 
 # option -> (field, its default, the methods that use it): set for another method, it is ignored.
@@ -34,7 +34,7 @@ def method_params(options: TuneOptions) -> dict[str, float]:
     }
 
 
-def check_method_options(options: TuneOptions, warn: Callable[[str], None] = lambda _: None) -> None:
+def check_method_options(options: TuneOptions, warn: Callable[[str], None] = warn_user) -> None:
     """Refuse values out of range; warn about a method's option given to another method (ignored)."""
     method = options.method
     for option, (name, default, methods) in _OWN_OPTIONS.items():

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from promptcli.errors import InputError
+from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import check_finite_fields, check_seed
 from promptcli.io.fileio import locks_output
 from promptcli.io.sidecar import noise_summary, read_noise_sidecar
@@ -193,7 +193,7 @@ def prepare_run(
     amp: bool = True,
     pretrained: str | None = None,
     info: Callable[[str], None] = lambda _: None,
-    warn: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = warn_user,
     loaded: Any = None,
     split_ok: bool = False,
 ) -> PreparedRun:
@@ -311,7 +311,7 @@ def tune(
     log_path: str | Path | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     info: Callable[[str], None] = lambda _: None,
-    warn: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = warn_user,
 ) -> dict[str, Any]:
     """Learn a prompt (or head) from cached features and labels; write it to ``output``; return a summary."""
     from promptcli.io import provenance

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from promptcli.choices import ConfusionFrom, NoiseType
-from promptcli.errors import InputError
+from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import INT_MAX, check_at_most, check_seed
 from promptcli.io.fileio import (
     STDIO,
@@ -60,7 +60,7 @@ def corrupt_file(
     force: bool = False,
     json_out: bool = False,
     info: Callable[[str], None] = lambda _: None,
-    warn: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = warn_user,
 ) -> dict[str, Any]:
     """Write noisy labels for ``labels`` to ``output`` (``-``: stdout) and its sidecar; return the summary."""
     from promptcli.io.provenance import base_provenance

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from promptcli.choices import PseudoLabelMethod
-from promptcli.errors import InputError
+from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import check_seed
 from promptcli.models.loading import LoadedModel
 from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
@@ -177,7 +177,7 @@ def pseudolabel_file(
     force: bool = False,
     json_out: bool = False,
     info: Callable[[str], None] = lambda _: None,
-    warn: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = warn_user,
 ) -> dict[str, Any]:
     """Zero-shot pseudo-labels of a features file, selected, written as a labels CSV (+ sidecar).
 
