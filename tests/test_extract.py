@@ -60,7 +60,7 @@ def test_cli_extract_folder(run_cli, cli_model_args, image_folder, tiny_model, t
     np.testing.assert_allclose(np.linalg.norm(fs.features, axis=1), 1.0, atol=1e-5)
 
 
-def test_cli_extract_csv(run_cli, cli_model_args, image_folder, tmp_path):
+def test_cli_extract_csv(run_cli, cli_model_args, image_folder, tiny_model, tiny_model_files, tmp_path):
     csv = tmp_path / "list.csv"
     rows = ["path,label,split", f"{image_folder}/red_apple/img000.png,red apple,train"]
     (tmp_path / "imgs").mkdir()
@@ -79,6 +79,17 @@ def test_cli_extract_csv(run_cli, cli_model_args, image_folder, tmp_path):
     assert fs.labels.tolist() == [1, 0, 0, 0, -1]
     assert fs.splits == ["train", "test", "test", "test", "test"]
     assert fs.attrs["dtype"] == "float16" and _datasets(out)["features"].dtype == np.float16
+
+    # the same from Python, in one call; the library step also refuses to write over its input
+    from promptcli.extraction.extract import extract_file
+
+    model = {"model": "tiny-clip", "model_config": tiny_model_files["config"], "device": "cpu"}
+    again = tmp_path / "again.h5"
+    extract_file(csv, again, ExtractOptions(workers=0), pretrained=str(tiny_model_files["weights"]), **model)
+    assert all(np.array_equal(a, b) for a, b in zip(_datasets(out).values(), _datasets(again).values()))
+    with pytest.raises(InputError, match="-o is the input IMAGES"):
+        extract_features(read_image_source(csv), tiny_model, csv, ExtractOptions(workers=0), force=True)
+    assert csv.read_text().startswith("path,label,split")
 
 
 def test_views_are_seeded(tiny_model, image_folder, tmp_path):

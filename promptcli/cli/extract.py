@@ -36,8 +36,6 @@ from promptcli.cli._options import (
     WorkersOpt,
 )
 from promptcli.cli._output import Output
-from promptcli.errors import InputError
-from promptcli.io.fileio import check_distinct, check_output_path
 
 if TYPE_CHECKING:
     from promptcli.extraction.distributed import DistContext
@@ -109,8 +107,6 @@ def command(
 ) -> None:
     from promptcli.extraction.distributed import context_from_env
 
-    if chunk_size < 1:
-        raise InputError("must be >= 1", where="--chunk-size", hint="e.g. 1024")
     dtype, precision = str(dtype), str(precision)  # plain strings into the file's attributes
     ctx = context_from_env(force=distributed)
     if ctx is None:
@@ -148,9 +144,7 @@ def _run(
     **_: object,
 ) -> None:
     from promptcli.extraction.distributed import DistContext, extract_distributed
-    from promptcli.extraction.extract import ExtractOptions, extract_features
-    from promptcli.io.image_sources import read_classnames, read_image_source
-    from promptcli.models.loading import load_model
+    from promptcli.extraction.extract import ExtractOptions, extract_features, open_extraction
 
     main = ctx is None or ctx.is_main
     single = ctx or DistContext()
@@ -167,33 +161,21 @@ def _run(
     )
 
     def setup():
-        options.validate()
-        inputs = {
-            "IMAGES": images,
-            "--classnames": classnames,
-            "--adapter": adapter,
-            "--model-config": model_config,
-            "--pretrained": pretrained,  # a tag names no file, so it never matches
-        }
-        check_distinct(inputs, {"-o": output})
-        check_output_path(output, force)
-        names = read_classnames(classnames) if classnames else None
-        source = read_image_source(images, split=split, classnames=names)
-        on = single.device_spec(device) if ctx else device
-        loaded = load_model(
-            model,
-            pretrained,
-            model_config,
-            device=on,
-            precision=precision,
+        return open_extraction(
+            images,
+            output,
+            options,
+            model=model,
+            pretrained=pretrained,
+            model_config=model_config,
             random_weights=random_weights,
-            seed=seed,
+            adapter=adapter,
+            classnames=classnames,
+            split=split,
+            device=single.device_spec(device) if ctx else device,
+            precision=precision,
+            force=force,
         )
-        if adapter is not None:
-            from promptcli.models.image_adapter import apply_adapter
-
-            apply_adapter(loaded, adapter)
-        return source, loaded
 
     # every rank sets up; if one cannot (missing file, bad weights), all stop with its error
     source, loaded = single.collective(setup)

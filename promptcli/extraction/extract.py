@@ -27,7 +27,7 @@ from promptcli.errors import InputError, RuntimeFailure
 from promptcli.extraction.decode import BOMB, DEFAULT_MAX_PIXELS, decode_rgb
 from promptcli.io.checks import INT_MAX, MAX_VIEWS, check_at_most, check_seed
 from promptcli.io.features import FEATURE_DTYPES, write_features
-from promptcli.io.fileio import check_output_path, disk_full_guard, locks_output
+from promptcli.io.fileio import check_distinct, check_output_path, disk_full_guard, locks_output
 from promptcli.io.image_sources import ImageSource
 from promptcli.io.provenance import base_provenance
 from promptcli.models.loading import LoadedModel
@@ -64,6 +64,8 @@ class ExtractOptions:
         check_at_most(self.views, MAX_VIEWS, "--views")
         for value, option in ((self.batch_size, "--batch-size"), (self.workers, "--workers")):
             check_at_most(value, INT_MAX, option)
+        if self.chunk_size < 1:
+            raise InputError("must be >= 1", where="--chunk-size", hint="e.g. 1024")
         check_at_most(self.chunk_size, INT_MAX, "--chunk-size")
 
     @property
@@ -431,6 +433,7 @@ def extract_features(
     """
     options = options or ExtractOptions()
     options.validate()
+    check_distinct({"IMAGES": source.origin}, {"-o": output})
     output = check_output_path(output, force)
     partial, n_done = prepare_partial(output, manifest_for(source, loaded, options), resume, force)
     n_chunks = len(chunk_ranges(len(source), options.rows_per_chunk))
@@ -446,3 +449,94 @@ def extract_features(
     result = assemble(source, loaded, options, partial, output)
     result.resumed_chunks = n_done
     return result
+
+
+def open_extraction(
+    images: str | Path,
+    output: str | Path,
+    options: ExtractOptions,
+    *,
+    model: str,
+    pretrained: str | None = None,
+    model_config: str | Path | None = None,
+    random_weights: bool = False,
+    adapter: str | Path | None = None,
+    classnames: str | Path | None = None,
+    split: str = "",
+    device: str = "auto",
+    precision: str = "fp32",
+    force: bool = False,
+) -> tuple[ImageSource, LoadedModel]:
+    """Check an extraction's options and paths, read its image source and load its model: (source, model).
+
+    Everything is checked before the model loads; ``extract`` runs this on every rank of a distributed job."""
+    from promptcli.io.image_sources import read_classnames, read_image_source
+    from promptcli.models.loading import load_model
+
+    options.validate()
+    inputs = {
+        "IMAGES": images,
+        "--classnames": classnames,
+        "--adapter": adapter,
+        "--model-config": model_config,
+        "--pretrained": pretrained,  # a tag names no file, so it never matches
+    }
+    check_distinct(inputs, {"-o": output})
+    check_output_path(output, force)
+    names = read_classnames(classnames) if classnames else None
+    source = read_image_source(Path(images), split=split, classnames=names)
+    loaded = load_model(
+        model,
+        pretrained,
+        model_config,
+        device=device,
+        precision=precision,
+        random_weights=random_weights,
+        seed=options.seed,
+    )
+    if adapter is not None:
+        from promptcli.models.image_adapter import apply_adapter
+
+        apply_adapter(loaded, adapter)
+    return source, loaded
+
+
+def extract_file(
+    images: str | Path,
+    output: str | Path,
+    options: ExtractOptions | None = None,
+    *,
+    model: str,
+    pretrained: str | None = None,
+    model_config: str | Path | None = None,
+    random_weights: bool = False,
+    adapter: str | Path | None = None,
+    classnames: str | Path | None = None,
+    split: str = "",
+    device: str = "auto",
+    precision: str = "fp32",
+    resume: bool = False,
+    force: bool = False,
+    on_rows: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """``promptcli extract`` in one call: encode the image folder or CSV list ``images`` into ``output``.
+
+    The arguments are the command's options (see ``promptcli extract --help``); with a model already
+    loaded, or an :class:`ImageSource` built in code, call :func:`extract_features` instead."""
+    options = options or ExtractOptions()
+    source, loaded = open_extraction(
+        images,
+        output,
+        options,
+        model=model,
+        pretrained=pretrained,
+        model_config=model_config,
+        random_weights=random_weights,
+        adapter=adapter,
+        classnames=classnames,
+        split=split,
+        device=device,
+        precision=precision,
+        force=force,
+    )
+    return extract_features(source, loaded, output, options, resume=resume, force=force, on_rows=on_rows)
