@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -356,8 +357,10 @@ def test_cocoop_on_a_hugging_face_tower_matches_the_plain_pass(tiny_hf_model):  
 
 
 def test_methods_take_their_papers_defaults_unless_given():
-    assert TuneOptions(method="coop").epochs == 50 and TuneOptions(method="cocoop").epochs == 10
-    assert TuneOptions(method="tip-adapter").epochs == 0
+    def epochs(method: str) -> int:
+        return TuneOptions(method=method).resolved().epochs
+
+    assert epochs("coop") == 50 and epochs("cocoop") == 10 and epochs("tip-adapter") == 0
     tip_f = TuneOptions(method="tip-adapter-f")
     optim = tip_f.optim_config(5e-4)
     assert (optim.epochs, optim.lr, optim.optimizer) == (20, 0.001, "adamw")
@@ -366,8 +369,19 @@ def test_methods_take_their_papers_defaults_unless_given():
     assert TuneOptions(method="coop").optim_config(0.0).optimizer == "sgd"
 
 
+def test_another_method_through_replace_takes_its_own_defaults():
+    base = TuneOptions(seed=1, epochs=None)
+    cocoop = replace(base, method="cocoop").resolved()
+    assert (cocoop.epochs, cocoop.batch_size) == (10, 1)  # not coop's 50 and 32, filled when built
+    assert replace(base, method="tip-adapter").resolved().epochs == 0
+    assert replace(TuneOptions(epochs=3), method="cocoop").resolved().epochs == 3  # given: kept
+
+
 def test_methods_default_to_their_papers_batch_size_unless_given():
-    assert TuneOptions(method="cocoop").batch_size == 1  # CoCoOp: one image per step
-    assert TuneOptions(method="maple").batch_size == TuneOptions(method="vpt").batch_size == 4
-    assert TuneOptions(method="coop").batch_size == TuneOptions(method="kgcoop").batch_size == 32
+    def batch(method: str) -> int:
+        return TuneOptions(method=method).resolved().batch_size
+
+    assert batch("cocoop") == 1  # CoCoOp: one image per step
+    assert batch("maple") == batch("vpt") == 4
+    assert batch("coop") == batch("kgcoop") == 32
     assert TuneOptions(method="cocoop", batch_size=8).optim_config(0.0).batch_size == 8

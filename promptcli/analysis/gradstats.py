@@ -304,7 +304,7 @@ def gradstats(
         raise InputError("a method is given twice", where="--method", hint="give each method once")
     if chunk_size < 1:
         raise InputError("must be >= 1", where="--grad-batch", hint="e.g. 32; lower it if memory runs out")
-    per_method = [replace(options, method=m) for m in methods]
+    per_method = [replace(options, method=m).resolved() for m in methods]  # each method's own defaults
     for opts in per_method:
         check_options(opts, warn)
         check_gradient_definition(opts.method)
@@ -383,7 +383,7 @@ def gradstats(
         "labels": {"path": str(labels_path), "sha256": first.labels_sha},
         "noise": noise,
         "methods": list(methods),
-        "options": {k: v for k, v in asdict(options).items() if k != "method"},
+        "options": {k: v for k, v in asdict(per_method[0]).items() if k != "method"},
         "runs": [{k: v for k, v in r.items() if k != "epochs"} for r in runs],
         "definitions": {
             "grad_norm": "mean over the group's samples in the batch of |d loss_i / d theta|",

@@ -110,7 +110,7 @@ def _run_one(
     from promptcli.learning.finetune import finetune
 
     main = shard is None or shard.is_main
-    epochs = options.epochs
+    epochs = options.resolved().epochs
     with epoch_progress(out, str(options.method), epochs) as on_epoch:
         summary = finetune(
             features,

@@ -23,6 +23,7 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -66,11 +67,11 @@ def command(
     methods = [str(m) for m in method] if method else [Method.COOP.value]
     out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=str(output) == "-")  # -o -: tables on stderr
     options = tune_options(methods[0], training)
-    epochs = options.epochs
-    with out.progress("gradstats", total=epochs * len(methods), unit="epochs") as bar:
+    epochs = {m: replace(options, method=m).resolved().epochs for m in methods}  # each method's default
+    with out.progress("gradstats", total=sum(epochs.values()), unit="epochs") as bar:
 
         def on_epoch(name: str, row: dict) -> None:
-            bar.describe(f"{name} epoch {row['epoch']}/{epochs} loss {row['loss']:.4f}")
+            bar.describe(f"{name} epoch {row['epoch']}/{epochs[name]} loss {row['loss']:.4f}")
             bar.advance(1)
 
         summary = gradstats(

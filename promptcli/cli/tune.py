@@ -130,7 +130,7 @@ def command(
             log=log, resume=resume, force=force, out=out,
         )  # fmt: skip
         return
-    epochs = options.epochs
+    epochs = options.resolved().epochs
     with epoch_progress(out, f"tune {method}", epochs) as on_epoch:
         summary = tune(
             features,

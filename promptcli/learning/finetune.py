@@ -631,6 +631,7 @@ def finetune(
     from promptcli.models.loading import load_model_from_record
 
     shard = shard or Shard()
+    options = options.resolved()
     method_name = str(options.method)
     if method_name not in IMAGE_METHODS:
         raise ValueError(f"finetune() trains {', '.join(IMAGE_METHODS)}, not {method_name}")

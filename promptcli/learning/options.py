@@ -7,7 +7,7 @@ Light on purpose (no torch): the CLI builds these objects before anything heavy 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from promptcli.choices import LINEAR_METHODS, Method, NoisyLoss, Optimizer, Split
@@ -166,13 +166,18 @@ class TuneOptions:
     tip_beta: float = 1.0  # tip-adapter(-f): sharpness of the cache affinities
     val_fraction: float | None = None  # tip-adapter(-f): hold out this fraction to search (alpha, beta)
 
-    def __post_init__(self) -> None:
-        if self.epochs is None:
-            self.epochs = METHOD_EPOCHS.get(str(self.method), DEFAULT_EPOCHS)
-        if self.batch_size is None:
-            self.batch_size = METHOD_BATCH.get(str(self.method), DEFAULT_BATCH)
-        if self.optimizer is None:
-            self.optimizer = METHOD_OPTIMIZER.get(str(self.method), Optimizer.SGD.value)
+    def resolved(self) -> TuneOptions:
+        """These options with the method's defaults filled in where a setting is None (epochs, batch size,
+        optimizer). Filled when used, not when built, so ``dataclasses.replace(options, method=...)`` gets the
+        new method's defaults."""
+        method = str(self.method)
+        filled = {
+            "epochs": METHOD_EPOCHS.get(method, DEFAULT_EPOCHS),
+            "batch_size": METHOD_BATCH.get(method, DEFAULT_BATCH),
+            "optimizer": METHOD_OPTIMIZER.get(method, Optimizer.SGD.value),
+        }
+        missing = {name: value for name, value in filled.items() if getattr(self, name) is None}
+        return replace(self, **missing) if missing else self
 
     def split_config(self) -> SplitConfig | None:
         """The clean/noisy split these options ask for (None for ``split="none"``)."""
@@ -181,16 +186,17 @@ class TuneOptions:
         return SplitConfig(method=self.split, noisy_loss=self.noisy_loss, epsilon=self.ot_epsilon).validate()
 
     def optim_config(self, weight_decay: float) -> OptimConfig:
-        lr = self.lr
+        o = self.resolved()
+        lr = o.lr
         if lr is None:
-            lr = METHOD_LR.get(self.method, LINEAR_LR if self.method in LINEAR_METHODS else DEFAULT_LR)
+            lr = METHOD_LR.get(o.method, LINEAR_LR if o.method in LINEAR_METHODS else DEFAULT_LR)
         return OptimConfig(
-            optimizer=str(self.optimizer),
+            optimizer=str(o.optimizer),
             lr=lr,
-            momentum=self.momentum,
+            momentum=o.momentum,
             weight_decay=weight_decay,
-            epochs=int(self.epochs if self.epochs is not None else DEFAULT_EPOCHS),
-            warmup_epochs=self.warmup_epochs,
-            warmup_lr=self.warmup_lr,
-            batch_size=int(self.batch_size if self.batch_size is not None else DEFAULT_BATCH),
+            epochs=int(o.epochs),
+            warmup_epochs=o.warmup_epochs,
+            warmup_lr=o.warmup_lr,
+            batch_size=int(o.batch_size),
         )

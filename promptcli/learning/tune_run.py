@@ -130,6 +130,7 @@ def check_options(
     )
     from promptcli.models.heads import TEXT_METHODS, check_method
 
+    options = options.resolved()
     check_method(options.method)
     if options.method in IMAGE_METHODS:  # tune trains on cached features; these train on images
         raise InputError(
@@ -208,6 +209,7 @@ def prepare_run(
     from promptcli.models.devices import resolve_device
     from promptcli.models.heads import build_head
 
+    options = options.resolved()
     prompt_config, loss_fn = check_options(options, warn, split_ok=split_ok)
     torch_device = resolve_device(str(device))
     fs = read_features(features_path, load_views=options.use_views)
@@ -320,6 +322,7 @@ def tune(
     from promptcli.learning.method_options import method_params
     from promptcli.models.heads import save_head
 
+    options = options.resolved()  # the method's defaults, recorded as used
     # errors before any file is touched; prepare_run checks again and warns
     check_options(options, lambda _: None, split_ok=True)
     check_distinct(
