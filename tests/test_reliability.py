@@ -596,3 +596,27 @@ def test_a_head_with_overflowing_logits_is_neither_saved_nor_scored(syn, tmp_pat
     for cmd in (["eval", syn["features"], "-p", bad], ["clean", syn["features"], syn["labels"], "-p", bad]):
         line = one_line_error(*run_cli(*cmd, "-o", tmp_path / f"{cmd[0]}.out", "--device", "cpu")[::2])
         assert "bad.safetensors" in line and "non-finite logits" in line
+
+
+@pytest.mark.parametrize("seed", [1.5, "3", True, None])
+def test_a_seed_that_is_not_an_integer_is_an_input_error(seed):
+    from promptcli.io.checks import check_seed
+    from promptcli.noise.noisy_labels import CorruptOptions, corrupt_file
+
+    with pytest.raises(InputError, match="--seed: must be an integer"):
+        check_seed(seed)
+    with pytest.raises(InputError, match="--seed: must be an integer"):
+        corrupt_file("never-read.h5", "never-written.csv", CorruptOptions(rate=0.2, seed=seed))
+    assert check_seed(np.int64(7)) == 7  # as read back from a features file's attributes
+
+
+def test_one_path_or_template_where_a_list_is_expected_counts_as_one():
+    from promptcli.io.checks import one_or_many
+    from promptcli.models.zeroshot import resolve_templates
+    from promptcli.noise.cleaning import CleanOptions
+
+    assert one_or_many("p.safetensors") == ["p.safetensors"] and one_or_many(Path("a")) == [Path("a")]
+    assert one_or_many(None) == [] and one_or_many(("a", "b")) == ["a", "b"]
+    assert resolve_templates("a photo of a {}.") == ["a photo of a {}."]  # not its characters
+    options = CleanOptions(prompts="p.safetensors", templates="a {}.")
+    assert options.prompts == ["p.safetensors"] and options.templates == ["a {}."]

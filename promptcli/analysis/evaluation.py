@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from promptcli.errors import InputError
+from promptcli.io.checks import one_or_many
 from promptcli.io.features import FeatureSet
 from promptcli.io.prompt_files import PromptFile
 from promptcli.models.heads import LinearHead, PromptHead, load_head, method_needs_model, predict_logits
@@ -306,6 +307,7 @@ def evaluate(
     from promptcli.io.prompt_files import read_prompt
     from promptcli.models.devices import resolve_device
 
+    prompt_paths, templates = one_or_many(prompt_paths), one_or_many(templates) or None
     if bool(prompt_paths) == bool(zero_shot):
         raise InputError(
             "give either --prompt (one or more) or --zero-shot",

@@ -22,6 +22,7 @@ from promptcli.analysis.results import (  # noqa: F401  (the report API)
     read_results,
 )
 from promptcli.errors import InputError
+from promptcli.io.checks import one_or_many
 
 OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".png": "png", ".svg": "svg", ".pdf": "pdf", ".md": "md"}
 
@@ -203,6 +204,7 @@ def make_report(
     from promptcli.io.fileio import check_output_path
     from promptcli.io.provenance import base_provenance
 
+    results, outputs = one_or_many(results), one_or_many(outputs)
     seen: set[Path] = set()
     for path in outputs:
         output_format(path)

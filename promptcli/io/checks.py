@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -82,7 +83,9 @@ def check_step(
 
 
 def check_seed(seed: int, option: str = "--seed") -> int:
-    """A seed every random generator promptcli uses accepts: 0 <= seed < 2**32."""
+    """A seed every random generator promptcli uses accepts: an integer, 0 <= seed < 2**32."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"must be an integer, got {seed!r}", where=option, hint="e.g. --seed 0")
     if not 0 <= int(seed) <= SEED_MAX:
         raise InputError(f"must be in 0..{SEED_MAX}, got {seed}", where=option, hint="e.g. --seed 0")
     return int(seed)
@@ -176,3 +179,12 @@ def _collision(what: str, first: tuple[str, str], second: tuple[str, str]) -> st
         return f"{what}s {ascii(a)} and {ascii(b)} spell one class name in two Unicode forms (NFC and NFD)"
     names = "" if (a, b) == (name_a, name_b) else f" (class names {name_a!r} and {name_b!r})"
     return f"{what}s {a!r} and {b!r}{names} read the same in a prompt (case and repeated spaces are ignored)"
+
+
+def one_or_many(values: object) -> list:
+    """``values`` as a list, where one path or string counts as one item (not its characters)."""
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes, os.PathLike)):
+        return [values]
+    return list(values)

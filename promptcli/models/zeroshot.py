@@ -27,7 +27,7 @@ def template_set(name: str) -> list[str]:
 
 def resolve_templates(templates: Sequence[str] | None, template_set_name: str | None = None) -> list[str]:
     """Templates from ``--template`` (repeatable) and/or ``--templates SET``; default one template."""
-    out = list(templates or [])
+    out = [templates] if isinstance(templates, str) else list(templates or [])
     if template_set_name:
         out += template_set(template_set_name)
     if not out:

@@ -36,6 +36,7 @@ import numpy as np
 
 from promptcli.choices import NoiseModel
 from promptcli.errors import InputError, RuntimeFailure
+from promptcli.io.checks import one_or_many
 from promptcli.io.features import FeatureSet
 from promptcli.io.labels import LabelTable
 
@@ -379,6 +380,10 @@ class CleanOptions:
     skip_missing: bool = False
     pretrained: str | None = None
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.prompts = one_or_many(self.prompts)  # one prompt file given as a path, not a list
+        self.templates = one_or_many(self.templates) or None
 
     def validate(self) -> CleanOptions:
         check_selection(self.threshold, self.keep_fraction, self.score)
