@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -620,3 +621,21 @@ def test_one_path_or_template_where_a_list_is_expected_counts_as_one():
     assert resolve_templates("a photo of a {}.") == ["a photo of a {}."]  # not its characters
     options = CleanOptions(prompts="p.safetensors", templates="a {}.")
     assert options.prompts == ["p.safetensors"] and options.templates == ["a {}."]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("path,label,label\na.png,cat,dog\n", "column 'label' appears twice in the header"),
+        ("path,label,clean_label\na.png,cat\nb.png,dog,dog\n", ":2: row has 2 fields, the header 3"),
+        ("path,label\na.png,cat\nb.png,dog,x\n", ":3: row has 3 fields, the header 2"),
+        ('path,label\n"a,\nb.png",cat\nc.png,dog,x\n', ":4: row has 3 fields, the header 2"),  # physical line
+    ],
+)
+def test_labels_csv_whose_rows_do_not_fit_the_header_is_refused(tmp_path, text, message):
+    from promptcli.io.labels import read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_labels(path)

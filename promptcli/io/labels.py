@@ -62,7 +62,10 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
     try:
         reader = csv.DictReader(io.StringIO(text))
         columns = list(reader.fieldnames or [])
-        parsed = list(reader)
+        parsed, lines = [], []
+        for row in reader:
+            parsed.append(row)
+            lines.append(reader.line_num)
     except csv.Error as exc:
         raise InputError(
             f"malformed CSV (line {reader.line_num}: {exc})",
@@ -76,6 +79,24 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
             where=where,
             hint="a labels CSV needs a header with " + ",".join(required),
         )
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:  # DictReader would keep the last column of the name, silently
+        raise InputError(
+            f"column {repeated[0]!r} appears twice in the header",
+            where=where,
+            hint="keep one column of each name",
+        )
+    for line, row in zip(lines, parsed):
+        extra = row.get(
+            None
+        )  # DictReader files fields beyond the header under None, short rows get None values
+        short = sum(v is None for k, v in row.items() if k is not None)
+        if extra or short:
+            raise InputError(
+                f"row has {len(columns) + len(extra or []) - short} fields, the header {len(columns)}",
+                where=f"{where}:{line}",
+                hint="give every row one field per column (quote fields that hold a comma)",
+            )
     rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in parsed]
     if not rows:
         raise InputError("no rows", where=where, hint="the labels CSV is empty")
