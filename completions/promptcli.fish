@@ -155,7 +155,7 @@ complete -c promptcli -n '__fish_seen_subcommand_from gradstats' -l help -s h -d
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l output -s o -r -d 'Pseudo-labels CSV to write; - (default) for stdout.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l template -r -d 'Prompt template with one {} (repeatable); default "a photo of a {}."'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l templates -r -f -a 'imagenet imagenet-simple' -d 'Template set - imagenet (CLIPs 80) or imagenet-simple (7).'
-complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l classnames -rF -d 'Class names for the prompts, one per line, in the features class order.'
+complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l classnames -rF -d 'Class names for the prompts, one per line, in the features class order (a features class named at another position is refused).'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l top-k -r -d 'Keep the K most confident per class.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l random-k -r -d 'Keep K random images per class.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l min-confidence -r -d 'Keep images whose confidence is at least P.'

@@ -134,6 +134,19 @@ def test_cli_classnames_rename_prompts(run_cli, tiny_features, tmp_path):
     }  # labels stay joinable
 
 
+def test_cli_classnames_of_the_features_in_another_order_are_refused(run_cli, tiny_features, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text(
+        "red apple\nGreen  Grass\nblue sky\n"
+    )  # the features' classes: blue sky, green grass, red apple
+    out = tmp_path / "p.csv"
+    code, _, stderr = run_cli(
+        "pseudolabel", tiny_features, "--classnames", names, "--device", "cpu", "-o", out
+    )
+    assert code == 2 and "line 1 names 'red apple', class 3 of the features" in " ".join(stderr.split())
+    assert not out.exists()
+
+
 def test_cli_refuses_other_checkpoint(run_cli, tiny_features, tiny_model, tmp_path):
     from safetensors.torch import save_file
 

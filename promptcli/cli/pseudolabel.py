@@ -61,7 +61,8 @@ def command(
     classnames: Annotated[
         Path | None,
         typer.Option(
-            "--classnames", help="Class names for the prompts, one per line, in the features' class order."
+            "--classnames",
+            help="Class names for the prompts, one per line, in the features' class order (a features class named at another position is refused).",
         ),
     ] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Keep the K most confident per class.")] = None,

@@ -169,6 +169,27 @@ class PseudolabelOptions:
     skip_missing: bool = False  # --labels rows whose path or class the features lack are skipped
 
 
+def check_prompt_order(prompt_names: list[str], label_names: list[str], where: str | Path) -> None:
+    """Refuse ``--classnames`` that name a class of the features at another position: the names are taken by
+    position, so a list in another order would label every image with the wrong class."""
+    from promptcli.errors import InputError
+    from promptcli.io.checks import prompt_key
+
+    position = {prompt_key(name): j for j, name in enumerate(label_names)}
+    for i, name in enumerate(prompt_names):
+        j = position.get(prompt_key(name), i)
+        if j != i:
+            raise InputError(
+                f"line {i + 1} names {name!r}, class {j + 1} of the features; line {i + 1} stands for class "
+                f"{i + 1}, {label_names[i]!r}",
+                where=where,
+                hint="list the names in the features file's class order (its classes are: "
+                + ", ".join(label_names[:10])
+                + (", ..." if len(label_names) > 10 else "")
+                + ")",
+            )
+
+
 def pseudolabel_file(
     features: Path,
     output: str,
@@ -252,6 +273,8 @@ def pseudolabel_file(
             where=classnames,
             hint="give one name per class, in the features file's class order",
         )
+    if classnames:
+        check_prompt_order(prompt_names, label_names, classnames)
     if len(label_names) < 2:
         raise InputError(
             f"zero-shot classification needs at least 2 classes, got {len(label_names)}",
