@@ -11,6 +11,7 @@ import torch
 
 from conftest import read_csv_rows
 from promptcli.analysis.evaluation import compute_metrics, evaluate, prompt_logits, zero_shot_class_logits
+from promptcli.errors import PromptcliWarning
 from promptcli.io.features import read_features
 from promptcli.io.fileio import sha256_file
 from promptcli.io.prompt_files import read_prompt, save_prompt
@@ -123,7 +124,8 @@ def test_eval_matches_tune_training_accuracy(labelled):
     for name, options in (("lp", {"method": "linear-probe", "weight_decay": 1e-3}), ("coop3", {"n_ctx": 4})):
         path = _prompt(labelled, name, epochs=3, **options)
         tuned = read_prompt(path).metadata["metrics"]["train_accuracy"]
-        result = evaluate(labelled["features"], [path], labels_path=labelled["labels"], device="cpu")
+        with pytest.warns(PromptcliWarning, match="scores the training images, not held-out ones"):
+            result = evaluate(labelled["features"], [path], labels_path=labelled["labels"], device="cpu")
         assert result.metrics.top1 == pytest.approx(tuned, abs=1e-6)
 
 
@@ -255,3 +257,21 @@ def test_an_ensemble_over_noise_seeds_keeps_its_noise_condition():
     assert _common_noise([draws[0], {**draws[1], "labels": "transductive"}]) is None
     assert _common_noise([draws[0], None]) is None
     assert _common_noise([None, None]) is None
+
+
+def test_eval_refuses_labels_that_say_they_are_not_ground_truth(labelled, tmp_path, run_cli):
+    path = _prompt(labelled, "lp-ref", method="linear-probe", epochs=1, weight_decay=0.0)
+    noisy = tmp_path / "noisy.csv"
+    code, _, err = run_cli("corrupt", labelled["features"], "--rate", "0.5", "--seed", "1", "-o", noisy, "-q")
+    assert code == 0, err
+    code, _, err = run_cli("eval", labelled["features"], "--prompt", path, "--labels", noisy)
+    assert code == 2 and "rows are marked is_noisy: noisy labels, not ground truth" in " ".join(err.split())
+    plain = tmp_path / "plain.csv"  # the noisy labels without their truth columns, the sidecar beside them
+    plain.write_text("".join(",".join(line.split(",")[:2]) + "\n" for line in noisy.read_text().splitlines()))
+    record = json.loads(noisy.with_name("noisy.csv.json").read_text())
+    record.pop("csv_sha256", None)  # as a hand-made sidecar, or one from before the hash was recorded
+    (tmp_path / "plain.csv.json").write_text(json.dumps(record))
+    code, _, err = run_cli("eval", labelled["features"], "--prompt", path, "--labels", plain)
+    assert code == 2 and "written by `promptcli corrupt (rate 0.5)`: not ground truth" in " ".join(
+        err.split()
+    )

@@ -6,7 +6,7 @@ been made with the features' model (checkpoint hash, else name and pretrained ta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from promptcli.errors import InputError
+from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import one_or_many
 from promptcli.io.features import FeatureSet
 from promptcli.io.prompt_files import PromptFile
@@ -183,6 +183,34 @@ def ground_truth_from_features(features: FeatureSet) -> np.ndarray:
     return features.labels.astype(np.int64)
 
 
+def check_ground_truth(table: Any, labels_path: str | Path) -> None:
+    """Refuse ``--labels`` that say they are not ground truth: rows marked ``is_noisy``, or a sidecar of
+    ``corrupt`` (rate > 0), ``pseudolabel`` or ``clean``. Scored against them, the accuracy is silently wrong."""
+    from promptcli.io.sidecar import noise_summary, read_noise_sidecar
+
+    hint = (
+        "score against clean labels: drop --labels to use the features' own, or give a file of true classes"
+    )
+    if "is_noisy" in table.columns:
+        noisy = sum(row.get("is_noisy") == "1" for row in table.rows)
+        if noisy:
+            raise InputError(
+                f"{noisy} of its {len(table.rows)} rows are marked is_noisy: noisy labels, not ground truth",
+                where=labels_path,
+                hint=hint,
+            )
+    if str(labels_path) == "-":
+        return
+    noise = noise_summary(read_noise_sidecar(labels_path, lambda _: None)) or {}
+    made = {"pseudo": "pseudolabel", "transductive": "pseudolabel", "cleaned": "clean"}.get(
+        noise.get("labels", "")
+    )
+    if made is None and float(noise.get("rate") or 0.0) > 0.0:
+        made = f"corrupt (rate {noise['rate']})"
+    if made is not None:
+        raise InputError(f"written by `promptcli {made}`: not ground truth", where=labels_path, hint=hint)
+
+
 def ground_truth_from_labels(
     features: FeatureSet, table: Any, skip_missing: bool = False
 ) -> tuple[np.ndarray, int]:
@@ -298,6 +326,7 @@ def evaluate(
     skip_missing: bool = False,
     pretrained: str | None = None,
     device: str = "auto",
+    warn: Callable[[str], None] = warn_user,
 ) -> EvalResult:
     """Predict with prompt files (ensembled) or zero-shot CLIP; score against the ground truth."""
     from promptcli.io import provenance
@@ -333,6 +362,7 @@ def evaluate(
 
     if labels_path is not None:
         table = read_labels(labels_path)
+        check_ground_truth(table, labels_path)
         truth, n_skipped = ground_truth_from_labels(fs, table, skip_missing)
         labels_sha = labels_sha256(table, labels_path)
     else:
@@ -348,9 +378,13 @@ def evaluate(
     metrics = compute_metrics(probs, truth, fs.classnames)
 
     members = [prompt_provenance(p, sha256_file(p.path)) for p in prompts]
+    features_sha = sha256_file(fs.path)
+    for prompt in prompts:
+        if prompt.metadata.get("features_sha256") == features_sha:
+            warn(f"{prompt.path} was tuned on {fs.path}: this scores the training images, not held-out ones")
     summary: dict[str, Any] = {
         "features": str(fs.path),
-        "features_sha256": sha256_file(fs.path),
+        "features_sha256": features_sha,
         "labels": None if labels_path is None else str(labels_path),
         "labels_sha256": labels_sha,
         "model": {k: fs.attrs.get(k, "") for k in ("model_name", "pretrained", "checkpoint_sha256")},

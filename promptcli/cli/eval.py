@@ -80,6 +80,7 @@ def command(
         output=output,
         json_out=json_out,
         force=force,
+        warn=out.warn,
     )
     summary, metrics = result.summary, result.metrics
     if summary["n_skipped"]:
