@@ -363,23 +363,24 @@ class CleanResult:
 
 @dataclass
 class CleanOptions:
-    """What ``promptcli clean`` takes besides its files (see :func:`clean_labels` for each)."""
+    """What ``promptcli clean`` takes besides its files; each field is the option of the same name
+    (``promptcli clean --help`` says what it does, docs/cleaning.md how the scores work)."""
 
-    prompts: list[str | Path]
-    zero_shot: bool = False
-    templates: list[str] | None = None
-    template_set: str | None = None
-    score: str = "margin"
-    noise_rate: float | None = None
-    fit_weights: bool | None = None
-    noise_model: str = "symmetric"
-    threshold: float | None = None
-    keep_fraction: float | None = None
-    relabel: bool = False
-    relabel_confidence: float | None = None  # None: DEFAULT_RELABEL_CONFIDENCE
-    skip_missing: bool = False
-    pretrained: str | None = None
-    device: str = "auto"
+    prompts: list[str | Path]  # --prompt: the prompt file(s) whose predictions score the labels
+    zero_shot: bool = False  # --zero-shot: score with zero-shot CLIP instead of a prompt
+    templates: list[str] | None = None  # --template (with --zero-shot)
+    template_set: str | None = None  # --templates (with --zero-shot)
+    score: str = "margin"  # --score: margin or posterior
+    noise_rate: float | None = None  # --noise-rate: the posterior's noise rate (None: estimated)
+    fit_weights: bool | None = None  # --fit-weights / --fixed-weights (None: the score's default)
+    noise_model: str = "symmetric"  # --noise-model: symmetric or class
+    threshold: float | None = None  # --threshold: flag rows scoring below it
+    keep_fraction: float | None = None  # --keep-fraction: keep this share of the rows
+    relabel: bool = False  # --relabel: give suspects the predicted class instead of dropping them
+    relabel_confidence: float | None = None  # --relabel-confidence (None: DEFAULT_RELABEL_CONFIDENCE)
+    skip_missing: bool = False  # --skip-missing: drop label rows the features lack
+    pretrained: str | None = None  # --pretrained: the features' checkpoint, when moved
+    device: str = "auto"  # --device
 
     def __post_init__(self) -> None:
         self.prompts = one_or_many(self.prompts)  # one prompt file given as a path, not a list

@@ -200,7 +200,8 @@ def pseudolabel_file(
     info: Callable[[str], None] = lambda _: None,
     warn: Callable[[str], None] = warn_user,
 ) -> dict[str, Any]:
-    """Zero-shot pseudo-labels of a features file, selected, written as a labels CSV (+ sidecar).
+    """Pseudo-labels of a features file (zero-shot, or ``--method transductive``), selected, written as a
+    labels CSV (+ sidecar).
 
     Returns the summary (the sidecar's record) with ``n_images`` and ``n_kept`` added.
     """
