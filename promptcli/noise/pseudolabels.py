@@ -263,6 +263,9 @@ def pseudolabel_file(
         check_output_path(output, force)
         check_output_path(sidecar, force)
 
+    for option, path in (("--labels", o.labels), ("--trusted", o.trusted)):
+        if path is not None and str(path) != STDIO and not Path(path).is_file():  # before the model loads
+            raise InputError("labels file not found", where=path, hint=f"check the {option} path")
     fs = read_features(features, load_views=False)
     label_names = list(fs.classnames)
     prompt_names = read_classnames(classnames) if classnames else label_names
@@ -308,7 +311,7 @@ def pseudolabel_file(
     kept = select(pred.labels, pred.confidence, len(label_names), top_k, random_k, min_confidence, seed)
     if not len(kept):  # an empty labels file would only fail later, in tune
         raise InputError(
-            f"no image has a confidence of {min_confidence:g} or more",
+            f"no image has a confidence of {min_confidence:.10g} or more",
             where="--min-confidence",
             hint=f"lower it (the highest confidence is {float(pred.confidence.max()):.4f})",
         )
