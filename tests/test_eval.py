@@ -275,3 +275,12 @@ def test_eval_refuses_labels_that_say_they_are_not_ground_truth(labelled, tmp_pa
     assert code == 2 and "written by `promptcli corrupt (rate 0.5)`: not ground truth" in " ".join(
         err.split()
     )
+
+
+def test_eval_records_whether_the_probe_searched_its_weight_decay(labelled):
+    fixed = _prompt(labelled, "lp-ref", method="linear-probe", epochs=1, weight_decay=0.0)
+    searched = _prompt(labelled, "lp-search", method="linear-probe", epochs=1)
+    for path, want in ((fixed, False), (searched, True)):
+        with pytest.warns(PromptcliWarning):  # scored on its training features
+            result = evaluate(labelled["features"], [path], device="cpu")
+        assert result.summary["prompts"][0]["weight_decay_searched"] is want

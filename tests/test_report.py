@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import json
 import re
 import shutil
@@ -205,7 +206,7 @@ def test_aggregation_gives_exact_means_and_stds(tmp_path):
 
 def test_noise_free_runs_join_every_noise_type_and_parameters_split_series(tmp_path):
     write_json(tmp_path / "a.json", eval_summary(rate=0.0, top1=0.8, noise_type="pair"))
-    write_json(tmp_path / "b.json", {**eval_summary(top1=0.8), "noise": None})  # labels without a sidecar
+    write_json(tmp_path / "b.json", eval_summary(rate=0.0, top1=0.8))  # `corrupt --rate 0`: no noise
     write_json(tmp_path / "c.json", eval_summary(rate=0.5, top1=0.6, noise_type="pair"))
     write_json(tmp_path / "d.json", eval_summary(rate=0.5, top1=0.5, noise_type="symmetric"))
     write_json(tmp_path / "e.json", eval_summary(loss="gce", loss_params={"name": "gce", "q": 0.7}, top1=0.7))
@@ -319,6 +320,193 @@ def test_identical_copies_are_read_once(tmp_path):
     results = read_results([tmp_path])
     assert len(results.evals) == 1
     assert any("same content" in w for w in results.warnings)
+
+
+COOP_SETTINGS = {
+    "n_ctx": 16,
+    "class_position": "end",
+    "csc": False,
+    "ctx_init": "",
+    "template": "a photo of a {}.",
+}
+SCHEDULE = {"optimizer": "sgd", "lr": 0.002, "epochs": 50, "batch_size": 32, "weight_decay": 0.0005}
+
+
+def on_test(
+    summary: dict, test: str = "test.h5", sha: str = "4c" * 32, prompt: str | None = None, **settings
+) -> dict:
+    """``summary`` evaluated on the features file ``test`` (SHA-256 ``sha``), of a prompt with ``settings``
+    (prompt settings, and ``optimizer`` the schedule) and SHA-256 ``prompt``."""
+    out = {**summary, "features": f"/data/{test}", "features_sha256": sha}
+    if not summary["zero_shot"]:
+        member = {**settings, "seed": summary["seed"], "method": summary["method"], "noise": summary["noise"]}
+        digest = hashlib.sha256(json.dumps(member, sort_keys=True).encode()).hexdigest()
+        out["prompts"] = [{**member, "sha256": prompt or digest}]
+    return out
+
+
+def test_runs_on_different_test_sets_are_never_pooled_and_repeats_count_once(tmp_path, run_cli):
+    """Two datasets' test features (even both named test.h5) are two series; zero-shot per test set and
+    templates; the same prompt evaluated twice on the same features is one run, with a warning."""
+    demo, hold = "4c" * 32, "28" * 32
+    for seed, top1 in ((1, 0.5), (2, 0.6)):
+        write_json(tmp_path / "demo" / f"s{seed}.json", on_test(eval_summary(seed=seed, top1=top1), sha=demo))
+        write_json(
+            tmp_path / "hold" / f"s{seed}.json", on_test(eval_summary(seed=seed, top1=top1 + 0.3), sha=hold)
+        )
+    # the same prompt evaluated again on the same features: the file differs only by `created`
+    again = {**on_test(eval_summary(seed=1, top1=0.5), sha=demo), "created": "later"}
+    write_json(tmp_path / "demo" / "s1-again.json", again)
+    zs = eval_summary(zero_shot=True, top1=0.4)
+    write_json(tmp_path / "zs" / "demo.json", {**on_test(zs, sha=demo), "templates": ["a photo of a {}."]})
+    write_json(tmp_path / "zs" / "hold.json", {**on_test(zs, sha=hold), "templates": ["a photo of a {}."]})
+    imagenet = {
+        **on_test(zs, sha=demo),
+        "templates": ["a photo of a {}.", "a bad photo of a {}."],
+        "metrics": {**zs["metrics"], "top1": 0.45},
+    }
+    write_json(tmp_path / "zs" / "demo-imagenet.json", imagenet)
+
+    report = aggregate(read_results([tmp_path]))
+    cells = {c["series"]: c for c in report.accuracy}
+    assert sorted(cells) == ["coop + ce, on test.h5 (28282828)", "coop + ce, on test.h5 (4c4c4c4c)"]
+    demo_cell = cells["coop + ce, on test.h5 (4c4c4c4c)"]
+    assert (demo_cell["n"], demo_cell["seeds"], demo_cell["mean"]) == (2, [1, 2], pytest.approx(0.55))
+    assert cells["coop + ce, on test.h5 (28282828)"]["mean"] == pytest.approx(0.85)
+    repeat = (
+        f"{tmp_path / 'demo' / 's1.json'} repeats the evaluation in {tmp_path / 'demo' / 's1-again.json'}"
+    )
+    assert any(w.startswith(repeat) for w in report.warnings)
+    assert any(w.startswith("results are on 2 test sets") for w in report.warnings)
+    digest = hashlib.sha256(json.dumps(imagenet["templates"]).encode()).hexdigest()[:8]
+    assert sorted((z["label"], z["mean"], z["n"]) for z in report.zero_shot) == [
+        (f"zero-shot CLIP (templates=2 ({digest})), on test.h5 (4c4c4c4c)", 0.45, 1),
+        ("zero-shot CLIP (templates=a photo of a {}.), on test.h5 (28282828)", 0.4, 1),
+        ("zero-shot CLIP (templates=a photo of a {}.), on test.h5 (4c4c4c4c)", 0.4, 1),
+    ]
+    code, stdout, stderr = run_cli("report", tmp_path)
+    assert code == 0 and "repeats the evaluation" in " ".join(stderr.split()) and "28282828" in stdout, stderr
+
+
+def test_labels_without_a_noise_sidecar_are_noise_unknown_never_no_noise(tmp_path):
+    write_json(tmp_path / "none.json", eval_summary(rate=0.0, top1=0.8))  # `corrupt --rate 0`
+    write_json(tmp_path / "unknown1.json", {**eval_summary(seed=1, top1=0.4), "noise": None})
+    write_json(tmp_path / "unknown2.json", {**eval_summary(seed=2, top1=0.5), "noise": None})
+    (tmp_path / "log.jsonl").write_text(log_lines([(0.4, None)], {**run_meta(), "noise": None}))
+    write_gradstats(
+        tmp_path / "g.csv", [{**grad_row(1, 0, 2, 2.0, 6, 1.0), "noise_type": "", "noise_rate": ""}]
+    )
+    report = aggregate(read_results([tmp_path]))
+    header, rows = reporting.table(report)
+    assert header == ["method + loss", "0", "noise unknown"]
+    assert rows == [["coop + ce", "80.0 (1)", "45.0 ± 7.1 (2)"]]
+    assert {(c["noise_type"], c["noise_rate"]) for c in report.accuracy} == {
+        ("none", 0.0),
+        ("noise unknown", None),
+    }
+    assert any("2 eval result(s)" in w and "without a noise sidecar" in w for w in report.warnings)
+    assert "training labels without a noise sidecar" in reporting.caption(report)
+    assert [(c["noise_type"], c["noise_rate"]) for c in report.curves] == [("noise unknown", None)]
+    assert [(g["noise_type"], g["noise_rate"]) for g in report.gradients] == [("noise unknown", None)]
+    assert report.noise_types() == []
+    assert reporting.figure_png(report).startswith(PNG_MAGIC)  # the unknown column is left out of the figure
+
+
+def test_prompt_and_schedule_settings_split_series_and_name_what_differs(tmp_path):
+    """--n-ctx 4 --csc --class-position front is not CoOp's default; a 1-epoch probe is not a 20-epoch one."""
+    small = {**COOP_SETTINGS, "n_ctx": 4, "csc": True, "class_position": "front"}
+    for seed in (1, 2):
+        write_json(
+            tmp_path / f"c{seed}.json",
+            on_test(eval_summary(seed=seed, top1=0.6), **COOP_SETTINGS, optimizer=SCHEDULE),
+        )
+        write_json(
+            tmp_path / f"s{seed}.json",
+            on_test(eval_summary(seed=seed, top1=0.3), **small, optimizer=SCHEDULE),
+        )
+    lp = {**SCHEDULE, "lr": 1.0, "epochs": 20, "weight_decay": 0.01}
+    write_json(tmp_path / "lp20.json", on_test(eval_summary("linear-probe", top1=0.7), optimizer=lp))
+    short = {**lp, "lr": 0.01, "epochs": 1}
+    write_json(tmp_path / "lp1.json", on_test(eval_summary("linear-probe", top1=0.3), optimizer=short))
+    report = aggregate(read_results([tmp_path]))
+    cells = {c["series"]: (c["mean"], c["n"]) for c in report.accuracy}
+    assert cells == {
+        "coop (n_ctx=16, class_position=end, csc=False) + ce": (pytest.approx(0.6), 2),
+        "coop (n_ctx=4, class_position=front, csc=True) + ce": (pytest.approx(0.3), 2),
+        "linear-probe (lr=0.01, epochs=1) + ce": (0.3, 1),
+        "linear-probe (lr=1, epochs=20) + ce": (0.7, 1),
+    }
+    assert not [w for w in report.warnings if "pools" in w or "differ" in w]
+
+
+def test_settings_that_cannot_be_told_apart_pool_with_a_warning(tmp_path):
+    # the linear probe's weight decay is searched per run (unless --weight-decay): pooled, named
+    for seed, wd in ((1, 0.01), (2, 0.0)):
+        summary = eval_summary("linear-probe", seed=seed, top1=0.5 + seed / 10)
+        write_json(tmp_path / f"lp{seed}.json", on_test(summary, optimizer={**SCHEDULE, "weight_decay": wd}))
+    # an eval summary from before prompts recorded their settings
+    write_json(tmp_path / "old.json", on_test(eval_summary(seed=3, top1=0.6)))
+    write_json(
+        tmp_path / "new.json", on_test(eval_summary(seed=4, top1=0.6), **COOP_SETTINGS, optimizer=SCHEDULE)
+    )
+    report = aggregate(read_results([tmp_path]))
+    assert {c["series"]: c["n"] for c in report.accuracy} == {"coop + ce": 2, "linear-probe + ce": 2}
+    assert (
+        "linear-probe + ce: runs pooled at noise rate 0.25 differ in weight_decay (0, 0.01): "
+        "the probe's search picks it per run unless --weight-decay is given"
+    ) in report.warnings
+    [pooled] = [w for w in report.warnings if w.startswith("coop + ce: pools runs that differ in")]
+    assert "n_ctx" in pooled and "epochs" in pooled and "test" not in pooled
+
+
+def test_a_searched_weight_decay_pools_quietly_and_a_fixed_one_is_its_own_series(tmp_path):
+    for seed, wd in ((1, 0.01), (2, 0.0)):  # the search picked another decay on each seed
+        summary = eval_summary("linear-probe", seed=seed, top1=0.5 + seed / 10)
+        optimizer = {**SCHEDULE, "weight_decay": wd}
+        write_json(tmp_path / f"lp{seed}.json", on_test(summary, optimizer=optimizer, weight_decay_searched=True))
+    fixed = eval_summary("linear-probe", seed=1, top1=0.4)
+    optimizer = {**SCHEDULE, "weight_decay": 0.001}
+    write_json(tmp_path / "fixed.json", on_test(fixed, optimizer=optimizer, weight_decay_searched=False))
+    report = aggregate(read_results([tmp_path]))
+    assert {c["series"]: c["n"] for c in report.accuracy} == {
+        "linear-probe (weight_decay=searched) + ce": 2,
+        "linear-probe (weight_decay=0.001) + ce": 1,
+    }
+    assert not [w for w in report.warnings if "weight_decay" in w], report.warnings
+
+
+def gradstats_sidecar(path: Path, model: dict, epochs: int = 1) -> None:
+    """The sidecar `gradstats` writes next to its CSV (the keys report reads)."""
+    optimizer = {**SCHEDULE, "lr": 1.0, "epochs": epochs}
+    write_json(
+        Path(f"{path}.json"),
+        {
+            "model": model,
+            "noise": {"type": "symmetric", "rate": 0.5, "seed": 1},
+            "options": {**COOP_SETTINGS, "split": "none"},
+            "runs": [{"method": "coop", "loss": "ce", "optimizer": optimizer}],
+        },
+    )
+
+
+def test_gradstats_of_different_models_are_different_series(tmp_path, run_cli):
+    other = {"model_name": "RN50", "pretrained": "openai", "checkpoint_sha256": ""}
+    for name, model, seed in (("a", MODEL, 1), ("b", other, 1.5), ("c", MODEL, 2)):
+        write_gradstats(tmp_path / f"{name}.csv", [grad_row(1, 0, 2, 2.0 * seed, 6, 1.0, seed=seed)])
+        gradstats_sidecar(tmp_path / f"{name}.csv", model)
+    write_gradstats(tmp_path / "d.csv", [grad_row(1, 0, 2, 9.0, 6, 1.0, seed=3)])
+    gradstats_sidecar(tmp_path / "d.csv", MODEL, epochs=5)  # another schedule
+    report = aggregate(read_results([tmp_path]))
+    grads = {g["series"]: g["n_runs"] for g in report.gradients}
+    assert grads == {
+        "coop (epochs=1) + ce [ViT-B-32/openai (abababab)]": 2,
+        "coop (epochs=1) + ce [RN50/openai]": 1,
+        "coop (epochs=5) + ce [ViT-B-32/openai (abababab)]": 1,
+    }
+    assert any(w.startswith("results come from 2 models") for w in report.warnings)
+    Path(f"{tmp_path / 'd.csv'}.json").unlink()
+    code, _, stderr = run_cli("report", tmp_path / "d.csv")
+    assert code == 0 and f"{tmp_path / 'd.csv'}: no sidecar d.csv.json" in " ".join(stderr.split()), stderr
 
 
 # --- tune logs and gradstats ---------------------------------------------------------------------
@@ -597,3 +785,15 @@ def test_report_writes_svg_and_pdf(tmp_path, run_cli):
     assert code == 0, err
     assert (tmp_path / "r.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_messages_and_table_cells_are_plain_text_not_markup(capsys):
+    from promptcli.cli._output import Output
+
+    out = Output()
+    out.info("wrote data/[train]/x.png")
+    out.warn("series coop + ce [tiny-clip] differs")
+    out.table("t", ["method + loss", "0"], [["linear-probe + ce [promptcli-demo]", 0.5]])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "data/[train]/x.png" in text and "[tiny-clip]" in text and "[promptcli-demo]" in text

@@ -1,9 +1,12 @@
 """Aggregation: runs grouped into series, mean and spread over seeds, training curves and gradient ratios.
 
-Runs are grouped into series by method, loss (with its parameters), shots and model, and by noise
-type and rate; everything else (the seed above all) is what the mean and spread are taken over.
-A noise rate of 0 is "no noise" whatever its type. Numbers are aggregated over sorted values so the
-result does not depend on the order files are read in.
+Runs are grouped into series by everything in their :class:`SeriesKey` (method and its settings,
+loss and its parameters, shots, model, how the labels were made, the test set, the prompt and
+schedule settings), and by noise type and rate; the seed is what the mean and spread are taken over.
+Labels name what tells series apart; if two keys would still read the same, the runs are pooled with
+a warning naming the difference. A noise rate of 0 is "no noise" whatever its type; labels without a
+noise sidecar are ``NOISE_UNKNOWN``, a column of their own. Numbers are aggregated over sorted values
+so the result does not depend on the order files are read in.
 """
 
 from __future__ import annotations
@@ -16,10 +19,23 @@ from typing import Any
 
 import numpy as np
 
-from promptcli.analysis.results import NO_NOISE, EvalRun, GradRun, LogRun, Results, SeriesKey, SourceFile
+from promptcli.analysis.results import (
+    NO_NOISE,
+    NOISE_UNKNOWN,
+    PER_RUN_SETTINGS,
+    PROMPT_SETTINGS,
+    SCHEDULE_SETTINGS,
+    EvalRun,
+    GradRun,
+    LogRun,
+    Results,
+    SeriesKey,
+    SourceFile,
+)
 from promptcli.errors import InputError
 
 METRICS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "macro": "macro accuracy"}
+ZERO_SHOT_LABEL = "zero-shot CLIP"
 
 # --- aggregation -------------------------------------------------------------------------------------
 
@@ -37,8 +53,29 @@ def stats(values: Iterable[float]) -> dict[str, Any]:
     }
 
 
+def _setting_names(records: Iterable[dict[str, str]]) -> list[str]:
+    """The settings named in ``records``, in the order PROMPT_SETTINGS + SCHEDULE_SETTINGS give them."""
+    order = {name: i for i, name in enumerate(PROMPT_SETTINGS + SCHEDULE_SETTINGS)}
+    return sorted({n for r in records for n in r}, key=lambda n: (order.get(n, len(order)), n))
+
+
+def _differing_settings(keys: Iterable[SeriesKey]) -> dict[str, list[str]]:
+    """Per method: the settings whose recorded values differ between its series (keys that record no
+    settings, such as tune logs', take no part)."""
+    by_method: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for k in keys:
+        if k.settings:
+            by_method[k.method].append(dict(k.settings))
+    differing = {}
+    for method, records in by_method.items():
+        # a setting one kind of record does not keep (gradstats' options lack ctx_init) tells nothing apart
+        differing[method] = [n for n in _setting_names(records) if len({r[n] for r in records if n in r}) > 1]
+    return differing
+
+
 def _labeller(keys: Iterable[SeriesKey]) -> Callable[[SeriesKey], str]:
-    """Labels "method + loss", with parameters, shots or model only where they tell series apart."""
+    """Labels "method + loss", with parameters, settings, shots, model or test set only where they tell
+    series apart."""
     keys = set(keys)
     params_by_loss = defaultdict(set)
     settings_by_method = defaultdict(set)
@@ -46,13 +83,18 @@ def _labeller(keys: Iterable[SeriesKey]) -> Callable[[SeriesKey], str]:
         settings_by_method[k.method].add(k.method_params)
         if k.loss_params:
             params_by_loss[(k.method, k.loss)].add(k.loss_params)
+    differing = _differing_settings(keys)
     many_shots = len({k.shots for k in keys if k.shots}) > 1
     many_models = len({k.model for k in keys if k.model}) > 1
+    many_tests = len({k.test for k in keys if k.test}) > 1
 
     def label(k: SeriesKey) -> str:
-        text = k.method
-        if len(settings_by_method[k.method]) > 1 and k.method_params:
-            text += f" ({k.method_params})"
+        text = ZERO_SHOT_LABEL if k.method == "zero-shot" else k.method
+        own = [k.method_params] if len(settings_by_method[k.method]) > 1 and k.method_params else []
+        recorded = dict(k.settings)
+        own += [f"{n}={recorded.get(n, '?')}" for n in differing.get(k.method, []) if k.settings]
+        if own:
+            text += f" ({', '.join(own)})"
         text += f" + {k.loss}" if k.loss else ""
         if len(params_by_loss[(k.method, k.loss)]) > 1:
             text += f" ({k.loss_params})"
@@ -62,9 +104,50 @@ def _labeller(keys: Iterable[SeriesKey]) -> Callable[[SeriesKey], str]:
             text += f" [{k.model}]"
         if k.variant:
             text += f", {k.variant}"
+        if many_tests and k.test:
+            text += f", on {k.test}"
         return text
 
     return label
+
+
+def _pooled_warnings(label: Callable[[SeriesKey], str], keys: Iterable[SeriesKey]) -> list[str]:
+    """A warning for each label that stands for runs of different keys, naming what differs."""
+    by_label: dict[str, set[SeriesKey]] = defaultdict(set)
+    for k in keys:
+        by_label[label(k)].add(k)
+    warnings = []
+    for text, group in sorted(by_label.items()):
+        if len(group) < 2:
+            continue
+        fields = [
+            f
+            for f in SeriesKey.__dataclass_fields__
+            if f != "settings" and len({getattr(k, f) for k in group}) > 1
+        ]
+        records = [dict(k.settings) for k in group]
+        fields += [n for n in _setting_names(records) if len({r.get(n, "not recorded") for r in records}) > 1]
+        warnings.append(f"{text}: pools runs that differ in {', '.join(fields) or 'settings'}")
+    return warnings
+
+
+def _per_run_warnings(series: str, cells: Sequence[tuple[float | None, Sequence[EvalRun]]]) -> list[str]:
+    """A warning for each of PER_RUN_SETTINGS whose value differs between runs pooled into one mean."""
+    warnings = []
+    for name, reason in PER_RUN_SETTINGS.get(cells[0][1][0].key.method, {}).items():
+        values: set[str] = set()
+        rates = []
+        for rate, runs in cells:
+            found = {dict(r.per_run).get(name, "not recorded") for r in runs}
+            if len(found) > 1:
+                values |= found
+                rates.append("unknown" if rate is None else f"{rate:g}")
+        if rates:
+            warnings.append(
+                f"{series}: runs pooled at noise rate {', '.join(rates)} differ in {name} "
+                f"({', '.join(sorted(values))}): {reason}"
+            )
+    return warnings
 
 
 @dataclass
@@ -72,8 +155,8 @@ class Report:
     """The aggregated numbers a report shows (``to_dict`` is the ``--json`` output)."""
 
     metric: str
-    accuracy: list[dict[str, Any]]  # series, noise_type, noise_rate, mean, std, min, max, n, seeds
-    zero_shot: list[dict[str, Any]]  # model, label, mean, std, min, max, n
+    accuracy: list[dict[str, Any]]  # series, test, noise_type, noise_rate, mean, std, min, max, n, seeds
+    zero_shot: list[dict[str, Any]]  # model, test, label, mean, std, min, max, n
     curves: list[dict[str, Any]]  # series, noise_type, noise_rate, epochs, accuracy/clean_accuracy stats
     gradients: list[dict[str, Any]]  # series, noise_type, noise_rate, epochs, ratio stats
     files: list[SourceFile]
@@ -82,12 +165,16 @@ class Report:
     models: list[str]
 
     def noise_types(self) -> list[str]:
-        """Noise types with a nonzero rate among the accuracy results (sorted)."""
-        return sorted({c["noise_type"] for c in self.accuracy if c["noise_type"] != NO_NOISE})
-
-    def columns(self) -> list[tuple[str, float]]:
+        """Noise types with a nonzero rate among the accuracy results (sorted; not NOISE_UNKNOWN)."""
         return sorted(
-            {(c["noise_type"], c["noise_rate"]) for c in self.accuracy}, key=lambda t: (t[1] > 0, t[0], t[1])
+            {c["noise_type"] for c in self.accuracy if c["noise_type"] not in (NO_NOISE, NOISE_UNKNOWN)}
+        )
+
+    def columns(self) -> list[tuple[str, float | None]]:
+        """(noise type, rate) of the table's columns: no noise first, NOISE_UNKNOWN (rate None) last."""
+        return sorted(
+            {(c["noise_type"], c["noise_rate"]) for c in self.accuracy},
+            key=lambda t: (t[1] is None, (t[1] or 0.0) > 0, t[0], t[1] or 0.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +189,11 @@ class Report:
             "skipped": self.skipped,
             "warnings": self.warnings,
         }
+
+
+def _cell_order(cell: tuple[str, str, float | None]) -> tuple:
+    series, noise_type, rate = cell
+    return (series, noise_type, rate is None, rate or 0.0)
 
 
 def _seed_sort(seed: Any) -> tuple:
@@ -156,20 +248,45 @@ def aggregate(results: Results, metric: str = "top1", curve_rate: float | None =
             f"results come from {len(models)} models ({'; '.join(models)}): labels name the model"
         )
 
+    kinds = [
+        [r.key for r in results.evals if not r.zero_shot],
+        [r.key for r in results.evals if r.zero_shot],
+        [log.key for log in results.logs if log.key is not None],
+        [g.key for g in results.grads],
+    ]
+    warnings += list(dict.fromkeys(w for kind in kinds for w in _pooled_warnings(label, kind)))
+    tests = sorted({r.key.test for r in results.evals if r.key.test})
+    if len(tests) > 1:
+        warnings.append(
+            f"results are on {len(tests)} test sets ({'; '.join(tests)}): labels name the test set"
+        )
+    unknown = sorted(r.source for r in results.evals if r.noise_type == NOISE_UNKNOWN)
+    if unknown:
+        warnings.append(
+            f"{len(unknown)} eval result(s) ({unknown[0]}{', ...' if len(unknown) > 1 else ''}) were tuned on "
+            f"labels without a noise sidecar: in the table's '{NOISE_UNKNOWN}' column, not in the figure"
+        )
+
     groups: dict[tuple, list[EvalRun]] = defaultdict(list)
     zero: dict[str, list[EvalRun]] = defaultdict(list)
     for run in results.evals:
         if run.zero_shot:
-            zero[run.key.model].append(run)
+            zero[label(run.key)].append(run)
         else:
             groups[(label(run.key), run.noise_type, run.noise_rate)].append(run)
     accuracy = []
-    for (series, noise_type, rate), runs in sorted(groups.items()):
+    by_series: dict[str, list[tuple[float | None, list[EvalRun]]]] = defaultdict(list)
+    for (series, _, rate), runs in sorted(groups.items(), key=lambda kv: _cell_order(kv[0])):
+        by_series[series].append((rate, runs))
+    for series, cells in sorted(by_series.items()):
+        warnings += _per_run_warnings(series, cells)
+    for (series, noise_type, rate), runs in sorted(groups.items(), key=lambda kv: _cell_order(kv[0])):
         accuracy.append(
             {
                 "series": series,
                 "method": runs[0].key.method,
                 "loss": runs[0].key.loss,
+                "test": runs[0].key.test,
                 "noise_type": noise_type,
                 "noise_rate": rate,
                 **stats(r.metrics[metric] for r in runs),
@@ -178,11 +295,12 @@ def aggregate(results: Results, metric: str = "top1", curve_rate: float | None =
         )
     zero_shot = [
         {
-            "model": model,
-            "label": "zero-shot CLIP" + (f" [{model}]" if len(models) > 1 and model else ""),
+            "model": runs[0].key.model,
+            "test": runs[0].key.test,
+            "label": series,
             **stats(r.metrics[metric] for r in runs),
         }
-        for model, runs in sorted(zero.items())
+        for series, runs in sorted(zero.items())
     ]
 
     curves = []
@@ -224,7 +342,9 @@ def aggregate(results: Results, metric: str = "top1", curve_rate: float | None =
     for run in results.grads:
         if run.noise_rate == grate:
             grad_groups[(label(run.key), run.noise_type, run.noise_rate)].append(run)
-    for (series, noise_type, noise_rate), runs in sorted(grad_groups.items()):
+    for (series, noise_type, noise_rate), runs in sorted(
+        grad_groups.items(), key=lambda kv: _cell_order(kv[0])
+    ):
         per_run = [r for r in (_grad_epoch_ratio(run.rows) for run in runs) if r]
         if not per_run:
             warnings.append(f"{series}: no step has both noisy and clean samples; no gradient ratio")

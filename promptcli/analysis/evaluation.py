@@ -224,9 +224,13 @@ def ground_truth_from_labels(
 
 
 def prompt_provenance(prompt: PromptFile, sha256: str) -> dict[str, Any]:
-    """What the summary records about one prompt file (method, loss, seed, noise, ...)."""
+    """What the summary records about one prompt file (method, loss, seed, noise, ...; ``weight_decay_searched``:
+    whether the linear probe chose its weight decay by search, so that ``report`` pools the searched runs)."""
     meta = prompt.metadata
-    return {"path": str(prompt.path), "sha256": sha256, **{k: meta.get(k) for k in PROVENANCE_KEYS}}
+    record = {"path": str(prompt.path), "sha256": sha256, **{k: meta.get(k) for k in PROVENANCE_KEYS}}
+    if meta.get("method") == "linear-probe":
+        record["weight_decay_searched"] = bool(meta.get("weight_decay_search"))
+    return record
 
 
 def prediction_rows(features: FeatureSet, probs: np.ndarray, truth: np.ndarray) -> list[dict[str, object]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from promptcli.errors import InputError
 # --- the figure ----------------------------------------------------------------------------------------
 
 _MARKERS = "osD^vPX*<>"
+_LEGEND_WIDTH = 70  # characters of a legend line at fontsize 8 that fit a panel's width
 
 
 def _colours(labels: Sequence[str]) -> dict[str, Any]:
@@ -34,13 +36,23 @@ def _band(ax, xs, st: list[dict[str, Any]], colour, scale: float = 1.0) -> None:
 
 
 def _legend(ax, handles: list | None = None) -> None:
-    """Inside the axes for a few entries; below them, in two columns, when there are many."""
+    """Inside the axes for a few entries; below them when there are many (in two columns when the labels
+    are short). Long labels (model, settings, test set) are wrapped to fit the panel's width."""
     if handles is None:
         handles = ax.get_legend_handles_labels()[0]
+    labels = [textwrap.fill(h.get_label(), _LEGEND_WIDTH, subsequent_indent="  ") for h in handles]
     if len(handles) <= 6:
-        ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.85)
+        ax.legend(handles=handles, labels=labels, fontsize=8, loc="best", framealpha=0.85)
     else:
-        ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        ncol = 2 if max(len(h.get_label()) for h in handles) <= _LEGEND_WIDTH // 2 else 1
+        ax.legend(
+            handles=handles,
+            labels=labels,
+            fontsize=8,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            ncol=ncol,
+        )
 
 
 def has_figure(report: Report) -> bool:
@@ -182,7 +194,13 @@ def figure_bytes(report: Report, title: str | None = None, fmt: str = "png", dpi
         raise InputError("nothing to draw", hint="give eval summaries, tune logs or gradstats CSVs")
     ncols = 2 if len(panels) == 4 else min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.6 * ncols, 4.4 * nrows + (0.4 if title else 0)), dpi=dpi, layout="constrained")
+    labels = sorted({c["series"] for c in report.accuracy}) + [z["label"] for z in report.zero_shot]
+    # a legend below a panel (more than 6 entries) needs room: about 0.17 in a line beyond the first ~6
+    lines = sum(len(textwrap.wrap(label, _LEGEND_WIDTH)) for label in labels) if len(labels) > 6 else 0
+    extra = max(0.0, 0.17 * lines - 1.1)
+    fig = Figure(
+        figsize=(5.6 * ncols, 4.4 * nrows + extra + (0.4 if title else 0)), dpi=dpi, layout="constrained"
+    )
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     all_series = sorted(

@@ -18,6 +18,7 @@ from promptcli.analysis.figures import figure_bytes, figure_png, has_figure
 from promptcli.analysis.results import (  # noqa: F401  (the report API)
     GRADSTATS_COLUMNS,
     NO_NOISE,
+    NOISE_UNKNOWN,
     Results,
     read_results,
 )
@@ -39,18 +40,22 @@ def format_cell(cell: dict[str, Any] | None) -> str:
     return f"{text} ({cell['n']})"
 
 
-def _column_name(noise_type: str, rate: float, several_types: bool) -> str:
+def _column_name(noise_type: str, rate: float | None, several_types: bool) -> str:
     if noise_type == NO_NOISE:
         return "0"
+    if noise_type == NOISE_UNKNOWN:
+        return NOISE_UNKNOWN
     return f"{noise_type} {rate:g}" if several_types else f"{rate:g}"
 
 
 def table(report: Report, noise_type: str | None = None) -> tuple[list[str], list[list[str]]]:
     """Columns and rows of the results table: rows method + loss, columns noise rates.
 
-    With ``noise_type``, only that type's columns (and the noise-free one), and only rows with a number.
+    With ``noise_type``, only that type's columns (and the noise-free and noise-unknown ones), and only
+    rows with a number.
     """
-    columns = [c for c in report.columns() if noise_type is None or c[0] in (noise_type, NO_NOISE)]
+    shared = (noise_type, NO_NOISE, NOISE_UNKNOWN)
+    columns = [c for c in report.columns() if noise_type is None or c[0] in shared]
     several = noise_type is None and len(report.noise_types()) > 1
     by_cell = {(c["series"], c["noise_type"], c["noise_rate"]): c for c in report.accuracy}
     series = sorted({s for s, t, r in by_cell if (t, r) in columns})
@@ -66,6 +71,9 @@ def table(report: Report, noise_type: str | None = None) -> tuple[list[str], lis
 def caption(report: Report, noise_type: str | None = None) -> str:
     types = report.noise_types() if noise_type is None else [noise_type]
     noise = f"{' / '.join(types)} label noise" if types else "no label noise"
+    if any(c["noise_type"] == NOISE_UNKNOWN for c in report.accuracy):
+        unknown = f"'{NOISE_UNKNOWN}': training labels without a noise sidecar"
+        noise = f"{noise}; {unknown}" if types or report.columns()[0][0] == NO_NOISE else unknown
     return (
         f"Test {METRICS[report.metric]} (%) by label-noise rate ({noise}): mean ± sample std over seeds "
         "(number of runs)."

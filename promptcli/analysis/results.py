@@ -3,24 +3,30 @@
 Three kinds of result files are told apart by their content, never by their names:
 
 - ``eval``: an ``eval --json`` / ``eval -o`` summary (a JSON object with ``zero_shot`` and
-  ``metrics.top1``); its method, loss, seed, shots and noise come from the prompt's metadata;
+  ``metrics.top1``); its method, loss, seed, shots, noise and training settings come from the prompt's
+  metadata, the test set from the evaluated features (and labels) file's SHA-256;
 - ``tune-log``: a ``tune --log`` file, one JSON object per epoch (``epoch``, ``accuracy``,
   ``clean_accuracy``, ...); provenance, when present, is an object under ``run`` on a line;
-- ``gradstats``: a CSV with the columns in ``GRADSTATS_COLUMNS``, one row per training step.
+- ``gradstats``: a CSV with the columns in ``GRADSTATS_COLUMNS``, one row per training step; its model
+  and settings come from the sidecar ``<csv>.json`` that ``gradstats`` writes next to it.
+
+Training labels without a noise sidecar have an unknown noise rate: ``NOISE_UNKNOWN``, rate None.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from promptcli.choices import COOP_VARIANTS, PROMPT_METHODS, Method
 from promptcli.errors import InputError
 
 # The columns of a gradstats CSV (written by analysis/gradstats.py, read here).
@@ -51,6 +57,27 @@ _GRAD_FLOATS = (
 )
 RESULT_SUFFIXES = (".json", ".jsonl", ".csv")
 NO_NOISE = "none"
+NOISE_UNKNOWN = "noise unknown"  # the training labels had no noise sidecar: the rate is None, never 0
+# Training settings a series is split by: the prompt's (metadata keys) and the schedule's (``optimizer`` keys).
+PROMPT_SETTINGS = ("n_ctx", "class_position", "csc", "ctx_init", "template")
+SCHEDULE_SETTINGS = (
+    "optimizer",
+    "lr",
+    "epochs",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "warmup_lr",
+    "schedule",
+)
+# Settings a method may choose per run (not split on; runs that differ in them are pooled with a warning). Eval
+# summaries that record ``weight_decay_searched`` split the probe by it instead ("searched" or the fixed value).
+PER_RUN_SETTINGS = {
+    Method.LINEAR_PROBE.value: {
+        "weight_decay": "the probe's search picks it per run unless --weight-decay is given"
+    },
+}
 # The metrics an eval summary carries: report name -> key under "metrics".
 METRIC_KEYS = {"top1": "top1", "top5": "top5", "macro": "macro_accuracy"}
 
@@ -69,6 +96,8 @@ class SeriesKey:
     shots: str = ""  # "16", "" when all data or unknown
     model: str = ""  # "ViT-B-32/openai", "" when unknown
     variant: str = ""  # "OT split", "pseudo-labels", "cleaned": what else set the run apart
+    test: str = ""  # "test.h5 (4c202af5)": the evaluated features (and labels); "" for training runs
+    settings: tuple[tuple[str, str], ...] = ()  # (name, value): prompt, schedule; zero-shot's templates
 
 
 def _variant(noise: Any, split: Any) -> str:
@@ -94,11 +123,12 @@ def _variant(noise: Any, split: Any) -> str:
 class EvalRun:
     key: SeriesKey
     noise_type: str
-    noise_rate: float
+    noise_rate: float | None  # None: NOISE_UNKNOWN
     seed: Any
     zero_shot: bool
     metrics: dict[str, float]  # top1, top5, macro
     source: str
+    per_run: tuple[tuple[str, str], ...] = ()  # PER_RUN_SETTINGS of the run (name, value)
 
 
 @dataclass
@@ -116,7 +146,7 @@ class LogRun:
 class GradRun:
     key: SeriesKey
     noise_type: str
-    noise_rate: float
+    noise_rate: float | None  # None: NOISE_UNKNOWN
     seed: Any
     rows: list[dict[str, Any]]
     source: str
@@ -263,9 +293,9 @@ def _params_label(params: Any) -> str:
 
 
 def _noise(noise: Any) -> tuple[str, float | None]:
-    """(type, rate) from a corrupt sidecar; rate 0 is 'none'; (none, 0) without a sidecar."""
+    """(type, rate) from a corrupt sidecar; rate 0 is 'none'; (NOISE_UNKNOWN, None) without a sidecar."""
     if noise is None:
-        return NO_NOISE, 0.0
+        return NOISE_UNKNOWN, None
     if not isinstance(noise, dict):
         return "", None
     if noise.get("labels") == "pseudo":  # unsupervised: no injected noise (the series says pseudo-labels)
@@ -285,29 +315,122 @@ def _number(value: Any, where: str, what: str) -> float:
     return float(value)
 
 
+def _file_label(path: Any, sha256: Any) -> str:
+    """ "test.h5 (4c202af5)": a file's name and the start of its SHA-256 (what is known of them)."""
+    name = Path(str(path)).name if path else ""
+    sha = sha256[:8] if isinstance(sha256, str) else ""
+    return f"{name} ({sha})" if name and sha else name or sha
+
+
+def _test_label(obj: dict[str, Any]) -> str:
+    """The test set an eval summary is on: the features file, and the labels file when one was given."""
+    label = _file_label(obj.get("features"), obj.get("features_sha256"))
+    if obj.get("labels"):
+        label += f" + {_file_label(obj.get('labels'), obj.get('labels_sha256'))}"
+    return label
+
+
+def _templates_label(templates: Any) -> str:
+    """Zero-shot's templates: the one template, or their number and a digest of the list."""
+    if not isinstance(templates, list) or not templates:
+        return ""
+    if len(templates) == 1:
+        return str(templates[0])
+    digest = hashlib.sha256(json.dumps(templates).encode("utf-8")).hexdigest()[:8]
+    return f"{len(templates)} ({digest})"
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _settings(
+    records: Sequence[Any], method: str
+) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """(settings to split by, PER_RUN_SETTINGS) recorded by prompts: their common value, "mixed" where they differ."""
+    values: dict[str, set[str]] = defaultdict(set)
+    searched_known = True  # every record says whether its weight decay was searched (newer eval summaries)
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        optimizer = record.get("optimizer") if isinstance(record.get("optimizer"), dict) else {}
+        found = {
+            **{k: record.get(k) for k in PROMPT_SETTINGS},
+            **{k: optimizer.get(k) for k in SCHEDULE_SETTINGS},
+        }
+        if "weight_decay_searched" in record:
+            if record["weight_decay_searched"]:  # the search's pick is part of the method: "searched" pools
+                found["weight_decay"] = "searched"
+        else:
+            searched_known = False
+        for name, value in found.items():
+            if value is not None:
+                values[name].add(_setting_text(value))
+    pairs = [
+        (name, next(iter(values[name])) if len(values[name]) == 1 else "mixed")
+        for name in PROMPT_SETTINGS + SCHEDULE_SETTINGS
+        if values.get(name)
+    ]
+    per_run = PER_RUN_SETTINGS.get(method, {})
+    if searched_known:  # searched or fixed is on record: the weight decay splits series like any setting
+        per_run = {k: v for k, v in per_run.items() if k != "weight_decay"}
+    return tuple(p for p in pairs if p[0] not in per_run), tuple(p for p in pairs if p[0] in per_run)
+
+
+def eval_identity(obj: dict[str, Any]) -> tuple | None:
+    """What makes two eval summaries one evaluation: the prompts' (zero-shot: the model's and templates')
+    and the test files' SHA-256; None when the summary does not record them."""
+    features = obj.get("features_sha256")
+    if not isinstance(features, str) or not features:
+        return None
+    test = (features, obj.get("labels_sha256"))
+    if obj.get("zero_shot"):
+        return ("zero-shot", _model_label(obj.get("model")), json.dumps(obj.get("templates")), *test)
+    shas = [m.get("sha256") if isinstance(m, dict) else None for m in obj.get("prompts") or []]
+    if not shas or not all(isinstance(sha, str) and sha for sha in shas):
+        return None
+    return ("prompts", tuple(sorted(shas)), *test)
+
+
 def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
-    """One eval summary as a run; None (with the reason in the caller's warning) if its noise is unknown."""
+    """One eval summary as a run; None (with the reason in the caller's warning) if it has no one noise rate.
+
+    Labels without a noise sidecar give ``NOISE_UNKNOWN`` (rate None), never noise rate 0.
+    """
     metrics = obj["metrics"]
     values = {
         name: _number(metrics.get(key), str(path), f"metrics.{key}") for name, key in METRIC_KEYS.items()
     }
-    zero_shot = bool(obj.get("zero_shot"))
-    noise_type, rate = (NO_NOISE, 0.0) if zero_shot else _noise(obj.get("noise"))
-    members = [m.get("noise") for m in obj.get("prompts") or [] if isinstance(m, dict)]
-    if not zero_shot and obj.get("noise") is None and any(n is not None for n in members):
+    model, test = _model_label(obj.get("model")), _test_label(obj)
+    if obj.get("zero_shot"):
+        templates = _templates_label(obj.get("templates"))
+        settings = (("templates", templates),) if templates else ()
+        key = SeriesKey("zero-shot", model=model, test=test, settings=settings)
+        return EvalRun(key, NO_NOISE, 0.0, None, True, values, str(path))
+    members = [m for m in obj.get("prompts") or [] if isinstance(m, dict)]
+    if obj.get("noise") is None and any(m.get("noise") is not None for m in members):
         return None  # an ensemble of prompts tuned on differently noisy labels: no one noise rate
-    if rate is None:
+    noise_type, rate = _noise(obj.get("noise"))
+    if rate is None and noise_type != NOISE_UNKNOWN:
         return None
+    method = str(obj.get("method") or "mixed")
+    settings, per_run = _settings(members, method)
     key = SeriesKey(
-        method="zero-shot" if zero_shot else str(obj.get("method") or "mixed"),
-        loss="" if zero_shot else str(obj.get("loss") or ""),
-        method_params="" if zero_shot else _params_label(obj.get("method_params")),
-        loss_params="" if zero_shot else _params_label(obj.get("loss_params")),
-        shots="" if zero_shot or obj.get("shots") is None else str(obj.get("shots")),
-        model=_model_label(obj.get("model")),
-        variant="" if zero_shot else _variant(obj.get("noise"), obj.get("split")),
+        method=method,
+        loss=str(obj.get("loss") or ""),
+        method_params=_params_label(obj.get("method_params")),
+        loss_params=_params_label(obj.get("loss_params")),
+        shots="" if obj.get("shots") is None else str(obj.get("shots")),
+        model=model,
+        variant=_variant(obj.get("noise"), obj.get("split")),
+        test=test,
+        settings=settings,
     )
-    return EvalRun(key, noise_type, rate, obj.get("seed"), zero_shot, values, str(path))
+    return EvalRun(key, noise_type, rate, obj.get("seed"), False, values, str(path), per_run)
 
 
 def _log_provenance(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -370,16 +493,67 @@ def _grad_value(row: dict[str, str], column: str, where: str) -> Any:
     return cell
 
 
-def grad_runs(rows: list[dict[str, str]], path: Path) -> list[GradRun]:
-    """The runs of a gradstats CSV (one per method, loss, noise and seed in it)."""
+def _grad_sidecar(path: Path, methods: set[str], warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """The ``<csv>.json`` that ``gradstats`` writes (model, noise, options, runs); None, with a warning, without."""
+    sidecar = Path(f"{path}.json")
+    if not sidecar.is_file():
+        warn(f"{path}: no sidecar {sidecar.name} (`gradstats` writes it): model and settings unknown")
+        return None
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        warn(f"{sidecar} is not valid JSON; ignored: model and settings of {path.name} unknown")
+        return None
+    runs = meta.get("runs") if isinstance(meta, dict) else None
+    recorded = {r.get("method") for r in runs if isinstance(r, dict)} if isinstance(runs, list) else set()
+    if not methods <= recorded:
+        warn(f"{sidecar} describes other runs than {path.name}; ignored: model and settings unknown")
+        return None
+    return meta
+
+
+def _grad_key(method: str, loss: str, meta: dict[str, Any] | None) -> SeriesKey:
+    """A gradstats run's series: method and loss from the CSV, model and settings from its sidecar."""
+    if meta is None:
+        return SeriesKey(method, loss)
+    options = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+    run = next(
+        (
+            r
+            for r in meta.get("runs") or []
+            if isinstance(r, dict) and (r.get("method"), r.get("loss")) == (method, loss)
+        ),
+        {},
+    )
+    record = {"optimizer": run.get("optimizer")}
+    if method in PROMPT_METHODS + COOP_VARIANTS:  # the methods whose prompts record these settings
+        record.update({k: options.get(k) for k in PROMPT_SETTINGS})
+    return SeriesKey(
+        method,
+        loss,
+        model=_model_label(meta.get("model")),
+        variant=_variant(meta.get("noise"), {"method": options.get("split")}),
+        settings=_settings([record], method)[0],
+    )
+
+
+def grad_runs(
+    rows: list[dict[str, str]], path: Path, warn: Callable[[str], None] = lambda _: None
+) -> list[GradRun]:
+    """The runs of a gradstats CSV (one per method, loss, noise and seed in it); an empty noise rate
+    (labels without a noise sidecar) is ``NOISE_UNKNOWN``."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for number, raw in enumerate(rows, start=2):
         row = {c: _grad_value(raw, c, f"{path}:{number}") for c in GRADSTATS_COLUMNS}
-        rate = round(row["noise_rate"], 6) if math.isfinite(row["noise_rate"]) else 0.0
-        noise_type = NO_NOISE if rate == 0 else (row["noise_type"] or "unknown")
+        if math.isfinite(row["noise_rate"]):
+            rate: float | None = round(row["noise_rate"], 6)
+            noise_type = NO_NOISE if rate == 0 else (row["noise_type"] or "unknown")
+        else:
+            rate, noise_type = None, NOISE_UNKNOWN
         groups[(row["method"], row["loss"], noise_type, rate, row["seed"])].append(row)
+    meta = _grad_sidecar(path, {k[0] for k in groups}, warn) if groups else None
     return [
-        GradRun(SeriesKey(method, loss), noise_type, rate, seed, group, str(path))
+        GradRun(_grad_key(method, loss, meta), noise_type, rate, seed, group, str(path))
         for (method, loss, noise_type, rate, seed), group in sorted(groups.items(), key=lambda kv: str(kv[0]))
     ]
 
@@ -390,6 +564,7 @@ def read_results(paths: Sequence[str | Path]) -> Results:
 
     results = Results()
     seen: dict[str, str] = {}
+    evaluations: dict[tuple, str] = {}
     for path, explicit in find_result_files(paths):
         data = path.read_bytes()
         try:
@@ -417,12 +592,21 @@ def read_results(paths: Sequence[str | Path]) -> Results:
             continue
         seen[digest] = str(path)
         if kind == "eval":
+            identity = eval_identity(content)
+            if identity in evaluations:
+                results.warnings.append(
+                    f"{path} repeats the evaluation in {evaluations[identity]} (same prompt and test "
+                    "features); counted once"
+                )
+                continue
             run = eval_run(content, path)
             if run is None:
                 results.warnings.append(
                     f"{path}: no single noise rate (ensemble of different noise?); not plotted"
                 )
                 continue
+            if identity is not None:
+                evaluations[identity] = str(path)
             results.evals.append(run)
             n = 1
         elif kind == "tune-log":
@@ -430,7 +614,7 @@ def read_results(paths: Sequence[str | Path]) -> Results:
             results.logs.append(log)
             n = len(log.epochs)
         else:
-            runs = grad_runs(content, path)
+            runs = grad_runs(content, path, results.warnings.append)
             results.grads.extend(runs)
             n = len(content)
         results.files.append(SourceFile(str(path), kind, digest, n))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -34,12 +35,13 @@ class Output:
         data_on_stdout = json_mode or stdout_is_data
         self.results = self.err if data_on_stdout else Console(highlight=False)
 
+    # messages and cells are plain text: a path or label holding "[...]" must not be read as rich markup
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.err.print(message)
+            self.err.print(escape(message))
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]Warning:[/yellow] {message}")
+        self.err.print(f"[yellow]Warning:[/yellow] {escape(message)}")
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """A results table (suppressed by --quiet: scripts that want numbers use --json or -o)."""
@@ -49,7 +51,7 @@ class Output:
         for i, col in enumerate(columns):
             table.add_column(col, justify="left" if i == 0 else "right")
         for row in rows:
-            table.add_row(*[_fmt(v) for v in row])
+            table.add_row(*[escape(_fmt(v)) for v in row])
         self.results.print(table)
 
     def result(self, data: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,12 +12,15 @@ import h5py
 import numpy as np
 
 from promptcli.errors import InputError
-from promptcli.io.checks import check_class_names, check_finite_rows, check_unique_keys
+from promptcli.io.checks import check_class_names
 
 FORMAT = "promptcli-features"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 FEATURE_DTYPES = ("float16", "float32")
+# Rows are L2-normalised in float32, then stored: float16 rounding moves a norm by < 1e-3 (about
+# 5e-4 at worst, ~5e-5 typically), so 1e-2 passes every extracted row and refuses edited ones.
+NORM_TOLERANCE = 1e-2
 MODEL_KEYS = ("model_name", "pretrained", "model_config", "checkpoint_sha256", "random_weights_seed")
 
 
@@ -157,21 +160,23 @@ def _open(path: str | Path) -> h5py.File:
 
 
 def read_features(path: str | Path, load_views: bool = True) -> FeatureSet:
-    """Read a features file; features and views come back as float32."""
+    """Read a features file; features and views come back as float32.
+
+    The datasets' shapes and dtypes are checked before anything is loaded (a view array is checked
+    even when ``load_views`` is False), then :func:`check_feature_set` checks the values.
+    """
     with _open(path) as f:
-        for name in ("features", "paths", "labels", "classnames"):
-            if name not in f:
-                raise InputError(f"dataset '{name}' missing", where=path, hint="re-run `promptcli extract`")
+        n, _ = _check_layout(f, path)
         views = None
         if load_views and "views" in f:
             views = f["views"][...].astype(np.float32)
         fs = FeatureSet(
             path=Path(path),
             features=f["features"][...].astype(np.float32),
-            paths=_decode(f["paths"][...]),
-            labels=f["labels"][...].astype(np.int64),
-            splits=_decode(f["splits"][...]) if "splits" in f else [""] * len(f["paths"]),
-            classnames=_decode(f["classnames"][...]),
+            paths=_strings(f, "paths", path),
+            labels=_labels(f, path),
+            splits=_strings(f, "splits", path) if "splits" in f else [""] * n,
+            classnames=_strings(f, "classnames", path),
             attrs=_read_attrs(f),
             views=views,
         )
@@ -179,22 +184,135 @@ def read_features(path: str | Path, load_views: bool = True) -> FeatureSet:
     return fs
 
 
-def check_feature_set(fs: FeatureSet) -> None:
-    """Refuse a features file whose rows disagree in number, hold NaN/inf or an out-of-range label."""
-    n = len(fs.paths)
-    sizes = {"features": fs.features.shape[0], "labels": fs.labels.shape[0], "splits": len(fs.splits)}
-    if fs.views is not None:
-        sizes["views"] = fs.views.shape[0]
+_DAMAGED = "the file is damaged or was edited; re-run `promptcli extract`"
+_LAYOUT = {  # dataset: what it must be
+    "features": "shape (N, D) of float16 or float32 numbers",
+    "views": "shape (N, V, D) of float16 or float32 numbers, D as in 'features'",
+    "paths": "shape (N,) of strings",
+    "labels": "shape (N,) of integers (class index, -1 for unknown)",
+    "splits": "shape (N,) of strings",
+    "classnames": "shape (C,) of strings",
+}
+
+
+def _layout_error(name: str, found: str, path: str | Path) -> InputError:
+    return InputError(f"dataset '{name}' {found}; expected {_LAYOUT[name]}", where=path, hint=_DAMAGED)
+
+
+def _check_counts(n: int, sizes: dict[str, int], path: str | Path) -> None:
     wrong = {k: v for k, v in sizes.items() if v != n}
     if wrong:
         raise InputError(
             f"{n} paths but " + ", ".join(f"{v} {k}" for k, v in wrong.items()),
-            where=fs.path,
+            where=path,
             hint="the file is damaged; re-run `promptcli extract`",
         )
-    check_finite_rows(fs.features, fs.path, lambda i: fs.paths[i])
+
+
+def _check_layout(f: h5py.File, path: str | Path) -> tuple[int, int]:
+    """Check every dataset's kind, rank and dtype from its metadata (nothing is read); return (N, D)."""
+    for name in ("features", "paths", "labels", "classnames"):
+        if name not in f:
+            raise InputError(f"dataset '{name}' missing", where=path, hint="re-run `promptcli extract`")
+    for name, (ndim, kind) in {
+        "features": (2, "float"),
+        "views": (3, "float"),
+        "paths": (1, "str"),
+        "labels": (1, "int"),
+        "splits": (1, "str"),
+        "classnames": (1, "str"),
+    }.items():
+        if name not in f:
+            continue
+        ds = f[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise _layout_error(name, "is not a dataset (an HDF5 group)", path)
+        if ds.ndim != ndim:
+            raise _layout_error(name, f"has shape {ds.shape}", path)
+        if kind == "str":
+            ok = h5py.check_string_dtype(ds.dtype) is not None
+        elif kind == "int":
+            ok = ds.dtype.kind in "iu"
+        else:
+            ok = ds.dtype.kind == "f"
+        if not ok:
+            raise _layout_error(name, f"holds {_dtype_name(ds.dtype)} values", path)
+    n, dim = f["features"].shape
+    _check_counts(
+        len(f["paths"]), {k: len(f[k]) for k in ("features", "labels", "splits", "views") if k in f}, path
+    )
+    if dim == 0:
+        raise _layout_error("features", f"has shape {f['features'].shape}", path)
+    if "views" in f:
+        shape = f["views"].shape
+        if shape[1] == 0 or shape[2] != dim:
+            raise _layout_error("views", f"has shape {shape} for features of shape {(n, dim)}", path)
+    recorded = f.attrs.get("embed_dim")
+    if isinstance(recorded, (int, np.integer)) and int(recorded) != dim:
+        raise InputError(
+            f"features are {dim} wide but the file records embed_dim {int(recorded)}",
+            where=path,
+            hint=_DAMAGED,
+        )
+    return n, dim
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    if h5py.check_string_dtype(dtype) is not None:
+        return "string"
+    return "compound" if dtype.names else str(dtype)
+
+
+def _strings(f: h5py.File, name: str, path: str | Path) -> list[str]:
+    values = f[name][...]
+    try:
+        return _decode(values)
+    except UnicodeDecodeError as exc:
+        row = next(i for i, v in enumerate(values) if isinstance(v, bytes) and not _is_utf8(v))
+        raise InputError(
+            f"entry {row} of dataset '{name}' is not UTF-8 text ({exc.reason})", where=path, hint=_DAMAGED
+        ) from exc
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _labels(f: h5py.File, path: str | Path) -> np.ndarray:
+    raw = f["labels"][...]
+    if raw.dtype.kind == "u" and raw.size and raw.max() > np.iinfo(np.int64).max:
+        row = int(np.argmax(raw > np.iinfo(np.int64).max))
+        raise InputError(f"label index {raw[row]} of row {row} is out of range", where=path, hint=_DAMAGED)
+    return raw.astype(np.int64)
+
+
+def check_feature_set(fs: FeatureSet) -> None:
+    """Refuse a features file whose datasets disagree in rows or width, with NaN/inf or rows that are not
+    L2-normalised (features, and views when loaded), an out-of-range label, or an empty or repeated
+    image path (``x`` and ``./x`` are one path)."""
+    n = len(fs.paths)
+    if fs.features.ndim != 2 or fs.labels.ndim != 1:
+        raise InputError(
+            f"features of shape {fs.features.shape} and labels of shape {fs.labels.shape}; "
+            "expected (N, D) and (N,)",
+            where=fs.path,
+            hint=_DAMAGED,
+        )
+    sizes = {"features": fs.features.shape[0], "labels": fs.labels.shape[0], "splits": len(fs.splits)}
     if fs.views is not None:
-        check_finite_rows(fs.views, fs.path, lambda i: fs.paths[i], what="augmented views")
+        sizes["views"] = fs.views.shape[0]
+    _check_counts(n, sizes, fs.path)
+    if fs.views is not None and (fs.views.ndim != 3 or fs.views.shape[2] != fs.features.shape[1]):
+        raise _layout_error(
+            "views", f"has shape {fs.views.shape} for features of shape {fs.features.shape}", fs.path
+        )
+    check_unit_rows(fs.features, fs.path, lambda i: fs.paths[i])
+    if fs.views is not None:
+        check_unit_rows(fs.views, fs.path, lambda i: fs.paths[i], what="augmented views")
     bad = np.flatnonzero((fs.labels < -1) | (fs.labels >= len(fs.classnames)))
     if bad.size:
         i = int(bad[0])
@@ -204,16 +322,88 @@ def check_feature_set(fs: FeatureSet) -> None:
             where=fs.path,
             hint="the file is damaged; re-run `promptcli extract`",
         )
-    check_unique_keys(fs.paths, str(fs.path), first_line=0, key="image path", unit="row")
+    check_paths(fs.paths, fs.path)
     check_class_names(((f"class {i}", n) for i, n in enumerate(fs.classnames)), fs.path, what="entry")
+
+
+def check_unit_rows(
+    array: np.ndarray,
+    where: str | Path,
+    name_of: Callable[[int], str],
+    what: str = "features",
+    first_row: int = 0,
+) -> None:
+    """Refuse rows (``(N, D)``, or ``(N, V, D)`` views) with NaN/inf or an L2 norm off 1 by more than
+    :data:`NORM_TOLERANCE`, naming the first bad row (``first_row`` + its index, ``name_of`` of that).
+
+    One vectorised pass of squared norms (NaN/inf rows give NaN/inf); values are looked at only in the
+    first bad row, to say whether it is non-finite or off unit norm.
+    """
+    if array.size == 0:
+        return
+    squared = np.einsum("...d,...d->...", array, array)  # (N,) or (N, V)
+    low, high = (1 - NORM_TOLERANCE) ** 2, (1 + NORM_TOLERANCE) ** 2
+    bad = ~((squared >= low) & (squared <= high))  # NaN fails both comparisons
+    bad_rows = bad.reshape(len(array), -1).any(axis=1)
+    if not bad_rows.any():
+        return
+    i = int(np.argmax(bad_rows))
+    row = first_row + i
+    if not np.isfinite(array[i]).all():
+        raise InputError(
+            f"{what} of row {row} ({name_of(row)}) are not finite (NaN or inf)",
+            where=where,
+            hint="the file is damaged or was made from bad input; re-extract it",
+        )
+    norms = np.sqrt(squared[i].astype(np.float64)).reshape(-1)
+    j = int(np.argmax(bad[i].reshape(-1)))
+    if array.ndim == 3:
+        which = f"augmented view {j} of row {row} ({name_of(row)}) has"
+    else:
+        which = f"{what} of row {row} ({name_of(row)}) have"
+    raise InputError(
+        f"{which} L2 norm {norms[j]:.4g}, not 1 (features files hold L2-normalised embeddings)",
+        where=where,
+        hint="the file was edited or not made by `promptcli extract`; re-extract it",
+    )
+
+
+def _path_key(path: str) -> str:
+    """``path`` without ``.`` components and repeated or trailing slashes (``./a//b`` is ``a/b``).
+
+    ``..`` is kept: through a linked folder ``a/../b`` need not be ``b``.
+    """
+    if "//" not in path and "./" not in path and not path.endswith(("/", "/.")) and path != ".":
+        return path
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return ("/" if path.startswith("/") else "") + "/".join(parts)
+
+
+def check_paths(paths: list[str], where: str | Path) -> None:
+    """Refuse an empty image path and one image listed twice, however spelled (``x``, ``./x``)."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        key = _path_key(p)
+        if key in ("", "/"):
+            what = "is empty" if not p else f"({p!r}) names no file"
+            raise InputError(f"image path of row {i} {what}", where=where, hint=_DAMAGED)
+        j = seen.setdefault(key, i)
+        if j == i:
+            continue
+        if paths[j] == p:
+            what = f"image path {p!r} is listed twice (rows {j} and {i})"
+        else:
+            what = f"image paths {paths[j]!r} (row {j}) and {p!r} (row {i}) name one image"
+        raise InputError(what, where=where, hint="list each image path once")
 
 
 def iter_rows(path: str | Path, batch: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
     """Stream (start row, float32 block) from a features file without loading it all."""
     with _open(path) as f:
+        _check_layout(f, path)
         ds = f["features"]
         paths = f["paths"]
         for start in range(0, ds.shape[0], batch):
             block = ds[start : start + batch].astype(np.float32)
-            check_finite_rows(block, path, lambda i, s=start: _decode([paths[s + i]])[0])
+            check_unit_rows(block, path, lambda row: _decode([paths[row]])[0], first_row=start)
             yield start, block

@@ -126,6 +126,26 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
             where=path,
             hint="an open_clip model config needs embed_dim, vision_cfg and text_cfg",
         )
+    # open_clip's image_transform asserts these (an AssertionError at model creation otherwise)
+    accepted = {
+        "interpolation": ("bicubic", "bilinear", "random"),
+        "resize_mode": ("shortest", "longest", "squash"),
+    }
+    preprocess = cfg.get("preprocess_cfg", {})
+    if not isinstance(preprocess, dict):
+        raise InputError(
+            f"preprocess_cfg must be a JSON object, got {type(preprocess).__name__}",
+            where=path,
+            hint='e.g. "preprocess_cfg": {"mean": [...], "std": [...], "interpolation": "bicubic"}',
+        )
+    for key, values in accepted.items():
+        value = preprocess.get(key)
+        if value is not None and value not in values:
+            raise InputError(
+                f"preprocess_cfg {key} {value!r} is not one open_clip accepts ({', '.join(values)})",
+                where=path,
+                hint=f"set {key} to one of them, or leave it out for open_clip's default ({values[0]})",
+            )
     return cfg
 
 

@@ -1,0 +1,317 @@
+"""The features file reader refuses content that is not what docs/formats.md says, in one line.
+
+Each case edits a valid file with h5py, as a user or a script might, and checks that
+:func:`read_features` raises an :class:`InputError` naming the file and what is wrong (before these
+checks, most of them were read silently into a wrong result, or failed later with a raw error).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import unit_rows, write_synthetic_features
+from promptcli.errors import InputError
+from promptcli.io.features import NORM_TOLERANCE, iter_rows, read_features, write_features
+from promptcli.models.loading import read_model_config
+
+CLASSES = ["cat", "dog", "car"]
+N, DIM, VIEWS = 12, 16, 2
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A valid float16 features file with 2 views (no model needed: only the reader is under test)."""
+    rng = np.random.default_rng(0)
+    x = unit_rows(rng.normal(size=(N, DIM)))
+    views = unit_rows(x[:, None, :] + 0.2 * rng.normal(size=(N, VIEWS, DIM)))
+    path = tmp_path_factory.mktemp("features-file") / "base.h5"
+    write_features(
+        path, features=[x], n_rows=N, dim=DIM, paths=[f"{CLASSES[i % 3]}/{i:03d}.png" for i in range(N)],
+        labels=[i % 3 for i in range(N)], splits=["train"] * N, classnames=CLASSES,
+        attrs={"embed_dim": DIM}, n_views=VIEWS, views=[views], dtype="float16",
+    )  # fmt: skip
+    return path
+
+
+def edited(base: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``base`` changed by ``edit(h5py.File)``."""
+    path = tmp_path / "edited.h5"
+    shutil.copy(base, path)
+    with h5py.File(path, "a") as f:
+        edit(f)
+    return path
+
+
+def replace(name: str, make):
+    """An edit replacing dataset ``name`` by ``make(its current values)``."""
+
+    def edit(f: h5py.File) -> None:
+        data = make(f[name][...])
+        del f[name]
+        if data.dtype == object:
+            f.create_dataset(name, data=data, dtype=h5py.string_dtype())
+        else:
+            f.create_dataset(name, data=data)
+
+    return edit
+
+
+def set_rows(name: str, change):
+    def edit(f: h5py.File) -> None:
+        data = f[name][...].astype(np.float32)
+        change(data)
+        f[name][...] = data
+
+    return edit
+
+
+def _scale_row(i: int, factor: float):
+    def change(x):
+        x[i] *= factor
+
+    return change
+
+
+def _zero_row(i: int):
+    def change(x):
+        x[i] = 0
+
+    return change
+
+
+def _scale_view(i: int, j: int, factor: float):
+    def change(v):
+        v[i, j] *= factor
+
+    return change
+
+
+def _set_path(i: int, value: bytes):
+    def change(p):
+        p[i] = value
+        return p
+
+    return change
+
+
+def _narrow_features(f: h5py.File) -> None:
+    replace("features", lambda x: unit_rows(x[:, :15]))(f)
+    del f["views"]
+
+
+CASES = {
+    # not L2-normalised: scaled, one row scaled, an all-zero row, one view scaled
+    "scaled x10": (set_rows("features", lambda x: x.__imul__(10)), r"features of row 0 \(cat/000.png\) have L2 norm 10"),
+    "one row x1.5": (set_rows("features", _scale_row(3, 1.5)), r"features of row 3 \(cat/003.png\) have L2 norm 1.5"),
+    "one row x0.9": (set_rows("features", _scale_row(4, 0.9)), r"row 4 \(dog/004.png\) have L2 norm 0.9"),
+    "zero row": (set_rows("features", _zero_row(7)), r"features of row 7 \(dog/007.png\) have L2 norm 0,"),
+    "view scaled": (set_rows("views", _scale_view(2, 1, 3.0)), r"augmented view 1 of row 2 \(car/002.png\) has L2 norm 3"),
+    # wrong dtypes
+    "int8 features": (replace("features", lambda x: (x * 100).astype("i1")), r"'features' holds int8 values; expected shape \(N, D\)"),
+    "float labels": (replace("labels", lambda y: y + 0.99), r"'labels' holds float64 values; expected shape \(N,\) of integers"),
+    "string labels": (replace("labels", lambda y: np.array([str(v) for v in y], dtype=object)), r"'labels' holds string values"),
+    "int classnames": (replace("classnames", lambda c: np.arange(len(c))), r"'classnames' holds int64 values"),
+    "int paths": (replace("paths", lambda p: np.arange(len(p))), r"'paths' holds int64 values"),
+    # wrong shapes
+    "1-D features": (replace("features", lambda x: x[:, 0]), r"'features' has shape \(12,\); expected shape \(N, D\)"),
+    "3-D features": (replace("features", lambda x: x[:, :, None]), r"'features' has shape \(12, 16, 1\); expected shape \(N, D\)"),
+    "2-D labels": (replace("labels", lambda y: y[:, None]), r"'labels' has shape \(12, 1\); expected shape \(N,\)"),
+    "2-D paths": (replace("paths", lambda p: np.stack([p, p], axis=1)), r"'paths' has shape \(12, 2\); expected shape \(N,\) of strings"),
+    "narrow views": (replace("views", lambda v: v[:, :, :10]), r"'views' has shape \(12, 2, 10\) for features of shape \(12, 16\)"),
+    "2-D views": (replace("views", lambda v: v[:, 0]), r"'views' has shape \(12, 16\)"),
+    "no views per row": (replace("views", lambda v: v[:, :0]), r"'views' has shape \(12, 0, 16\)"),
+    "views short of rows": (replace("views", lambda v: v[:-1]), r"12 paths but 11 views"),
+    "narrow features": (_narrow_features, r"features are 15 wide but the file records embed_dim 16"),
+    "group as features": (lambda f: (f.__delitem__("features"), f.create_group("features")), r"'features' is not a dataset"),
+    # paths
+    "empty path": (replace("paths", _set_path(3, b"")), r"image path of row 3 is empty"),
+    "./ duplicate": (replace("paths", _set_path(5, b"./cat/000.png")), r"'cat/000.png' \(row 0\) and './cat/000.png' \(row 5\) name one image"),
+    "// duplicate": (replace("paths", _set_path(5, b"cat//000.png")), r"\(row 0\) and 'cat//000.png' \(row 5\) name one image"),
+    "exact duplicate": (replace("paths", _set_path(5, b"cat/000.png")), r"image path 'cat/000.png' is listed twice \(rows 0 and 5\)"),
+    "path '.'": (replace("paths", _set_path(2, b".")), r"image path of row 2 \('\.'\) names no file"),
+    "not UTF-8": (replace("paths", lambda p: np.array([b"\xff\xfe.png", *p[1:]], dtype="S12")), r"entry 0 of dataset 'paths' is not UTF-8"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_content_is_one_input_error_naming_the_file(base, tmp_path, case):
+    edit, message = CASES[case]
+    path = edited(base, tmp_path, edit)
+    with pytest.raises(InputError, match=message) as info:
+        read_features(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["narrow views", "2-D views", "no views per row", "views short of rows"])
+def test_views_of_the_wrong_shape_are_refused_even_when_not_loaded(base, tmp_path, case):
+    edit, message = CASES[case]
+    with pytest.raises(InputError, match=message):
+        read_features(edited(base, tmp_path, edit), load_views=False)
+
+
+def test_the_valid_file_reads_and_float16_rounding_is_far_inside_the_tolerance(base):
+    fs = read_features(base)
+    assert len(fs) == N and fs.dim == DIM and fs.n_views == VIEWS
+    for rows in (fs.features, fs.views):
+        off = np.abs(np.linalg.norm(rows, axis=-1) - 1).max()
+        assert 0 < off < NORM_TOLERANCE / 10  # float16 moved the norms, by far less than the tolerance
+
+
+def test_extract_float16_output_passes_the_norm_check(image_folder, tiny_model, tmp_path):
+    from promptcli.extraction.extract import ExtractOptions, extract_features
+    from promptcli.io.image_sources import read_image_folder
+
+    out = tmp_path / "f16.h5"
+    extract_features(
+        read_image_folder(image_folder), tiny_model, out, ExtractOptions(views=2, dtype="float16", workers=0)
+    )
+    fs = read_features(out)
+    assert np.abs(np.linalg.norm(fs.features, axis=1) - 1).max() < 1e-3
+    assert np.abs(np.linalg.norm(fs.views, axis=-1) - 1).max() < 1e-3
+
+
+def test_small_float_error_and_other_float_dtypes_pass(base, tmp_path):
+    """Rows a little off unit norm (float rounding, float64 storage) are not refused."""
+
+    def edit(f):
+        x = f["features"][...].astype(np.float64) * (1 + NORM_TOLERANCE / 2)
+        del f["features"]
+        f.create_dataset("features", data=x)
+
+    fs = read_features(edited(base, tmp_path, edit))
+    assert fs.features.dtype == np.float32
+
+
+def test_the_first_bad_row_is_named_whether_non_finite_or_off_unit_norm(base, tmp_path):
+    def edit(inf_row: int):
+        def change(x):
+            x[inf_row, 1] = np.inf
+            x[6] *= 2
+
+        return set_rows("features", change)
+
+    with pytest.raises(InputError, match=r"features of row 6 \(cat/006.png\) have L2 norm 2"):
+        read_features(edited(base, tmp_path, edit(9)))
+    with pytest.raises(InputError, match=r"features of row 4 \(dog/004.png\) are not finite"):
+        read_features(edited(base, tmp_path, edit(4)))
+
+    def nan_view(v):
+        v[8, 1, 0] = np.nan
+
+    with pytest.raises(InputError, match=r"augmented views of row 8 \(car/008.png\) are not finite"):
+        read_features(edited(base, tmp_path, set_rows("views", nan_view)))
+
+
+def test_paths_that_only_look_alike_are_kept(base, tmp_path):
+    """``./x`` alone is fine; ``a/../b`` is not ``b`` (through a linked folder it need not be)."""
+    paths = [b"./cat/000.png", b"cat/000.PNG", b"dog/../car/002.png", b"car/002.png"]
+
+    def edit(f):
+        p = f["paths"][...]
+        p[: len(paths)] = paths
+        f["paths"][...] = p
+
+    fs = read_features(edited(base, tmp_path, edit))
+    assert fs.paths[:4] == [p.decode() for p in paths]
+
+
+def test_iter_rows_checks_layout_and_norms_block_by_block(base, tmp_path):
+    assert sum(len(block) for _, block in iter_rows(base, batch=5)) == N
+    with pytest.raises(InputError, match=r"features of row 11 \(car/011.png\) have L2 norm 2"):
+        list(iter_rows(edited(base, tmp_path, set_rows("features", _scale_row(11, 2.0))), batch=5))
+    with pytest.raises(InputError, match=r"'features' holds int8"):
+        list(iter_rows(edited(base, tmp_path, CASES["int8 features"][0])))
+
+
+# --- through the CLI: one line, exit 2, where the bad file used to fail late with a raw error --------
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("features-file-cli")
+    features = folder / "syn.h5"
+    _, y, paths = write_synthetic_features(features, tiny_model, CLASSES, 4, 0.3)
+    labels = folder / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{CLASSES[c]}\n" for p, c in zip(paths, y)))
+    return {"features": features, "labels": labels}
+
+
+def one_line_error(code: int, err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("Error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err and "unexpected" not in err, err
+    return lines[0]
+
+
+def test_tune_refuses_views_narrower_than_the_features(syn, tmp_path, run_cli):
+    """Before, tune failed deep in training with torch's raw 'mat1 and mat2 shapes cannot be multiplied'."""
+    bad = edited(syn["features"], tmp_path, replace("views", lambda v: v[:, :, :20]))
+    code, _, err = run_cli("tune", bad, syn["labels"], "-o", tmp_path / "p.safetensors", "--device", "cpu")
+    line = one_line_error(code, err)
+    assert str(bad) in line and "'views' has shape" in line and "mat1" not in err
+
+
+def test_eval_refuses_features_that_are_not_normalised(syn, tmp_path, run_cli):
+    bad = edited(syn["features"], tmp_path, set_rows("features", lambda x: x.__imul__(10)))
+    code, _, err = run_cli("eval", bad, "--zero-shot", "--device", "cpu")
+    assert "L2 norm 10" in one_line_error(code, err)
+
+
+# --- model configs: preprocessing values open_clip does not accept --------------------------------
+
+
+def _config(tmp_path: Path, tiny_model_files, **preprocess) -> Path:
+    config = json.loads(Path(tiny_model_files["config"]).read_text())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("preprocess", "message"),
+    [
+        (
+            {"interpolation": "nearest"},
+            r"preprocess_cfg interpolation 'nearest' is not one open_clip accepts",
+        ),
+        ({"interpolation": "Bicubic"}, r"interpolation 'Bicubic'"),
+        ({"resize_mode": "crop"}, r"preprocess_cfg resize_mode 'crop' is not one open_clip accepts"),
+    ],
+)
+def test_read_model_config_refuses_preprocessing_open_clip_rejects(
+    tmp_path, tiny_model_files, preprocess, message
+):
+    with pytest.raises(InputError, match=message):
+        read_model_config(_config(tmp_path, tiny_model_files, **preprocess))
+
+
+def test_read_model_config_refuses_a_preprocess_cfg_that_is_not_an_object(tmp_path, tiny_model_files):
+    path = tmp_path / "config.json"
+    config = json.loads(Path(tiny_model_files["config"]).read_text())
+    path.write_text(json.dumps({"model_cfg": config, "preprocess_cfg": ["bicubic"]}))
+    with pytest.raises(InputError, match="preprocess_cfg must be a JSON object"):
+        read_model_config(path)
+
+
+def test_read_model_config_accepts_every_value_open_clip_accepts(tmp_path, tiny_model_files):
+    for interpolation in ("bicubic", "bilinear", "random"):
+        for resize_mode in ("shortest", "longest", "squash"):
+            path = _config(tmp_path, tiny_model_files, interpolation=interpolation, resize_mode=resize_mode)
+            assert read_model_config(path)["preprocess_cfg"]["resize_mode"] == resize_mode
+
+
+def test_extract_with_nearest_interpolation_is_one_line(image_folder, tiny_model_files, tmp_path, run_cli):
+    """Before, open_clip's bare AssertionError reached the user as an unexpected error."""
+    config = _config(tmp_path, tiny_model_files, interpolation="nearest")
+    code, _, err = run_cli(
+        "extract", image_folder, "-o", tmp_path / "o.h5", "--model", "tiny-clip-nearest", "--model-config", config,
+        "--pretrained", tiny_model_files["weights"], "--device", "cpu", "--workers", "0",
+    )  # fmt: skip
+    line = one_line_error(code, err)
+    assert str(config) in line and "'nearest'" in line and not (tmp_path / "o.h5").exists()
