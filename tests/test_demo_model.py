@@ -174,3 +174,14 @@ def test_write_demo_images_refuses_foreign_folder(tmp_path):
     with pytest.raises(FileExistsError):
         write_demo_images(tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "not demo images"
+
+
+def test_other_settings_never_delete_files_the_user_added_to_a_demo_folder(tmp_path):
+    out = tmp_path / "demo"
+    write_demo_images(out, per_class=1)
+    (out / "train.h5").write_text("features the user kept here")
+    with pytest.raises(FileExistsError, match="holds train.h5, which demo-images did not write"):
+        write_demo_images(out, per_class=2)
+    assert (out / "train.h5").read_text() == "features the user kept here"
+    (out / "train.h5").unlink()
+    assert write_demo_images(out, per_class=2)["written"] is True  # a tree of ours alone is replaced

@@ -463,7 +463,9 @@ def test_a_searched_weight_decay_pools_quietly_and_a_fixed_one_is_its_own_series
     for seed, wd in ((1, 0.01), (2, 0.0)):  # the search picked another decay on each seed
         summary = eval_summary("linear-probe", seed=seed, top1=0.5 + seed / 10)
         optimizer = {**SCHEDULE, "weight_decay": wd}
-        write_json(tmp_path / f"lp{seed}.json", on_test(summary, optimizer=optimizer, weight_decay_searched=True))
+        write_json(
+            tmp_path / f"lp{seed}.json", on_test(summary, optimizer=optimizer, weight_decay_searched=True)
+        )
     fixed = eval_summary("linear-probe", seed=1, top1=0.4)
     optimizer = {**SCHEDULE, "weight_decay": 0.001}
     write_json(tmp_path / "fixed.json", on_test(fixed, optimizer=optimizer, weight_decay_searched=False))

@@ -2,7 +2,7 @@
 
 The subset ships inside promptcli: 200 training and 100 test images per class, 10 classes,
 chosen with a fixed seed (scripts/make_fashion_subset.py). It is written as
-OUT_DIR/train/<class>/NNNN.png and OUT_DIR/test/<class>/NNNN.png, ready for `promptcli extract`.
+OUT_DIR/train/CLASS/NNNN.png and OUT_DIR/test/CLASS/NNNN.png, ready for `promptcli extract`.
 Fashion-MNIST is by Zalando Research, MIT licence.
 
 Examples:
@@ -43,9 +43,9 @@ def command(
         summary = write_demo_images(out_dir, invert=not plain, per_class=per_class)
     except FileExistsError as exc:
         raise InputError(
-            "folder exists and is not a promptcli demo image folder",
+            str(exc),
             where=out_dir,
-            hint="choose another folder (nothing was written)",
+            hint="choose another folder, or move your files out of it (nothing was written or removed)",
         ) from exc
     counts = summary["counts"]
     verb = "Wrote" if summary["written"] else "Already complete:"

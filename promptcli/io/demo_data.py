@@ -73,6 +73,24 @@ def _expected_manifest(invert: bool, per_class: int | None = None) -> dict[str, 
     }
 
 
+def _foreign_entry(out_dir: Path, folders: set[str]) -> Path | None:
+    """The first file or folder under ``out_dir`` that a demo tree does not hold (None: none)."""
+    for entry in sorted(out_dir.iterdir()):
+        if entry.name == MARKER and entry.is_file():
+            continue
+        if entry.name not in SPLITS or not entry.is_dir() or entry.is_symlink():
+            return entry
+        for folder in sorted(entry.iterdir()):
+            if folder.name not in folders or not folder.is_dir() or folder.is_symlink():
+                return folder
+            for file in sorted(folder.iterdir()):
+                if not (
+                    file.is_file() and not file.is_symlink() and file.suffix == ".png" and file.stem.isdigit()
+                ):
+                    return file
+    return None
+
+
 def write_demo_images(
     out_dir: Path, invert: bool = DEFAULT_INVERT, per_class: int | None = None
 ) -> dict[str, Any]:
@@ -104,7 +122,14 @@ def write_demo_images(
         if existing == expected:
             return {**summary, "written": False}
     if out_dir.exists() and any(out_dir.iterdir()) and not marker.is_file():
-        raise FileExistsError(f"{out_dir} exists and is not a promptcli demo image folder")
+        raise FileExistsError("folder exists and is not a promptcli demo image folder")
+    if marker.is_file():  # a tree of ours with other settings: replaced below, unless the user added to it
+        foreign = _foreign_entry(out_dir, set(summary["class_folders"]))
+        if foreign is not None:
+            raise FileExistsError(
+                f"holds {foreign.relative_to(out_dir)}, which demo-images did not write "
+                "(other settings replace the whole folder)"
+            )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     subset = load_subset()
