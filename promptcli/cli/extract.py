@@ -7,11 +7,13 @@ Examples:
 
     promptcli extract data/train -o train.h5 --model ViT-B-32 --pretrained openai
     promptcli extract images.csv -o feats.h5 --pretrained weights.safetensors --views 4 --dtype float32
-    promptcli extract data/train -o train.h5 --resume      # complete an interrupted run
-    torchrun --nproc-per-node 8 -m promptcli extract data/train -o train.h5   # one process per GPU
+    promptcli extract data/train -o train.h5 --model ViT-B-32 --pretrained openai --resume
+    torchrun --nproc-per-node 8 -m promptcli extract data/train -o train.h5 --model ViT-B-32 --pretrained openai
+
+--resume completes an interrupted run; give it the options of that run.
 
 Under torchrun (or with --distributed) each rank encodes its share of the chunks into the shared
-<output>.partial/ folder and rank 0 writes the file, identical to a single-process run.
+OUTPUT.partial/ folder and rank 0 writes the file, identical to a single-process run.
 """
 
 from __future__ import annotations
