@@ -638,6 +638,11 @@ def test_writes_png_html_and_markdown_and_refuses_overwrite(tmp_path, run_cli):
         image.verify()
     with Image.open(png_out) as image:
         assert image.size[0] > 1500 and image.size[1] > 500  # 3 panels side by side
+        assert image.info["Software"] == "promptcli 0.1.0"  # the figure records how it was made
+        assert (
+            image.info["Description"].startswith("promptcli report ")
+            and "--title Sweep" in image.info["Description"]
+        )
     page = html_out.read_text()
     assert page.count("<table>") == 2  # results and provenance
     assert "<td>coop + gce</td><td>80.0 ± 1.0 (3)</td><td>76.0 ± 1.0 (3)</td><td>68.0 ± 2.0 (3)</td>" in page
@@ -799,3 +804,9 @@ def test_messages_and_table_cells_are_plain_text_not_markup(capsys):
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "data/[train]/x.png" in text and "[tiny-clip]" in text and "[promptcli-demo]" in text
+
+
+@pytest.mark.parametrize("rate", ["nan", "inf", "-1", "1.5"])
+def test_curve_rate_must_be_a_noise_rate(tmp_path, run_cli, rate):
+    code, _, stderr = run_cli("report", sweep(tmp_path / "results"), "--curve-rate", rate)
+    assert code == 2 and "--curve-rate: must be a noise rate in [0, 1]" in stderr

@@ -172,13 +172,31 @@ def _gradient_panel(ax, report: Report, style: _Style, letter: str) -> None:
 FIGURE_FORMATS = {"png": {}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
-def figure_png(report: Report, title: str | None = None, dpi: int = 150) -> bytes:
+# How a figure records how it was made, per format: (key for the tool, key for the command line).
+MADE_BY_KEYS = {
+    "png": ("Software", "Description"),
+    "svg": ("Creator", "Description"),
+    "pdf": ("Creator", "Subject"),
+}
+
+
+def figure_png(
+    report: Report, title: str | None = None, dpi: int = 150, made_by: tuple[str, str] | None = None
+) -> bytes:
     """The report's figure as PNG bytes."""
-    return figure_bytes(report, title, "png", dpi)
+    return figure_bytes(report, title, "png", dpi, made_by)
 
 
-def figure_bytes(report: Report, title: str | None = None, fmt: str = "png", dpi: int = 150) -> bytes:
-    """The report's figure as ``fmt`` (png, svg, pdf) bytes (no pyplot state): one panel per kind of data."""
+def figure_bytes(
+    report: Report,
+    title: str | None = None,
+    fmt: str = "png",
+    dpi: int = 150,
+    made_by: tuple[str, str] | None = None,
+) -> bytes:
+    """The report's figure as ``fmt`` (png, svg, pdf) bytes (no pyplot state): one panel per kind of data.
+
+    ``made_by`` (tool and version, command line) goes into the file's metadata."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -224,5 +242,8 @@ def figure_bytes(report: Report, title: str | None = None, fmt: str = "png", dpi
     if title:
         fig.suptitle(title, fontsize=13)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=dpi, metadata=FIGURE_FORMATS[fmt] or None)
+    metadata = dict(FIGURE_FORMATS[fmt])
+    if made_by is not None:  # (tool and version, command line): the file records how it was made
+        metadata.update(zip(MADE_BY_KEYS[fmt], made_by))
+    fig.savefig(buffer, format=fmt, dpi=dpi, metadata=metadata or None)
     return buffer.getvalue()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -181,8 +182,11 @@ def write_report(
     from promptcli.io.fileio import atomic_path, write_text_atomic
 
     formats = [output_format(p) for p in outputs]
+    made_by = (f"promptcli {provenance.get('promptcli_version', '')}", str(provenance.get("command", "")))
     png = (
-        figure_png(report, title) if has_figure(report) and ("png" in formats or "html" in formats) else None
+        figure_png(report, title, made_by=made_by)
+        if has_figure(report) and ("png" in formats or "html" in formats)
+        else None
     )
     png_paths = [p for p, f in zip(outputs, formats) if f == "png"]
     for path, fmt in zip(outputs, formats):
@@ -190,7 +194,7 @@ def write_report(
             if not has_figure(report):
                 raise InputError("nothing to draw", where=path, hint="give results with numbers to plot")
             with atomic_path(path, suffix=f".{fmt}") as tmp:
-                tmp.write_bytes(png if fmt == "png" else figure_bytes(report, title, fmt))
+                tmp.write_bytes(png if fmt == "png" else figure_bytes(report, title, fmt, made_by=made_by))
         elif fmt == "html":
             write_text_atomic(path, render_html(report, provenance, title, png))
         else:
@@ -213,6 +217,12 @@ def make_report(
     from promptcli.io.provenance import base_provenance
 
     results, outputs = one_or_many(results), one_or_many(outputs)
+    if curve_rate is not None and not (math.isfinite(curve_rate) and 0.0 <= curve_rate <= 1.0):
+        raise InputError(
+            f"must be a noise rate in [0, 1], got {curve_rate}",
+            where="--curve-rate",
+            hint="e.g. --curve-rate 0.5",
+        )
     seen: set[Path] = set()
     for path in outputs:
         output_format(path)
