@@ -639,3 +639,17 @@ def test_labels_csv_whose_rows_do_not_fit_the_header_is_refused(tmp_path, text, 
     path.write_text(text)
     with pytest.raises(InputError, match=re.escape(message)):
         read_labels(path)
+
+
+def test_an_empty_output_name_or_device_is_an_input_error(tmp_path, run_cli):
+    from promptcli.models.devices import resolve_device
+
+    with pytest.raises(InputError, match="-o: empty file name"):
+        check_output_path("", force=True)
+    with pytest.raises(InputError, match="--device: unknown device ''"):
+        resolve_device("")  # an unset shell variable, not "auto"
+    assert str(resolve_device(None)) in ("cpu", "cuda")
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,label,is_noisy\na.png,cat,maybe\n")
+    code, _, err = run_cli("corrupt", labels, "--rate", "0.5", "-o", tmp_path / "o.csv")
+    assert code == 2 and f"{labels}:2: is_noisy must be 0, 1 or blank (not known), got 'maybe'" in err

@@ -116,7 +116,9 @@ def check_compatible(prompt: PromptFile, features: FeatureSet) -> None:
     dim = int(prompt.metadata.get("embed_dim", features.dim))
     if dim != features.dim:
         raise InputError(
-            f"prompt expects {dim}-dimensional features, the file has {features.dim}", where=prompt.path
+            f"prompt expects {dim}-dimensional features, the file has {features.dim}",
+            where=prompt.path,
+            hint="evaluate on features extracted with the prompt's model",
         )
 
 

@@ -209,7 +209,9 @@ def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
                 f"not valid JSON ({exc.msg})", where=f"{path}:{number}", hint="fix or remove the line"
             ) from exc
         if not isinstance(obj, dict):
-            raise InputError("a log line must be a JSON object", where=f"{path}:{number}")
+            raise InputError(
+                "a log line must be a JSON object", where=f"{path}:{number}", hint="fix or remove the line"
+            )
         rows.append(obj)
     return rows
 
@@ -482,14 +484,22 @@ def _grad_value(row: dict[str, str], column: str, where: str) -> Any:
         try:
             return int(float(cell))
         except ValueError:
-            raise InputError(f"column {column} is not a number ({cell!r})", where=where) from None
+            raise InputError(
+                f"column {column} is not a number ({cell!r})",
+                where=where,
+                hint="gradstats writes numbers: fix the cell",
+            ) from None
     if column in _GRAD_FLOATS:
         if cell == "" or cell.lower() == "nan":
             return math.nan
         try:
             return float(cell)
         except ValueError:
-            raise InputError(f"column {column} is not a number ({cell!r})", where=where) from None
+            raise InputError(
+                f"column {column} is not a number ({cell!r})",
+                where=where,
+                hint="gradstats writes numbers: fix the cell",
+            ) from None
     return cell
 
 

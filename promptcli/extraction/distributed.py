@@ -66,7 +66,7 @@ class DistContext:
 
     def device_spec(self, device: str) -> str:
         """The device this rank uses: ``cuda:LOCAL_RANK`` for auto/cuda when CUDA is present."""
-        spec = (device or "auto").strip().lower()
+        spec = "auto" if device is None else device.strip().lower()
         if spec.startswith("cuda:"):
             raise InputError(
                 f"{device} names one GPU, but each rank uses cuda:LOCAL_RANK",

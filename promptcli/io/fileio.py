@@ -24,6 +24,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def check_output_path(path: str | Path, force: bool, option: str = "-o") -> Path:
     """Refuse to overwrite an existing output unless ``force``; check its folder exists."""
+    if not str(path).strip():  # Path("") is "." (an unset shell variable?)
+        raise InputError("empty file name", where=option, hint=f"give {option} a file name")
     path = Path(path)
     if path.exists() and not force:
         raise InputError(

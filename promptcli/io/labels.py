@@ -98,6 +98,14 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
                 hint="give every row one field per column (quote fields that hold a comma)",
             )
     rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in parsed]
+    if "is_noisy" in columns:
+        for line, row in zip(lines, rows):
+            if row["is_noisy"] not in ("", "0", "1"):
+                raise InputError(
+                    f"is_noisy must be 0, 1 or blank (not known), got {row['is_noisy']!r}",
+                    where=f"{where}:{line}",
+                    hint="fix the is_noisy column",
+                )
     if not rows:
         raise InputError("no rows", where=where, hint="the labels CSV is empty")
     labels = [r.get("label", "") for r in rows] if "label" in columns else None

@@ -123,7 +123,9 @@ class SymmetricCrossEntropy(nn.Module):
     ) -> SymmetricCrossEntropy:
         if alpha < 0 or beta < 0 or alpha + beta == 0:
             raise InputError(
-                f"alpha and beta must be >= 0 and not both 0 (got {alpha}, {beta})", where="--alpha/--beta"
+                f"alpha and beta must be >= 0 and not both 0 (got {alpha}, {beta})",
+                where="--alpha/--beta",
+                hint="SCE's paper uses --alpha 0.1 --beta 1",
             )
         return cls(alpha, beta, label_smoothing)
 
@@ -155,7 +157,9 @@ def make_loss(
         raise InputError(f"unknown loss {name!r}", where="--loss", hint="use one of: " + ", ".join(LOSSES))
     if not 0.0 <= label_smoothing < 1.0:
         raise InputError(
-            f"label smoothing must be in [0, 1), got {label_smoothing}", where="--label-smoothing"
+            f"label smoothing must be in [0, 1), got {label_smoothing}",
+            where="--label-smoothing",
+            hint="e.g. 0.1, or 0 for none",
         )
     loss = LOSSES[name]
     if label_smoothing and not loss.smooths:

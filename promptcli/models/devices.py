@@ -14,7 +14,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """Turn a device option into a ``torch.device``; ``auto`` picks CUDA when present."""
-    spec = (spec or "auto").strip().lower()
+    spec = "auto" if spec is None else spec.strip().lower()  # "" is no device (an unset shell variable?)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":

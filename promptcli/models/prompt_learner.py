@@ -65,6 +65,7 @@ class PromptConfig:
             raise InputError(
                 f"class chunk must be 0 (all classes at once) or positive (got {self.class_chunk})",
                 where="--class-chunk",
+                hint="e.g. --class-chunk 100 for a 1,000-class text pass",
             )
         if self.method not in TEXT_METHODS:
             raise InputError(
@@ -82,9 +83,17 @@ class PromptConfig:
             raise InputError("empty context initialisation", where="--ctx-init", hint='e.g. "a photo of a"')
         if self.method == "coop":
             if self.ctx_init is None and self.n_ctx < 1:
-                raise InputError(f"n_ctx must be at least 1 (got {self.n_ctx})", where="--n-ctx")
+                raise InputError(
+                    f"n_ctx must be at least 1 (got {self.n_ctx})",
+                    where="--n-ctx",
+                    hint="CoOp uses 16 (4 with --ctx-init)",
+                )
             if self.init_std <= 0 and self.ctx_init is None:
-                raise InputError(f"init_std must be positive (got {self.init_std})", where="--init-std")
+                raise InputError(
+                    f"init_std must be positive (got {self.init_std})",
+                    where="--init-std",
+                    hint="CoOp uses 0.02",
+                )
             return
         if self.template.count("{}") != 1:
             raise InputError(
