@@ -195,7 +195,7 @@ complete -c promptcli -n '__fish_seen_subcommand_from tune' -l precision -r -f -
 complete -c promptcli -n '__fish_seen_subcommand_from tune' -l train-layers -r -d 'finetune - all, or last-K blocks/stages of the image tower.'
 complete -c promptcli -n '__fish_seen_subcommand_from tune' -l lp-ft -d 'finetune - linear probe on the frozen features first (LP-FT).'
 complete -c promptcli -n '__fish_seen_subcommand_from tune' -l lp-epochs -r -d 'finetune --lp-ft - epochs of the linear probe.'
-complete -c promptcli -n '__fish_seen_subcommand_from tune' -l wise-alpha -r -d 'finetune - also write OUTPUT.wiseA (WiSE-FT weight interpolation; repeatable).'
+complete -c promptcli -n '__fish_seen_subcommand_from tune' -l wise-alpha -r -d 'finetune - also write ft.wiseA.safetensors for -o ft.safetensors (WiSE-FT weight interpolation; repeatable).'
 complete -c promptcli -n '__fish_seen_subcommand_from tune' -l vpt-depth -r -f -a 'shallow deep' -d 'vpt - tokens at the input only (shallow) or a fresh set before every block.'
 complete -c promptcli -n '__fish_seen_subcommand_from tune' -l vpt-tokens -r -d 'vpt - prompt tokens per layer.'
 complete -c promptcli -n '__fish_seen_subcommand_from tune' -l maple-depth -r -d 'maple - layers J with text and coupled vision prompts (paper - 9).'

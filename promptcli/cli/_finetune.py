@@ -42,7 +42,8 @@ LpEpochsOpt = Annotated[
 WiseAlphaOpt = Annotated[
     list[float] | None,
     typer.Option(
-        "--wise-alpha", help="finetune: also write OUTPUT.wiseA (WiSE-FT weight interpolation; repeatable)."
+        "--wise-alpha",
+        help="finetune: also write ft.wiseA.safetensors for -o ft.safetensors (WiSE-FT weight interpolation; repeatable).",
     ),
 ]
 
@@ -137,7 +138,7 @@ def _run_one(
     clean = metrics.get("train_clean_accuracy")
     out.info(
         f"Trained {summary['trained']} on {summary['n_train']} images "
-        f"for {epochs} epochs"
+        f"for {epochs} epoch{'' if epochs == 1 else 's'}"
         + (f" (resumed at epoch {summary['resumed_from_epoch']})" if summary["resumed_from_epoch"] else "")
         + f": train accuracy {pct(metrics['train_accuracy'])}"
         + (f", against clean labels {pct(clean)}" if clean is not None else "")

@@ -25,7 +25,7 @@ clean_recall (precision and recall of the images judged clean).
 --method finetune trains the image tower itself on the images the features file records (--images
 when they moved), end to end, with a linear head started from the zero-shot classifier; --train-layers
 last-K trains only the last K blocks, --lp-ft fits the head on the cached features first, --wise-alpha
-A also writes OUTPUT.wiseA (WiSE-FT). Default lr: AdamW 1e-5, SGD 1e-4 (use --optimizer adamw).
+A also writes OUTPUT with .wiseA before its suffix (ft.wise0.5.safetensors; WiSE-FT). Default lr: AdamW 1e-5, SGD 1e-4 (use --optimizer adamw).
 Evaluate it on features extracted through the tuned tower: `promptcli extract ... --adapter OUTPUT`.
 
 --method vpt and --method maple also train on images (same options: --images, --workers, --precision,
@@ -154,7 +154,7 @@ def command(
         out.info(f"  weight decay {row['weight_decay']:g}: held-out accuracy {pct(row['held_out_accuracy'])}")
     clean = metrics.get("train_clean_accuracy")
     out.info(
-        f"Trained {method} on {summary['n_train']} images for {epochs} epochs"
+        f"Trained {method} on {summary['n_train']} images for {epochs} epoch{'' if epochs == 1 else 's'}"
         + (f" (resumed at epoch {summary['resumed_from_epoch']})" if summary["resumed_from_epoch"] else "")
         + f": train accuracy {pct(metrics['train_accuracy'])}"
         + (f", against clean labels {pct(clean)}" if clean is not None else "")
