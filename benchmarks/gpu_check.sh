@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU paths of fine-tuning and extraction, in a few minutes on one or two GPUs (not runnable on CPU):
+# GPU paths of fine-tuning and extraction, in a few minutes on one or two GPUs of compute capability 8.0+
+# (Ampere or newer: steps 1 and 4 run bf16; not runnable on CPU):
 #   1. an AMP fine-tuning run (bf16 autocast, then fp16 with loss scaling), 2 epochs, with --wise-alpha;
 #   2. fp16 extraction through the fine-tuned tower (--adapter) and eval on it;
 #   3. with 2+ GPUs: torchrun with 2 processes (NCCL) against 1 process, same global batch;

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torch
 
 from promptcli.errors import InputError
 from promptcli.extraction.distributed import DistContext, context_from_env, shard
@@ -132,6 +133,21 @@ def test_ranks_pick_their_local_gpu_and_refuse_a_fixed_one():
     assert ctx.device_spec("cpu") == "cpu"
     with pytest.raises(InputError, match="each rank uses cuda:LOCAL_RANK"):
         ctx.device_spec("cuda:0")
+    if not torch.cuda.is_available():  # a CPU machine: auto is a real device, cuda a one-line error
+        assert ctx.device_spec("auto") == "cpu" and ctx.device_spec(None) == "cpu"
+        with pytest.raises(InputError, match="--device: cuda requested but CUDA is not available"):
+            ctx.device_spec("cuda")
+
+
+def test_mixed_precision_picks_bf16_only_where_the_gpu_computes_it():
+    from promptcli.models.devices import bf16_ok, resolve_precision
+
+    assert not bf16_ok(torch.device("cpu"))
+    with pytest.raises(InputError, match="bf16 needs a GPU"):
+        resolve_precision("bf16", torch.device("cpu"))
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability(0)
+        assert bf16_ok(torch.device("cuda", 0)) == (major >= 8)
 
 
 def test_single_process_collective_returns_and_raises():

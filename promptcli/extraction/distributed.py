@@ -75,7 +75,11 @@ class DistContext:
             )
         if spec == "cuda" or (spec == "auto" and torch.cuda.is_available()):
             if not torch.cuda.is_available():
-                return spec  # resolve_device reports the missing GPU
+                raise InputError(
+                    "cuda requested but CUDA is not available",
+                    where="--device",
+                    hint="use --device cpu (or auto)",
+                )
             if self.local_rank >= torch.cuda.device_count():
                 raise InputError(
                     f"LOCAL_RANK {self.local_rank} but only {torch.cuda.device_count()} GPU(s) visible",
@@ -83,7 +87,7 @@ class DistContext:
                     hint="start at most one process per visible GPU",
                 )
             return f"cuda:{self.local_rank}"
-        return spec
+        return "cpu" if spec == "auto" else spec  # no GPU: auto is the CPU (the callers need a real device)
 
     # -- process group ---------------------------------------------------------------------
 

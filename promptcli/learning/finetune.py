@@ -123,12 +123,12 @@ def check_optim(optim: OptimConfig) -> None:
 
 def _autocast_dtype(precision: str | None, device: torch.device, amp: bool) -> torch.dtype | None:
     """The autocast dtype of training (None: fp32)."""
-    from promptcli.models.devices import resolve_precision
+    from promptcli.models.devices import amp_dtype, resolve_precision
 
     if precision is None:
         if not (amp and device.type == "cuda"):
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return amp_dtype(device)
     dtype = resolve_precision(precision, device)  # half precision on CPU is refused here
     return None if dtype == torch.float32 else dtype
 
@@ -846,8 +846,8 @@ def finetune(
                     value = float(loss.detach().item())
                     largest = float(logits.detach().abs().max().item())
                 shard.reduce_grads(params)
-                # summed over processes: every one sees the same figures and stops together
-                value, largest = shard.total([value, largest])
+                # over processes (the loss summed, the logit the largest): every one sees the same and stops together
+                [value], largest = shard.total([value]), shard.maximum(largest)
                 if not math.isfinite(value):
                     raise RuntimeFailure(
                         f"the loss became {value} at epoch {epoch + 1}, step {step}",

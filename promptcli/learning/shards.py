@@ -45,6 +45,10 @@ class Shard:
         """The sums over processes (the global batch's loss from the scaled shares)."""
         return values
 
+    def maximum(self, value: float) -> float:
+        """The largest of the processes' values."""
+        return value
+
     def broadcast(self, params: list[torch.Tensor]) -> None:
         pass
 
@@ -99,6 +103,13 @@ class DistShard(Shard):
         t = torch.tensor(values, dtype=torch.float64, device="cuda" if self.ctx.backend == "nccl" else "cpu")
         dist.all_reduce(t)
         return t.cpu().tolist()
+
+    def maximum(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device="cuda" if self.ctx.backend == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
 
     def merge(self, found: dict[int, str]) -> dict[int, str]:
         import torch.distributed as dist

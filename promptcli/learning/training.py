@@ -149,8 +149,9 @@ def make_optimizer(groups: list[dict[str, Any]], config: OptimConfig) -> torch.o
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    from promptcli.models.devices import amp_dtype
+
+    return torch.autocast("cuda", dtype=amp_dtype(device))
 
 
 class NonFiniteLogits(RuntimeFailure):
@@ -274,7 +275,8 @@ def train(
     head.to(device)
     head.eval()  # the frozen CLIP parts stay in eval mode; gradients still reach the learnable tensors
     feats = data.features.to(device).float()
-    views = None if data.views is None else data.views.to(device).float()
+    # the views (N x V x D, often the largest tensor by far) stay in host memory; each batch goes over alone
+    views = None if data.views is None else data.views.float()
     labels = data.labels.to(device)
     clean = None if data.clean is None else data.clean.to(device)
     is_noisy = data.noisy_flags()
@@ -282,9 +284,9 @@ def train(
 
     optimizer = make_optimizer(head.param_groups(config.weight_decay), config)
     generator = torch.Generator().manual_seed(seed)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=use_amp and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    )
+    from promptcli.models.devices import amp_dtype
+
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype(device) == torch.float16)
     loop = LoopState(optimizer, generator, scaler, history=[])
     history = loop.history
     start = 0
@@ -313,11 +315,7 @@ def train(
         view_of = torch.randint(views.shape[1], (n,), generator=generator) if views is not None else None
         total = 0.0
         for step, batch in enumerate(_batches(n, config.batch_size, generator), start=1):
-            x = (
-                feats[batch.to(device)]
-                if views is None
-                else views[batch.to(device), view_of[batch].to(device)]
-            )
+            x = feats[batch.to(device)] if views is None else views[batch, view_of[batch]].to(device)
             with _autocast(device, use_amp):
                 logits = head(x)
             targets = labels[batch.to(device)]

@@ -51,4 +51,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
             where="--precision",
             hint="use --precision fp32 on CPU",
         )
+    if precision == "bf16" and not bf16_ok(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise InputError(
+            f"bf16 needs an Ampere or newer GPU (compute capability 8.0+); {device} has {major}.{minor}",
+            where="--precision",
+            hint="use --precision fp16 (or fp32)",
+        )
     return _DTYPES[precision]
+
+
+def bf16_ok(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU of compute capability 8.0 or more.
+
+    (``torch.cuda.is_bf16_supported()`` also says yes for older GPUs, which only emulate it, asks about the
+    current GPU rather than ``device``, and cuDNN has no bf16 convolutions there.)"""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The half-precision dtype of mixed precision on a CUDA ``device``: bf16 where native, else fp16 (which
+    needs loss scaling)."""
+    return torch.bfloat16 if bf16_ok(device) else torch.float16

@@ -347,6 +347,7 @@ def load_model(
 
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)
+    precision = precision.lower()  # open_clip takes the lower-case names only
     if random_weights:
         check_seed(seed)
         if pretrained:
