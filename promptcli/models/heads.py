@@ -146,13 +146,15 @@ def predict_logits(head: Head, features: torch.Tensor, batch: int = 8192) -> tor
     if hasattr(head, "logits"):  # no fixed class weights: the head's own logits, a chunk at a time
         step = int(getattr(head, "predict_batch", batch))
         parts = [head.logits(features[i : i + step].float()).float() for i in range(0, len(features), step)]
-        return torch.cat(parts) if parts else torch.zeros(0, len(head.classnames))
-    weight, bias, scale = head.classifier()
+        return torch.cat(parts) if parts else torch.zeros(0, len(head.classnames), device=features.device)
+    weight, bias, scale = head.classifier()  # the text pass may run in mixed precision
     weight = weight.float()
-    out = [
-        apply_classifier(
-            features[i : i + batch].float(), weight, None if bias is None else bias.float(), scale
-        )
-        for i in range(0, len(features), batch)
-    ]
-    return torch.cat(out) if out else torch.zeros(0, weight.shape[0])
+    # the logits themselves in fp32: in bf16 a logit of ~30 moves in steps of 0.125, enough to swap argmaxes
+    with torch.autocast(features.device.type, enabled=False):
+        out = [
+            apply_classifier(
+                features[i : i + batch].float(), weight, None if bias is None else bias.float(), scale
+            )
+            for i in range(0, len(features), batch)
+        ]
+    return torch.cat(out) if out else torch.zeros(0, weight.shape[0], device=features.device)
