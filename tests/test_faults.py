@@ -321,3 +321,18 @@ def test_a_full_disk_is_one_line_and_leaves_outputs_as_they_were(
         leftovers = {p.name for p in full_disk.iterdir()} - set(before)
         assert leftovers <= {"f.h5.partial"}, (name, leftovers)  # extract keeps its (empty) partial
         assert _snapshot(full_disk) == before, name
+
+
+def test_running_out_of_gpu_memory_is_one_line(monkeypatch, tmp_path, noisy_labels, run_cli):
+    import promptcli.learning.training as training
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(training, "train", out_of_memory)
+    out = tmp_path / "p.safetensors"
+    code, _, err = run_cli(
+        "tune", noisy_labels["features"], noisy_labels["labels"], "-o", out, "--device", "cpu"
+    )
+    line = one_line(err, "Error: out of GPU memory")
+    assert code == 1 and "--device cpu" in line and not out.exists()

@@ -213,6 +213,14 @@ def _run(args: list[str], debug: bool) -> None:
         if is_disk_full(exc):  # a write outside promptcli's own file helpers
             _error(disk_full_error(getattr(exc, "filename", None) and Path(exc.filename).parent).message)
             sys.exit(EXIT_RUNTIME)
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, named so that torch is not imported here
+            if debug:
+                traceback.print_exc()
+            _error(
+                "out of GPU memory — lower --batch-size (or --grad-batch, --class-chunk), "
+                "or run this step with --device cpu"
+            )
+            sys.exit(EXIT_RUNTIME)
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
