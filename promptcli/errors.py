@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -58,4 +59,10 @@ class PromptcliWarning(UserWarning):
 def warn_user(message: str) -> None:
     """The library steps' default ``warn``: a :class:`PromptcliWarning` through Python's warnings machinery, so a
     script or notebook sees it (and can filter it, or turn it into an error) rather than losing it."""
-    warnings.warn(message, PromptcliWarning, stacklevel=3)
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(
+        package
+    ):  # attributed to the caller's code
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, PromptcliWarning, stacklevel=level)

@@ -184,4 +184,5 @@ def test_other_settings_never_delete_files_the_user_added_to_a_demo_folder(tmp_p
         write_demo_images(out, per_class=2)
     assert (out / "train.h5").read_text() == "features the user kept here"
     (out / "train.h5").unlink()
+    (out / ".DS_Store").write_bytes(b"\0")  # what a file browser leaves behind does not count
     assert write_demo_images(out, per_class=2)["written"] is True  # a tree of ours alone is replaced

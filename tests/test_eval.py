@@ -11,7 +11,7 @@ import torch
 
 from conftest import read_csv_rows
 from promptcli.analysis.evaluation import compute_metrics, evaluate, prompt_logits, zero_shot_class_logits
-from promptcli.errors import PromptcliWarning
+from promptcli.errors import InputError, PromptcliWarning
 from promptcli.io.features import read_features
 from promptcli.io.fileio import sha256_file
 from promptcli.io.prompt_files import read_prompt, save_prompt
@@ -284,3 +284,16 @@ def test_eval_records_whether_the_probe_searched_its_weight_decay(labelled):
         with pytest.warns(PromptcliWarning):  # scored on its training features
             result = evaluate(labelled["features"], [path], device="cpu")
         assert result.summary["prompts"][0]["weight_decay_searched"] is want
+
+
+def test_evaluate_file_never_writes_over_its_one_prompt(labelled, tmp_path):
+    from promptcli.analysis.evaluation import evaluate_file
+
+    prompt = tmp_path / "victim.safetensors"
+    prompt.write_bytes(
+        _prompt(labelled, "lp-ref", method="linear-probe", epochs=1, weight_decay=0.0).read_bytes()
+    )
+    before = prompt.read_bytes()
+    with pytest.raises(InputError, match="is the input --prompt"):
+        evaluate_file(labelled["features"], str(prompt), output=str(prompt), force=True, device="cpu")
+    assert prompt.read_bytes() == before

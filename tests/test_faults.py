@@ -324,12 +324,12 @@ def test_a_full_disk_is_one_line_and_leaves_outputs_as_they_were(
 
 
 def test_running_out_of_gpu_memory_is_one_line(monkeypatch, tmp_path, noisy_labels, run_cli):
-    import promptcli.learning.training as training
+    import promptcli.learning.tune_run as tune_run
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(training, "train", out_of_memory)
+    monkeypatch.setattr(tune_run, "train", out_of_memory)
     out = tmp_path / "p.safetensors"
     code, _, err = run_cli(
         "tune", noisy_labels["features"], noisy_labels["labels"], "-o", out, "--device", "cpu"

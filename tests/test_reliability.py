@@ -653,3 +653,31 @@ def test_an_empty_output_name_or_device_is_an_input_error(tmp_path, run_cli):
     labels.write_text("path,label,is_noisy\na.png,cat,maybe\n")
     code, _, err = run_cli("corrupt", labels, "--rate", "0.5", "-o", tmp_path / "o.csv")
     assert code == 2 and f"{labels}:2: is_noisy must be 0, 1 or blank (not known), got 'maybe'" in err
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "path,label\na.png,cat,\nb.png,dog,\n",  # trailing commas (spreadsheet exports)
+        "path,label,,\na.png,cat,,\nb.png,dog\n",  # trailing unnamed header cells
+    ],
+)
+def test_labels_csv_with_empty_trailing_fields_reads(tmp_path, text):
+    from promptcli.io.labels import read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    table = read_labels(path)
+    assert table.columns == ["path", "label"]
+    assert table.rows == [{"path": "a.png", "label": "cat"}, {"path": "b.png", "label": "dog"}]
+
+
+def test_labels_csv_with_a_value_under_no_column_name_is_refused(tmp_path):
+    from promptcli.io.labels import read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text("path,label,\na.png,cat,oops\n")
+    with pytest.raises(
+        InputError, match=r":2: row has 3 fields, the header 3 \(a field beyond the named columns"
+    ):
+        read_labels(path)

@@ -404,12 +404,23 @@ def test_labels_without_a_noise_sidecar_are_noise_unknown_never_no_noise(tmp_pat
         ("none", 0.0),
         ("noise unknown", None),
     }
-    assert any("2 eval result(s)" in w and "without a noise sidecar" in w for w in report.warnings)
-    assert "training labels without a noise sidecar" in reporting.caption(report)
+    assert any("2 eval result(s)" in w and "without a noise rate on record" in w for w in report.warnings)
+    assert "training labels without a noise rate on record" in reporting.caption(report)
     assert [(c["noise_type"], c["noise_rate"]) for c in report.curves] == [("noise unknown", None)]
     assert [(g["noise_type"], g["noise_rate"]) for g in report.gradients] == [("noise unknown", None)]
     assert report.noise_types() == []
     assert reporting.figure_png(report).startswith(PNG_MAGIC)  # the unknown column is left out of the figure
+
+
+def test_runs_all_of_unknown_noise_make_a_table_and_no_empty_figure(tmp_path, run_cli):
+    write_json(tmp_path / "real.json", {**eval_summary(seed=1, top1=0.4), "noise": {"format": "image list"}})
+    write_json(tmp_path / "unknown.json", {**eval_summary(seed=2, top1=0.5), "noise": None})
+    html = tmp_path / "r.html"
+    code, _, err = run_cli("report", tmp_path / "real.json", tmp_path / "unknown.json", "-o", html)
+    assert code == 0, err
+    assert "<td>45.0 ± 7.1 (2)</td>" in html.read_text()  # a sidecar without a rate is unknown noise too
+    code, _, err = run_cli("report", tmp_path / "real.json", "-o", tmp_path / "r.png")
+    assert code == 2 and "nothing to draw: every run's noise rate is unknown" in " ".join(err.split())
 
 
 def test_prompt_and_schedule_settings_split_series_and_name_what_differs(tmp_path):
@@ -810,3 +821,14 @@ def test_messages_and_table_cells_are_plain_text_not_markup(capsys):
 def test_curve_rate_must_be_a_noise_rate(tmp_path, run_cli, rate):
     code, _, stderr = run_cli("report", sweep(tmp_path / "results"), "--curve-rate", rate)
     assert code == 2 and "--curve-rate: must be a noise rate in [0, 1]" in stderr
+
+
+def test_re_extracted_test_features_of_the_same_images_are_one_test_set(tmp_path):
+    """finetune's protocol: each seed's test features come through its own tuned tower (other file bytes)."""
+    test_set = {"source": "data/test", "source_digest": "bd" * 32, "n_images": 1000}
+    for seed in (1, 2):
+        summary = on_test(eval_summary("finetune", seed=seed, top1=0.5 + seed / 10), sha=f"{seed}f" * 32)
+        write_json(tmp_path / f"ft{seed}.json", {**summary, "test_set": test_set})
+    report = aggregate(read_results([tmp_path]))
+    assert [(c["series"], c["n"]) for c in report.accuracy] == [("finetune + ce", 2)]
+    assert not [w for w in report.warnings if "test sets" in w or "repeats" in w], report.warnings

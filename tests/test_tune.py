@@ -375,3 +375,12 @@ def test_library_calls_warn_through_pythons_warnings():
     heard: list[str] = []
     check_method_options(TuneOptions(method="coop", epochs=0), heard.append)  # the CLI passes its own
     assert heard == ["--epochs 0: coop is saved untrained, with its initial weights"]
+
+
+def test_library_warnings_point_at_the_callers_line():
+    from promptcli.errors import PromptcliWarning
+    from promptcli.learning.method_options import check_method_options
+
+    with pytest.warns(PromptcliWarning) as caught:
+        check_method_options(TuneOptions(method="coop", epochs=0))
+    assert caught[0].filename == __file__

@@ -264,7 +264,7 @@ def aggregate(results: Results, metric: str = "top1", curve_rate: float | None =
     if unknown:
         warnings.append(
             f"{len(unknown)} eval result(s) ({unknown[0]}{', ...' if len(unknown) > 1 else ''}) were tuned on "
-            f"labels without a noise sidecar: in the table's '{NOISE_UNKNOWN}' column, not in the figure"
+            f"labels without a noise rate on record (no noise sidecar): in the table's '{NOISE_UNKNOWN}' column, not in the figure"
         )
 
     groups: dict[tuple, list[EvalRun]] = defaultdict(list)

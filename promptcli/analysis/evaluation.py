@@ -391,6 +391,12 @@ def evaluate(
     summary: dict[str, Any] = {
         "features": str(fs.path),
         "features_sha256": features_sha,
+        # the images behind the features (the listing's digest): one test set however often it is re-extracted
+        "test_set": {
+            "source": str(fs.attrs.get("source", "")),
+            "source_digest": str(fs.attrs.get("source_digest", "")),
+            "n_images": len(fs),
+        },
         "labels": None if labels_path is None else str(labels_path),
         "labels_sha256": labels_sha,
         "model": {k: fs.attrs.get(k, "") for k in ("model_name", "pretrained", "checkpoint_sha256")},
@@ -437,6 +443,7 @@ def evaluate_file(
     from promptcli.io.fileio import STDIO, check_distinct, check_output_path, write_json
     from promptcli.io.labels import write_labels
 
+    prompt_paths = one_or_many(prompt_paths)
     labels_path = evaluate_options.get("labels_path")
     outputs = {"--predictions": predictions, "-o": output, "--json": STDIO if json_out else None}
     inputs: dict[str, Any] = {"FEATURES": features_path, "--labels": labels_path}

@@ -40,6 +40,8 @@ def _legend(ax, handles: list | None = None) -> None:
     are short). Long labels (model, settings, test set) are wrapped to fit the panel's width."""
     if handles is None:
         handles = ax.get_legend_handles_labels()[0]
+    if not handles:
+        return
     labels = [textwrap.fill(h.get_label(), _LEGEND_WIDTH, subsequent_indent="  ") for h in handles]
     if len(handles) <= 6:
         ax.legend(handles=handles, labels=labels, fontsize=8, loc="best", framealpha=0.85)
@@ -55,8 +57,13 @@ def _legend(ax, handles: list | None = None) -> None:
         )
 
 
+def _plotted_accuracy(report: Report) -> bool:
+    """Whether the accuracy panel has anything to draw (runs of unknown noise are in the table only)."""
+    return bool(report.zero_shot) or any(c["noise_rate"] is not None for c in report.accuracy)
+
+
 def has_figure(report: Report) -> bool:
-    return bool(report.accuracy or report.zero_shot or report.curves or report.gradients)
+    return bool(_plotted_accuracy(report) or report.curves or report.gradients)
 
 
 def _rate_text(noise_type: str, rate: float | None) -> str:
@@ -202,7 +209,7 @@ def figure_bytes(
     from matplotlib.ticker import MaxNLocator
 
     panels: list[tuple[str, str]] = []
-    if report.accuracy or report.zero_shot:
+    if _plotted_accuracy(report):
         panels += [("accuracy", t) for t in (report.noise_types() or [NO_NOISE])]
     if report.curves:
         panels.append(("curves", ""))

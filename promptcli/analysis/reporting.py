@@ -73,7 +73,7 @@ def caption(report: Report, noise_type: str | None = None) -> str:
     types = report.noise_types() if noise_type is None else [noise_type]
     noise = f"{' / '.join(types)} label noise" if types else "no label noise"
     if any(c["noise_type"] == NOISE_UNKNOWN for c in report.accuracy):
-        unknown = f"'{NOISE_UNKNOWN}': training labels without a noise sidecar"
+        unknown = f"'{NOISE_UNKNOWN}': training labels without a noise rate on record (no noise sidecar)"
         noise = f"{noise}; {unknown}" if types or report.columns()[0][0] == NO_NOISE else unknown
     return (
         f"Test {METRICS[report.metric]} (%) by label-noise rate ({noise}): mean ± sample std over seeds "
@@ -192,7 +192,15 @@ def write_report(
     for path, fmt in zip(outputs, formats):
         if fmt in ("png", "svg", "pdf"):
             if not has_figure(report):
-                raise InputError("nothing to draw", where=path, hint="give results with numbers to plot")
+                unknown = bool(report.accuracy)  # runs there are, all of unknown noise: table only
+                raise InputError(
+                    "nothing to draw"
+                    + (": every run's noise rate is unknown (no noise sidecar)" if unknown else ""),
+                    where=path,
+                    hint="write the table instead (-o report.md or .html)"
+                    if unknown
+                    else "give results with numbers",
+                )
             with atomic_path(path, suffix=f".{fmt}") as tmp:
                 tmp.write_bytes(png if fmt == "png" else figure_bytes(report, title, fmt, made_by=made_by))
         elif fmt == "html":

@@ -295,7 +295,7 @@ def _params_label(params: Any) -> str:
 
 
 def _noise(noise: Any) -> tuple[str, float | None]:
-    """(type, rate) from a corrupt sidecar; rate 0 is 'none'; (NOISE_UNKNOWN, None) without a sidecar."""
+    """(type, rate) from a corrupt sidecar; rate 0 is 'none'; (NOISE_UNKNOWN, None) without a sidecar or a rate."""
     if noise is None:
         return NOISE_UNKNOWN, None
     if not isinstance(noise, dict):
@@ -306,7 +306,8 @@ def _noise(noise: Any) -> tuple[str, float | None]:
     if rate is None:
         rate = noise.get("realised_rate")
     if not isinstance(rate, (int, float)) or isinstance(rate, bool):
-        return str(noise.get("type") or ""), None
+        # a sidecar without a rate (a real-noise dataset's list, a transductive or cleaned file of such labels)
+        return NOISE_UNKNOWN, None
     rate = round(float(rate), 6)
     return (NO_NOISE if rate == 0 else str(noise.get("type") or "unknown")), rate
 
@@ -325,8 +326,16 @@ def _file_label(path: Any, sha256: Any) -> str:
 
 
 def _test_label(obj: dict[str, Any]) -> str:
-    """The test set an eval summary is on: the features file, and the labels file when one was given."""
-    label = _file_label(obj.get("features"), obj.get("features_sha256"))
+    """The test set an eval summary is on: the images the features were extracted from ("test (bd6dbb2b)": the
+    source's name and listing digest, the same for every extraction of it, through any tower), or for summaries
+    that do not record them the features file; and the labels file when one was given."""
+    test_set = obj.get("test_set")
+    digest = test_set.get("source_digest") if isinstance(test_set, dict) else None
+    if isinstance(digest, str) and digest:
+        name = Path(str(test_set.get("source") or "")).name
+        label = f"{name} ({digest[:8]}, {test_set.get('n_images')} images)"
+    else:
+        label = _file_label(obj.get("features"), obj.get("features_sha256"))
     if obj.get("labels"):
         label += f" + {_file_label(obj.get('labels'), obj.get('labels_sha256'))}"
     return label
@@ -389,7 +398,7 @@ def eval_identity(obj: dict[str, Any]) -> tuple | None:
     features = obj.get("features_sha256")
     if not isinstance(features, str) or not features:
         return None
-    test = (features, obj.get("labels_sha256"))
+    test = (_test_label(obj), obj.get("labels_sha256"))  # the test set, however often it was extracted
     if obj.get("zero_shot"):
         return ("zero-shot", _model_label(obj.get("model")), json.dumps(obj.get("templates")), *test)
     shas = [m.get("sha256") if isinstance(m, dict) else None for m in obj.get("prompts") or []]

@@ -1,7 +1,7 @@
 """Evaluate learned prompts, or zero-shot CLIP, on a features file.
 
-Ground truth comes from --labels (a labels CSV joined by path; its `label` column) or from the
-features file's own labels. Prints top-1, top-5 and macro accuracy and a per-class table. Several
+Ground truth comes from --labels (a labels CSV joined by path; its `label` column; noisy labels, from
+corrupt, pseudolabel or clean, are refused) or from the features file's own labels. Prints top-1, top-5 and macro accuracy and a per-class table. Several
 --prompt files are an ensemble: their class probabilities are averaged. A prompt made for another
 model or another class list is refused. --predictions writes `path,label,confidence,true_label`
 (itself a labels CSV); -o writes the --json summary (with the prompts' method, loss, seed and noise).

@@ -73,10 +73,17 @@ def _expected_manifest(invert: bool, per_class: int | None = None) -> dict[str, 
     }
 
 
+def _os_junk(entry: Path) -> bool:
+    return entry.is_file() and (
+        entry.name in (".DS_Store", "Thumbs.db", "desktop.ini") or entry.name.startswith("._")
+    )
+
+
 def _foreign_entry(out_dir: Path, folders: set[str]) -> Path | None:
-    """The first file or folder under ``out_dir`` that a demo tree does not hold (None: none)."""
+    """The first file or folder under ``out_dir`` that a demo tree does not hold (None: none); the files file
+    browsers leave behind (``.DS_Store``, ``Thumbs.db``, ``._*``) do not count."""
     for entry in sorted(out_dir.iterdir()):
-        if entry.name == MARKER and entry.is_file():
+        if (entry.name == MARKER and entry.is_file()) or _os_junk(entry):
             continue
         if entry.name not in SPLITS or not entry.is_dir() or entry.is_symlink():
             return entry
@@ -84,6 +91,8 @@ def _foreign_entry(out_dir: Path, folders: set[str]) -> Path | None:
             if folder.name not in folders or not folder.is_dir() or folder.is_symlink():
                 return folder
             for file in sorted(folder.iterdir()):
+                if _os_junk(file):
+                    continue
                 if not (
                     file.is_file() and not file.is_symlink() and file.suffix == ".png" and file.stem.isdigit()
                 ):

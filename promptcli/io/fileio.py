@@ -27,12 +27,12 @@ def check_output_path(path: str | Path, force: bool, option: str = "-o") -> Path
     if not str(path).strip():  # Path("") is "." (an unset shell variable?)
         raise InputError("empty file name", where=option, hint=f"give {option} a file name")
     path = Path(path)
+    if path.is_dir():  # also -o "" (an unset shell variable), which a Path option reads as "."
+        raise InputError("output is a directory", where=path, hint=f"give a file name to {option}")
     if path.exists() and not force:
         raise InputError(
             "output exists", where=path, hint=f"pass --force to overwrite it or choose another {option}"
         )
-    if path.is_dir():
-        raise InputError("output is a directory", where=path, hint=f"give a file name to {option}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise InputError("output folder does not exist", where=parent, hint="create it first")

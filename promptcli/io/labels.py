@@ -60,18 +60,22 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
     if text.lstrip().startswith("\x89HDF") or "\x00" in text[:1024]:
         raise InputError("not a CSV (binary file)", where=where, hint="give a CSV with path,label columns")
     try:
-        reader = csv.DictReader(io.StringIO(text))
-        columns = list(reader.fieldnames or [])
-        parsed, lines = [], []
-        for row in reader:
-            parsed.append(row)
-            lines.append(reader.line_num)
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, [])
+        records, lines = [], []
+        for record in reader:
+            if record:  # a blank line holds no row
+                records.append(record)
+                lines.append(reader.line_num)
     except csv.Error as exc:
         raise InputError(
             f"malformed CSV (line {reader.line_num}: {exc})",
             where=where,
             hint="check quoting and field sizes",
         ) from exc
+    # Columns without a name (a spreadsheet's trailing commas) are ignored while they hold nothing.
+    named = [(i, c.strip()) for i, c in enumerate(header) if c.strip()]
+    columns = [c for _, c in named]
     missing = [c for c in required if c not in columns]
     if missing:
         raise InputError(
@@ -80,24 +84,24 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
             hint="a labels CSV needs a header with " + ",".join(required),
         )
     repeated = sorted({c for c in columns if columns.count(c) > 1})
-    if repeated:  # DictReader would keep the last column of the name, silently
+    if repeated:  # a dict of the row would keep the last column of the name, silently
         raise InputError(
             f"column {repeated[0]!r} appears twice in the header",
             where=where,
             hint="keep one column of each name",
         )
-    for line, row in zip(lines, parsed):
-        extra = row.get(
-            None
-        )  # DictReader files fields beyond the header under None, short rows get None values
-        short = sum(v is None for k, v in row.items() if k is not None)
-        if extra or short:
+    needed = named[-1][0] + 1 if named else 0  # fields up to the last named column
+    kept = {i for i, _ in named}
+    for line, record in zip(lines, records):
+        stray = [v for i, v in enumerate(record) if i not in kept and v.strip()]
+        if len(record) < needed or stray:
             raise InputError(
-                f"row has {len(columns) + len(extra or []) - short} fields, the header {len(columns)}",
+                f"row has {len(record)} fields, the header {len(header)}"
+                + (f" (a field beyond the named columns holds {stray[0]!r})" if stray else ""),
                 where=f"{where}:{line}",
                 hint="give every row one field per column (quote fields that hold a comma)",
             )
-    rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in parsed]
+    rows = [{c: record[i].strip() for i, c in named} for record in records]
     if "is_noisy" in columns:
         for line, row in zip(lines, rows):
             if row["is_noisy"] not in ("", "0", "1"):
