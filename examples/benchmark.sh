@@ -148,7 +148,10 @@ cells, zero, rates = {}, {}, set()
 for name in names:
     report = json.loads((out / name / "report.json").read_text())
     for c in report["accuracy"]:
-        rate = 0.0 if c["noise_rate"] is None else float(c["noise_rate"])
+        if c["noise_rate"] is None:  # "noise unknown": benchmark runs always corrupt, so none should be here
+            print(f"{name}: {c['series']} has runs of unknown noise; left out", file=sys.stderr)
+            continue
+        rate = float(c["noise_rate"])
         rates.add(rate)
         cells[(name, c["series"], rate)] = c
     for z in report["zero_shot"]:
