@@ -506,37 +506,17 @@ def extract_file(
     output: str | Path,
     options: ExtractOptions | None = None,
     *,
-    model: str,
-    pretrained: str | None = None,
-    model_config: str | Path | None = None,
-    random_weights: bool = False,
-    adapter: str | Path | None = None,
-    classnames: str | Path | None = None,
-    split: str = "",
-    device: str = "auto",
-    precision: str = "fp32",
     resume: bool = False,
     force: bool = False,
     on_rows: Callable[[int], None] | None = None,
+    **inputs: Any,
 ) -> ExtractResult:
     """``promptcli extract`` in one call: encode the image folder or CSV list ``images`` into ``output``.
 
-    The arguments are the command's options (see ``promptcli extract --help``); with a model already
-    loaded, or an :class:`ImageSource` built in code, call :func:`extract_features` instead."""
+    ``inputs`` are :func:`open_extraction`'s (``model=`` required; ``pretrained``, ``model_config``,
+    ``random_weights``, ``adapter``, ``classnames``, ``split``, ``device``, ``precision``), the command's options
+    of those names. With a model already loaded, or an :class:`ImageSource` built in code, call
+    :func:`extract_features` instead."""
     options = options or ExtractOptions()
-    source, loaded = open_extraction(
-        images,
-        output,
-        options,
-        model=model,
-        pretrained=pretrained,
-        model_config=model_config,
-        random_weights=random_weights,
-        adapter=adapter,
-        classnames=classnames,
-        split=split,
-        device=device,
-        precision=precision,
-        force=force,
-    )
+    source, loaded = open_extraction(images, output, options, force=force, **inputs)
     return extract_features(source, loaded, output, options, resume=resume, force=force, on_rows=on_rows)
