@@ -35,6 +35,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
             where="--device",
             hint="pick an index below the GPU count",
         )
+    if match.group(1) is not None:
+        # what is not told its device uses the current one: DataLoaders pin memory through it (else GPU 0 gets a
+        # CUDA context of its own, and fails when another job holds it exclusively)
+        torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
 
