@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,24 +91,14 @@ def check_seed(seed: int, option: str = "--seed") -> int:
     return int(seed)
 
 
-def first_non_finite(array: np.ndarray) -> int | None:
-    """Index (along axis 0) of the first row holding a NaN or inf, else None."""
-    if array.size == 0:
-        return None
-    bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
-    return int(np.argmax(bad)) if bad.any() else None
-
-
-def check_finite_rows(
-    array: np.ndarray, where: str | Path, name_of: Callable[[int], str], what: str = "features"
-) -> None:
-    """Refuse an array with NaN/inf, naming the first bad row (``name_of(row)``, e.g. its image path)."""
-    row = first_non_finite(array)
-    if row is not None:
+def check_unique_columns(columns: Sequence[str], where: str | Path) -> None:
+    """Refuse a CSV header naming a column twice (a dict of each row would keep the last, silently)."""
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
         raise InputError(
-            f"{what} of row {row} ({name_of(row)}) are not finite (NaN or inf)",
+            f"column {repeated[0]!r} appears twice in the header",
             where=where,
-            hint="the file is damaged or was made from bad input; re-extract it",
+            hint="keep one column of each name",
         )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 # datasets.base imports only promptcli.errors: the one rule for turning folder names into class names
 from promptcli.datasets.base import underscores_to_spaces
 from promptcli.errors import InputError
-from promptcli.io.checks import check_class_names
+from promptcli.io.checks import check_class_names, check_unique_columns
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CSV_COLUMNS = ("path", "label", "split")
@@ -194,13 +194,7 @@ def _check_columns(csv_path: Path, columns: list[str]) -> None:
             where=csv_path,
             hint=f"image lists take only {', '.join(CSV_COLUMNS + TRUTH_COLUMNS)}",
         )
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
-    if repeated:
-        raise InputError(
-            f"column {repeated[0]!r} appears twice in the header",
-            where=csv_path,
-            hint="keep one column of each name",
-        )
+    check_unique_columns(columns, csv_path)
 
 
 def _real_file(file: Path, real_folders: dict[str, str]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from promptcli.errors import InputError
-from promptcli.io.checks import check_unique_keys
+from promptcli.io.checks import check_unique_columns, check_unique_keys
 from promptcli.io.features import FeatureSet
 from promptcli.io.fileio import STDIO, open_output_text, sha256_bytes, sha256_file
 
@@ -83,13 +83,7 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
             where=where,
             hint="a labels CSV needs a header with " + ",".join(required),
         )
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
-    if repeated:  # a dict of the row would keep the last column of the name, silently
-        raise InputError(
-            f"column {repeated[0]!r} appears twice in the header",
-            where=where,
-            hint="keep one column of each name",
-        )
+    check_unique_columns(columns, where)
     needed = named[-1][0] + 1 if named else 0  # fields up to the last named column
     kept = {i for i, _ in named}
     for line, record in zip(lines, records):
@@ -203,9 +197,7 @@ def join_labels(features: FeatureSet, table: LabelTable, skip_missing: bool = Fa
         if has_clean:
             clean.append(names[row["clean_label"]])
         if has_noisy:
-            flag = row.get("is_noisy", "")
-            if flag not in ("0", "1"):
-                raise InputError(f"is_noisy must be 0 or 1, got {flag!r}", where=where, hint="fix the column")
+            flag = row["is_noisy"]  # "0" or "1": read_labels refuses other values, has_noisy blank ones
             noisy.append(flag == "1")
             if has_clean and (labels[-1] != clean[-1]) != noisy[-1]:
                 relation = "differs from" if labels[-1] != clean[-1] else "equals"

@@ -44,6 +44,7 @@ from promptcli.learning.options import (
     OptimConfig,
     SplitConfig,
 )
+from promptcli.models.devices import amp_dtype
 from promptcli.models.heads import Head, predict_logits
 
 
@@ -149,8 +150,6 @@ def make_optimizer(groups: list[dict[str, Any]], config: OptimConfig) -> torch.o
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
-    from promptcli.models.devices import amp_dtype
-
     return torch.autocast("cuda", dtype=amp_dtype(device))
 
 
@@ -284,8 +283,6 @@ def train(
 
     optimizer = make_optimizer(head.param_groups(config.weight_decay), config)
     generator = torch.Generator().manual_seed(seed)
-    from promptcli.models.devices import amp_dtype
-
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype(device) == torch.float16)
     loop = LoopState(optimizer, generator, scaler, history=[])
     history = loop.history
