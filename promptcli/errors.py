@@ -40,12 +40,12 @@ class PromptcliError(Exception):
         return text
 
 
-class InputError(PromptcliError):
-    """Bad input: a file, a row or an option the user must fix (exit code 2)."""
+class InputError(PromptcliError, ValueError):
+    """Bad input: a file, a row or an option the user must fix (exit code 2); a ``ValueError`` to Python code."""
 
 
-class RuntimeFailure(PromptcliError):
-    """A failure while running with valid input (exit code 1)."""
+class RuntimeFailure(PromptcliError, RuntimeError):
+    """A failure while running with valid input (exit code 1); a ``RuntimeError`` to Python code."""
 
     def __init__(self, what: str, **kwargs) -> None:
         kwargs.setdefault("exit_code", EXIT_RUNTIME)

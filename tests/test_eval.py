@@ -297,3 +297,24 @@ def test_evaluate_file_never_writes_over_its_one_prompt(labelled, tmp_path):
     with pytest.raises(InputError, match="is the input --prompt"):
         evaluate_file(labelled["features"], str(prompt), output=str(prompt), force=True, device="cpu")
     assert prompt.read_bytes() == before
+
+
+def test_eval_warns_when_the_test_features_were_preprocessed_otherwise(labelled, tmp_path):
+    import shutil
+    import warnings
+
+    import h5py
+
+    prompt = _prompt(labelled, "lp-ref", method="linear-probe", epochs=1, weight_decay=0.0)
+    assert json.loads(read_prompt(prompt).metadata["preprocess"])["size"]  # tune records the preprocessing
+    other = tmp_path / "other.h5"
+    shutil.copy(labelled["features"], other)
+    with h5py.File(other, "a") as f:
+        cfg = json.loads(f.attrs["preprocess"])
+        f.attrs["preprocess"] = json.dumps({**cfg, "interpolation": "bilinear"}, sort_keys=True)
+    with pytest.warns(PromptcliWarning, match="other preprocessing .*interpolation bicubic -> bilinear"):
+        evaluate(other, [prompt], device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(labelled["features"], [prompt], device="cpu")
+    assert not [w for w in caught if "preprocessing" in str(w.message)]

@@ -242,6 +242,11 @@ def test_tune_log_lines_carry_the_run(noisy, tmp_path):
         "shots": 4,
         "noise": small,
         "model": {k: meta[k] for k in ("model_name", "pretrained", "checkpoint_sha256")},
+        "settings": {
+            "optimizer": meta["optimizer"],
+            "weight_decay_searched": False,
+            **({"template": meta["template"]} if "template" in meta else {}),
+        },
     }
     assert all(r["run"] == expected for r in lines)
     assert meta["noise"] == small and "transition_counts" in sidecar

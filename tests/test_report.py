@@ -628,6 +628,38 @@ def test_reads_a_real_eval_summary_and_tune_log(tmp_path, tiny_features):
     assert [c["epochs"] for c in report.curves] == [[1, 2]]
 
 
+def test_tune_logs_record_the_prompt_and_schedule_settings_and_split_curves_by_them(tmp_path, tiny_features):
+    from promptcli.io.features import read_features
+    from promptcli.learning.options import TuneOptions
+    from promptcli.learning.tune_run import tune
+
+    fs = read_features(tiny_features)
+    labels = tmp_path / "noisy.csv"
+    labels.write_text(
+        "path,label\n" + "".join(f"{p},{fs.classnames[y]}\n" for p, y in zip(fs.paths, fs.labels))
+    )
+    write_json(tmp_path / "noisy.csv.json", {"type": "symmetric", "rate": 0.25, "seed": 3})
+    (tmp_path / "out").mkdir()
+    for name, lr in (("a", 0.1), ("b", 1.0)):
+        options = TuneOptions(method="linear-probe", epochs=2, weight_decay=1e-4, lr=lr, seed=4)
+        tune(
+            tiny_features,
+            labels,
+            tmp_path / f"{name}.safetensors",
+            options,
+            device="cpu",
+            log_path=tmp_path / "out" / f"{name}.jsonl",
+        )
+    first = json.loads((tmp_path / "out" / "a.jsonl").read_text().splitlines()[0])
+    settings = first["run"]["settings"]
+    assert settings["optimizer"]["lr"] == 0.1 and settings["weight_decay_searched"] is False
+    report = aggregate(read_results([tmp_path / "out"]))
+    assert sorted(c["series"] for c in report.curves) == [
+        "linear-probe (lr=0.1) + ce",
+        "linear-probe (lr=1) + ce",
+    ]
+
+
 # --- the command -----------------------------------------------------------------------------------
 
 

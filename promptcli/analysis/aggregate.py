@@ -61,7 +61,7 @@ def _setting_names(records: Iterable[dict[str, str]]) -> list[str]:
 
 def _differing_settings(keys: Iterable[SeriesKey]) -> dict[str, list[str]]:
     """Per method: the settings whose recorded values differ between its series (keys that record no
-    settings, such as tune logs', take no part)."""
+    settings, such as logs written before tune recorded them, take no part)."""
     by_method: dict[str, list[dict[str, str]]] = defaultdict(list)
     for k in keys:
         if k.settings:

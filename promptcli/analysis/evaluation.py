@@ -6,6 +6,7 @@ been made with the features' model (checkpoint hash, else name and pretrained ta
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,19 @@ def check_compatible(prompt: PromptFile, features: FeatureSet) -> None:
             where=prompt.path,
             hint="evaluate on features extracted with the prompt's model",
         )
+
+
+def preprocess_shift(prompt: PromptFile, features: FeatureSet) -> str:
+    """How the features' image preprocessing differs from the tuning features' ("" when alike or not recorded)."""
+    try:
+        tuned = json.loads(str(prompt.metadata.get("preprocess") or "{}"))
+        here = json.loads(str(features.attrs.get("preprocess", "") or "{}"))
+    except ValueError:
+        return ""
+    if not (isinstance(tuned, dict) and isinstance(here, dict) and tuned and here):
+        return ""
+    keys = sorted(k for k in set(tuned) | set(here) if tuned.get(k) != here.get(k))
+    return ", ".join(f"{k} {tuned.get(k)} -> {here.get(k)}" for k in keys)
 
 
 def check_adapter(prompt: PromptFile, features: FeatureSet) -> None:
@@ -388,6 +402,12 @@ def evaluate(
     for prompt in prompts:
         if prompt.metadata.get("features_sha256") == features_sha:
             warn(f"{prompt.path} was tuned on {fs.path}: this scores the training images, not held-out ones")
+        shift = preprocess_shift(prompt, fs)
+        if shift:
+            warn(
+                f"{fs.path} was extracted with other preprocessing than {prompt.path} was tuned on ({shift}): "
+                "the score includes that input shift"
+            )
     summary: dict[str, Any] = {
         "features": str(fs.path),
         "features_sha256": features_sha,

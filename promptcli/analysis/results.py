@@ -483,6 +483,7 @@ def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
         shots="" if run.get("shots") is None else str(run.get("shots")),
         model=_model_label(run.get("model")),
         variant=_variant(run.get("noise"), run.get("split")),
+        settings=_settings([run.get("settings")], str(run.get("method") or "unknown"))[0],
     )
     return LogRun(key, noise_type, rate, run.get("seed"), epochs, str(path), sha256)
 

@@ -112,6 +112,18 @@ class PreparedRun:
         return run
 
 
+def _log_settings(head: Any, optim: Any, method: str, search: list[dict[str, float]]) -> dict[str, Any]:
+    """The prompt's and the schedule's settings, as a prompt file records them, so ``report`` splits training
+    curves by them as it splits evaluations."""
+    settings: dict[str, Any] = {
+        k: v for k, v in head.file_metadata().items() if isinstance(v, (str, int, float, bool))
+    }
+    settings["optimizer"] = optim.to_dict()
+    if method == "linear-probe":
+        settings["weight_decay_searched"] = bool(search)
+    return settings
+
+
 def check_options(
     options: TuneOptions, warn: Callable[[str], None], *, split_ok: bool = False
 ) -> tuple[Any, torch.nn.Module]:
@@ -357,7 +369,6 @@ def tune(
     fs, joined, data, loss_fn, optim = run.features, run.joined, run.data, run.loss_fn, run.optim
     search = run.weight_decay_search
     noise = read_noise_sidecar(labels_path, warn)
-    run_info = run.provenance(noise)
 
     run_id = fingerprint(
         {
@@ -368,6 +379,7 @@ def tune(
         }
     )
     head = run.make_head()
+    run_info = {**run.provenance(noise), "settings": _log_settings(head, optim, options.method, search)}
     # Check a checkpoint to resume before touching the log: a refused resume must leave the log intact.
     history = load_checkpoint(partial, run_id)["history"] if resume and partial.exists() else []
     log_handle = None
@@ -420,6 +432,9 @@ def tune(
         "pretrained": str(record["pretrained"]),
         "checkpoint_sha256": str(record["checkpoint_sha256"]),
         "model_config": str(record["model_config"]),
+        "preprocess": str(
+            fs.attrs.get("preprocess", "")
+        ),  # eval warns when test features were made otherwise
         "embed_dim": fs.dim,
         "loss": options.loss,
         "loss_params": loss_params(loss_fn),
