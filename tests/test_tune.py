@@ -384,3 +384,13 @@ def test_library_warnings_point_at_the_callers_line():
     with pytest.warns(PromptcliWarning) as caught:
         check_method_options(TuneOptions(method="coop", epochs=0))
     assert caught[0].filename == __file__
+
+
+def test_library_errors_are_pythons_value_and_runtime_errors(syn, tmp_path):
+    """A library user's ``except ValueError`` catches bad input, as it would from numpy or torch."""
+    from promptcli.errors import InputError, RuntimeFailure
+
+    with pytest.raises(ValueError, match="--n-ctx") as caught:
+        tune(syn["features"], syn["labels"], tmp_path / "p.safetensors", TuneOptions(n_ctx=-1), device="cpu")
+    assert isinstance(caught.value, InputError) and caught.value.exit_code == 2
+    assert issubclass(RuntimeFailure, RuntimeError) and RuntimeFailure("x").exit_code == 1
