@@ -103,6 +103,22 @@ class Optimizer(Choice):
     ADAMW = "adamw"
 
 
+class Schedule(Choice):
+    """``tune --schedule``: the learning rate once the constant warm-up epochs are over (set per epoch)."""
+
+    COSINE = (
+        "cosine"  # cosine over the epoch index from epoch 0: the warm-up epochs stand in for its first ones
+    )
+    COOP = "coop"  # CoOp's code (Dassl's warm-up scheduler): the cosine starts at the full rate after the warm-up
+
+
+# What an output file records as its schedule (the cosine's text is what files recorded before --schedule).
+SCHEDULE_TEXT: dict[str, str] = {
+    Schedule.COSINE.value: "constant warm-up then cosine (per epoch)",
+    Schedule.COOP.value: "constant warm-up then cosine from the full rate (per epoch; CoOp's code)",
+}
+
+
 class ClassPosition(Choice):
     """Where the class name goes in a CoOp prompt."""
 

@@ -333,6 +333,41 @@ def test_optim_config_schedule():
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
     with pytest.raises(InputError, match="must be >= 1"):
         replace(config, batch_size=0).validate()
+    with pytest.raises(InputError, match="--schedule"):
+        replace(config, schedule="linear").validate()
+
+
+@pytest.mark.parametrize(("epochs", "warmup"), [(5, 1), (10, 1), (50, 1), (10, 2), (10, 0)])
+def test_the_coop_schedule_is_dassls_warmup_then_cosine(epochs, warmup):
+    """CoOp's code: a constant warm-up scheduler whose successor, a cosine over MAX_EPOCH epochs, starts counting
+    when the warm-up ends; the scheduler steps after every epoch."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.002)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    reference = [1e-5] * warmup
+    while len(reference) < epochs:
+        reference.append(cosine.get_last_lr()[0])
+        optimizer.step()
+        cosine.step()
+    config = OptimConfig(lr=0.002, epochs=epochs, warmup_epochs=warmup, warmup_lr=1e-5, schedule="coop")
+    assert [config.lr_at(e) for e in range(epochs)] == pytest.approx(reference, rel=1e-12)
+    plain = replace(config, schedule="cosine")  # the cosine counts the warm-up epochs as its first
+    assert [plain.lr_at(e) for e in range(epochs)] == pytest.approx(
+        [1e-5] * warmup + [0.001 * (1 + np.cos(np.pi * e / epochs)) for e in range(warmup, epochs)], rel=1e-12
+    )
+
+
+def test_short_paper_schedules_default_to_coops_and_files_record_the_schedule():
+    from promptcli.choices import SCHEDULE_TEXT
+
+    assert [TuneOptions(method=m).resolved().schedule for m in ("coop", "cocoop", "vpt", "maple")] == [
+        "cosine", "coop", "coop", "coop",
+    ]  # fmt: skip
+    assert TuneOptions(method="vpt", schedule="cosine").resolved().schedule == "cosine"
+    assert (
+        OptimConfig().to_dict()["schedule"] == "constant warm-up then cosine (per epoch)"
+    )  # as files before
+    assert OptimConfig(schedule="coop").to_dict()["schedule"] == SCHEDULE_TEXT["coop"]
 
 
 @pytest.mark.parametrize(
@@ -394,3 +429,17 @@ def test_library_errors_are_pythons_value_and_runtime_errors(syn, tmp_path):
         tune(syn["features"], syn["labels"], tmp_path / "p.safetensors", TuneOptions(n_ctx=-1), device="cpu")
     assert isinstance(caught.value, InputError) and caught.value.exit_code == 2
     assert issubclass(RuntimeFailure, RuntimeError) and RuntimeFailure("x").exit_code == 1
+
+
+def test_tip_adapter_f_trains_as_its_code_does():
+    """AdamW with eps 1e-4 and weight decay 0.01, batch 256, no warm-up; explicit options still win."""
+    from promptcli.learning.training import make_optimizer
+
+    config = TuneOptions(method="tip-adapter-f").optim_config()
+    assert (config.optimizer, config.lr, config.epochs, config.batch_size) == ("adamw", 0.001, 20, 256)
+    assert (config.warmup_epochs, config.weight_decay, config.adam_eps) == (0, 0.01, 1e-4)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    assert make_optimizer([{"params": [weight]}], config).defaults["eps"] == 1e-4
+    given = TuneOptions(method="tip-adapter-f", warmup_epochs=2, batch_size=8).optim_config(0.0)
+    assert (given.warmup_epochs, given.batch_size, given.weight_decay) == (2, 8, 0.0)
+    assert TuneOptions().optim_config().adam_eps == 1e-8 and TuneOptions().optim_config().warmup_epochs == 1

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from promptcli.choices import ClassPosition, Loss, NoisyLoss, Optimizer, Split
+from promptcli.choices import ClassPosition, Loss, NoisyLoss, Optimizer, Schedule, Split
 from promptcli.learning.options import DEFAULT_EPSILON, TuneOptions
 
 _P = inspect.Parameter
@@ -104,16 +104,31 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
             float | None,
             typer.Option(
                 "--weight-decay",
-                help="Weight decay [default: 5e-4; linear-probe: chosen on held-out labels].",
+                help="Weight decay [default: 5e-4; tip-adapter-f: 0.01; linear-probe: chosen on held-out labels].",
             ),
         ],
         None,
     ),
     "warmup_epochs": _opt(
-        Annotated[int, typer.Option("--warmup-epochs", help="Epochs at the warm-up lr.")], 1
+        Annotated[
+            int | None,
+            typer.Option("--warmup-epochs", help="Epochs at the warm-up lr [default: 1; tip-adapter-f: 0]."),
+        ],
+        None,
     ),
     "warmup_lr": _opt(
         Annotated[float, typer.Option("--warmup-lr", help="Constant warm-up learning rate.")], 1e-5
+    ),
+    "schedule": _opt(
+        Annotated[
+            Schedule | None,
+            typer.Option(
+                "--schedule",
+                help="Cosine after the warm-up: on the epoch index from 0 (cosine), or from the full rate "
+                "once the warm-up ends, as CoOp's code (coop) [default: cosine; cocoop, vpt, maple: coop].",
+            ),
+        ],
+        None,
     ),
     "batch_size": _opt(
         Annotated[
@@ -121,7 +136,7 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
             typer.Option(
                 "--batch-size",
                 "-b",
-                help="Batch size [default: 32; cocoop 1, vpt and maple 4, as their papers].",
+                help="Batch size [default: 32; cocoop 1, vpt and maple 4, tip-adapter-f 256: their papers'].",
             ),
         ],
         None,

@@ -35,7 +35,8 @@ refused). vpt (Jia et al. 2022) learns --vpt-tokens prompt tokens (default 8) af
 zero-shot classifier of --template. maple (Khattak et al. 2023) learns 2 text context tokens (from the
 template's first words, "a photo") and deep text prompts in the first --maple-depth J layers (paper: 9),
 with vision prompts W_i P_i + b_i coupled from them; its classifier is the class text features of the
-learned prompts. Both default to MaPLe's schedule (SGD lr 0.0035, 5 epochs); evaluate through
+learned prompts. Both default to the schedules of MaPLe's code (SGD, 5 epochs, batch 4, lr 0.0035 for maple
+and 0.0025 for vpt, --schedule coop); evaluate through
 `extract --adapter OUTPUT` as for finetune.
 
 Examples:

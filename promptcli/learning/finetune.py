@@ -646,7 +646,7 @@ def finetune(
     )
     if method_name == FINETUNE_METHOD and options.lr is None and options.optimizer in FINETUNE_LR:
         options = replace(options, lr=FINETUNE_LR[options.optimizer])
-    optim = options.optim_config(options.weight_decay if options.weight_decay is not None else 5e-4)
+    optim = options.optim_config(options.weight_decay)
     check_optim(optim)
     if options.shots is not None and options.shots < 1:
         raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")

@@ -4,7 +4,8 @@ A step is: pick a batch of cached image features (one augmented view per image a
 file has views), compute the head's class weights once (for prompt methods one text-encoder pass over
 all class prompts), logits = scale x features @ weights.T (+ bias), loss, backward, optimiser step.
 The learning rate follows CoOp: ``warmup_epochs`` at a constant ``warmup_lr``, then a cosine decay
-(per epoch) from ``lr`` to 0 over ``epochs``. Everything random comes from one seeded generator whose
+(per epoch) over ``epochs`` (``--schedule``: from the epoch index, or from the full rate after the warm-up as
+CoOp's code does; :meth:`~promptcli.learning.options.OptimConfig.lr_at`). Everything random comes from one seeded generator whose
 state is checkpointed with the head, the optimiser and the epoch, so a resumed run ends bit-for-bit
 where an uninterrupted one would (on CPU).
 
@@ -144,7 +145,7 @@ class TrainResult:
 def make_optimizer(groups: list[dict[str, Any]], config: OptimConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:

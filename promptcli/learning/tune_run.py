@@ -163,9 +163,10 @@ def check_options(
         warn("--noisy-loss and --ot-epsilon apply with --split ot; ignored")
     check_method_options(options, warn)
     changed = {f.name for f in fields(options) if getattr(options, f.name) != f.default}
-    if "warmup_epochs" in changed and options.epochs and options.warmup_epochs >= options.epochs:
+    filled = options.resolved()
+    if "warmup_epochs" in changed and filled.epochs and filled.warmup_epochs >= filled.epochs:
         warn(
-            f"--warmup-epochs {options.warmup_epochs} covers all {options.epochs} epochs: "
+            f"--warmup-epochs {filled.warmup_epochs} covers all {filled.epochs} epochs: "
             f"the whole run trains at --warmup-lr {options.warmup_lr:g}"
         )
     for option in ignored_loss_options(options.loss, changed):
@@ -191,7 +192,7 @@ def check_options(
         beta=options.beta,
         label_smoothing=options.label_smoothing,
     )
-    options.optim_config(options.weight_decay if options.weight_decay is not None else 5e-4).validate()
+    options.optim_config(options.weight_decay).validate()
     if options.shots is not None and options.shots < 1:
         raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")
     return prompt_config, loss_fn
@@ -287,8 +288,6 @@ def prepare_run(
         )
         if weight_decay is None:
             warn("too few labels to hold some out; using weight decay 5e-4")
-    if weight_decay is None:
-        weight_decay = 5e-4
     return PreparedRun(
         options=options,
         features=fs,
