@@ -470,6 +470,43 @@ def test_settings_that_cannot_be_told_apart_pool_with_a_warning(tmp_path):
     assert "n_ctx" in pooled and "epochs" in pooled and "test" not in pooled
 
 
+def test_split_and_cleaning_recipes_are_series_and_a_repeated_seed_is_named(tmp_path):
+    from promptcli.io.sidecar import noise_summary
+
+    ot = {"method": "ot", "noisy_loss": "mae", "epsilon": 0.1}
+    plain = on_test(eval_summary(top1=0.52), prompt="01" * 32)
+    write_json(tmp_path / "plain.json", {**plain, "split": {"method": "none"}})
+    write_json(
+        tmp_path / "ot.json", {**on_test(eval_summary(top1=0.10, loss="gce"), prompt="02" * 32), "split": ot}
+    )
+    # an eval summary from before summaries recorded the split: its prompt's record says it
+    write_json(tmp_path / "ot_old.json", on_test(eval_summary(seed=2, top1=0.12, loss="gce"), split=ot))
+    recipes = []
+    for name, score, relabel in (("post", "posterior", True), ("margin", "margin", False)):
+        sidecar = {"type": "symmetric", "rate": 0.25, "seed": 7}
+        sidecar["cleaning"] = {"score": score, "zero_shot": {"templates": ["a {}."]} if relabel else None,
+                               "options": {"relabel": relabel, "threshold": 0.5, "keep_fraction": None,
+                                           "noise_model": "symmetric" if relabel else None}}  # fmt: skip
+        noise = noise_summary(sidecar)
+        recipes.append(noise["cleaning"])
+        summary = {**eval_summary(method="linear-probe", top1=0.4 if relabel else 0.6), "noise": noise}
+        write_json(tmp_path / f"{name}.json", on_test(summary))
+    assert recipes == ["posterior, zero-shot, relabel, threshold 0.5", "margin, prompt, drop, threshold 0.5"]
+    report = aggregate(read_results([tmp_path]))
+    assert {c["series"]: c["n"] for c in report.accuracy} == {
+        "coop + ce": 1,
+        "coop + gce, OT split": 2,
+        "linear-probe + ce, cleaned (margin, prompt, drop, threshold 0.5)": 1,
+        "linear-probe + ce, cleaned (posterior, zero-shot, relabel, threshold 0.5)": 1,
+    }
+    assert not [w for w in report.warnings if "runs of seed" in w], report.warnings
+    # two prompts of one seed and noise draw that nothing on record tells apart: pooled, and said so
+    write_json(tmp_path / "again.json", on_test(eval_summary(top1=0.7), prompt="ab" * 32))
+    report = aggregate(read_results([tmp_path]))
+    [warning] = [w for w in report.warnings if "runs of seed" in w]
+    assert warning.startswith("coop + ce: 2 runs of seed 1 pooled at noise rate 0.25 (")
+
+
 def test_a_searched_weight_decay_pools_quietly_and_a_fixed_one_is_its_own_series(tmp_path):
     for seed, wd in ((1, 0.01), (2, 0.0)):  # the search picked another decay on each seed
         summary = eval_summary("linear-probe", seed=seed, top1=0.5 + seed / 10)

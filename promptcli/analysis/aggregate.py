@@ -131,6 +131,28 @@ def _pooled_warnings(label: Callable[[SeriesKey], str], keys: Iterable[SeriesKey
     return warnings
 
 
+def _repeated_seed_warnings(
+    series: str, cells: Sequence[tuple[float | None, Sequence[EvalRun]]]
+) -> list[str]:
+    """A warning for each mean that holds two runs of one seed (and one noise draw): they differ in something
+    their files do not record, so the spread is not over seeds."""
+    warnings = []
+    for rate, runs in cells:
+        by_seed: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for r in runs:
+            if r.seed is not None:
+                by_seed[(str(r.seed), str(r.noise_seed))].append(r.source)
+        for (seed, _), sources in sorted(by_seed.items()):
+            if len(sources) > 1:
+                where = "unknown" if rate is None else f"{rate:g}"
+                warnings.append(
+                    f"{series}: {len(sources)} runs of seed {seed} pooled at noise rate {where} "
+                    f"({', '.join(sources[:3])}{', ...' if len(sources) > 3 else ''}): they differ in something "
+                    "their files do not record; report them from separate folders"
+                )
+    return warnings
+
+
 def _per_run_warnings(series: str, cells: Sequence[tuple[float | None, Sequence[EvalRun]]]) -> list[str]:
     """A warning for each of PER_RUN_SETTINGS whose value differs between runs pooled into one mean."""
     warnings = []
@@ -280,6 +302,7 @@ def aggregate(results: Results, metric: str = "top1", curve_rate: float | None =
         by_series[series].append((rate, runs))
     for series, cells in sorted(by_series.items()):
         warnings += _per_run_warnings(series, cells)
+        warnings += _repeated_seed_warnings(series, cells)
     for (series, noise_type, rate), runs in sorted(groups.items(), key=lambda kv: _cell_order(kv[0])):
         accuracy.append(
             {

@@ -314,7 +314,7 @@ class EvalResult:
     features: FeatureSet
 
 
-SUMMARY_KEYS = ("method", "method_params", "loss", "loss_params", "seed", "shots", "noise")
+SUMMARY_KEYS = ("method", "method_params", "loss", "loss_params", "seed", "shots", "split", "noise")
 
 
 def _common(values: list[Any]) -> Any:

@@ -106,13 +106,14 @@ def _variant(noise: Any, split: Any) -> str:
     if isinstance(split, dict) and split.get("method") not in (None, "", "none"):
         parts.append(f"{str(split['method']).upper()} split")
     labels = noise.get("labels") if isinstance(noise, dict) else None
+    recipe = noise.get("cleaning") if isinstance(noise, dict) else None
     if labels == "pseudo":
         method = noise.get("method")
         parts.append(f"{method} pseudo-labels" if method else "pseudo-labels")
     elif labels == "transductive":
         parts.append("transductive")
     elif labels == "cleaned":
-        parts.append("cleaned")
+        parts.append(f"cleaned ({recipe})" if isinstance(recipe, str) and recipe else "cleaned")
     trusted = noise.get("trusted") if isinstance(noise, dict) else None
     if isinstance(trusted, int) and trusted > 0:
         parts.append(f"{trusted} verified")
@@ -129,6 +130,7 @@ class EvalRun:
     metrics: dict[str, float]  # top1, top5, macro
     source: str
     per_run: tuple[tuple[str, str], ...] = ()  # PER_RUN_SETTINGS of the run (name, value)
+    noise_seed: Any = None  # the seed of the noise draw (corrupt --seed), when on record
 
 
 @dataclass
@@ -430,6 +432,13 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
         return None
     method = str(obj.get("method") or "mixed")
     settings, per_run = _settings(members, method)
+    # eval summaries from before they recorded the split carry it per prompt only
+    splits = [m.get("split") for m in members]
+    split = (
+        obj.get("split")
+        if "split" in obj
+        else (splits[0] if splits and all(s == splits[0] for s in splits) else None)
+    )
     key = SeriesKey(
         method=method,
         loss=str(obj.get("loss") or ""),
@@ -437,11 +446,13 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
         loss_params=_params_label(obj.get("loss_params")),
         shots="" if obj.get("shots") is None else str(obj.get("shots")),
         model=model,
-        variant=_variant(obj.get("noise"), obj.get("split")),
+        variant=_variant(obj.get("noise"), split),
         test=test,
         settings=settings,
     )
-    return EvalRun(key, noise_type, rate, obj.get("seed"), False, values, str(path), per_run)
+    noise = obj.get("noise")
+    noise_seed = noise.get("seed") if isinstance(noise, dict) else None
+    return EvalRun(key, noise_type, rate, obj.get("seed"), False, values, str(path), per_run, noise_seed)
 
 
 def _log_provenance(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -61,6 +61,23 @@ def read_noise_sidecar(labels_path: str | Path, warn: Callable[[str], None]) -> 
 NOISE_KEYS = ("type", "rate", "seed", "shots", "per_class", "n_noisy", "realised_rate")
 
 
+def cleaning_recipe(record: Any) -> str:
+    """How ``clean --clean-out`` chose the kept rows, in a few words ("posterior, zero-shot, relabel, keep 0.8");
+    "" when the record is not a cleaning's."""
+    if not isinstance(record, dict) or not isinstance(record.get("options"), dict):
+        return ""
+    options = record["options"]
+    parts = [str(record.get("score") or "?"), "zero-shot" if record.get("zero_shot") else "prompt"]
+    parts.append("relabel" if options.get("relabel") else "drop")
+    if options.get("noise_model") not in (None, "symmetric"):
+        parts.append(f"{options['noise_model']} noise model")
+    if options.get("keep_fraction") is not None:
+        parts.append(f"keep {options['keep_fraction']:g}")
+    elif options.get("threshold") is not None:
+        parts.append(f"threshold {options['threshold']:g}")
+    return ", ".join(parts)
+
+
 def noise_summary(sidecar: dict[str, Any] | None) -> dict[str, Any] | None:
     """The few fields of a labels sidecar that identify the noise (those it has).
 
@@ -88,6 +105,9 @@ def noise_summary(sidecar: dict[str, Any] | None) -> dict[str, Any] | None:
             summary["realised_rate"] = round(1.0 - float(accuracy), 6)
     elif "cleaning" in sidecar:
         summary["labels"] = "cleaned"
+        recipe = cleaning_recipe(sidecar["cleaning"])
+        if recipe:
+            summary["cleaning"] = recipe  # report keeps runs on differently cleaned labels apart
     trusted = fit.get("trusted") if isinstance(fit, dict) else None
     if isinstance(trusted, dict) and isinstance(trusted.get("rows"), int):
         summary["trusted"] = trusted["rows"]  # `--trusted`: verified labels joined the fit
