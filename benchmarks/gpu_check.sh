@@ -8,7 +8,8 @@
 #      then extraction through the prompted tower (--adapter) and eval.
 #   5. pseudolabel --method transductive, with --labels (spreading) and without (the neighbour term), on CUDA
 #      against CPU (same labels on >= 99% of images).
-# Uses the offline demo model and 160 demo training images. Every step must exit 0; the script stops at
+# Uses the offline demo model: extracts its 2,000 training images and tunes on a 160-row 16-shot set. Every
+# step must exit 0; the script stops at
 # the first failure (set -e) and prints PASS at the end.
 #
 #     bash benchmarks/gpu_check.sh            # OUT=gpu-check by default

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# promptcli quick start: the whole pipeline on the bundled demo, offline, on CPU in a few minutes.
+# promptcli quick start: the whole pipeline on the bundled demo, offline, on CPU (about 15 minutes on 2 cores).
 #
 #   model   promptcli-demo: ImageNet EfficientNet-Lite0 + MiniLM sentence encoder, aligned without
 #           image-text pairs (docs/demo-model.md); built on first use from the `demo` extra

@@ -15,19 +15,22 @@ from promptcli.cli._output import Output, epoch_progress, pct
 # The options only fine-tuning reads (tune passes them through; other methods ignore them).
 ImagesOpt = Annotated[
     Path | None,
-    typer.Option("--images", help="finetune: where the features file's images are now, if they moved."),
+    typer.Option(
+        "--images", help="finetune, vpt, maple: where the features file's images are now, if they moved."
+    ),
 ]
 SkipBadOpt = Annotated[
     bool, typer.Option("--skip-bad", help="finetune: leave unreadable training images out (listed).")
 ]
 # (tune's --lr default for finetune: AdamW 1e-5, SGD 1e-4; see learning/finetune.py FINETUNE_LR)
 FtWorkersOpt = Annotated[
-    int, typer.Option("--workers", "-j", help="finetune: image-decoding worker processes.")
+    int, typer.Option("--workers", "-j", help="finetune, vpt, maple: image-decoding worker processes.")
 ]
 FtPrecisionOpt = Annotated[
     Precision | None,
     typer.Option(
-        "--precision", help="finetune: autocast fp16/bf16 on GPU, or fp32 [default: bf16 on GPU with --amp]."
+        "--precision",
+        help="finetune, vpt, maple: autocast fp16/bf16 on GPU, or fp32 [default: bf16 on GPU with --amp].",
     ),
 ]
 TrainLayersOpt = Annotated[

@@ -34,7 +34,11 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "ctx_init": _opt(
         Annotated[
             str | None,
-            typer.Option("--ctx-init", help='Initialise the context from these words, e.g. "a photo of a".'),
+            typer.Option(
+                "--ctx-init",
+                help='Initialise the context from these words, e.g. "a photo of a" [default: random; kgcoop '
+                'and cocoop: "a photo of a"; "" for random].',
+            ),
         ],
         None,
     ),
@@ -53,7 +57,9 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
             str,
             typer.Option(
                 "--template",
-                help="Template words for cls-tuning / full-prompt / classifier-zs (one {} for the class).",
+                help="Template with one {} for the class: the prompt of cls-tuning / full-prompt, the zero-shot "
+                "classifier of classifier-zs, clip-adapter, tip-adapter(-f), finetune, vpt and maple, and "
+                "kgcoop's anchor.",
             ),
         ],
         "a photo of a {}.",
@@ -86,7 +92,7 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
             int | None,
             typer.Option(
                 "--epochs",
-                help="Training epochs [default: 50; cocoop: 10; tip-adapter-f: 20; tip-adapter: 0].",
+                help="Training epochs [default: 50; cocoop: 10; tip-adapter-f: 20; vpt and maple: 5; tip-adapter: 0].",
             ),
         ],
         None,
@@ -94,7 +100,11 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "lr": _opt(
         Annotated[
             float | None,
-            typer.Option("--lr", help="Learning rate [default: 0.002; linear-probe and classifier-zs: 1.0]."),
+            typer.Option(
+                "--lr",
+                help="Learning rate [default: 0.002; linear-probe and classifier-zs: 1.0; tip-adapter-f: "
+                "0.001; vpt: 0.0025; maple: 0.0035; finetune: 1e-5 with adamw, 1e-4 with sgd].",
+            ),
         ],
         None,
     ),

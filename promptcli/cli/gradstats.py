@@ -48,7 +48,12 @@ def command(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV to write (one row per step).")],
     method: Annotated[
-        list[Method] | None, typer.Option("--method", help="Method to trace (repeatable) [default: coop].")
+        list[Method] | None,
+        typer.Option(
+            "--method",
+            help="Method to trace (repeatable): coop, kgcoop, cls-tuning, full-prompt, linear-probe or "
+            "classifier-zs, whose logits share class weights over the batch [default: coop].",
+        ),
     ] = None,
     grad_batch: Annotated[
         int,

@@ -9,7 +9,7 @@ The figure has a panel per noise type with accuracy against noise rate (mean lin
 seeds, zero-shot CLIP as a dashed line), training curves (accuracy against the given and the clean
 labels per epoch) and the noisy-to-clean gradient-norm ratio; panels without data are left out.
 The table has rows method + loss and columns noise rates, cells "mean ± std (n)" in percent.
-Each -o is written by its suffix: .png (the figure), .html (self-contained: figure, table and
+Each -o is written by its suffix: .png, .svg or .pdf (the figure), .html (self-contained: figure, table and
 provenance), .md (table and provenance, linking a .png written beside it). Without -o the table is
 printed; --json prints the aggregated numbers.
 

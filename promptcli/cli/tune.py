@@ -8,10 +8,15 @@ metadata, the model, class names, method, loss, optimiser settings, seed, input 
 
 Methods: coop (learned context, default), cls-tuning (learned class-name tokens), full-prompt (both),
 linear-probe (logistic regression on the features; weight decay picked on held-out labels unless
-given), classifier-zs (linear head started from the zero-shot classifier).
+given), classifier-zs (linear head started from the zero-shot classifier), kgcoop (coop held near the
+zero-shot class text features, --kg-lambda), cocoop (coop context shifted per image by a meta-net),
+clip-adapter (residual MLP on the image features, --adapter-ratio), tip-adapter (training-free cache of
+the training features, --tip-alpha, --tip-beta) and tip-adapter-f (its cache keys trained); finetune, vpt
+and maple train on images (below).
 Losses: ce, gce (--q), mae, sce (--alpha, --beta); --label-smoothing for ce and sce.
 Defaults follow CoOp: SGD lr 0.002 (linear heads: 1.0), momentum 0.9, weight decay 5e-4, cosine
-schedule after one warm-up epoch at lr 1e-5, batch 32, 50 epochs.
+schedule after one warm-up epoch at lr 1e-5, batch 32, 50 epochs (CoOp's ImageNet schedule; its code
+trains 200 at 16 shots). Methods from other papers take theirs where they differ (see each option).
 
 --split ot (NLPrompt) separates clean from noisy labels as training goes: at the start of every
 epoch an optimal-transport assignment (Sinkhorn, uniform mass per image, balanced mass per class,
