@@ -110,7 +110,7 @@ class SymmetricCrossEntropy(nn.Module):
     name = "sce"
     smooths = True
     takes = ("alpha", "beta")
-    A = -4.0
+    A = -4.0  # the paper's; its authors' code clamps the one-hot target at 1e-4: A = ln(1e-4), beta x 2.3
 
     def __init__(self, alpha: float = 0.1, beta: float = 1.0, label_smoothing: float = 0.0) -> None:
         super().__init__()
