@@ -542,3 +542,53 @@ def test_gradients_are_bit_identical_across_runs_with_threads(tiny_hf_model):
             assert all(torch.equal(first[n], again[n]) for n in first)
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- CoOp's construction, written out
+
+
+def _coop_reference(loaded, ctx: torch.Tensor, position: str) -> torch.Tensor:
+    """The class text features as CoOp's prompt learner builds them, from open_clip's own modules: each class
+    prompt "X ... X name." is tokenised, its token embeddings are cut into the start token, the class-name
+    tokens and the rest ("." end-of-text, padding), and the context vectors (n_ctx, width; or per class,
+    (C, n_ctx, width)) are put in at ``position``; then CLIP's text transformer, the end-of-text row, the
+    projection."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    n_ctx = ctx.shape[-2]
+    rows = []
+    for c, name in enumerate(NAMES):
+        ids = tokenizer([" ".join(["X"] * n_ctx) + f" {name}."])
+        emb = model.token_embedding(ids)[0]
+        n_name = len(tokenizer.encode(name))
+        start, context = emb[:1], ctx[c] if ctx.dim() == 3 else ctx
+        name_part, rest = emb[1 + n_ctx : 1 + n_ctx + n_name], emb[1 + n_ctx + n_name :]
+        if position == "end":
+            parts = [start, context, name_part, rest]
+        elif position == "front":
+            parts = [start, name_part, context, rest]
+        else:  # middle: half the context, the name, the other half
+            half = n_ctx // 2
+            parts = [start, context[:half], name_part, context[half:], rest]
+        rows.append((torch.cat(parts), int(ids[0].argmax())))
+    x = torch.stack([r for r, _ in rows]) + model.positional_embedding
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    pooled = x[torch.arange(len(rows)), torch.tensor([eot for _, eot in rows])]
+    return torch.nn.functional.normalize(pooled @ model.text_projection, dim=-1)
+
+
+@pytest.mark.parametrize("csc", [False, True])
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_trained_coop_context_gives_coops_text_features(tiny_model, position, csc):
+    """Away from its initialisation (where zero-shot checks it), the learner still computes what CoOp's code
+    computes for the same context vectors: values and gradients."""
+    learner = _learner(tiny_model, n_ctx=4, class_position=position, csc=csc)
+    with torch.no_grad():
+        learner.ctx.add_(torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    ctx = learner.ctx.detach().clone().requires_grad_(True)
+    expected = _coop_reference(tiny_model, ctx, position)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(4))
+    for features in (learner(), learner.forward_plain()):
+        torch.testing.assert_close(features, expected, **TOL)
+    (learner() * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(learner.ctx.grad, ctx.grad, atol=1e-5, rtol=1e-4)
