@@ -329,7 +329,14 @@ COOP_SETTINGS = {
     "ctx_init": "",
     "template": "a photo of a {}.",
 }
-SCHEDULE = {"optimizer": "sgd", "lr": 0.002, "epochs": 50, "batch_size": 32, "weight_decay": 0.0005}
+SCHEDULE = {
+    "optimizer": "sgd",
+    "lr": 0.002,
+    "epochs": 50,
+    "batch_size": 32,
+    "weight_decay": 0.0005,
+    "schedule": "constant warm-up then cosine (per epoch)",
+}
 
 
 def on_test(
@@ -435,6 +442,14 @@ def test_prompt_and_schedule_settings_split_series_and_name_what_differs(tmp_pat
             tmp_path / f"s{seed}.json",
             on_test(eval_summary(seed=seed, top1=0.3), **small, optimizer=SCHEDULE),
         )
+    coop_schedule = {
+        **SCHEDULE,
+        "schedule": "constant warm-up then cosine from the full rate (per epoch; CoOp's code)",
+    }
+    write_json(
+        tmp_path / "sched.json",
+        on_test(eval_summary(seed=1, top1=0.62), **COOP_SETTINGS, optimizer=coop_schedule),
+    )
     lp = {**SCHEDULE, "lr": 1.0, "epochs": 20, "weight_decay": 0.01}
     write_json(tmp_path / "lp20.json", on_test(eval_summary("linear-probe", top1=0.7), optimizer=lp))
     short = {**lp, "lr": 0.01, "epochs": 1}
@@ -442,8 +457,9 @@ def test_prompt_and_schedule_settings_split_series_and_name_what_differs(tmp_pat
     report = aggregate(read_results([tmp_path]))
     cells = {c["series"]: (c["mean"], c["n"]) for c in report.accuracy}
     assert cells == {
-        "coop (n_ctx=16, class_position=end, csc=False) + ce": (pytest.approx(0.6), 2),
-        "coop (n_ctx=4, class_position=front, csc=True) + ce": (pytest.approx(0.3), 2),
+        "coop (n_ctx=16, class_position=end, csc=False, schedule=cosine) + ce": (pytest.approx(0.6), 2),
+        "coop (n_ctx=16, class_position=end, csc=False, schedule=coop) + ce": (0.62, 1),
+        "coop (n_ctx=4, class_position=front, csc=True, schedule=cosine) + ce": (pytest.approx(0.3), 2),
         "linear-probe (lr=0.01, epochs=1) + ce": (0.3, 1),
         "linear-probe (lr=1, epochs=20) + ce": (0.7, 1),
     }

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from promptcli.choices import COOP_VARIANTS, PROMPT_METHODS, Method
+from promptcli.choices import COOP_VARIANTS, PROMPT_METHODS, SCHEDULE_TEXT, Method
 from promptcli.errors import InputError
 
 # The columns of a gradstats CSV (written by analysis/gradstats.py, read here).
@@ -71,6 +71,7 @@ SCHEDULE_SETTINGS = (
     "warmup_lr",
     "schedule",
 )
+SCHEDULE_NAMES = {text: name for name, text in SCHEDULE_TEXT.items()}
 # Settings a method may choose per run (not split on; runs that differ in them are pooled with a warning). Eval
 # summaries that record ``weight_decay_searched`` split the probe by it instead ("searched" or the fixed value).
 PER_RUN_SETTINGS = {
@@ -380,6 +381,8 @@ def _settings(
                 found["weight_decay"] = "searched"
         else:
             searched_known = False
+        if isinstance(found.get("schedule"), str):  # files record the schedule in words: report its name
+            found["schedule"] = SCHEDULE_NAMES.get(found["schedule"], found["schedule"])
         for name, value in found.items():
             if value is not None:
                 values[name].add(_setting_text(value))
