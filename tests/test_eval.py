@@ -318,3 +318,16 @@ def test_eval_warns_when_the_test_features_were_preprocessed_otherwise(labelled,
         warnings.simplefilter("always")
         evaluate(labelled["features"], [prompt], device="cpu")
     assert not [w for w in caught if "preprocessing" in str(w.message)]
+
+
+def test_counted_ranks_equal_a_stable_sort_with_ties():
+    """compute_metrics counts the true class's rank; a stable sort (ties to the lower index) must agree."""
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n, c = int(rng.integers(1, 40)), int(rng.integers(1, 12))
+        probs = rng.integers(0, 4, size=(n, c)).astype(float)  # many ties
+        truth = rng.integers(0, c, size=n)
+        metrics = compute_metrics(probs, truth, [str(i) for i in range(c)])
+        ranked = np.argsort(-probs, axis=1, kind="stable")
+        assert metrics.top1 == float((ranked[:, 0] == truth).mean())
+        assert metrics.top5 == float((ranked[:, : min(5, c)] == truth[:, None]).any(axis=1).mean())

@@ -76,10 +76,14 @@ def compute_metrics(probs: np.ndarray, truth: np.ndarray, classnames: Sequence[s
     if len(truth) == 0:
         raise InputError("no images with a ground-truth label", hint="pass --labels with the true labels")
     k = min(5, probs.shape[1])
-    # stable sort: ties go to the lower class index, as argmax does
-    ranked = np.argsort(-probs, axis=1, kind="stable")
-    top1 = ranked[:, 0] == truth
-    topk = (ranked[:, :k] == truth[:, None]).any(axis=1)
+    # the true class's rank, counted rather than sorted (a full sort of N x C costs 25x more at 1,000 classes):
+    # the classes scoring higher, plus those tied with it at a lower index (ties go to the lower index, as
+    # argmax and a stable sort do)
+    p_true = probs[np.arange(len(truth)), truth][:, None]
+    lower = np.arange(probs.shape[1])[None, :] < truth[:, None]
+    rank = (probs > p_true).sum(axis=1) + ((probs == p_true) & lower).sum(axis=1)
+    top1 = rank == 0
+    topk = rank < k
     per_class = []
     for c, name in enumerate(classnames):
         mask = truth == c

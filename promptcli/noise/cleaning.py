@@ -222,9 +222,9 @@ def require_prior(prompt_paths: Sequence[str | Path], zero_shot: bool) -> None:
 
 @dataclass
 class Prior:
-    """Class probabilities of every feature row and where they came from."""
+    """Class probabilities of the rows of a features file it was given, and where they came from."""
 
-    probs: np.ndarray  # (N_features, C) float64
+    probs: np.ndarray  # (N, C) float64, one row per feature row given
     prompts: list[Any]  # prompt files read (empty for zero-shot)
     templates: list[str] | None  # zero-shot templates (None for prompts)
     logit_scale: float | None  # the model's, when known without extra work
@@ -452,8 +452,10 @@ def clean_labels(
             where=table.source,
             hint="add the clean_label column, or clean without --relabel",
         )
+    joined, table_rows = _join(fs, table, o.skip_missing)
+    # only the labelled rows are scored: the file may hold a million images beside a 16-shot label set
     prior = prior_probabilities(
-        fs,
+        fs.rows(joined.rows),
         o.prompts,
         zero_shot=o.zero_shot,
         templates=o.templates,
@@ -461,7 +463,6 @@ def clean_labels(
         pretrained=o.pretrained,
         device=o.device,
     )
-    joined, table_rows = _join(fs, table, o.skip_missing)
     scores, fitted_model = _scores(fs, joined, prior, o, on_fit_step)
     suspect = select_suspects(
         scores.score, threshold=o.threshold, keep_fraction=o.keep_fraction, kind=o.score
@@ -516,8 +517,9 @@ def _join(fs: FeatureSet, table: LabelTable, skip_missing: bool) -> tuple[Any, n
 
     joined = join_labels(fs, table, skip_missing=skip_missing)
     table_rows = joined_table_rows(fs, table) if skip_missing else np.arange(len(table))
+    by_path = fs.index_by_path()
     if len(table_rows) != len(joined.rows) or any(
-        fs.index_by_path()[table.rows[t]["path"]] != r for t, r in zip(table_rows, joined.rows)
+        by_path[table.rows[t]["path"]] != r for t, r in zip(table_rows, joined.rows)
     ):
         raise RuntimeFailure("label rows and feature rows fell out of step", hint="report this as a bug")
     return joined, table_rows
@@ -527,7 +529,7 @@ def _scores(
     fs: FeatureSet, joined: Any, prior: Prior, o: CleanOptions, on_fit_step: Callable[[], None] | None
 ) -> tuple[Scores, dict[str, Any] | None]:
     """Each joined row's score (margin, or the posterior with the noise model it fitted)."""
-    probs = prior.probs[joined.rows]
+    probs = prior.probs  # the prior scored the joined rows, in their order
     if o.score != "posterior":
         return label_scores(probs, joined.labels), None
     return posterior_scores(
