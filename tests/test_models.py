@@ -136,3 +136,19 @@ def test_loading_leaves_no_temporary_files_and_the_callers_random_stream(
     load_model("tiny-clip-unseen", str(tiny_model_files["weights"]), tiny_model_files["config"], device="cpu")
     assert torch.equal(torch.rand(3), want)  # a notebook's seeded stream goes on where it was
     assert list(tmp_path.iterdir()) == []  # the config's temporary folder is gone
+
+
+@pytest.mark.parametrize(
+    ("names", "why"),
+    [
+        (["very " * 80 + "cat", "very " * 80 + "dog"], "cut at the model's 77-token context"),
+        (["t-shirt", "t - shirt"], "reads the two names alike"),
+    ],
+)
+def test_zero_shot_refuses_classes_whose_prompts_tokenise_alike(tiny_model, names, why):
+    """One embedding for two classes would leave one of them never predicted, silently."""
+    from promptcli.models.zeroshot import class_text_embeddings
+
+    with pytest.raises(InputError, match=why):
+        class_text_embeddings(tiny_model, names)
+    assert class_text_embeddings(tiny_model, ["t-shirt", "dress"]).shape[0] == 2

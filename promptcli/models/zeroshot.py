@@ -58,6 +58,38 @@ def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 25
     return torch.cat(out)
 
 
+def _short(name: str, keep: int = 40) -> str:
+    return name if len(name) <= keep else f"{name[: keep // 2]}…{name[-keep // 2 :]}"
+
+
+def check_distinct_tokens(loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str]) -> None:
+    """Refuse two classes whose prompts the tokenizer makes identical: they would get one embedding, and one of
+    them would never be predicted. It happens when the prompt is cut at the context length (long names, or
+    scripts the tokenizer spends a token per character on) or when the tokenizer normalises two names alike."""
+    pad = getattr(
+        getattr(loaded.tokenizer, "tokenizer", None), "pad_token_id", None
+    )  # Hugging Face's; CLIP's: 0
+    pad = 0 if pad is None else int(pad)
+    seen: dict[bytes, str] = {}
+    for name in classnames:
+        tokens = loaded.tokenizer([t.format(name) for t in templates])
+        key = tokens.cpu().numpy().tobytes()
+        if key in seen:
+            cut = bool((tokens[:, -1] != pad).any())  # the last position holds text, not padding
+            why = (
+                f"their prompts are cut at the model's {tokens.shape[1]}-token context"
+                if cut
+                else "this model's tokenizer reads the two names alike"
+            )
+            raise InputError(
+                f"classes {_short(seen[key])!r} and {_short(name)!r} give the same text tokens ({why}), so the same text "
+                "embedding: one of them could never be predicted",
+                where="class names",
+                hint="rename one of them (shorter, or in words the tokenizer tells apart)",
+            )
+        seen[key] = name
+
+
 @torch.no_grad()
 def class_text_embeddings(
     loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str] | None = None
@@ -65,6 +97,7 @@ def class_text_embeddings(
     """(C, D) zero-shot weights: per class, the renormalised mean of its normalised template embeddings."""
     templates = list(templates or [DEFAULT_TEMPLATE])
     texts = [t.format(c) for c in classnames for t in templates]
+    check_distinct_tokens(loaded, classnames, templates)
     emb = encode_texts(loaded, texts).reshape(len(classnames), len(templates), -1).mean(dim=1)
     return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
