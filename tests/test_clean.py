@@ -379,3 +379,21 @@ def test_dropping_every_row_writes_nothing(noisy, tmp_path, run_cli):
     )  # fmt: skip
     assert code == 2 and "every row was dropped" in err, err
     assert not kept.exists() and not scores.exists()
+
+
+def test_clean_refuses_a_single_class_file(tiny_features, tmp_path, run_cli):
+    import shutil
+
+    import h5py
+
+    one = tmp_path / "one.h5"
+    shutil.copy(tiny_features, one)
+    with h5py.File(one, "a") as f:
+        del f["classnames"]
+        f["classnames"] = np.array([b"red apple"])
+        f["labels"][...] = 0
+    fs = read_features(one)
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},red apple\n" for p in fs.paths))
+    code, _, err = run_cli("clean", one, labels, "--zero-shot", "-o", tmp_path / "s.csv")
+    assert code == 2 and "needs at least 2 classes" in err and "unexpected" not in err.lower(), err

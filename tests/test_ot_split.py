@@ -284,3 +284,16 @@ def test_bad_split_options_and_gradstats_refuses(syn, tmp_path, run_cli):
         from promptcli.learning.tune_run import check_options
 
         check_options(TuneOptions(split="ot"), lambda _: None)
+
+
+def test_split_warns_when_the_labels_name_only_some_classes(syn, tmp_path, run_cli):
+    rows = syn["plain"].read_text().splitlines()
+    two = [rows[0]] + [r for r in rows[1:] if r.rsplit(",", 1)[1] in CLASSNAMES[:2]]
+    labels = tmp_path / "two.csv"
+    labels.write_text("\n".join(two) + "\n")
+    code, _, err = run_cli(
+        "tune", syn["features"], labels, "-o", tmp_path / "p.safetensors", "--epochs", "1", "--n-ctx", "4",
+        "--split", "ot", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "equal mass, but the labels name only 2: most labels will be judged noisy" in " ".join(err.split())

@@ -239,6 +239,13 @@ def prepare_run(
                 f"class {fs.classnames[c]!r} has only {have} labelled image(s), fewer than --shots {options.shots}"
             )
     rows = joined.rows[index]
+    present = len(np.unique(joined.labels[index]))
+    if options.split != "none" and present < len(fs.classnames):
+        warn(
+            f"--split {options.split} gives every one of the features' {len(fs.classnames)} classes equal mass, "
+            f"but the labels name only {present}: most labels will be judged noisy (tune on features of the "
+            "labelled classes only, or drop --split)"
+        )
     data: TrainData = TrainData(
         features=torch.from_numpy(fs.features[rows]),
         labels=torch.from_numpy(joined.labels[index]),

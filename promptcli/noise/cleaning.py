@@ -443,6 +443,12 @@ def clean_labels(
 
     o = options.validate()
     fs = read_features(features_path, load_views=False)
+    if len(fs.classnames) < 2:
+        raise InputError(
+            f"finding wrong labels needs at least 2 classes, the features have {len(fs.classnames)}",
+            where=fs.path,
+            hint="extract features of a dataset with two or more classes",
+        )
     table = read_labels(labels_path)
     labels_sha = labels_sha256(table, labels_path)
     has_noisy = table.has("is_noisy")
