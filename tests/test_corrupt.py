@@ -305,7 +305,7 @@ def test_cli_features_input_shots(run_cli, tiny_features, tmp_path):
         slot = [r for r in rows if r["label"] == name]
         assert len(slot) == 4 and sum(r["is_noisy"] == "1" for r in slot) == 2
     assert all(truth[r["path"]] == r["clean_label"] for r in rows)
-    assert json.loads(stdout)["shots"] == 4
+    assert json.loads(stdout)["shots"] == 4 and "Warning" not in stderr
     joined = join_labels(fs, read_labels(out))  # what tune/eval will do
     assert joined.is_noisy.sum() == 6 and np.array_equal(joined.clean, fs.labels[joined.rows])
     assert np.array_equal(joined.is_noisy, joined.labels != joined.clean)
@@ -444,3 +444,12 @@ def test_the_noise_type_registry_and_the_choices_agree():
     from promptcli.noise.noisy_labels import TRANSITIONS
 
     assert set(TRANSITIONS) == set(NoiseType.values())
+
+
+def test_a_rate_that_is_no_whole_number_of_shots_warns(run_cli, tiny_features, tmp_path):
+    """--shots 4 --rate 0.125 flips round(0.5) = 1 label of 4 per class: 25%, filed under 0.125 by report."""
+    code, _, stderr = run_cli(
+        "corrupt", tiny_features, "--shots", "4", "--rate", "0.125", "-o", tmp_path / "n.csv", "--seed", "1"
+    )
+    assert code == 0, stderr
+    assert "realised noise rate 25.0% is not --rate 0.125" in " ".join(stderr.split())

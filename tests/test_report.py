@@ -523,6 +523,18 @@ def test_split_and_cleaning_recipes_are_series_and_a_repeated_seed_is_named(tmp_
     assert warning.startswith("coop + ce: 2 runs of seed 1 pooled at noise rate 0.25 (")
 
 
+def test_a_run_whose_realised_noise_is_off_its_column_is_named(tmp_path):
+    summary = eval_summary(rate=0.125)
+    summary["noise"] = {**summary["noise"], "realised_rate": 0.25}
+    write_json(tmp_path / "few.json", on_test(summary))
+    write_json(tmp_path / "ok.json", on_test(eval_summary(seed=2, rate=0.125), prompt="03" * 32))
+    report = aggregate(read_results([tmp_path]))
+    [warning] = [w for w in report.warnings if "realised" in w]
+    assert (
+        "few.json: its labels' realised noise rate is 25.0%, filed under the rate asked for, 0.125" in warning
+    )
+
+
 def test_a_searched_weight_decay_pools_quietly_and_a_fixed_one_is_its_own_series(tmp_path):
     for seed, wd in ((1, 0.01), (2, 0.0)):  # the search picked another decay on each seed
         summary = eval_summary("linear-probe", seed=seed, top1=0.5 + seed / 10)

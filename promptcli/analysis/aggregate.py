@@ -33,6 +33,7 @@ from promptcli.analysis.results import (
     SourceFile,
 )
 from promptcli.errors import InputError
+from promptcli.io.sidecar import REALISED_TOLERANCE
 
 METRICS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "macro": "macro accuracy"}
 ZERO_SHOT_LABEL = "zero-shot CLIP"
@@ -289,6 +290,20 @@ def aggregate(results: Results, metric: str = "top1", curve_rate: float | None =
             f"labels without a noise rate on record (no noise sidecar): in the table's '{NOISE_UNKNOWN}' column, not in the figure"
         )
 
+    off = [
+        r
+        for r in results.evals
+        if r.noise_rate is not None
+        and r.realised_rate is not None
+        and abs(r.realised_rate - r.noise_rate) > REALISED_TOLERANCE
+    ]
+    for r in off[:5]:
+        warnings.append(
+            f"{r.source}: its labels' realised noise rate is {r.realised_rate:.1%}, filed under the rate asked "
+            f"for, {r.noise_rate:g} (corrupt rounds the flips per class)"
+        )
+    if len(off) > 5:
+        warnings.append(f"... and {len(off) - 5} more runs whose realised noise rate is off their column's")
     groups: dict[tuple, list[EvalRun]] = defaultdict(list)
     zero: dict[str, list[EvalRun]] = defaultdict(list)
     for run in results.evals:

@@ -132,6 +132,7 @@ class EvalRun:
     source: str
     per_run: tuple[tuple[str, str], ...] = ()  # PER_RUN_SETTINGS of the run (name, value)
     noise_seed: Any = None  # the seed of the noise draw (corrupt --seed), when on record
+    realised_rate: float | None = None  # the share of labels corrupt actually flipped, when on record
 
 
 @dataclass
@@ -455,7 +456,13 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
     )
     noise = obj.get("noise")
     noise_seed = noise.get("seed") if isinstance(noise, dict) else None
-    return EvalRun(key, noise_type, rate, obj.get("seed"), False, values, str(path), per_run, noise_seed)
+    realised = noise.get("realised_rate") if isinstance(noise, dict) else None
+    realised = (
+        float(realised) if isinstance(realised, (int, float)) and not isinstance(realised, bool) else None
+    )
+    return EvalRun(
+        key, noise_type, rate, obj.get("seed"), False, values, str(path), per_run, noise_seed, realised
+    )
 
 
 def _log_provenance(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

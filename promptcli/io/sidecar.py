@@ -12,6 +12,9 @@ from promptcli.io.fileio import STDIO, sha256_file, write_json
 
 CSV_SHA256 = "csv_sha256"
 
+# How far a sidecar's realised noise rate may be from its rate before corrupt (and report) say so.
+REALISED_TOLERANCE = 0.01
+
 
 def sidecar_path(csv_path: str | Path) -> Path:
     return Path(f"{csv_path}.json")

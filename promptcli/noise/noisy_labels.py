@@ -26,7 +26,7 @@ from promptcli.io.fileio import (
     sha256_file,
 )
 from promptcli.io.labels import LabelTable, labels_sha256
-from promptcli.io.sidecar import write_sidecar
+from promptcli.io.sidecar import REALISED_TOLERANCE, write_sidecar
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ADDED = ("clean_label", "is_noisy")
@@ -171,6 +171,13 @@ def corrupt_file(
         },
         **record,
     }
+    if rate is not None and rows and abs(result["realised_rate"] - rate) > REALISED_TOLERANCE:
+        per = f"{shots} shots" if shots else "its images"
+        warn(
+            f"realised noise rate {result['realised_rate']:.1%} is not --rate {rate:g}: each class flips "
+            f"round({rate:g} x {per}) labels; `report` files runs under the rate asked for, so choose a rate "
+            "that is a whole number of each class's labels"
+        )
     if keep_truth:
         flags = [row.get("is_noisy", "") for row in rows]
         result["input_truth"] = {
