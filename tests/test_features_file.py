@@ -315,3 +315,18 @@ def test_extract_with_nearest_interpolation_is_one_line(image_folder, tiny_model
     )  # fmt: skip
     line = one_line_error(code, err)
     assert str(config) in line and "'nearest'" in line and not (tmp_path / "o.h5").exists()
+
+
+def test_only_paths_reads_those_rows_in_file_order_in_small_blocks(tiny_features, monkeypatch):
+    import promptcli.io.features as features
+
+    full = read_features(tiny_features)
+    wanted = [full.paths[7], full.paths[2], "not/in/the/file.png", full.paths[11]]
+    original = features._float_rows
+    monkeypatch.setattr(features, "_float_rows", lambda ds, keep: original(ds, keep, block_bytes=1))
+    part = read_features(tiny_features, only_paths=wanted)
+    assert part.paths == [full.paths[i] for i in (2, 7, 11)]
+    np.testing.assert_array_equal(part.features, full.features[[2, 7, 11]])
+    np.testing.assert_array_equal(part.views, full.views[[2, 7, 11]])
+    np.testing.assert_array_equal(part.labels, full.labels[[2, 7, 11]])
+    assert part.classnames == full.classnames and part.attrs == full.attrs
