@@ -658,18 +658,25 @@ def test_gradient_ratio_is_the_ratio_of_count_weighted_mean_norms(tmp_path):
 # --- real files from promptcli itself --------------------------------------------------------------
 
 
-def test_reads_a_real_eval_summary_and_tune_log(tmp_path, tiny_features):
-    from promptcli.analysis.evaluation import evaluate
+def true_labels_at_rate(features: Path, folder: Path) -> Path:
+    """The features' true labels as a CSV whose sidecar says symmetric noise at rate 0.25."""
     from promptcli.io.features import read_features
-    from promptcli.learning.options import TuneOptions
-    from promptcli.learning.tune_run import tune
 
-    fs = read_features(tiny_features)
-    labels = tmp_path / "noisy.csv"
+    fs = read_features(features)
+    labels = folder / "noisy.csv"
     labels.write_text(
         "path,label\n" + "".join(f"{p},{fs.classnames[y]}\n" for p, y in zip(fs.paths, fs.labels))
     )
-    write_json(tmp_path / "noisy.csv.json", {"type": "symmetric", "rate": 0.25, "seed": 3})
+    write_json(folder / "noisy.csv.json", {"type": "symmetric", "rate": 0.25, "seed": 3})
+    return labels
+
+
+def test_reads_a_real_eval_summary_and_tune_log(tmp_path, tiny_features):
+    from promptcli.analysis.evaluation import evaluate
+    from promptcli.learning.options import TuneOptions
+    from promptcli.learning.tune_run import tune
+
+    labels = true_labels_at_rate(tiny_features, tmp_path)
     prompt, log = tmp_path / "lp.safetensors", tmp_path / "out" / "lp.jsonl"
     log.parent.mkdir()
     options = TuneOptions(method="linear-probe", epochs=2, weight_decay=1e-4, seed=4)
@@ -694,16 +701,10 @@ def test_reads_a_real_eval_summary_and_tune_log(tmp_path, tiny_features):
 
 
 def test_tune_logs_record_the_prompt_and_schedule_settings_and_split_curves_by_them(tmp_path, tiny_features):
-    from promptcli.io.features import read_features
     from promptcli.learning.options import TuneOptions
     from promptcli.learning.tune_run import tune
 
-    fs = read_features(tiny_features)
-    labels = tmp_path / "noisy.csv"
-    labels.write_text(
-        "path,label\n" + "".join(f"{p},{fs.classnames[y]}\n" for p, y in zip(fs.paths, fs.labels))
-    )
-    write_json(tmp_path / "noisy.csv.json", {"type": "symmetric", "rate": 0.25, "seed": 3})
+    labels = true_labels_at_rate(tiny_features, tmp_path)
     (tmp_path / "out").mkdir()
     for name, lr in (("a", 0.1), ("b", 1.0)):
         options = TuneOptions(method="linear-probe", epochs=2, weight_decay=1e-4, lr=lr, seed=4)
