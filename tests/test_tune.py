@@ -377,7 +377,11 @@ def test_short_paper_schedules_default_to_coops_and_files_record_the_schedule():
         (["--loss", "gce", "--alpha", "0.5"], "--alpha applies to --loss sce; ignored for gce"),
         (
             ["--warmup-epochs", "3"],
-            "--warmup-epochs 3 covers all 2 epochs: the whole run trains at --warmup-lr 1e-05",
+            "the warm-up (--warmup-epochs 3) covers all 2 epochs: the whole run trains at --warmup-lr 1e-05",
+        ),
+        (
+            ["--epochs", "1"],  # the default warm-up epoch is the whole of a 1-epoch run
+            "the warm-up (--warmup-epochs 1) covers all 1 epochs: the whole run trains at --warmup-lr 1e-05",
         ),
         (["--kg-lambda", "4"], "--kg-lambda applies to kgcoop; ignored for coop"),
         (["--epochs", "0"], "--epochs 0: coop is saved untrained, with its initial weights"),  # the last wins

@@ -163,11 +163,12 @@ def check_options(
         warn("--noisy-loss and --ot-epsilon apply with --split ot; ignored")
     check_method_options(options, warn)
     changed = {f.name for f in fields(options) if getattr(options, f.name) != f.default}
-    filled = options.resolved()
-    if "warmup_epochs" in changed and filled.epochs and filled.warmup_epochs >= filled.epochs:
+    filled = options.resolved()  # a method's default warm-up can cover a short run too (--epochs 1)
+    if filled.epochs and filled.warmup_epochs >= filled.epochs:
         warn(
-            f"--warmup-epochs {filled.warmup_epochs} covers all {filled.epochs} epochs: "
-            f"the whole run trains at --warmup-lr {options.warmup_lr:g}"
+            f"the warm-up (--warmup-epochs {filled.warmup_epochs}) covers all {filled.epochs} epochs: "
+            f"the whole run trains at --warmup-lr {options.warmup_lr:g}; give more --epochs or fewer "
+            "--warmup-epochs"
         )
     for option in ignored_loss_options(options.loss, changed):
         users = ", ".join(n for n, c in LOSSES.items() if option in c.takes)
