@@ -492,3 +492,24 @@ def test_trusted_labels_all_equal_to_noisy_given_ones_are_warned_about():
     assert unchecked_warning(fit(20, 0, 0.10)) is None  # 0.9^20 = 12%: plausible by chance
     assert unchecked_warning(fit(4, 0, 0.75)) is None  # too few to tell
     assert unchecked_warning(fit(0, 0, None)) is None and unchecked_warning({"noise_rate": 0.7}) is None
+
+
+def test_cli_refuses_a_fully_labelled_file_with_a_one_image_class(run_cli, tiny_model, tmp_path):
+    """Every image labelled, one per class: the fit renamed every cluster (0% right, exit 0); now refused."""
+    from conftest import write_synthetic_features
+
+    names = ["red apple", "blue sky", "green grass"]
+    _, y, paths = write_synthetic_features(tmp_path / "one.h5", tiny_model, names, 1, 0.1)
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{names[c]}\n" for p, c in zip(paths, y)))
+    code, _, err = run_cli(
+        "pseudolabel",
+        tmp_path / "one.h5",
+        "--method",
+        "transductive",
+        "--labels",
+        labels,
+        "-o",
+        tmp_path / "o.csv",
+    )
+    assert code == 2 and "has only one" in err and not (tmp_path / "o.csv").exists(), err

@@ -614,6 +614,17 @@ def transductive_fit(
     if labels_path is not None:
         given, labels_record = _joined_labels(fs, labels_path, skip_missing)
         labels_record["noise"] = noise_summary(read_noise_sidecar(labels_path, lambda _: None))
+        counts = torch.bincount(given[given >= 0].cpu(), minlength=len(fs.classnames))
+        if bool((given >= 0).all()) and bool((counts == 1).any()):
+            # every image labelled, a class with one: each image hears only the other images' labels, so that
+            # class has no voice of its own and its cluster is named after its neighbours (0% right, measured)
+            name = fs.classnames[int(torch.nonzero(counts == 1)[0])]
+            raise InputError(
+                f"every image is labelled and class {name!r} has only one: the fit names clusters by the "
+                "labels around each image, and a class with one image has none",
+                where=str(labels_path),
+                hint="fit on a features file with the unlabelled images too, or tune on these labels directly",
+            )
     if trusted_path is not None:
         trusted, trusted_record = _joined_labels(fs, trusted_path, skip_missing)
         both = None if given is None else (given >= 0) & (trusted >= 0)  # verified images with a given label
