@@ -106,10 +106,10 @@ class Optimizer(Choice):
 class Schedule(Choice):
     """``tune --schedule``: the learning rate once the constant warm-up epochs are over (set per epoch)."""
 
-    COSINE = (
-        "cosine"  # cosine over the epoch index from epoch 0: the warm-up epochs stand in for its first ones
-    )
-    COOP = "coop"  # CoOp's code (Dassl's warm-up scheduler): the cosine starts at the full rate after the warm-up
+    # cosine over the epoch index from epoch 0: the warm-up epochs stand in for its first ones
+    COSINE = "cosine"
+    # CoOp's code (Dassl's warm-up scheduler): the cosine starts at the full rate after the warm-up
+    COOP = "coop"
 
 
 # What an output file records as its schedule (the cosine's text is what files recorded before --schedule).

@@ -154,6 +154,27 @@ def _repeated_seed_warnings(
     return warnings
 
 
+def _realised_rate_warnings(runs: Sequence[EvalRun], most: int = 5) -> list[str]:
+    """A warning for each run filed under a noise rate its labels do not have (corrupt rounds flips per class)."""
+    off = [
+        r
+        for r in runs
+        if r.noise_rate is not None
+        and r.realised_rate is not None
+        and abs(r.realised_rate - r.noise_rate) > REALISED_TOLERANCE
+    ]
+    warnings = [
+        f"{r.source}: its labels' realised noise rate is {r.realised_rate:.1%}, filed under the rate asked "
+        f"for, {r.noise_rate:g} (corrupt rounds the flips per class)"
+        for r in off[:most]
+    ]
+    if len(off) > most:
+        warnings.append(
+            f"... and {len(off) - most} more runs whose realised noise rate is off their column's"
+        )
+    return warnings
+
+
 def _per_run_warnings(series: str, cells: Sequence[tuple[float | None, Sequence[EvalRun]]]) -> list[str]:
     """A warning for each of PER_RUN_SETTINGS whose value differs between runs pooled into one mean."""
     warnings = []
@@ -290,20 +311,7 @@ def aggregate(results: Results, metric: str = "top1", curve_rate: float | None =
             f"labels without a noise rate on record (no noise sidecar): in the table's '{NOISE_UNKNOWN}' column, not in the figure"
         )
 
-    off = [
-        r
-        for r in results.evals
-        if r.noise_rate is not None
-        and r.realised_rate is not None
-        and abs(r.realised_rate - r.noise_rate) > REALISED_TOLERANCE
-    ]
-    for r in off[:5]:
-        warnings.append(
-            f"{r.source}: its labels' realised noise rate is {r.realised_rate:.1%}, filed under the rate asked "
-            f"for, {r.noise_rate:g} (corrupt rounds the flips per class)"
-        )
-    if len(off) > 5:
-        warnings.append(f"... and {len(off) - 5} more runs whose realised noise rate is off their column's")
+    warnings += _realised_rate_warnings(results.evals)
     groups: dict[tuple, list[EvalRun]] = defaultdict(list)
     zero: dict[str, list[EvalRun]] = defaultdict(list)
     for run in results.evals:

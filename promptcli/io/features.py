@@ -56,27 +56,9 @@ class FeatureSet:
         """The recorded model identity (name, pretrained, config, checkpoint hash)."""
         return {k: self.attrs.get(k, "") for k in MODEL_KEYS}
 
-    def rows(self, index: np.ndarray) -> FeatureSet:
-        """These rows only (in ``index``'s order), for a step that needs no other image."""
-        index = np.asarray(index, dtype=np.int64)
-        return FeatureSet(
-            path=self.path,
-            features=self.features[index],
-            paths=[self.paths[i] for i in index],
-            labels=self.labels[index],
-            splits=[self.splits[i] for i in index],
-            classnames=self.classnames,
-            attrs=self.attrs,
-            views=None if self.views is None else self.views[index],
-        )
-
     def index_by_path(self) -> dict[str, int]:
-        """Row of each path; built once per set of paths (joins call it per label file, not per row)."""
-        cached = getattr(self, "_index_cache", None)
-        if cached is None or cached[0] is not self.paths or cached[1] != len(self.paths):
-            cached = (self.paths, len(self.paths), {p: i for i, p in enumerate(self.paths)})
-            self._index_cache = cached
-        return cached[2]
+        """Row of each path (O(N): build it once per join, not per row)."""
+        return {p: i for i, p in enumerate(self.paths)}
 
 
 def _attr(value: Any) -> Any:

@@ -228,9 +228,7 @@ def prepare_run(
     torch_device = resolve_device(str(device))
     table = read_labels(labels_path)
     # only the labelled images are read: 16 shots of a million-image file are 16,000 rows
-    fs = read_features(
-        features_path, load_views=options.use_views, only_paths=(r.get("path", "") for r in table.rows)
-    )
+    fs = read_features(features_path, load_views=options.use_views, only_paths=table.column("path"))
     labels_sha = labels_sha256(table, labels_path)
     features_sha = sha256_file(features_path)
     joined = join_labels(fs, table, skip_missing=options.skip_missing)

@@ -222,7 +222,7 @@ def require_prior(prompt_paths: Sequence[str | Path], zero_shot: bool) -> None:
 
 @dataclass
 class Prior:
-    """Class probabilities of the rows of a features file it was given, and where they came from."""
+    """Class probabilities of every row of the features it was given, and where they came from."""
 
     probs: np.ndarray  # (N, C) float64, one row per feature row given
     prompts: list[Any]  # prompt files read (empty for zero-shot)
@@ -442,14 +442,15 @@ def clean_labels(
     from promptcli.io.labels import labels_sha256, read_labels
 
     o = options.validate()
-    fs = read_features(features_path, load_views=False)
+    table = read_labels(labels_path)
+    # only the labelled images are read and scored: the file may hold a million beside a 16-shot label set
+    fs = read_features(features_path, load_views=False, only_paths=table.column("path"))
     if len(fs.classnames) < 2:
         raise InputError(
             f"finding wrong labels needs at least 2 classes, the features have {len(fs.classnames)}",
             where=fs.path,
             hint="extract features of a dataset with two or more classes",
         )
-    table = read_labels(labels_path)
     labels_sha = labels_sha256(table, labels_path)
     has_noisy = table.has("is_noisy")
     if o.relabel and has_noisy and not table.has("clean_label"):
@@ -459,9 +460,8 @@ def clean_labels(
             hint="add the clean_label column, or clean without --relabel",
         )
     joined, table_rows = _join(fs, table, o.skip_missing)
-    # only the labelled rows are scored: the file may hold a million images beside a 16-shot label set
     prior = prior_probabilities(
-        fs.rows(joined.rows),
+        fs,
         o.prompts,
         zero_shot=o.zero_shot,
         templates=o.templates,
@@ -535,7 +535,7 @@ def _scores(
     fs: FeatureSet, joined: Any, prior: Prior, o: CleanOptions, on_fit_step: Callable[[], None] | None
 ) -> tuple[Scores, dict[str, Any] | None]:
     """Each joined row's score (margin, or the posterior with the noise model it fitted)."""
-    probs = prior.probs  # the prior scored the joined rows, in their order
+    probs = prior.probs[joined.rows]
     if o.score != "posterior":
         return label_scores(probs, joined.labels), None
     return posterior_scores(
