@@ -302,6 +302,34 @@ def test_trusted_labels_replace_the_given_ones_and_keep_their_class():
         transductive_posterior(x, prior, labels=labels, trusted=trusted[:5], **kwargs)
 
 
+@pytest.mark.parametrize("case", ["labels", "trusted", "neighbours"])
+def test_the_fit_in_blocks_of_rows_equals_the_whole_file_fit(monkeypatch, case):
+    """The E-step runs a block of rows at a time (memory O(block x C)); blocks of 7 rows, not dividing the
+    file, give the whole-file fit: the same renaming, noise rate and posterior to rounding."""
+    import promptcli.noise.transductive as transductive
+
+    x, truth = _clusters(n_per_class=30)
+    prior = _swapped_prior(truth, 10)
+    labelled = np.arange(0, len(truth), 3)
+    kwargs = {"centroid_scale": 10.0, "neighbour_scale": 4.0}
+    if case != "neighbours":
+        kwargs["labels"] = _symmetric_noise(truth, 10, labelled, 0.75, seed=3)
+    if case == "trusted":
+        trusted = torch.full_like(truth, -1)
+        trusted[labelled[:20]] = truth[labelled[:20]]
+        kwargs["trusted"] = trusted
+    whole = transductive_posterior(x, prior, **kwargs)
+    monkeypatch.setattr(transductive, "BLOCK_VALUES", 70)  # 7 rows of 10 classes
+    blocks = transductive_posterior(x, prior, **kwargs)
+    assert blocks.renamed == whole.renamed
+    assert bool(whole.renamed) == (case != "neighbours")  # the labels rename the swapped pair
+    if case == "neighbours":
+        assert blocks.noise_rate is None and whole.noise_rate is None
+    else:
+        assert blocks.noise_rate == pytest.approx(whole.noise_rate, abs=1e-12)
+    torch.testing.assert_close(blocks.posterior, whole.posterior, rtol=0, atol=1e-10)
+
+
 def _csv(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))

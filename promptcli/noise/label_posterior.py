@@ -119,18 +119,37 @@ def centred_directions(features: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def leave_one_out_cosine(directions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+@dataclass
+class ClassSums:
+    """What every row's leave-one-out centroids share: each class's q-weighted sum of all rows."""
+
+    sums: torch.Tensor  # (C, D) S_k = sum_j q_jk d_j
+    norm2: torch.Tensor  # (1, C) |S_k|^2
+    mass: torch.Tensor  # (1, C) sum_j q_jk
+
+
+def class_sums(directions: torch.Tensor, q: torch.Tensor) -> ClassSums:
+    """Each class's q-weighted sum of the unit rows, its squared norm and its mass."""
+    sums = q.t() @ directions
+    return ClassSums(sums, (sums * sums).sum(dim=1)[None, :], q.sum(dim=0)[None, :])
+
+
+def leave_one_out_cosine(
+    directions: torch.Tensor, q: torch.Tensor, sums: ClassSums | None = None
+) -> torch.Tensor:
     """(N, C) cosine between row i and class k's q-weighted centroid of all rows but i.
 
     With S_k = sum_j q_jk d_j and unit rows d_i, the centroid without row i is S_k - q_ik d_i, so
     cos = (d_i.S_k - q_ik) / |S_k - q_ik d_i| with |S_k - q_ik d_i|^2 = |S_k|^2 - 2 q_ik d_i.S_k + q_ik^2.
     A class with (almost) no mass besides row i has no centroid for it: cosine 0, no evidence
-    (the expansion above would also lose all precision there).
+    (the expansion above would also lose all precision there). Given ``sums`` (:func:`class_sums`
+    of the whole file), ``directions`` and ``q`` may be any block of its rows: memory is O(block x C).
     """
-    sums = q.t() @ directions  # (C, D)
-    dot = directions @ sums.t()  # (N, C)
-    norm2 = (sums * sums).sum(dim=1)[None, :] - 2 * q * dot + q * q
-    rest = q.sum(dim=0)[None, :] - q  # each class's mass without row i
+    if sums is None:
+        sums = class_sums(directions, q)
+    dot = directions @ sums.sums.t()  # (N, C)
+    norm2 = sums.norm2 - 2 * q * dot + q * q
+    rest = sums.mass - q  # each class's mass without row i
     cos = (dot - q) / norm2.clamp_min(1e-24).sqrt()
     return torch.where(rest > EMPTY_MASS, cos.clamp(-1.0, 1.0), torch.zeros_like(cos))
 

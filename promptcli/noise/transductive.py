@@ -69,6 +69,7 @@ from promptcli.noise.label_posterior import (
     INITIAL_RATE,
     RATE_MARGIN,
     centred_directions,
+    class_sums,
     leave_one_out_cosine,
     log_channel,
     max_noise_rate,
@@ -118,6 +119,16 @@ CHECKS_ADVISED_SHARE = 8  # one given label in this many
 # happen by chance less often than this, at the fit's estimated noise rate (``unchecked_warning``).
 UNCHANGED_CHECKS_MIN = 5
 UNCHANGED_CHECKS_CHANCE = 0.01
+# Values per block of rows in the E-step (and the prior's votes): its temporaries are O(block x C), so the fit
+# holds only the posterior, the prior's evidence and the prior itself as (N, C) arrays. 4M float64 values are
+# 32 MB, 4,096 rows at 1,000 classes; a file that fits in one block (the demo's) is computed exactly as a
+# whole-file step would be.
+BLOCK_VALUES = 1 << 22
+
+
+def block_rows(n_classes: int) -> int:
+    """Rows per block of the E-step for ``n_classes`` classes."""
+    return max(1, BLOCK_VALUES // n_classes)
 
 
 @dataclass
@@ -164,6 +175,10 @@ class Graph:
         """W @ values for (N, C) values."""
         return self._matrix @ values.to(self.weight.dtype)
 
+    def mm(self, values: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+        """W @ values written into ``out`` (both (N, C), in the graph's dtype)."""
+        return torch.mm(self._matrix, values, out=out)
+
 
 def knn_graph(directions: torch.Tensor, k: int, chunk: int = 1024) -> Graph:
     """Symmetric k-nearest-neighbour graph (cosine) of the rows, normalised as D^-1/2 A D^-1/2.
@@ -195,11 +210,14 @@ class Neighbours:
     rows: torch.Tensor  # (R,) long, sorted
     graph: Graph | None  # None when the file has fewer than two rows
 
-    def smooth(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, C): each graph row's neighbours' mass ``(W q[rows])``; zero off the graph."""
-        out = torch.zeros_like(q)
-        if self.graph is not None:
-            out[self.rows] = (self.graph @ q[self.rows]).to(q.dtype)
+    def smooth(self, q: torch.Tensor) -> torch.Tensor | None:
+        """(R, C): each graph row's neighbours' mass ``(W q[rows])``; None without a graph."""
+        return None if self.graph is None else (self.graph @ q[self.rows]).to(q.dtype)
+
+    def positions(self, n_rows: int) -> torch.Tensor:
+        """(N,) each row's index in ``rows``, -1 off the graph."""
+        out = torch.full((n_rows,), -1, dtype=torch.long, device=self.rows.device)
+        out[self.rows] = torch.arange(len(self.rows), device=self.rows.device)
         return out
 
 
@@ -235,9 +253,13 @@ class LabelMass:
 
 
 def _spread(graph: Graph, seeds: torch.Tensor, alpha: float, rounds: int) -> torch.Tensor:
-    mass = seeds.clone()
+    # two buffers, every product written in place: fresh (R, C) arrays each round cost more in page faults
+    # than the sparse products themselves once C is in the hundreds
+    mass, spare = seeds.clone(), torch.empty_like(seeds)
+    kept = (1.0 - alpha) * seeds
     for _ in range(rounds):
-        mass = alpha * (graph @ mass) + (1.0 - alpha) * seeds
+        graph.mm(mass, out=spare)
+        mass, spare = spare.mul_(alpha).add_(kept), mass
     return mass
 
 
@@ -292,23 +314,33 @@ def spread_labels(
     return LabelMass(rows, mass * scale, held_out.clamp_min(0.0) * scale)
 
 
-def local_evidence(spread: LabelMass, n_rows: int, weight: float) -> torch.Tensor:
-    """(N, C) ``weight x log((1 - e) share + e / C)``: what the spread labels around each image say.
+def local_evidence(spread: LabelMass, weight: float) -> torch.Tensor:
+    """(R, C) ``weight x log((1 - e) share + e / C)`` for the graph's rows (``spread.rows``): what the spread
+    labels around each image say.
 
     ``share`` is each graph row's share of the spread label mass, its own label held out
-    (:func:`spread_labels`); images off the graph, or with no mass, get no evidence (a constant row)."""
+    (:func:`spread_labels`); images off the graph get no evidence, those with no mass a constant row."""
     n_classes = spread.mass.shape[1]
     share = spread.held_out / spread.held_out.sum(dim=1, keepdim=True).clamp_min(1e-300)
-    out = torch.zeros(n_rows, n_classes, dtype=spread.mass.dtype, device=spread.mass.device)
-    out[spread.rows] = weight * torch.log((1.0 - LOCAL_SMOOTHING) * share + LOCAL_SMOOTHING / n_classes)
+    return weight * torch.log((1.0 - LOCAL_SMOOTHING) * share + LOCAL_SMOOTHING / n_classes)
+
+
+def prior_votes(q: torch.Tensor, prior_log_probs: torch.Tensor) -> torch.Tensor:
+    """(C, C) each cluster's expected zero-shot votes: ``q^T exp(prior_log_probs)``, a block of rows at a time."""
+    n_classes = q.shape[1]
+    block = block_rows(n_classes)
+    out = torch.zeros(n_classes, prior_log_probs.shape[1], dtype=q.dtype, device=q.device)
+    for start in range(0, q.shape[0], block):
+        rows = slice(start, start + block)
+        out += q[rows].t() @ prior_log_probs[rows].to(q.dtype).exp()
     return out
 
 
 def name_clusters(
     q: torch.Tensor,
     labels: torch.Tensor,
-    prior_probs: torch.Tensor | None = None,
-    prior_votes: float = PRIOR_VOTES,
+    prior_counts: torch.Tensor | None = None,
+    prior_weight: float = PRIOR_VOTES,
     label_mass: LabelMass | None = None,
     weights: torch.Tensor | None = None,
 ) -> list[int]:
@@ -316,8 +348,8 @@ def name_clusters(
 
     ``labels`` (N,) with -1 for unlabelled rows; ``weights`` (N,) the votes each row's label casts
     (None: one each). The score of naming cluster k as class j is the q-weighted votes of rows
-    labelled j in cluster k, plus ``prior_votes`` x the cluster's expected zero-shot votes for j
-    (``prior_probs``, all rows) scaled to the labels' total votes. ``label_mass`` from
+    labelled j in cluster k, plus ``prior_weight`` x the cluster's expected zero-shot votes for j
+    (``prior_counts``, (C, C) from :func:`prior_votes` over all rows) scaled to the labels' total votes. ``label_mass`` from
     :func:`spread_labels` replaces the labelled rows' one-hot votes by the spread ones. Solved
     exactly (Hungarian, scipy); where renaming gains nothing the prior's names stay.
     """
@@ -331,8 +363,8 @@ def name_clusters(
         score = q[known].t() @ (one_hot * votes_per_row[known][:, None])
     else:
         score = q[label_mass.rows].t() @ label_mass.mass.to(q.dtype)
-    if prior_probs is not None and prior_votes > 0:
-        score = score + prior_votes * (q.t() @ prior_probs.to(q.dtype)) * (votes_per_row.sum() / len(labels))
+    if prior_counts is not None and prior_weight > 0:
+        score = score + prior_weight * prior_counts.to(q.dtype) * (votes_per_row.sum() / len(labels))
     votes = score.cpu().numpy()
     rows, cols = linear_sum_assignment(votes, maximize=True)
     naming = [0] * n_classes
@@ -398,15 +430,31 @@ def transductive_posterior(
     if not (neighbour_scale >= 0.0 and np.isfinite(neighbour_scale)):
         raise ValueError(f"neighbour_scale must be a finite number >= 0, got {neighbour_scale}")
     directions = centred_directions(features)
-    prior = prior_weight * prior_log_probs.double().clamp_min(-1e4)
+    prior = prior_log_probs.double().clamp_min(-1e4).mul_(prior_weight)
     known = None if labels is None else labels >= 0
     rate = (INITIAL_RATE if noise_rate is None else noise_rate) if labels is not None else None
+    near, positions = None, None
+    block = block_rows(n_classes)
 
-    def channel() -> torch.Tensor:
-        out = torch.zeros(n, n_classes, dtype=torch.float64, device=prior.device)
-        if labels is not None:
-            out[known] = log_channel(labels[known], n_classes, rate)
-        return out
+    def e_step(second_half: bool) -> None:
+        """One EM round, in place, a block of rows at a time; centroids and neighbours' mass come from the
+        posterior before the round. The labels' channel and the neighbour term belong to the second half."""
+        stats = class_sums(directions, q)
+        mass = near.smooth(q) if second_half and near is not None and neighbour_scale > 0 else None
+        for start in range(0, n, block):
+            rows = slice(start, start + block)
+            evidence = prior[rows] + centroid_scale * leave_one_out_cosine(directions[rows], q[rows], stats)
+            if mass is not None:
+                at = positions[rows]
+                on = at >= 0
+                evidence[on] = evidence[on] + neighbour_scale * mass[at[on]]
+            if second_half and labels is not None:
+                mine = known[rows]
+                evidence[mine] = evidence[mine] + log_channel(labels[rows][mine], n_classes, rate)
+            q[rows] = torch.softmax(evidence, dim=1)
+            if second_half and sure is not None:  # the verified rows' class, fixed in every labelled round
+                rows_q, fixed = q[rows], sure[rows]
+                rows_q[fixed] = torch.nn.functional.one_hot(trusted[rows][fixed], n_classes).to(q.dtype)
 
     # Clusters first, from the prior and the features alone: half the rounds.
     naming = list(range(n_classes))
@@ -414,10 +462,10 @@ def transductive_posterior(
     q = torch.softmax(prior, dim=1)
     cluster_rounds = rounds // 2
     for _ in range(cluster_rounds):
-        q = torch.softmax(prior + centroid_scale * leave_one_out_cosine(directions, q), dim=1)
-    near = None
+        e_step(second_half=False)
     if neighbour_scale > 0 or (voters is not None and spread):
         near = neighbours(directions, voters)
+        positions = near.positions(n)
     if voters is not None:
         label_mass = None
         if spread:
@@ -434,28 +482,23 @@ def transductive_posterior(
                 spread_record["trusted_votes"] = trusted_votes
         if name_by_labels:
             naming = name_clusters(
-                q, voters, prior_log_probs.double().exp(), label_mass=label_mass, weights=votes
+                q, voters, prior_votes(q, prior_log_probs), label_mass=label_mass, weights=votes
             )
             if naming != list(range(n_classes)):
                 inverse = torch.argsort(torch.tensor(naming, device=q.device))
                 # the prior's evidence for its own name of a cluster now speaks for the new name
-                q, prior = q[:, inverse], prior[:, inverse]
+                for start in range(0, n, block):
+                    rows = slice(start, start + block)
+                    q[rows], prior[rows] = q[rows][:, inverse], prior[rows][:, inverse]
         # then the labels' channel (and the spread labels' local evidence, in class space: after the renaming)
         if label_mass is not None and local_weight > 0:
-            prior = prior + local_evidence(label_mass, n, local_weight)
-    if sure is not None:  # the verified rows' class, fixed in every labelled round
-        fixed = torch.nn.functional.one_hot(trusted.clamp_min(0), n_classes).to(q)
+            prior[label_mass.rows] += local_evidence(label_mass, local_weight)
     for _ in range(rounds - cluster_rounds):
-        evidence = prior + centroid_scale * leave_one_out_cosine(directions, q)
-        if near is not None and neighbour_scale > 0:
-            evidence = evidence + neighbour_scale * near.smooth(q)
-        q = torch.softmax(evidence + channel(), dim=1)
-        if sure is not None:
-            q = torch.where(sure[:, None], fixed, q)
+        e_step(second_half=True)
         if labels is not None and noise_rate is None:
             agree = q[known].gather(1, labels[known][:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
-    if not torch.isfinite(q).all():
+    if not all(torch.isfinite(q[start : start + block]).all() for start in range(0, n, block)):
         raise ValueError("the transductive posterior is not finite (non-finite features or prior?)")
     return TransductiveResult(
         q, rate, naming, spread_record, prior_weight, centroid_scale, rounds, neighbour_scale
@@ -608,8 +651,10 @@ def transductive_fit(
             where=str(fs.path),
             hint="extract the features again",
         )
-    logits = zero_shot_class_logits(loaded, prompt_names, templates, feats).double()
-    log_probs = torch.log_softmax(logits, dim=1)
+    # no (N, C) logits kept beside the log-probabilities: at ImageNet scale each such array is 10 GB
+    log_probs = torch.log_softmax(
+        zero_shot_class_logits(loaded, prompt_names, templates, feats).double(), dim=1
+    )
     given, labels_record, trusted, trusted_record = None, None, None, None
     if labels_path is not None:
         given, labels_record = _joined_labels(fs, labels_path, skip_missing)
