@@ -93,7 +93,8 @@ def test_zero_epochs_give_the_zero_shot_predictions(
     zero = evaluate(tiny_features, zero_shot=True, device="cpu")
     assert np.array_equal(tuned.probs.argmax(1), zero.probs.argmax(1))
     np.testing.assert_allclose(tuned.probs, zero.probs, rtol=1e-4, atol=1e-6)
-    assert read_prompt(zero_epochs).metadata["optimizer"]["lr"] == 1e-4  # finetune's SGD default, not CoOp's
+    optimizer = read_prompt(zero_epochs).metadata["optimizer"]
+    assert optimizer["optimizer"] == "adamw" and optimizer["lr"] == 1e-5  # finetune's defaults, not CoOp's
     assert read_features(feats).attrs["adapter_sha256"] == sha256_file(zero_epochs)
 
 
@@ -190,6 +191,8 @@ def test_lp_ft_starts_fine_tuning_from_the_linear_probe(tmp_path, tiny_features,
     summary = _ft(tiny_features, labels_csv, out, ft={"lp_ft": True, "lp_epochs": 5}, epochs=0)
     meta = read_prompt(out).metadata
     assert meta["lp_ft"]["optimizer"]["epochs"] == 5 and meta["lp_ft"]["optimizer"]["lr"] == 1.0
+    # the probe stage is tune's SGD loop, though the tower trains with AdamW
+    assert meta["lp_ft"]["optimizer"]["optimizer"] == "sgd" and meta["optimizer"]["optimizer"] == "adamw"
     assert summary["lp_ft"]["metrics"]["epochs"] == 5
     assert not torch.equal(read_prompt(out).tensors["weight"], read_prompt(zero_epochs).tensors["weight"])
 

@@ -154,7 +154,7 @@ TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "optimizer": _opt(
         Annotated[
             Optimizer | None,
-            typer.Option("--optimizer", help="Optimiser [default: sgd; tip-adapter-f: adamw]."),
+            typer.Option("--optimizer", help="Optimiser [default: sgd; tip-adapter-f, finetune: adamw]."),
         ],
         None,
     ),

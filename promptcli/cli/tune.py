@@ -30,7 +30,7 @@ clean_recall (precision and recall of the images judged clean).
 --method finetune trains the image tower itself on the images the features file records (--images
 when they moved), end to end, with a linear head started from the zero-shot classifier; --train-layers
 last-K trains only the last K blocks, --lp-ft fits the head on the cached features first, --wise-alpha
-A also writes OUTPUT with .wiseA before its suffix (ft.wise0.5.safetensors; WiSE-FT). Default lr: AdamW 1e-5, SGD 1e-4 (use --optimizer adamw).
+A also writes OUTPUT with .wiseA before its suffix (ft.wise0.5.safetensors; WiSE-FT). Default optimiser AdamW, lr 1e-5 (--optimizer sgd: lr 1e-4).
 Evaluate it on features extracted through the tuned tower: `promptcli extract ... --adapter OUTPUT`.
 
 --method vpt and --method maple also train on images (same options: --images, --workers, --precision,

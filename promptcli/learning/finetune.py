@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from promptcli.choices import Optimizer
 from promptcli.errors import InputError, RuntimeFailure, warn_user
 from promptcli.io.checks import check_step
 from promptcli.io.fileio import locks_output
@@ -580,7 +581,8 @@ def linear_probe_stage(
         clean=run.clean,
         is_noisy=run.is_noisy,
     )
-    config = replace(optim, lr=LINEAR_LR, epochs=ft.lp_epochs)
+    # tune's linear-probe loop as it is: SGD at lr 1.0 (the tower's AdamW at that rate throws the head away)
+    config = replace(optim, optimizer=Optimizer.SGD.value, lr=LINEAR_LR, epochs=ft.lp_epochs)
     result = train(
         head, data, loss_fn, config, seed=options.seed, device=device, amp=False, split=options.split_config()
     )

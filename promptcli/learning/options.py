@@ -51,7 +51,11 @@ METHOD_BATCH = {
     Method.TIP_ADAPTER_F.value: 256,
 }
 METHOD_LR = {Method.TIP_ADAPTER_F.value: 0.001, Method.VPT.value: 0.0025, Method.MAPLE.value: 0.0035}
-METHOD_OPTIMIZER = {Method.TIP_ADAPTER_F.value: Optimizer.ADAMW.value}
+# Fine-tuning a whole tower: AdamW at 1e-5, as every documented finetune run (SGD needs its own lr search).
+METHOD_OPTIMIZER = {
+    Method.TIP_ADAPTER_F.value: Optimizer.ADAMW.value,
+    Method.FINETUNE.value: Optimizer.ADAMW.value,
+}
 # Tip-Adapter-F's code: AdamW with eps 1e-4 and its default weight decay 0.01, batch 256, no warm-up.
 DEFAULT_WARMUP_EPOCHS = 1
 METHOD_WARMUP_EPOCHS = {Method.TIP_ADAPTER_F.value: 0}
@@ -172,7 +176,7 @@ class TuneOptions:
     alpha: float = 0.1
     beta: float = 1.0
     label_smoothing: float = 0.0
-    optimizer: str | None = None  # None: the method's default (sgd; tip-adapter-f: adamw)
+    optimizer: str | None = None  # None: the method's default (sgd; tip-adapter-f, finetune: adamw)
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
