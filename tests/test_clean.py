@@ -55,7 +55,7 @@ def noisy(tmp_path_factory, tiny_features) -> dict[str, Path]:
 
 def _expected(noisy, prompts) -> dict[str, np.ndarray]:
     """Margins computed by hand from eval's probabilities (an independent route to the same numbers)."""
-    result = evaluate(noisy["features"], prompts, device="cpu")
+    result = evaluate(noisy["features"], prompts, device="cpu", keep_probs=True)
     fs = result.features
     table = read_labels(noisy["labels"])
     rows = np.array([fs.paths.index(r["path"]) for r in table.rows])

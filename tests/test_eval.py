@@ -110,7 +110,7 @@ def test_compute_metrics_by_hand():
 def test_ensemble_averages_probabilities(labelled, tiny_model):
     a = _prompt(labelled, "seed1", epochs=2, seed=1, n_ctx=4)
     b = _prompt(labelled, "seed2", epochs=2, seed=2, n_ctx=4)
-    result = evaluate(labelled["features"], [a, b], device="cpu")
+    result = evaluate(labelled["features"], [a, b], device="cpu", keep_probs=True)
     feats = torch.from_numpy(read_features(labelled["features"]).features)
     pa = torch.softmax(prompt_logits(read_prompt(a), feats, tiny_model).double(), -1).numpy()
     pb = torch.softmax(prompt_logits(read_prompt(b), feats, tiny_model).double(), -1).numpy()
@@ -169,7 +169,7 @@ def test_labels_option_sets_ground_truth(labelled, tmp_path):
     subset = tmp_path / "six.csv"
     # six images, all claimed to be the first class
     subset.write_text("path,label\n" + "".join(f"{p},{fs.classnames[0]}\n" for p in fs.paths[:12:2]))
-    result = evaluate(labelled["features"], zero_shot=True, labels_path=subset, device="cpu")
+    result = evaluate(labelled["features"], zero_shot=True, labels_path=subset, device="cpu", keep_probs=True)
     assert result.metrics.n == 6 and [r["class"] for r in result.metrics.per_class] == [fs.classnames[0]]
     pred = result.probs.argmax(axis=1)[:12:2]
     assert result.metrics.top1 == pytest.approx(float(np.mean(pred == 0)))
@@ -331,3 +331,91 @@ def test_counted_ranks_equal_a_stable_sort_with_ties():
         ranked = np.argsort(-probs, axis=1, kind="stable")
         assert metrics.top1 == float((ranked[:, 0] == truth).mean())
         assert metrics.top5 == float((ranked[:, : min(5, c)] == truth[:, None]).any(axis=1).mean())
+
+
+# --- eval streams the features a block of rows at a time: the same numbers as the whole file at once -------
+
+
+def _rounded_logits(first: int, n_classes: int, scale: float):
+    """Coarsely rounded logits (so that classes tie, at the true class too), computed row by row: the same
+    bits whatever the rows around them (a matrix product's need not be, at a handful of rows)."""
+    return lambda feats: torch.round(feats[:, first : first + n_classes] * 2) * scale
+
+
+def test_blocked_predictions_equal_the_whole_file_with_ties_and_an_ensemble(tmp_path):
+    from promptcli.analysis.evaluation import (
+        Member,
+        ensemble_probabilities,
+        metrics_from_ranks,
+        predict_rows,
+        true_class_rank,
+    )
+    from promptcli.io.features import read_feature_index, write_features
+
+    n, dim, names = 61, 8, list("abcdef")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    truth = rng.integers(-1, len(names), size=n)  # about one in seven unknown
+    path = tmp_path / "f.h5"
+    write_features(
+        path, features=[x], n_rows=n, dim=dim, paths=[f"{i}.png" for i in range(n)], labels=truth,
+        splits=[""] * n, classnames=names, attrs={}, dtype="float32",
+    )  # fmt: skip
+    members = [
+        Member(_rounded_logits(0, len(names), 1.0), 1),
+        Member(_rounded_logits(2, len(names), 2.0), 1),
+    ]
+    whole = ensemble_probabilities([m.logits(torch.from_numpy(x)) for m in members])
+    pred = whole.argmax(axis=1)
+    known = truth >= 0
+    tied = (whole == whole.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    true_tied = (whole[known] == whole[known, truth[known]][:, None]).sum(axis=1) > 1
+    assert tied.sum() >= 5 and true_tied.sum() >= 5  # the case has ties, at the maximum and at the true class
+    want = compute_metrics(whole, truth, names)
+    index = read_feature_index(path)
+    for block in (1, 2, 3, 7, 60, 61, 100):
+        rows = predict_rows(index, members, truth, torch.device("cpu"), block=block, keep_probs=True)
+        assert np.array_equal(rows.probs, whole), block
+        assert np.array_equal(rows.pred, pred) and np.array_equal(rows.confidence, whole[np.arange(n), pred])
+        assert np.array_equal(rows.rank[~known], np.full((~known).sum(), -1))
+        assert np.array_equal(rows.rank[known], true_class_rank(whole[known], truth[known]))
+        assert metrics_from_ranks(rows.rank[known], truth[known], names, len(names)) == want, block
+
+
+def test_logits_in_aligned_blocks_equal_one_call(tiny_model):
+    """eval's blocks are multiples of predict_logits' chunk, so a prompt's logits are computed chunk for chunk
+    as in one call on the whole file: to the bit."""
+    from promptcli.io.features import row_blocks
+    from promptcli.models.heads import LinearHead, logits_predictor, predict_logits, predict_step
+
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(43, 16, generator=gen)
+    head = LinearHead(16, 9, weight=torch.randn(9, 16, generator=gen))
+    assert predict_step(head, batch=4) == 4
+    whole = predict_logits(head, feats, batch=4)
+    predictor = logits_predictor(head, batch=4)
+    for block in (4, 8, 12):
+        blocks = [predictor(feats[start:stop]) for start, stop in row_blocks(len(feats), block)]
+        assert torch.equal(torch.cat(blocks), whole)
+
+
+def test_non_finite_logits_are_counted_over_every_block(tmp_path):
+    from promptcli.analysis.evaluation import Member, predict_rows
+    from promptcli.io.features import read_feature_index, write_features
+    from promptcli.io.prompt_files import PromptFile
+
+    n = 20
+    x = np.tile(np.eye(4, dtype=np.float32), (5, 1))
+    path = tmp_path / "f.h5"
+    write_features(
+        path, features=[x], n_rows=n, dim=4, paths=[f"{i}.png" for i in range(n)], labels=[0] * n,
+        splits=[""] * n, classnames=list("abcd"), attrs={}, dtype="float32",
+    )  # fmt: skip
+    prompt = PromptFile(tmp_path / "p.safetensors", {}, {})
+    # every fourth row (5 in all, spread over the blocks) divides by zero
+    member = Member(lambda feats: feats / (feats[:, :1] - 1), 1, prompt)
+    with pytest.raises(InputError, match=r"non-finite logits \(NaN or inf\) on 5 of 20 images"):
+        predict_rows(
+            read_feature_index(path), [member], np.zeros(n, dtype=np.int64), torch.device("cpu"), block=3
+        )

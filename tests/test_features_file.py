@@ -17,7 +17,15 @@ import pytest
 
 from conftest import unit_rows, write_synthetic_features
 from promptcli.errors import InputError
-from promptcli.io.features import NORM_TOLERANCE, iter_rows, read_features, write_features
+from promptcli.io.features import (
+    NORM_TOLERANCE,
+    iter_blocks,
+    iter_rows,
+    read_feature_index,
+    read_features,
+    row_blocks,
+    write_features,
+)
 from promptcli.models.loading import read_model_config
 
 CLASSES = ["cat", "dog", "car"]
@@ -227,6 +235,41 @@ def test_iter_rows_checks_layout_and_norms_block_by_block(base, tmp_path):
         list(iter_rows(edited(base, tmp_path, set_rows("features", _scale_row(11, 2.0))), batch=5))
     with pytest.raises(InputError, match=r"'features' holds int8"):
         list(iter_rows(edited(base, tmp_path, CASES["int8 features"][0])))
+
+
+def _index_then_blocks(path: Path, block: int = 5) -> list[np.ndarray]:
+    index = read_feature_index(path)
+    return [rows for _, rows in iter_blocks(path, row_blocks(len(index), block))]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "view scaled"])  # views' values are not read
+def test_the_index_and_its_blocks_refuse_what_read_features_refuses(base, tmp_path, case):
+    edit, message = CASES[case]
+    path = edited(base, tmp_path, edit)
+    with pytest.raises(InputError, match=message) as info:
+        _index_then_blocks(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_index_and_its_blocks_are_read_features_without_the_values(base):
+    whole, index = read_features(base, load_views=False), read_feature_index(base)
+    for name in ("path", "paths", "splits", "classnames", "attrs", "dim", "n_views"):
+        assert getattr(index, name) == getattr(read_features(base), name), name
+    assert np.array_equal(index.labels, whole.labels) and index.labels.dtype == whole.labels.dtype
+    blocks = _index_then_blocks(base, block=5)
+    assert [len(b) for b in blocks] == [5, 7]  # the last block takes the remainder
+    assert np.array_equal(np.concatenate(blocks), whole.features)
+    assert all(b.dtype == np.float32 for b in blocks)
+
+
+def test_row_blocks_cover_the_rows_with_no_short_block():
+    for n in range(40):
+        for block in range(1, 10):
+            bounds = row_blocks(n, block)
+            assert [start for start, _ in bounds] == list(range(0, n, block))[: len(bounds)]
+            assert [stop for _, stop in bounds[:-1]] == [start for start, _ in bounds[1:]]
+            assert (bounds[-1][1] if bounds else 0) == n
+            assert all(block <= stop - start < 2 * block for start, stop in bounds) or bounds == [(0, n)]
 
 
 # --- through the CLI: one line, exit 2, where the bad file used to fail late with a raw error --------

@@ -89,8 +89,8 @@ def test_zero_epochs_give_the_zero_shot_predictions(
     from promptcli.analysis.evaluation import evaluate
 
     feats = _extract(run_cli, image_folder, tmp_path / "ft0.h5", cli_model_args, "--adapter", zero_epochs)
-    tuned = evaluate(feats, [zero_epochs], device="cpu")
-    zero = evaluate(tiny_features, zero_shot=True, device="cpu")
+    tuned = evaluate(feats, [zero_epochs], device="cpu", keep_probs=True)
+    zero = evaluate(tiny_features, zero_shot=True, device="cpu", keep_probs=True)
     assert np.array_equal(tuned.probs.argmax(1), zero.probs.argmax(1))
     np.testing.assert_allclose(tuned.probs, zero.probs, rtol=1e-4, atol=1e-6)
     optimizer = read_prompt(zero_epochs).metadata["optimizer"]

@@ -118,8 +118,8 @@ def test_vpt_zero_tokens_zero_epochs_extract_and_eval_as_zero_shot(
     code, _, err = run_cli(*args[:3], frozen, *args[4:])
     assert code == 0, err
     assert np.array_equal(read_features(feats).features, read_features(frozen).features)  # bit for bit
-    tuned = evaluate(feats, [out], device="cpu")
-    zero = evaluate(tiny_features, zero_shot=True, device="cpu")
+    tuned = evaluate(feats, [out], device="cpu", keep_probs=True)
+    zero = evaluate(tiny_features, zero_shot=True, device="cpu", keep_probs=True)
     np.testing.assert_allclose(tuned.probs, zero.probs, rtol=1e-5, atol=1e-7)
     assert read_features(feats).attrs["adapter_sha256"] == sha256_file(out)
 

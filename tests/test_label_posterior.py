@@ -238,7 +238,7 @@ def noisy_labels(tmp_path_factory, tiny_features) -> Path:
 
 
 def test_zero_shot_margin_matches_eval_zero_shot(tiny_features, noisy_labels, tmp_path, run_cli):
-    result = evaluate(tiny_features, [], zero_shot=True, device="cpu")
+    result = evaluate(tiny_features, [], zero_shot=True, device="cpu", keep_probs=True)
     fs = result.features
     rows = read_csv_rows(noisy_labels)
     labels = np.array([fs.classnames.index(r["label"]) for r in rows])

@@ -7,7 +7,8 @@ been made with the features' model (checkpoint hash, else name and pretrained ta
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,17 @@ import torch
 
 from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import one_or_many
-from promptcli.io.features import FeatureSet
+from promptcli.io.features import FeatureIndex, FeatureSet
 from promptcli.io.prompt_files import PromptFile
-from promptcli.models.heads import LinearHead, PromptHead, load_head, method_needs_model, predict_logits
+from promptcli.models.heads import (
+    LinearHead,
+    PromptHead,
+    load_head,
+    logits_predictor,
+    method_needs_model,
+    predict_logits,
+    predict_step,
+)
 from promptcli.models.loading import LoadedModel, same_model
 
 # What eval copies from a prompt's metadata into its summary (the report command reads these).
@@ -73,15 +82,31 @@ def compute_metrics(probs: np.ndarray, truth: np.ndarray, classnames: Sequence[s
     """Top-1, top-5, macro and per-class accuracy of ``probs`` (N, C) on rows with ``truth >= 0``."""
     keep = truth >= 0
     probs, truth = probs[keep], truth[keep]
-    if len(truth) == 0:
+    check_some_truth(truth)
+    return metrics_from_ranks(true_class_rank(probs, truth), truth, classnames, probs.shape[1])
+
+
+def check_some_truth(truth: np.ndarray) -> None:
+    if not (truth >= 0).any():
         raise InputError("no images with a ground-truth label", hint="pass --labels with the true labels")
-    k = min(5, probs.shape[1])
-    # the true class's rank, counted rather than sorted (a full sort of N x C costs 25x more at 1,000 classes):
-    # the classes scoring higher, plus those tied with it at a lower index (ties go to the lower index, as
-    # argmax and a stable sort do)
+
+
+def true_class_rank(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(N,) rank of each row's true class ``truth`` (all >= 0) among its ``probs`` (N, C): 0 when it is the
+    argmax."""
+    # counted rather than sorted (a full sort of N x C costs 25x more at 1,000 classes): the classes scoring
+    # higher, plus those tied with it at a lower index (ties go to the lower index, as argmax and a stable
+    # sort do)
     p_true = probs[np.arange(len(truth)), truth][:, None]
     lower = np.arange(probs.shape[1])[None, :] < truth[:, None]
-    rank = (probs > p_true).sum(axis=1) + ((probs == p_true) & lower).sum(axis=1)
+    return (probs > p_true).sum(axis=1) + ((probs == p_true) & lower).sum(axis=1)
+
+
+def metrics_from_ranks(
+    rank: np.ndarray, truth: np.ndarray, classnames: Sequence[str], n_classes: int
+) -> Metrics:
+    """The metrics of rows whose true class ``truth`` (all >= 0) ranked ``rank`` among ``n_classes``."""
+    k = min(5, n_classes)
     top1 = rank == 0
     topk = rank < k
     per_class = []
@@ -253,19 +278,18 @@ def prompt_provenance(prompt: PromptFile, sha256: str) -> dict[str, Any]:
     return record
 
 
-def prediction_rows(features: FeatureSet, probs: np.ndarray, truth: np.ndarray) -> list[dict[str, object]]:
+def prediction_rows(
+    features: FeatureIndex | FeatureSet, pred: np.ndarray, confidence: np.ndarray, truth: np.ndarray
+) -> Iterator[dict[str, object]]:
     """One row per image: path, label (predicted), confidence, true_label ('' when unknown)."""
-    pred = probs.argmax(axis=1)
     names = features.classnames
-    return [
-        {
+    for i, path in enumerate(features.paths):
+        yield {
             "path": path,
             "label": names[pred[i]],
-            "confidence": f"{probs[i, pred[i]]:.6f}",
+            "confidence": f"{confidence[i]:.6f}",
             "true_label": names[truth[i]] if truth[i] >= 0 else "",
         }
-        for i, path in enumerate(features.paths)
-    ]
 
 
 PREDICTION_COLUMNS = ["path", "label", "confidence", "true_label"]
@@ -281,24 +305,132 @@ def class_probabilities(
     """(N, C) class probabilities of ``fs``: zero-shot CLIP with ``templates``, else the prompts' ensemble.
 
     Loads the features' model only when needed (zero-shot or a prompt method); returns it too (or None).
+    The whole N x C in memory: :func:`predict_rows` streams them for eval.
     """
-    loaded = None
-    if templates is not None or prompts_need_model(prompts):
-        from promptcli.models.loading import load_model_from_record
-
-        loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=str(device))
-        if loaded.embed_dim != fs.dim:
-            raise InputError(
-                f"features have dimension {fs.dim} but the model embeds text in {loaded.embed_dim}",
-                where=fs.path,
-                hint="use the model the features were extracted with",
-            )
+    loaded = load_model_for(fs, prompts, templates, pretrained, device)
     feats = features_tensor(fs, device)
     if templates is not None:
         logits = [zero_shot_class_logits(loaded, fs.classnames, list(templates), feats)]
     else:
         logits = [prompt_logits(p, feats, loaded) for p in prompts]
     return ensemble_probabilities(logits), loaded
+
+
+def load_model_for(
+    fs: FeatureIndex | FeatureSet,
+    prompts: Sequence[PromptFile],
+    templates: Sequence[str] | None,
+    pretrained: str | None,
+    device: torch.device,
+) -> LoadedModel | None:
+    """The features' model, when zero-shot (``templates``) or a prompt method needs it; else None."""
+    if templates is None and not prompts_need_model(prompts):
+        return None
+    from promptcli.models.loading import load_model_from_record
+
+    loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=str(device))
+    if loaded.embed_dim != fs.dim:
+        raise InputError(
+            f"features have dimension {fs.dim} but the model embeds text in {loaded.embed_dim}",
+            where=fs.path,
+            hint="use the model the features were extracted with",
+        )
+    return loaded
+
+
+# Rows per block of eval (the last block up to twice as many): a multiple of predict_logits' batch, so that
+# each prompt's logits are computed in the chunks, hence to the bit, of one call on the whole file.
+EVAL_BLOCK = 8192
+
+
+@dataclass
+class Member:
+    """One ensemble member (a prompt, or zero-shot CLIP): its logits as a function of a block of features."""
+
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    step: int  # its logits are computed in chunks of this many rows: a block must be a multiple of it
+    prompt: PromptFile | None = None  # None: zero-shot
+    n_bad: int = 0  # rows with a non-finite logit so far
+
+    def block_logits(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(features)
+        if self.prompt is not None:
+            self.n_bad += int((~torch.isfinite(logits).all(dim=1)).sum())
+        return logits
+
+
+def prompt_member(prompt: PromptFile, loaded: LoadedModel | None, device: torch.device) -> Member:
+    """A prompt's head, built once, as an ensemble member (:func:`prompt_logits` a block at a time)."""
+    head = head_from_prompt(prompt, loaded)
+    head.to(device)
+    head.eval()
+    return Member(logits_predictor(head), predict_step(head), prompt)
+
+
+def zero_shot_member(
+    loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str], device: torch.device
+) -> Member:
+    """Zero-shot CLIP as an ensemble member (:func:`zero_shot_class_logits` a block at a time)."""
+    from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
+
+    weights = class_text_embeddings(loaded, list(classnames), list(templates)).to(device).float()
+    scale = logit_scale(loaded)
+    # zero_shot_class_logits multiplies all rows at once; blocks of EVAL_BLOCK rows or more give the same bits
+    # with MKL, which rounds a product's rows otherwise only at a handful of rows (hence no short last block)
+    return Member(lambda features: zero_shot_logits(features.float(), weights, scale), 1)
+
+
+@dataclass
+class RowPredictions:
+    """What eval keeps per image, instead of its N x C probabilities."""
+
+    pred: np.ndarray  # (N,) int64: the ensemble's most probable class
+    confidence: np.ndarray  # (N,) float64: its probability
+    rank: np.ndarray  # (N,) int64: the true class's rank (0: predicted), -1 where the truth is unknown
+    probs: np.ndarray | None = None  # (N, C) float64, only when asked for (small files, tests)
+
+
+@torch.no_grad()
+def predict_rows(
+    fs: FeatureIndex,
+    members: Sequence[Member],
+    truth: np.ndarray,
+    device: torch.device,
+    *,
+    block: int = EVAL_BLOCK,
+    keep_probs: bool = False,
+) -> RowPredictions:
+    """The ensemble's predictions on ``fs``, read and scored a block of rows at a time: the probabilities,
+    prediction and true class's rank of each row are those of :func:`class_probabilities` on the whole file
+    (``block`` x C at a time in memory, not N x C)."""
+    from promptcli.io.features import iter_blocks, row_blocks
+
+    n, n_classes = len(fs), len(fs.classnames)
+    block = math.lcm(block, *(m.step for m in members))
+    out = RowPredictions(
+        np.zeros(n, dtype=np.int64),
+        np.zeros(n),
+        np.full(n, -1, dtype=np.int64),
+        np.zeros((n, n_classes)) if keep_probs else None,
+    )
+    for start, rows in iter_blocks(fs.path, row_blocks(n, block)):
+        here = slice(start, start + len(rows))
+        feats = torch.from_numpy(rows).to(device)
+        probs = ensemble_probabilities([m.block_logits(feats) for m in members])
+        out.pred[here] = probs.argmax(axis=1)
+        out.confidence[here] = probs[np.arange(len(probs)), out.pred[here]]
+        known = np.flatnonzero(truth[here] >= 0)
+        out.rank[start + known] = true_class_rank(probs[known], truth[here][known])
+        if out.probs is not None:
+            out.probs[here] = probs
+    for m in members:
+        if m.n_bad:
+            raise InputError(
+                f"the prompt gives non-finite logits (NaN or inf) on {m.n_bad} of {n} images",
+                where=m.prompt.path if m.prompt else None,
+                hint="tune it again with other options (its values overflow)",
+            )
+    return out
 
 
 def prompts_need_model(prompts: Sequence[PromptFile]) -> bool:
@@ -313,9 +445,16 @@ def features_tensor(features: FeatureSet, device: torch.device | str) -> torch.T
 class EvalResult:
     summary: dict[str, Any]
     metrics: Metrics
-    probs: np.ndarray  # (N, C) for every feature row
+    rows: RowPredictions  # per feature row
     truth: np.ndarray  # (N,), -1 where unknown
-    features: FeatureSet
+    features: FeatureIndex
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(N, C) class probabilities, kept only by ``evaluate(..., keep_probs=True)``."""
+        if self.rows.probs is None:
+            raise ValueError("evaluate(..., keep_probs=True) keeps the probabilities")
+        return self.rows.probs
 
 
 SUMMARY_KEYS = ("method", "method_params", "loss", "loss_params", "seed", "shots", "split", "noise")
@@ -351,10 +490,14 @@ def evaluate(
     pretrained: str | None = None,
     device: str = "auto",
     warn: Callable[[str], None] = warn_user,
+    keep_probs: bool = False,
 ) -> EvalResult:
-    """Predict with prompt files (ensembled) or zero-shot CLIP; score against the ground truth."""
+    """Predict with prompt files (ensembled) or zero-shot CLIP; score against the ground truth.
+
+    The features are read a block of rows at a time; ``keep_probs`` keeps all N x C probabilities too.
+    """
     from promptcli.io import provenance
-    from promptcli.io.features import read_features
+    from promptcli.io.features import read_feature_index
     from promptcli.io.fileio import sha256_file
     from promptcli.io.labels import labels_sha256, read_labels
     from promptcli.io.prompt_files import read_prompt
@@ -374,7 +517,7 @@ def evaluate(
             hint="a prompt file has its own prompt",
         )
     torch_device = resolve_device(device)
-    fs = read_features(features_path, load_views=False)
+    fs = read_feature_index(features_path)
     prompts = [read_prompt(p) for p in prompt_paths]
     for prompt in prompts:
         check_compatible(prompt, fs)
@@ -396,12 +539,17 @@ def evaluate(
                 "the features file has no ground-truth labels", where=fs.path, hint="pass --labels test.csv"
             )
 
-    probs, _ = class_probabilities(
-        fs, prompts, template_list if zero_shot else None, pretrained, torch_device
-    )
-    metrics = compute_metrics(probs, truth, fs.classnames)
+    known = truth >= 0
+    check_some_truth(truth)
+    loaded = load_model_for(fs, prompts, template_list if zero_shot else None, pretrained, torch_device)
+    if zero_shot:
+        members = [zero_shot_member(loaded, fs.classnames, template_list, torch_device)]
+    else:
+        members = [prompt_member(p, loaded, torch_device) for p in prompts]
+    rows = predict_rows(fs, members, truth, torch_device, keep_probs=keep_probs)
+    metrics = metrics_from_ranks(rows.rank[known], truth[known], fs.classnames, len(fs.classnames))
 
-    members = [prompt_provenance(p, sha256_file(p.path)) for p in prompts]
+    records = [prompt_provenance(p, sha256_file(p.path)) for p in prompts]
     features_sha = sha256_file(fs.path)
     for prompt in prompts:
         if prompt.metadata.get("features_sha256") == features_sha:
@@ -430,7 +578,7 @@ def evaluate(
         "zero_shot": bool(zero_shot),
         "templates": template_list,
         "ensemble": len(prompts) > 1,
-        "prompts": members,
+        "prompts": records,
         "metrics": metrics.to_dict(),
         **provenance.base_provenance(),
     }
@@ -445,9 +593,9 @@ def evaluate(
             noise=None,
         )
     else:
-        summary.update({k: _common([m[k] for m in members]) for k in SUMMARY_KEYS})
-        summary["noise"] = _common_noise([m["noise"] for m in members])
-    return EvalResult(summary, metrics, probs, truth, fs)
+        summary.update({k: _common([m[k] for m in records]) for k in SUMMARY_KEYS})
+        summary["noise"] = _common_noise([m["noise"] for m in records])
+    return EvalResult(summary, metrics, rows, truth, fs)
 
 
 def evaluate_file(
@@ -478,9 +626,8 @@ def evaluate_file(
             check_output_path(path, force, option=option)
     result = evaluate(features_path, prompt_paths, **evaluate_options)
     if predictions is not None:
-        write_labels(
-            predictions, PREDICTION_COLUMNS, prediction_rows(result.features, result.probs, result.truth)
-        )
+        rows = prediction_rows(result.features, result.rows.pred, result.rows.confidence, result.truth)
+        write_labels(predictions, PREDICTION_COLUMNS, rows)
         result.summary["predictions"] = str(predictions)
     if output is not None:
         write_json(output, result.summary)

@@ -24,29 +24,17 @@ NORM_TOLERANCE = 1e-2
 MODEL_KEYS = ("model_name", "pretrained", "model_config", "checkpoint_sha256", "random_weights_seed")
 
 
-@dataclass
-class FeatureSet:
-    """A features file in memory: one row per image, optional augmented views."""
+class _Rows:
+    """What a features file says about its rows, shared by :class:`FeatureSet` and :class:`FeatureIndex`."""
 
     path: Path
-    features: np.ndarray  # (N, D) float32, L2-normalised
     paths: list[str]
     labels: np.ndarray  # (N,) int64, -1 where unknown
-    splits: list[str]
     classnames: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    views: np.ndarray | None = None  # (N, V, D) float32
+    attrs: dict[str, Any]
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    @property
-    def dim(self) -> int:
-        return int(self.features.shape[1])
-
-    @property
-    def n_views(self) -> int:
-        return 0 if self.views is None else int(self.views.shape[1])
 
     @property
     def has_labels(self) -> bool:
@@ -59,6 +47,43 @@ class FeatureSet:
     def index_by_path(self) -> dict[str, int]:
         """Row of each path (O(N): build it once per join, not per row)."""
         return {p: i for i, p in enumerate(self.paths)}
+
+
+@dataclass
+class FeatureSet(_Rows):
+    """A features file in memory: one row per image, optional augmented views."""
+
+    path: Path
+    features: np.ndarray  # (N, D) float32, L2-normalised
+    paths: list[str]
+    labels: np.ndarray  # (N,) int64, -1 where unknown
+    splits: list[str]
+    classnames: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    views: np.ndarray | None = None  # (N, V, D) float32
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def n_views(self) -> int:
+        return 0 if self.views is None else int(self.views.shape[1])
+
+
+@dataclass
+class FeatureIndex(_Rows):
+    """A features file without its feature values: paths, labels, class list, attributes and shape
+    (:func:`iter_blocks` streams the values)."""
+
+    path: Path
+    paths: list[str]
+    labels: np.ndarray  # (N,) int64, -1 where unknown
+    splits: list[str]
+    classnames: list[str]
+    attrs: dict[str, Any]
+    dim: int
+    n_views: int = 0
 
 
 def _attr(value: Any) -> Any:
@@ -192,6 +217,25 @@ def read_features(
         )
     check_feature_set(fs)
     return fs
+
+
+def read_feature_index(path: str | Path) -> FeatureIndex:
+    """Everything in a features file but its feature and view values, checked as :func:`read_features` checks
+    it except for the rows' values (:func:`iter_blocks` checks those as it reads them)."""
+    with _open(path) as f:
+        n, dim = _check_layout(f, path)
+        index = FeatureIndex(
+            path=Path(path),
+            paths=_strings(f, "paths", path),
+            labels=_labels(f, path),
+            splits=_strings(f, "splits", path) if "splits" in f else [""] * n,
+            classnames=_strings(f, "classnames", path),
+            attrs=_read_attrs(f),
+            dim=dim,
+            n_views=int(f["views"].shape[1]) if "views" in f else 0,
+        )
+    check_rows(index)
+    return index
 
 
 def _float_rows(ds: h5py.Dataset, keep: np.ndarray | None, block_bytes: int = 64 << 20) -> np.ndarray:
@@ -338,6 +382,11 @@ def check_feature_set(fs: FeatureSet) -> None:
     check_unit_rows(fs.features, fs.path, lambda i: fs.paths[i])
     if fs.views is not None:
         check_unit_rows(fs.views, fs.path, lambda i: fs.paths[i], what="augmented views")
+    check_rows(fs)
+
+
+def check_rows(fs: _Rows) -> None:
+    """Refuse an out-of-range label, an empty or repeated image path, or a bad class name."""
     bad = np.flatnonzero((fs.labels < -1) | (fs.labels >= len(fs.classnames)))
     if bad.size:
         i = int(bad[0])
@@ -425,10 +474,27 @@ def check_paths(paths: list[str], where: str | Path) -> None:
 def iter_rows(path: str | Path, batch: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
     """Stream (start row, float32 block) from a features file without loading it all."""
     with _open(path) as f:
+        n, _ = _check_layout(f, path)
+    yield from iter_blocks(path, [(start, min(start + batch, n)) for start in range(0, n, batch)])
+
+
+def row_blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """(start, stop) of blocks of ``block`` rows covering ``n`` rows, the last taking the remainder, so that no
+    block is shorter than ``block`` unless all ``n`` rows are (a matrix product's rows can depend on how many
+    rows it is given, at a handful of rows)."""
+    starts = list(range(0, n, block))
+    if len(starts) > 1 and n - starts[-1] < block:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n])) if n else []
+
+
+def iter_blocks(path: str | Path, blocks: Iterable[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream (start row, float32 rows) of a features file's ``(start, stop)`` blocks, each checked as
+    :func:`read_features` checks the whole (NaN/inf, unit norm)."""
+    with _open(path) as f:
         _check_layout(f, path)
-        ds = f["features"]
-        paths = f["paths"]
-        for start in range(0, ds.shape[0], batch):
-            block = ds[start : start + batch].astype(np.float32)
-            check_unit_rows(block, path, lambda row: _decode([paths[row]])[0], first_row=start)
-            yield start, block
+        ds, paths = f["features"], f["paths"]
+        for start, stop in blocks:
+            rows = ds[start:stop].astype(np.float32)
+            check_unit_rows(rows, Path(path), lambda row: _decode([paths[row]])[0], first_row=start)
+            yield start, rows

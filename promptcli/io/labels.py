@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from promptcli.errors import InputError
 from promptcli.io.checks import check_unique_columns, check_unique_keys
-from promptcli.io.features import FeatureSet
+from promptcli.io.features import FeatureIndex, FeatureSet
 from promptcli.io.fileio import STDIO, open_output_text, sha256_bytes, sha256_file
 
 REQUIRED = ("path", "label")
@@ -116,7 +117,7 @@ def labels_sha256(table: LabelTable, path: str | Path) -> str:
     return sha256_bytes(table.text.encode("utf-8")) if str(path) == STDIO else sha256_file(path)
 
 
-def write_labels(path: str | Path, columns: list[str], rows: list[dict[str, object]]) -> None:
+def write_labels(path: str | Path, columns: list[str], rows: Iterable[dict[str, object]]) -> None:
     """Write a labels CSV to a file (atomically) or stdout (``-``)."""
     with open_output_text(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -125,7 +126,7 @@ def write_labels(path: str | Path, columns: list[str], rows: list[dict[str, obje
             writer.writerow(row)
 
 
-def labels_from_features(features: FeatureSet) -> LabelTable:
+def labels_from_features(features: FeatureIndex | FeatureSet) -> LabelTable:
     """The ground-truth labels a features file carries, as a labels table (rows with a label only)."""
     rows = [
         {"path": p, "label": features.classnames[y]}
@@ -161,7 +162,9 @@ def class_index(
     return index[name]
 
 
-def join_labels(features: FeatureSet, table: LabelTable, skip_missing: bool = False) -> JoinedLabels:
+def join_labels(
+    features: FeatureIndex | FeatureSet, table: LabelTable, skip_missing: bool = False
+) -> JoinedLabels:
     """Join labels to feature rows by ``path``; unknown paths or classes are errors unless skipped."""
     by_path = features.index_by_path()
     names = {c: i for i, c in enumerate(features.classnames)}

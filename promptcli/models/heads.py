@@ -20,7 +20,7 @@ evaluation, ``clean`` and the OT split go through :func:`predict_logits` / ``hea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -143,18 +143,42 @@ def build_head(
 @torch.no_grad()
 def predict_logits(head: Head, features: torch.Tensor, batch: int = 8192) -> torch.Tensor:
     """(N, C) float32 logits, the class weights computed once for all images (when the head has them)."""
+    return logits_predictor(head, batch)(features)
+
+
+def predict_step(head: Head, batch: int = 8192) -> int:
+    """The rows :func:`predict_logits` gives the head per call (its chunks start at multiples of it)."""
+    return int(getattr(head, "predict_batch", batch)) if hasattr(head, "logits") else batch
+
+
+@torch.no_grad()
+def logits_predictor(head: Head, batch: int = 8192) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`predict_logits` as a function of the features, the class weights computed once: given successive
+    blocks of rows, each a multiple of :func:`predict_step` rows but the last, it computes what one call on
+    all the rows would, chunk for chunk."""
+    step = predict_step(head, batch)
     if hasattr(head, "logits"):  # no fixed class weights: the head's own logits, a chunk at a time
-        step = int(getattr(head, "predict_batch", batch))
-        parts = [head.logits(features[i : i + step].float()).float() for i in range(0, len(features), step)]
-        return torch.cat(parts) if parts else torch.zeros(0, len(head.classnames), device=features.device)
+
+        @torch.no_grad()
+        def own(features: torch.Tensor) -> torch.Tensor:
+            parts = [
+                head.logits(features[i : i + step].float()).float() for i in range(0, len(features), step)
+            ]
+            return torch.cat(parts) if parts else torch.zeros(0, len(head.classnames), device=features.device)
+
+        return own
     weight, bias, scale = head.classifier()  # the text pass may run in mixed precision
     weight = weight.float()
-    # the logits themselves in fp32: in bf16 a logit of ~30 moves in steps of 0.125, enough to swap argmaxes
-    with torch.autocast(features.device.type, enabled=False):
-        out = [
-            apply_classifier(
-                features[i : i + batch].float(), weight, None if bias is None else bias.float(), scale
-            )
-            for i in range(0, len(features), batch)
-        ]
-    return torch.cat(out) if out else torch.zeros(0, weight.shape[0], device=features.device)
+    bias = None if bias is None else bias.float()
+
+    @torch.no_grad()
+    def fixed(features: torch.Tensor) -> torch.Tensor:
+        # the logits themselves in fp32: in bf16 a logit of ~30 moves in steps of 0.125, enough to swap argmaxes
+        with torch.autocast(features.device.type, enabled=False):
+            out = [
+                apply_classifier(features[i : i + step].float(), weight, bias, scale)
+                for i in range(0, len(features), step)
+            ]
+        return torch.cat(out) if out else torch.zeros(0, weight.shape[0], device=features.device)
+
+    return fixed
