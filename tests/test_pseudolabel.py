@@ -199,3 +199,22 @@ def test_a_selection_that_keeps_no_image_is_an_error(run_cli, tiny_features, tmp
     )
     assert code == 2 and "--min-confidence: no image has a confidence of 1 or more" in err, err
     assert "the highest confidence is" in err and not out.exists()
+
+
+def test_zero_shot_read_in_blocks_equals_the_whole_file(tiny_features, tiny_model):
+    """pseudolabel reads the features a block at a time; its predictions are those of the whole matrix at
+    once, to the bit, at any batch size (the blocks are multiples of it, so predict sees the same batches)."""
+    from promptcli.io.features import read_feature_index
+    from promptcli.models.zeroshot import class_text_embeddings, logit_scale
+
+    fs = read_features(tiny_features, load_views=False)
+    index = read_feature_index(tiny_features)
+    weights = class_text_embeddings(tiny_model, fs.classnames, list(TEMPLATES))
+    assert len(fs) > 10
+    for batch in (1, 2, 5, 7, len(fs), 8192):
+        want = pseudolabels.predict(fs.features, weights, logit_scale(tiny_model), batch)
+        got = pseudolabels.zero_shot_predict_file(
+            tiny_model, index, fs.classnames, TEMPLATES, batch_size=batch
+        )
+        assert np.array_equal(got.labels, want.labels) and np.array_equal(got.confidence, want.confidence)
+        assert got.labels.dtype == want.labels.dtype and got.confidence.dtype == want.confidence.dtype

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import check_seed
 from promptcli.models.loading import LoadedModel
 from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
+
+if TYPE_CHECKING:
+    from promptcli.io.features import FeatureIndex
 
 
 @dataclass
@@ -53,10 +56,39 @@ def zero_shot_predict(
     return predict(features, weights, logit_scale(loaded))
 
 
+def zero_shot_predict_file(
+    loaded: LoadedModel,
+    index: FeatureIndex,
+    classnames: Sequence[str],
+    templates: Sequence[str] | None = None,
+    batch_size: int = 8192,
+) -> Predictions:
+    """:func:`zero_shot_predict` on a features file's rows, read a block at a time: the blocks are multiples of
+    ``batch_size`` (the last up to twice it), so :func:`predict` sees the same batches as on the whole file."""
+    from promptcli.io.features import iter_blocks, row_blocks
+
+    check_embed_dim(loaded, index.dim)
+    weights = class_text_embeddings(loaded, classnames, templates)
+    scale = logit_scale(loaded)
+    parts = [
+        predict(rows, weights, scale, batch_size)
+        for _, rows in iter_blocks(index.path, row_blocks(len(index), batch_size))
+    ]
+    if not parts:
+        return predict(np.zeros((0, index.dim), dtype=np.float32), weights, scale, batch_size)
+    return Predictions(
+        np.concatenate([p.labels for p in parts]), np.concatenate([p.confidence for p in parts])
+    )
+
+
 def check_dim(loaded: LoadedModel, features: np.ndarray, where: str | None = None) -> None:
-    if features.shape[1] != loaded.embed_dim:
+    check_embed_dim(loaded, features.shape[1], where)
+
+
+def check_embed_dim(loaded: LoadedModel, dim: int, where: str | Path | None = None) -> None:
+    if dim != loaded.embed_dim:
         raise InputError(
-            f"features have dimension {features.shape[1]} but the model embeds text in {loaded.embed_dim}",
+            f"features have dimension {dim} but the model embeds text in {loaded.embed_dim}",
             where=where,
             hint="use the model the features were extracted with",
         )
@@ -169,6 +201,22 @@ class PseudolabelOptions:
     skip_missing: bool = False  # --labels rows whose path or class the features lack are skipped
 
 
+def _output_rows(
+    paths: list[str], pred: Predictions, truth: np.ndarray | None, kept: np.ndarray, names: list[str]
+) -> Iterator[dict[str, object]]:
+    """The output CSV's rows, one per kept image (made as they are written: a million dicts take 1 GB)."""
+    for i in kept:
+        row: dict[str, object] = {
+            "path": paths[i],
+            "label": names[pred.labels[i]],
+            "confidence": f"{pred.confidence[i]:.6f}",
+        }
+        if truth is not None:
+            row["clean_label"] = names[truth[i]]
+            row["is_noisy"] = int(pred.labels[i] != truth[i])
+        yield row
+
+
 def check_prompt_order(prompt_names: list[str], label_names: list[str], where: str | Path) -> None:
     """Refuse ``--classnames`` that name a class of the features at another position: the names are taken by
     position, so a list in another order would label every image with the wrong class."""
@@ -206,7 +254,7 @@ def pseudolabel_file(
     Returns the summary (the sidecar's record) with ``n_images`` and ``n_kept`` added.
     """
     from promptcli.errors import InputError
-    from promptcli.io.features import read_features
+    from promptcli.io.features import read_feature_index, read_features
     from promptcli.io.fileio import STDIO, check_distinct, check_output_path, same_file, sha256_file
     from promptcli.io.image_sources import read_classnames
     from promptcli.io.labels import write_labels
@@ -266,7 +314,9 @@ def pseudolabel_file(
     for option, path in (("--labels", o.labels), ("--trusted", o.trusted)):
         if path is not None and str(path) != STDIO and not Path(path).is_file():  # before the model loads
             raise InputError("labels file not found", where=path, hint=f"check the {option} path")
-    fs = read_features(features, load_views=False)
+    transductive = method == PseudoLabelMethod.TRANSDUCTIVE.value
+    # zero-shot reads the feature values a block at a time, as it predicts; the transductive fit needs them all
+    fs = read_features(features, load_views=False) if transductive else read_feature_index(features)
     label_names = list(fs.classnames)
     prompt_names = read_classnames(classnames) if classnames else label_names
     if not label_names:
@@ -287,8 +337,7 @@ def pseudolabel_file(
         )
 
     loaded = load_model_from_record(fs.attrs, source=features, pretrained=pretrained, device=device)
-    check_dim(loaded, fs.features, where=features)
-    transductive = method == PseudoLabelMethod.TRANSDUCTIVE.value
+    check_embed_dim(loaded, fs.dim, where=features)
     info(
         f"{'Transductive fit over' if transductive else 'Zero-shot'} {len(fs)} images, {len(label_names)} classes, "
         f"{len(prompts)} template(s)"
@@ -307,7 +356,7 @@ def pseudolabel_file(
         if unchecked:
             warn(unchecked)
     else:
-        pred = zero_shot_predict(loaded, fs.features, prompt_names, prompts)
+        pred = zero_shot_predict_file(loaded, fs, prompt_names, prompts)
     kept = select(pred.labels, pred.confidence, len(label_names), top_k, random_k, min_confidence, seed)
     if not len(kept):  # an empty labels file would only fail later, in tune
         raise InputError(
@@ -326,17 +375,7 @@ def pseudolabel_file(
     if fs.has_labels and not has_truth and len(kept):
         warn("some kept images have no ground-truth label: the output has no clean_label/is_noisy columns")
     columns = ["path", "label", "confidence"] + (["clean_label", "is_noisy"] if has_truth else [])
-    rows = []
-    for i in kept:
-        row: dict[str, object] = {
-            "path": fs.paths[i],
-            "label": label_names[pred.labels[i]],
-            "confidence": f"{pred.confidence[i]:.6f}",
-        }
-        if has_truth:
-            row["clean_label"] = label_names[truth[i]]
-            row["is_noisy"] = int(pred.labels[i] != truth[i])
-        rows.append(row)
+    rows = _output_rows(fs.paths, pred, truth if has_truth else None, kept, label_names)
 
     result = {
         **base_provenance(),
