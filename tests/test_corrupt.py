@@ -453,3 +453,57 @@ def test_a_rate_that_is_no_whole_number_of_shots_warns(run_cli, tiny_features, t
     )
     assert code == 0, stderr
     assert "realised noise rate 25.0% is not --rate 0.125" in " ".join(stderr.split())
+
+
+def _outputs(folder) -> dict[str, object]:
+    side = json.loads((folder / "n.csv.json").read_text())
+    for key in ("created", "command", "output", "output_sha256"):
+        side.pop(key, None)
+    return {"csv": (folder / "n.csv").read_bytes(), "sidecar": side}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--rate", "0.4", "--seed", "3"],
+        ["--shots", "4", "--rate", "0.5", "--seed", "2"],
+        ["--type", "confusion", "--confusion-from", "predictions", "--rate", "0.5", "--device", "cpu"],
+        ["--type", "confusion", "--rate", "0.5", "--device", "cpu"],
+    ],
+    ids=["symmetric", "shots", "confusion-from-predictions", "confusion-from-text"],
+)
+@pytest.mark.parametrize("as_input", [True, False], ids=["h5-input", "csv-and-features"])
+def test_corrupt_reads_no_feature_values_and_writes_what_reading_them_all_wrote(
+    run_cli, tiny_features, tmp_path, monkeypatch, args, as_input
+):
+    """corrupt reads a features file's paths and labels, not its feature values (only the labelled rows', for
+    --confusion-from predictions); its outputs are those of reading the whole file."""
+    from promptcli.io import features as features_io
+
+    labels = tmp_path / "labels.csv"
+    fs = read_features(tiny_features, load_views=False)
+    labels.write_text(
+        "path,label\n" + "".join(f"{p},{fs.classnames[y]}\n" for p, y in zip(fs.paths, fs.labels))
+    )
+    source = [tiny_features] if as_input else [labels, "--features", tiny_features]
+    read_rows = features_io._float_rows
+
+    def only_some(ds, keep, *rest):
+        assert keep is not None, "read every feature row"
+        return read_rows(ds, keep, *rest)
+
+    outputs = {}
+    for how in ("index", "whole"):
+        folder = tmp_path / how
+        folder.mkdir()
+        with monkeypatch.context() as patch:
+            if how == "whole":  # as before: every feature value read and checked
+                patch.setattr(
+                    features_io, "read_feature_index", lambda p: features_io.read_features(p, False)
+                )
+            else:
+                patch.setattr(features_io, "_float_rows", only_some)
+            code, _, err = run_cli("corrupt", *source, *args, "-o", folder / "n.csv")
+        assert code == 0, err
+        outputs[how] = _outputs(folder)
+    assert outputs["index"] == outputs["whole"]

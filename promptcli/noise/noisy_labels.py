@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from promptcli.io.fileio import (
 )
 from promptcli.io.labels import LabelTable, labels_sha256
 from promptcli.io.sidecar import REALISED_TOLERANCE, write_sidecar
+
+if TYPE_CHECKING:
+    from promptcli.io.features import FeatureIndex
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ADDED = ("clean_label", "is_noisy")
@@ -94,9 +97,9 @@ def corrupt_file(
     # pass through unchanged, so --shots K --rate 0 draws K rows per given label and keeps their truth.
     keep_truth = rate == 0 and any(table.has(c) for c in ADDED)
     if features is not None:
-        from promptcli.io.features import read_features
+        from promptcli.io.features import read_feature_index
 
-        fs = read_features(features, load_views=False)
+        fs = read_feature_index(features)
     names = _class_list(table, fs, classnames)
     if len(names) < 2:
         raise InputError(
@@ -244,12 +247,13 @@ def _is_hdf5(source: str) -> bool:
 
 
 def _read_input(source: str, features: Path | None, warn: Callable[[str], None], allow_noisy: bool = False):
-    """The clean labels: a labels CSV (or stdin), or a features file's paths and ground truth."""
-    from promptcli.io.features import read_features
+    """The clean labels: a labels CSV (or stdin), or a features file's paths and ground truth (not its feature
+    values: :func:`_confusion_score` reads those it needs)."""
+    from promptcli.io.features import read_feature_index
     from promptcli.io.labels import labels_from_features, read_labels
 
     if _is_hdf5(source):
-        fs = read_features(source, load_views=False)
+        fs = read_feature_index(source)
         table = labels_from_features(fs)
         if not table.rows:
             raise InputError(
@@ -316,7 +320,7 @@ def _confusion_score(fs, table, clean, names, source, template, templates, pretr
 
     prompts = resolve_templates(template, templates)
     loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=device)
-    pseudolabels.check_dim(loaded, fs.features, where=fs.path)
+    pseudolabels.check_embed_dim(loaded, fs.dim, where=fs.path)
     similarity = pseudolabels.text_similarity(loaded, names, prompts)
     record: dict[str, Any] = {"confusion_from": source, "templates": prompts, "model": loaded.identity()}
     if source == "text":
@@ -330,12 +334,21 @@ def _confusion_score(fs, table, clean, names, source, template, templates, pretr
             hint="--confusion-from predictions needs features of the labelled images",
         )
     rows, truth = (np.array(v, dtype=np.int64) for v in zip(*pairs))
-    pred = pseudolabels.zero_shot_predict(loaded, fs.features[rows], names, prompts).labels
+    pred = pseudolabels.zero_shot_predict(loaded, _feature_rows(fs, rows), names, prompts).labels
     confusion = pseudolabels.confusion_matrix(truth, pred, len(names))
     info(f"Zero-shot accuracy on {len(rows)} labelled images: {np.trace(confusion) / len(rows):.1%}")
     record["zero_shot_confusion"] = confusion.tolist()
     # Similarity lies in [-1, 1], so 0.25 x similarity only breaks ties between equal counts.
     return confusion + 0.25 * similarity, record
+
+
+def _feature_rows(fs: FeatureIndex, rows: np.ndarray) -> np.ndarray:
+    """The features of ``fs``'s ``rows`` (in that order, repeats kept), reading only those rows."""
+    from promptcli.io.features import read_features
+
+    wanted = read_features(fs.path, load_views=False, only_paths=[fs.paths[r] for r in rows])
+    position = wanted.index_by_path()
+    return wanted.features[[position[fs.paths[r]] for r in rows]]
 
 
 @dataclass
@@ -344,7 +357,7 @@ class _Inputs:
 
     options: CorruptOptions
     table: LabelTable
-    fs: Any  # FeatureSet or None
+    fs: FeatureIndex | None  # the features file's rows, without their feature values
     clean: np.ndarray  # true class index per row
     names: list[str]
     info: Callable[[str], None]
