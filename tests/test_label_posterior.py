@@ -205,6 +205,31 @@ def test_class_model_recovers_pair_noise():
     assert result.noise_rate == pytest.approx(rate, abs=0.05)
 
 
+@pytest.mark.parametrize("noise_model", ["symmetric", "class"])
+def test_the_fit_in_blocks_of_rows_equals_the_whole_fit(monkeypatch, noise_model):
+    """The E-step runs a block of rows at a time (memory O(block x C)): blocks of 7 rows, not dividing the 200
+    labelled rows, give the one-block fit's posterior, rate, transition and likelihood to rounding."""
+    import promptcli.noise.label_posterior as label_posterior_module
+
+    rng = np.random.default_rng(6)
+    n_classes, per_class = 5, 40
+    centers = unit_rows(rng.normal(size=(n_classes, 32)))
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = torch.from_numpy(unit_rows(centers[y] + 0.4 * rng.normal(size=(len(y), 32))))
+    noisy = torch.from_numpy(_symmetric_noise(y, n_classes, 0.5, rng))
+    prior = torch.log_softmax(torch.from_numpy(rng.normal(size=(len(y), n_classes))), dim=1)
+    kwargs = {"centroid_scale": 20.0, "noise_model": noise_model}
+    whole = label_posterior(x, noisy, prior, **kwargs)
+    monkeypatch.setattr(label_posterior_module, "BLOCK_VALUES", 35)  # 7 rows of 5 classes
+    blocks = label_posterior(x, noisy, prior, **kwargs)
+    torch.testing.assert_close(blocks.posterior, whole.posterior, rtol=0, atol=1e-10)
+    assert blocks.noise_rate == pytest.approx(whole.noise_rate, abs=1e-12)
+    assert blocks.log_likelihood == pytest.approx(whole.log_likelihood, rel=1e-12)
+    if noise_model == "class":
+        torch.testing.assert_close(blocks.transition, whole.transition, rtol=0, atol=1e-12)
+    assert (whole.posterior.argmax(dim=1).numpy() == y).mean() > 0.8  # a fit, not noise
+
+
 def test_bad_shapes_and_rates_are_refused():
     with pytest.raises(ValueError, match="disagree"):
         label_posterior(torch.zeros(3, 2), torch.zeros(3), torch.zeros(4, 2), centroid_scale=1.0)

@@ -306,7 +306,7 @@ def test_trusted_labels_replace_the_given_ones_and_keep_their_class():
 def test_the_fit_in_blocks_of_rows_equals_the_whole_file_fit(monkeypatch, case):
     """The E-step runs a block of rows at a time (memory O(block x C)); blocks of 7 rows, not dividing the
     file, give the whole-file fit: the same renaming, noise rate and posterior to rounding."""
-    import promptcli.noise.transductive as transductive
+    import promptcli.noise.label_posterior as label_posterior
 
     x, truth = _clusters(n_per_class=30)
     prior = _swapped_prior(truth, 10)
@@ -319,7 +319,7 @@ def test_the_fit_in_blocks_of_rows_equals_the_whole_file_fit(monkeypatch, case):
         trusted[labelled[:20]] = truth[labelled[:20]]
         kwargs["trusted"] = trusted
     whole = transductive_posterior(x, prior, **kwargs)
-    monkeypatch.setattr(transductive, "BLOCK_VALUES", 70)  # 7 rows of 10 classes
+    monkeypatch.setattr(label_posterior, "BLOCK_VALUES", 70)  # 7 rows of 10 classes
     blocks = transductive_posterior(x, prior, **kwargs)
     assert blocks.renamed == whole.renamed
     assert bool(whole.renamed) == (case != "neighbours")  # the labels rename the swapped pair

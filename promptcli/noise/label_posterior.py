@@ -62,6 +62,17 @@ from promptcli.choices import NoiseModel
 DEFAULT_ROUNDS = 10
 INITIAL_RATE = 0.5
 EMPTY_MASS = 1e-6  # a leave-one-out centroid with less posterior mass than this is empty
+# Values per block of rows in an E-step: its temporaries are O(block x C), not O(N x C). 4M float64 values are
+# 32 MB, 4,194 rows at 1,000 classes; a file that fits in one block (the demo's) is computed exactly as a
+# whole-file step would be.
+BLOCK_VALUES = 1 << 22
+
+
+def block_rows(n_classes: int) -> int:
+    """Rows per block of an E-step for ``n_classes`` classes."""
+    return max(1, BLOCK_VALUES // n_classes)
+
+
 RATE_MARGIN = 1e-3  # keeps an estimated rate inside (0, (C-1)/C), where labels still carry signal
 # The fitting grid: prior weights, and centroid weights as fractions of the logit scale.
 FIT_PRIOR_WEIGHTS = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
@@ -107,7 +118,11 @@ def class_transition(q: torch.Tensor, labels: torch.Tensor, rate: float, smoothi
     counts of given labels per true class plus ``smoothing`` pseudo-rows of the symmetric channel at
     ``rate``, so a class with little posterior mass stays close to symmetric noise."""
     n_classes = q.shape[1]
-    counts = q.t() @ torch.nn.functional.one_hot(labels, n_classes).to(q.dtype)
+    counts = torch.zeros(n_classes, n_classes, dtype=q.dtype, device=q.device)
+    block = block_rows(n_classes)
+    for start in range(0, len(labels), block):
+        rows = slice(start, start + block)
+        counts += q[rows].t() @ torch.nn.functional.one_hot(labels[rows], n_classes).to(q.dtype)
     symmetric = log_channel(torch.arange(n_classes, device=q.device), n_classes, rate).exp()
     return (counts + smoothing * symmetric) / (q.sum(dim=0)[:, None] + smoothing)
 
@@ -270,31 +285,43 @@ def _em(
     noise_model: str = "symmetric",
     smoothing: float = TRANSITION_SMOOTHING,
 ) -> LabelPosterior:
-    """One EM run at fixed evidence weights (the maths of the module docstring)."""
-    n_classes = prior.shape[1]
+    """One EM run at fixed evidence weights (the maths of the module docstring), a block of rows at a time:
+    besides the prior it holds the posterior and the evidence as (N, C) arrays, and O(block x C) temporaries."""
+    n, n_classes = prior.shape
+    block = block_rows(n_classes)
+    blocks = [slice(start, start + block) for start in range(0, n, block)]
     prior = prior_weight * prior
     # two classes: 0.5 is the rate at which labels say nothing, so start halfway to it
     start = INITIAL_RATE if INITIAL_RATE < limit - RATE_MARGIN else limit / 2
     rate = start if noise_rate is None else noise_rate
-    transition = None  # the class-conditional model's, from the first M-step on
+    transition, log_transition = None, None  # the class-conditional model's, from the first M-step on
 
-    def channel() -> torch.Tensor:
-        if transition is None:
-            return log_channel(labels, n_classes, rate)
-        return transition.log()[:, labels].t()
+    def channel(rows: slice) -> torch.Tensor:
+        if log_transition is None:
+            return log_channel(labels[rows], n_classes, rate)
+        return log_transition[:, labels[rows]].t()
 
-    evidence = prior
+    evidence, q = prior, torch.empty_like(prior)
     for _ in range(rounds):
-        q = torch.softmax(evidence + channel(), dim=1)
+        for rows in blocks:
+            q[rows] = torch.softmax(evidence[rows] + channel(rows), dim=1)
         if noise_rate is None:
             agree = q.gather(1, labels[:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
         if noise_model == "class":
             transition = class_transition(q, labels, rate, smoothing)
-        evidence = prior + scale * leave_one_out_cosine(directions, q)
-    log_p = channel()
-    log_likelihood = torch.logsumexp(torch.log_softmax(evidence, dim=1) + log_p, dim=1).sum().item()
-    q = torch.softmax(evidence + log_p, dim=1)
+            log_transition = transition.log()
+        stats = class_sums(directions, q)
+        if evidence is prior:
+            evidence = torch.empty_like(prior)
+        for rows in blocks:
+            evidence[rows] = prior[rows] + scale * leave_one_out_cosine(directions[rows], q[rows], stats)
+    per_row = torch.empty(n, dtype=evidence.dtype, device=evidence.device)
+    for rows in blocks:
+        log_p = channel(rows)
+        per_row[rows] = torch.logsumexp(torch.log_softmax(evidence[rows], dim=1) + log_p, dim=1)
+        q[rows] = torch.softmax(evidence[rows] + log_p, dim=1)
+    log_likelihood = per_row.sum().item()
     return LabelPosterior(
         q,
         rate,

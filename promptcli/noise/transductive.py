@@ -68,6 +68,7 @@ import torch
 from promptcli.noise.label_posterior import (
     INITIAL_RATE,
     RATE_MARGIN,
+    block_rows,
     centred_directions,
     class_sums,
     leave_one_out_cosine,
@@ -119,16 +120,6 @@ CHECKS_ADVISED_SHARE = 8  # one given label in this many
 # happen by chance less often than this, at the fit's estimated noise rate (``unchecked_warning``).
 UNCHANGED_CHECKS_MIN = 5
 UNCHANGED_CHECKS_CHANCE = 0.01
-# Values per block of rows in the E-step (and the prior's votes): its temporaries are O(block x C), so the fit
-# holds only the posterior, the prior's evidence and the prior itself as (N, C) arrays. 4M float64 values are
-# 32 MB, 4,096 rows at 1,000 classes; a file that fits in one block (the demo's) is computed exactly as a
-# whole-file step would be.
-BLOCK_VALUES = 1 << 22
-
-
-def block_rows(n_classes: int) -> int:
-    """Rows per block of the E-step for ``n_classes`` classes."""
-    return max(1, BLOCK_VALUES // n_classes)
 
 
 @dataclass
