@@ -305,12 +305,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 hex digest of a file's bytes (remembered across commands for large files: io/cache.py)."""
+    from promptcli.io.cache import remembered_sha256
+
+    return remembered_sha256(path, chunk)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -31,6 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from promptcli.io.cache import default_cache_root
+
 DEMO_MODEL_NAME = "promptcli-demo"
 DEMO_MODEL_VERSION = "demo-model-v1"
 CHECKPOINT_NAME = f"{DEMO_MODEL_NAME}.safetensors"
@@ -83,11 +85,6 @@ def demo_model_config() -> dict[str, Any]:
             "resize_mode": "shortest",
         },
     }
-
-
-def default_cache_root() -> Path:
-    env = os.environ.get("PROMPTCLI_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "promptcli"
 
 
 def build_demo_model(cache_dir: Path | None = None) -> tuple[dict[str, Any], Path]:
