@@ -29,6 +29,7 @@ Examples:
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -98,6 +99,7 @@ def command(
     json_out: JsonOpt = False,
 ) -> None:
     from promptcli.noise.pseudolabels import PseudolabelOptions, pseudolabel_file
+    from promptcli.noise.transductive import fit_steps
 
     out = Output(quiet=quiet, json_mode=json_out, stdout_is_data=True)
     options = PseudolabelOptions(
@@ -115,9 +117,25 @@ def command(
         trusted=trusted,
         skip_missing=skip_missing,
     )
-    result = pseudolabel_file(
-        features, output, options, force=force, json_out=json_out, info=out.info, warn=out.warn
-    )
+    with ExitStack() as stack:
+        bars: list = []
+
+        def fit_step(stage: str) -> None:  # the bar starts with the fit, not while the model loads
+            if not bars:
+                bars.append(stack.enter_context(out.progress("transductive fit", fit_steps(), "steps")))
+            bars[0].describe(f"transductive fit: {stage}")
+            bars[0].advance()
+
+        result = pseudolabel_file(
+            features,
+            output,
+            options,
+            force=force,
+            json_out=json_out,
+            info=out.info,
+            warn=out.warn,
+            on_fit_step=fit_step,
+        )
     stats = result
 
     out.table(

@@ -247,9 +247,11 @@ def pseudolabel_file(
     json_out: bool = False,
     info: Callable[[str], None] = lambda _: None,
     warn: Callable[[str], None] = warn_user,
+    on_fit_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Pseudo-labels of a features file (zero-shot, or ``--method transductive``), selected, written as a
-    labels CSV (+ sidecar).
+    labels CSV (+ sidecar). ``on_fit_step(stage)`` follows the transductive fit's steps
+    (:func:`promptcli.noise.transductive.fit_steps`).
 
     Returns the summary (the sidecar's record) with ``n_images`` and ``n_kept`` added.
     """
@@ -347,7 +349,14 @@ def pseudolabel_file(
         from promptcli.noise.transductive import transductive_fit, unchecked_warning
 
         pred, zero_shot, fit = transductive_fit(
-            loaded, fs, prompt_names, prompts, o.labels, trusted_path=o.trusted, skip_missing=o.skip_missing
+            loaded,
+            fs,
+            prompt_names,
+            prompts,
+            o.labels,
+            trusted_path=o.trusted,
+            skip_missing=o.skip_missing,
+            on_step=on_fit_step,
         )
         for key in ("labels", "trusted"):
             if fit.get(key, {}).get("skipped"):

@@ -59,6 +59,7 @@ transductive`` (optionally ``--labels``) turns into a labels file.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,12 @@ CHECKS_ADVISED_SHARE = 8  # one given label in this many
 # happen by chance less often than this, at the fit's estimated noise rate (``unchecked_warning``).
 UNCHANGED_CHECKS_MIN = 5
 UNCHANGED_CHECKS_CHANCE = 0.01
+
+
+def fit_steps(rounds: int = DEFAULT_ROUNDS) -> int:
+    """Steps a fit reports to ``on_step``: every round, the neighbour graph and the label spreading (each
+    reported, done or not needed)."""
+    return rounds + 2
 
 
 @dataclass
@@ -381,6 +388,7 @@ def transductive_posterior(
     spread: bool = True,
     local_weight: float = LOCAL_WEIGHT,
     noise_rate: float | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> TransductiveResult:
     """EM over the true classes of every image (see the module docstring).
 
@@ -391,6 +399,7 @@ def transductive_posterior(
     ``spread=False`` names the clusters from the raw labels, without label spreading; ``local_weight``
     weighs the spread labels' evidence for every image in the labelled rounds (0: none);
     ``neighbour_scale`` the neighbours' posterior mass in the second half of the rounds (0: none).
+    ``on_step(stage)`` is called after each of the :func:`fit_steps` steps (for progress bars).
     """
     n, n_classes = prior_log_probs.shape
     prior_log_probs = prior_log_probs.to(features.device)
@@ -447,18 +456,21 @@ def transductive_posterior(
                 rows_q, fixed = q[rows], sure[rows]
                 rows_q[fixed] = torch.nn.functional.one_hot(trusted[rows][fixed], n_classes).to(q.dtype)
 
+    step = on_step or (lambda _: None)
     # Clusters first, from the prior and the features alone: half the rounds.
     naming = list(range(n_classes))
     spread_record = None
     q = torch.softmax(prior, dim=1)
     cluster_rounds = rounds // 2
-    for _ in range(cluster_rounds):
+    for round_ in range(cluster_rounds):
         e_step(second_half=False)
+        step(f"clustering, round {round_ + 1}")
     if neighbour_scale > 0 or (voters is not None and spread):
         near = neighbours(directions, voters)
         positions = near.positions(n)
+    step("neighbour graph")
+    label_mass = None
     if voters is not None:
-        label_mass = None
         if spread:
             label_mass = spread_labels(directions, voters, n_classes, near=near, weights=votes)
             spread_record = {
@@ -484,8 +496,10 @@ def transductive_posterior(
         # then the labels' channel (and the spread labels' local evidence, in class space: after the renaming)
         if label_mass is not None and local_weight > 0:
             prior[label_mass.rows] += local_evidence(label_mass, local_weight)
-    for _ in range(rounds - cluster_rounds):
+    step("label spreading")
+    for round_ in range(cluster_rounds, rounds):
         e_step(second_half=True)
+        step(f"{'labelled ' if labels is not None else ''}round {round_ + 1}")
         if labels is not None and noise_rate is None:
             agree = q[known].gather(1, labels[known][:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
@@ -574,13 +588,14 @@ def transductive_predict(
     neighbour_fraction: float | None = None,
     rounds: int = DEFAULT_ROUNDS,
     device: str | torch.device = "cpu",
+    on_step: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
     """Labels, confidences and a record of the fit for every row (``pseudolabel --method transductive``).
 
     ``prior_log_probs`` are zero-shot log-probabilities, ``scale`` the model's logit scale (the
     centroid weight is ``centroid_fraction x scale``, the neighbours' ``neighbour_fraction x scale``;
     None: ``UNLABELLED_NEIGHBOUR_FRACTION`` without given labels, 0 with them), ``labels`` and
-    ``trusted`` as in :func:`transductive_posterior`. The fit runs on ``device``.
+    ``trusted`` and ``on_step`` as in :func:`transductive_posterior`. The fit runs on ``device``.
     """
     given = unverified(labels, trusted)
     n_given = 0 if given is None else int((given >= 0).sum())
@@ -595,6 +610,7 @@ def transductive_predict(
         trusted=trusted,
         prior_weight=prior_weight,
         rounds=rounds,
+        on_step=on_step,
     )
     q = result.posterior.cpu().numpy()
     record: dict[str, object] = {
@@ -622,12 +638,14 @@ def transductive_fit(
     *,
     trusted_path: Path | None = None,
     skip_missing: bool = False,
+    on_step: Callable[[str], None] | None = None,
 ) -> tuple[object, np.ndarray, dict[str, object]]:
     """``pseudolabel --method transductive``: (predictions, the zero-shot argmax, the fit's record).
 
     ``loaded`` is the features' model, ``fs`` the features file, ``labels_path`` an optional labels
     CSV (joined by path) whose labels join the fit, ``trusted_path`` one of verified labels (their
-    ``label`` column), which replace the given label of the images they name."""
+    ``label`` column), which replace the given label of the images they name; ``on_step`` is called after each
+    of the fit's :func:`fit_steps` steps."""
     from promptcli.analysis.evaluation import zero_shot_class_logits
     from promptcli.errors import InputError
     from promptcli.io.sidecar import noise_summary, read_noise_sidecar
@@ -676,7 +694,7 @@ def transductive_fit(
             )
     # the features and the prior are already on the model's device: the fit runs there on them
     pred, confidence, record = transductive_predict(
-        feats, log_probs, logit_scale(loaded), given, trusted=trusted, device=loaded.device
+        feats, log_probs, logit_scale(loaded), given, trusted=trusted, device=loaded.device, on_step=on_step
     )
     if labels_record is not None:
         record["labels"] = labels_record
