@@ -430,11 +430,24 @@ def transductive_posterior(
     if not (neighbour_scale >= 0.0 and np.isfinite(neighbour_scale)):
         raise ValueError(f"neighbour_scale must be a finite number >= 0, got {neighbour_scale}")
     directions = centred_directions(features)
-    prior = prior_log_probs.double().clamp_min(-1e4).mul_(prior_weight)
     known = None if labels is None else labels >= 0
     rate = (INITIAL_RATE if noise_rate is None else noise_rate) if labels is not None else None
     near, positions = None, None
     block = block_rows(n_classes)
+    inverse = None  # the prior's columns in the labels' names of the clusters, once they rename one
+    local = None  # (R, C) the spread labels' evidence for the graph's rows, in the labelled rounds
+
+    def prior(rows: slice) -> torch.Tensor:
+        """The prior's evidence for a block of rows: weighted, in the clusters' names, plus the spread labels'
+        local evidence; made a block at a time, not held as another (N, C) array."""
+        out = prior_log_probs[rows].double().clamp_min(-1e4).mul_(prior_weight)
+        if inverse is not None:  # the prior's evidence for its own name of a cluster speaks for the new name
+            out = out[:, inverse]
+        if local is not None:
+            at = positions[rows]
+            on = at >= 0
+            out[on] = out[on] + local[at[on]]
+        return out
 
     def e_step(second_half: bool) -> None:
         """One EM round, in place, a block of rows at a time; centroids and neighbours' mass come from the
@@ -443,7 +456,7 @@ def transductive_posterior(
         mass = near.smooth(q) if second_half and near is not None and neighbour_scale > 0 else None
         for start in range(0, n, block):
             rows = slice(start, start + block)
-            evidence = prior[rows] + centroid_scale * leave_one_out_cosine(directions[rows], q[rows], stats)
+            evidence = prior(rows) + centroid_scale * leave_one_out_cosine(directions[rows], q[rows], stats)
             if mass is not None:
                 at = positions[rows]
                 on = at >= 0
@@ -460,7 +473,9 @@ def transductive_posterior(
     # Clusters first, from the prior and the features alone: half the rounds.
     naming = list(range(n_classes))
     spread_record = None
-    q = torch.softmax(prior, dim=1)
+    q = torch.empty(n, n_classes, dtype=torch.float64, device=features.device)
+    for start in range(0, n, block):
+        q[start : start + block] = torch.softmax(prior(slice(start, start + block)), dim=1)
     cluster_rounds = rounds // 2
     for round_ in range(cluster_rounds):
         e_step(second_half=False)
@@ -489,13 +504,12 @@ def transductive_posterior(
             )
             if naming != list(range(n_classes)):
                 inverse = torch.argsort(torch.tensor(naming, device=q.device))
-                # the prior's evidence for its own name of a cluster now speaks for the new name
                 for start in range(0, n, block):
                     rows = slice(start, start + block)
-                    q[rows], prior[rows] = q[rows][:, inverse], prior[rows][:, inverse]
+                    q[rows] = q[rows][:, inverse]
         # then the labels' channel (and the spread labels' local evidence, in class space: after the renaming)
         if label_mass is not None and local_weight > 0:
-            prior[label_mass.rows] += local_evidence(label_mass, local_weight)
+            local = local_evidence(label_mass, local_weight)
     step("label spreading")
     for round_ in range(cluster_rounds, rounds):
         e_step(second_half=True)
@@ -646,8 +660,9 @@ def transductive_fit(
     CSV (joined by path) whose labels join the fit, ``trusted_path`` one of verified labels (their
     ``label`` column), which replace the given label of the images they name; ``on_step`` is called after each
     of the fit's :func:`fit_steps` steps."""
-    from promptcli.analysis.evaluation import zero_shot_class_logits
+    from promptcli.analysis.evaluation import EVAL_BLOCK, zero_shot_member
     from promptcli.errors import InputError
+    from promptcli.io.features import row_blocks
     from promptcli.io.sidecar import noise_summary, read_noise_sidecar
     from promptcli.models.zeroshot import logit_scale
     from promptcli.noise.pseudolabels import Predictions
@@ -660,10 +675,11 @@ def transductive_fit(
             where=str(fs.path),
             hint="extract the features again",
         )
-    # no (N, C) logits kept beside the log-probabilities: at ImageNet scale each such array is 10 GB
-    log_probs = torch.log_softmax(
-        zero_shot_class_logits(loaded, prompt_names, templates, feats).double(), dim=1
-    )
+    # the log-probabilities a block of rows at a time: no (N, C) logits beside them (10 GB each at ImageNet scale)
+    zero_shot = zero_shot_member(loaded, prompt_names, templates, feats.device)
+    log_probs = torch.empty(len(feats), len(prompt_names), dtype=torch.float64, device=feats.device)
+    for start, stop in row_blocks(len(feats), EVAL_BLOCK):
+        log_probs[start:stop] = torch.log_softmax(zero_shot.logits(feats[start:stop]).double(), dim=1)
     given, labels_record, trusted, trusted_record = None, None, None, None
     if labels_path is not None:
         given, labels_record = _joined_labels(fs, labels_path, skip_missing)
