@@ -147,12 +147,23 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_content_is_one_input_error_naming_the_file(base, tmp_path, case):
+def _index_then_blocks(path: Path, block: int = 5) -> list[np.ndarray]:
+    index = read_feature_index(path)
+    return [rows for _, rows in iter_blocks(path, row_blocks(len(index), block))]
+
+
+# read_features, and the index with its blocks (eval, corrupt, pseudolabel), which read no view values
+READERS = [(case, "read_features") for case in CASES] + [
+    (case, "index and blocks") for case in CASES if case != "view scaled"
+]
+
+
+@pytest.mark.parametrize(("case", "reader"), READERS)
+def test_bad_content_is_one_input_error_naming_the_file(base, tmp_path, case, reader):
     edit, message = CASES[case]
     path = edited(base, tmp_path, edit)
     with pytest.raises(InputError, match=message) as info:
-        read_features(path)
+        read_features(path) if reader == "read_features" else _index_then_blocks(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
@@ -235,20 +246,6 @@ def test_iter_rows_checks_layout_and_norms_block_by_block(base, tmp_path):
         list(iter_rows(edited(base, tmp_path, set_rows("features", _scale_row(11, 2.0))), batch=5))
     with pytest.raises(InputError, match=r"'features' holds int8"):
         list(iter_rows(edited(base, tmp_path, CASES["int8 features"][0])))
-
-
-def _index_then_blocks(path: Path, block: int = 5) -> list[np.ndarray]:
-    index = read_feature_index(path)
-    return [rows for _, rows in iter_blocks(path, row_blocks(len(index), block))]
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c != "view scaled"])  # views' values are not read
-def test_the_index_and_its_blocks_refuse_what_read_features_refuses(base, tmp_path, case):
-    edit, message = CASES[case]
-    path = edited(base, tmp_path, edit)
-    with pytest.raises(InputError, match=message) as info:
-        _index_then_blocks(path)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_index_and_its_blocks_are_read_features_without_the_values(base):

@@ -116,13 +116,18 @@ def test_a_row_is_not_its_own_evidence():
     assert result.posterior[3, 1] > 0.99  # so the label and the centroid of class 0 decide
 
 
+def _noisy_clusters(rng, n_classes: int, per_class: int, dim: int, spread: float, rate: float = 0.5):
+    """(true classes, unit features around one centre per class, labels with symmetric noise at ``rate``)."""
+    centers = unit_rows(rng.normal(size=(n_classes, dim)))
+    y = np.repeat(np.arange(n_classes), per_class)
+    x = torch.from_numpy(unit_rows(centers[y] + spread * rng.normal(size=(len(y), dim))))
+    return y, x, torch.from_numpy(_symmetric_noise(y, n_classes, rate, rng))
+
+
 def test_fitting_picks_the_grid_point_with_the_highest_label_likelihood():
     rng = np.random.default_rng(1)
     n_classes, per_class = 4, 15
-    centers = unit_rows(rng.normal(size=(n_classes, 16)))
-    y = np.repeat(np.arange(n_classes), per_class)
-    x = torch.from_numpy(unit_rows(centers[y] + 0.5 * rng.normal(size=(len(y), 16))))
-    noisy = torch.from_numpy(_symmetric_noise(y, n_classes, 0.5, rng))
+    y, x, noisy = _noisy_clusters(rng, n_classes, per_class, dim=16, spread=0.5)
     prior = torch.log_softmax(
         torch.from_numpy(3 * rng.normal(size=(len(y), n_classes))), dim=1
     )  # a poor prior
@@ -213,10 +218,7 @@ def test_the_fit_in_blocks_of_rows_equals_the_whole_fit(monkeypatch, noise_model
 
     rng = np.random.default_rng(6)
     n_classes, per_class = 5, 40
-    centers = unit_rows(rng.normal(size=(n_classes, 32)))
-    y = np.repeat(np.arange(n_classes), per_class)
-    x = torch.from_numpy(unit_rows(centers[y] + 0.4 * rng.normal(size=(len(y), 32))))
-    noisy = torch.from_numpy(_symmetric_noise(y, n_classes, 0.5, rng))
+    y, x, noisy = _noisy_clusters(rng, n_classes, per_class, dim=32, spread=0.4)
     prior = torch.log_softmax(torch.from_numpy(rng.normal(size=(len(y), n_classes))), dim=1)
     kwargs = {"centroid_scale": 20.0, "noise_model": noise_model}
     whole = label_posterior(x, noisy, prior, **kwargs)
