@@ -419,3 +419,42 @@ def test_non_finite_logits_are_counted_over_every_block(tmp_path):
         predict_rows(
             read_feature_index(path), [member], np.zeros(n, dtype=np.int64), torch.device("cpu"), block=3
         )
+
+
+@pytest.mark.parametrize("command", ["eval", "pseudolabel"])
+def test_a_features_file_replaced_while_the_model_loads_is_an_error(labelled, tmp_path, monkeypatch, command):
+    """Both read the paths and labels, load the model, then stream the values: a file renamed over the input
+    meanwhile (extract --force) scored one file's rows against another's labels, exit 0."""
+    import shutil
+
+    import h5py
+
+    import promptcli.noise.pseudolabels as pseudolabels
+    from promptcli.models import loading
+
+    path = tmp_path / "test.h5"
+    shutil.copy(labelled["features"], path)
+
+    def renamed_over() -> None:
+        other = tmp_path / "other.h5"
+        shutil.copy(path, other)
+        with h5py.File(other, "a") as f:
+            f["features"][...] = f["features"][...][::-1]
+        other.replace(path)
+
+    real_load = loading.load_model_from_record
+
+    def load_then_rename(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        renamed_over()
+        return loaded
+
+    monkeypatch.setattr(loading, "load_model_from_record", load_then_rename)
+    with pytest.raises(InputError, match="changed while it was read"):
+        if command == "eval":
+            evaluate(path, zero_shot=True, device="cpu")
+        else:
+            pseudolabels.pseudolabel_file(
+                path, str(tmp_path / "pseudo.csv"), pseudolabels.PseudolabelOptions()
+            )
+    assert not (tmp_path / "pseudo.csv").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import h5py
@@ -370,3 +371,64 @@ def test_only_paths_reads_those_rows_in_file_order_in_small_blocks(tiny_features
     np.testing.assert_array_equal(part.views, full.views[[2, 7, 11]])
     np.testing.assert_array_equal(part.labels, full.labels[[2, 7, 11]])
     assert part.classnames == full.classnames and part.attrs == full.attrs
+
+
+def _replace_features(path: Path, edit: str) -> None:
+    """Change ``path`` as another command would: a new file renamed over it (extract --force), or a write in place."""
+    if edit == "renamed over":
+        other = path.with_name("other.h5")
+        shutil.copy(path, other)
+        with h5py.File(other, "a") as f:
+            f["features"][...] = f["features"][...][::-1]
+        other.replace(path)
+    else:  # bytes written back in place (h5py cannot reopen a file this process reads), a clock tick later
+        time.sleep(0.05)
+        with open(path, "r+b") as handle:
+            start = handle.read(64)
+            handle.seek(0)
+            handle.write(start)
+
+
+@pytest.mark.parametrize("edit", ["renamed over", "written in place"])
+@pytest.mark.parametrize("when", ["before the blocks", "while they are read"])
+def test_blocks_of_a_file_changed_since_its_index_are_refused(base, tmp_path, edit, when):
+    """eval and zero-shot pseudolabel read the index, load the model, then the values: a file rewritten meanwhile
+    (extract --force renames into place) would give one file's labels another's rows: a wrong metric, exit 0."""
+    path = tmp_path / "f.h5"
+    shutil.copy(base, path)
+    index = read_feature_index(path)
+    blocks = iter_blocks(path, row_blocks(len(index), 5), index.stamp)
+    if when == "while they are read":
+        next(blocks)
+    _replace_features(path, edit)
+    with pytest.raises(InputError, match="changed while it was read") as info:
+        list(blocks)
+    assert str(path) in str(info.value)
+    fresh = read_feature_index(path)  # read again, it is a file like any other
+    assert len(list(iter_blocks(path, row_blocks(len(fresh), 5), fresh.stamp))) == len(
+        row_blocks(len(fresh), 5)
+    )
+
+
+def test_an_unreadable_chunk_is_one_input_error_naming_the_file(base, tmp_path):
+    """A damaged compressed chunk raises OSError inside h5py; every reader turns it into a one-line error."""
+    path = tmp_path / "gz.h5"
+    shutil.copy(base, path)
+    with h5py.File(path, "a") as f:
+        values = f["features"][...]
+        del f["features"]
+        f.create_dataset("features", data=values, chunks=(4, values.shape[1]), compression="gzip")
+    with h5py.File(path, "r") as f:
+        offset = f["features"].id.get_chunk_info(1).byte_offset
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\xff" * 16)
+    index = read_feature_index(path)
+    for read in (
+        lambda: read_features(path, load_views=False),
+        lambda: list(iter_blocks(path, row_blocks(len(index), 5), index.stamp)),
+        lambda: read_features(path, load_views=False, only_paths=index.paths[4:6]),
+    ):
+        with pytest.raises(InputError, match="cannot read dataset 'features'") as info:
+            read()
+        assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -413,7 +413,7 @@ def predict_rows(
         np.full(n, -1, dtype=np.int64),
         np.zeros((n, n_classes)) if keep_probs else None,
     )
-    for start, rows in iter_blocks(fs.path, row_blocks(n, block)):
+    for start, rows in iter_blocks(fs.path, row_blocks(n, block), fs.stamp):
         here = slice(start, start + len(rows))
         feats = torch.from_numpy(rows).to(device)
         probs = ensemble_probabilities([m.block_logits(feats) for m in members])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ class FeatureIndex(_Rows):
     attrs: dict[str, Any]
     dim: int
     n_views: int = 0
+    stamp: tuple[int, ...] = ()  # the file's identity when read (file_stamp): its blocks must come from it
 
 
 def _attr(value: Any) -> Any:
@@ -219,9 +221,26 @@ def read_features(
     return fs
 
 
+def file_stamp(path: str | Path) -> tuple[int, ...]:
+    """The file's device, inode, size and modification time (ns): any rename over it or write to it changes it."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _check_unchanged(path: str | Path, stamp: tuple[int, ...]) -> None:
+    if stamp and file_stamp(path) != stamp:
+        raise InputError(
+            "the features file changed while it was read (rewritten or replaced by another command?)",
+            where=path,
+            hint="run the command again once the file is written",
+        )
+
+
 def read_feature_index(path: str | Path) -> FeatureIndex:
     """Everything in a features file but its feature and view values, checked as :func:`read_features` checks
-    it except for the rows' values (:func:`iter_blocks` checks those as it reads them)."""
+    it except for the rows' values (:func:`iter_blocks` checks those as it reads them, from the same file:
+    ``stamp``)."""
+    stamp = file_stamp(path) if Path(path).is_file() else ()
     with _open(path) as f:
         n, dim = _check_layout(f, path)
         index = FeatureIndex(
@@ -233,22 +252,25 @@ def read_feature_index(path: str | Path) -> FeatureIndex:
             attrs=_read_attrs(f),
             dim=dim,
             n_views=int(f["views"].shape[1]) if "views" in f else 0,
+            stamp=stamp,
         )
+    _check_unchanged(path, stamp)
     check_rows(index)
     return index
 
 
 def _float_rows(ds: h5py.Dataset, keep: np.ndarray | None, block_bytes: int = 64 << 20) -> np.ndarray:
     """Rows ``keep`` (sorted; all when None) of a stored array, as float32, reading ~64 MB blocks."""
+    path = ds.file.filename
     if keep is None:
-        return ds[...].astype(np.float32)
+        return _read_rows(ds, Ellipsis, path).astype(np.float32)
     out = np.empty((len(keep), *ds.shape[1:]), dtype=np.float32)
     block = max(1, block_bytes // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
     done = 0
     for start in range(0, ds.shape[0], block):
         here = keep[(keep >= start) & (keep < start + block)]
         if here.size:
-            out[done : done + here.size] = ds[start : start + block][here - start]
+            out[done : done + here.size] = _read_rows(ds, slice(start, start + block), path)[here - start]
             done += here.size
     return out
 
@@ -488,13 +510,30 @@ def row_blocks(n: int, block: int) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n])) if n else []
 
 
-def iter_blocks(path: str | Path, blocks: Iterable[tuple[int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+def iter_blocks(
+    path: str | Path, blocks: Iterable[tuple[int, int]], stamp: tuple[int, ...] = ()
+) -> Iterator[tuple[int, np.ndarray]]:
     """Stream (start row, float32 rows) of a features file's ``(start, stop)`` blocks, each checked as
-    :func:`read_features` checks the whole (NaN/inf, unit norm)."""
+    :func:`read_features` checks the whole (NaN/inf, unit norm). With ``stamp`` (its index's), a file
+    replaced or written since the index was read is an error, not rows of another file."""
     with _open(path) as f:
+        _check_unchanged(path, stamp)
         _check_layout(f, path)
         ds, paths = f["features"], f["paths"]
         for start, stop in blocks:
-            rows = ds[start:stop].astype(np.float32)
+            rows = _read_rows(ds, slice(start, stop), path).astype(np.float32)
             check_unit_rows(rows, Path(path), lambda row: _decode([paths[row]])[0], first_row=start)
             yield start, rows
+    _check_unchanged(path, stamp)  # not written in place while it was read
+
+
+def _read_rows(ds: h5py.Dataset, rows: Any, path: str | Path) -> np.ndarray:
+    """``ds[rows]``; an unreadable chunk (a damaged file) is a one-line error naming the file."""
+    try:
+        return ds[rows]
+    except OSError as exc:
+        raise InputError(
+            f"cannot read dataset {ds.name.lstrip('/')!r}: {str(exc).splitlines()[0]}",
+            where=path,
+            hint=_DAMAGED,
+        ) from exc

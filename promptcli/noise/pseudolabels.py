@@ -72,7 +72,7 @@ def zero_shot_predict_file(
     scale = logit_scale(loaded)
     parts = [
         predict(rows, weights, scale, batch_size)
-        for _, rows in iter_blocks(index.path, row_blocks(len(index), batch_size))
+        for _, rows in iter_blocks(index.path, row_blocks(len(index), batch_size), index.stamp)
     ]
     if not parts:
         return predict(np.zeros((0, index.dim), dtype=np.float32), weights, scale, batch_size)
