@@ -432,3 +432,19 @@ def test_an_unreadable_chunk_is_one_input_error_naming_the_file(base, tmp_path):
         with pytest.raises(InputError, match="cannot read dataset 'features'") as info:
             read()
         assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_bad_row_among_the_kept_ones_is_named_by_its_file_row(base, tmp_path):
+    """tune, clean and corrupt --confusion-from read only their labels' rows: the error names the file's row 7, not
+    the second kept row."""
+
+    def nan_row_7(f):
+        f["features"][7] = np.nan
+
+    path = edited(base, tmp_path, nan_row_7)
+    paths = read_feature_index(path).paths
+    with pytest.raises(InputError, match=rf"row 7 \({paths[7]}\) are not finite"):
+        read_features(path, only_paths=[paths[2], paths[7]])
+    index = read_feature_index(path)
+    with pytest.raises(InputError, match=rf"row 7 \({paths[7]}\) are not finite"):
+        list(iter_blocks(path, row_blocks(len(index), 5), index.stamp))

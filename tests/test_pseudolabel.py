@@ -218,3 +218,25 @@ def test_zero_shot_read_in_blocks_equals_the_whole_file(tiny_features, tiny_mode
         )
         assert np.array_equal(got.labels, want.labels) and np.array_equal(got.confidence, want.confidence)
         assert got.labels.dtype == want.labels.dtype and got.confidence.dtype == want.confidence.dtype
+
+
+@pytest.mark.parametrize("method", ["zero-shot", "transductive"])
+def test_a_features_file_without_images_is_one_input_error(tiny_features, tmp_path, run_cli, method):
+    """It reached the unexpected-error handler (formatting a missing --min-confidence, or max() of no rows)."""
+    import shutil
+
+    import h5py
+
+    empty = tmp_path / "empty.h5"
+    shutil.copy(tiny_features, empty)
+    with h5py.File(empty, "a") as f:
+        for name in ("features", "views", "paths", "labels", "splits"):
+            values = f[name][:0]
+            del f[name]
+            f.create_dataset(
+                name, data=values, dtype=values.dtype if values.dtype.kind != "O" else h5py.string_dtype()
+            )
+    out = tmp_path / "pseudo.csv"
+    code, _, stderr = run_cli("pseudolabel", str(empty), "--method", method, "-o", str(out))
+    assert code == 2 and "has no images" in stderr and str(empty) in stderr and "Traceback" not in stderr
+    assert not out.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +217,7 @@ def read_features(
             attrs=_read_attrs(f),
             views=_float_rows(f["views"], keep) if load_views and "views" in f else None,
         )
-    check_feature_set(fs)
+    check_feature_set(fs, rows=keep)  # errors name the file's rows, not the kept ones'
     return fs
 
 
@@ -381,10 +381,11 @@ def _labels(f: h5py.File, path: str | Path) -> np.ndarray:
     return raw.astype(np.int64)
 
 
-def check_feature_set(fs: FeatureSet) -> None:
+def check_feature_set(fs: FeatureSet, rows: Sequence[int] | None = None) -> None:
     """Refuse a features file whose datasets disagree in rows or width, with NaN/inf or rows that are not
     L2-normalised (features, and views when loaded), an out-of-range label, or an empty or repeated
-    image path (``x`` and ``./x`` are one path)."""
+    image path (``x`` and ``./x`` are one path). ``rows``: the file row of each of ``fs``'s rows, for the
+    errors (default: they are the file's rows, in order)."""
     n = len(fs.paths)
     if fs.features.ndim != 2 or fs.labels.ndim != 1:
         raise InputError(
@@ -401,9 +402,9 @@ def check_feature_set(fs: FeatureSet) -> None:
         raise _layout_error(
             "views", f"has shape {fs.views.shape} for features of shape {fs.features.shape}", fs.path
         )
-    check_unit_rows(fs.features, fs.path, lambda i: fs.paths[i])
+    check_unit_rows(fs.features, fs.path, lambda i: fs.paths[i], rows=rows)
     if fs.views is not None:
-        check_unit_rows(fs.views, fs.path, lambda i: fs.paths[i], what="augmented views")
+        check_unit_rows(fs.views, fs.path, lambda i: fs.paths[i], what="augmented views", rows=rows)
     check_rows(fs)
 
 
@@ -427,10 +428,10 @@ def check_unit_rows(
     where: str | Path,
     name_of: Callable[[int], str],
     what: str = "features",
-    first_row: int = 0,
+    rows: Sequence[int] | None = None,
 ) -> None:
     """Refuse rows (``(N, D)``, or ``(N, V, D)`` views) with NaN/inf or an L2 norm off 1 by more than
-    :data:`NORM_TOLERANCE`, naming the first bad row (``first_row`` + its index, ``name_of`` of that).
+    :data:`NORM_TOLERANCE`, naming the first bad row: its file row (``rows[i]``, default i) and ``name_of(i)``.
 
     One vectorised pass of squared norms (NaN/inf rows give NaN/inf); values are looked at only in the
     first bad row, to say whether it is non-finite or off unit norm.
@@ -444,19 +445,19 @@ def check_unit_rows(
     if not bad_rows.any():
         return
     i = int(np.argmax(bad_rows))
-    row = first_row + i
+    row = int(rows[i]) if rows is not None else i
     if not np.isfinite(array[i]).all():
         raise InputError(
-            f"{what} of row {row} ({name_of(row)}) are not finite (NaN or inf)",
+            f"{what} of row {row} ({name_of(i)}) are not finite (NaN or inf)",
             where=where,
             hint="the file is damaged or was made from bad input; re-extract it",
         )
     norms = np.sqrt(squared[i].astype(np.float64)).reshape(-1)
     j = int(np.argmax(bad[i].reshape(-1)))
     if array.ndim == 3:
-        which = f"augmented view {j} of row {row} ({name_of(row)}) has"
+        which = f"augmented view {j} of row {row} ({name_of(i)}) has"
     else:
-        which = f"{what} of row {row} ({name_of(row)}) have"
+        which = f"{what} of row {row} ({name_of(i)}) have"
     raise InputError(
         f"{which} L2 norm {norms[j]:.4g}, not 1 (features files hold L2-normalised embeddings)",
         where=where,
@@ -522,7 +523,12 @@ def iter_blocks(
         ds, paths = f["features"], f["paths"]
         for start, stop in blocks:
             rows = _read_rows(ds, slice(start, stop), path).astype(np.float32)
-            check_unit_rows(rows, Path(path), lambda row: _decode([paths[row]])[0], first_row=start)
+            check_unit_rows(
+                rows,
+                Path(path),
+                lambda i, first=start: _decode([paths[first + i]])[0],
+                rows=range(start, stop),
+            )
             yield start, rows
     _check_unchanged(path, stamp)  # not written in place while it was read
 

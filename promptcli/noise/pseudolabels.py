@@ -319,6 +319,8 @@ def pseudolabel_file(
     transductive = method == PseudoLabelMethod.TRANSDUCTIVE.value
     # zero-shot reads the feature values a block at a time, as it predicts; the transductive fit needs them all
     fs = read_features(features, load_views=False) if transductive else read_feature_index(features)
+    if not len(fs):  # before the model loads; there is nothing to label
+        raise InputError("the features file has no images", where=features, hint="extract a folder of images")
     label_names = list(fs.classnames)
     prompt_names = read_classnames(classnames) if classnames else label_names
     if not label_names:
