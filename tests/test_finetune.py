@@ -188,11 +188,15 @@ def test_train_layers_last_k_trains_the_last_blocks_and_after(
 
 def test_lp_ft_starts_fine_tuning_from_the_linear_probe(tmp_path, tiny_features, labels_csv, zero_epochs):
     out = tmp_path / "lpft.safetensors"
-    summary = _ft(tiny_features, labels_csv, out, ft={"lp_ft": True, "lp_epochs": 5}, epochs=0)
+    summary = _ft(
+        tiny_features, labels_csv, out, ft={"lp_ft": True, "lp_epochs": 5}, epochs=0, weight_decay=0.1
+    )
     meta = read_prompt(out).metadata
-    assert meta["lp_ft"]["optimizer"]["epochs"] == 5 and meta["lp_ft"]["optimizer"]["lr"] == 1.0
-    # the probe stage is tune's SGD loop, though the tower trains with AdamW
-    assert meta["lp_ft"]["optimizer"]["optimizer"] == "sgd" and meta["optimizer"]["optimizer"] == "adamw"
+    probe, tower = meta["lp_ft"]["optimizer"], meta["optimizer"]
+    assert probe["epochs"] == 5 and probe["lr"] == 1.0
+    # the probe stage is tune's SGD loop with its own weight decay, though the tower trains with AdamW at 0.1
+    assert probe["optimizer"] == "sgd" and probe["weight_decay"] == 5e-4
+    assert tower["optimizer"] == "adamw" and tower["lr"] == 1e-5 and tower["weight_decay"] == 0.1
     assert summary["lp_ft"]["metrics"]["epochs"] == 5
     assert not torch.equal(read_prompt(out).tensors["weight"], read_prompt(zero_epochs).tensors["weight"])
 
@@ -430,3 +434,33 @@ def test_outputs_may_not_be_inputs_or_each_other(tmp_path, tiny_features, labels
         code, _, err = run_cli(*base, *args)
         assert code == 2 and message in err, err
     assert labels.read_bytes() == before and not (tmp_path / "p.safetensors").exists()
+
+
+def test_finetune_defaults_resolve_in_the_python_api_as_in_the_cli():
+    """AdamW at 1e-5 by default, SGD at 1e-4: the rates the tower needs, not CoOp's 0.002."""
+    default = TuneOptions(method="finetune").optim_config()
+    sgd = TuneOptions(method="finetune", optimizer="sgd").optim_config()
+    assert (default.optimizer, default.lr) == ("adamw", 1e-5) and (sgd.optimizer, sgd.lr) == ("sgd", 1e-4)
+    assert TuneOptions(method="finetune", lr=3e-5).optim_config().lr == 3e-5
+
+
+def test_a_run_started_with_the_old_sgd_default_is_told_how_to_resume(tmp_path, tiny_features, labels_csv):
+    """Runs interrupted before finetune's default became AdamW trained with SGD at 1e-4: resuming them with the same
+    command line names the changed default instead of "other inputs or options"."""
+    cut = tmp_path / "cut.safetensors"
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    def run(optimizer, **kwargs):
+        options = TuneOptions(method="finetune", epochs=2, batch_size=8, seed=0, optimizer=optimizer)
+        return finetune(
+            tiny_features, labels_csv, cut, options, FinetuneOptions(workers=0), device="cpu", **kwargs
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        run("sgd", on_epoch=stop)  # what the old default resolved to: SGD, lr 1e-4
+    with pytest.raises(InputError, match="trained with SGD.*--optimizer sgd"):
+        run(None, resume=True)
+    assert run("sgd", resume=True)["resumed_from_epoch"] == 1

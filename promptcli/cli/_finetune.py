@@ -22,7 +22,7 @@ ImagesOpt = Annotated[
 SkipBadOpt = Annotated[
     bool, typer.Option("--skip-bad", help="finetune: leave unreadable training images out (listed).")
 ]
-# (tune's --lr default for finetune: AdamW 1e-5, SGD 1e-4; see learning/finetune.py FINETUNE_LR)
+# (tune's --lr default for finetune: AdamW 1e-5, SGD 1e-4; see learning/options.py FINETUNE_LR)
 FtWorkersOpt = Annotated[
     int, typer.Option("--workers", "-j", help="finetune, vpt, maple: image-decoding worker processes.")
 ]

@@ -44,7 +44,13 @@ from promptcli.choices import Optimizer
 from promptcli.errors import InputError, RuntimeFailure, warn_user
 from promptcli.io.checks import check_step
 from promptcli.io.fileio import locks_output
-from promptcli.learning.options import LINEAR_LR, OptimConfig, TuneOptions
+from promptcli.learning.options import (
+    DEFAULT_WEIGHT_DECAY,
+    FINETUNE_LR,
+    LINEAR_LR,
+    OptimConfig,
+    TuneOptions,
+)
 from promptcli.learning.shards import Shard
 
 # The centre-crop embeddings the tower computes for the training images must match the features
@@ -55,7 +61,6 @@ MATCH_COSINE_HALF = 0.95  # when the features were extracted in fp16/bf16
 # CLIP), so tower gradients are ~50x a unit-scale head's; CoOp's 0.002 wrecks the demo's tower within
 # an epoch (train clean accuracy 0.43 -> 0.16; AdamW 1e-5 and SGD 1e-4 do not, measured on the demo at
 # 16 shots, 50% noise). AdamW 1e-5 is WiSE-FT's order of magnitude (3e-5 at batch 512).
-FINETUNE_LR = {"adamw": 1e-5, "sgd": 1e-4}
 
 
 @dataclass
@@ -561,6 +566,14 @@ class MapleMethod(ImageMethod):
         return self.tower.disabled()
 
 
+def _fingerprint_of(checkpoint: Path) -> str | None:
+    """The fingerprint a readable checkpoint records, else None."""
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True).get("fingerprint")
+    except Exception:  # unreadable: load_checkpoint has said so
+        return None
+
+
 def linear_probe_stage(
     head: torch.nn.Module,
     run: ImageRun,
@@ -581,8 +594,15 @@ def linear_probe_stage(
         clean=run.clean,
         is_noisy=run.is_noisy,
     )
-    # tune's linear-probe loop as it is: SGD at lr 1.0 (the tower's AdamW at that rate throws the head away)
-    config = replace(optim, optimizer=Optimizer.SGD.value, lr=LINEAR_LR, epochs=ft.lp_epochs)
+    # tune's linear-probe loop with its own settings: SGD at lr 1.0, weight decay 5e-4 (the tower's AdamW, or an
+    # AdamW-sized weight decay such as 0.1, at that rate throws the head away)
+    config = replace(
+        optim,
+        optimizer=Optimizer.SGD.value,
+        lr=LINEAR_LR,
+        weight_decay=DEFAULT_WEIGHT_DECAY,
+        epochs=ft.lp_epochs,
+    )
     result = train(
         head, data, loss_fn, config, seed=options.seed, device=device, amp=False, split=options.split_config()
     )
@@ -633,6 +653,7 @@ def finetune(
     from promptcli.models.loading import load_model_from_record
 
     shard = shard or Shard()
+    optimizer_given = options.optimizer is not None
     options = options.resolved()
     method_name = str(options.method)
     if method_name not in IMAGE_METHODS:
@@ -646,6 +667,7 @@ def finetune(
         beta=options.beta,
         label_smoothing=options.label_smoothing,
     )
+    lr_given = options.lr is not None
     if method_name == FINETUNE_METHOD and options.lr is None and options.optimizer in FINETUNE_LR:
         options = replace(options, lr=FINETUNE_LR[options.optimizer])
     optim = options.optim_config(options.weight_decay)
@@ -756,20 +778,37 @@ def finetune(
         run_info["split"] = {"method": split.method, "noisy_loss": split.noisy_loss, "epsilon": split.epsilon}
     if ft.lp_ft:
         run_info["lp_ft"] = True
-    run_id = digest(
-        {
-            "features": run.features_sha,
-            "labels": run.labels_sha,
-            "options": asdict(options),
-            "finetune": {**asdict(ft), "wise_alphas": None, "workers": None, "images": None}
-            if method_name == FINETUNE_METHOD
-            else {**asdict(ft), "workers": None, "images": None},
-            "rows": run.rows.tolist(),
-            "weight_decay": optim.weight_decay,
-        }
-    )
 
-    state = load_checkpoint(partial, run_id) if resume and partial.exists() else None
+    def run_fingerprint(opts: TuneOptions) -> str:
+        return digest(
+            {
+                "features": run.features_sha,
+                "labels": run.labels_sha,
+                "options": asdict(opts),
+                "finetune": {**asdict(ft), "wise_alphas": None, "workers": None, "images": None}
+                if method_name == FINETUNE_METHOD
+                else {**asdict(ft), "workers": None, "images": None},
+                "rows": run.rows.tolist(),
+                "weight_decay": optim.weight_decay,
+            }
+        )
+
+    run_id = run_fingerprint(options)
+    state = None
+    if resume and partial.exists():
+        try:
+            state = load_checkpoint(partial, run_id)
+        except InputError:
+            if method_name == FINETUNE_METHOD and not optimizer_given:
+                # started before finetune's default optimiser became AdamW? Then name the option that changed
+                sgd = replace(options, optimizer="sgd", lr=options.lr if lr_given else FINETUNE_LR["sgd"])
+                if _fingerprint_of(partial) == run_fingerprint(sgd):
+                    raise InputError(
+                        "the interrupted run trained with SGD, finetune's default optimiser before it became AdamW",
+                        where=partial,
+                        hint="resume with --optimizer sgd added to the same command line",
+                    ) from None
+            raise
     lp_record: dict[str, Any] | None = None
     if state is None and ft.lp_ft:
         info(f"Linear probe on the frozen features ({ft.lp_epochs} epochs), then fine-tuning")

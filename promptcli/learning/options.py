@@ -51,6 +51,9 @@ METHOD_BATCH = {
     Method.TIP_ADAPTER_F.value: 256,
 }
 METHOD_LR = {Method.TIP_ADAPTER_F.value: 0.001, Method.VPT.value: 0.0025, Method.MAPLE.value: 0.0035}
+# A whole tower's rate depends on the optimiser: the head's logit scale (~50) makes its gradients large, and CoOp's
+# 0.002 wrecks a tower in an epoch.
+FINETUNE_LR = {Optimizer.ADAMW.value: 1e-5, Optimizer.SGD.value: 1e-4}
 # Fine-tuning a whole tower: AdamW at 1e-5, as every documented finetune run (SGD needs its own lr search).
 METHOD_OPTIMIZER = {
     Method.TIP_ADAPTER_F.value: Optimizer.ADAMW.value,
@@ -224,6 +227,8 @@ class TuneOptions:
         (``weight_decay`` None: the method's default weight decay)."""
         o = self.resolved()
         lr = o.lr
+        if lr is None and o.method == Method.FINETUNE.value:
+            lr = FINETUNE_LR[str(o.optimizer)]
         if lr is None:
             lr = METHOD_LR.get(o.method, LINEAR_LR if o.method in LINEAR_METHODS else DEFAULT_LR)
         if weight_decay is None:
