@@ -102,9 +102,10 @@ def test_small_files_the_switch_and_an_unwritable_cache(big, monkeypatch, tmp_pa
     small = tmp_path / "labels.csv"
     small.write_text("path,label\n")
     assert sha256_file(small) == _expected(small) and _entries(tmp_path) == []
-    monkeypatch.setenv("PROMPTCLI_HASH_CACHE", "0")
-    sha256_file(path), sha256_file(path)
-    assert _entries(tmp_path) == []
+    for off in ("0", "false", "No", " off "):
+        monkeypatch.setenv("PROMPTCLI_HASH_CACHE", off)
+        sha256_file(path), sha256_file(path)
+        assert _entries(tmp_path) == []
     monkeypatch.delenv("PROMPTCLI_HASH_CACHE")
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the cache folder would be")

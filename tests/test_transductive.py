@@ -330,8 +330,8 @@ def test_the_fit_in_blocks_of_rows_equals_the_whole_file_fit(monkeypatch, case):
     torch.testing.assert_close(blocks.posterior, whole.posterior, rtol=0, atol=1e-10)
 
 
-def test_the_fit_reports_each_of_its_steps():
-    """``on_step`` drives pseudolabel's progress bar: fit_steps() calls, each naming its stage, labels or not."""
+def test_the_fit_announces_each_of_its_steps():
+    """``on_step`` drives pseudolabel's progress bar: each of fit_steps() stages as it starts, then "done"."""
     from promptcli.noise.transductive import fit_steps
 
     x, truth = _clusters(n_per_class=20)
@@ -342,12 +342,12 @@ def test_the_fit_reports_each_of_its_steps():
         transductive_posterior(
             x, prior, centroid_scale=10.0, neighbour_scale=1.0, labels=given, on_step=steps.append
         )
-        assert len(steps) == fit_steps() == 12
-        assert steps[4:8] == ["clustering, round 5", "neighbour graph", "label spreading", steps[7]]
-        assert steps[-1] == ("labelled round 10" if given is not None else "round 10")
+        assert len(steps) == fit_steps() + 1 == 13 and steps[-1] == "done"
+        assert steps[4:7] == ["clustering, round 5", "neighbour graph", "label spreading"]
+        assert steps[-2] == ("labelled round 10" if given is not None else "round 10")
     short: list[str] = []
     transductive_posterior(x, prior, centroid_scale=10.0, neighbour_scale=0.0, rounds=3, on_step=short.append)
-    assert len(short) == fit_steps(3) == 5
+    assert len(short) == fit_steps(3) + 1 == 6
 
 
 def _csv(path):

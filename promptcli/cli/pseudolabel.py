@@ -121,10 +121,12 @@ def command(
         bars: list = []
 
         def fit_step(stage: str) -> None:  # the bar starts with the fit, not while the model loads
-            if not bars:
+            if bars:
+                bars[0].advance()  # the previous step is done
+            else:
                 bars.append(stack.enter_context(out.progress("transductive fit", fit_steps(), "steps")))
-            bars[0].describe(f"transductive fit: {stage}")
-            bars[0].advance()
+            if stage != "done":
+                bars[0].describe(f"transductive fit: {stage}")
 
         result = pseudolabel_file(
             features,

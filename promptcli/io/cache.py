@@ -7,8 +7,10 @@ keyed by the file's real path, and trusted only while the file's device, inode, 
 change times (in ns) are all unchanged. A user cannot set a file's change time back, so any write to the file,
 or a file renamed over it, misses the cache. As git does for its index, a file modified less than
 ``RACY_SECONDS`` before it was hashed is not remembered: on a filesystem with coarse timestamps a second write
-in the same tick would keep every time stamp. The cache is best effort: an unreadable or damaged entry is
-recomputed, an unwritable folder is skipped, and ``PROMPTCLI_HASH_CACHE=0`` turns it off.
+in the same tick would keep every time stamp. One kind of write keeps the times: a program writing through a
+shared memory map (``mmap``) after the file was hashed, which the kernel need not stamp (promptcli and h5py
+write through ``write``). The cache is best effort: an unreadable or damaged entry is recomputed, an unwritable
+folder is skipped, and ``PROMPTCLI_HASH_CACHE=0`` (or ``false``, ``no``, ``off``) turns it off.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 MIN_BYTES = 64 << 20  # smaller files hash in under 0.1 s: not worth an entry
 RACY_SECONDS = 2.0
+OFF = frozenset({"0", "false", "no", "off"})
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -44,7 +47,7 @@ def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def remembered_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """:func:`hash_file`, remembered across commands for large files (see the module docstring)."""
     before = os.stat(path)
-    if before.st_size < MIN_BYTES or os.environ.get("PROMPTCLI_HASH_CACHE", "1") == "0":
+    if before.st_size < MIN_BYTES or os.environ.get("PROMPTCLI_HASH_CACHE", "1").strip().lower() in OFF:
         return hash_file(path, chunk)
     stamp = _stamp(before)
     entry = default_cache_root() / "sha256" / f"{hashlib.sha256(_real(path).encode()).hexdigest()}.json"

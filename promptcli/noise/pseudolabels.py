@@ -250,8 +250,8 @@ def pseudolabel_file(
     on_fit_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Pseudo-labels of a features file (zero-shot, or ``--method transductive``), selected, written as a
-    labels CSV (+ sidecar). ``on_fit_step(stage)`` follows the transductive fit's steps
-    (:func:`promptcli.noise.transductive.fit_steps`).
+    labels CSV (+ sidecar). ``on_fit_step(stage)`` is told each step of the transductive fit as it starts,
+    then "done" (:func:`promptcli.noise.transductive.fit_steps`).
 
     Returns the summary (the sidecar's record) with ``n_images`` and ``n_kept`` added.
     """

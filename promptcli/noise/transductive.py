@@ -124,8 +124,8 @@ UNCHANGED_CHECKS_CHANCE = 0.01
 
 
 def fit_steps(rounds: int = DEFAULT_ROUNDS) -> int:
-    """Steps a fit reports to ``on_step``: every round, the neighbour graph and the label spreading (each
-    reported, done or not needed)."""
+    """Steps of a fit, as ``on_step`` announces them: every round, the neighbour graph and the label spreading
+    (each announced, needed or not); then it says "done"."""
     return rounds + 2
 
 
@@ -399,7 +399,7 @@ def transductive_posterior(
     ``spread=False`` names the clusters from the raw labels, without label spreading; ``local_weight``
     weighs the spread labels' evidence for every image in the labelled rounds (0: none);
     ``neighbour_scale`` the neighbours' posterior mass in the second half of the rounds (0: none).
-    ``on_step(stage)`` is called after each of the :func:`fit_steps` steps (for progress bars).
+    ``on_step(stage)`` is called as each of the :func:`fit_steps` steps starts, then with "done" (progress bars).
     """
     n, n_classes = prior_log_probs.shape
     prior_log_probs = prior_log_probs.to(features.device)
@@ -478,12 +478,13 @@ def transductive_posterior(
         q[start : start + block] = torch.softmax(prior(slice(start, start + block)), dim=1)
     cluster_rounds = rounds // 2
     for round_ in range(cluster_rounds):
-        e_step(second_half=False)
         step(f"clustering, round {round_ + 1}")
+        e_step(second_half=False)
+    step("neighbour graph")
     if neighbour_scale > 0 or (voters is not None and spread):
         near = neighbours(directions, voters)
         positions = near.positions(n)
-    step("neighbour graph")
+    step("label spreading")
     label_mass = None
     if voters is not None:
         if spread:
@@ -510,13 +511,13 @@ def transductive_posterior(
         # then the labels' channel (and the spread labels' local evidence, in class space: after the renaming)
         if label_mass is not None and local_weight > 0:
             local = local_evidence(label_mass, local_weight)
-    step("label spreading")
     for round_ in range(cluster_rounds, rounds):
-        e_step(second_half=True)
         step(f"{'labelled ' if labels is not None else ''}round {round_ + 1}")
+        e_step(second_half=True)
         if labels is not None and noise_rate is None:
             agree = q[known].gather(1, labels[known][:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
+    step("done")
     if not all(torch.isfinite(q[start : start + block]).all() for start in range(0, n, block)):
         raise ValueError("the transductive posterior is not finite (non-finite features or prior?)")
     return TransductiveResult(
