@@ -212,10 +212,7 @@ def zero_shot_class_logits(
     loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str], features: torch.Tensor
 ) -> torch.Tensor:
     """Zero-shot CLIP logits (templates ensembled as in ``pseudolabel``)."""
-    from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
-
-    weights = class_text_embeddings(loaded, list(classnames), list(templates)).to(features.device)
-    return zero_shot_logits(features.float(), weights.float(), logit_scale(loaded))
+    return zero_shot_member(loaded, classnames, templates, features.device).logits(features)
 
 
 def ensemble_probabilities(logits: Sequence[torch.Tensor]) -> np.ndarray:
@@ -370,13 +367,14 @@ def prompt_member(prompt: PromptFile, loaded: LoadedModel | None, device: torch.
 def zero_shot_member(
     loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str], device: torch.device
 ) -> Member:
-    """Zero-shot CLIP as an ensemble member (:func:`zero_shot_class_logits` a block at a time)."""
+    """Zero-shot CLIP as an ensemble member: its logits as a function of a block of features, the text
+    embedded once."""
     from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
 
     weights = class_text_embeddings(loaded, list(classnames), list(templates)).to(device).float()
     scale = logit_scale(loaded)
-    # zero_shot_class_logits multiplies all rows at once; blocks of EVAL_BLOCK rows or more give the same bits
-    # with MKL, which rounds a product's rows otherwise only at a handful of rows (hence no short last block)
+    # blocks of EVAL_BLOCK rows or more give the bits of one product over all rows with MKL, which rounds a
+    # product's rows otherwise only at a handful of rows (hence no short last block)
     return Member(lambda features: zero_shot_logits(features.float(), weights, scale), 1)
 
 

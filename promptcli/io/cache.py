@@ -49,20 +49,16 @@ def remembered_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     before = os.stat(path)
     if before.st_size < MIN_BYTES or os.environ.get("PROMPTCLI_HASH_CACHE", "1").strip().lower() in OFF:
         return hash_file(path, chunk)
-    stamp = _stamp(before)
-    entry = default_cache_root() / "sha256" / f"{hashlib.sha256(_real(path).encode()).hexdigest()}.json"
+    stamp, real = _stamp(before), os.path.realpath(path)
+    entry = default_cache_root() / "sha256" / f"{hashlib.sha256(real.encode()).hexdigest()}.json"
     known = _read(entry)
     if known is not None and known["stamp"] == stamp:
         return known["sha256"]
     digest = hash_file(path, chunk)
     settled = time.time_ns() - max(before.st_mtime_ns, before.st_ctime_ns) > RACY_SECONDS * 1e9
     if settled and _stamp(os.stat(path)) == stamp:  # and not written while it was read
-        _write(entry, {"path": _real(path), "stamp": stamp, "sha256": digest})
+        _write(entry, {"path": real, "stamp": stamp, "sha256": digest})
     return digest
-
-
-def _real(path: str | Path) -> str:
-    return os.path.realpath(path)
 
 
 def _stamp(st: os.stat_result) -> list[int]:

@@ -199,26 +199,33 @@ def read_features(
     """
     with _open(path) as f:
         n, _ = _check_layout(f, path)
-        paths = _strings(f, "paths", path)
-        labels = _labels(f, path)
-        splits = _strings(f, "splits", path) if "splits" in f else [""] * n
+        rows = _row_fields(f, path, n)
         keep = None
         if only_paths is not None:
             wanted = set(only_paths)
-            keep = np.flatnonzero(np.fromiter((p in wanted for p in paths), dtype=bool, count=n))
-            paths, labels, splits = [paths[i] for i in keep], labels[keep], [splits[i] for i in keep]
+            keep = np.flatnonzero(np.fromiter((p in wanted for p in rows["paths"]), dtype=bool, count=n))
+            rows["paths"] = [rows["paths"][i] for i in keep]
+            rows["labels"] = rows["labels"][keep]
+            rows["splits"] = [rows["splits"][i] for i in keep]
         fs = FeatureSet(
             path=Path(path),
             features=_float_rows(f["features"], keep),
-            paths=paths,
-            labels=labels,
-            splits=splits,
-            classnames=_strings(f, "classnames", path),
-            attrs=_read_attrs(f),
             views=_float_rows(f["views"], keep) if load_views and "views" in f else None,
+            **rows,
         )
     check_feature_set(fs, rows=keep)  # errors name the file's rows, not the kept ones'
     return fs
+
+
+def _row_fields(f: h5py.File, path: str | Path, n: int) -> dict[str, Any]:
+    """What a features file says about its rows besides their values: paths, labels, splits, classes, attributes."""
+    return {
+        "paths": _strings(f, "paths", path),
+        "labels": _labels(f, path),
+        "splits": _strings(f, "splits", path) if "splits" in f else [""] * n,
+        "classnames": _strings(f, "classnames", path),
+        "attrs": _read_attrs(f),
+    }
 
 
 def file_stamp(path: str | Path) -> tuple[int, ...]:
@@ -245,11 +252,7 @@ def read_feature_index(path: str | Path) -> FeatureIndex:
         n, dim = _check_layout(f, path)
         index = FeatureIndex(
             path=Path(path),
-            paths=_strings(f, "paths", path),
-            labels=_labels(f, path),
-            splits=_strings(f, "splits", path) if "splits" in f else [""] * n,
-            classnames=_strings(f, "classnames", path),
-            attrs=_read_attrs(f),
+            **_row_fields(f, path, n),
             dim=dim,
             n_views=int(f["views"].shape[1]) if "views" in f else 0,
             stamp=stamp,

@@ -68,9 +68,10 @@ EMPTY_MASS = 1e-6  # a leave-one-out centroid with less posterior mass than this
 BLOCK_VALUES = 1 << 22
 
 
-def block_rows(n_classes: int) -> int:
-    """Rows per block of an E-step for ``n_classes`` classes."""
-    return max(1, BLOCK_VALUES // n_classes)
+def em_blocks(n_rows: int, n_classes: int) -> list[slice]:
+    """The blocks of rows an E-step over ``n_rows`` x ``n_classes`` works through (``BLOCK_VALUES`` each)."""
+    block = max(1, BLOCK_VALUES // n_classes)
+    return [slice(start, start + block) for start in range(0, n_rows, block)]
 
 
 RATE_MARGIN = 1e-3  # keeps an estimated rate inside (0, (C-1)/C), where labels still carry signal
@@ -119,9 +120,7 @@ def class_transition(q: torch.Tensor, labels: torch.Tensor, rate: float, smoothi
     ``rate``, so a class with little posterior mass stays close to symmetric noise."""
     n_classes = q.shape[1]
     counts = torch.zeros(n_classes, n_classes, dtype=q.dtype, device=q.device)
-    block = block_rows(n_classes)
-    for start in range(0, len(labels), block):
-        rows = slice(start, start + block)
+    for rows in em_blocks(len(labels), n_classes):
         counts += q[rows].t() @ torch.nn.functional.one_hot(labels[rows], n_classes).to(q.dtype)
     symmetric = log_channel(torch.arange(n_classes, device=q.device), n_classes, rate).exp()
     return (counts + smoothing * symmetric) / (q.sum(dim=0)[:, None] + smoothing)
@@ -288,8 +287,7 @@ def _em(
     """One EM run at fixed evidence weights (the maths of the module docstring), a block of rows at a time:
     besides the prior it holds the posterior and the evidence as (N, C) arrays, and O(block x C) temporaries."""
     n, n_classes = prior.shape
-    block = block_rows(n_classes)
-    blocks = [slice(start, start + block) for start in range(0, n, block)]
+    blocks = em_blocks(n, n_classes)
     prior = prior_weight * prior
     # two classes: 0.5 is the rate at which labels say nothing, so start halfway to it
     start = INITIAL_RATE if INITIAL_RATE < limit - RATE_MARGIN else limit / 2

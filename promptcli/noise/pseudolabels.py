@@ -51,7 +51,7 @@ def zero_shot_predict(
     templates: Sequence[str] | None = None,
 ) -> Predictions:
     """Zero-shot CLIP on image features: prompt ensembles averaged, logits scaled by the model's scale."""
-    check_dim(loaded, features)
+    check_embed_dim(loaded, features.shape[1])
     weights = class_text_embeddings(loaded, classnames, templates)
     return predict(features, weights, logit_scale(loaded))
 
@@ -79,10 +79,6 @@ def zero_shot_predict_file(
     return Predictions(
         np.concatenate([p.labels for p in parts]), np.concatenate([p.confidence for p in parts])
     )
-
-
-def check_dim(loaded: LoadedModel, features: np.ndarray, where: str | None = None) -> None:
-    check_embed_dim(loaded, features.shape[1], where)
 
 
 def check_embed_dim(loaded: LoadedModel, dim: int, where: str | Path | None = None) -> None:

@@ -69,9 +69,9 @@ import torch
 from promptcli.noise.label_posterior import (
     INITIAL_RATE,
     RATE_MARGIN,
-    block_rows,
     centred_directions,
     class_sums,
+    em_blocks,
     leave_one_out_cosine,
     log_channel,
     max_noise_rate,
@@ -326,10 +326,8 @@ def local_evidence(spread: LabelMass, weight: float) -> torch.Tensor:
 def prior_votes(q: torch.Tensor, prior_log_probs: torch.Tensor) -> torch.Tensor:
     """(C, C) each cluster's expected zero-shot votes: ``q^T exp(prior_log_probs)``, a block of rows at a time."""
     n_classes = q.shape[1]
-    block = block_rows(n_classes)
     out = torch.zeros(n_classes, prior_log_probs.shape[1], dtype=q.dtype, device=q.device)
-    for start in range(0, q.shape[0], block):
-        rows = slice(start, start + block)
+    for rows in em_blocks(q.shape[0], n_classes):
         out += q[rows].t() @ prior_log_probs[rows].to(q.dtype).exp()
     return out
 
@@ -433,7 +431,7 @@ def transductive_posterior(
     known = None if labels is None else labels >= 0
     rate = (INITIAL_RATE if noise_rate is None else noise_rate) if labels is not None else None
     near, positions = None, None
-    block = block_rows(n_classes)
+    blocks = em_blocks(n, n_classes)
     inverse = None  # the prior's columns in the labels' names of the clusters, once they rename one
     local = None  # (R, C) the spread labels' evidence for the graph's rows, in the labelled rounds
 
@@ -444,23 +442,26 @@ def transductive_posterior(
         if inverse is not None:  # the prior's evidence for its own name of a cluster speaks for the new name
             out = out[:, inverse]
         if local is not None:
-            at = positions[rows]
-            on = at >= 0
-            out[on] = out[on] + local[at[on]]
+            on, at = on_graph(rows)
+            out[on] = out[on] + local[at]
         return out
+
+    def on_graph(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of the block's rows the neighbour graph holds, and their places in it."""
+        at = positions[rows]
+        on = at >= 0
+        return on, at[on]
 
     def e_step(second_half: bool) -> None:
         """One EM round, in place, a block of rows at a time; centroids and neighbours' mass come from the
         posterior before the round. The labels' channel and the neighbour term belong to the second half."""
         stats = class_sums(directions, q)
         mass = near.smooth(q) if second_half and near is not None and neighbour_scale > 0 else None
-        for start in range(0, n, block):
-            rows = slice(start, start + block)
+        for rows in blocks:
             evidence = prior(rows) + centroid_scale * leave_one_out_cosine(directions[rows], q[rows], stats)
             if mass is not None:
-                at = positions[rows]
-                on = at >= 0
-                evidence[on] = evidence[on] + neighbour_scale * mass[at[on]]
+                on, at = on_graph(rows)
+                evidence[on] = evidence[on] + neighbour_scale * mass[at]
             if second_half and labels is not None:
                 mine = known[rows]
                 evidence[mine] = evidence[mine] + log_channel(labels[rows][mine], n_classes, rate)
@@ -474,8 +475,8 @@ def transductive_posterior(
     naming = list(range(n_classes))
     spread_record = None
     q = torch.empty(n, n_classes, dtype=torch.float64, device=features.device)
-    for start in range(0, n, block):
-        q[start : start + block] = torch.softmax(prior(slice(start, start + block)), dim=1)
+    for rows in blocks:
+        q[rows] = torch.softmax(prior(rows), dim=1)
     cluster_rounds = rounds // 2
     for round_ in range(cluster_rounds):
         step(f"clustering, round {round_ + 1}")
@@ -505,8 +506,7 @@ def transductive_posterior(
             )
             if naming != list(range(n_classes)):
                 inverse = torch.argsort(torch.tensor(naming, device=q.device))
-                for start in range(0, n, block):
-                    rows = slice(start, start + block)
+                for rows in blocks:
                     q[rows] = q[rows][:, inverse]
         # then the labels' channel (and the spread labels' local evidence, in class space: after the renaming)
         if label_mass is not None and local_weight > 0:
@@ -518,7 +518,7 @@ def transductive_posterior(
             agree = q[known].gather(1, labels[known][:, None]).mean().item()
             rate = min(max(1.0 - agree, RATE_MARGIN), limit - RATE_MARGIN)
     step("done")
-    if not all(torch.isfinite(q[start : start + block]).all() for start in range(0, n, block)):
+    if not all(torch.isfinite(q[rows]).all() for rows in blocks):
         raise ValueError("the transductive posterior is not finite (non-finite features or prior?)")
     return TransductiveResult(
         q, rate, naming, spread_record, prior_weight, centroid_scale, rounds, neighbour_scale
@@ -659,8 +659,8 @@ def transductive_fit(
 
     ``loaded`` is the features' model, ``fs`` the features file, ``labels_path`` an optional labels
     CSV (joined by path) whose labels join the fit, ``trusted_path`` one of verified labels (their
-    ``label`` column), which replace the given label of the images they name; ``on_step`` is called after each
-    of the fit's :func:`fit_steps` steps."""
+    ``label`` column), which replace the given label of the images they name; ``on_step`` is told each of the
+    fit's :func:`fit_steps` steps as it starts, then "done"."""
     from promptcli.analysis.evaluation import EVAL_BLOCK, zero_shot_member
     from promptcli.errors import InputError
     from promptcli.io.features import row_blocks
