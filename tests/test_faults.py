@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import make_image_folder
+from promptcli.cli.app import terminated_message, termination_as_interrupt
 from promptcli.io.prompt_files import read_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +31,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def spawn(cwd: Path, *args: object) -> subprocess.Popen:
-    """``python -m promptcli ARGS`` as a real process; stderr goes to ``cwd/<pid>.err``."""
+    """``python -m promptcli ARGS`` as a real process in its own process group (a job, as a scheduler runs
+    it); stderr goes to ``cwd/stderr-<time>.txt``."""
     err = open(cwd / f"stderr-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115 (closed by finish)
     proc = subprocess.Popen(
         [sys.executable, "-m", "promptcli", *map(str, args)],
@@ -39,6 +41,7 @@ def spawn(cwd: Path, *args: object) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=err,
         text=True,
+        start_new_session=True,
     )
     proc.err_file = err  # type: ignore[attr-defined]
     return proc
@@ -77,18 +80,44 @@ def one_line(err: str, start: str) -> str:
     return lines[0]
 
 
-def interrupted_by_ctrl_c(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
+# How a run is stopped: Ctrl-C at a terminal, or a scheduler's time limit (SIGTERM to every process of the job,
+# DataLoader workers included), with the exit status and the start of the one line each gives.
+STOPS = {
+    "ctrl-c": (signal.SIGINT, 130, "Error: interrupted"),
+    "sigterm": (signal.SIGTERM, 143, "Error: terminated by SIGTERM"),
+}
+
+
+def stopped(proc: subprocess.Popen, how: str = "ctrl-c") -> None:
+    signum, status, start = STOPS[how]
+    os.killpg(proc.pid, signum)
     code, err = finish(proc)
-    assert code == 130, err
-    line = one_line(err, "Error: interrupted")
+    assert code == status, err
+    line = one_line(err, start)
     assert ".partial" in line and "--resume" in line
 
 
 def killed(proc: subprocess.Popen) -> None:
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     finish(proc)
+
+
+def test_termination_signals_stop_as_ctrl_c_does_and_ignored_ones_stay_ignored():
+    before = signal.getsignal(signal.SIGTERM)
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with termination_as_interrupt() as received:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # the handler runs between bytecodes, at once
+            assert received == [signal.SIGTERM]
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second one ends the process
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert terminated_message(signal.SIGTERM).startswith("terminated by SIGTERM — no half-written output")
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
 
 
 def h5_datasets(path: Path) -> dict[str, np.ndarray]:
@@ -110,17 +139,19 @@ def many_images(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_ctrl_c_and_kill_during_extract_then_resume_is_identical(
-    tmp_path, many_images, cli_model_args, run_cli
+@pytest.mark.parametrize("how, workers", [("ctrl-c", "0"), ("sigterm", "2")])
+def test_a_stop_and_kill_during_extract_then_resume_is_identical(
+    how, workers, tmp_path, many_images, cli_model_args, run_cli
 ):
-    options = [*cli_model_args, "--workers", "0", "-b", "1", "--chunk-size", "1", "--views", "2", "-q"]
-    code, _, err = run_cli("extract", many_images, "-o", tmp_path / "whole.h5", *options)
+    options = [*cli_model_args, "-b", "1", "--chunk-size", "1", "--views", "2", "-q"]
+    code, _, err = run_cli("extract", many_images, "-o", tmp_path / "whole.h5", "--workers", "0", *options)
     assert code == 0, err
     out, partial = tmp_path / "cut.h5", tmp_path / "cut.h5.partial"
+    options += ["--workers", workers]
 
     proc = spawn(tmp_path, "extract", many_images, "-o", out, *options)
     wait_for("the first chunk", lambda: chunks(partial) >= 1, proc)
-    interrupted_by_ctrl_c(proc)
+    stopped(proc, how)  # with workers, SIGTERM reaches them too: no DataLoader traceback (one line)
     assert not out.exists() and not Path(f"{out}.lock").exists()
     kept = chunks(partial)
     assert 1 <= kept < 30
@@ -140,7 +171,8 @@ def test_ctrl_c_and_kill_during_extract_then_resume_is_identical(
 
 
 @pytest.mark.slow
-def test_ctrl_c_and_kill_during_tune_then_resume_is_identical(tmp_path, noisy_labels, run_cli):
+@pytest.mark.parametrize("how", STOPS)
+def test_a_stop_and_kill_during_tune_then_resume_is_identical(how, tmp_path, noisy_labels, run_cli):
     features, labels = noisy_labels["features"], noisy_labels["labels"]
     options = ["--epochs", "60", "-b", "2", "--n-ctx", "2", "--device", "cpu", "-q"]
     code, _, err = run_cli("tune", features, labels, "-o", tmp_path / "whole.st", *options)
@@ -152,7 +184,7 @@ def test_ctrl_c_and_kill_during_tune_then_resume_is_identical(tmp_path, noisy_la
 
     proc = spawn(tmp_path, "tune", features, labels, "-o", out, *options)
     wait_for("the first checkpoint", partial.exists, proc)
-    interrupted_by_ctrl_c(proc)
+    stopped(proc, how)
     assert not out.exists() and not Path(f"{out}.lock").exists()
     kept = epoch()
     assert 1 <= kept < 60

@@ -6,9 +6,11 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,46 @@ INTERRUPTED = (
 )
 
 
+# A termination signal (a scheduler's time limit or preemption, `kill`, `docker stop`, a closed terminal)
+# stops a command as Ctrl-C does, so the same cleanup runs: outputs stay as they were, the output lock is
+# released (a lock left by a killed run on another host of a shared file system cannot be judged stale) and the
+# checkpoint is kept. Only signals still at their default are taken: nohup's ignored SIGHUP stays ignored.
+TERMINATION_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def terminated_message(signum: int) -> str:
+    """The one line for a run stopped by signal ``signum``."""
+    return f"terminated by {signal.Signals(signum).name} — " + INTERRUPTED.removeprefix("interrupted — ")
+
+
+@contextlib.contextmanager
+def termination_as_interrupt() -> Iterator[list[int]]:
+    """While inside, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread; yields the signals received.
+
+    A second signal of the same kind ends the process at once (its default), for a cleanup that hangs.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    previous = {}
+    for name in TERMINATION_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, interrupt)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def usage_message(exc: Exception) -> str:
     """A usage error as one line: the option, what is wrong, and what to do."""
     param = getattr(exc, "param", None)
@@ -170,8 +212,9 @@ def _stop_writing_stdout() -> None:
 
 
 def _error(message: str) -> None:
-    sys.stderr.write(f"Error: {message}\n")
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):  # stderr may be gone (a closed terminal's SIGHUP)
+        sys.stderr.write(f"Error: {message}\n")
+        sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,11 +222,20 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("PROMPTCLI_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
-    with recorded_command(args):
-        _run(args, debug)
+    with recorded_command(args), termination_as_interrupt() as received:
+        _run(args, debug, received)
 
 
-def _run(args: list[str], debug: bool) -> None:
+def _interrupted(received: list[int]) -> None:
+    """Say that the run was stopped (by Ctrl-C, or by the first termination signal received) and exit."""
+    if received:
+        _error(terminated_message(received[0]))
+        sys.exit(128 + received[0])
+    _error(INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _run(args: list[str], debug: bool, received: list[int]) -> None:
     if args == ["--version"]:  # answered before any command is built
         sys.stdout.write(f"promptcli {promptcli.__version__}\n")
         sys.exit(0)
@@ -196,8 +248,7 @@ def _run(args: list[str], debug: bool) -> None:
         _error(exc.message)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, *_ABORTS):
-        _error(INTERRUPTED)
-        sys.exit(EXIT_INTERRUPTED)
+        _interrupted(received)
     except _USAGE_ERRORS as exc:
         if getattr(exc, "exit_code", 1) == 0 or type(exc).__name__ == "NoArgsIsHelpError":
             exc.show()  # `promptcli` alone prints the help
@@ -230,5 +281,5 @@ def _run(args: list[str], debug: bool) -> None:
         )
         sys.exit(EXIT_RUNTIME)
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130), returned without standalone mode
-        _error(INTERRUPTED)
+        _interrupted(received)
     sys.exit(code if isinstance(code, int) else 0)

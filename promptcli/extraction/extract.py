@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,6 +135,15 @@ class ImageDataset(Dataset):
                 torch.manual_seed(view_seed(self.seed, index))
                 item["views"] = torch.stack([self.augment(rgb) for _ in range(self.views)])
         return item
+
+
+def leave_termination_to_main(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGHUP sent to the whole job (as a scheduler
+    does) are left to the main process, whose cleanup shuts the workers down; killed by them, the workers
+    made the main process print a DataLoader traceback on its way out."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,6 +301,7 @@ def encode_chunks(
         num_workers=options.workers,
         collate_fn=collate,
         pin_memory=loaded.device.type == "cuda",
+        worker_init_fn=leave_termination_to_main,
         persistent_workers=False,
         prefetch_factor=2 if options.workers else None,  # enough to hide decoding; bounds memory
     )

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from promptcli.errors import InputError
 from promptcli.extraction.decode import decode_rgb
-from promptcli.extraction.extract import view_seed
+from promptcli.extraction.extract import leave_termination_to_main, view_seed
 
 
 def image_files(
@@ -131,6 +131,7 @@ def make_loader(dataset: TrainImages, sampler: EpochBatches, workers: int, pin: 
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin,
+        worker_init_fn=leave_termination_to_main,
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers else None,
     )
