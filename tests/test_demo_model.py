@@ -70,6 +70,42 @@ def test_checkpoint_is_byte_identical_across_builds(built):
     assert _sha256(first) == _sha256(second)
 
 
+def test_the_checkpoint_holds_the_shipped_projection_and_a_refit_agrees(built):
+    """Builds copy the shipped fit, so machines with other core counts build the same file; refitting (here on
+    one thread) moves no weight and a few biases by at most a few steps of the 2^-24 grid."""
+    from safetensors import safe_open
+
+    from promptcli.models.demo_model import _ROUND, fit_demo_projection, shipped_projection
+
+    (_, checkpoint), _ = built
+    weight, bias = shipped_projection()
+    with safe_open(str(checkpoint), "pt") as f:
+        assert torch.equal(f.get_tensor("visual.head.proj.weight"), weight)
+        assert torch.equal(f.get_tensor("visual.head.proj.bias"), bias)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fitted_weight, fitted_bias = fit_demo_projection()
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(fitted_weight - weight.double().numpy()).max() <= _ROUND
+    assert np.abs(fitted_bias - bias.double().numpy()).max() <= 4 * _ROUND
+
+
+def test_a_cache_fitted_on_another_machine_is_built_again(built, tmp_path):
+    """A cache from before the projection shipped (fitted on the machine) is replaced by the shipped build."""
+    from safetensors.torch import load_file, save_file
+
+    (_, checkpoint), _ = built
+    old = tmp_path / "demo-model-v1" / checkpoint.name
+    old.parent.mkdir()
+    state = load_file(str(checkpoint))
+    state["visual.head.proj.bias"][:8] += 2.0**-24  # as another thread count rounded it
+    save_file(state, str(old))
+    _, again = build_demo_model(tmp_path)
+    assert again == old and _sha256(again) == _sha256(checkpoint)
+
+
 def test_cached_build_is_reused(built):
     (_, checkpoint), _ = built
     stamp = checkpoint.stat().st_mtime_ns

@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+from PIL import Image
 
 import promptcli.io.cache as cache
 from promptcli.io.fileio import sha256_file
@@ -114,3 +115,40 @@ def test_small_files_the_switch_and_an_unwritable_cache(big, monkeypatch, tmp_pa
         blocked.unlink()
         blocked.mkdir(mode=stat.S_IRUSR | stat.S_IXUSR)
         assert sha256_file(path) == _expected(path)
+
+
+def test_no_home_and_a_relative_cache_root(big, monkeypatch, tmp_path):
+    """Without HOME or a passwd entry (containers) digests are computed, not remembered; the demo model's
+    build says what to set. A relative PROMPTCLI_CACHE is taken from where the command runs."""
+    path, reads = big
+    monkeypatch.delenv("PROMPTCLI_CACHE")
+    monkeypatch.setattr(
+        cache.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home")))
+    )
+    assert sha256_file(path) == _expected(path) and sha256_file(path) == _expected(path)
+    assert len(reads) == 2
+    with pytest.raises(cache.InputError, match="HOME is not set") as caught:
+        cache.default_cache_root()
+    assert "PROMPTCLI_CACHE" in caught.value.hint
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROMPTCLI_CACHE", "rel")
+    assert cache.default_cache_root() == tmp_path / "rel"
+
+
+def test_remembered_entries_are_readable_by_a_group_sharing_the_cache(big, tmp_path):
+    path, _ = big
+    sha256_file(path)
+    (entry,) = _entries(tmp_path)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o644
+
+
+def test_an_unwritable_demo_model_cache_is_one_line(tmp_path, monkeypatch, run_cli):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("PROMPTCLI_CACHE", str(blocked))
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "cat" / "a.png")
+    code, _, err = run_cli("extract", tmp_path / "imgs", "-o", tmp_path / "f.h5", "--model", "promptcli-demo")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"cannot write the demo model's cache folder {blocked}/demo-model-v1" in err
+    assert "PROMPTCLI_CACHE" in err

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from promptcli.errors import InputError
+
 MIN_BYTES = 64 << 20  # smaller files hash in under 0.1 s: not worth an entry
 RACY_SECONDS = 2.0
 OFF = frozenset({"0", "false", "no", "off"})
@@ -30,9 +32,16 @@ _HEX = frozenset("0123456789abcdef")
 
 
 def default_cache_root() -> Path:
-    """``$PROMPTCLI_CACHE``, else ``~/.cache/promptcli``."""
+    """``$PROMPTCLI_CACHE``, else ``~/.cache/promptcli``, as an absolute path (a relative one is meant from
+    where the command runs, and is recorded in outputs)."""
     env = os.environ.get("PROMPTCLI_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "promptcli"
+    try:
+        return Path(os.path.abspath(Path(env).expanduser() if env else Path.home() / ".cache" / "promptcli"))
+    except RuntimeError:  # no HOME, and no passwd entry for the user (containers)
+        raise InputError(
+            "no cache folder: HOME is not set and the user has no home directory",
+            hint="set PROMPTCLI_CACHE to a writable folder",
+        ) from None
 
 
 def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -50,7 +59,10 @@ def remembered_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     if before.st_size < MIN_BYTES or os.environ.get("PROMPTCLI_HASH_CACHE", "1").strip().lower() in OFF:
         return hash_file(path, chunk)
     stamp, real = _stamp(before), os.path.realpath(path)
-    entry = default_cache_root() / "sha256" / f"{hashlib.sha256(real.encode()).hexdigest()}.json"
+    try:
+        entry = default_cache_root() / "sha256" / f"{hashlib.sha256(real.encode()).hexdigest()}.json"
+    except InputError:  # no cache folder to be found: best effort, so hashed every time
+        return hash_file(path, chunk)
     known = _read(entry)
     if known is not None and known["stamp"] == stamp:
         return known["sha256"]
@@ -83,6 +95,7 @@ def _write(entry: Path, data: dict) -> None:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".json")
+        os.fchmod(fd, 0o644)  # readable by a group sharing the cache (mkstemp makes it private)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle)
         os.replace(tmp, entry)

@@ -16,6 +16,11 @@ ImageNet classifier rows land on MiniLM embeddings of ``"a photo of a {imagenet 
 The logit scale is fixed at 50 (it minimises zero-shot cross-entropy on the training split).
 See docs/demo-model.md for the measurements behind these choices.
 
+The fitted projection ships in the package (``promptcli/data/demo_projection.safetensors``) and a build
+copies it: fitting runs both towers in float32, whose rounding depends on the number of threads, so
+machines with different core counts had fitted different models (and refused each other's features).
+:func:`fit_demo_projection` refits it; a test checks that a refit agrees with the shipped one.
+
 The result is an ordinary open_clip ``CustomTextCLIP``: :func:`build_demo_model` returns its
 config (generated at call time, since the MiniLM folder is machine-specific) and the path of a
 safetensors checkpoint of the whole state dict, cached under ``$PROMPTCLI_CACHE/demo-model-v1``
@@ -31,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from promptcli.errors import InputError
 from promptcli.io.cache import default_cache_root
 
 DEMO_MODEL_NAME = "promptcli-demo"
@@ -42,8 +48,9 @@ LOGIT_SCALE = 50.0
 RIDGE_LAMBDA = 0.1
 CENTRE_IMAGES_PER_CLASS = 5
 PROMPT_TEMPLATE = "a photo of a {}."
-_ROUND = 2.0**-24  # weights are rounded to this grid so tiny float noise cannot change the bytes
+_ROUND = 2.0**-24  # the fitted weights are rounded to this grid before the float32 cast
 _TEXT_BATCH = 128
+PROJECTION_FILE = "demo_projection.safetensors"  # in promptcli/data: the fit, as shipped
 
 
 def _minilm_dir() -> Path:
@@ -93,17 +100,44 @@ def build_demo_model(cache_dir: Path | None = None) -> tuple[dict[str, Any], Pat
     ``cache_dir`` is the cache root (default ``$PROMPTCLI_CACHE`` or ``~/.cache/promptcli``); the
     checkpoint lives in ``<root>/demo-model-v1/``. It is written to a temporary file and renamed,
     so a checkpoint that exists is complete. Builds are deterministic: the same software gives a
-    byte-identical checkpoint.
+    byte-identical checkpoint on any machine (the fitted projection ships in the package).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     folder = root / DEMO_MODEL_VERSION
     checkpoint = folder / CHECKPOINT_NAME
     config = demo_model_config()
-    if not checkpoint.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
+    if not (checkpoint.is_file() and _has_shipped_projection(checkpoint)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            writable = os.access(folder, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable and checkpoint.is_file():  # a read-only shared cache: its model as it is
+            return config, checkpoint
+        if not writable:
+            raise InputError(
+                f"cannot write the demo model's cache folder {folder}",
+                hint="set PROMPTCLI_CACHE to a writable folder (the model is built there once, about 106 MB)",
+            )
         state, info = _build_state_dict(config)
         _save_atomic(state, info, checkpoint)
     return config, checkpoint
+
+
+def _has_shipped_projection(checkpoint: Path) -> bool:
+    """Whether a cached checkpoint holds the shipped projection (caches built before it shipped were fitted
+    on the machine, and differ from one thread count to another)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    weight, bias = shipped_projection()
+    try:
+        with safe_open(str(checkpoint), "pt") as cached:
+            return torch.equal(cached.get_tensor("visual.head.proj.weight"), weight) and torch.equal(
+                cached.get_tensor("visual.head.proj.bias"), bias
+            )
+    except (OSError, SafetensorError, KeyError):  # damaged: built again
+        return False
 
 
 def _save_atomic(state: dict[str, Any], info: dict[str, Any], checkpoint: Path) -> None:
@@ -126,30 +160,54 @@ def _rounded(array):
     return np.round(array / _ROUND) * _ROUND
 
 
-def _build_state_dict(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def shipped_projection() -> tuple[Any, Any]:
+    """The fitted image projection as shipped: weight (384, 1280) and bias (384,), float32 tensors."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(__file__).resolve().parent.parent / "data" / PROJECTION_FILE))
+    return tensors["weight"], tensors["bias"]
+
+
+def _towers(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The model with both pretrained towers loaded (projection not yet set), and the ImageNet classifier rows."""
     import torch
     from open_clip.model import CustomTextCLIP
 
     torch.manual_seed(0)
     model = CustomTextCLIP(**{k: v for k, v in config["model_cfg"].items() if k != "custom_text"})
     model.eval()
-
     # Image tower: the EfficientNet-Lite0 state dict maps one to one, in order, onto timm's.
     classifier_w, classifier_b = _load_image_trunk(model.visual.trunk)
     # Text tower: MiniLM weights straight from the packaged safetensors file.
     _load_text_tower(model.text.transformer)
+    return model, (classifier_w, classifier_b)
 
+
+def fit_demo_projection(config: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """Fit the image projection afresh: (weight (384, 1280), bias (384,)), float64 arrays on the 2^-24 grid.
+
+    The shipped projection (:func:`shipped_projection`) is this fit as run on a 2-core machine; another
+    thread count rounds the towers' float32 sums differently and moves a few weights by a grid step.
+    """
+    import torch
+
+    config = config or demo_model_config()
+    model, (classifier_w, _) = _towers(config)
     with torch.no_grad():
         texts = _imagenet_text_embeddings(model, config)  # (1000, 384) float64
         centre = _image_feature_centre(model, config)  # (1280,) float64
-    rows = classifier_w.double().numpy()
-    weight = _fit_alignment(rows, texts)  # (384, 1280)
-    weight = _rounded(weight)
-    bias = _rounded(-(weight @ centre))
+    weight = _rounded(_fit_alignment(classifier_w.double().numpy(), texts))  # (384, 1280)
+    return weight, _rounded(-(weight @ centre))
 
+
+def _build_state_dict(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    model, (_, classifier_b) = _towers(config)
+    weight, bias = shipped_projection()
     with torch.no_grad():
-        model.visual.head.proj.weight.copy_(torch.from_numpy(weight).float())
-        model.visual.head.proj.bias.copy_(torch.from_numpy(bias).float())
+        model.visual.head.proj.weight.copy_(weight)
+        model.visual.head.proj.bias.copy_(bias)
         model.logit_scale.fill_(math.log(LOGIT_SCALE))
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     info = {
