@@ -43,3 +43,29 @@ def test_check_output_path(tmp_path):
         check_output_path(tmp_path / "no" / "x.h5", force=False)
     with pytest.raises(InputError, match="directory"):
         check_output_path(tmp_path, force=True)
+
+
+def test_an_output_checked_to_be_new_is_not_replaced_if_another_command_wrote_it_meanwhile(tmp_path):
+    """Two runs of a sweep given one -o: each checked that it did not exist; the second to finish is refused."""
+    out = tmp_path / "n.csv"
+    check_output_path(out, force=False)
+    out.write_text("the other command's labels\n")  # finished first
+    with pytest.raises(InputError, match="another command wrote it while this one ran"):
+        write_text_atomic(out, "mine\n")
+    assert out.read_text() == "the other command's labels\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["n.csv"]  # no temporary file left
+    out.unlink()
+    check_output_path(out, force=False)
+    write_text_atomic(out, "mine\n")
+    write_text_atomic(out, "mine, rewritten\n")  # once written, the output is this command's own
+    assert out.read_text() == "mine, rewritten\n"
+    check_output_path(out, force=True)
+    write_text_atomic(out, "forced\n")
+    assert out.read_text() == "forced\n"
+
+
+def test_a_dangling_symbolic_link_is_an_existing_output(tmp_path):
+    link = tmp_path / "p.safetensors"
+    link.symlink_to(tmp_path / "elsewhere" / "p.safetensors")
+    with pytest.raises(InputError, match="output exists"):
+        check_output_path(link, force=False)

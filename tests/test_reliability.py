@@ -507,7 +507,8 @@ def test_stdout_carries_only_data(syn, tmp_path, run_cli):
 
 def test_one_writer_per_output(tmp_path):
     out = tmp_path / "p.safetensors"
-    me = f"{os.getpid()} {socket.gethostname()}"
+    started = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    me = f"{os.getpid()} {socket.gethostname()} {started}"
     with output_lock(out) as lock:
         assert lock.read_text().strip() == me
         with pytest.raises(InputError, match=f"another promptcli \\(pid {os.getpid()}\\) is writing"):
@@ -528,6 +529,23 @@ def test_one_writer_per_output(tmp_path):
             pass
     assert lock.exists()
     lock.unlink()
+    # a pid reused by another process after the writer died: that process started after the lock was taken
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(f"{other.pid} {socket.gethostname()} 1\n")
+        with output_lock(out):
+            assert lock.read_text().strip() == me
+        lock.write_text(f"{other.pid} {socket.gethostname()}\n")  # a lock without the start: still alive
+        with pytest.raises(InputError, match=f"pid {other.pid}\\) is writing"):
+            with output_lock(out):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    lock.write_text("")  # damaged (a lock is written whole, so an empty one is no live writer's)
+    with output_lock(out):
+        assert lock.read_text().strip() == me
+    assert not list(tmp_path.iterdir())  # nothing left beside it
 
 
 def test_finetune_holds_the_output_lock(tiny_features, noisy_labels, tmp_path):
@@ -563,6 +581,21 @@ def test_a_second_tune_or_extract_on_one_output_is_refused(
         )
         assert "is writing this output" in one_line_error(code, err)
     assert not Path(f"{out}.lock").exists() and not Path(f"{feats}.lock").exists()
+    log = tmp_path / "shared.jsonl"  # two runs of a sweep given one --log
+    with output_lock(log, "--log"):
+        args = [
+            "tune",
+            syn["features"],
+            syn["labels"],
+            "-o",
+            tmp_path / "q.st",
+            "--device",
+            "cpu",
+            "--log",
+            log,
+        ]
+        line = one_line_error(*run_cli(*args)[::2])
+        assert "is writing this --log file" in line and not log.exists()
 
 
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(syn, tmp_path, run_cli, monkeypatch):

@@ -211,8 +211,15 @@ def test_resume_gives_the_uninterrupted_result(syn, tmp_path, run_cli):
     with pytest.raises(InputError, match="interrupted tune left a checkpoint"):
         _tune(syn, out, options=options)
     log_before = (tmp_path / "cut.jsonl").read_text()
-    with pytest.raises(InputError, match="other inputs or options"):
-        _tune(syn, out, options={**options, "seed": 1}, resume=True, log_path=tmp_path / "cut.jsonl")
+    with pytest.raises(InputError, match=r"other inputs or options \(lr, seed\)") as refused:
+        _tune(
+            syn,
+            out,
+            options={**options, "seed": 1, "lr": 0.004},
+            resume=True,
+            log_path=tmp_path / "cut.jsonl",
+        )
+    assert "without --resume and with --force" in refused.value.hint  # --force alone resumes
     assert (tmp_path / "cut.jsonl").read_text() == log_before  # a refused resume keeps the log
 
     args = [

@@ -28,7 +28,13 @@ from promptcli.errors import InputError, RuntimeFailure
 from promptcli.extraction.decode import BOMB, DEFAULT_MAX_PIXELS, decode_rgb
 from promptcli.io.checks import INT_MAX, MAX_VIEWS, check_at_most, check_seed
 from promptcli.io.features import FEATURE_DTYPES, write_features
-from promptcli.io.fileio import check_distinct, check_output_path, disk_full_guard, locks_output
+from promptcli.io.fileio import (
+    check_distinct,
+    check_output_path,
+    disk_full_guard,
+    locks_output,
+    place_output,
+)
 from promptcli.io.image_sources import ImageSource
 from promptcli.io.provenance import base_provenance
 from promptcli.models.loading import LoadedModel
@@ -238,14 +244,16 @@ def prepare_partial(output: Path, manifest: dict[str, Any], resume: bool, force:
             previous = json.loads((partial / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(
-                "partial result has no readable manifest", where=partial, hint="pass --force to start over"
+                "partial result has no readable manifest",
+                where=partial,
+                hint="rerun without --resume and with --force to start over",
             ) from exc
         changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
         if changed:
             raise InputError(
                 f"cannot resume: {', '.join(changed)} differ from the interrupted run",
                 where=partial,
-                hint="rerun with the same inputs and options, or pass --force to start over",
+                hint="rerun with the same inputs and options, or without --resume and with --force to start over",
             )
         return partial, len(list(partial.glob("chunk-*.npz")))
     tmp = partial / f".{MANIFEST}.tmp"
@@ -421,7 +429,10 @@ def assemble(
     except BaseException:
         tmp.unlink(missing_ok=True)  # the chunks stay for --resume; a half-assembled file is of no use
         raise
-    os.replace(tmp, output)
+    try:
+        place_output(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
     shutil.rmtree(partial, ignore_errors=True)
     return ExtractResult(output, len(kept), len(skipped), skipped, loaded.embed_dim, options.views)
 

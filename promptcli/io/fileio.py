@@ -22,6 +22,12 @@ STDIO = "-"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Outputs checked not to exist (no --force): :func:`place_output` puts them in place only if they still do not,
+# so a command started meanwhile that wrote the same file first (two `corrupt -o n.csv` of a sweep) is not
+# silently replaced. Taken off once written: this process may then rewrite its own output.
+_NEW_OUTPUTS: set[str] = set()
+
+
 def check_output_path(path: str | Path, force: bool, option: str = "-o") -> Path:
     """Refuse to overwrite an existing output unless ``force``; check its folder exists."""
     if not str(path).strip():  # Path("") is "." (an unset shell variable?)
@@ -29,10 +35,14 @@ def check_output_path(path: str | Path, force: bool, option: str = "-o") -> Path
     path = Path(path)
     if path.is_dir():  # also -o "" (an unset shell variable), which a Path option reads as "."
         raise InputError("output is a directory", where=path, hint=f"give a file name to {option}")
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:  # lexists: a dangling symbolic link is the user's too
         raise InputError(
             "output exists", where=path, hint=f"pass --force to overwrite it or choose another {option}"
         )
+    if force:
+        _NEW_OUTPUTS.discard(os.path.abspath(path))
+    elif str(path) != STDIO:
+        _NEW_OUTPUTS.add(os.path.abspath(path))
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise InputError("output folder does not exist", where=parent, hint="create it first")
@@ -92,6 +102,12 @@ def check_distinct(inputs: dict[str, str | Path | None], outputs: dict[str, str 
 
 
 LOCK_SUFFIX = ".lock"
+# errno values of file systems without hard links (some FUSE, SMB and FAT mounts)
+_NO_HARD_LINKS = frozenset(
+    getattr(errno, name)
+    for name in ("EPERM", "ENOTSUP", "EOPNOTSUPP", "EXDEV", "EMLINK", "ENOSYS")
+    if hasattr(errno, name)
+)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -110,19 +126,74 @@ def _this_host() -> str:
     return socket.gethostname() or "?"
 
 
-def _lock_owner(lock: Path) -> tuple[int, str | None] | None:
-    """(pid, host) written in a lock; host None in a lock from before hosts were recorded."""
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or None where that is not known.
+
+    With the pid it names one process: a pid reused by another process after the writer died starts later.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22, after the parenthesised command name
+    except (OSError, IndexError):
+        return None
+
+
+Owner = tuple[int, str | None, str | None]  # pid, host, start (None in locks from before they were recorded)
+
+
+def _lock_owner(lock: Path) -> Owner | None:
+    """(pid, host, start) written in a lock, or None for a missing or damaged one."""
     try:
         fields = lock.read_text(encoding="utf-8").split()
-        return int(fields[0]), (fields[1] if len(fields) > 1 else None)
+        return (
+            int(fields[0]),
+            (fields[1] if len(fields) > 1 else None),
+            (fields[2] if len(fields) > 2 else None),
+        )
     except (OSError, ValueError, IndexError):
         return None
 
 
-def _owner_gone(owner: tuple[int, str | None]) -> bool:
+def _owner_gone(owner: Owner) -> bool:
     """Whether a lock's writer surely no longer runs: only knowable for a process on this host."""
-    pid, host = owner
-    return host in (None, _this_host()) and not _pid_alive(pid)
+    pid, host, start = owner
+    if host not in (None, _this_host()):
+        return False
+    if not _pid_alive(pid):
+        return True
+    now = _process_start(pid)
+    return start is not None and now is not None and now != start  # the pid now names another process
+
+
+def _create_lock(lock: Path, content: str) -> bool:
+    """Create ``lock`` holding ``content`` at once (a file written aside, then hard-linked): False if it exists.
+
+    So a lock is never seen empty while its writer fills it. Where hard links are not supported, the lock
+    is created exclusively and then written.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{lock.name}.", dir=lock.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(content)
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, lock)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(content)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -133,38 +204,31 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
     host (the writer was killed) is taken over; one from another host (a shared filesystem) is
     never guessed stale. The lock holds "pid host" and is removed on exit, whatever happens.
     """
-    me = (os.getpid(), _this_host())
+    me: Owner = (os.getpid(), _this_host(), _process_start(os.getpid()))
     lock = Path(f"{path}{LOCK_SUFFIX}")
     parent = lock.parent
     if not parent.is_dir():
         raise InputError("output folder does not exist", where=parent, hint="create it first")
     check_writable_folder(parent, option)
+    what = "output" if option == "-o" else f"{option} file"
     for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        with disk_full_guard(parent):
+            if _create_lock(lock, " ".join(str(f) for f in me if f is not None) + "\n"):
+                break
+        owner = _lock_owner(lock)
+        if owner is None:  # a lock from an older version being written this very moment, or damaged
+            time.sleep(0.05)
             owner = _lock_owner(lock)
-            if owner is None:  # being written this very moment, or damaged: look once more
-                time.sleep(0.05)
-                owner = _lock_owner(lock)
-            if owner is not None and not _owner_gone(owner):
-                pid, host = owner
-                on = "" if host in (None, me[1]) else f" on {host}"
-                raise InputError(
-                    f"another promptcli (pid {pid}{on}) is writing this output",
-                    where=path,
-                    hint=f"wait for it to finish or choose another output (if none runs, delete {lock})",
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()  # stale: its writer is gone
-            continue
-        try:
-            with disk_full_guard(parent), os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(f"{me[0]} {me[1]}\n")
-        except BaseException:
-            lock.unlink()
-            raise
-        break
+        if owner is not None and not _owner_gone(owner):
+            pid, host, _ = owner
+            on = "" if host in (None, me[1]) else f" on {host}"
+            raise InputError(
+                f"another promptcli (pid {pid}{on}) is writing this {what}",
+                where=path,
+                hint=f"wait for it to finish or choose another {option} (if none runs, delete {lock})",
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()  # stale: its writer is gone
     else:
         raise InputError("could not take the output lock", where=lock, hint="delete it if no promptcli runs")
     try:
@@ -256,6 +320,36 @@ def disk_full_guard(folder: str | Path) -> Iterator[None]:
         raise
 
 
+def place_output(tmp: str | Path, path: str | Path) -> None:
+    """Rename the finished ``tmp`` to ``path``; an output checked to be new must still not exist (a hard link
+    never replaces a file), else it is refused as when the command started."""
+    key = os.path.abspath(path)
+    if key not in _NEW_OUTPUTS:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise InputError(
+            "output exists: another command wrote it while this one ran",
+            where=path,
+            hint="pass --force to overwrite it or choose another output",
+        ) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):  # no hard links here: the same check, a moment before the rename
+            raise InputError(
+                "output exists: another command wrote it while this one ran",
+                where=path,
+                hint="pass --force to overwrite it or choose another output",
+            ) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+    _NEW_OUTPUTS.discard(key)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
@@ -271,7 +365,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         with disk_full_guard(folder):
             yield tmp_path
         apply_default_mode(tmp_path)
-        os.replace(tmp_path, path)
+        place_output(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -327,13 +421,19 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     return p
 
 
-def locks_output(argument: str = "output", group: str | None = None) -> Callable[[F], F]:
-    """Decorate a function that writes the file named by its ``argument`` to hold :func:`output_lock`.
+# The option that names each locked argument, for messages.
+_LOCKED_OPTIONS = {"output": "-o", "log_path": "--log"}
+
+
+def locks_output(*arguments: str, group: str | None = None) -> Callable[[F], F]:
+    """Decorate a function that writes the files named by its ``arguments`` (default ``output``) to hold
+    :func:`output_lock` on each (``None`` and ``-`` are no file), so that two commands never write one file.
 
     ``group`` names the argument holding the function's process group under torchrun (an object
     with ``from_main(fn)``: fn runs on rank 0, its error reaches every rank); then rank 0 alone
-    holds the lock and a refused lock stops every rank. None there means a single process.
+    holds the locks and a refused lock stops every rank. None there means a single process.
     """
+    arguments = arguments or ("output",)
 
     def decorate(func: F) -> F:
         signature = inspect.signature(func)
@@ -341,15 +441,23 @@ def locks_output(argument: str = "output", group: str | None = None) -> Callable
         @functools.wraps(func)
         def locked(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
-            target = bound.arguments[argument]
-            if str(target) == STDIO:
-                return func(*args, **kwargs)
+            targets = [(bound.arguments.get(name), _LOCKED_OPTIONS.get(name, "-o")) for name in arguments]
+            targets = [(t, option) for t, option in targets if t is not None and str(t) != STDIO]
+            # one lock per file: -o and --log naming one file are refused by the function, as for any command
+            targets = list({os.path.realpath(t): (t, option) for t, option in reversed(targets)}.values())[
+                ::-1
+            ]
             ranks = bound.arguments.get(group) if group else None
-            if ranks is None:
-                with output_lock(target):
-                    return func(*args, **kwargs)
             with contextlib.ExitStack() as held:
-                ranks.from_main(lambda: held.enter_context(output_lock(target)) and None)
+
+                def take() -> None:
+                    for target, option in targets:
+                        held.enter_context(output_lock(target, option))
+
+                if ranks is None:
+                    take()
+                else:
+                    ranks.from_main(take)
                 return func(*args, **kwargs)
 
         return locked  # type: ignore[return-value]

@@ -609,7 +609,7 @@ def linear_probe_stage(
     return {"optimizer": config.to_dict(), "metrics": result.final, "history": result.history}
 
 
-@locks_output("output", group="shard")
+@locks_output("output", "log_path", group="shard")
 def finetune(
     features_path: str | Path,
     labels_path: str | Path,
@@ -705,8 +705,8 @@ def finetune(
             where=partial,
             hint="pass --resume to continue it, or --force to start over",
         )
-    if log_path is not None and not resume:
-        check_output_path(log_path, force, option="--log")
+    if log_path is not None:  # on resume the log is rewritten (checked below to be this run's)
+        check_output_path(log_path, force or resume, option="--log")
     shard.barrier()
     if partial.exists() and not resume and shard.is_main:
         remove_file(partial)
@@ -779,25 +779,29 @@ def finetune(
     if ft.lp_ft:
         run_info["lp_ft"] = True
 
+    def run_identity(opts: TuneOptions) -> dict[str, Any]:
+        return {
+            "features": run.features_sha,
+            "labels": run.labels_sha,
+            "options": asdict(opts),
+            "finetune": {**asdict(ft), "wise_alphas": None, "workers": None, "images": None}
+            if method_name == FINETUNE_METHOD
+            else {**asdict(ft), "workers": None, "images": None},
+            "rows": run.rows.tolist(),
+            "weight_decay": optim.weight_decay,
+        }
+
     def run_fingerprint(opts: TuneOptions) -> str:
-        return digest(
-            {
-                "features": run.features_sha,
-                "labels": run.labels_sha,
-                "options": asdict(opts),
-                "finetune": {**asdict(ft), "wise_alphas": None, "workers": None, "images": None}
-                if method_name == FINETUNE_METHOD
-                else {**asdict(ft), "workers": None, "images": None},
-                "rows": run.rows.tolist(),
-                "weight_decay": optim.weight_decay,
-            }
-        )
+        return digest(run_identity(opts))
 
     run_id = run_fingerprint(options)
+    # recorded in the checkpoint (without the rows: a list of every labelled row) to name what a refused
+    # resume changed
+    identity_text = json.dumps({**run_identity(options), "rows": None}, sort_keys=True, default=str)
     state = None
     if resume and partial.exists():
         try:
-            state = load_checkpoint(partial, run_id)
+            state = load_checkpoint(partial, run_id, identity_text)
         except InputError:
             if method_name == FINETUNE_METHOD and not optimizer_given:
                 # started before finetune's default optimiser became AdamW? Then name the option that changed
@@ -916,7 +920,10 @@ def finetune(
             history.append(row)
             if shard.is_main:
                 save_checkpoint(
-                    partial, loop.checkpoint(run_id, epoch + 1, trained=method.state(), lp=lp_record or {})
+                    partial,
+                    loop.checkpoint(
+                        run_id, epoch + 1, trained=method.state(), lp=lp_record or {}, identity=identity_text
+                    ),
                 )
             if log_handle is not None:
                 log_handle.write(json.dumps({**row, "run": run_info}, sort_keys=True) + "\n")

@@ -26,6 +26,7 @@ a checkpoint recomputes it exactly.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -213,24 +214,50 @@ class LoopState:
         return int(state["epoch"])
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
+START_OVER = "rerun without --resume and with --force to start over"
+# How the parts of a run's identity (see tune_run.fingerprint) are named when they differ
+_IDENTITY_NAMES = {"features": "the features file", "labels": "the labels file", "rows": "the labelled rows"}
+
+
+def identity_changes(recorded: str | None, identity: str | None) -> list[str]:
+    """What differs between a checkpoint's recorded run identity and this run's (JSON texts): the inputs, and
+    options by name; empty when either is unknown (checkpoints from before identities were recorded)."""
+    if not recorded or not identity:
+        return []
+    try:
+        old, new = json.loads(recorded), json.loads(identity)
+    except ValueError:
+        return []
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [f for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        else:
+            changed.append(_IDENTITY_NAMES.get(key, key))
+    return changed
+
+
+def load_checkpoint(path: Path, fingerprint: str, identity: str | None = None) -> dict[str, Any]:
+    """A checkpoint to resume from; refused unless it was written by this very run (``fingerprint``), naming
+    what differs when the checkpoint records its run's ``identity``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
         raise InputError(
-            f"unreadable checkpoint ({type(exc).__name__})",
-            where=path,
-            hint="delete it, or rerun with --force",
+            f"unreadable checkpoint ({type(exc).__name__})", where=path, hint=f"delete it, or {START_OVER}"
         ) from exc
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise InputError(
-            "not a promptcli tune checkpoint", where=path, hint="delete it, or rerun with --force"
-        )
+        raise InputError("not a promptcli tune checkpoint", where=path, hint=f"delete it, or {START_OVER}")
     if state.get("fingerprint") != fingerprint:
+        changed = identity_changes(state.get("identity"), identity)
         raise InputError(
-            "the interrupted run used other inputs or options",
+            "the interrupted run used other inputs or options"
+            + (f" ({', '.join(changed)})" if changed else ""),
             where=path,
-            hint="resume with the same command line, or pass --force to start over",
+            hint=f"resume with the same command line, or {START_OVER}",
         )
     return state
 
@@ -251,6 +278,7 @@ def train(
     checkpoint: Path | None = None,
     resume: bool = False,
     fingerprint: str = "",
+    identity: str | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[Step], None] | None = None,
     split: SplitConfig | None = None,
@@ -289,7 +317,7 @@ def train(
     history = loop.history
     start = 0
     if checkpoint is not None and resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, fingerprint)
+        state = load_checkpoint(checkpoint, fingerprint, identity)
         head.load_learnable_state({k: v.to(device) for k, v in state["head"].items()})
         start = loop.restore(state)
 
@@ -359,6 +387,7 @@ def train(
                     epoch + 1,
                     head={k: v.cpu() for k, v in head.learnable_state().items()},
                     scheduler={"name": "warmup-cosine", "last_epoch": epoch},
+                    **({"identity": identity} if identity else {}),
                 ),
             )
         if on_epoch is not None:

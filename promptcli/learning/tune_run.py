@@ -318,7 +318,7 @@ def prepare_run(
     )
 
 
-@locks_output("output")
+@locks_output("output", "log_path")
 def tune(
     features_path: str | Path,
     labels_path: str | Path,
@@ -359,8 +359,8 @@ def tune(
                 hint="pass --resume to continue it, or --force to start over",
             )
         remove_file(partial)
-    if log_path is not None and not resume:
-        check_output_path(log_path, force, option="--log")
+    if log_path is not None:  # on resume the log is rewritten (checked below to be this run's)
+        check_output_path(log_path, force or resume, option="--log")
 
     run = prepare_run(
         features_path,
@@ -378,18 +378,19 @@ def tune(
     search = run.weight_decay_search
     noise = read_noise_sidecar(labels_path, warn)
 
-    run_id = fingerprint(
-        {
-            "features": run.features_sha,
-            "labels": run.labels_sha,
-            "options": asdict(options),
-            "weight_decay": optim.weight_decay,
-        }
-    )
+    identity = {
+        "features": run.features_sha,
+        "labels": run.labels_sha,
+        "options": asdict(options),
+        "weight_decay": optim.weight_decay,
+    }
+    run_id, identity_text = fingerprint(identity), json.dumps(identity, sort_keys=True, default=str)
     head = run.make_head()
     run_info = {**run.provenance(noise), "settings": _log_settings(head, optim, options.method, search)}
     # Check a checkpoint to resume before touching the log: a refused resume must leave the log intact.
-    history = load_checkpoint(partial, run_id)["history"] if resume and partial.exists() else []
+    history = (
+        load_checkpoint(partial, run_id, identity_text)["history"] if resume and partial.exists() else []
+    )
     log_handle = None
     if log_path is not None and resume:  # the log is rewritten: only if it is this run's
         check_jsonl_prefix(log_path, [{**row, "run": run_info} for row in history], force)
@@ -419,6 +420,7 @@ def tune(
             checkpoint=partial,
             resume=resume,
             fingerprint=run_id,
+            identity=identity_text,
             on_epoch=log_epoch,
             split=split,
         )
