@@ -88,6 +88,10 @@ def test_failure_on_one_rank_stops_all_and_the_resumed_run_matches_one_process(
     assert_same_datasets(single_run, out)
     with h5py.File(out, "r") as f:
         assert json.loads(f.attrs["distributed"]) == {"world_size": 2, "backend": "gloo"}
+        with h5py.File(
+            single_run, "r"
+        ) as one:  # the images' digest too, from chunks of two ranks and two runs
+            assert f.attrs["images_digest"] == one.attrs["images_digest"]
         assert f["features"].shape == (18, 32) and f["views"].shape == (18, 1, 32)
     summary = json.loads(proc.stdout)  # only rank 0 prints: exactly one JSON document
     assert (summary["n_images"], summary["resumed_chunks"], summary["output"]) == (18, n_left, str(out))

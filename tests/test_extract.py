@@ -158,6 +158,10 @@ def test_resume_after_interruption_is_identical(tiny_model, image_folder, tmp_pa
     result = extract_features(source, tiny_model, out, options, resume=True)
     assert result.resumed_chunks == 2 and not partial.exists()
     full, cut = _datasets(tmp_path / "full.h5"), _datasets(out)
+    assert (
+        read_features(out).attrs["images_digest"]
+        == read_features(tmp_path / "full.h5").attrs["images_digest"]
+    )
     assert full.keys() == cut.keys()
     for name in full:
         np.testing.assert_array_equal(full[name], cut[name])
@@ -476,3 +480,24 @@ def test_output_may_not_be_an_input(run_cli, cli_model_args, tmp_path, which):
     assert code == 2 and f"output -o is the input {which}" in stderr and "Traceback" not in stderr
     assert target.read_bytes() == before
     assert not os.path.exists(f"{target}.lock")
+
+
+def test_features_record_a_digest_of_the_image_files_bytes(tiny_model, image_folder, tmp_path):
+    """Other images under the same names (one listing) give another images_digest; chunking does not."""
+    import hashlib
+
+    from promptcli.extraction.extract import images_digest
+
+    source = read_image_source(image_folder)
+    extract_features(source, tiny_model, tmp_path / "a.h5", ExtractOptions(workers=0))
+    small = ExtractOptions(workers=0, batch_size=2, chunk_size=4)
+    extract_features(source, tiny_model, tmp_path / "b.h5", small)
+    a, b = read_features(tmp_path / "a.h5").attrs, read_features(tmp_path / "b.h5").attrs
+    rows = np.array([list(hashlib.sha256(f.read_bytes()).digest()) for f in source.files], dtype=np.uint8)
+    assert a["images_digest"] == b["images_digest"] == images_digest(iter([rows]))
+
+    other = read_image_source(make_image_folder(tmp_path / "other", seed=5))  # same names, other pixels
+    assert other.paths == source.paths and other.digest() == source.digest()
+    extract_features(other, tiny_model, tmp_path / "c.h5", ExtractOptions(workers=0))
+    c = read_features(tmp_path / "c.h5").attrs
+    assert c["source_digest"] == a["source_digest"] and c["images_digest"] != a["images_digest"]

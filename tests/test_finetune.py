@@ -96,6 +96,13 @@ def test_zero_epochs_give_the_zero_shot_predictions(
     optimizer = read_prompt(zero_epochs).metadata["optimizer"]
     assert optimizer["optimizer"] == "adamw" and optimizer["lr"] == 1e-5  # finetune's defaults, not CoOp's
     assert read_features(feats).attrs["adapter_sha256"] == sha256_file(zero_epochs)
+    # the same images through the tuned tower: other features, one test set for report
+    assert tuned.summary["features_sha256"] != zero.summary["features_sha256"]
+    assert (
+        tuned.summary["test_set"] == zero.summary["test_set"] and tuned.summary["test_set"]["images_digest"]
+    )
+    member = tuned.summary["prompts"][0]
+    assert (member["train_layers"], member["lp_ft"], member["wise_alpha"]) == ("all", False, 1.0)
 
 
 def test_lr_zero_leaves_adapter_features_equal_to_the_frozen_extraction(

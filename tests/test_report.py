@@ -689,8 +689,10 @@ def test_reads_a_real_eval_summary_and_tune_log(tmp_path, tiny_features):
     report = aggregate(read_results([tmp_path / "out"]))
     assert sorted(f.kind for f in report.files) == ["eval", "eval", "tune-log"]
     [cell] = report.accuracy
+    # tuned and scored on one features file: recorded as such, and a series of its own
+    assert summary["tuned_on_test"] and summary["prompts"][0]["tuned_on_test"]
     assert (cell["series"], cell["noise_type"], cell["noise_rate"], cell["seeds"]) == (
-        "linear-probe + ce",
+        "linear-probe + ce, tuned on the test features",
         "symmetric",
         0.25,
         [4],
@@ -719,6 +721,7 @@ def test_tune_logs_record_the_prompt_and_schedule_settings_and_split_curves_by_t
     first = json.loads((tmp_path / "out" / "a.jsonl").read_text().splitlines()[0])
     settings = first["run"]["settings"]
     assert settings["optimizer"]["lr"] == 0.1 and settings["weight_decay_searched"] is False
+    assert (settings["use_views"], settings["n_views"]) == (True, 2)  # as the prompt file records them
     report = aggregate(read_results([tmp_path / "out"]))
     assert sorted(c["series"] for c in report.curves) == [
         "linear-probe (lr=0.1) + ce",
@@ -930,3 +933,105 @@ def test_re_extracted_test_features_of_the_same_images_are_one_test_set(tmp_path
     report = aggregate(read_results([tmp_path]))
     assert [(c["series"], c["n"]) for c in report.accuracy] == [("finetune + ce", 2)]
     assert not [w for w in report.warnings if "test sets" in w or "repeats" in w], report.warnings
+
+
+def _on_images(summary: dict, images: str, listing: str = "bd" * 32) -> dict:
+    """``summary`` on the test images ``data/test`` of listing digest ``listing`` and images' digest ``images``
+    ("" for features extracted before it was recorded)."""
+    test_set = {"source": "data/test", "source_digest": listing, "n_images": 30}
+    return {**summary, "test_set": {**test_set, "images_digest": images} if images else test_set}
+
+
+def test_other_images_under_the_same_names_are_another_test_set_and_no_repeat(tmp_path, run_cli):
+    """One prompt scored on two folders of other images under the same file names: two evaluations, two test
+    sets (the audit: one was dropped as a repeat); each seed's own extraction of one set of images pools."""
+    plain = on_test(eval_summary(seed=1, top1=0.5), sha="aa" * 32, prompt="c1" * 32)
+    inverted = on_test(eval_summary(seed=1, top1=0.6), sha="bb" * 32, prompt="c1" * 32)
+    write_json(tmp_path / "new" / "eP.json", _on_images(plain, "11" * 32))
+    write_json(tmp_path / "new" / "eI.json", _on_images(inverted, "22" * 32))
+    report = aggregate(read_results([tmp_path / "new"]))
+    assert sorted(c["mean"] for c in report.accuracy) == [0.5, 0.6]
+    assert not [w for w in report.warnings if "repeats" in w], report.warnings
+    assert any(w.startswith("results are on 2 test sets") for w in report.warnings)
+
+    # features extracted before the images' digest was recorded: told apart by their features files
+    write_json(tmp_path / "old" / "eP.json", _on_images(plain, ""))
+    write_json(tmp_path / "old" / "eI.json", _on_images(inverted, ""))
+    report = aggregate(read_results([tmp_path / "old"]))
+    assert sorted(c["mean"] for c in report.accuracy) == [0.5, 0.6]
+    assert any("no record of the images' content: counted as 2 test sets" in w for w in report.warnings)
+    code, _, stderr = run_cli("report", tmp_path / "old")
+    assert code == 0 and "repeats the evaluation" not in stderr, stderr
+
+    # finetune: each seed re-extracts the same images through its tower (other features, same images)
+    for seed in (1, 2):
+        summary = on_test(eval_summary("finetune", seed=seed, top1=0.5 + seed / 10), sha=f"{seed}f" * 32)
+        write_json(tmp_path / "ft" / f"ft{seed}.json", _on_images(summary, "11" * 32))
+    report = aggregate(read_results([tmp_path / "ft"]))
+    assert [(c["series"], c["n"]) for c in report.accuracy] == [("finetune + ce", 2)]
+    assert not [w for w in report.warnings if "test sets" in w or "repeats" in w], report.warnings
+
+
+def test_a_prompt_scored_on_the_features_it_was_tuned_on_is_kept_out_of_the_means(tmp_path):
+    for seed in (1, 2):
+        summary = on_test(eval_summary(seed=seed, top1=0.5), sha="4c" * 32)
+        write_json(tmp_path / f"s{seed}.json", summary)
+    recorded = on_test(eval_summary(seed=3, top1=0.9), sha="4c" * 32)
+    write_json(tmp_path / "recorded.json", {**recorded, "tuned_on_test": True})
+    older = on_test(eval_summary(seed=4, top1=0.95), sha="4c" * 32)  # before eval recorded it
+    older["prompts"][0]["features_sha256"] = "4c" * 32
+    write_json(tmp_path / "older.json", older)
+    report = aggregate(read_results([tmp_path]))
+    cells = {c["series"]: (c["n"], c["mean"]) for c in report.accuracy}
+    assert cells == {
+        "coop + ce": (2, pytest.approx(0.5)),
+        "coop + ce, tuned on the test features": (2, pytest.approx(0.925)),
+    }
+    for name in ("recorded.json", "older.json"):
+        assert any(
+            w.startswith(f"{tmp_path / name}: its prompt was tuned on the features") for w in report.warnings
+        )
+
+
+def test_settings_tune_records_split_series_and_class_chunk_does_not(tmp_path):
+    config = {"prompt.init_std": "0.02", "prompt.n_ctx": "16"}
+    runs = {
+        "default": ({**COOP_SETTINGS, "prompt_config": config, "use_views": False, "n_views": 0}, 0.5),
+        "chunked": (
+            {**COOP_SETTINGS, "prompt_config": config, "use_views": False, "n_views": 0, "class_chunk": 10},
+            0.5,
+        ),
+        "older": (COOP_SETTINGS, 0.5),  # an eval summary from before init_std was recorded: the default
+        "std": ({**COOP_SETTINGS, "prompt_config": {**config, "prompt.init_std": "0.5"}}, 0.2),
+        "views": ({**COOP_SETTINGS, "prompt_config": config, "use_views": True, "n_views": 4}, 0.7),
+    }
+    for seed, (name, (settings, top1)) in enumerate(runs.items(), start=1):
+        write_json(tmp_path / f"{name}.json", on_test(eval_summary(seed=seed, top1=top1), **settings))
+    report = aggregate(read_results([tmp_path]))
+    cells = {c["series"]: c["n"] for c in report.accuracy}
+    assert cells == {
+        "coop (init_std=0.02, views=0) + ce": 2,
+        "coop (init_std=0.02, views=4) + ce": 1,
+        "coop (init_std=0.02, views=?) + ce": 1,
+        "coop (init_std=0.5, views=?) + ce": 1,
+    }, cells
+
+
+def test_wise_ft_and_lp_ft_are_their_own_series(tmp_path):
+    for seed, (extra, top1) in enumerate(
+        [
+            ({"train_layers": "all", "lp_ft": False, "wise_alpha": 1.0}, 0.5),
+            ({"train_layers": "all", "lp_ft": False, "wise_alpha": 0.5}, 0.6),
+            ({"train_layers": "all", "lp_ft": True, "wise_alpha": 1.0}, 0.7),
+        ],
+        start=1,
+    ):
+        write_json(
+            tmp_path / f"ft{seed}.json", on_test(eval_summary("finetune", seed=seed, top1=top1), **extra)
+        )
+    report = aggregate(read_results([tmp_path]))
+    assert sorted(c["series"] for c in report.accuracy) == [
+        "finetune (lp_ft=False, wise_alpha=0.5) + ce",
+        "finetune (lp_ft=False, wise_alpha=1) + ce",
+        "finetune (lp_ft=True, wise_alpha=1) + ce",
+    ]

@@ -23,8 +23,7 @@ from promptcli.analysis.results import (
     NO_NOISE,
     NOISE_UNKNOWN,
     PER_RUN_SETTINGS,
-    PROMPT_SETTINGS,
-    SCHEDULE_SETTINGS,
+    SPLIT_SETTINGS,
     EvalRun,
     GradRun,
     LogRun,
@@ -55,8 +54,8 @@ def stats(values: Iterable[float]) -> dict[str, Any]:
 
 
 def _setting_names(records: Iterable[dict[str, str]]) -> list[str]:
-    """The settings named in ``records``, in the order PROMPT_SETTINGS + SCHEDULE_SETTINGS give them."""
-    order = {name: i for i, name in enumerate(PROMPT_SETTINGS + SCHEDULE_SETTINGS)}
+    """The settings named in ``records``, in the order SPLIT_SETTINGS gives them."""
+    order = {name: i for i, name in enumerate(SPLIT_SETTINGS)}
     return sorted({n for r in records for n in r}, key=lambda n: (order.get(n, len(order)), n))
 
 

@@ -46,6 +46,10 @@ PROVENANCE_KEYS = (
     "csc",
     "ctx_init",
     "template",
+    "prompt_config",
+    "use_views",
+    "n_views",
+    "class_chunk",
     "optimizer",
     "features_sha256",
     "labels_sha256",
@@ -272,6 +276,14 @@ def prompt_provenance(prompt: PromptFile, sha256: str) -> dict[str, Any]:
     record = {"path": str(prompt.path), "sha256": sha256, **{k: meta.get(k) for k in PROVENANCE_KEYS}}
     if meta.get("method") == "linear-probe":
         record["weight_decay_searched"] = bool(meta.get("weight_decay_search"))
+    if meta.get("method") == "finetune":  # what else sets a fine-tuned tower's result apart
+        tower = meta.get("finetune") if isinstance(meta.get("finetune"), dict) else {}
+        wise = meta.get("wise") if isinstance(meta.get("wise"), dict) else {}
+        record.update(
+            train_layers=tower.get("train_layers"),
+            lp_ft=bool(meta.get("lp_ft")),
+            wise_alpha=wise.get("alpha", 1.0),  # 1: the fine-tuned weights themselves
+        )
     return record
 
 
@@ -549,8 +561,9 @@ def evaluate(
 
     records = [prompt_provenance(p, sha256_file(p.path)) for p in prompts]
     features_sha = sha256_file(fs.path)
-    for prompt in prompts:
-        if prompt.metadata.get("features_sha256") == features_sha:
+    for prompt, record in zip(prompts, records):
+        record["tuned_on_test"] = prompt.metadata.get("features_sha256") == features_sha
+        if record["tuned_on_test"]:
             warn(f"{prompt.path} was tuned on {fs.path}: this scores the training images, not held-out ones")
         shift = preprocess_shift(prompt, fs)
         if shift:
@@ -561,12 +574,16 @@ def evaluate(
     summary: dict[str, Any] = {
         "features": str(fs.path),
         "features_sha256": features_sha,
-        # the images behind the features (the listing's digest): one test set however often it is re-extracted
+        # the images behind the features (the listing's digest, and the files' bytes' where the features record
+        # it): one test set however often, and through whichever tower, it is re-extracted
         "test_set": {
             "source": str(fs.attrs.get("source", "")),
             "source_digest": str(fs.attrs.get("source_digest", "")),
+            "images_digest": str(fs.attrs.get("images_digest", "")),
             "n_images": len(fs),
         },
+        # a prompt scored on the features it was tuned on: not a held-out score (report keeps it apart)
+        "tuned_on_test": any(r["tuned_on_test"] for r in records),
         "labels": None if labels_path is None else str(labels_path),
         "labels_sha256": labels_sha,
         "model": {k: fs.attrs.get(k, "") for k in ("model_name", "pretrained", "checkpoint_sha256")},

@@ -22,11 +22,11 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from promptcli.choices import COOP_VARIANTS, PROMPT_METHODS, SCHEDULE_TEXT, Method
+from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, PROMPT_METHODS, SCHEDULE_TEXT, Method
 from promptcli.errors import InputError
 
 # The columns of a gradstats CSV (written by analysis/gradstats.py, read here).
@@ -60,6 +60,11 @@ NO_NOISE = "none"
 NOISE_UNKNOWN = "noise unknown"  # the training labels had no noise sidecar: the rate is None, never 0
 # Training settings a series is split by: the prompt's (metadata keys) and the schedule's (``optimizer`` keys).
 PROMPT_SETTINGS = ("n_ctx", "class_position", "csc", "ctx_init", "template")
+# Further settings that change what tune learns, read from a prompt's record by ``_run_settings`` (records from
+# before they were kept: init_std takes its default for prompts with a context, the others are not on record).
+# ``class_chunk`` is not one: it changes how the text pass is computed (memory), not what it gives.
+RUN_SETTINGS = ("init_std", "views", "train_layers", "lp_ft", "wise_alpha")
+DEFAULT_INIT_STD = 0.02  # PromptConfig's and tune's --init-std default
 SCHEDULE_SETTINGS = (
     "optimizer",
     "lr",
@@ -71,7 +76,10 @@ SCHEDULE_SETTINGS = (
     "warmup_lr",
     "schedule",
 )
+SPLIT_SETTINGS = PROMPT_SETTINGS + RUN_SETTINGS + SCHEDULE_SETTINGS  # the order labels name them in
 SCHEDULE_NAMES = {text: name for name, text in SCHEDULE_TEXT.items()}
+# The variant of a run whose prompt was tuned on the features it is scored on (not a held-out score).
+TUNED_ON_TEST = "tuned on the test features"
 # Settings a method may choose per run (not split on; runs that differ in them are pooled with a warning). Eval
 # summaries that record ``weight_decay_searched`` split the probe by it instead ("searched" or the fixed value).
 PER_RUN_SETTINGS = {
@@ -133,6 +141,10 @@ class EvalRun:
     per_run: tuple[tuple[str, str], ...] = ()  # PER_RUN_SETTINGS of the run (name, value)
     noise_seed: Any = None  # the seed of the noise draw (corrupt --seed), when on record
     realised_rate: float | None = None  # the share of labels corrupt actually flipped, when on record
+    features_sha256: str = ""  # the evaluated features file's SHA-256
+    images_known: bool = False  # the test set is told apart by its images' bytes (not only their listing)
+    image_method: bool = False  # its features come through a tuned tower (finetune, vpt, maple)
+    listing: str = ""  # the digest of the test images' listing, when on record
 
 
 @dataclass
@@ -329,14 +341,32 @@ def _file_label(path: Any, sha256: Any) -> str:
     return f"{name} ({sha})" if name and sha else name or sha
 
 
+def _listing_digest(obj: dict[str, Any]) -> str:
+    """The digest of the test images' listing an eval summary records ("" when it does not)."""
+    test_set = obj.get("test_set")
+    digest = test_set.get("source_digest") if isinstance(test_set, dict) else None
+    return digest if isinstance(digest, str) else ""
+
+
+def _images_digest(obj: dict[str, Any]) -> str:
+    """The digest of the test images' bytes an eval summary records ("" for features extracted before)."""
+    test_set = obj.get("test_set")
+    digest = test_set.get("images_digest") if isinstance(test_set, dict) else None
+    return digest if isinstance(digest, str) else ""
+
+
 def _test_label(obj: dict[str, Any]) -> str:
-    """The test set an eval summary is on: the images the features were extracted from ("test (bd6dbb2b)": the
-    source's name and listing digest, the same for every extraction of it, through any tower), or for summaries
-    that do not record them the features file; and the labels file when one was given."""
+    """The test set an eval summary is on: the images the features were extracted from ("test (bd6dbb2b, 1000
+    images)": the source's name and a digest of its listing and, where recorded, of the image files' bytes; the
+    same for every extraction of them, through any tower), or for summaries that do not record them the features
+    file; and the labels file when one was given."""
     test_set = obj.get("test_set")
     digest = test_set.get("source_digest") if isinstance(test_set, dict) else None
     if isinstance(digest, str) and digest:
         name = Path(str(test_set.get("source") or "")).name
+        images = _images_digest(obj)
+        if images:  # listing and pixels: two folders of other images under the same names are two test sets
+            digest = hashlib.sha256(f"{digest}\n{images}".encode()).hexdigest()
         label = f"{name} ({digest[:8]}, {test_set.get('n_images')} images)"
     else:
         label = _file_label(obj.get("features"), obj.get("features_sha256"))
@@ -363,6 +393,24 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
+def _run_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """RUN_SETTINGS of one prompt's record (None: not on record or not applicable)."""
+    config = record.get("prompt_config") if isinstance(record.get("prompt_config"), dict) else {}
+    init_std = record.get("init_std", config.get("prompt.init_std"))
+    if init_std is None and "n_ctx" in record:  # a prompt with a context, recorded before init_std was
+        init_std = DEFAULT_INIT_STD
+    views = None
+    if "n_views" in record or "use_views" in record:  # augmented views per image trained on (0: none)
+        views = int(record.get("n_views") or 0) if record.get("use_views", True) else 0
+    return {
+        "init_std": None if init_std is None else float(init_std),
+        "views": views,
+        "train_layers": record.get("train_layers"),
+        "lp_ft": record.get("lp_ft") if isinstance(record.get("lp_ft"), bool) else None,
+        "wise_alpha": record.get("wise_alpha"),
+    }
+
+
 def _settings(
     records: Sequence[Any], method: str
 ) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
@@ -375,6 +423,7 @@ def _settings(
         optimizer = record.get("optimizer") if isinstance(record.get("optimizer"), dict) else {}
         found = {
             **{k: record.get(k) for k in PROMPT_SETTINGS},
+            **_run_settings(record),
             **{k: optimizer.get(k) for k in SCHEDULE_SETTINGS},
         }
         if "weight_decay_searched" in record:
@@ -389,7 +438,7 @@ def _settings(
                 values[name].add(_setting_text(value))
     pairs = [
         (name, next(iter(values[name])) if len(values[name]) == 1 else "mixed")
-        for name in PROMPT_SETTINGS + SCHEDULE_SETTINGS
+        for name in SPLIT_SETTINGS
         if values.get(name)
     ]
     per_run = PER_RUN_SETTINGS.get(method, {})
@@ -400,11 +449,12 @@ def _settings(
 
 def eval_identity(obj: dict[str, Any]) -> tuple | None:
     """What makes two eval summaries one evaluation: the prompts' (zero-shot: the model's and templates')
-    and the test files' SHA-256; None when the summary does not record them."""
+    and the test files' SHA-256 (the features file's, not only the test set's: the same listing may hold other
+    images); None when the summary does not record them."""
     features = obj.get("features_sha256")
     if not isinstance(features, str) or not features:
         return None
-    test = (_test_label(obj), obj.get("labels_sha256"))  # the test set, however often it was extracted
+    test = (features, _test_label(obj), obj.get("labels_sha256"))
     if obj.get("zero_shot"):
         return ("zero-shot", _model_label(obj.get("model")), json.dumps(obj.get("templates")), *test)
     shas = [m.get("sha256") if isinstance(m, dict) else None for m in obj.get("prompts") or []]
@@ -427,7 +477,19 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
         templates = _templates_label(obj.get("templates"))
         settings = (("templates", templates),) if templates else ()
         key = SeriesKey("zero-shot", model=model, test=test, settings=settings)
-        return EvalRun(key, NO_NOISE, 0.0, None, True, values, str(path))
+        features = str(obj.get("features_sha256") or "")
+        return EvalRun(
+            key,
+            NO_NOISE,
+            0.0,
+            None,
+            True,
+            values,
+            str(path),
+            features_sha256=features,
+            images_known=bool(_images_digest(obj)),
+            listing=_listing_digest(obj),
+        )
     members = [m for m in obj.get("prompts") or [] if isinstance(m, dict)]
     if obj.get("noise") is None and any(m.get("noise") is not None for m in members):
         return None  # an ensemble of prompts tuned on differently noisy labels: no one noise rate
@@ -436,13 +498,9 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
         return None
     method = str(obj.get("method") or "mixed")
     settings, per_run = _settings(members, method)
-    # eval summaries from before they recorded the split carry it per prompt only
-    splits = [m.get("split") for m in members]
-    split = (
-        obj.get("split")
-        if "split" in obj
-        else (splits[0] if splits and all(s == splits[0] for s in splits) else None)
-    )
+    variant = _variant(obj.get("noise"), split_of(obj, members))
+    if tuned_on_test(obj):
+        variant = f"{variant}, {TUNED_ON_TEST}" if variant else TUNED_ON_TEST
     key = SeriesKey(
         method=method,
         loss=str(obj.get("loss") or ""),
@@ -450,7 +508,7 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
         loss_params=_params_label(obj.get("loss_params")),
         shots="" if obj.get("shots") is None else str(obj.get("shots")),
         model=model,
-        variant=_variant(obj.get("noise"), split),
+        variant=variant,
         test=test,
         settings=settings,
     )
@@ -461,8 +519,39 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
         float(realised) if isinstance(realised, (int, float)) and not isinstance(realised, bool) else None
     )
     return EvalRun(
-        key, noise_type, rate, obj.get("seed"), False, values, str(path), per_run, noise_seed, realised
+        key,
+        noise_type,
+        rate,
+        obj.get("seed"),
+        False,
+        values,
+        str(path),
+        per_run,
+        noise_seed,
+        realised,
+        str(obj.get("features_sha256") or ""),
+        bool(_images_digest(obj)),
+        any(m.get("method") in IMAGE_METHODS for m in members) or method in IMAGE_METHODS,
+        _listing_digest(obj),
     )
+
+
+def split_of(obj: dict[str, Any], members: Sequence[dict[str, Any]]) -> Any:
+    """The clean/noisy split an eval summary records (summaries from before: their prompts' common one)."""
+    if "split" in obj:
+        return obj.get("split")
+    splits = [m.get("split") for m in members]
+    return splits[0] if splits and all(s == splits[0] for s in splits) else None
+
+
+def tuned_on_test(obj: dict[str, Any]) -> bool:
+    """Whether a prompt of an eval summary was tuned on the features it is scored on (``tuned_on_test``;
+    summaries from before it was recorded: a prompt's ``features_sha256`` is the summary's)."""
+    if "tuned_on_test" in obj:
+        return bool(obj["tuned_on_test"])
+    features = obj.get("features_sha256")
+    members = [m for m in obj.get("prompts") or [] if isinstance(m, dict)]
+    return bool(features) and any(m.get("features_sha256") == features for m in members)
 
 
 def _log_provenance(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -568,7 +657,7 @@ def _grad_key(method: str, loss: str, meta: dict[str, Any] | None) -> SeriesKey:
     )
     record = {"optimizer": run.get("optimizer")}
     if method in PROMPT_METHODS + COOP_VARIANTS:  # the methods whose prompts record these settings
-        record.update({k: options.get(k) for k in PROMPT_SETTINGS})
+        record.update({k: options.get(k) for k in PROMPT_SETTINGS + ("init_std",)})
     return SeriesKey(
         method,
         loss,
@@ -597,6 +686,44 @@ def grad_runs(
         GradRun(_grad_key(method, loss, meta), noise_type, rate, seed, group, str(path))
         for (method, loss, noise_type, rate, seed), group in sorted(groups.items(), key=lambda kv: str(kv[0]))
     ]
+
+
+def split_unrecorded_test_sets(runs: list[EvalRun]) -> tuple[list[EvalRun], list[str]]:
+    """Tell apart test sets whose eval summaries do not record the images' digest (features extracted before
+    it was), where their features show that one listing held other images: runs of one listing and model,
+    none through a tuned tower, on different features files are on different test sets (the label names the
+    features file). Runs through a tuned tower (finetune, vpt, maple: each seed re-extracts the test images)
+    stay on the listing. Returns the runs, relabelled where needed, and warnings."""
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, run in enumerate(runs):
+        if run.key.test and not run.images_known and not run.image_method and run.features_sha256:
+            groups[(run.key.test, run.key.model)].append(i)
+    out, warnings = list(runs), []
+    for (test, _), members in sorted(groups.items()):
+        shas = sorted({runs[i].features_sha256 for i in members})
+        if len(shas) < 2:
+            continue
+        for i in members:
+            run = runs[i]
+            label = f"{test}, features {run.features_sha256[:8]}"
+            out[i] = replace(run, key=replace(run.key, test=label))
+        warnings.append(
+            f"test set {test}: {len(shas)} different features files of one image listing and model "
+            f"({', '.join(s[:8] for s in shas)}) and no record of the images' content: counted as "
+            f"{len(shas)} test sets; re-extract the test images and evaluate again to tell them apart by content"
+        )
+    known: dict[str, set[bool]] = defaultdict(set)
+    for run in out:
+        if run.listing:
+            known[run.listing].add(run.images_known)
+    mixed = sum(1 for seen in known.values() if len(seen) > 1)
+    if mixed:
+        warnings.append(
+            f"{mixed} test image listing(s) are evaluated both on features that record the images' content and on "
+            "older ones that do not: counted as different test sets; re-extract the older test features and "
+            "evaluate again to pool them"
+        )
+    return out, warnings
 
 
 def read_results(paths: Sequence[str | Path]) -> Results:
@@ -648,6 +775,11 @@ def read_results(paths: Sequence[str | Path]) -> Results:
                 continue
             if identity is not None:
                 evaluations[identity] = str(path)
+            if TUNED_ON_TEST in run.key.variant:
+                results.warnings.append(
+                    f"{path}: its prompt was tuned on the features it is scored on ({content.get('features')}): "
+                    f"a series of its own ('{TUNED_ON_TEST}'), kept out of the held-out means"
+                )
             results.evals.append(run)
             n = 1
         elif kind == "tune-log":
@@ -659,6 +791,8 @@ def read_results(paths: Sequence[str | Path]) -> Results:
             results.grads.extend(runs)
             n = len(content)
         results.files.append(SourceFile(str(path), kind, digest, n))
+    results.evals, split_warnings = split_unrecorded_test_sets(results.evals)
+    results.warnings += split_warnings
     if not results.files:
         where = ", ".join(str(p) for p in paths)
         raise InputError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -90,8 +91,8 @@ def check_pixels(img: Image.Image, max_pixels: int) -> None:
         raise DecodeError(f"{width}x{height} = {width * height} pixels is over the {max_pixels}-pixel {BOMB}")
 
 
-def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, size-check, decode and convert one image file to RGB.
+def decode_rgb(path: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, size-check, decode and convert one image file (a path, or a binary file open at its start) to RGB.
 
     Raises DecodeError (refused mode or size), or PIL's UnidentifiedImageError / OSError for
     files that are not readable images.

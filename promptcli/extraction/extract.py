@@ -9,6 +9,7 @@ content as one uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -131,16 +132,36 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         try:
-            rgb = decode_rgb(path, self.max_pixels)
+            with open(path, "rb") as handle:
+                digest = file_digest(handle)
+                handle.seek(0)
+                rgb = decode_rgb(handle, self.max_pixels)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             reason = "not a readable image" if isinstance(exc, UnidentifiedImageError) else str(exc)
             return {"index": index, "error": reason or type(exc).__name__}
-        item: dict[str, Any] = {"index": index, "error": "", "image": self.preprocess(rgb)}
+        item: dict[str, Any] = {"index": index, "error": "", "image": self.preprocess(rgb), "digest": digest}
         if self.views:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(view_seed(self.seed, index))
                 item["views"] = torch.stack([self.augment(rgb) for _ in range(self.views)])
         return item
+
+
+def file_digest(handle: Any) -> bytes:
+    """SHA-256 (32 bytes) of an open binary file's bytes, read in blocks from where it stands."""
+    h = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        h.update(block)
+    return h.digest()
+
+
+def images_digest(row_digests: Iterator[np.ndarray]) -> str:
+    """SHA-256 over the encoded rows' file digests (blocks of (n, 32) uint8, in row order): the images'
+    content, whatever their paths, the same however the rows were split into chunks, runs or ranks."""
+    h = hashlib.sha256()
+    for block in row_digests:
+        h.update(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
+    return h.hexdigest()
 
 
 def leave_termination_to_main(worker_id: int) -> None:
@@ -156,6 +177,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     good = [it for it in items if not it["error"]]
     batch: dict[str, Any] = {
         "index": [it["index"] for it in good],
+        "digest": [it["digest"] for it in good],
         "bad": [(it["index"], it["error"]) for it in items if it["error"]],
     }
     if good:
@@ -315,7 +337,14 @@ def encode_chunks(
     )
     todo_iter = iter(todo)
     current = next(todo_iter)
-    buf: dict[str, list] = {"index": [], "features": [], "views": [], "bad_index": [], "bad_error": []}
+    buf: dict[str, list] = {
+        "index": [],
+        "digest": [],
+        "features": [],
+        "views": [],
+        "bad_index": [],
+        "bad_error": [],
+    }
     done_rows = 0
     for batch in loader:
         for idx, err in batch["bad"]:
@@ -331,6 +360,7 @@ def encode_chunks(
             buf["bad_error"].append(err)
         if batch["index"]:
             buf["index"].extend(batch["index"])
+            buf["digest"].extend(batch["digest"])
             buf["features"].append(encode_images(loaded, batch["image"]))
             if options.views:
                 v = batch["views"]
@@ -352,6 +382,8 @@ def _payload(buf: dict[str, list], dim: int, options: ExtractOptions) -> dict[st
     feats = np.concatenate(buf["features"]) if buf["features"] else np.zeros((0, dim))
     out = {
         "index": np.asarray(buf["index"], dtype=np.int64),
+        # each encoded row's file SHA-256: assemble combines them into the images' digest
+        "digest": np.frombuffer(b"".join(buf["digest"]), dtype=np.uint8).reshape(-1, 32),
         "features": feats.astype(dtype),
         "bad_index": np.asarray(buf["bad_index"], dtype=np.int64),
         "bad_error": np.asarray(buf["bad_error"], dtype=str),
@@ -377,8 +409,10 @@ def assemble(
         raise RuntimeFailure(f"{len(missing)} chunk(s) missing", where=partial, hint="rerun with --resume")
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
+    with_digests = True  # chunks written before extraction recorded the files' digests have none
     for c in range(len(chunks)):
         with np.load(chunk_path(partial, c)) as z:
+            with_digests = with_digests and "digest" in z.files
             kept.extend(z["index"].tolist())
             skipped.extend(
                 {"path": source.paths[i], "error": str(e)} for i, e in zip(z["bad_index"], z["bad_error"])
@@ -398,6 +432,7 @@ def assemble(
         "source": str(source.origin),
         "source_kind": source.kind,
         "source_digest": source.digest(),
+        **({"images_digest": images_digest(blocks("digest"))} if with_digests else {}),
         "n_images": len(kept),
         "n_skipped": len(skipped),
         "skipped": skipped,

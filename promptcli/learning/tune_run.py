@@ -112,12 +112,17 @@ class PreparedRun:
         return run
 
 
-def _log_settings(head: Any, optim: Any, method: str, search: list[dict[str, float]]) -> dict[str, Any]:
+def _log_settings(
+    head: Any, optim: Any, method: str, search: list[dict[str, float]], n_views: int = 0
+) -> dict[str, Any]:
     """The prompt's and the schedule's settings, as a prompt file records them, so ``report`` splits training
-    curves by them as it splits evaluations."""
-    settings: dict[str, Any] = {
-        k: v for k, v in head.file_metadata().items() if isinstance(v, (str, int, float, bool))
-    }
+    curves by them as it splits evaluations (``n_views``: augmented views per image trained on)."""
+    meta = head.file_metadata()
+    settings: dict[str, Any] = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+    config = meta.get("prompt_config")
+    if isinstance(config, dict) and "prompt.init_std" in config:
+        settings["init_std"] = float(config["prompt.init_std"])
+    settings.update(use_views=n_views > 0, n_views=n_views)
     settings["optimizer"] = optim.to_dict()
     if method == "linear-probe":
         settings["weight_decay_searched"] = bool(search)
@@ -386,7 +391,11 @@ def tune(
     }
     run_id, identity_text = fingerprint(identity), json.dumps(identity, sort_keys=True, default=str)
     head = run.make_head()
-    run_info = {**run.provenance(noise), "settings": _log_settings(head, optim, options.method, search)}
+    n_views = 0 if data.views is None else int(data.views.shape[1])
+    run_info = {
+        **run.provenance(noise),
+        "settings": _log_settings(head, optim, options.method, search, n_views),
+    }
     # Check a checkpoint to resume before touching the log: a refused resume must leave the log intact.
     history = (
         load_checkpoint(partial, run_id, identity_text)["history"] if resume and partial.exists() else []
