@@ -200,7 +200,9 @@ def _run(
         return
     for item in result.skipped:
         out.warn(f"skipped {item['path']}: {item['error']}")
-    resumed = f"; {result.resumed_chunks} chunks came from the interrupted run" if result.resumed_chunks else ""
+    resumed = (
+        f"; {result.resumed_chunks} chunks came from the interrupted run" if result.resumed_chunks else ""
+    )
     out.info(f"Wrote {result.n_images} embeddings (dim {result.dim}) to {result.output}{resumed}")
     out.result(
         {
