@@ -618,6 +618,17 @@ def test_tune_logs_are_grouped_by_their_provenance_and_averaged_per_epoch(tmp_pa
     )
 
 
+def test_a_log_short_of_its_planned_epochs_is_warned_about(tmp_path):
+    """A run still going (or stopped) in the folder: its curve is drawn, and said to end early."""
+    meta = {**run_meta(), "settings": {"optimizer": {"epochs": 12}}}
+    (tmp_path / "going.jsonl").write_text(log_lines([(0.4, 0.3)] * 4, meta))
+    (tmp_path / "done.jsonl").write_text(log_lines([(0.4, 0.3)] * 12, {**meta, "seed": 2}))
+    warnings = read_results([tmp_path]).warnings
+    assert [w for w in warnings if "epochs" in w] == [
+        f"{tmp_path / 'going.jsonl'}: holds 4 of its 12 epochs (a run still going, or stopped): its curve ends early"
+    ]
+
+
 def test_tune_logs_without_provenance_are_separate_unlabelled_runs(tmp_path):
     (tmp_path / "z.jsonl").write_text(log_lines([(0.4, 0.3)]))
     (tmp_path / "a.jsonl").write_text(log_lines([(0.7, 0.6)]))
@@ -765,6 +776,9 @@ def test_writes_png_html_and_markdown_and_refuses_overwrite(tmp_path, run_cli):
     md = md_out.read_text()
     assert "| coop + ce | 81.0 ± 1.0 (3) | 72.0 ± 2.0 (3) | 55.0 ± 5.0 (3) |" in md
     assert "![Sweep](r.png)" in md
+    code, _, stderr = run_cli("report", data, "-o", tmp_path / "my fig (1).png", "-o", tmp_path / "b.md")
+    assert code == 0, stderr
+    assert "](<my fig (1).png>)" in (tmp_path / "b.md").read_text()  # still one Markdown link
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
     before = html_out.stat().st_mtime_ns, html_out.read_bytes()

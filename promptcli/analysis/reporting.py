@@ -110,7 +110,8 @@ def _provenance_lines(report: Report, provenance: dict[str, Any]) -> list[tuple[
 def render_markdown(report: Report, provenance: dict[str, Any], title: str, image: str | None = None) -> str:
     parts = [f"# {title}", "", caption(report), "", markdown_table(report), ""]
     if image:
-        parts += [f"![{title}]({image})", ""]
+        # <...>: a destination holding spaces or parentheses is still one link (CommonMark)
+        parts += [f"![{title}]({f'<{image}>' if any(c in image for c in ' ()') else image})", ""]
     if report.warnings:
         parts += ["**Warnings**", ""] + [f"- {w}" for w in report.warnings] + [""]
     parts += ["## Provenance", ""] + [

@@ -561,6 +561,14 @@ def _log_provenance(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+def _planned_epochs(rows: list[dict[str, Any]]) -> int | None:
+    """The epochs a tune log's run was set to train (None when the log does not record them)."""
+    settings = (_log_provenance(rows) or {}).get("settings")
+    optimizer = settings.get("optimizer") if isinstance(settings, dict) else None
+    epochs = optimizer.get("epochs") if isinstance(optimizer, dict) else None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+
+
 def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
     """A tune log as a run; provenance from the ``run`` object its lines carry (if any)."""
     epochs = []
@@ -786,6 +794,12 @@ def read_results(paths: Sequence[str | Path]) -> Results:
             log = log_run(content, path, digest)
             results.logs.append(log)
             n = len(log.epochs)
+            planned = _planned_epochs(content)
+            if planned and log.epochs and log.epochs[-1]["epoch"] < planned:
+                results.warnings.append(
+                    f"{path}: holds {log.epochs[-1]['epoch']} of its {planned} epochs (a run still going, or "
+                    "stopped): its curve ends early"
+                )
         else:
             runs = grad_runs(content, path, results.warnings.append)
             results.grads.extend(runs)
