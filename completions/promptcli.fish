@@ -160,7 +160,7 @@ complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l classnames
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l top-k -r -d 'Keep the K most confident per class.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l random-k -r -d 'Keep K random images per class.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l min-confidence -r -d 'Keep images whose confidence is at least P.'
-complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l seed -r -d 'Random seed.'
+complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l seed -r -d 'Seed of --random-ks draw (its only use - the transductive fit is deterministic).'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l method -r -f -a 'zero-shot transductive' -d 'zero-shot (each images own prediction) or transductive (a mixture model over all images).'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l labels -rF -d '--method transductive - labels (possibly noisy) for some images.'
 complete -c promptcli -n '__fish_seen_subcommand_from pseudolabel' -l trusted -rF -d '--method transductive - labels you verified (path,label), for a few images.'

@@ -154,6 +154,8 @@ def test_outputs_and_provenance(labelled, tmp_path, run_cli):
     assert summary["features_sha256"] == sha256_file(labelled["features"])
     assert summary["prompts"][0]["sha256"] == sha256_file(path)
     assert summary["model"]["model_name"] == "tiny-clip" and summary["n_evaluated"] == 18
+    assert summary["runtime"]["device"] == "cpu" and summary["runtime"]["autocast"] is False
+    assert "git" in summary["prompts"][0]  # the code that tuned the prompt (None outside a checkout)
     m = summary["metrics"]
     assert set(m) == {"n", "top1", "top5", "top5_k", "macro_accuracy", "per_class"} and m["top5_k"] == 3
     rows = read_csv_rows(preds)

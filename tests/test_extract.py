@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import unicodedata
 
@@ -49,6 +50,7 @@ def test_cli_extract_folder(run_cli, cli_model_args, image_folder, tiny_model, t
         "embed_dim",
     ):
         assert fs.attrs[key] != "", key
+    assert json.loads(fs.attrs["runtime"])["device"] == "cpu" and fs.attrs["cwd"]
     assert '"n_images": 18' in stdout
 
     # stored embeddings equal model.encode_image on the same preprocessed input

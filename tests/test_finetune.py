@@ -80,6 +80,7 @@ def test_training_fits_the_images_and_writes_only_tower_tensors_and_head(trained
     assert any(not torch.equal(prompt.tensors[k], base[k]) for k in tower)  # it trained
     meta = prompt.metadata
     assert meta["loss"] == "ce" and meta["seed"] == 0 and meta["n_train"] == 18 and meta["command"]
+    assert meta["runtime"]["device"] == "cpu" and meta["runtime"]["autocast"] is False
     assert meta["features_sha256"] and meta["labels_sha256"] and meta["finetune"]["train_layers"] == "all"
 
 

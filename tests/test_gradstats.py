@@ -174,7 +174,8 @@ def test_cli_writes_the_csv_report_reads(noisy, tmp_path, run_cli):
     assert meta["model"]["model_name"] == "tiny-clip" and meta["model"]["checkpoint_sha256"]
     assert meta["methods"] == ["coop", "linear-probe"] and meta["options"]["epochs"] == 2
     assert meta["noise"]["type"] == "symmetric" and "transition_counts" not in meta["noise"]
-    assert meta["promptcli_version"] and "gradstats" in meta["command"]
+    assert meta["promptcli_version"] and "gradstats" in meta["command"] and meta["cwd"]
+    assert meta["runtime"]["device"] == "cpu" and meta["runtime"]["autocast"] is False
 
     grads = read_results([out]).grads
     assert sorted(g.key.method for g in grads) == ["coop", "linear-probe"]
@@ -247,6 +248,8 @@ def test_tune_log_lines_carry_the_run(noisy, tmp_path):
             "weight_decay_searched": False,
             **({"template": meta["template"]} if "template" in meta else {}),
         },
+        "runtime": meta["runtime"],
     }
     assert all(r["run"] == expected for r in lines)
+    assert meta["runtime"]["device"] == "cpu" and meta["runtime"]["autocast"] is False
     assert meta["noise"] == small and "transition_counts" in sidecar

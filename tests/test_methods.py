@@ -208,6 +208,9 @@ def test_kgcoop_lambda_only_changes_the_loss(syn, tmp_path):
     assert torch.equal(read_prompt(tmp_path / "kg0.0.st").tensors["ctx"], coop)
     assert not torch.equal(read_prompt(tmp_path / "kg8.0.st").tensors["ctx"], coop)
     assert read_prompt(tmp_path / "kg8.0.st").metadata["kg_lambda"] == 8.0
+    # the n_ctx recorded is the one used: "a photo of a"'s 4 tokens (not --n-ctx's default 16, ignored)
+    meta = read_prompt(tmp_path / "kg8.0.st").metadata
+    assert meta["n_ctx"] == 4 and meta["prompt_config"]["prompt.n_ctx"] == "4"
     # recorded as the method's settings, which eval copies and report keeps apart
     assert read_prompt(tmp_path / "kg8.0.st").metadata["method_params"] == {"kg_lambda": 8.0}
     assert "method_params" not in read_prompt(tmp_path / "coop.st").metadata
@@ -270,6 +273,7 @@ def test_tip_adapter_val_search_is_recorded(syn, tmp_path):
     meta = read_prompt(out).metadata
     assert meta["n_val"] == summary["tip_search"]["n_val"] == 12 and meta["n_train"] == 36
     assert meta["tip_alpha"] == summary["tip_search"]["alpha"] and meta["cache_size"] == 36
+    assert meta["optimizer"] is None and summary["optimizer"] is None  # training-free: no optimiser ran
 
 
 def test_cocoop_resume_gives_the_uninterrupted_result(syn, tmp_path):
@@ -287,6 +291,8 @@ def test_cocoop_resume_gives_the_uninterrupted_result(syn, tmp_path):
     tune(syn["features"], syn["labels"], out, options, device="cpu", resume=True)
     whole, cut = read_prompt(tmp_path / "whole.st").tensors, read_prompt(out).tensors
     assert set(whole) == set(cut) and all(torch.equal(whole[k], cut[k]) for k in whole)
+    meta = read_prompt(out).metadata
+    assert meta["n_ctx"] == 4 and meta["prompt_config"]["prompt.n_ctx"] == "4"  # the ctx_init's, as used
 
 
 @pytest.mark.parametrize(

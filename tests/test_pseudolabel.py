@@ -88,6 +88,12 @@ def test_cli_top_k_and_random_k(run_cli, tiny_features, tiny_model, tmp_path):
     again = tmp_path / "r2.csv"
     assert run_cli(*base, "--random-k", "3", "--seed", "5", "-o", again)[0] == 0
     assert again.read_text() == out.read_text()
+    assert json.loads((tmp_path / "r.csv.json").read_text())["selection"]["seed"] == 5
+    # the seed draws --random-k's images and nothing else: without --random-k none is recorded
+    assert run_cli(*base, "--top-k", "2", "--seed", "5", "-o", tmp_path / "t.csv")[0] == 0
+    assert json.loads((tmp_path / "t.csv.json").read_text())["selection"]["seed"] is None
+    code, stdout, _ = run_cli("pseudolabel", "--help")
+    assert code == 0 and "deterministic" in " ".join(stdout.split())
 
     threshold = float(np.median(conf))
     code, stdout, _ = run_cli(*base, "--min-confidence", str(threshold), "-o", "-")

@@ -1049,3 +1049,27 @@ def test_wise_ft_and_lp_ft_are_their_own_series(tmp_path):
         "finetune (lp_ft=False, wise_alpha=1) + ce",
         "finetune (lp_ft=True, wise_alpha=1) + ce",
     ]
+
+
+def test_tip_adapter_files_with_and_without_an_optimiser_are_one_series(tmp_path):
+    """tip-adapter is training-free: older files record the SGD block it never used, newer ones none."""
+    old = on_test(eval_summary("tip-adapter", seed=1, top1=0.6), optimizer=SCHEDULE)
+    new = on_test(eval_summary("tip-adapter", seed=2, top1=0.62), optimizer=None)
+    write_json(tmp_path / "old.json", old)
+    write_json(tmp_path / "new.json", {**new, "runtime": {"device": "cpu"}, "cwd": "/x", "git": None})
+    report = aggregate(read_results([tmp_path]))
+    assert {c["series"]: c["n"] for c in report.accuracy} == {"tip-adapter + ce": 2}, report.warnings
+    assert not report.warnings, report.warnings
+
+
+def test_documents_name_the_commit_and_working_directory_when_recorded(tmp_path):
+    write_json(tmp_path / "m.json", eval_summary())
+    report = aggregate(read_results([tmp_path]))
+    base = {"promptcli_version": "0.1.0", "created": "now", "command": "promptcli report ."}
+    old = reporting.render_markdown(report, base, "t")
+    assert "git commit" not in old and "cwd" not in old  # provenance from before these were recorded
+    git = {"commit": "ab" * 20, "dirty": True}
+    new = reporting.render_markdown(report, {**base, "cwd": "/runs", "git": git}, "t")
+    assert f"- git commit: {'ab' * 20} (uncommitted changes)" in new and "- cwd: /runs" in new
+    clean = reporting.render_html(report, {**base, "git": {**git, "dirty": False}}, "t", None)
+    assert f"<code>{'ab' * 20}</code>" in clean and "uncommitted" not in clean

@@ -6,6 +6,7 @@ import io
 import json
 import sys
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -175,8 +176,16 @@ def test_metadata_round_trip(syn, tmp_path, run_cli):
     assert meta["metrics"] == summary["metrics"] and meta["n_train"] == 48
     assert meta["checkpoint_sha256"] and meta["model_name"] == "tiny-clip"
     assert meta["promptcli_version"] and "tune" in meta["command"]
+    assert meta["cwd"] == str(Path.cwd()) and "git" in meta and meta["libraries"]["torch"] == version("torch")
+    assert meta["runtime"] == {
+        "device": "cpu",
+        "autocast": False,  # --amp (the default) autocasts on CUDA only
+        "autocast_dtype": None,
+        "torch_threads": torch.get_num_threads(),
+    }
     config = PromptConfig.from_metadata(meta["prompt_config"])
-    assert config == PromptConfig(method="coop", ctx_init="a photo of a", class_position="middle")
+    # the n_ctx used: --ctx-init's 4 tokens, not --n-ctx's default 16
+    assert config == PromptConfig(method="coop", n_ctx=4, ctx_init="a photo of a", class_position="middle")
     value = {"a": "text", "b": 1, "c": [1.5, None], "d": {"x": True}, "e": "1"}
     assert decode_metadata(encode_metadata(value)) == value
 
@@ -221,6 +230,12 @@ def test_resume_gives_the_uninterrupted_result(syn, tmp_path, run_cli):
         )
     assert "without --resume and with --force" in refused.value.hint  # --force alone resumes
     assert (tmp_path / "cut.jsonl").read_text() == log_before  # a refused resume keeps the log
+    # a log without the run's runtime (written before it was recorded) is still this run's log
+    rows = [json.loads(line) for line in log_before.splitlines()]
+    assert all(r["run"]["runtime"]["device"] == "cpu" for r in rows)
+    for r in rows:
+        del r["run"]["runtime"]
+    (tmp_path / "cut.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     args = [
         "tune",
@@ -246,6 +261,7 @@ def test_resume_gives_the_uninterrupted_result(syn, tmp_path, run_cli):
     assert b.metadata["metrics"] == whole["metrics"]
     log = [json.loads(line) for line in (tmp_path / "cut.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert all(r["run"]["runtime"]["device"] == "cpu" for r in log)  # rewritten with this run's
 
 
 def test_refuses_to_overwrite(syn, tmp_path, run_cli):

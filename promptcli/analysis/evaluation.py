@@ -57,6 +57,7 @@ PROVENANCE_KEYS = (
     "n_train",
     "metrics",
     "promptcli_version",
+    "git",
 )
 
 
@@ -511,7 +512,7 @@ def evaluate(
     from promptcli.io.fileio import sha256_file
     from promptcli.io.labels import labels_sha256, read_labels
     from promptcli.io.prompt_files import read_prompt
-    from promptcli.models.devices import resolve_device
+    from promptcli.models.devices import resolve_device, runtime_record
 
     prompt_paths, templates = one_or_many(prompt_paths), one_or_many(templates) or None
     if bool(prompt_paths) == bool(zero_shot):
@@ -595,6 +596,7 @@ def evaluate(
         "ensemble": len(prompts) > 1,
         "prompts": records,
         "metrics": metrics.to_dict(),
+        "runtime": runtime_record(torch_device),  # eval predicts in float32, without autocast
         **provenance.base_provenance(),
     }
     if zero_shot:

@@ -296,7 +296,9 @@ def gradstats(
     )
     from promptcli.io.labels import read_labels
     from promptcli.io.sidecar import noise_summary, read_noise_sidecar
+    from promptcli.learning.training import autocast_dtype
     from promptcli.learning.tune_run import check_options, prepare_run
+    from promptcli.models.devices import runtime_record
 
     if not methods:
         raise InputError("no method given", where="--method", hint="e.g. --method coop")
@@ -379,6 +381,7 @@ def gradstats(
         "output": str(output),
         "columns": list(COLUMNS),
         "model": {k: str(v) for k, v in record.items()},
+        "runtime": runtime_record(first.device, autocast_dtype(first.device, amp)),
         "features": {"path": str(features_path), "sha256": first.features_sha},
         "labels": {"path": str(labels_path), "sha256": first.labels_sha},
         "noise": noise,

@@ -98,13 +98,25 @@ def html_table(report: Report) -> str:
 # --- documents ------------------------------------------------------------------------------------------
 
 
+def _code_line(git: Any) -> str | None:
+    """ "abc123... (uncommitted changes)": the git commit a provenance's ``git`` records; None without one."""
+    if not isinstance(git, dict) or not git.get("commit"):
+        return None
+    return f"{git['commit']}" + (" (uncommitted changes)" if git.get("dirty") else "")
+
+
 def _provenance_lines(report: Report, provenance: dict[str, Any]) -> list[tuple[str, str]]:
-    return [
+    lines = [
         ("promptcli", str(provenance.get("promptcli_version", ""))),
         ("created", str(provenance.get("created", ""))),
         ("command", str(provenance.get("command", ""))),
-        ("models", "; ".join(report.models) or "not recorded"),
     ]
+    if provenance.get("cwd"):
+        lines.append(("cwd", str(provenance["cwd"])))
+    code = _code_line(provenance.get("git"))
+    if code:
+        lines.append(("git commit", code))
+    return [*lines, ("models", "; ".join(report.models) or "not recorded")]
 
 
 def render_markdown(report: Report, provenance: dict[str, Any], title: str, image: str | None = None) -> str:

@@ -421,6 +421,8 @@ def _settings(
         if not isinstance(record, dict):
             continue
         optimizer = record.get("optimizer") if isinstance(record.get("optimizer"), dict) else {}
+        if method == Method.TIP_ADAPTER.value:  # training-free: older files record an optimiser it never used
+            optimizer = {}
         found = {
             **{k: record.get(k) for k in PROMPT_SETTINGS},
             **_run_settings(record),

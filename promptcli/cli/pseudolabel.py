@@ -7,7 +7,8 @@ labels CSV (`path,label,confidence`, plus `clean_label,is_noisy` when the featur
 truth) with a sidecar OUTPUT.json recording the model, features hash, templates and selection.
 
 Selection per predicted class: --top-k K (the K most confident, UPL), --random-k K (K at
-random), and/or --min-confidence P; none of them keeps every image.
+random), and/or --min-confidence P; none of them keeps every image. --seed seeds --random-k's draw
+only (the sidecar records it only then).
 
 --method transductive labels every image by a mixture model over the whole file (the zero-shot
 prior plus the images' own class clusters; docs/cleaning.md). --labels NOISY.csv adds given,
@@ -42,7 +43,6 @@ from promptcli.cli._options import (
     ForceOpt,
     JsonOpt,
     QuietOpt,
-    SeedOpt,
     SkipMissingOpt,
     TemplateOpt,
     TemplatesOpt,
@@ -73,7 +73,13 @@ def command(
     min_confidence: Annotated[
         float | None, typer.Option("--min-confidence", help="Keep images whose confidence is at least P.")
     ] = None,
-    seed: SeedOpt = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="Seed of --random-k's draw (its only use: the transductive fit is deterministic).",
+        ),
+    ] = 0,
     method: Annotated[
         PseudoLabelMethod,
         typer.Option(

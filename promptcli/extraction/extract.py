@@ -38,6 +38,7 @@ from promptcli.io.fileio import (
 )
 from promptcli.io.image_sources import ImageSource
 from promptcli.io.provenance import base_provenance
+from promptcli.models.devices import runtime_record
 from promptcli.models.loading import LoadedModel
 
 PARTIAL_SUFFIX = ".partial"
@@ -429,6 +430,7 @@ def assemble(
         **base_provenance(),
         **loaded.record(),
         "precision": str(loaded.dtype).replace("torch.", ""),
+        "runtime": runtime_record(loaded.device),  # the model runs in "precision", without autocast
         "source": str(source.origin),
         "source_kind": source.kind,
         "source_digest": source.digest(),

@@ -239,19 +239,32 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
                 lock.unlink()
 
 
-def check_jsonl_prefix(path: str | Path, expected: list[dict], force: bool, option: str = "--log") -> None:
+def check_jsonl_prefix(
+    path: str | Path,
+    expected: list[dict],
+    force: bool,
+    option: str = "--log",
+    ignore_run_keys: tuple[str, ...] = (),
+) -> None:
     """Before rewriting a JSON-lines file on resume: refuse unless its lines begin ``expected``.
 
     A resumed run rewrites its log from the checkpoint's rows; a file whose lines are not (a prefix
-    of) those rows was written by something else and is kept unless ``force``.
+    of) those rows was written by something else and is kept unless ``force``. ``ignore_run_keys``: keys of
+    the rows' ``run`` object left out of the comparison (where the run computed, which a resume may change).
     """
     path = Path(path)
     if force or not path.exists():
         return
-    expected = [json.loads(json.dumps(row, sort_keys=True, default=str)) for row in expected]
+
+    def comparable(row: Any) -> Any:
+        if not (ignore_run_keys and isinstance(row, dict) and isinstance(row.get("run"), dict)):
+            return row
+        return {**row, "run": {k: v for k, v in row["run"].items() if k not in ignore_run_keys}}
+
+    expected = [comparable(json.loads(json.dumps(row, sort_keys=True, default=str))) for row in expected]
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        rows = [json.loads(line) for line in lines]
+        rows = [comparable(json.loads(line)) for line in lines]
     except (UnicodeDecodeError, ValueError):
         rows = None
     if rows is None or len(rows) > len(expected) or rows != expected[: len(rows)]:

@@ -648,7 +648,7 @@ def finetune(
     )
     from promptcli.learning.tune_run import fingerprint as digest
     from promptcli.learning.tune_run import partial_path, remove_file
-    from promptcli.models.devices import resolve_device
+    from promptcli.models.devices import resolve_device, runtime_record
     from promptcli.models.image_adapter import FINETUNE_METHOD, wise_interpolate, wise_path
     from promptcli.models.loading import load_model_from_record
 
@@ -771,6 +771,7 @@ def finetune(
         "shots": options.shots,
         "noise": noise_summary(noise),
         "model": {k: str(record[k]) for k in ("model_name", "pretrained", "checkpoint_sha256")},
+        "runtime": runtime_record(torch_device, amp_dtype),
     }
     if method.method_params():
         run_info["method_params"] = method.method_params()
@@ -979,6 +980,7 @@ def finetune(
         "metrics": final,
         "split": {"method": "none"} if split is None else split.to_dict(),
         "wise": None,
+        "runtime": run_info["runtime"],
         **provenance.base_provenance(),
     }
     if method.method_params():

@@ -149,6 +149,12 @@ def make_optimizer(groups: list[dict[str, Any]], config: OptimConfig) -> torch.o
     return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps)
 
 
+def autocast_dtype(device: torch.device | str, amp: bool) -> torch.dtype | None:
+    """The dtype :func:`train` autocasts to on ``device`` with ``amp`` (CUDA only); None: no autocast (fp32)."""
+    device = torch.device(device)
+    return amp_dtype(device) if amp and device.type == "cuda" else None
+
+
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
@@ -299,7 +305,7 @@ def train(
     if split is not None:
         split.validate()
     device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
+    use_amp = autocast_dtype(device, amp) is not None
     head.to(device)
     head.eval()  # the frozen CLIP parts stay in eval mode; gradients still reach the learnable tensors
     feats = data.features.to(device).float()

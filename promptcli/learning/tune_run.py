@@ -112,6 +112,13 @@ class PreparedRun:
         return run
 
 
+def recorded_optimizer(optim: OptimConfig, method: str) -> dict[str, Any] | None:
+    """The optimiser a prompt file records: None for a training-free method (tip-adapter), which uses none."""
+    from promptcli.choices import Method
+
+    return None if method == Method.TIP_ADAPTER.value else optim.to_dict()
+
+
 def _log_settings(
     head: Any, optim: Any, method: str, search: list[dict[str, float]], n_views: int = 0
 ) -> dict[str, Any]:
@@ -123,7 +130,7 @@ def _log_settings(
     if isinstance(config, dict) and "prompt.init_std" in config:
         settings["init_std"] = float(config["prompt.init_std"])
     settings.update(use_views=n_views > 0, n_views=n_views)
-    settings["optimizer"] = optim.to_dict()
+    settings["optimizer"] = recorded_optimizer(optim, method)
     if method == "linear-probe":
         settings["weight_decay_searched"] = bool(search)
     return settings
@@ -345,6 +352,8 @@ def tune(
     from promptcli.io.fileio import check_distinct, check_jsonl_prefix, check_output_path
     from promptcli.learning.losses import loss_params
     from promptcli.learning.method_options import method_params
+    from promptcli.learning.training import autocast_dtype
+    from promptcli.models.devices import runtime_record
     from promptcli.models.heads import save_head
 
     options = options.resolved()  # the method's defaults, recorded as used
@@ -392,9 +401,11 @@ def tune(
     run_id, identity_text = fingerprint(identity), json.dumps(identity, sort_keys=True, default=str)
     head = run.make_head()
     n_views = 0 if data.views is None else int(data.views.shape[1])
+    runtime = runtime_record(run.device, autocast_dtype(run.device, amp))
     run_info = {
         **run.provenance(noise),
         "settings": _log_settings(head, optim, options.method, search, n_views),
+        "runtime": runtime,
     }
     # Check a checkpoint to resume before touching the log: a refused resume must leave the log intact.
     history = (
@@ -402,7 +413,10 @@ def tune(
     )
     log_handle = None
     if log_path is not None and resume:  # the log is rewritten: only if it is this run's
-        check_jsonl_prefix(log_path, [{**row, "run": run_info} for row in history], force)
+        # (where it ran may differ: a run resumed on another machine, a log written before runtime was recorded)
+        check_jsonl_prefix(
+            log_path, [{**row, "run": run_info} for row in history], force, ignore_run_keys=("runtime",)
+        )
     if log_path is not None:
         log_handle = open(log_path, "w", encoding="utf-8")
         for row in history:  # the log restarts with the epochs the checkpoint already holds
@@ -457,7 +471,7 @@ def tune(
         "embed_dim": fs.dim,
         "loss": options.loss,
         "loss_params": loss_params(loss_fn),
-        "optimizer": optim.to_dict(),
+        "optimizer": recorded_optimizer(optim, options.method),
         "seed": options.seed,
         "shots": options.shots,
         "use_views": data.views is not None,
@@ -470,6 +484,7 @@ def tune(
         "n_skipped": joined.n_skipped,
         "metrics": result.final,
         "split": {"method": "none"} if split is None else split.to_dict(),
+        "runtime": runtime,
         **provenance.base_provenance(),
     }
     if search:
@@ -492,7 +507,7 @@ def tune(
         "output": str(output),
         "method": options.method,
         "loss": loss_params(loss_fn),
-        "optimizer": optim.to_dict(),
+        "optimizer": recorded_optimizer(optim, options.method),
         "weight_decay_search": search,
         "n_train": len(data),
         "n_skipped": joined.n_skipped,

@@ -165,7 +165,7 @@ class CoCoOpHead(nn.Module):
     def file_metadata(self) -> dict[str, Any]:
         config = self.learner.config
         return {
-            "prompt_config": config.to_metadata(),
+            "prompt_config": self.learner.used_config().to_metadata(),
             "n_ctx": int(self.learner.n_ctx),
             "ctx_init": config.ctx_init or "",
             "logit_scale": self.logit_scale,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -77,3 +78,25 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     """The half-precision dtype of mixed precision on a CUDA ``device``: bf16 where native, else fp16 (which
     needs loss scaling)."""
     return torch.bfloat16 if bf16_ok(device) else torch.float16
+
+
+def runtime_record(device: torch.device | str, autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """Where and how a command computed, for its output's provenance: the device (``cuda:N`` and the GPU's name
+    on CUDA, with the CUDA and cuDNN versions), whether autocast ran and in which dtype, torch's CPU threads."""
+    device = torch.device(device)
+    record: dict[str, Any] = {
+        "device": str(device),
+        "autocast": autocast is not None,
+        "autocast_dtype": None if autocast is None else str(autocast).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        record.update(
+            device=f"cuda:{index}",
+            device_name=torch.cuda.get_device_name(index),
+            cuda_version=torch.version.cuda,
+            cudnn_version=None if cudnn is None else str(cudnn),
+        )
+    return record

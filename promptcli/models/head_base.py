@@ -126,7 +126,7 @@ class PromptHead(nn.Module):
         """The prompt's construction, so that :meth:`from_tensors` rebuilds the same learner."""
         config = self.learner.config
         return {
-            "prompt_config": config.to_metadata(),
+            "prompt_config": self.learner.used_config().to_metadata(),
             "n_ctx": int(getattr(self.learner, "n_ctx", config.n_ctx)),
             "class_position": config.class_position,
             "csc": config.csc,

@@ -20,7 +20,7 @@ full-length computation.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -915,6 +915,12 @@ class PromptLearner(nn.Module):
         return F.normalize(self._tower.encode(x, self.token_ids, self.pool_index).float(), dim=-1)
 
     # ---- state
+
+    def used_config(self) -> PromptConfig:
+        """The configuration as built: with ``ctx_init``, ``n_ctx`` is its token count (the option is ignored)."""
+        if self.config.ctx_init is None:
+            return self.config
+        return replace(self.config, n_ctx=self.n_ctx)
 
     def learnable_state(self) -> dict[str, torch.Tensor]:
         """The learned tensors by stable name (``ctx``, ``ctx_suffix``, ``class_tokens``), float32 on CPU."""

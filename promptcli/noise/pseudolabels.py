@@ -392,7 +392,13 @@ def pseudolabel_file(
         "templates": prompts,
         "classes": label_names,
         "prompt_classnames": prompt_names,
-        "selection": {"top_k": top_k, "random_k": random_k, "min_confidence": min_confidence, "seed": seed},
+        # the seed draws --random-k's images and nothing else (the transductive fit is deterministic): None without
+        "selection": {
+            "top_k": top_k,
+            "random_k": random_k,
+            "min_confidence": min_confidence,
+            "seed": seed if random_k is not None else None,
+        },
         "method": method,
         **({"transductive": fit} if fit is not None else {}),
         **stats,
