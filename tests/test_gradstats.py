@@ -246,10 +246,12 @@ def test_tune_log_lines_carry_the_run(noisy, tmp_path):
         "settings": {
             "optimizer": meta["optimizer"],
             "weight_decay_searched": False,
+            "use_views": meta["use_views"],  # the fixture's features hold 2 views per image
+            "n_views": meta["n_views"],
             **({"template": meta["template"]} if "template" in meta else {}),
         },
         "runtime": meta["runtime"],
     }
-    assert all(r["run"] == expected for r in lines)
+    assert [r["run"] for r in lines] == [expected] * 3
     assert meta["runtime"]["device"] == "cpu" and meta["runtime"]["autocast"] is False
     assert meta["noise"] == small and "transition_counts" in sidecar
