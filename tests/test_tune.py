@@ -263,6 +263,19 @@ def test_resume_gives_the_uninterrupted_result(syn, tmp_path, run_cli):
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
     assert all(r["run"]["runtime"]["device"] == "cpu" for r in log)  # rewritten with this run's
 
+    # a requeued job reruns its finished step: nothing to do, exit 0, the output and log untouched
+    before = out.read_bytes(), (tmp_path / "cut.jsonl").read_bytes()
+    code, stdout, err = run_cli(
+        *args, "--device", "cpu", "--resume", "--json", "--log", tmp_path / "cut.jsonl"
+    )
+    assert code == 0, err
+    done = json.loads(stdout)
+    assert done["already_complete"] is True and done["metrics"] == whole["metrics"]
+    assert (out.read_bytes(), (tmp_path / "cut.jsonl").read_bytes()) == before
+    code, _, err = run_cli(*args[:-1], "0.004", "--device", "cpu", "--resume")  # another run's output
+    assert code == 2 and "output exists, written by another run (it differs in lr)" in err, err
+    assert out.read_bytes() == before[0]
+
 
 def test_refuses_to_overwrite(syn, tmp_path, run_cli):
     out = tmp_path / "p.safetensors"

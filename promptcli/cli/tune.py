@@ -153,6 +153,10 @@ def command(
             info=out.info,
             warn=out.warn,
         )
+    if summary.get("already_complete"):  # --resume on a run that had finished (a requeued job)
+        out.info(f"{summary['output']} is complete: this run wrote it earlier; nothing to do")
+        out.result(summary)
+        return
     metrics = summary["metrics"]
     if summary["n_skipped"]:
         out.warn(f"skipped {summary['n_skipped']} label row(s) whose path or class the features lack")

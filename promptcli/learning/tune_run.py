@@ -21,7 +21,7 @@ import torch
 
 from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import check_finite_fields, check_seed
-from promptcli.io.fileio import locks_output
+from promptcli.io.fileio import STDIO, locks_output
 from promptcli.io.sidecar import noise_summary, read_noise_sidecar
 from promptcli.learning.options import (
     DEFAULT_EPSILON,
@@ -53,6 +53,63 @@ def fingerprint(parts: dict[str, Any]) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_identity_text(features_sha: str, labels_sha: str, options: TuneOptions) -> str:
+    """What makes two tune runs one (inputs and resolved options), as the JSON a prompt file records, so that a
+    rerun with ``--resume`` can tell its own finished output from another run's."""
+    return json.dumps(
+        {"features": features_sha, "labels": labels_sha, "options": asdict(options)},
+        sort_keys=True,
+        default=str,
+    )
+
+
+def finished_run(
+    output: Path, features_path: str | Path, labels_path: str | Path, options: TuneOptions
+) -> dict[str, Any] | None:
+    """With ``--resume`` and no checkpoint: the summary of ``output`` when this very run wrote it (a requeued
+    job's step that had finished), else None (``output exists``, naming what differs when it can)."""
+    from promptcli.io.fileio import sha256_file
+    from promptcli.io.prompt_files import read_prompt
+    from promptcli.learning.training import identity_changes
+
+    if str(labels_path) == STDIO or str(features_path) == STDIO:
+        return None
+    try:
+        meta = read_prompt(output).metadata
+    except Exception:  # not a prompt file: refused below as any existing output
+        return None
+    recorded = meta.get("run_identity")
+    if not isinstance(recorded, str):
+        return None
+    identity = run_identity_text(sha256_file(features_path), sha256_file(labels_path), options)
+    if recorded != identity:
+        changed = identity_changes(recorded, identity)
+        raise InputError(
+            "output exists, written by another run"
+            + (f" (it differs in {', '.join(changed)})" if changed else ""),
+            where=output,
+            hint="pass --force to overwrite it or choose another -o",
+        )
+    return {
+        "output": str(output),
+        "already_complete": True,
+        "method": meta.get("method"),
+        "loss": meta.get("loss_params"),
+        "optimizer": meta.get("optimizer"),
+        "weight_decay_search": meta.get("weight_decay_search") or [],
+        "n_train": meta.get("n_train"),
+        "n_skipped": meta.get("n_skipped") or 0,
+        "skipped": [],
+        "short_classes": {},
+        "resumed_from_epoch": 0,
+        "seconds_per_epoch": None,
+        "metrics": meta.get("metrics") or {},
+        "split": meta.get("split"),
+        "noise": meta.get("noise"),
+        "log": None,
+    }
 
 
 def remove_file(path: Path) -> None:
@@ -363,6 +420,10 @@ def tune(
         {"FEATURES": features_path, "LABELS": labels_path},
         {"-o": output, "--log": log_path, "the checkpoint -o.partial": partial_path(output)},
     )
+    if resume and not force and Path(output).exists() and not partial_path(output).exists():
+        finished = finished_run(Path(output), features_path, labels_path, options)
+        if finished is not None:
+            return finished
     output = check_output_path(output, force)
     partial = partial_path(output)
     if partial.exists() and not resume:
@@ -477,6 +538,7 @@ def tune(
         "use_views": data.views is not None,
         "n_views": 0 if data.views is None else int(data.views.shape[1]),
         "features_sha256": run.features_sha,
+        "run_identity": run_identity_text(run.features_sha, run.labels_sha, options),
         "features_file": str(features_path),
         "labels_sha256": run.labels_sha,
         "labels_file": run.labels_source,
