@@ -508,7 +508,7 @@ def test_stdout_carries_only_data(syn, tmp_path, run_cli):
 def test_one_writer_per_output(tmp_path):
     out = tmp_path / "p.safetensors"
     started = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    me = f"{os.getpid()} {socket.gethostname()} {started}"
+    me = f"{os.getpid()} {socket.gethostname()} {started} -"  # no Slurm job
     with output_lock(out) as lock:
         assert lock.read_text().strip() == me
         with pytest.raises(InputError, match=f"another promptcli \\(pid {os.getpid()}\\) is writing"):
@@ -546,6 +546,28 @@ def test_one_writer_per_output(tmp_path):
     with output_lock(out):
         assert lock.read_text().strip() == me
     assert not list(tmp_path.iterdir())  # nothing left beside it
+
+
+def test_a_requeued_slurm_job_takes_over_the_lock_its_earlier_run_left_on_another_node(tmp_path, monkeypatch):
+    """A node failure (or preemption without grace) kills a job with no cleanup; Slurm requeues it, on another
+    node, under the same job id with SLURM_RESTART_COUNT one higher: the lock is its own earlier run's."""
+    out = tmp_path / "p.safetensors"
+    lock = Path(f"{out}.lock")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lock.write_text("4242 node-a 123 slurm:77:0\n")
+    with output_lock(out):
+        assert lock.read_text().split()[3] == "slurm:77:1"
+    for other in ("slurm:77:1", "slurm:78:0", "-"):  # this very run elsewhere, another job, no job: alive
+        lock.write_text(f"4242 node-a 123 {other}\n")
+        with pytest.raises(InputError, match="pid 4242 on node-a\\) is writing"):
+            with output_lock(out):
+                pass
+    monkeypatch.delenv("SLURM_RESTART_COUNT")  # a first run (no restart yet) never takes over
+    lock.write_text("4242 node-a 123 slurm:77:0\n")
+    with pytest.raises(InputError, match="is writing"):
+        with output_lock(out):
+            pass
 
 
 def test_finetune_holds_the_output_lock(tiny_features, noisy_labels, tmp_path):

@@ -138,25 +138,51 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-Owner = tuple[int, str | None, str | None]  # pid, host, start (None in locks from before they were recorded)
+# pid, host, start, job: None where not recorded (older locks; start outside Linux; job outside Slurm)
+Owner = tuple[int, str | None, str | None, str | None]
+
+
+def _slurm_job() -> str | None:
+    """``slurm:<job id>:<restart count>`` inside a Slurm job, else None. A requeued job keeps its id and counts
+    one restart more, so a lock its earlier run left (killed on another node) is known stale."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm:{job}:{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
 
 
 def _lock_owner(lock: Path) -> Owner | None:
-    """(pid, host, start) written in a lock, or None for a missing or damaged one."""
+    """(pid, host, start, job) written in a lock, or None for a missing or damaged one."""
     try:
         fields = lock.read_text(encoding="utf-8").split()
-        return (
-            int(fields[0]),
-            (fields[1] if len(fields) > 1 else None),
-            (fields[2] if len(fields) > 2 else None),
-        )
+        pid = int(fields[0])
     except (OSError, ValueError, IndexError):
         return None
+    rest = [None if f == "-" else f for f in fields[1:4]] + [None] * (3 - len(fields[1:4]))
+    return pid, rest[0], rest[1], rest[2]
+
+
+def _lock_text(owner: Owner) -> str:
+    return " ".join("-" if f is None else str(f) for f in owner) + "\n"
+
+
+def _earlier_run_of_this_job(theirs: str | None) -> bool:
+    """Whether a lock's job is an earlier run of this requeued Slurm job."""
+    mine = _slurm_job()
+    if not (theirs and mine and theirs.startswith("slurm:")):
+        return False
+    *their_job, their_count = theirs.split(":")
+    *my_job, my_count = mine.split(":")
+    try:
+        return their_job == my_job and int(my_count) > int(their_count)
+    except ValueError:
+        return False
 
 
 def _owner_gone(owner: Owner) -> bool:
-    """Whether a lock's writer surely no longer runs: only knowable for a process on this host."""
-    pid, host, start = owner
+    """Whether a lock's writer surely no longer runs: known for a process on this host, and for an earlier run of
+    this requeued Slurm job on any host."""
+    pid, host, start, job = owner
+    if _earlier_run_of_this_job(job):
+        return True
     if host not in (None, _this_host()):
         return False
     if not _pid_alive(pid):
@@ -204,7 +230,7 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
     host (the writer was killed) is taken over; one from another host (a shared filesystem) is
     never guessed stale. The lock holds "pid host" and is removed on exit, whatever happens.
     """
-    me: Owner = (os.getpid(), _this_host(), _process_start(os.getpid()))
+    me: Owner = (os.getpid(), _this_host(), _process_start(os.getpid()), _slurm_job())
     lock = Path(f"{path}{LOCK_SUFFIX}")
     parent = lock.parent
     if not parent.is_dir():
@@ -213,14 +239,14 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
     what = "output" if option == "-o" else f"{option} file"
     for _ in range(3):
         with disk_full_guard(parent):
-            if _create_lock(lock, " ".join(str(f) for f in me if f is not None) + "\n"):
+            if _create_lock(lock, _lock_text(me)):
                 break
         owner = _lock_owner(lock)
         if owner is None:  # a lock from an older version being written this very moment, or damaged
             time.sleep(0.05)
             owner = _lock_owner(lock)
         if owner is not None and not _owner_gone(owner):
-            pid, host, _ = owner
+            pid, host, _, _ = owner
             on = "" if host in (None, me[1]) else f" on {host}"
             raise InputError(
                 f"another promptcli (pid {pid}{on}) is writing this {what}",
