@@ -97,6 +97,11 @@ def test_failure_on_one_rank_stops_all_and_the_resumed_run_matches_one_process(
     assert (summary["n_images"], summary["resumed_chunks"], summary["output"]) == (18, n_left, str(out))
     assert proc.stderr.count("Wrote 18 embeddings") == 1
     assert not partial.exists()
+    # requeued after it finished: every rank sees the same run's file and stops; nothing is rewritten
+    before = out.read_bytes()
+    proc = torchrun(images, out, cli_model_args, "-j", "1", "--resume", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["already_complete"] is True and out.read_bytes() == before
 
 
 def test_shard_covers_every_item_once():

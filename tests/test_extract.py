@@ -168,6 +168,18 @@ def test_resume_after_interruption_is_identical(tiny_model, image_folder, tmp_pa
     for name in full:
         np.testing.assert_array_equal(full[name], cut[name])
 
+    # a requeued job reruns its finished step: nothing to do; another extraction's file is refused
+    before = out.stat().st_mtime_ns, out.read_bytes()
+    again = extract_features(source, tiny_model, out, options, resume=True)
+    assert again.already_complete and (again.n_images, again.dim) == (result.n_images, result.dim)
+    assert (out.stat().st_mtime_ns, out.read_bytes()) == before
+    with pytest.raises(InputError, match="written by another extraction \\(it differs in seed\\)"):
+        extract_features(
+            source, tiny_model, out, ExtractOptions(**{**options.__dict__, "seed": 9}), resume=True
+        )
+    with pytest.raises(InputError, match="output exists"):
+        extract_features(source, tiny_model, out, options)  # without --resume: as ever
+
 
 def test_existing_output_needs_force(run_cli, cli_model_args, image_folder, tmp_path):
     out = tmp_path / "f.h5"

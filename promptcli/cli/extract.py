@@ -177,6 +177,7 @@ def _run(
             device=single.device_spec(device) if ctx else device,
             precision=precision,
             force=force,
+            resume=resume,
         )
 
     # every rank sets up; if one cannot (missing file, bad weights), all stop with its error
@@ -198,12 +199,15 @@ def _run(
             )
     if result is None:  # a rank other than 0: rank 0 wrote the file and reports
         return
-    for item in result.skipped:
-        out.warn(f"skipped {item['path']}: {item['error']}")
-    resumed = (
-        f"; {result.resumed_chunks} chunks came from the interrupted run" if result.resumed_chunks else ""
-    )
-    out.info(f"Wrote {result.n_images} embeddings (dim {result.dim}) to {result.output}{resumed}")
+    if result.already_complete:  # --resume on an extraction that had finished (a requeued job)
+        out.info(f"{result.output} is complete: this extraction wrote it earlier; nothing to do")
+    else:
+        for item in result.skipped:
+            out.warn(f"skipped {item['path']}: {item['error']}")
+        resumed = (
+            f"; {result.resumed_chunks} chunks came from the interrupted run" if result.resumed_chunks else ""
+        )
+        out.info(f"Wrote {result.n_images} embeddings (dim {result.dim}) to {result.output}{resumed}")
     out.result(
         {
             "output": str(result.output),
@@ -214,5 +218,6 @@ def _run(
             "views": result.views,
             "classes": len(source.classnames),
             "resumed_chunks": result.resumed_chunks,
+            "already_complete": result.already_complete,
         }
     )

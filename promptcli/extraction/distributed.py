@@ -303,15 +303,21 @@ def extract_distributed(
     partial = output.with_name(output.name + ex.PARTIAL_SUFFIX)
     n_chunks = len(ex.chunk_ranges(len(source), options.rows_per_chunk))
 
-    def prepare() -> tuple[list[int], int]:
+    def prepare() -> tuple[list[int], int, ex.ExtractResult | None]:
+        if resume and not force and output.exists() and not partial.exists():
+            finished = ex.finished_extraction(output, manifest)
+            if finished is not None:  # this same extraction had finished (a requeued job's step)
+                return [], 0, finished
         check_output_path(output, force)
         _, n_done = ex.prepare_partial(output, manifest, resume, force)
         for stale in partial.glob(f"{FAILED_PREFIX}*"):
             stale.unlink()
         todo = [c for c in range(n_chunks) if not ex.chunk_path(partial, c).exists()]
-        return todo, n_done
+        return todo, n_done, None
 
-    todo, n_done = ctx.from_main(prepare)
+    todo, n_done, finished = ctx.from_main(prepare)
+    if finished is not None:
+        return finished if ctx.is_main else None
 
     def check_shared() -> None:
         # The same inputs on every rank, and rank 0's partial folder visible here.

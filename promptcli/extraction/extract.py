@@ -91,6 +91,37 @@ class ExtractResult:
     dim: int = 0
     views: int = 0
     resumed_chunks: int = 0
+    already_complete: bool = False  # --resume on an output this same extraction had finished
+
+
+def finished_extraction(output: Path, manifest: dict[str, Any]) -> ExtractResult | None:
+    """With ``--resume`` and no partial result: ``output``'s result when this same extraction (its recorded
+    manifest) wrote it (a requeued job's finished step), else None (refused as any existing output); another
+    extraction's output is refused naming what differs."""
+    from promptcli.io.features import read_attrs
+
+    try:
+        attrs = read_attrs(output)
+        recorded = json.loads(attrs["manifest"])
+    except (InputError, OSError, KeyError, TypeError, ValueError):  # not a features file, or from before
+        return None
+    changed = sorted(k for k in set(manifest) | set(recorded) if recorded.get(k) != manifest.get(k))
+    if changed:
+        raise InputError(
+            f"output exists, written by another extraction (it differs in {', '.join(changed)})",
+            where=output,
+            hint="pass --force to overwrite it or choose another -o",
+        )
+    skipped = json.loads(attrs["skipped"]) if isinstance(attrs.get("skipped"), str) else []
+    return ExtractResult(
+        output,
+        int(attrs.get("n_images", 0)),
+        int(attrs.get("n_skipped", 0)),
+        skipped if isinstance(skipped, list) else [],
+        int(attrs.get("embed_dim", 0) or 0),
+        int(attrs.get("views", 0) or 0),
+        already_complete=True,
+    )
 
 
 def augmentation(preprocess_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
@@ -251,9 +282,14 @@ def adapter_record(loaded: LoadedModel) -> dict[str, str]:
     return {"adapter_sha256": sha} if sha else {}
 
 
+def partial_of(output: Path) -> Path:
+    """The folder of an extraction's finished chunks while it runs (``<output>.partial``)."""
+    return output.with_name(output.name + PARTIAL_SUFFIX)
+
+
 def prepare_partial(output: Path, manifest: dict[str, Any], resume: bool, force: bool) -> tuple[Path, int]:
     """Create or check ``<output>.partial``; return it and how many chunks it already holds."""
-    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    partial = partial_of(output)
     if partial.exists() and not resume:
         if not force:
             raise InputError(
@@ -435,6 +471,8 @@ def assemble(
         "source_kind": source.kind,
         "source_digest": source.digest(),
         **({"images_digest": images_digest(blocks("digest"))} if with_digests else {}),
+        # what --resume compares, so a rerun of this same extraction knows the file as its own
+        "manifest": json.dumps(manifest_for(source, loaded, options), sort_keys=True),
         "n_images": len(kept),
         "n_skipped": len(skipped),
         "skipped": skipped,
@@ -493,8 +531,13 @@ def extract_features(
     options = options or ExtractOptions()
     options.validate()
     check_distinct({"IMAGES": source.origin}, {"-o": output})
+    manifest = manifest_for(source, loaded, options)
+    if resume and not force and Path(output).exists() and not partial_of(Path(output)).exists():
+        finished = finished_extraction(Path(output), manifest)
+        if finished is not None:
+            return finished
     output = check_output_path(output, force)
-    partial, n_done = prepare_partial(output, manifest_for(source, loaded, options), resume, force)
+    partial, n_done = prepare_partial(output, manifest, resume, force)
     n_chunks = len(chunk_ranges(len(source), options.rows_per_chunk))
     if on_rows and n_done:
         on_rows(
@@ -525,6 +568,7 @@ def open_extraction(
     device: str = "auto",
     precision: str = "fp32",
     force: bool = False,
+    resume: bool = False,
 ) -> tuple[ImageSource, LoadedModel]:
     """Check an extraction's options and paths, read its image source and load its model: (source, model).
 
@@ -541,7 +585,8 @@ def open_extraction(
         "--pretrained": pretrained,  # a tag names no file, so it never matches
     }
     check_distinct(inputs, {"-o": output})
-    check_output_path(output, force)
+    # with --resume an existing output may be this very extraction's, finished: told once the model is loaded
+    check_output_path(output, force or (resume and Path(output).exists()))
     names = read_classnames(classnames) if classnames else None
     source = read_image_source(Path(images), split=split, classnames=names)
     loaded = load_model(
@@ -577,5 +622,5 @@ def extract_file(
     of those names. With a model already loaded, or an :class:`ImageSource` built in code, call
     :func:`extract_features` instead."""
     options = options or ExtractOptions()
-    source, loaded = open_extraction(images, output, options, force=force, **inputs)
+    source, loaded = open_extraction(images, output, options, force=force, resume=resume, **inputs)
     return extract_features(source, loaded, output, options, resume=resume, force=force, on_rows=on_rows)
