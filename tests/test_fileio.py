@@ -69,3 +69,40 @@ def test_a_dangling_symbolic_link_is_an_existing_output(tmp_path):
     link.symlink_to(tmp_path / "elsewhere" / "p.safetensors")
     with pytest.raises(InputError, match="output exists"):
         check_output_path(link, force=False)
+
+
+def test_refused_placement_says_where_the_work_stays_and_the_check_follows_the_real_path(
+    tmp_path, monkeypatch
+):
+    from promptcli.io.fileio import OutputTaken, forget_new_outputs, place_output
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    check_output_path(tmp_path / "link" / "p.st", force=False)  # checked through one spelling ...
+    (real / "p.st").write_text("the other command's\n")
+    tmp = real / ".p.st.tmp"
+    tmp.write_text("mine\n")
+    with pytest.raises(OutputTaken) as taken:  # ... placed through another
+        place_output(tmp, real / "p.st", kept=real / "p.st.partial")
+    assert "rerun with --resume --force" in taken.value.hint and "p.st.partial" in taken.value.hint
+    assert (real / "p.st").read_text() == "the other command's\n"
+    forget_new_outputs()  # a new command of this process: nothing checked yet
+    place_output(tmp, real / "p.st")
+    assert (real / "p.st").read_text() == "mine\n"
+
+
+def test_a_link_that_nfs_made_before_answering_eexist_is_placed(tmp_path, monkeypatch):
+    from promptcli.io import fileio
+
+    real_link = os.link
+
+    def retried(source, target):  # the first reply was lost; the retry finds the link it made
+        real_link(source, target)
+        raise FileExistsError(17, "File exists")
+
+    monkeypatch.setattr(fileio.os, "link", retried)
+    out = tmp_path / "n.csv"
+    check_output_path(out, force=False)
+    write_text_atomic(out, "mine\n")
+    assert out.read_text() == "mine\n" and [p.name for p in tmp_path.iterdir()] == ["n.csv"]

@@ -54,6 +54,19 @@ def test_a_checkout_records_its_commit_and_whether_tracked_files_changed(tmp_pat
 
 
 @needs_git
+def test_git_variables_of_the_caller_do_not_point_git_at_another_repository(tmp_path, monkeypatch):
+    """Run from a git hook, `git rebase -x` or a dotfiles set-up (GIT_DIR, GIT_INDEX_FILE set)."""
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    ours.mkdir(), other.mkdir()
+    commit = _repository(ours)
+    _repository(other)
+    (other / "a.txt").write_text("changed\n")
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
+    monkeypatch.setenv("GIT_INDEX_FILE", str(other / ".git" / "index"))
+    assert provenance.git_state(ours) == {"commit": commit, "dirty": False}
+
+
+@needs_git
 def test_without_git_the_commit_is_read_from_the_files(tmp_path, monkeypatch):
     commit = _repository(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no git to run

@@ -986,6 +986,16 @@ def test_other_images_under_the_same_names_are_another_test_set_and_no_repeat(tm
     assert not [w for w in report.warnings if "test sets" in w or "repeats" in w], report.warnings
 
 
+def test_one_prompt_on_two_extractions_of_the_same_images_is_one_evaluation(tmp_path):
+    """Other features files (extracted twice), the same images by their bytes: a repeat, counted once."""
+    for name, sha in (("e1", "a1" * 32), ("e2", "a2" * 32)):
+        summary = on_test(eval_summary(seed=1, top1=0.5), sha=sha, prompt="c1" * 32)
+        write_json(tmp_path / f"{name}.json", _on_images(summary, "11" * 32))
+    report = aggregate(read_results([tmp_path]))
+    assert [(c["series"], c["n"]) for c in report.accuracy] == [("coop + ce", 1)]
+    assert any("repeats the evaluation" in w for w in report.warnings), report.warnings
+
+
 def test_a_prompt_scored_on_the_features_it_was_tuned_on_is_kept_out_of_the_means(tmp_path):
     for seed in (1, 2):
         summary = on_test(eval_summary(seed=seed, top1=0.5), sha="4c" * 32)

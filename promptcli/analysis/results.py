@@ -451,12 +451,14 @@ def _settings(
 
 def eval_identity(obj: dict[str, Any]) -> tuple | None:
     """What makes two eval summaries one evaluation: the prompts' (zero-shot: the model's and templates')
-    and the test files' SHA-256 (the features file's, not only the test set's: the same listing may hold other
-    images); None when the summary does not record them."""
+    and the test images (by their bytes where the summary records them, else also by the features file's
+    SHA-256: the same listing may hold other images); None when the summary does not record them."""
     features = obj.get("features_sha256")
     if not isinstance(features, str) or not features:
         return None
-    test = (features, _test_label(obj), obj.get("labels_sha256"))
+    # the test images, by their bytes where recorded (two extractions of them are one test set); summaries
+    # from before: the features file too (one listing may hold other images)
+    test = ("" if _images_digest(obj) else features, _test_label(obj), obj.get("labels_sha256"))
     if obj.get("zero_shot"):
         return ("zero-shot", _model_label(obj.get("model")), json.dumps(obj.get("templates")), *test)
     shas = [m.get("sha256") if isinstance(m, dict) else None for m in obj.get("prompts") or []]

@@ -19,6 +19,7 @@ import typer
 
 import promptcli
 from promptcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, PromptcliError
+from promptcli.io.fileio import forget_new_outputs
 from promptcli.io.provenance import recorded_command
 
 
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("PROMPTCLI_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
     with recorded_command(args), termination_as_interrupt() as received:
+        forget_new_outputs()  # outputs checked by an earlier command of this process are not this one's
         _run(args, debug, received)
 
 

@@ -505,7 +505,7 @@ def assemble(
         tmp.unlink(missing_ok=True)  # the chunks stay for --resume; a half-assembled file is of no use
         raise
     try:
-        place_output(tmp, output)
+        place_output(tmp, output, kept=partial)
     finally:
         tmp.unlink(missing_ok=True)
     shutil.rmtree(partial, ignore_errors=True)

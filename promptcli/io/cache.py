@@ -91,13 +91,17 @@ def _read(entry: Path) -> dict | None:
 
 def _write(entry: Path, data: dict) -> None:
     """Write an entry atomically (temporary file renamed into place); give up quietly on any OS error."""
+    from promptcli.io.fileio import apply_default_mode
+
     tmp = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".json")
-        os.fchmod(fd, 0o644)  # readable by a group sharing the cache (mkstemp makes it private)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle)
+        apply_default_mode(
+            tmp
+        )  # as any file under the umask (mkstemp's is private): a group may share the cache
         os.replace(tmp, entry)
         tmp = None
     except OSError:

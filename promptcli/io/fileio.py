@@ -40,9 +40,9 @@ def check_output_path(path: str | Path, force: bool, option: str = "-o") -> Path
             "output exists", where=path, hint=f"pass --force to overwrite it or choose another {option}"
         )
     if force:
-        _NEW_OUTPUTS.discard(os.path.abspath(path))
+        _NEW_OUTPUTS.discard(os.path.realpath(path))
     elif str(path) != STDIO:
-        _NEW_OUTPUTS.add(os.path.abspath(path))
+        _NEW_OUTPUTS.add(os.path.realpath(path))
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise InputError("output folder does not exist", where=parent, hint="create it first")
@@ -201,9 +201,9 @@ def _create_lock(lock: Path, content: str) -> bool:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(content)
-        os.chmod(tmp, 0o644)
+        apply_default_mode(tmp)
         try:
-            os.link(tmp, lock)
+            _link(tmp, lock)
             return True
         except FileExistsError:
             return False
@@ -359,30 +359,48 @@ def disk_full_guard(folder: str | Path) -> Iterator[None]:
         raise
 
 
-def place_output(tmp: str | Path, path: str | Path) -> None:
+class OutputTaken(InputError):
+    """An output checked to be new was written by another command while this one ran."""
+
+    def __init__(self, path: str | Path, kept: str | Path | None = None) -> None:
+        hint = "pass --force to overwrite it or choose another output"
+        if kept is not None:  # a checkpoint or chunks: --force alone would start over
+            hint = f"this run's work stays in {kept}: rerun with --resume --force to put it in its place, or choose another -o"
+        super().__init__("output exists: another command wrote it while this one ran", where=path, hint=hint)
+
+
+def forget_new_outputs() -> None:
+    """Forget the outputs checked to be new (each CLI command starts afresh in a long-lived process)."""
+    _NEW_OUTPUTS.clear()
+
+
+def _link(source: str | Path, target: str | Path) -> None:
+    """``os.link``; on NFS a retried request may answer EEXIST for the link it made: that is success."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(source, target):
+                return
+        raise
+
+
+def place_output(tmp: str | Path, path: str | Path, kept: str | Path | None = None) -> None:
     """Rename the finished ``tmp`` to ``path``; an output checked to be new must still not exist (a hard link
-    never replaces a file), else it is refused as when the command started."""
-    key = os.path.abspath(path)
+    never replaces a file), else :class:`OutputTaken` (``kept``: where this run's work stays for ``--resume``)."""
+    key = os.path.realpath(path)
     if key not in _NEW_OUTPUTS:
         os.replace(tmp, path)
         return
     try:
-        os.link(tmp, path)
+        _link(tmp, path)
     except FileExistsError:
-        raise InputError(
-            "output exists: another command wrote it while this one ran",
-            where=path,
-            hint="pass --force to overwrite it or choose another output",
-        ) from None
+        raise OutputTaken(path, kept) from None
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
         if os.path.lexists(path):  # no hard links here: the same check, a moment before the rename
-            raise InputError(
-                "output exists: another command wrote it while this one ran",
-                where=path,
-                hint="pass --force to overwrite it or choose another output",
-            ) from None
+            raise OutputTaken(path, kept) from None
         os.replace(tmp, path)
     else:
         os.unlink(tmp)

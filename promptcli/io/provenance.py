@@ -100,7 +100,10 @@ def versions() -> dict[str, str]:
 
 def _git_status(root: Path) -> dict[str, Any] | None:
     """Commit and dirtiness from one ``git status`` (tracked files only); None when git fails or is absent."""
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # read-only: no index refresh written
+    # GIT_DIR, GIT_INDEX_FILE, ... (set in git hooks, `git rebase -x`, dotfiles set-ups) would point git at
+    # another repository: promptcli's own checkout is asked about, with its own index
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_OPTIONAL_LOCKS="0", LC_ALL="C")  # read-only: no index refresh written
     try:
         proc = subprocess.run(
             ["git", "-C", str(root), *_GIT_STATUS],

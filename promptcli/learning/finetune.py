@@ -43,7 +43,7 @@ import torch
 from promptcli.choices import Optimizer
 from promptcli.errors import InputError, RuntimeFailure, warn_user
 from promptcli.io.checks import check_step
-from promptcli.io.fileio import locks_output
+from promptcli.io.fileio import OutputTaken, locks_output
 from promptcli.learning.options import (
     DEFAULT_WEIGHT_DECAY,
     FINETUNE_LR,
@@ -989,7 +989,12 @@ def finetune(
         metadata["noise"] = noise_summary(noise)
     written: dict[str, str] = {}
     if shard.is_main:
-        save_prompt(output, tuned_state, metadata)
+        try:
+            save_prompt(output, tuned_state, metadata)
+        except (
+            OutputTaken
+        ) as taken:  # another command wrote -o meanwhile: the checkpoint keeps this run's work
+            raise OutputTaken(output, kept=partial) from taken
         written[""] = str(output)
         tuned_sha = sha256_file(output)
         for alpha, path in wise_outputs.items():

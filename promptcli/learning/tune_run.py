@@ -21,7 +21,7 @@ import torch
 
 from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import check_finite_fields, check_seed
-from promptcli.io.fileio import STDIO, locks_output
+from promptcli.io.fileio import STDIO, OutputTaken, locks_output
 from promptcli.io.sidecar import noise_summary, read_noise_sidecar
 from promptcli.learning.options import (
     DEFAULT_EPSILON,
@@ -560,7 +560,10 @@ def tune(
         metadata["class_chunk"] = options.class_chunk
     if noise is not None:
         metadata["noise"] = noise_summary(noise)
-    save_head(output, head, metadata)
+    try:
+        save_head(output, head, metadata)
+    except OutputTaken as taken:  # another command wrote -o meanwhile: the checkpoint keeps this run's work
+        raise OutputTaken(output, kept=partial) from taken
     remove_file(partial)
     times = [r["time"] for r in result.history[result.resumed_from :]]
     extra = {} if search_result is None else {"tip_search": search_result}

@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from promptcli.errors import InputError
+from promptcli.errors import InputError, warn_user
 from promptcli.io.cache import default_cache_root
 
 DEMO_MODEL_NAME = "promptcli-demo"
@@ -113,6 +113,11 @@ def build_demo_model(cache_dir: Path | None = None) -> tuple[dict[str, Any], Pat
         except OSError:
             writable = False
         if not writable and checkpoint.is_file():  # a read-only shared cache: its model as it is
+            warn_user(
+                f"{checkpoint}: the demo model in this read-only cache was fitted on its machine, before the "
+                "fit shipped, so features made elsewhere will not match it; rebuild it where the cache is writable "
+                "(delete the file) or set PROMPTCLI_CACHE to a writable folder"
+            )
             return config, checkpoint
         if not writable:
             raise InputError(
