@@ -508,7 +508,8 @@ def test_stdout_carries_only_data(syn, tmp_path, run_cli):
 def test_one_writer_per_output(tmp_path):
     out = tmp_path / "p.safetensors"
     started = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    me = f"{os.getpid()} {socket.gethostname()} {started} -"  # no Slurm job
+    namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+    me = f"{os.getpid()} {socket.gethostname()} {started} - {namespace}"  # no Slurm job
     with output_lock(out) as lock:
         assert lock.read_text().strip() == me
         with pytest.raises(InputError, match=f"another promptcli \\(pid {os.getpid()}\\) is writing"):
@@ -542,6 +543,11 @@ def test_one_writer_per_output(tmp_path):
     finally:
         other.kill()
         other.wait()
+    # a writer in another container on this host (its own pids): never guessed dead from here
+    lock.write_text(f"999999 {socket.gethostname()} 1 - 4026530000\n")
+    with pytest.raises(InputError, match="pid 999999\\) is writing"):
+        with output_lock(out):
+            pass
     lock.write_text("")  # damaged (a lock is written whole, so an empty one is no live writer's)
     with output_lock(out):
         assert lock.read_text().strip() == me
@@ -557,7 +563,7 @@ def test_a_requeued_slurm_job_takes_over_the_lock_its_earlier_run_left_on_anothe
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     lock.write_text("4242 node-a 123 slurm:77:0\n")
     with output_lock(out):
-        assert lock.read_text().split()[3] == "slurm:77:1"
+        assert lock.read_text().split()[3] == "slurm:77:1"  # pid host start job namespace
     for other in ("slurm:77:1", "slurm:78:0", "-"):  # this very run elsewhere, another job, no job: alive
         lock.write_text(f"4242 node-a 123 {other}\n")
         with pytest.raises(InputError, match="pid 4242 on node-a\\) is writing"):

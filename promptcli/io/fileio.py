@@ -139,7 +139,15 @@ def _process_start(pid: int) -> str | None:
 
 
 # pid, host, start, job: None where not recorded (older locks; start outside Linux; job outside Slurm)
-Owner = tuple[int, str | None, str | None, str | None]
+Owner = tuple[int, str | None, str | None, str | None, str | None]
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (containers sharing a host name have their own pids), where known."""
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+    except OSError:
+        return None
 
 
 def _slurm_job() -> str | None:
@@ -150,14 +158,15 @@ def _slurm_job() -> str | None:
 
 
 def _lock_owner(lock: Path) -> Owner | None:
-    """(pid, host, start, job) written in a lock, or None for a missing or damaged one."""
+    """(pid, host, start, job, pid namespace) written in a lock, or None for a missing or damaged one."""
     try:
         fields = lock.read_text(encoding="utf-8").split()
         pid = int(fields[0])
     except (OSError, ValueError, IndexError):
         return None
-    rest = [None if f == "-" else f for f in fields[1:4]] + [None] * (3 - len(fields[1:4]))
-    return pid, rest[0], rest[1], rest[2]
+    rest = [None if f == "-" else f for f in fields[1:5]]
+    rest += [None] * (4 - len(rest))
+    return pid, rest[0], rest[1], rest[2], rest[3]
 
 
 def _lock_text(owner: Owner) -> str:
@@ -180,10 +189,12 @@ def _earlier_run_of_this_job(theirs: str | None) -> bool:
 def _owner_gone(owner: Owner) -> bool:
     """Whether a lock's writer surely no longer runs: known for a process on this host, and for an earlier run of
     this requeued Slurm job on any host."""
-    pid, host, start, job = owner
+    pid, host, start, job, namespace = owner
     if _earlier_run_of_this_job(job):
         return True
     if host not in (None, _this_host()):
+        return False
+    if namespace is not None and namespace != _pid_namespace():  # another container's pids: not ours to judge
         return False
     if not _pid_alive(pid):
         return True
@@ -230,7 +241,7 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
     host (the writer was killed) is taken over; one from another host (a shared filesystem) is
     never guessed stale. The lock holds "pid host" and is removed on exit, whatever happens.
     """
-    me: Owner = (os.getpid(), _this_host(), _process_start(os.getpid()), _slurm_job())
+    me: Owner = (os.getpid(), _this_host(), _process_start(os.getpid()), _slurm_job(), _pid_namespace())
     lock = Path(f"{path}{LOCK_SUFFIX}")
     parent = lock.parent
     if not parent.is_dir():
@@ -246,7 +257,7 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
             time.sleep(0.05)
             owner = _lock_owner(lock)
         if owner is not None and not _owner_gone(owner):
-            pid, host, _, _ = owner
+            pid, host = owner[:2]
             on = "" if host in (None, me[1]) else f" on {host}"
             raise InputError(
                 f"another promptcli (pid {pid}{on}) is writing this {what}",
