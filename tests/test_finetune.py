@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -174,6 +175,17 @@ def test_interrupted_and_resumed_training_ends_bit_exact(tmp_path, tiny_features
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and all(r["run"]["method"] == "finetune" for r in rows)
     assert all("n_judged_clean" in r and r["clean_precision"] is not None for r in rows)
+    # a requeued job reruns its finished step: nothing to do; another run's output is refused
+    before = cut.read_bytes()
+    again = finetune(
+        tiny_features, labels_csv, cut, options, FinetuneOptions(workers=0), device="cpu", resume=True
+    )
+    assert again["already_complete"] and again["metrics"] == summary["metrics"] and cut.read_bytes() == before
+    with pytest.raises(InputError, match="written by another run \\(it differs in seed\\)"):
+        finetune(
+            tiny_features, labels_csv, cut, replace(options, seed=1), FinetuneOptions(workers=0), device="cpu",
+            resume=True,
+        )  # fmt: skip
 
 
 def test_train_layers_last_k_trains_the_last_blocks_and_after(

@@ -135,6 +135,11 @@ def _run_one(
         )
     if not main:
         return
+    if summary.get("already_complete"):  # --resume on a run that had finished (a requeued job)
+        out.info(f"{summary['output']} is complete: this run wrote it earlier; nothing to do")
+        out.result(summary)
+        sys.stdout.flush()
+        return
     metrics = summary["metrics"]
     if summary["n_skipped"]:
         out.warn(f"skipped {summary['n_skipped']} label row(s) whose path or class the features lack")

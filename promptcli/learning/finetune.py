@@ -647,7 +647,7 @@ def finetune(
         split_loss,
     )
     from promptcli.learning.tune_run import fingerprint as digest
-    from promptcli.learning.tune_run import partial_path, remove_file
+    from promptcli.learning.tune_run import finished_run, partial_path, remove_file, run_identity_text
     from promptcli.models.devices import resolve_device, runtime_record
     from promptcli.models.image_adapter import FINETUNE_METHOD, wise_interpolate, wise_path
     from promptcli.models.loading import load_model_from_record
@@ -696,6 +696,13 @@ def finetune(
             **{f"--wise-alpha {a:g}": path for a, path in wise_outputs.items()},
         },
     )
+    # what a finished run recorded of its image-method options (workers and the images' folder change nothing)
+    identity_extra = {"finetune": {**asdict(ft), "workers": None, "images": None}}
+    if resume and not force and output.exists() and not partial.exists():
+        if all(path.exists() for path in wise_outputs.values()):
+            finished = finished_run(output, features_path, labels_path, options, identity_extra)
+            if finished is not None:  # this same run had finished (a requeued job's step)
+                return {**finished, "wise_outputs": {f"{a:g}": str(p) for a, p in wise_outputs.items()}}
     check_output_path(output, force)
     for path in wise_outputs.values():
         check_output_path(path, force, option="--wise-alpha")
@@ -972,6 +979,7 @@ def finetune(
         "lp_ft": None if lp_record is None else {k: v for k, v in lp_record.items() if k != "history"},
         "skipped_images": run.skipped_images,
         "features_sha256": run.features_sha,
+        "run_identity": run_identity_text(run.features_sha, run.labels_sha, options, identity_extra),
         "features_file": str(features_path),
         "labels_sha256": run.labels_sha,
         "labels_file": run.labels_source,

@@ -55,18 +55,22 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_identity_text(features_sha: str, labels_sha: str, options: TuneOptions) -> str:
-    """What makes two tune runs one (inputs and resolved options), as the JSON a prompt file records, so that a
-    rerun with ``--resume`` can tell its own finished output from another run's."""
-    return json.dumps(
-        {"features": features_sha, "labels": labels_sha, "options": asdict(options)},
-        sort_keys=True,
-        default=str,
-    )
+def run_identity_text(
+    features_sha: str, labels_sha: str, options: TuneOptions, extra: dict[str, Any] | None = None
+) -> str:
+    """What makes two tune runs one (inputs, resolved options and ``extra``: the image methods' options), as the
+    JSON a prompt file records, so that a rerun with ``--resume`` can tell its own finished output from another
+    run's."""
+    identity = {"features": features_sha, "labels": labels_sha, "options": asdict(options), **(extra or {})}
+    return json.dumps(identity, sort_keys=True, default=str)
 
 
 def finished_run(
-    output: Path, features_path: str | Path, labels_path: str | Path, options: TuneOptions
+    output: Path,
+    features_path: str | Path,
+    labels_path: str | Path,
+    options: TuneOptions,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """With ``--resume`` and no checkpoint: the summary of ``output`` when this very run wrote it (a requeued
     job's step that had finished), else None (``output exists``, naming what differs when it can)."""
@@ -83,7 +87,7 @@ def finished_run(
     recorded = meta.get("run_identity")
     if not isinstance(recorded, str):
         return None
-    identity = run_identity_text(sha256_file(features_path), sha256_file(labels_path), options)
+    identity = run_identity_text(sha256_file(features_path), sha256_file(labels_path), options, extra)
     if recorded != identity:
         changed = identity_changes(recorded, identity)
         raise InputError(
