@@ -179,6 +179,11 @@ def test_resume_after_interruption_is_identical(tiny_model, image_folder, tmp_pa
         )
     with pytest.raises(InputError, match="output exists"):
         extract_features(source, tiny_model, out, options)  # without --resume: as ever
+    # an image rewritten under its name since (its modification time moves): not this extraction's file
+    st = os.stat(source.files[3])
+    os.utime(source.files[3], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(InputError, match="differs in the image files \\(sizes or modification times\\)"):
+        extract_features(source, tiny_model, out, options, resume=True)
 
 
 def test_existing_output_needs_force(run_cli, cli_model_args, image_folder, tmp_path):

@@ -9,7 +9,13 @@ import typer
 
 from promptcli.choices import Precision, TemplateSet
 
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Overwrite existing outputs (tune: also the --log file and, without --resume, the checkpoint).",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 DeviceOpt = Annotated[

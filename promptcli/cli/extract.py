@@ -88,7 +88,13 @@ def command(
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the output).")
     ] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Complete an interrupted extraction.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Complete an interrupted extraction; with none, start afresh; an OUTPUT this same extraction finished is left as it is (exit 0).",
+        ),
+    ] = False,
     max_pixels: Annotated[
         int,
         typer.Option("--max-pixels", help="Refuse images with more pixels than this (decompression bombs)."),

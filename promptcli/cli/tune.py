@@ -106,7 +106,11 @@ def command(
         ),
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from OUTPUT.partial left by an interrupted run.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from OUTPUT.partial left by an interrupted run; with none, start afresh; an OUTPUT this same run finished is left as it is (exit 0).",
+        ),
     ] = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,

@@ -305,7 +305,7 @@ def extract_distributed(
 
     def prepare() -> tuple[list[int], int, ex.ExtractResult | None]:
         if resume and not force and output.exists() and not partial.exists():
-            finished = ex.finished_extraction(output, manifest)
+            finished = ex.finished_extraction(output, manifest, source.files_digest())
             if finished is not None:  # this same extraction had finished (a requeued job's step)
                 return [], 0, finished
         check_output_path(output, force)
@@ -328,7 +328,7 @@ def extract_distributed(
                 hint="the output folder must be on a filesystem shared by all ranks",
             )
         theirs = json.loads((partial / ex.MANIFEST).read_text())
-        differ = sorted(k for k in manifest if theirs.get(k) != manifest[k])
+        differ = ex.manifest_changes(theirs, manifest)
         if differ:
             raise InputError(
                 f"rank {ctx.rank} has different {', '.join(differ)} than rank 0",

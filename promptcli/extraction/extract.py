@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,7 +96,7 @@ class ExtractResult:
     already_complete: bool = False  # --resume on an output this same extraction had finished
 
 
-def finished_extraction(output: Path, manifest: dict[str, Any]) -> ExtractResult | None:
+def finished_extraction(output: Path, manifest: dict[str, Any], files_digest: str) -> ExtractResult | None:
     """With ``--resume`` and no partial result: ``output``'s result when this same extraction (its recorded
     manifest) wrote it (a requeued job's finished step), else None (refused as any existing output); another
     extraction's output is refused naming what differs."""
@@ -102,10 +104,11 @@ def finished_extraction(output: Path, manifest: dict[str, Any]) -> ExtractResult
 
     try:
         attrs = read_attrs(output)
-        recorded = json.loads(attrs["manifest"])
+        recorded = {**json.loads(attrs["manifest"]), "files_digest": attrs["files_digest"]}
     except (InputError, OSError, KeyError, TypeError, ValueError):  # not a features file, or from before
         return None
-    changed = sorted(k for k in set(manifest) | set(recorded) if recorded.get(k) != manifest.get(k))
+    # and the files themselves: images rewritten under their names since are not this extraction's
+    changed = manifest_changes(recorded, {**manifest, "files_digest": files_digest})
     if changed:
         raise InputError(
             f"output exists, written by another extraction (it differs in {', '.join(changed)})",
@@ -199,10 +202,27 @@ def images_digest(row_digests: Iterator[np.ndarray]) -> str:
 def leave_termination_to_main(worker_id: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGHUP sent to the whole job (as a scheduler
     does) are left to the main process, whose cleanup shuts the workers down; killed by them, the workers
-    made the main process print a DataLoader traceback on its way out."""
+    made the main process print a DataLoader traceback on its way out. While the main process stops, a
+    worker's thread handing it a batch may lose its connection: nothing to report either."""
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    threading.excepthook = _quiet_lost_thread  # torch's and multiprocessing's helper threads report
+    sys.excepthook = _quiet_lost_connection  # through one or the other
+
+
+def _lost_connection(exc_type: type[BaseException] | None) -> bool:
+    return exc_type is not None and issubclass(exc_type, (ConnectionError, EOFError))
+
+
+def _quiet_lost_thread(args: threading.ExceptHookArgs) -> None:
+    if not _lost_connection(args.exc_type):
+        threading.__excepthook__(args)
+
+
+def _quiet_lost_connection(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    if not _lost_connection(exc_type):
+        sys.__excepthook__(exc_type, exc, tb)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,6 +279,19 @@ def _write_chunk(partial: Path, chunk: int, payload: dict[str, np.ndarray]) -> N
     os.replace(tmp, chunk_path(partial, chunk))
 
 
+# How differing manifest entries are named in messages (the others by their key).
+MANIFEST_NAMES = {
+    "source_digest": "the image listing",
+    "files_digest": "the image files (sizes or modification times)",
+}
+
+
+def manifest_changes(recorded: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """What differs between a recorded extraction manifest and this run's, by name."""
+    keys = sorted(set(manifest) | set(recorded))
+    return [MANIFEST_NAMES.get(k, k) for k in keys if recorded.get(k) != manifest.get(k)]
+
+
 def manifest_for(source: ImageSource, loaded: LoadedModel, options: ExtractOptions) -> dict[str, Any]:
     """What must match for a partial extraction to be resumed."""
     return {
@@ -307,7 +340,7 @@ def prepare_partial(output: Path, manifest: dict[str, Any], resume: bool, force:
                 where=partial,
                 hint="rerun without --resume and with --force to start over",
             ) from exc
-        changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
+        changed = manifest_changes(previous, manifest)
         if changed:
             raise InputError(
                 f"cannot resume: {', '.join(changed)} differ from the interrupted run",
@@ -473,6 +506,7 @@ def assemble(
         **({"images_digest": images_digest(blocks("digest"))} if with_digests else {}),
         # what --resume compares, so a rerun of this same extraction knows the file as its own
         "manifest": json.dumps(manifest_for(source, loaded, options), sort_keys=True),
+        "files_digest": source.files_digest(),  # the files' sizes and times, for the same check
         "n_images": len(kept),
         "n_skipped": len(skipped),
         "skipped": skipped,
@@ -533,7 +567,7 @@ def extract_features(
     check_distinct({"IMAGES": source.origin}, {"-o": output})
     manifest = manifest_for(source, loaded, options)
     if resume and not force and Path(output).exists() and not partial_of(Path(output)).exists():
-        finished = finished_extraction(Path(output), manifest)
+        finished = finished_extraction(Path(output), manifest, source.files_digest())
         if finished is not None:
             return finished
     output = check_output_path(output, force)

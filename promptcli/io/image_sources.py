@@ -44,6 +44,18 @@ class ImageSource:
             h.update(f"{p}\t{y}\t{s}\n".encode())
         return h.hexdigest()
 
+    def files_digest(self) -> str:
+        """SHA-256 over each file's size and modification time (ns), in row order: images rewritten under the
+        same names change it, without reading them (a stat per file)."""
+        h = hashlib.sha256()
+        for f in self.files:
+            try:
+                st = os.stat(f)
+                h.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(b"missing\n")
+        return h.hexdigest()
+
 
 def folder_class_name(folder: str) -> str:
     """Class name of an ImageFolder sub-folder: underscores become spaces, runs of spaces one space."""
