@@ -986,6 +986,24 @@ def test_other_images_under_the_same_names_are_another_test_set_and_no_repeat(tm
     assert not [w for w in report.warnings if "test sets" in w or "repeats" in w], report.warnings
 
 
+def test_a_prompt_rewritten_after_its_evaluation_is_warned_about(tmp_path):
+    import hashlib
+
+    prompt = tmp_path / "p.safetensors"
+    prompt.write_bytes(b"the prompt that was scored")
+    sha = hashlib.sha256(prompt.read_bytes()).hexdigest()
+    summary = {**eval_summary(seed=1, top1=0.5), "prompts": [{"path": "p.safetensors", "sha256": sha}]}
+    write_json(tmp_path / "res" / "e.json", {**summary, "cwd": str(tmp_path)})
+    write_json(tmp_path / "res" / "old.json", {**summary, "seed": 2})  # no cwd on record: not checked
+    assert not [w for w in read_results([tmp_path / "res"]).warnings if "rewritten" in w]
+    prompt.write_bytes(b"retuned on regenerated labels")
+    warnings = [w for w in read_results([tmp_path / "res"]).warnings if "rewritten" in w]
+    assert warnings == [
+        f"{tmp_path / 'res' / 'e.json'}: its prompt {prompt} was rewritten after this evaluation (SHA-256 "
+        f"{sha[:8]} then, another now): the score is the earlier prompt's; evaluate the current one again"
+    ]
+
+
 def test_one_prompt_on_two_extractions_of_the_same_images_is_one_evaluation(tmp_path):
     """Other features files (extracted twice), the same images by their bytes: a repeat, counted once."""
     for name, sha in (("e1", "a1" * 32), ("e2", "a2" * 32)):

@@ -738,6 +738,36 @@ def split_unrecorded_test_sets(runs: list[EvalRun]) -> tuple[list[EvalRun], list
     return out, warnings
 
 
+def rewritten_prompts(summary: dict[str, Any], path: Path) -> list[str]:
+    """Warnings for the prompt files an eval summary scored that have been rewritten since (their SHA-256 is no
+    longer the recorded one, e.g. retuned on regenerated labels): the score belongs to the older prompt. Files
+    moved away, and relative paths of summaries that do not record their working folder, are not checked."""
+    from promptcli.io.fileio import sha256_file
+
+    warnings = []
+    for member in summary.get("prompts") or []:
+        recorded, name = (
+            (member.get("sha256"), member.get("path")) if isinstance(member, dict) else (None, None)
+        )
+        if not (isinstance(recorded, str) and isinstance(name, str) and name):
+            continue
+        where = Path(name)
+        if not where.is_absolute():
+            if not isinstance(summary.get("cwd"), str):
+                continue
+            where = Path(summary["cwd"]) / where
+        try:
+            if not where.is_file() or sha256_file(where) == recorded:
+                continue
+        except OSError:
+            continue
+        warnings.append(
+            f"{path}: its prompt {where} was rewritten after this evaluation (SHA-256 {recorded[:8]} then, "
+            "another now): the score is the earlier prompt's; evaluate the current one again"
+        )
+    return warnings
+
+
 def read_results(paths: Sequence[str | Path]) -> Results:
     """Read every result file under ``paths``; files in folders that are not results are skipped."""
     from promptcli.io.fileio import sha256_bytes
@@ -772,6 +802,7 @@ def read_results(paths: Sequence[str | Path]) -> Results:
             continue
         seen[digest] = str(path)
         if kind == "eval":
+            results.warnings += rewritten_prompts(content, path)
             identity = eval_identity(content)
             if identity in evaluations:
                 results.warnings.append(
