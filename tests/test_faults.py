@@ -120,6 +120,22 @@ def test_termination_signals_stop_as_ctrl_c_does_and_ignored_ones_stay_ignored()
         signal.signal(signal.SIGHUP, hangup)
 
 
+def test_a_termination_arriving_inside_a_finalizer_is_not_lost():
+    """Python prints and drops an exception raised in ``__del__``: a SIGTERM handled there must stop the run
+    once the finalizer is over (CI once saw the run go on to exit 0 after 'Exception ignored in ZipFile.__del__')."""
+
+    class Closing:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here, inside __del__
+
+    with termination_as_interrupt() as received:
+        with pytest.raises(KeyboardInterrupt):
+            Closing()  # collected at once
+            time.sleep(10)  # the signal again, after the finalizer
+        assert received == [signal.SIGTERM]
+
+
 def h5_datasets(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
         return {name: f[name][()] for name in f}

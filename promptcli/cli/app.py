@@ -145,6 +145,18 @@ INTERRUPTED = (
 TERMINATION_SIGNALS = ("SIGTERM", "SIGHUP")
 
 
+FINALIZER_RETRY_S = 0.05
+
+
+def _inside_finalizer(frame: Any) -> bool:
+    """Whether ``frame`` runs inside an object's ``__del__`` (e.g. a ZipFile closed by the garbage collector)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def terminated_message(signum: int) -> str:
     """The one line for a run stopped by signal ``signum``."""
     return f"terminated by {signal.Signals(signum).name} — " + INTERRUPTED.removeprefix("interrupted — ")
@@ -162,6 +174,11 @@ def termination_as_interrupt() -> Iterator[list[int]]:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
+        if _inside_finalizer(frame):  # Python would print and drop an exception raised there: the run went on
+            timer = threading.Timer(FINALIZER_RETRY_S, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()  # the same signal again, once the finalizer is over
+            return
         received.append(signum)
         signal.signal(signum, signal.SIG_DFL)
         raise KeyboardInterrupt
