@@ -341,18 +341,20 @@ def _file_label(path: Any, sha256: Any) -> str:
     return f"{name} ({sha})" if name and sha else name or sha
 
 
-def _listing_digest(obj: dict[str, Any]) -> str:
-    """The digest of the test images' listing an eval summary records ("" when it does not)."""
+def _test_set_digest(obj: dict[str, Any], key: str) -> str:
+    """A digest an eval summary records of its test images: ``source_digest`` (the listing) or ``images_digest``
+    (the files' bytes; "" for features extracted before it was recorded)."""
     test_set = obj.get("test_set")
-    digest = test_set.get("source_digest") if isinstance(test_set, dict) else None
+    digest = test_set.get(key) if isinstance(test_set, dict) else None
     return digest if isinstance(digest, str) else ""
+
+
+def _listing_digest(obj: dict[str, Any]) -> str:
+    return _test_set_digest(obj, "source_digest")
 
 
 def _images_digest(obj: dict[str, Any]) -> str:
-    """The digest of the test images' bytes an eval summary records ("" for features extracted before)."""
-    test_set = obj.get("test_set")
-    digest = test_set.get("images_digest") if isinstance(test_set, dict) else None
-    return digest if isinstance(digest, str) else ""
+    return _test_set_digest(obj, "images_digest")
 
 
 def _test_label(obj: dict[str, Any]) -> str:
@@ -360,9 +362,9 @@ def _test_label(obj: dict[str, Any]) -> str:
     images)": the source's name and a digest of its listing and, where recorded, of the image files' bytes; the
     same for every extraction of them, through any tower), or for summaries that do not record them the features
     file; and the labels file when one was given."""
-    test_set = obj.get("test_set")
-    digest = test_set.get("source_digest") if isinstance(test_set, dict) else None
-    if isinstance(digest, str) and digest:
+    digest = _listing_digest(obj)
+    if digest:
+        test_set = obj["test_set"]
         name = Path(str(test_set.get("source") or "")).name
         images = _images_digest(obj)
         if images:  # listing and pixels: two folders of other images under the same names are two test sets

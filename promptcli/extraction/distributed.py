@@ -300,7 +300,7 @@ def extract_distributed(
     options.validate()
     output = Path(output)
     manifest = ex.manifest_for(source, loaded, options)
-    partial = output.with_name(output.name + ex.PARTIAL_SUFFIX)
+    partial = ex.partial_of(output)
     n_chunks = len(ex.chunk_ranges(len(source), options.rows_per_chunk))
 
     def prepare() -> tuple[list[int], int, ex.ExtractResult | None]:
