@@ -460,3 +460,57 @@ def test_a_features_file_replaced_while_the_model_loads_is_an_error(labelled, tm
                 path, str(tmp_path / "pseudo.csv"), pseudolabels.PseudolabelOptions()
             )
     assert not (tmp_path / "pseudo.csv").exists()
+
+
+def test_a_nan_row_never_counts_as_correct(tmp_path):
+    """NaN compares false with everything: the true class of a NaN row had rank 0, i.e. predicted."""
+    from promptcli.analysis.evaluation import Member, predict_rows, true_class_rank
+    from promptcli.io.features import read_feature_index, write_features
+
+    probs = np.array([[np.nan, np.nan], [0.9, 0.1]])
+    assert list(true_class_rank(probs, np.array([0, 0]))) == [2, 0]
+    n, path = 4, tmp_path / "f.h5"
+    x = np.tile(np.eye(2, dtype=np.float32), (2, 1))
+    write_features(
+        path, features=[x], n_rows=n, dim=2, paths=[f"{i}.png" for i in range(n)], labels=[0] * n,
+        splits=[""] * n, classnames=["a", "b"], attrs={}, dtype="float32",
+    )  # fmt: skip
+    zero_shot = Member(lambda feats: feats * float("inf"), 1)  # a zero-shot member: no prompt
+    with pytest.raises(InputError, match=r"zero-shot CLIP gives non-finite logits .* on 4 of 4 images"):
+        predict_rows(read_feature_index(path), [zero_shot], np.zeros(n, dtype=np.int64), "cpu")
+
+
+def _bad_checkpoint(tiny_model_files, tmp_path: Path, name: str, value: float) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tiny_model_files["weights"]))
+    weights[name] = torch.full_like(weights[name], value)
+    out = tmp_path / f"{name}.safetensors"
+    save_file(weights, str(out))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("tensor", "value", "message"),
+    [
+        ("logit_scale", 100.0, "logit_scale is 100, so its temperature exp"),  # 100 stored, not ln 100
+        ("text_projection", float("inf"), "text embeddings are zero or not finite"),
+        ("text_projection", 0.0, "text embeddings are zero or not finite"),
+    ],
+)
+@pytest.mark.parametrize("command", ["eval", "pseudolabel"])
+def test_zero_shot_refuses_a_checkpoint_with_non_finite_logits(
+    tiny_model_files, tmp_path, run_cli, tensor, value, message, command
+):
+    """Such a checkpoint gave NaN logits: eval reported top-1 100% with NaN confidences, exit 0."""
+    from conftest import CLASSES, write_synthetic_features
+    from promptcli.models.loading import load_model
+
+    bad = _bad_checkpoint(tiny_model_files, tmp_path, tensor, value)
+    loaded = load_model("tiny-clip", str(bad), tiny_model_files["config"], device="cpu")
+    features = tmp_path / "f.h5"
+    write_synthetic_features(features, loaded, list(CLASSES), per_class=3, spread=0.1)
+    args = ["--zero-shot"] if command == "eval" else []
+    code, _, err = run_cli(command, features, *args, "--device", "cpu", "-q", "-o", tmp_path / "out")
+    assert code == 2 and message in err and bad.name in err, err
+    assert not (tmp_path / "out").exists()

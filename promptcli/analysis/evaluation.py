@@ -104,7 +104,9 @@ def true_class_rank(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
     # sort do)
     p_true = probs[np.arange(len(truth)), truth][:, None]
     lower = np.arange(probs.shape[1])[None, :] < truth[:, None]
-    return (probs > p_true).sum(axis=1) + ((probs == p_true) & lower).sum(axis=1)
+    rank = (probs > p_true).sum(axis=1) + ((probs == p_true) & lower).sum(axis=1)
+    # NaN compares false with everything, which would rank a NaN row's true class first: count it as missed
+    return np.where(np.isfinite(probs).all(axis=1), rank, probs.shape[1])
 
 
 def metrics_from_ranks(
@@ -364,8 +366,7 @@ class Member:
 
     def block_logits(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
-        if self.prompt is not None:
-            self.n_bad += int((~torch.isfinite(logits).all(dim=1)).sum())
+        self.n_bad += int((~torch.isfinite(logits).all(dim=1)).sum())
         return logits
 
 
@@ -435,11 +436,17 @@ def predict_rows(
         if out.probs is not None:
             out.probs[here] = probs
     for m in members:
-        if m.n_bad:
+        if m.n_bad and m.prompt is not None:
             raise InputError(
                 f"the prompt gives non-finite logits (NaN or inf) on {m.n_bad} of {n} images",
-                where=m.prompt.path if m.prompt else None,
+                where=m.prompt.path,
                 hint="tune it again with other options (its values overflow)",
+            )
+        if m.n_bad:
+            raise InputError(
+                f"zero-shot CLIP gives non-finite logits (NaN or inf) on {m.n_bad} of {n} images",
+                where=fs.path,
+                hint="check the features' model checkpoint (logit_scale, text tower) for NaN, inf or huge values",
             )
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,9 +43,36 @@ def resolve_templates(templates: Sequence[str] | None, template_set_name: str | 
     return out
 
 
+def model_source(loaded: LoadedModel) -> str:
+    """The checkpoint (or model name) that made ``loaded``: where to look when its weights are bad."""
+    return loaded.spec.pretrained or loaded.spec.name
+
+
 def logit_scale(loaded: LoadedModel) -> float:
-    """The model's learned temperature, exp(logit_scale)."""
-    return float(loaded.model.logit_scale.detach().float().exp().item())
+    """The model's learned temperature, exp(logit_scale); refused unless finite and positive in float32."""
+    raw = float(loaded.model.logit_scale.detach().float().item())
+    scale = float(loaded.model.logit_scale.detach().float().exp().item())
+    if not (math.isfinite(scale) and scale > 0):
+        raise InputError(
+            f"the checkpoint's logit_scale is {raw:g}, so its temperature exp(logit_scale) is {scale:g}: "
+            "logits would be NaN or inf",
+            where=model_source(loaded),
+            hint="logit_scale is stored as a log (CLIP's is ln 100 = 4.605); fix the checkpoint's conversion",
+        )
+    return scale
+
+
+def check_finite_text(loaded: LoadedModel, weights: torch.Tensor, classnames: Sequence[str]) -> None:
+    """Refuse class text embeddings with a NaN or inf, or all zero (bad weights in the text tower)."""
+    bad = torch.nonzero(~torch.isfinite(weights).all(dim=1) | (weights == 0).all(dim=1)).flatten().tolist()
+    if bad:
+        names = ", ".join(_short(str(classnames[i])) for i in bad[:3]) + (", …" if len(bad) > 3 else "")
+        raise InputError(
+            f"the model's text embeddings are zero or not finite (NaN or inf) for {len(bad)} of {len(weights)} "
+            f"classes ({names})",
+            where=model_source(loaded),
+            hint="check the checkpoint's text tower weights (text_projection, token_embedding) for NaN or inf",
+        )
 
 
 @torch.no_grad()
@@ -99,7 +127,9 @@ def class_text_embeddings(
     texts = [t.format(c) for c in classnames for t in templates]
     check_distinct_tokens(loaded, classnames, templates)
     emb = encode_texts(loaded, texts).reshape(len(classnames), len(templates), -1).mean(dim=1)
-    return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    check_finite_text(loaded, emb, classnames)
+    return emb
 
 
 def zero_shot_logits(features: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
