@@ -520,3 +520,59 @@ def test_features_record_a_digest_of_the_image_files_bytes(tiny_model, image_fol
     extract_features(other, tiny_model, tmp_path / "c.h5", ExtractOptions(workers=0))
     c = read_features(tmp_path / "c.h5").attrs
     assert c["source_digest"] == a["source_digest"] and c["images_digest"] != a["images_digest"]
+
+
+@pytest.mark.parametrize("change", ["std_nan", "std_tiny", "mean_nan", "proj_zero", "proj_huge", "proj_nan"])
+def test_a_model_giving_nan_or_zero_embeddings_is_refused(
+    run_cli, tiny_model_files, image_folder, tmp_path, change
+):
+    """Such a config or checkpoint wrote NaN (or zero) features with exit 0, which every reader refused."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads(tiny_model_files["config"].read_text())
+    weights = load_file(str(tiny_model_files["weights"]))
+    if change.startswith(("std", "mean")):
+        key, value = change.split("_")
+        fill = {"nan": float("nan"), "tiny": 1e-45}[value]
+        config = {"model_cfg": config, "preprocess_cfg": {key: [fill] * 3}}
+    else:
+        fill = {"proj_zero": 0.0, "proj_huge": 1e38, "proj_nan": float("nan")}[change]
+        weights["visual.proj"] = torch.full_like(weights["visual.proj"], fill)
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    save_file(weights, str(tmp_path / "bad.safetensors"))
+    out = tmp_path / "f.h5"
+    model = ["--model", "tiny-clip", "--model-config", tmp_path / "cfg.json"]
+    code, _, err = run_cli(
+        "extract", image_folder, "-o", out, *model, "--pretrained", tmp_path / "bad.safetensors",
+        "--device", "cpu", "-q", "-j", "0",
+    )  # fmt: skip
+    assert (
+        code == 2 and "non-finite (NaN or inf) or all-zero embeddings" in err and "bad.safetensors" in err
+    ), err
+    assert "preprocess_cfg mean and std" in err and "blue_sky/img000.png" in err
+    assert not out.exists()
+
+
+def test_resume_refuses_a_chunk_holding_nan(tiny_model, image_folder, tmp_path):
+    source = read_image_source(image_folder)
+    options = ExtractOptions(views=1, seed=0, dtype="float32", workers=0, batch_size=2, chunk_size=4)
+    out = tmp_path / "cut.h5"
+    seen = []
+
+    def stop_after_a_chunk(n: int) -> None:
+        seen.append(n)
+        if sum(seen) >= 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(source, tiny_model, out, options, on_rows=stop_after_a_chunk)
+    chunk = tmp_path / "cut.h5.partial" / "chunk-000000.npz"
+    with np.load(chunk) as z:
+        payload = {k: z[k] for k in z.files}
+    payload["views"][1, 0, 0] = np.nan
+    np.savez(chunk, **payload)
+    with pytest.raises(
+        InputError, match=r"chunk-000000.npz: features of row 1 \(.*\) are not finite.*--force"
+    ):
+        extract_features(source, tiny_model, out, options, resume=True)
+    assert not out.exists()

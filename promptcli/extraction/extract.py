@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from torchvision import transforms as T
 from promptcli.errors import InputError, RuntimeFailure
 from promptcli.extraction.decode import BOMB, DEFAULT_MAX_PIXELS, decode_rgb
 from promptcli.io.checks import INT_MAX, MAX_VIEWS, check_at_most, check_seed
-from promptcli.io.features import FEATURE_DTYPES, write_features
+from promptcli.io.features import FEATURE_DTYPES, check_unit_rows, write_features
 from promptcli.io.fileio import (
     check_distinct,
     check_output_path,
@@ -254,14 +254,32 @@ def use_channels_last(loaded: LoadedModel) -> bool:
 
 
 @torch.inference_mode()
-def encode_images(loaded: LoadedModel, pixels: torch.Tensor) -> np.ndarray:
-    """L2-normalised image embeddings as float32 numpy, computed in the model's precision."""
+def encode_images(
+    loaded: LoadedModel, pixels: torch.Tensor, name_of: Callable[[int], str] = str
+) -> np.ndarray:
+    """L2-normalised image embeddings as float32 numpy, computed in the model's precision; refused when an
+    embedding is not finite or zero (``name_of(i)`` names row i's image)."""
     x = pixels.to(loaded.device, dtype=loaded.dtype, non_blocking=True)
     if loaded.info.get("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
     emb = loaded.model.encode_image(x).float()
-    emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return emb.cpu().numpy()
+    norm = emb.norm(dim=-1, keepdim=True)
+    # a norm can overflow to inf from finite values, or be 0: neither normalises to a unit row
+    bad = ~torch.isfinite(norm[:, 0]) | (norm[:, 0] == 0)
+    if bool(bad.any()):
+        raise bad_embeddings(loaded, int(bad.sum()), len(emb), name_of(int(torch.nonzero(bad)[0, 0])))
+    return (emb / norm).cpu().numpy()
+
+
+def bad_embeddings(loaded: LoadedModel, n_bad: int, n: int, first: str) -> InputError:
+    """The error for image embeddings that are NaN, inf or zero: the model or its preprocessing is at fault."""
+    return InputError(
+        f"the model gives non-finite (NaN or inf) or all-zero embeddings for {n_bad} of {n} images in a batch, "
+        f"the first {first}; no features file was written",
+        where=loaded.spec.pretrained or loaded.spec.name,
+        hint="check the checkpoint's image tower weights (NaN, inf, huge or zero values, e.g. visual.proj) and "
+        "--model-config's preprocess_cfg mean and std (finite, std not near 0)",
+    )
 
 
 def chunk_path(partial: Path, chunk: int) -> Path:
@@ -431,10 +449,12 @@ def encode_chunks(
         if batch["index"]:
             buf["index"].extend(batch["index"])
             buf["digest"].extend(batch["digest"])
-            buf["features"].append(encode_images(loaded, batch["image"]))
+            names = [source.paths[i] for i in batch["index"]]
+            buf["features"].append(encode_images(loaded, batch["image"], names.__getitem__))
             if options.views:
                 v = batch["views"]
-                flat = encode_images(loaded, v.flatten(0, 1))
+                view_names = [f"{name} (an augmented view)" for name in names for _ in range(v.shape[1])]
+                flat = encode_images(loaded, v.flatten(0, 1), view_names.__getitem__)
                 buf["views"].append(flat.reshape(v.shape[0], v.shape[1], -1))
         n = len(batch["index"]) + len(batch["bad"])
         done_rows += n
@@ -462,6 +482,22 @@ def _payload(buf: dict[str, list], dim: int, options: ExtractOptions) -> dict[st
         views = np.concatenate(buf["views"]) if buf["views"] else np.zeros((0, options.views, dim))
         out["views"] = views.astype(dtype)
     return out
+
+
+def checked_chunk(path: Path, chunk: Any, key: str, paths: Sequence[str]) -> np.ndarray:
+    """A chunk's ``features`` or ``views``, refused unless unit rows (a chunk --resume found may hold NaN)."""
+    values = chunk[key]
+    if key in ("features", "views"):
+        index = chunk["index"]
+        try:
+            check_unit_rows(values, path, lambda i: paths[int(index[i])], rows=index.tolist())
+        except InputError as exc:
+            raise InputError(
+                exc.what,
+                where=path,
+                hint="delete the chunk (or rerun with --force instead of --resume) to encode its images again",
+            ) from exc
+    return values
 
 
 def assemble(
@@ -493,7 +529,7 @@ def assemble(
     def blocks(key: str) -> Iterator[np.ndarray]:
         for c in range(len(chunks)):
             with np.load(chunk_path(partial, c)) as z:
-                yield z[key]
+                yield checked_chunk(chunk_path(partial, c), z, key, source.paths)
 
     attrs = {
         **base_provenance(),
