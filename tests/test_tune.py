@@ -483,3 +483,30 @@ def test_tip_adapter_f_trains_as_its_code_does():
     given = TuneOptions(method="tip-adapter-f", warmup_epochs=2, batch_size=8).optim_config(0.0)
     assert (given.warmup_epochs, given.batch_size, given.weight_decay) == (2, 8, 0.0)
     assert TuneOptions().optim_config().adam_eps == 1e-8 and TuneOptions().optim_config().warmup_epochs == 1
+
+
+@pytest.mark.parametrize("command", ["tune", "gradstats", "eval"])
+def test_features_wider_than_the_model_are_refused(tiny_model, tmp_path, run_cli, command):
+    """tune (prompt methods) and gradstats loaded the model without comparing its width with the features':
+    'mat1 and mat2 shapes cannot be multiplied'. One check in load_model_from_record serves them all."""
+    from conftest import CLASSES, unit_rows
+    from promptcli.io.features import write_features
+
+    n, dim = 6, 2 * tiny_model.embed_dim
+    x = unit_rows(np.random.default_rng(0).normal(size=(n, dim)))
+    paths, y = [f"img{i}.png" for i in range(n)], [i % 3 for i in range(n)]
+    features = tmp_path / "wide.h5"
+    write_features(
+        features, features=[x], n_rows=n, dim=dim, paths=paths, labels=y, splits=["train"] * n,
+        classnames=list(CLASSES), attrs={**tiny_model.record(), "embed_dim": dim}, dtype="float32",
+    )  # fmt: skip
+    labels = tmp_path / "labels.csv"
+    rows = "".join(f"{p},{CLASSES[c]},{CLASSES[c]},0\n" for p, c in zip(paths, y))
+    labels.write_text("path,label,clean_label,is_noisy\n" + rows)
+    args = {
+        "tune": [labels, "-o", tmp_path / "p.safetensors", "--epochs", "1"],
+        "gradstats": [labels, "-o", tmp_path / "g.csv", "--epochs", "1"],
+        "eval": ["--zero-shot"],
+    }[command]
+    code, _, err = run_cli(command, features, *args, "--device", "cpu", "-q")
+    assert code == 2 and "features have dimension 64 but the model embeds text in 32" in err, err

@@ -340,14 +340,9 @@ def load_model_for(
         return None
     from promptcli.models.loading import load_model_from_record
 
-    loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=str(device))
-    if loaded.embed_dim != fs.dim:
-        raise InputError(
-            f"features have dimension {fs.dim} but the model embeds text in {loaded.embed_dim}",
-            where=fs.path,
-            hint="use the model the features were extracted with",
-        )
-    return loaded
+    return load_model_from_record(
+        fs.attrs, source=fs.path, pretrained=pretrained, device=str(device), dim=fs.dim
+    )
 
 
 # Rows per block of eval (the last block up to twice as many): a multiple of predict_logits' batch, so that

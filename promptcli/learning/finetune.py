@@ -721,7 +721,9 @@ def finetune(
 
     run = read_inputs(features_path, labels_path, options, ft, warn)
     fs = run.fs
-    loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device))
+    loaded = load_model_from_record(
+        fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device), dim=fs.dim
+    )
     classnames = list(fs.classnames)
     init_generator = torch.Generator().manual_seed(options.seed)  # prompt initialisation
     method: ImageMethod

@@ -338,8 +338,12 @@ def prepare_run(
         from promptcli.models.loading import load_model_from_record
 
         loaded = load_model_from_record(
-            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device)
+            fs.attrs, source=fs.path, pretrained=pretrained, device=str(torch_device), dim=fs.dim
         )
+    elif loaded is not None:  # a caller's model (a sweep's, loaded once) must fit these features too
+        from promptcli.models.loading import check_embed_dim
+
+        check_embed_dim(loaded, fs.dim, where=fs.path)
 
     def make_head() -> Head:
         generator = torch.Generator().manual_seed(options.seed)

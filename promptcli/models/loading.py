@@ -488,12 +488,34 @@ def load_model_from_record(
     pretrained: str | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    *,
+    dim: int | None = None,
 ) -> LoadedModel:
-    """Load the model a file was made with, checking its checkpoint hash.
+    """Load the model a file was made with, checking its checkpoint hash, and (``dim``: the width of the
+    file's features) that it embeds in that width.
 
     ``pretrained`` overrides the recorded checkpoint location (e.g. the file moved); the hash
     must still match so that text and image embeddings come from the same weights.
     """
+    loaded = _load_recorded_model(record, source, pretrained, device, precision)
+    if dim is not None:
+        check_embed_dim(loaded, dim, where=source)
+    return loaded
+
+
+def check_embed_dim(loaded: LoadedModel, dim: int, where: str | Path | None = None) -> None:
+    """Refuse features of width ``dim`` for a model that embeds in another width."""
+    if dim != loaded.embed_dim:
+        raise InputError(
+            f"features have dimension {dim} but the model embeds text in {loaded.embed_dim}",
+            where=where,
+            hint="use the model the features were extracted with",
+        )
+
+
+def _load_recorded_model(
+    record: dict[str, Any], source: str | Path, pretrained: str | None, device: str, precision: str
+) -> LoadedModel:
     try:
         spec = spec_from_record(record)
     except (KeyError, ValueError) as exc:  # json errors are ValueErrors

@@ -267,7 +267,10 @@ def model_logit_scale(fs: FeatureSet, prior: Prior, pretrained: str | None, devi
     from promptcli.models.loading import load_model_from_record
     from promptcli.models.zeroshot import logit_scale
 
-    return logit_scale(load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=device))
+    loaded = load_model_from_record(
+        fs.attrs, source=fs.path, pretrained=pretrained, device=device, dim=fs.dim
+    )
+    return logit_scale(loaded)
 
 
 def posterior_scores(

@@ -319,8 +319,9 @@ def _confusion_score(fs, table, clean, names, source, template, templates, pretr
     from promptcli.noise import pseudolabels
 
     prompts = resolve_templates(template, templates)
-    loaded = load_model_from_record(fs.attrs, source=fs.path, pretrained=pretrained, device=device)
-    pseudolabels.check_embed_dim(loaded, fs.dim, where=fs.path)
+    loaded = load_model_from_record(
+        fs.attrs, source=fs.path, pretrained=pretrained, device=device, dim=fs.dim
+    )
     similarity = pseudolabels.text_similarity(loaded, names, prompts)
     record: dict[str, Any] = {"confusion_from": source, "templates": prompts, "model": loaded.identity()}
     if source == "text":

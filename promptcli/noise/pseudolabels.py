@@ -13,7 +13,7 @@ import torch
 from promptcli.choices import PseudoLabelMethod
 from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import check_seed
-from promptcli.models.loading import LoadedModel
+from promptcli.models.loading import LoadedModel, check_embed_dim
 from promptcli.models.zeroshot import class_text_embeddings, logit_scale, zero_shot_logits
 
 if TYPE_CHECKING:
@@ -79,15 +79,6 @@ def zero_shot_predict_file(
     return Predictions(
         np.concatenate([p.labels for p in parts]), np.concatenate([p.confidence for p in parts])
     )
-
-
-def check_embed_dim(loaded: LoadedModel, dim: int, where: str | Path | None = None) -> None:
-    if dim != loaded.embed_dim:
-        raise InputError(
-            f"features have dimension {dim} but the model embeds text in {loaded.embed_dim}",
-            where=where,
-            hint="use the model the features were extracted with",
-        )
 
 
 def text_similarity(
@@ -336,8 +327,9 @@ def pseudolabel_file(
             hint="give the class names with --classnames",
         )
 
-    loaded = load_model_from_record(fs.attrs, source=features, pretrained=pretrained, device=device)
-    check_embed_dim(loaded, fs.dim, where=features)
+    loaded = load_model_from_record(
+        fs.attrs, source=features, pretrained=pretrained, device=device, dim=fs.dim
+    )
     info(
         f"{'Transductive fit over' if transductive else 'Zero-shot'} {len(fs)} images, {len(label_names)} classes, "
         f"{len(prompts)} template(s)"
