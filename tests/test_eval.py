@@ -514,3 +514,52 @@ def test_zero_shot_refuses_a_checkpoint_with_non_finite_logits(
     code, _, err = run_cli(command, features, *args, "--device", "cpu", "-q", "-o", tmp_path / "out")
     assert code == 2 and message in err and bad.name in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _edited_prompt(source: Path, out: Path, metadata: dict | None = None, **tensors: torch.Tensor) -> Path:
+    """A copy of the prompt ``source`` with some metadata entries and tensors replaced."""
+    prompt = read_prompt(source)
+    metadata = dict(metadata or {})
+    config = {**prompt.metadata.get("prompt_config", {}), **metadata.pop("prompt_config", {})}
+    metadata = {**prompt.metadata, **metadata, **({"prompt_config": config} if config else {})}
+    save_prompt(out, {**prompt.tensors, **tensors}, metadata)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "metadata", "tensors", "message"),
+    [
+        ("linear-probe", {"classnames": None}, {}, "metadata 'classnames' is null, not a list"),
+        ("linear-probe", {"classnames": 5}, {}, "metadata 'classnames' is 5, not a list"),
+        ("linear-probe", {"classnames": [1, 2, 3]}, {}, "not a list of class names"),
+        (
+            "linear-probe",
+            {"embed_dim": "32.0"},
+            {},
+            "metadata 'embed_dim' is \"32.0\", not a positive integer",
+        ),
+        (
+            "coop",
+            {"prompt_config": {"prompt.init_std": "nan"}},
+            {},
+            "init_std must be positive and finite (got nan)",
+        ),
+        ("linear-probe", {}, {"weight": torch.zeros(4, 32)}, "weight [4, 32] do not fit this 3-class linear"),
+        ("linear-probe", {}, {"weight": torch.zeros(3, 16)}, "weight [3, 16] do not fit this 3-class linear"),
+        ("linear-probe", {}, {"bias": torch.zeros(4)}, "bias [4], weight [3, 32] do not fit"),
+        ("linear-probe", {}, {"bias": torch.zeros(1)}, "bias [1], weight [3, 32] do not fit"),  # broadcast
+    ],
+)
+@pytest.mark.parametrize("command", ["eval", "clean"])
+def test_a_prompt_file_with_damaged_metadata_or_tensor_shapes_is_refused(
+    labelled, tmp_path, run_cli, method, metadata, tensors, message, command
+):
+    """Such files gave a TypeError, ValueError or RuntimeError (exit 1), or a bias silently broadcast."""
+    source = _prompt(labelled, f"zero-{method}-plain", method=method, epochs=0)
+    bad = _edited_prompt(source, tmp_path / "bad.safetensors", metadata, **tensors)
+    if command == "eval":
+        args = ["eval", labelled["features"], "--prompt", bad]
+    else:
+        args = ["clean", labelled["features"], labelled["labels"], "--prompt", bad, "-o", tmp_path / "c.csv"]
+    code, _, err = run_cli(*args, "--device", "cpu", "-q")
+    assert code == 2 and message in err and "bad.safetensors" in err, err

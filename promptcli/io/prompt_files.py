@@ -125,5 +125,25 @@ def read_prompt(path: str | Path) -> PromptFile:
             "not a safetensors prompt file", where=path, hint="make it with `promptcli tune`"
         ) from exc
     metadata = decode_metadata(raw, path)
+    check_metadata_types(metadata, path)
     check_finite_tensors(tensors, path)
     return PromptFile(path, tensors, metadata)
+
+
+def check_metadata_types(metadata: dict[str, Any], where: str | Path) -> None:
+    """Refuse a class list that is not a list of strings, or a feature width that is not a positive int
+    (``tune`` writes both as JSON; an edited file may hold anything)."""
+    classnames = metadata.get("classnames", [])
+    if not (isinstance(classnames, list) and all(isinstance(c, str) for c in classnames)):
+        raise InputError(
+            f"metadata 'classnames' is {json.dumps(classnames)[:60]}, not a list of class names",
+            where=where,
+            hint="the prompt file is damaged; make it again with tune",
+        )
+    dim = metadata.get("embed_dim", 1)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise InputError(
+            f"metadata 'embed_dim' is {json.dumps(dim)[:60]}, not a positive integer",
+            where=where,
+            hint="the prompt file is damaged; make it again with tune",
+        )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from promptcli.errors import InputError
+from promptcli.models.head_parts import check_state
 from promptcli.models.zeroshot import logit_scale as model_logit_scale
 
 
@@ -69,7 +70,11 @@ class LinearHead(nn.Module):
         weight = tensors.get("weight")
         if weight is None or weight.ndim != 2:
             raise InputError("tensor 'weight' missing or not 2-D", hint="is this a promptcli prompt?")
-        head = cls(weight.shape[1], weight.shape[0], method)
+        # the file's class list and feature width, not the weight, say what the head must be
+        classnames = metadata.get("classnames")
+        n_classes = len(classnames) if isinstance(classnames, list) else weight.shape[0]
+        dim = metadata.get("embed_dim", weight.shape[1])
+        head = cls(dim if isinstance(dim, int) else weight.shape[1], n_classes, method)
         head.load_learnable_state(tensors)
         return head
 
@@ -79,6 +84,8 @@ class LinearHead(nn.Module):
             raise InputError(
                 f"tensor(s) {', '.join(sorted(missing))} missing", hint="is this a promptcli prompt?"
             )
+        mine = {"weight": tuple(self.weight.shape), "bias": tuple(self.bias.shape)}
+        check_state({k: tensors[k] for k in mine}, mine, f"{len(self.bias)}-class linear")
         with torch.no_grad():
             self.weight.copy_(tensors["weight"])
             self.bias.copy_(tensors["bias"])

@@ -19,6 +19,7 @@ full-length computation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -88,9 +89,9 @@ class PromptConfig:
                     where="--n-ctx",
                     hint="CoOp uses 16 (4 with --ctx-init)",
                 )
-            if self.init_std <= 0 and self.ctx_init is None:
+            if not (0 < self.init_std < math.inf) and self.ctx_init is None:  # NaN fails too
                 raise InputError(
-                    f"init_std must be positive (got {self.init_std})",
+                    f"init_std must be positive and finite (got {self.init_std})",
                     where="--init-std",
                     hint="CoOp uses 0.02",
                 )
