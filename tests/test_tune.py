@@ -510,3 +510,22 @@ def test_features_wider_than_the_model_are_refused(tiny_model, tmp_path, run_cli
     }[command]
     code, _, err = run_cli(command, features, *args, "--device", "cpu", "-q")
     assert code == 2 and "features have dimension 64 but the model embeds text in 32" in err, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--n-ctx", "2147483647"], "--n-ctx: 2147483647 context tokens do not fit"),  # was a MemoryError
+        (["--n-ctx", "9223372036854775808"], "context tokens do not fit"),  # was an OverflowError
+        (["--method", "linear-probe", "--optimizer", "sgd", "--lr", "1e308"], "--lr: 1e+308 is beyond"),
+        (["--method", "linear-probe", "--optimizer", "sgd", "--warmup-lr", "1e308"], "--warmup-lr: 1e+308"),
+        (["--method", "linear-probe", "--optimizer", "sgd", "--weight-decay", "1e308"], "--weight-decay: 1e"),
+    ],
+)
+def test_options_too_large_to_train_with_are_refused(syn, tmp_path, run_cli, extra, message):
+    """A huge --n-ctx ran out of memory making its token ids; a float option beyond float32 gave 'value
+    cannot be converted to type float without overflow' (exit 1)."""
+    out = tmp_path / "p.safetensors"
+    code, _, err = run_cli("tune", syn["features"], syn["labels"], "-o", out, "--device", "cpu", *extra)
+    assert code == 2 and message in err, err
+    assert not out.exists()

@@ -33,10 +33,21 @@ def check_at_most(value: int, high: int, option: str, hint: str = "give a smalle
 SEED_MAX = 2**32 - 1
 
 
+# The largest float32: training runs in float32, and torch refuses to turn a larger option into one.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_finite_option(value: float | None, option: str, hint: str = "give a finite number") -> None:
-    """Refuse ``nan`` and ``inf`` for a float option (``None``, i.e. not given, passes)."""
+    """Refuse ``nan``, ``inf`` and values beyond float32's range for a float option (``None``, i.e. not
+    given, passes)."""
     if value is not None and not math.isfinite(float(value)):
         raise InputError(f"must be a finite number, got {value}", where=option, hint=hint)
+    if value is not None and abs(float(value)) > FLOAT32_MAX:
+        raise InputError(
+            f"{value} is beyond the largest float32 ({FLOAT32_MAX:.4g}), which training computes in",
+            where=option,
+            hint="give a smaller value",
+        )
 
 
 def check_finite_fields(options: Any, hint: str = "give a finite number") -> None:

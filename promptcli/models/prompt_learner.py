@@ -641,6 +641,19 @@ def _class_name_ids(scheme: _TokenScheme, classnames: list[str]) -> list[list[in
 _Layout = tuple[dict[str, list[int]], set[str], list[list[_Piece]]]
 
 
+def check_n_ctx(n_ctx: int, scheme: _TokenScheme) -> None:
+    """Refuse more context tokens than the text context holds before making a list of that many ids (a huge
+    ``--n-ctx`` ran out of memory there)."""
+    room = scheme.context_length - len(scheme.head) - len(scheme.tail)
+    if n_ctx > room:
+        raise InputError(
+            f"{n_ctx} context tokens do not fit the model's text context of {scheme.context_length} tokens "
+            f"(at most {room} besides the start and end tokens, fewer with the class name)",
+            where="--n-ctx",
+            hint="use fewer context tokens (CoOp uses 16)",
+        )
+
+
 def _coop_layout(cfg: PromptConfig, scheme: _TokenScheme, names: list[list[int]]) -> _Layout:
     """coop: the learned context (from ctx_init or random) around each class name, then ``.``."""
     random: set[str] = set()
@@ -649,6 +662,7 @@ def _coop_layout(cfg: PromptConfig, scheme: _TokenScheme, names: list[list[int]]
         if not ctx_ids:
             raise InputError("ctx_init has no tokens", where="--ctx-init", hint='e.g. "a photo of a"')
     else:
+        check_n_ctx(cfg.n_ctx, scheme)
         ctx_ids = [(scheme.encode(_PLACEHOLDER) or [scheme.pad_id])[0]] * cfg.n_ctx
         random.add("ctx")
     m = len(ctx_ids)
