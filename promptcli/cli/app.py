@@ -110,6 +110,8 @@ def build_command(only: str | None = None) -> click.Command:
                     param.metavar = param.name.upper()
                 if hasattr(param, "_usage_display_name"):  # typer writes a required one as {NAME}
                     param._usage_display_name = _usage_name.__get__(param)
+                else:  # typer < 0.29 writes a set metavar as it is: add the [ ] and ... here
+                    param.metavar = _usage_name(param)
             elif getattr(param, "is_flag", False) and not getattr(param, "count", False):
                 param.metavar = ""
         cmd.get_help_option = _flag_help_option(cmd.get_help_option)
@@ -206,7 +208,10 @@ def usage_message(exc: Exception) -> str:
         )
         where = opts[0] if opts and getattr(param, "param_type_name", "") == "option" else param.name.upper()
     descriptor = getattr(param, "type_descriptor", None)
-    choices = getattr(descriptor, "choices", None) if getattr(descriptor, "is_choice", False) else None
+    if descriptor is not None:
+        choices = getattr(descriptor, "choices", None) if getattr(descriptor, "is_choice", False) else None
+    else:  # typer before its type descriptors (< 0.29) gives an enum option a click Choice type
+        choices = getattr(getattr(param, "type", None), "choices", None)
     help_hint = f"see `{ctx.command_path} --help`" if ctx is not None else "see `promptcli --help`"
     if choices and getattr(exc, "message", None) and "not one of" in str(exc.message):
         bad = str(exc.message).split("is not one of")[0].split(",")[-1].strip()
