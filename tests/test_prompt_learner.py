@@ -402,7 +402,10 @@ def _assert_same(a, b):
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         assert grads_a[name].abs().max() > 0
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4)
+        scale = float(grads_b[name].abs().max())
+        # float32 sums in another order: an entry that is a small difference of large terms is off by
+        # a few ulps of the large terms, so the absolute tolerance follows the gradient's scale
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=max(1e-5, 2e-6 * scale), rtol=1e-4)
 
 
 @pytest.mark.parametrize("cfg", GROUP_CASES)
