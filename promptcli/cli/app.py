@@ -110,8 +110,8 @@ def build_command(only: str | None = None) -> click.Command:
                     param.metavar = param.name.upper()
                 if hasattr(param, "_usage_display_name"):  # typer writes a required one as {NAME}
                     param._usage_display_name = _usage_name.__get__(param)
-                else:  # typer < 0.29 writes a set metavar as it is: add the [ ] and ... here
-                    param.metavar = _usage_name(param)
+                else:  # typer < 0.29 writes make_metavar(): a set metavar as it is, or (0.27, 0.28) as {NAME}
+                    param.make_metavar = lambda *args, _param=param, **kwargs: _usage_name(_param)
             elif getattr(param, "is_flag", False) and not getattr(param, "count", False):
                 param.metavar = ""
         cmd.get_help_option = _flag_help_option(cmd.get_help_option)
