@@ -277,6 +277,20 @@ def test_eval_refuses_labels_that_say_they_are_not_ground_truth(labelled, tmp_pa
     assert code == 2 and "written by `promptcli corrupt (rate 0.5)`: not ground truth" in " ".join(
         err.split()
     )
+    # clean_label differing from label says so too, with no is_noisy column (or a blank one) and no sidecar
+    rows = [line.split(",") for line in noisy.read_text().splitlines()]
+    col = {name: i for i, name in enumerate(rows[0])}
+    for name, blank in (("no_isnoisy.csv", None), ("blank_isnoisy.csv", "")):
+        keep = ["path", "label", "clean_label"] + (["is_noisy"] if blank is not None else [])
+        text = "".join(
+            ",".join(k if n == 0 else (blank if k == "is_noisy" else r[col[k]]) for k in keep) + "\n"
+            for n, r in enumerate(rows)
+        )
+        (tmp_path / name).write_text(text)
+        code, _, err = run_cli("eval", labelled["features"], "--prompt", path, "--labels", tmp_path / name)
+        assert code == 2 and "differs from their clean_label: noisy labels, not ground truth" in " ".join(
+            err.split()
+        ), err
 
 
 def test_eval_records_whether_the_probe_searched_its_weight_decay(labelled):

@@ -232,19 +232,30 @@ def ground_truth_from_features(features: FeatureSet) -> np.ndarray:
     return features.labels.astype(np.int64)
 
 
+def _differs_from_clean(row: dict[str, str]) -> bool:
+    """Whether a labels row has a ``clean_label`` that differs from its ``label`` (a noisy file whose
+    ``is_noisy`` column was dropped or left blank still says so)."""
+    clean = (row.get("clean_label") or "").strip()
+    return clean != "" and clean != (row.get("label") or "").strip()
+
+
 def check_ground_truth(table: Any, labels_path: str | Path) -> None:
-    """Refuse ``--labels`` that say they are not ground truth: rows marked ``is_noisy``, or a sidecar of
-    ``corrupt`` (rate > 0), ``pseudolabel`` or ``clean``. Scored against them, the accuracy is silently wrong."""
+    """Refuse ``--labels`` that say they are not ground truth: rows marked ``is_noisy`` or whose ``clean_label``
+    differs from ``label``, or a sidecar of ``corrupt`` (rate > 0), ``pseudolabel`` or ``clean``. Scored against
+    them, the accuracy is silently wrong."""
     from promptcli.io.sidecar import noise_summary, read_noise_sidecar
 
     hint = (
         "score against clean labels: drop --labels to use the features' own, or give a file of true classes"
     )
-    if "is_noisy" in table.columns:
-        noisy = sum(row.get("is_noisy") == "1" for row in table.rows)
+    for reason, test in (
+        ("are marked is_noisy", lambda row: row.get("is_noisy") == "1"),
+        ("have a label that differs from their clean_label", _differs_from_clean),
+    ):
+        noisy = sum(test(row) for row in table.rows)
         if noisy:
             raise InputError(
-                f"{noisy} of its {len(table.rows)} rows are marked is_noisy: noisy labels, not ground truth",
+                f"{noisy} of its {len(table.rows)} rows {reason}: noisy labels, not ground truth",
                 where=labels_path,
                 hint=hint,
             )
