@@ -339,6 +339,7 @@ def test_config_metadata_round_trip():
         (dict(n_ctx=0), "n_ctx must be at least 1"),
         (dict(ctx_init="  "), "empty context initialisation"),
         (dict(method="cls-tuning", template="a photo"), "must contain exactly one {}"),
+        (dict(method="cls-tuning", template="{x} photo"), "must contain exactly one {}"),
         (dict(method="cls-tuning", csc=True), "csc needs learnable context"),
         (dict(method="full-prompt", ctx_init="a photo"), "ctx_init applies to coop only"),
         (dict(method="full-prompt", class_position="front"), "class_position applies to coop only"),
@@ -595,3 +596,29 @@ def test_trained_coop_context_gives_coops_text_features(tiny_model, position, cs
     (learner() * weights).sum().backward()
     (expected * weights).sum().backward()
     torch.testing.assert_close(learner.ctx.grad, ctx.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("template", "ok"),
+    [
+        ("a photo of a {}.", True),
+        ("{{a}} photo of {}", True),
+        ("a {}} photo", False),
+        ("{{}", False),
+        ("{", False),
+        ("{}{}", False),
+        ("{:d}", False),
+        ("{x}", False),
+        ("{0}", False),
+        ("{!r}", False),
+        ("{{}}", False),
+    ],
+)
+def test_check_template_takes_one_bare_field(template, ok):
+    from promptcli.models.zeroshot import check_template
+
+    if ok:
+        assert check_template(template).format("cat")
+    else:
+        with pytest.raises(InputError, match="must contain exactly one"):
+            check_template(template)

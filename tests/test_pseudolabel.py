@@ -174,6 +174,8 @@ def test_cli_refuses_other_checkpoint(run_cli, tiny_features, tiny_model, tmp_pa
         (["--top-k", "0"], "--top-k: --top-k must be at least 1"),
         (["--min-confidence", "1.5"], "--min-confidence: --min-confidence must be in [0, 1]"),
         (["--template", "a photo"], "--template: template 'a photo' must contain exactly one {}"),
+        (["--template", "a {}} photo"], "--template: template 'a {}} photo' must contain exactly one {}"),
+        (["--template", "{:d}"], "--template: template '{:d}' must contain exactly one {}"),
         (["--json", "-o", "-"], "-o - and --json both write to stdout"),
     ],
 )

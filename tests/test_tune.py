@@ -328,6 +328,10 @@ def test_bad_options_are_clear_errors(syn, tmp_path, run_cli):
         (["--lr", "-1"], "--lr"),
         (["--loss", "gce", "--label-smoothing", "0.1"], "--label-smoothing"),
         (["--method", "classifier-zs", "--template", "no placeholder"], "--template"),
+        (["--method", "classifier-zs", "--template", "a {}} photo"], "--template"),
+        (["--method", "clip-adapter", "--template", "{{}"], "--template"),
+        (["--method", "kgcoop", "--template", "a photo of {x}"], "--template"),
+        (["--method", "kgcoop", "--template", "{}{}"], "--template"),
         (["--method", "cls-tuning", "--csc"], "--csc"),
         (["--class-position", "left"], "--class-position"),
     ):

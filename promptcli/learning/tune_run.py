@@ -255,10 +255,11 @@ def check_options(
         prompt_config = checked_prompt_config(options)
     elif options.method in COOP_VARIANTS:
         prompt_config = coop_variant_config(options)
-    elif options.method in ("classifier-zs", *ZERO_SHOT_BASED):
-        from promptcli.models.zeroshot import resolve_templates
+    # kgcoop formats --template for its zero-shot anchor
+    if options.method in ("classifier-zs", "kgcoop", *ZERO_SHOT_BASED):
+        from promptcli.models.zeroshot import check_template
 
-        resolve_templates([options.template])  # one {} or a clear --template error
+        check_template(options.template)  # one {} or a clear --template error
     loss_fn = make_loss(
         options.loss,
         q=options.q,

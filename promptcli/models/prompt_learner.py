@@ -96,12 +96,9 @@ class PromptConfig:
                     hint="CoOp uses 0.02",
                 )
             return
-        if self.template.count("{}") != 1:
-            raise InputError(
-                f"template {self.template!r} must contain exactly one {{}}",
-                where="--template",
-                hint='e.g. "a photo of a {}."',
-            )
+        from promptcli.models.zeroshot import check_template
+
+        check_template(self.template)
         if self.ctx_init is not None:
             raise InputError(
                 f"ctx_init applies to coop only; {self.method} starts from the template",

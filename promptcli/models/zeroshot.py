@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Sequence
 
 import torch
@@ -34,18 +35,33 @@ def resolve_templates(templates: Sequence[str] | None, template_set_name: str | 
     if not out:
         out = [DEFAULT_TEMPLATE]
     for t in out:
-        if t.count("{}") != 1:
-            raise InputError(
-                f"template {t!r} must contain exactly one {{}}",
-                where="--template",
-                hint='e.g. "a photo of a {}."',
-            )
+        check_template(t)
     return out
 
 
 def model_source(loaded: LoadedModel) -> str:
     """The checkpoint (or model name) that made ``loaded``: where to look when its weights are bad."""
     return loaded.spec.pretrained or loaded.spec.name
+
+
+def _one_plain_field(template: str) -> bool:
+    """Whether ``template.format(name)`` fills exactly one bare ``{}`` (no name, index, spec or conversion)."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:  # a lone { or }
+        return False
+    return fields == [("", "", None)]
+
+
+def check_template(template: str, where: str = "--template") -> str:
+    """``template`` when it has exactly one bare ``{}`` (braces doubled elsewhere), else a one-line error."""
+    if not _one_plain_field(template):
+        raise InputError(
+            f"template {template!r} must contain exactly one {{}} (and write a literal brace as {{{{ or }}}})",
+            where=where,
+            hint='e.g. "a photo of a {}."',
+        )
+    return template
 
 
 def logit_scale(loaded: LoadedModel) -> float:
