@@ -577,3 +577,41 @@ def test_a_prompt_file_with_damaged_metadata_or_tensor_shapes_is_refused(
         args = ["clean", labelled["features"], labelled["labels"], "--prompt", bad, "-o", tmp_path / "c.csv"]
     code, _, err = run_cli(*args, "--device", "cpu", "-q")
     assert code == 2 and message in err and "bad.safetensors" in err, err
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "field"),
+    [
+        ({"type": "symmetric", "rate": "30%"}, "rate is '30%', not a finite number"),
+        ({"cleaning": {"options": {"keep_fraction": "0.8"}}}, "cleaning.options.keep_fraction is '0.8'"),
+        ({"seed": 1.5}, "seed is 1.5, not an integer"),
+    ],
+)
+def test_a_damaged_labels_sidecar_is_refused_by_name(labelled, tmp_path, run_cli, sidecar, field):
+    labels = tmp_path / "labels.csv"  # with the clean_label and is_noisy that gradstats needs
+    lines = labelled["labels"].read_text().splitlines()
+    rows = [f"{line},{line.split(',')[1]},0" for line in lines[1:]]
+    labels.write_text("\n".join(["path,label,clean_label,is_noisy", *rows]) + "\n")
+    (tmp_path / "labels.csv.json").write_text(json.dumps(sidecar))
+    for command in (
+        ["eval", labelled["features"], "--zero-shot", "--labels", labels],
+        ["tune", labelled["features"], labels, "-o", tmp_path / "p.safetensors", "--method", "linear-probe"],
+        ["gradstats", labelled["features"], labels, "-o", tmp_path / "g.csv", "--epochs", "1"],
+    ):
+        code, _, err = run_cli(*command, "--device", "cpu")
+        err = " ".join(err.split())
+        assert code == 2 and f"labels.csv.json: the labels' sidecar is damaged: {field}" in err, (
+            command,
+            err,
+        )
+
+
+def test_a_too_deeply_nested_labels_sidecar_is_ignored_with_a_warning(labelled, tmp_path, run_cli):
+    labels = tmp_path / "labels.csv"
+    labels.write_text(labelled["labels"].read_text())
+    (tmp_path / "labels.csv.json").write_text("[" * 100_000 + "]" * 100_000)
+    out = tmp_path / "p.safetensors"
+    code, _, err = run_cli(
+        "tune", labelled["features"], labels, "-o", out, "--method", "linear-probe", "--device", "cpu"
+    )
+    assert code == 0 and "nestedtoodeeplytoread);ignored" in "".join(err.split()), err

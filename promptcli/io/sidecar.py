@@ -4,10 +4,12 @@ that CSV is unchanged (a sidecar of an edited or replaced CSV would describe lab
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from promptcli.errors import InputError
 from promptcli.io.fileio import STDIO, sha256_file, write_json
 
 CSV_SHA256 = "csv_sha256"
@@ -42,8 +44,8 @@ def read_sidecar(
         return None, None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        warn(f"{path} is not valid JSON; ignored")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        warn(f"{path} is not valid JSON (or is nested too deeply to read); ignored")
         return path, None
     if not isinstance(data, dict):
         return path, {"value": data}
@@ -56,12 +58,71 @@ def read_sidecar(
 
 def read_noise_sidecar(labels_path: str | Path, warn: Callable[[str], None]) -> dict[str, Any] | None:
     """The labels' sidecar record; None without one, or (with a warning) when it is not JSON or was
-    written for another version of the CSV."""
-    return read_sidecar(labels_path, warn)[1]
+    written for another version of the CSV. A record whose noise fields have the wrong types is refused."""
+    path, record = read_sidecar(labels_path, warn)
+    if path is not None and record is not None:
+        check_noise_record(record, path)
+    return record
 
 
 # What prompt metadata and logs keep of a corrupt sidecar (not its C x C transition counts).
 NOISE_KEYS = ("type", "rate", "seed", "shots", "per_class", "n_noisy", "realised_rate")
+
+_NUMBER = "a finite number"
+# The type each noise field and cleaning option has as promptcli writes it (None is allowed for all).
+_FIELD_KINDS = {
+    "type": "a string",
+    "rate": _NUMBER,
+    "realised_rate": _NUMBER,
+    "seed": "an integer",
+    "shots": "an integer",
+    "n_noisy": "an integer",
+    "per_class": "true or false",
+    "keep_fraction": _NUMBER,
+    "threshold": _NUMBER,
+}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if value is None:
+        return True
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "true or false":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # a JSON true is no number
+        return False
+    if kind == "an integer":
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _checked_fields(record: Any, prefix: str, keys: tuple[str, ...], path: Path) -> None:
+    if not isinstance(record, dict):
+        return
+    for key in keys:
+        value = record.get(key)
+        if not _is_kind(value, _FIELD_KINDS[key]):
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+            raise InputError(
+                f"the labels' sidecar is damaged: {prefix}{key} is {shown}, not {_FIELD_KINDS[key]}",
+                where=path,
+                hint="delete it (the labels are then read without their noise record) or make the labels "
+                "again with promptcli corrupt, pseudolabel or clean",
+            )
+
+
+def check_noise_record(record: dict[str, Any], path: Path) -> None:
+    """Refuse a labels sidecar whose noise fields (or cleaning options) do not have the types promptcli writes:
+    they are read as numbers and formatted, so a hand-edited ``"rate": "30%"`` would crash later."""
+    _checked_fields(record, "", NOISE_KEYS, path)
+    fit = record.get("transductive")
+    given = fit.get("labels") if isinstance(fit, dict) else None
+    if isinstance(given, dict):
+        _checked_fields(given.get("noise"), "transductive.labels.noise.", NOISE_KEYS, path)
+    cleaning = record.get("cleaning")
+    if isinstance(cleaning, dict):
+        _checked_fields(cleaning.get("options"), "cleaning.options.", ("keep_fraction", "threshold"), path)
 
 
 def cleaning_recipe(record: Any) -> str:
