@@ -209,6 +209,46 @@ def find_result_files(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
     return sorted(found.items())
 
 
+def _json_loads(text: str, where: Any) -> Any:
+    """``json.loads``, with JSON nested too deeply for Python's parser refused as not a result."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InputError(
+            "JSON nested too deeply to read", where=where, hint="give eval/tune/gradstats results"
+        ) from None
+
+
+_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", list: "a list"}
+
+
+def _typed(record: dict[str, Any], key: str, kind: type, where: Any, prefix: str = "") -> Any:
+    """``record[key]`` as report reads it: None when absent or null, else a ``kind`` (float: any finite number,
+    int: not a bool; numbers may be written as text, as prompt metadata stores them); a result file whose field
+    has another type is refused, naming the file and the field."""
+    value = record.get(key)
+    if value is None:
+        return None
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            value = kind(value)
+        except ValueError:
+            pass
+    if kind in (int, float):
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        raise InputError(
+            f"{prefix}{key} is {shown}, not {_KIND_NAMES[kind]}",
+            where=where,
+            hint="is the file complete? promptcli does not write this",
+        )
+    return value
+
+
 def _json_error(exc: json.JSONDecodeError) -> str:
     return f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
 
@@ -219,7 +259,7 @@ def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _json_loads(line, f"{path}:{number}")
         except json.JSONDecodeError as exc:
             raise InputError(
                 f"not valid JSON ({exc.msg})", where=f"{path}:{number}", hint="fix or remove the line"
@@ -255,13 +295,13 @@ def classify(text: str, path: Path) -> tuple[str | None, Any]:
         return None, None
     if stripped[0] in "{[":
         try:
-            obj = json.loads(text)
+            obj = _json_loads(text, path)
         except json.JSONDecodeError as exc:
             lines = [line for line in text.splitlines() if line.strip()]
             first_is_object = False
             if len(lines) > 1:
                 try:
-                    first_is_object = isinstance(json.loads(lines[0]), dict)
+                    first_is_object = isinstance(_json_loads(lines[0], path), dict)
                 except json.JSONDecodeError:
                     pass
             if not first_is_object:
@@ -395,15 +435,18 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
-def _run_settings(record: dict[str, Any]) -> dict[str, Any]:
+def _run_settings(record: dict[str, Any], where: Any) -> dict[str, Any]:
     """RUN_SETTINGS of one prompt's record (None: not on record or not applicable)."""
     config = record.get("prompt_config") if isinstance(record.get("prompt_config"), dict) else {}
-    init_std = record.get("init_std", config.get("prompt.init_std"))
+    if "init_std" in record:
+        init_std = _typed(record, "init_std", float, where)
+    else:
+        init_std = _typed(config, "prompt.init_std", float, where, "prompt_config.")
     if init_std is None and "n_ctx" in record:  # a prompt with a context, recorded before init_std was
         init_std = DEFAULT_INIT_STD
     views = None
     if "n_views" in record or "use_views" in record:  # augmented views per image trained on (0: none)
-        views = int(record.get("n_views") or 0) if record.get("use_views", True) else 0
+        views = int(_typed(record, "n_views", int, where) or 0) if record.get("use_views", True) else 0
     return {
         "init_std": None if init_std is None else float(init_std),
         "views": views,
@@ -414,7 +457,7 @@ def _run_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _settings(
-    records: Sequence[Any], method: str
+    records: Sequence[Any], method: str, where: Any
 ) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
     """(settings to split by, PER_RUN_SETTINGS) recorded by prompts: their common value, "mixed" where they differ."""
     values: dict[str, set[str]] = defaultdict(set)
@@ -427,7 +470,7 @@ def _settings(
             optimizer = {}
         found = {
             **{k: record.get(k) for k in PROMPT_SETTINGS},
-            **_run_settings(record),
+            **_run_settings(record, where),
             **{k: optimizer.get(k) for k in SCHEDULE_SETTINGS},
         }
         if "weight_decay_searched" in record:
@@ -503,7 +546,7 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
     if rate is None and noise_type != NOISE_UNKNOWN:
         return None
     method = str(obj.get("method") or "mixed")
-    settings, per_run = _settings(members, method)
+    settings, per_run = _settings(members, method, path)
     variant = _variant(obj.get("noise"), split_of(obj, members))
     if tuned_on_test(obj):
         variant = f"{variant}, {TUNED_ON_TEST}" if variant else TUNED_ON_TEST
@@ -607,7 +650,9 @@ def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
         shots="" if run.get("shots") is None else str(run.get("shots")),
         model=_model_label(run.get("model")),
         variant=_variant(run.get("noise"), run.get("split")),
-        settings=_settings([run.get("settings")], str(run.get("method") or "unknown"))[0],
+        settings=_settings(
+            [run.get("settings")], str(run.get("method") or "unknown"), f"{path}: run.settings"
+        )[0],
     )
     return LogRun(key, noise_type, rate, run.get("seed"), epochs, str(path), sha256)
 
@@ -616,13 +661,16 @@ def _grad_value(row: dict[str, str], column: str, where: str) -> Any:
     cell = (row.get(column) or "").strip()
     if column in _GRAD_INTS:
         try:
-            return int(float(cell))
+            value = float(cell)
         except ValueError:
+            value = math.nan
+        if not math.isfinite(value):  # int() of inf (or of 1e400, read as inf) would overflow
             raise InputError(
                 f"column {column} is not a number ({cell!r})",
                 where=where,
                 hint="gradstats writes numbers: fix the cell",
-            ) from None
+            )
+        return int(value)
     if column in _GRAD_FLOATS:
         if cell == "" or cell.lower() == "nan":
             return math.nan
@@ -645,18 +693,29 @@ def _grad_sidecar(path: Path, methods: set[str], warn: Callable[[str], None]) ->
         return None
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         warn(f"{sidecar} is not valid JSON; ignored: model and settings of {path.name} unknown")
         return None
     runs = meta.get("runs") if isinstance(meta, dict) else None
-    recorded = {r.get("method") for r in runs if isinstance(r, dict)} if isinstance(runs, list) else set()
+    try:
+        recorded = (
+            {_typed(r, "method", str, sidecar, "runs[].") for r in runs if isinstance(r, dict)}
+            if isinstance(runs, list)
+            else set()
+        )
+        if methods <= recorded:
+            for method in methods:  # the settings report reads, checked here: a damaged sidecar is ignored
+                _grad_key(method, "", meta, sidecar)
+    except InputError as exc:
+        warn(f"{sidecar}: {exc.what}; ignored: model and settings of {path.name} unknown")
+        return None
     if not methods <= recorded:
         warn(f"{sidecar} describes other runs than {path.name}; ignored: model and settings unknown")
         return None
     return meta
 
 
-def _grad_key(method: str, loss: str, meta: dict[str, Any] | None) -> SeriesKey:
+def _grad_key(method: str, loss: str, meta: dict[str, Any] | None, where: Any) -> SeriesKey:
     """A gradstats run's series: method and loss from the CSV, model and settings from its sidecar."""
     if meta is None:
         return SeriesKey(method, loss)
@@ -677,7 +736,7 @@ def _grad_key(method: str, loss: str, meta: dict[str, Any] | None) -> SeriesKey:
         loss,
         model=_model_label(meta.get("model")),
         variant=_variant(meta.get("noise"), {"method": options.get("split")}),
-        settings=_settings([record], method)[0],
+        settings=_settings([record], method, where)[0],
     )
 
 
@@ -697,7 +756,7 @@ def grad_runs(
         groups[(row["method"], row["loss"], noise_type, rate, row["seed"])].append(row)
     meta = _grad_sidecar(path, {k[0] for k in groups}, warn) if groups else None
     return [
-        GradRun(_grad_key(method, loss, meta), noise_type, rate, seed, group, str(path))
+        GradRun(_grad_key(method, loss, meta, f"{path}.json"), noise_type, rate, seed, group, str(path))
         for (method, loss, noise_type, rate, seed), group in sorted(groups.items(), key=lambda kv: str(kv[0]))
     ]
 
@@ -789,6 +848,9 @@ def read_results(paths: Sequence[str | Path]) -> Results:
             results.skipped.append(str(path))
             continue
         kind, content = classify(text, path)
+        if kind == "eval":  # fields read below before their summary's run is (prompts, the labels' digest)
+            _typed(content, "prompts", list, path)
+            _typed(content, "labels_sha256", str, path)
         if kind is None:
             if explicit:
                 raise InputError(
