@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -152,3 +153,55 @@ def test_zero_shot_refuses_classes_whose_prompts_tokenise_alike(tiny_model, name
     with pytest.raises(InputError, match=why):
         class_text_embeddings(tiny_model, names)
     assert class_text_embeddings(tiny_model, ["t-shirt", "dress"]).shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["vision_cfg"].update(layers="2"), "vision_cfg.layers is '2', not a positive integer"),
+        (lambda c: c["text_cfg"].update(width=0), "text_cfg.width is 0, not a positive integer"),
+        (lambda c: c["text_cfg"].update(heads={}), "text_cfg.heads is {}, not a positive integer"),
+        (
+            lambda c: c["vision_cfg"].update(patch_size=-8),
+            "vision_cfg.patch_size is -8, not a positive integer",
+        ),
+        (lambda c: c.update(text_cfg=[1]), "text_cfg is [1], not a JSON object"),
+    ],
+)
+def test_a_config_open_clip_cannot_build_from_is_refused_by_field(
+    tmp_path, tiny_model_files, change, message
+):
+    cfg = json.loads(tiny_model_files["config"].read_text())
+    change(cfg)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=re.escape(message)) as info:
+        load_model("tiny-clip", None, path, device="cpu", random_weights=True)
+    assert info.value.where == str(path)
+
+
+def test_configs_and_checkpoints_that_do_not_fit_are_input_errors(tmp_path, tiny_model_files):
+    from promptcli.models.loading import load_model_from_record
+
+    cfg = json.loads(tiny_model_files["config"].read_text())
+    heads = tmp_path / "heads.json"  # a width no multiple of the heads: open_clip asserts
+    heads.write_text(json.dumps({**cfg, "text_cfg": {**cfg["text_cfg"], "heads": 3}}))
+    with pytest.raises(InputError, match="open_clip cannot build model tiny-clip from its config"):
+        load_model("tiny-clip", None, heads, device="cpu", random_weights=True)
+    narrow = tmp_path / "narrow.json"  # the checkpoint's text tower is wider
+    narrow.write_text(json.dumps({**cfg, "text_cfg": {**cfg["text_cfg"], "width": 32}}))
+    with pytest.raises(InputError, match="does not fit the model architecture"):
+        load_model("tiny-clip", str(tiny_model_files["weights"]), narrow, device="cpu")
+    tensor = tmp_path / "tensor.pt"  # a .pt holding a bare tensor, not a state dict
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(InputError, match="does not fit the model architecture") as info:
+        load_model("tiny-clip", str(tensor), tiny_model_files["config"], device="cpu")
+    assert info.value.where == str(tensor)
+    record = {
+        "model_name": "tiny-clip",
+        "pretrained": "",
+        "model_config": "[1, 2]",
+        "random_weights_seed": "0",
+    }
+    with pytest.raises(InputError, match="model_config: the model config is list, not a JSON object"):
+        load_model_from_record(record, "f.h5", device="cpu")

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -104,6 +105,54 @@ class LoadedModel:
         }
 
 
+# Sizes open_clip builds layers from: a positive integer each (layers, image_size, patch_size: or a list of them).
+_CONFIG_SIZES = (
+    "width",
+    "layers",
+    "heads",
+    "head_width",
+    "image_size",
+    "patch_size",
+    "context_length",
+    "vocab_size",
+)
+_SIZE_LISTS = ("layers", "image_size", "patch_size")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def model_config_problem(model_cfg: Any) -> str | None:
+    """What in an open_clip model config (``{embed_dim, vision_cfg, text_cfg}``) open_clip could not build a model
+    from: a part that is not an object, or a size that is not a positive integer; None when there is nothing."""
+    if not isinstance(model_cfg, dict):
+        return f"the model config is {type(model_cfg).__name__}, not a JSON object"
+    if not _positive_int(model_cfg.get("embed_dim")):
+        return f"embed_dim is {model_cfg.get('embed_dim')!r}, not a positive integer"
+    for part in ("vision_cfg", "text_cfg"):
+        tower = model_cfg.get(part)
+        if not isinstance(tower, dict):
+            return f"{part} is {tower!r}, not a JSON object"
+        for key in _CONFIG_SIZES:
+            value = tower.get(key)
+            if value is None or _positive_int(value):
+                continue
+            if key in _SIZE_LISTS and isinstance(value, list) and value and all(map(_positive_int, value)):
+                continue
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+            return f"{part}.{key} is {shown}, not a positive integer"
+        ratio = tower.get("mlp_ratio")
+        if ratio is not None and not (
+            isinstance(ratio, (int, float))
+            and not isinstance(ratio, bool)
+            and math.isfinite(ratio)
+            and ratio > 0
+        ):
+            return f"{part}.mlp_ratio is {ratio!r}, not a positive number"
+    return None
+
+
 def read_model_config(path: str | Path) -> dict[str, Any]:
     """Read a custom open_clip model config (``{embed_dim, vision_cfg, text_cfg}``) from JSON.
 
@@ -126,6 +175,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
             where=path,
             hint="an open_clip model config needs embed_dim, vision_cfg and text_cfg",
         )
+    problem = model_config_problem(model_cfg)
+    if problem:
+        raise InputError(problem, where=path, hint="fix the model config (see docs/formats.md)")
     # open_clip's image_transform asserts these (an AssertionError at model creation otherwise)
     accepted = {
         "interpolation": ("bicubic", "bilinear", "random"),
@@ -426,6 +478,12 @@ def load_model(
         if not (spec.pretrained and _is_checkpoint_path(spec.pretrained)):
             raise
         raise _unreadable_checkpoint(spec.pretrained, exc) from exc
+    except (
+        TypeError,
+        AssertionError,
+        AttributeError,
+    ) as exc:  # open_clip's checks of what it builds and loads
+        raise _does_not_fit(spec, model, random_weights, exc) from exc
     except RuntimeError as exc:
         text = str(exc)
         if "Error(s) in loading state_dict" in text or "size mismatch" in text:
@@ -470,14 +528,38 @@ def load_model(
     )
 
 
+def _does_not_fit(spec: ModelSpec, model: str, random_weights: bool, exc: Exception) -> InputError:
+    """The one error for a model open_clip cannot build from its config, or whose checkpoint does not fit it."""
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+    if spec.pretrained and _is_checkpoint_path(spec.pretrained) and not random_weights:
+        return InputError(
+            f"checkpoint does not fit the model architecture ({detail})",
+            where=spec.pretrained,
+            hint=f"pass weights saved from a {model} model (or the matching --model-config)",
+        )
+    return InputError(
+        f"open_clip cannot build model {model} from its config ({detail})",
+        where="--model-config" if spec.config is not None else "--model",
+        hint="check the config's sizes (e.g. width a multiple of heads)",
+    )
+
+
 def spec_from_record(record: dict[str, Any]) -> ModelSpec:
     """Rebuild a :class:`ModelSpec` from the attributes an output file recorded."""
     config_text = record.get("model_config") or ""
     seed_text = str(record.get("random_weights_seed") or "")
+    config = json.loads(config_text) if config_text else None
+    problem = (
+        None
+        if config is None
+        else model_config_problem(config.get("model_cfg", config) if isinstance(config, dict) else config)
+    )
+    if problem:
+        raise ValueError(f"model_config: {problem}")
     return ModelSpec(
         name=str(record["model_name"]),
         pretrained=str(record.get("pretrained") or "") or None,
-        config=json.loads(config_text) if config_text else None,
+        config=config,
         random_seed=int(seed_text) if seed_text else None,
     )
 
