@@ -205,3 +205,14 @@ def test_configs_and_checkpoints_that_do_not_fit_are_input_errors(tmp_path, tiny
     }
     with pytest.raises(InputError, match="model_config: the model config is list, not a JSON object"):
         load_model_from_record(record, "f.h5", device="cpu")
+    record["model_config"] = json.dumps({**cfg, "preprocess_cfg": [1]})
+    with pytest.raises(InputError, match="model_config: preprocess_cfg is not a JSON object"):
+        load_model_from_record(record, "f.h5", device="cpu")
+    null = tmp_path / "null.json"
+    null.write_text(json.dumps({"model_cfg": None}))
+    with pytest.raises(InputError, match="model_cfg must be a JSON object"):
+        load_model("tiny-clip", None, null, device="cpu", random_weights=True)
+    no_heads = tmp_path / "no_heads.json"  # head_width above the width: open_clip's ValueError (0 heads)
+    no_heads.write_text(json.dumps({**cfg, "vision_cfg": {**cfg["vision_cfg"], "head_width": 10**6}}))
+    with pytest.raises(InputError, match="open_clip cannot build model tiny-clip from its config"):
+        load_model("tiny-clip", None, no_heads, device="cpu", random_weights=True)

@@ -163,11 +163,13 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         raise InputError("model config not found", where=path, hint="check the --model-config path")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"not valid JSON ({exc})", where=path, hint="fix the model config file") from exc
     if not isinstance(cfg, dict):
         raise InputError("model config must be a JSON object", where=path, hint="see docs/formats.md")
     model_cfg = cfg.get("model_cfg", cfg)
+    if not isinstance(model_cfg, dict):
+        raise InputError("model_cfg must be a JSON object", where=path, hint="see docs/formats.md")
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
     if missing:
         raise InputError(
@@ -475,9 +477,13 @@ def load_model(
             with torch.random.fork_rng(devices=cuda):
                 clip_model, _, preprocess = create(torch_device, precision)
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        if not (spec.pretrained and _is_checkpoint_path(spec.pretrained)):
-            raise
-        raise _unreadable_checkpoint(spec.pretrained, exc) from exc
+        if spec.pretrained and _is_checkpoint_path(spec.pretrained):
+            raise _unreadable_checkpoint(spec.pretrained, exc) from exc
+        if (
+            type(exc) is ValueError and spec.config is not None
+        ):  # open_clip's own checks of the config's values
+            raise _does_not_fit(spec, model, random_weights, exc) from exc
+        raise
     except (
         TypeError,
         AssertionError,
@@ -556,6 +562,8 @@ def spec_from_record(record: dict[str, Any]) -> ModelSpec:
     )
     if problem:
         raise ValueError(f"model_config: {problem}")
+    if isinstance(config, dict) and not isinstance(config.get("preprocess_cfg", {}), dict):
+        raise ValueError("model_config: preprocess_cfg is not a JSON object")
     return ModelSpec(
         name=str(record["model_name"]),
         pretrained=str(record.get("pretrained") or "") or None,
