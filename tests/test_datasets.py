@@ -335,6 +335,13 @@ def test_imagenet_refuses_unsorted_val_images_and_classes_without_images(tmp_pat
         ),
         (lambda s, r: s["test"].append(["gone.jpg", 1, "American_Bulldog"]), "test[4]: image"),
         (lambda s, r: s["test"].append(["Abyssinian_train0.jpg", 0, "Abyssinian"]), "is listed again"),
+        (
+            lambda s, r: (
+                os.link(r / "images" / "Abyssinian_train0.jpg", r / "images" / "hard.jpg"),
+                s["test"].append(["hard.jpg", 0, "Abyssinian"]),
+            ),
+            "is the same file as",  # a hard link: one file under two names
+        ),
         (lambda s, r: s["test"].append(["x.jpg", 2, "american bulldog"]), "classes 1 and 2 are both named"),
     ],
 )

@@ -326,12 +326,16 @@ def test_broken_link_is_an_unreadable_image(run_cli, cli_model_args, linked_fold
     assert fs.paths == ["cat/a.png", "dog/b.png", "dog/more/c.png"] and fs.attrs["n_skipped"] == 1
 
 
+@pytest.mark.parametrize("hard", [False, True], ids=["symlink", "hardlink"])
 @pytest.mark.parametrize("second", ["dog/a-again.png", "cat/a-again.png"])
-def test_one_image_reached_twice_through_links_is_refused(tmp_path, second):
+def test_one_image_reached_twice_through_links_is_refused(tmp_path, second, hard):
     """In two classes it would carry two labels; in one it would weigh twice."""
     _png(tmp_path / "cat" / "a.png")
     _png(tmp_path / "dog" / "b.png")
-    (tmp_path / second).symlink_to(tmp_path / "cat" / "a.png")
+    if hard:
+        os.link(tmp_path / "cat" / "a.png", tmp_path / second)
+    else:
+        (tmp_path / second).symlink_to(tmp_path / "cat" / "a.png")
     with pytest.raises(InputError, match="are the same image file") as err:
         read_image_folder(tmp_path)
     assert (
@@ -453,6 +457,10 @@ def test_image_list_refuses_one_file_under_two_spellings(tmp_path):
             read_image_csv(images)
     images.write_text(f"path\nimgs/a.png\n{tmp_path}/imgs/a.png\n")
     with pytest.raises(InputError, match="name the same image file —"):
+        read_image_csv(images)
+    os.link(tmp_path / "imgs" / "a.png", tmp_path / "imgs" / "hard.png")
+    images.write_text("path,label\nimgs/a.png,cat\nimgs/hard.png,dog\n")
+    with pytest.raises(InputError, match=r"lines 2 .* and 3 \('imgs/hard.png'\) name the same image file"):
         read_image_csv(images)
     # a link's `..` leaves the folder it points to: lexically alike, these are two files
     _png(tmp_path / "deep" / "inner" / "a.png")

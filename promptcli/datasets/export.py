@@ -101,7 +101,9 @@ def file_ids(paths: dict[str, str | Path | None]) -> dict[tuple[int, int], str]:
 def check_images(
     rows: list[Row], records: list[dict[str, str]], base: str | None, outputs: dict[tuple[int, int], str]
 ) -> None:
-    """Every image exists at the path written, as read from the CSV's folder, and is none of the outputs."""
+    """Every image exists at the path written, as read from the CSV's folder, is none of the outputs, and is
+    no other row's file (a hard or symbolic link to it: the image would count twice, or carry two labels)."""
+    first: dict[tuple[int, int], Row] = {}
     for row, record in zip(rows, records):
         written = record["path"] if base is None else os.path.join(base, record["path"])
         try:
@@ -127,6 +129,13 @@ def check_images(
                 f"output {option} is the image {row.file}",
                 where=row.where,
                 hint="write the output to another file (the images must stay intact)",
+            )
+        other = first.setdefault((stat.st_dev, stat.st_ino), row)
+        if other is not row:
+            raise InputError(
+                f"image {row.file} is the same file as {other.file} (first at {other.where})",
+                where=row.where,
+                hint="each image may appear once: remove the link or one of the rows",
             )
 
 

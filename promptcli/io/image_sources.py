@@ -221,12 +221,23 @@ def _real_file(file: Path, real_folders: dict[str, str]) -> str:
     return os.path.realpath(joined) if os.path.islink(joined) else joined
 
 
+def _file_identity(file: Path, real_folders: dict[str, str]) -> tuple[int, int] | str:
+    """(device, inode) of the file an entry opens, so hard links match too; the resolved path of an entry
+    that opens none (missing, a dangling link: extraction reports it)."""
+    try:
+        st = os.stat(file)
+    except (OSError, ValueError):
+        return _real_file(file, real_folders)
+    return st.st_dev, st.st_ino
+
+
 def _first_same_file(files: Sequence[Path]) -> tuple[int, int] | None:
-    """The first (earlier, later) indices of two entries that open one file, however spelled; None if none."""
-    seen: dict[str, int] = {}
+    """The first (earlier, later) indices of two entries that open one file, however spelled or linked
+    (symbolic or hard links); None if none."""
+    seen: dict[tuple[int, int] | str, int] = {}
     real_folders: dict[str, str] = {}
     for i, file in enumerate(files):
-        j = seen.setdefault(_real_file(file, real_folders), i)
+        j = seen.setdefault(_file_identity(file, real_folders), i)
         if j != i:
             return j, i
     return None
