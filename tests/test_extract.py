@@ -345,6 +345,38 @@ def test_one_image_reached_twice_through_links_is_refused(tmp_path, second, hard
     )
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_named_like_an_image_is_an_unreadable_image(run_cli, cli_model_args, tmp_path):
+    """Not silently dropped; and extraction never reads it (its open or read would block)."""
+    root = make_image_folder(tmp_path / "imgs", per_class=1)
+    os.mkfifo(root / "blue_sky" / "pipe.png")
+    code, _, stderr = run_cli("extract", root, "-o", tmp_path / "o.h5", *cli_model_args, "--workers", "0")
+    assert code == 2 and "pipe.png: cannot read image (not a regular file (a FIFO))" in stderr, stderr
+    out = tmp_path / "s.h5"
+    code, _, stderr = run_cli(
+        "extract", root, "-o", out, *cli_model_args, "--workers", "0", "--skip-bad", "-q"
+    )
+    assert code == 0, stderr
+    fs = read_features(out)
+    assert len(fs) == 3 and fs.attrs["n_skipped"] == 1 and "blue_sky/pipe.png" in fs.attrs["skipped"]
+
+
+def test_image_list_row_naming_a_device_fifo_or_folder_is_refused(tmp_path):
+    """Its read would never end (/dev/zero), block (a FIFO) or fail: refused naming the row."""
+    _png(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    rows = ["/dev/zero", "sub"]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.png")
+        rows.append("pipe.png")
+    images = tmp_path / "list.csv"
+    for row, kind in zip(rows, ("a device", "a folder", "a FIFO")):
+        images.write_text(f"path\na.png\n{row}\n")
+        with pytest.raises(InputError, match=rf"'{row}' is not a regular file \({kind}\)") as err:
+            read_image_csv(images)
+        assert err.value.where == f"{images}:3"
+
+
 def test_broken_link_in_place_of_a_class_folder_is_refused(tmp_path):
     _png(tmp_path / "cat" / "a.png")
     (tmp_path / "dog").symlink_to(tmp_path / "gone", target_is_directory=True)

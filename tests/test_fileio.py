@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from promptcli.errors import InputError
-from promptcli.io.fileio import atomic_path, check_output_path, write_text_atomic
+from promptcli.io.fileio import atomic_path, check_output_path, open_regular, write_text_atomic
 
 
 def test_atomic_write_has_umask_permissions(tmp_path):
@@ -106,3 +106,14 @@ def test_a_link_that_nfs_made_before_answering_eexist_is_placed(tmp_path, monkey
     check_output_path(out, force=False)
     write_text_atomic(out, "mine\n")
     assert out.read_text() == "mine\n" and [p.name for p in tmp_path.iterdir()] == ["n.csv"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_open_regular_refuses_what_would_block_or_never_end(tmp_path):
+    os.mkfifo(tmp_path / "pipe")  # no writer: a plain open() would wait for one
+    for path, kind in ((tmp_path / "pipe", "a FIFO"), ("/dev/zero", "a device"), (tmp_path, "a folder")):
+        with pytest.raises(OSError, match=rf"^not a regular file \({kind}\)$"):
+            open_regular(path)
+    (tmp_path / "f").write_bytes(b"abc")
+    with open_regular(tmp_path / "f") as handle:
+        assert handle.read() == b"abc"

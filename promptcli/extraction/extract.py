@@ -36,6 +36,7 @@ from promptcli.io.fileio import (
     check_output_path,
     disk_full_guard,
     locks_output,
+    open_regular,
     place_output,
 )
 from promptcli.io.image_sources import ImageSource
@@ -167,7 +168,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         try:
-            with open(path, "rb") as handle:
+            with open_regular(path) as handle:
                 digest = file_digest(handle)
                 handle.seek(0)
                 rgb = decode_rgb(handle, self.max_pixels)

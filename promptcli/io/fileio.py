@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -70,6 +71,35 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return os.path.samefile(a, b)  # hard links and case-insensitive file systems
     except OSError:
         return False
+
+
+def kind_of_file(mode: int) -> str:
+    """What a ``st_mode`` names, for messages: "a regular file", "a folder", "a FIFO", "a device", ..."""
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "another kind of file"
+
+
+def open_regular(path: str | Path) -> IO[bytes]:
+    """``path`` opened for binary reading; OSError "not a regular file (...)" for anything else, whose open
+    or read would block (a FIFO) or never end (``/dev/zero``)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO's open waits for a writer
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({kind_of_file(mode)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def check_distinct(inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]) -> None:

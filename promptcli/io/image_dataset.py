@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from promptcli.errors import InputError
 from promptcli.extraction.decode import decode_rgb
 from promptcli.extraction.extract import leave_termination_to_main, view_seed
+from promptcli.io.fileio import open_regular
 
 
 def image_files(
@@ -75,7 +76,8 @@ class TrainImages(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor | str]:
         i, epoch = item
         try:
-            rgb = decode_rgb(self.files[i])
+            with open_regular(self.files[i]) as handle:
+                rgb = decode_rgb(handle)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             # an error string, not an exception: the main process raises it (workers would garble it)
             return i, "not a readable image" if isinstance(exc, UnidentifiedImageError) else (

@@ -8,11 +8,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 # datasets.base imports only promptcli.errors: the one rule for turning folder names into class names
 from promptcli.datasets.base import underscores_to_spaces
 from promptcli.errors import InputError
 from promptcli.io.checks import check_class_names, check_unique_columns
+from promptcli.io.fileio import kind_of_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CSV_COLUMNS = ("path", "label", "split")
@@ -67,12 +69,10 @@ def is_skipped_folder(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _is_image_entry(path: str) -> bool:
-    """An image file, or a broken link named like one (extraction then reports it as unreadable)."""
-    if os.path.basename(path).startswith(".") or not path.lower().endswith(IMAGE_SUFFIXES):
-        return False
-    # a FIFO or device named *.png would block or mislead the decoder: only files and dangling links
-    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+def _is_image_entry(name: str) -> bool:
+    """A folder entry (no sub-folder) named like an image. A broken link, FIFO or device so named is kept:
+    extraction reports it as unreadable (an error, or skipped with --skip-bad), never reading a FIFO."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def folder_images(class_dir: Path) -> list[Path]:
@@ -86,7 +86,7 @@ def folder_images(class_dir: Path) -> list[Path]:
             continue
         visited.add(real)
         subfolders[:] = [d for d in subfolders if not is_skipped_folder(d)]
-        found.extend(Path(folder, n) for n in names if _is_image_entry(os.path.join(folder, n)))
+        found.extend(Path(folder, n) for n in names if _is_image_entry(n))
     return sorted(found)
 
 
@@ -158,14 +158,15 @@ def read_image_folder(root: Path, split: str = "", classnames: list[str] | None 
 
 def _check_folder_files(root: Path, paths: Sequence[str], files: Sequence[Path]) -> None:
     """Refuse one image file reached twice through links (it would count twice, or in two classes)."""
-    repeat = _first_same_file(files)
-    if repeat is not None:
-        j, i = repeat
-        raise InputError(
-            f"{paths[j]!r} and {paths[i]!r} are the same image file (reached through a link)",
-            where=root,
-            hint="keep one of them: an image belongs to one class, once",
-        )
+    identities = _FileIdentities()
+    for i, file in enumerate(files):
+        j = identities.first(i, file, _stat(file))
+        if j != i:
+            raise InputError(
+                f"{paths[j]!r} and {paths[i]!r} are the same image file (reached through a link)",
+                where=root,
+                hint="keep one of them: an image belongs to one class, once",
+            )
 
 
 def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -221,35 +222,26 @@ def _real_file(file: Path, real_folders: dict[str, str]) -> str:
     return os.path.realpath(joined) if os.path.islink(joined) else joined
 
 
-def _file_identity(file: Path, real_folders: dict[str, str]) -> tuple[int, int] | str:
-    """(device, inode) of the file an entry opens, so hard links match too; the resolved path of an entry
-    that opens none (missing, a dangling link: extraction reports it)."""
+def _stat(file: Path) -> os.stat_result | None:
+    """``os.stat(file)``; None for an entry that opens no file (missing, a dangling link)."""
     try:
-        st = os.stat(file)
-    except (OSError, ValueError):
-        return _real_file(file, real_folders)
-    return st.st_dev, st.st_ino
+        return os.stat(file)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return None
 
 
-def _first_same_file(files: Sequence[Path]) -> tuple[int, int] | None:
-    """The first (earlier, later) indices of two entries that open one file, however spelled or linked
-    (symbolic or hard links); None if none."""
-    seen: dict[tuple[int, int] | str, int] = {}
-    real_folders: dict[str, str] = {}
-    for i, file in enumerate(files):
-        j = seen.setdefault(_file_identity(file, real_folders), i)
-        if j != i:
-            return j, i
-    return None
+class _FileIdentities:
+    """Which earlier entry opens the same file as a later one, however spelled or linked: by (device, inode),
+    so hard links match too; by resolved path for an entry that opens no file."""
 
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int] | str, int] = {}
+        self.real_folders: dict[str, str] = {}
 
-def check_same_files(
-    csv_path: Path, paths: Sequence[str], files: Sequence[Path], given: Sequence[str] | None
-) -> None:
-    """Refuse two rows that open one file, however spelled (``a.png``, ``./a.png``, ``/abs/a.png``, a link)."""
-    repeat = _first_same_file(files)
-    if repeat is not None:
-        raise InputError(_same_file_rows(paths, given, *repeat), where=csv_path, hint="list each image once")
+    def first(self, i: int, file: Path, st: os.stat_result | None) -> int:
+        """The first entry (``i`` itself if none earlier) that opens what entry ``i``, ``file``, opens."""
+        key = (st.st_dev, st.st_ino) if st is not None else _real_file(file, self.real_folders)
+        return self.seen.setdefault(key, i)
 
 
 def _same_file_rows(paths: Sequence[str], given: Sequence[str] | None, j: int, i: int) -> str:
@@ -280,6 +272,7 @@ def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> Image
     index = {n: i for i, n in enumerate(names)}
     base = csv_path.parent
     paths, files, labels, splits = [], [], [], []
+    identities = _FileIdentities()
     for line, row in enumerate(rows, start=2):
         path = (row.get("path") or "").strip()
         if not path:
@@ -292,13 +285,29 @@ def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> Image
                 hint="use one of: " + ", ".join(names[:10]) + ("…" if len(names) > 10 else ""),
             )
         file = Path(path) if Path(path).is_absolute() else base / path
+        st = _stat(file)
+        _check_regular(st, path, f"{csv_path}:{line}")
         paths.append(path)
         files.append(file)
         labels.append(index[label_name] if label_name else -1)
         splits.append((row.get("split") or "").strip())
-    given = [names[y] if y >= 0 else "" for y in labels] if has_label else None
-    check_same_files(csv_path, paths, files, given)
+        j = identities.first(len(files) - 1, file, st)
+        if j != len(files) - 1:  # the same file as an earlier row: refused naming both rows
+            given = [names[y] if y >= 0 else "" for y in labels] if has_label else None
+            message = _same_file_rows(paths, given, j, len(files) - 1)
+            raise InputError(message, where=csv_path, hint="list each image once")
     return ImageSource(csv_path, "csv", paths, files, labels, splits, names)
+
+
+def _check_regular(st: os.stat_result | None, path: str, where: str) -> None:
+    """Refuse a list row naming a folder, FIFO or device: its read would fail, block or never end. (A missing
+    file is extraction's to report: an error, or skipped with --skip-bad.)"""
+    if st is not None and not S_ISREG(st.st_mode):
+        raise InputError(
+            f"{path!r} is not a regular file ({kind_of_file(st.st_mode)})",
+            where=where,
+            hint="list image files only",
+        )
 
 
 def read_image_source(
