@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import unicodedata
+import zlib
 
 import h5py
 import numpy as np
@@ -257,6 +260,42 @@ def test_non_image_with_image_suffix(run_cli, cli_model_args, tmp_path):
     (root / "blue_sky" / "fake.png").write_text("hello")
     code, _, stderr = run_cli("extract", root, "-o", tmp_path / "o.h5", *cli_model_args, "--workers", "0")
     assert code == 2 and "fake.png" in stderr and "not a readable image" in stderr
+
+
+def _broken_png(path):
+    """A PNG whose second IDAT chunk has a broken type: PIL raises SyntaxError while loading the pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+        buffer, "PNG"
+    )
+    data = buffer.getvalue()
+    start = data.index(b"IDAT") - 4
+    (n,) = struct.unpack(">I", data[start : start + 4])
+    pixels = data[start + 8 : start + 8 + n]
+    broken = chunk(b"IDAT", pixels[: n // 2]) + chunk(b"17\x00\x00", pixels[n // 2 :])
+    path.write_bytes(data[:start] + broken + data[start + 12 + n :])
+
+
+def test_a_png_with_a_broken_chunk_is_an_unreadable_image(run_cli, cli_model_args, tmp_path):
+    """PIL's SyntaxError from a damaged file is a decode error like any other, for extract and tune alike."""
+    from promptcli.io.image_dataset import TrainImages
+
+    root = make_image_folder(tmp_path / "imgs", per_class=1)
+    _broken_png(root / "blue_sky" / "broken.png")
+    code, _, stderr = run_cli("extract", root, "-o", tmp_path / "o.h5", *cli_model_args, "--workers", "0")
+    assert code == 2 and "broken.png: cannot read image (broken PNG file" in stderr, stderr
+    out = tmp_path / "s.h5"
+    code, _, stderr = run_cli(
+        "extract", root, "-o", out, *cli_model_args, "--workers", "0", "--skip-bad", "-q"
+    )
+    assert code == 0, stderr
+    assert read_features(out).attrs["n_skipped"] == 1
+    images = TrainImages([root / "blue_sky" / "broken.png"], [0], lambda x: x, lambda x: x, seed=0)
+    assert images[0, -1] == (0, "broken PNG file (chunk b'17\\x00\\x00')")
 
 
 def test_bad_options(run_cli, cli_model_args, image_folder, tmp_path):

@@ -21,12 +21,13 @@ Images with more pixels than ``max_pixels`` are refused before their pixels are 
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # PIL's own default limit (about 89.5 megapixels: 1024 x 1024 x 1024 // 4 // 3).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -40,6 +41,31 @@ _GREY16 = ("I;16", "I;16L", "I;16B", "I;16N")
 
 class DecodeError(ValueError):
     """An image that cannot be turned into RGB faithfully (the message says why)."""
+
+
+# Everything decode_rgb raises for a damaged or unsupported file: PIL's plugins report a broken chunk or
+# header with SyntaxError (PNG), missing data with EOFError or struct.error, bad tables with IndexError,
+# KeyError or TypeError, an unsupported variant with NotImplementedError (BLP); unreadable files are OSError.
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,  # also UnidentifiedImageError
+    ValueError,  # also DecodeError
+    SyntaxError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    NotImplementedError,
+    Image.DecompressionBombError,
+)
+
+
+def decode_failure(exc: BaseException) -> str:
+    """Why an image could not be read, from one of :data:`DECODE_ERRORS`, for messages and skip lists."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image"
+    return str(exc) or type(exc).__name__
 
 
 def _grey(values: np.ndarray) -> Image.Image:
@@ -94,8 +120,8 @@ def check_pixels(img: Image.Image, max_pixels: int) -> None:
 def decode_rgb(path: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, size-check, decode and convert one image file (a path, or a binary file open at its start) to RGB.
 
-    Raises DecodeError (refused mode or size), or PIL's UnidentifiedImageError / OSError for
-    files that are not readable images.
+    Raises DecodeError (refused mode or size), or one of :data:`DECODE_ERRORS` (PIL's) for files that are
+    not readable images.
     """
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # check_pixels below replaces PIL's warning and its 2x-limit error

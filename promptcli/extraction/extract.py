@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from promptcli.errors import InputError, RuntimeFailure
-from promptcli.extraction.decode import BOMB, DEFAULT_MAX_PIXELS, decode_rgb
+from promptcli.extraction.decode import BOMB, DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_failure, decode_rgb
 from promptcli.io.checks import INT_MAX, MAX_VIEWS, check_at_most, check_seed
 from promptcli.io.features import FEATURE_DTYPES, check_unit_rows, write_features
 from promptcli.io.fileio import (
@@ -172,9 +172,8 @@ class ImageDataset(Dataset):
                 digest = file_digest(handle)
                 handle.seek(0)
                 rgb = decode_rgb(handle, self.max_pixels)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            reason = "not a readable image" if isinstance(exc, UnidentifiedImageError) else str(exc)
-            return {"index": index, "error": reason or type(exc).__name__}
+        except DECODE_ERRORS as exc:
+            return {"index": index, "error": decode_failure(exc)}
         item: dict[str, Any] = {"index": index, "error": "", "image": self.preprocess(rgb), "digest": digest}
         if self.views:
             with torch.random.fork_rng(devices=[]):

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from promptcli.errors import InputError
-from promptcli.extraction.decode import decode_rgb
+from promptcli.extraction.decode import DECODE_ERRORS, decode_failure, decode_rgb
 from promptcli.extraction.extract import leave_termination_to_main, view_seed
 from promptcli.io.fileio import open_regular
 
@@ -78,11 +78,9 @@ class TrainImages(Dataset):
         try:
             with open_regular(self.files[i]) as handle:
                 rgb = decode_rgb(handle)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except DECODE_ERRORS as exc:
             # an error string, not an exception: the main process raises it (workers would garble it)
-            return i, "not a readable image" if isinstance(exc, UnidentifiedImageError) else (
-                str(exc) or type(exc).__name__
-            )
+            return i, decode_failure(exc)
         if epoch < 0:
             return i, self.preprocess(rgb)
         with torch.random.fork_rng(devices=[]):
