@@ -145,6 +145,11 @@ CASES = {
     "exact duplicate": (replace("paths", _set_path(5, b"cat/000.png")), r"image path 'cat/000.png' is listed twice \(rows 0 and 5\)"),
     "path '.'": (replace("paths", _set_path(2, b".")), r"image path of row 2 \('\.'\) names no file"),
     "not UTF-8": (replace("paths", lambda p: np.array([b"\xff\xfe.png", *p[1:]], dtype="S12")), r"entry 0 of dataset 'paths' is not UTF-8"),
+    # damaged or edited structure and attributes
+    "external link": (lambda f: (f.__delitem__("features"), f.__setitem__("features", h5py.ExternalLink("/nowhere.h5", "/features"))), r"'features' is an HDF5 ExternalLink"),
+    "format_version '1.0'": (lambda f: f.attrs.__setitem__("format_version", "1.0"), r"attribute format_version is '1.0', not an integer"),
+    "format_version array": (lambda f: f.attrs.__setitem__("format_version", [1, 2]), r"attribute format_version is array"),
+    "attribute not UTF-8": (lambda f: f.attrs.__setitem__("model_name", np.bytes_(b"tiny\xff")), r"attribute 'model_name' is not UTF-8"),
 }  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -158,14 +159,23 @@ def _read_attrs(f: h5py.File) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in f.attrs.items():
         if isinstance(value, bytes):
-            value = value.decode("utf-8")
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"attribute {key!r} is not UTF-8 text ({exc.reason})", where=f.filename, hint=_DAMAGED
+                ) from exc
         elif isinstance(value, np.generic):
             value = value.item()
         out[key] = value
     return out
 
 
-def _open(path: str | Path) -> h5py.File:
+@contextlib.contextmanager
+def _open(path: str | Path) -> Iterator[h5py.File]:
+    """The features file, open for reading once checked to be one this promptcli reads. While it is open, h5py's
+    errors for a damaged file (a bad object header, unreadable metadata: KeyError, OSError, RuntimeError) are
+    one-line errors naming it."""
     p = Path(path)
     if not p.is_file():
         hint = "make it with `promptcli extract`"
@@ -178,13 +188,30 @@ def _open(path: str | Path) -> h5py.File:
         raise InputError(
             "not an HDF5 features file", where=p, hint="make it with `promptcli extract`"
         ) from exc
-    if f.attrs.get("format") != FORMAT:
-        f.close()
-        raise InputError("not a promptcli features file", where=p, hint="make it with `promptcli extract`")
-    if int(f.attrs.get("format_version", 0)) > FORMAT_VERSION:
-        f.close()
-        raise InputError("features file from a newer promptcli", where=p, hint="upgrade promptcli")
-    return f
+    try:
+        with f:
+            _check_format(f, p)
+            yield f
+    except (KeyError, OSError, RuntimeError) as exc:
+        raise InputError(f"cannot read the file ({_h5_message(exc)})", where=p, hint=_DAMAGED) from exc
+
+
+def _check_format(f: h5py.File, path: Path) -> None:
+    """A promptcli features file of a format version this promptcli reads."""
+    if not _is_str(f.attrs.get("format"), FORMAT):
+        raise InputError("not a promptcli features file", where=path, hint="make it with `promptcli extract`")
+    version = f.attrs.get("format_version", 0)
+    if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)):
+        raise InputError(
+            f"attribute format_version is {repr(version)[:60]}, not an integer", where=path, hint=_DAMAGED
+        )
+    if int(version) > FORMAT_VERSION:
+        raise InputError("features file from a newer promptcli", where=path, hint="upgrade promptcli")
+
+
+def _is_str(value: Any, expected: str) -> bool:
+    """Whether an attribute is the string ``expected`` (an array attribute is not: ``==`` on it is elementwise)."""
+    return isinstance(value, str) and value == expected
 
 
 def read_features(
@@ -303,24 +330,48 @@ def _check_counts(n: int, sizes: dict[str, int], path: str | Path) -> None:
         )
 
 
+def _dataset(f: h5py.File, name: str, path: str | Path) -> h5py.Dataset | None:
+    """Dataset ``name`` (None when absent), refused when a link (to another file or name), a group, or damaged."""
+    try:
+        link = f.get(name, getlink=True)
+        if link is None:
+            return None
+        if not isinstance(link, h5py.HardLink):  # an extracted file has none: its data would be elsewhere
+            raise _layout_error(name, f"is an HDF5 {type(link).__name__}, not a dataset", path)
+        ds = f[name]
+    except (KeyError, OSError, RuntimeError) as exc:
+        raise InputError(
+            f"dataset '{name}' cannot be opened ({_h5_message(exc)})", where=path, hint=_DAMAGED
+        ) from exc
+    if not isinstance(ds, h5py.Dataset):
+        raise _layout_error(name, "is not a dataset (an HDF5 group)", path)
+    return ds
+
+
+def _h5_message(exc: BaseException) -> str:
+    """The first line of an h5py error (a KeyError's message is its first argument, not its quoted repr)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _check_layout(f: h5py.File, path: str | Path) -> tuple[int, int]:
     """Check every dataset's kind, rank and dtype from its metadata (nothing is read); return (N, D)."""
-    for name in ("features", "paths", "labels", "classnames"):
-        if name not in f:
-            raise InputError(f"dataset '{name}' missing", where=path, hint="re-run `promptcli extract`")
-    for name, (ndim, kind) in {
+    kinds = {
         "features": (2, "float"),
         "views": (3, "float"),
         "paths": (1, "str"),
         "labels": (1, "int"),
         "splits": (1, "str"),
         "classnames": (1, "str"),
-    }.items():
-        if name not in f:
+    }
+    found = {name: _dataset(f, name, path) for name in kinds}
+    for name in ("features", "paths", "labels", "classnames"):
+        if found[name] is None:
+            raise InputError(f"dataset '{name}' missing", where=path, hint="re-run `promptcli extract`")
+    for name, (ndim, kind) in kinds.items():
+        ds = found[name]
+        if ds is None:
             continue
-        ds = f[name]
-        if not isinstance(ds, h5py.Dataset):
-            raise _layout_error(name, "is not a dataset (an HDF5 group)", path)
         if ds.ndim != ndim:
             raise _layout_error(name, f"has shape {ds.shape}", path)
         if kind == "str":
@@ -331,14 +382,13 @@ def _check_layout(f: h5py.File, path: str | Path) -> tuple[int, int]:
             ok = ds.dtype.kind == "f"
         if not ok:
             raise _layout_error(name, f"holds {_dtype_name(ds.dtype)} values", path)
-    n, dim = f["features"].shape
-    _check_counts(
-        len(f["paths"]), {k: len(f[k]) for k in ("features", "labels", "splits", "views") if k in f}, path
-    )
+    n, dim = found["features"].shape
+    counted = ("features", "labels", "splits", "views")
+    _check_counts(len(found["paths"]), {k: len(found[k]) for k in counted if found[k] is not None}, path)
     if dim == 0:
-        raise _layout_error("features", f"has shape {f['features'].shape}", path)
-    if "views" in f:
-        shape = f["views"].shape
+        raise _layout_error("features", f"has shape {(n, dim)}", path)
+    if found["views"] is not None:
+        shape = found["views"].shape
         if shape[1] == 0 or shape[2] != dim:
             raise _layout_error("views", f"has shape {shape} for features of shape {(n, dim)}", path)
     recorded = f.attrs.get("embed_dim")
