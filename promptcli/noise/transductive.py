@@ -722,14 +722,14 @@ def transductive_fit(
 
 def _joined_labels(fs: object, path: Path, skip_missing: bool) -> tuple[torch.Tensor, dict[str, object]]:
     """A labels CSV joined to the features' rows by path: (N,) class indices (-1: none) and its record."""
-    from promptcli.io.fileio import sha256_file
-    from promptcli.io.labels import join_labels, read_labels
+    from promptcli.io.labels import join_labels, labels_sha256, read_labels
 
-    joined = join_labels(fs, read_labels(path), skip_missing=skip_missing)
+    table = read_labels(path)
+    joined = join_labels(fs, table, skip_missing=skip_missing)
     labels = given_labels(len(fs), joined.rows, joined.labels, where=str(path))
     record = {
         "path": str(path),
-        "sha256": sha256_file(path),
+        "sha256": labels_sha256(table, path),
         "rows": len(joined.rows),
         "skipped": joined.n_skipped,
     }
