@@ -615,3 +615,13 @@ def test_a_too_deeply_nested_labels_sidecar_is_ignored_with_a_warning(labelled, 
         "tune", labelled["features"], labels, "-o", out, "--method", "linear-probe", "--device", "cpu"
     )
     assert code == 0 and "nestedtoodeeplytoread);ignored" in "".join(err.split()), err
+
+
+def test_a_pseudolabel_sidecars_per_class_statistics_are_a_valid_noise_record(tmp_path):
+    from promptcli.io.sidecar import check_noise_record
+
+    stats = {"blue sky": {"predicted": 6, "kept": 6, "kept_accuracy": 1.0}}
+    check_noise_record({"per_class": stats}, tmp_path / "l.csv.json")  # pseudolabel writes its counts
+    check_noise_record({"per_class": True}, tmp_path / "l.csv.json")  # corrupt writes a flag
+    with pytest.raises(InputError, match="per_class is 'yes'"):
+        check_noise_record({"per_class": "yes"}, tmp_path / "l.csv.json")

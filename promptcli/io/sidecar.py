@@ -77,7 +77,7 @@ _FIELD_KINDS = {
     "seed": "an integer",
     "shots": "an integer",
     "n_noisy": "an integer",
-    "per_class": "true or false",
+    "per_class": "true, false or per-class statistics",  # corrupt writes a flag, pseudolabel its counts
     "keep_fraction": _NUMBER,
     "threshold": _NUMBER,
 }
@@ -88,8 +88,8 @@ def _is_kind(value: Any, kind: str) -> bool:
         return True
     if kind == "a string":
         return isinstance(value, str)
-    if kind == "true or false":
-        return isinstance(value, bool)
+    if kind.startswith("true, false"):
+        return isinstance(value, (bool, dict))
     if isinstance(value, bool):  # a JSON true is no number
         return False
     if kind == "an integer":
