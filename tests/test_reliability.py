@@ -465,6 +465,27 @@ def test_resume_never_overwrites_a_log_of_another_run(syn, tmp_path, run_cli):
     assert json.loads(log.read_text().splitlines()[0])["epoch"] == 1
 
 
+def test_json_kinds_keep_bools_apart_from_numbers_and_refuse_huge_integers():
+    from promptcli.io.checks import check_json_kind, is_json_kind
+
+    assert is_json_kind(None, int) and is_json_kind(3, float) and is_json_kind(True, (bool, dict))
+    assert not is_json_kind(True, int) and not is_json_kind(False, float) and not is_json_kind(1.5, int)
+    assert not is_json_kind(float("nan"), float) and not is_json_kind(10**400, float)  # no OverflowError
+    with pytest.raises(InputError, match=r"^f.json: a.b is 'x{36}\.\.\., not an integer or a list"):
+        check_json_kind("x" * 100, (int, list), "b", "f.json", "fix it", context="a.")
+
+
+def test_a_labels_sidecar_with_a_huge_integer_rate_is_refused_not_overflowed(tmp_path):
+    """A rate of 400 digits (JSON reads it as a Python int) gave an OverflowError from math.isfinite."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n0.png,a\n")
+    Path(f"{labels}.json").write_text('{"rate": 1' + "0" * 400 + "}")
+    with pytest.raises(
+        InputError, match="the labels' sidecar is damaged: rate is 10+\\.\\.\\., not a finite number"
+    ):
+        read_noise_sidecar(labels, lambda _: None)
+
+
 def test_a_sidecar_of_another_csv_version_is_ignored_with_a_warning(tmp_path, run_cli):
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\n" + "".join(f"{i}.png,{CLASSES[i % 3]}\n" for i in range(12)))

@@ -884,6 +884,11 @@ def test_mixed_models_are_named_in_labels_with_a_warning(tmp_path, run_cli):
             "Error: {d}/m.json: init_std is 'x', not a finite number",
         ),
         (
+            lambda d: write_json(d / "m.json", {**eval_summary(), "prompts": [{"init_std": 10**400}]}),
+            ["{d}"],
+            "Error: {d}/m.json: init_std is 1" + "0" * 36 + "..., not a finite number",
+        ),
+        (
             lambda d: write_json(d / "m.json", {**eval_summary(), "prompts": 1}),
             ["{d}"],
             "Error: {d}/m.json: prompts is 1, not a list",
@@ -929,6 +934,7 @@ def test_mixed_models_are_named_in_labels_with_a_warning(tmp_path, run_cli):
         "metric-null",
         "n-views-text",
         "init-std-text",
+        "init-std-huge-int",
         "prompts-not-list",
         "labels-sha-list",
         "gradstats-int-overflow",

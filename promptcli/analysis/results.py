@@ -28,6 +28,7 @@ from typing import Any
 
 from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, PROMPT_METHODS, SCHEDULE_TEXT, Method
 from promptcli.errors import InputError
+from promptcli.io.checks import check_json_kind
 
 # The columns of a gradstats CSV (written by analysis/gradstats.py, read here).
 GRADSTATS_COLUMNS = (
@@ -219,34 +220,19 @@ def _json_loads(text: str, where: Any) -> Any:
         ) from None
 
 
-_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", list: "a list"}
-
-
 def _typed(record: dict[str, Any], key: str, kind: type, where: Any, prefix: str = "") -> Any:
     """``record[key]`` as report reads it: None when absent or null, else a ``kind`` (float: any finite number,
     int: not a bool; numbers may be written as text, as prompt metadata stores them); a result file whose field
     has another type is refused, naming the file and the field."""
     value = record.get(key)
-    if value is None:
-        return None
     if kind in (int, float) and isinstance(value, str):
         try:
             value = kind(value)
         except ValueError:
             pass
-    if kind in (int, float):
-        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
-        raise InputError(
-            f"{prefix}{key} is {shown}, not {_KIND_NAMES[kind]}",
-            where=where,
-            hint="is the file complete? promptcli does not write this",
-        )
-    return value
+    return check_json_kind(
+        value, kind, prefix + key, where, "is the file complete? promptcli does not write this"
+    )
 
 
 def _json_error(exc: json.JSONDecodeError) -> str:

@@ -93,6 +93,61 @@ def check_step(
         raise divergence_error(epoch, step, lr, "largest logit", largest_logit)
 
 
+# What each JSON type is called in an error ("rate is '30%', not a finite number"). float: any finite number.
+JSON_KINDS: dict[type, str] = {
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+    list: "a list",
+    dict: "a JSON object",
+    bool: "true or false",
+}
+
+
+def shown(value: Any, width: int = 40) -> str:
+    """``repr(value)``, cut to ``width`` characters (a pasted table in a field must not flood the error)."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def is_json_kind(value: Any, kinds: type | tuple[type, ...]) -> bool:
+    """Whether a JSON value is None or one of ``kinds``; a bool is no number (``true`` is not ``1``), and a
+    float is any finite number, an integer too (but not one too large for a float)."""
+    if value is None:
+        return True
+    for kind in kinds if isinstance(kinds, tuple) else (kinds,):
+        if kind in (int, float) and isinstance(value, bool):
+            continue
+        if kind is float and isinstance(value, (int, float)):
+            try:
+                if math.isfinite(value):
+                    return True
+            except OverflowError:  # an integer of hundreds of digits
+                pass
+        elif isinstance(value, kind):
+            return True
+    return False
+
+
+def check_json_kind(
+    value: Any,
+    kinds: type | tuple[type, ...],
+    name: str,
+    where: str | Path,
+    hint: str,
+    *,
+    context: str = "",
+    expected: str | None = None,
+) -> Any:
+    """``value`` when it is None or one of ``kinds`` (see :func:`is_json_kind`); else an error naming the field
+    ``name``, what it holds and what it should be (``expected``, by default the name in ``JSON_KINDS``)."""
+    if is_json_kind(value, kinds):
+        return value
+    if expected is None:
+        expected = " or ".join(JSON_KINDS[k] for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+    raise InputError(f"{context}{name} is {shown(value)}, not {expected}", where=where, hint=hint)
+
+
 def check_seed(seed: int, option: str = "--seed") -> int:
     """A seed every random generator promptcli uses accepts: an integer, 0 <= seed < 2**32."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):

@@ -4,12 +4,11 @@ that CSV is unchanged (a sidecar of an edited or replaced CSV would describe lab
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from promptcli.errors import InputError
+from promptcli.io.checks import check_json_kind
 from promptcli.io.fileio import STDIO, sha256_file, write_json
 
 CSV_SHA256 = "csv_sha256"
@@ -68,48 +67,35 @@ def read_noise_sidecar(labels_path: str | Path, warn: Callable[[str], None]) -> 
 # What prompt metadata and logs keep of a corrupt sidecar (not its C x C transition counts).
 NOISE_KEYS = ("type", "rate", "seed", "shots", "per_class", "n_noisy", "realised_rate")
 
-_NUMBER = "a finite number"
 # The type each noise field and cleaning option has as promptcli writes it (None is allowed for all).
-_FIELD_KINDS = {
-    "type": "a string",
-    "rate": _NUMBER,
-    "realised_rate": _NUMBER,
-    "seed": "an integer",
-    "shots": "an integer",
-    "n_noisy": "an integer",
-    "per_class": "true, false or per-class statistics",  # corrupt writes a flag, pseudolabel its counts
-    "keep_fraction": _NUMBER,
-    "threshold": _NUMBER,
+_FIELD_KINDS: dict[str, type | tuple[type, ...]] = {
+    "type": str,
+    "rate": float,
+    "realised_rate": float,
+    "seed": int,
+    "shots": int,
+    "n_noisy": int,
+    "per_class": (bool, dict),  # corrupt writes a flag, pseudolabel its counts
+    "keep_fraction": float,
+    "threshold": float,
 }
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    if value is None:
-        return True
-    if kind == "a string":
-        return isinstance(value, str)
-    if kind.startswith("true, false"):
-        return isinstance(value, (bool, dict))
-    if isinstance(value, bool):  # a JSON true is no number
-        return False
-    if kind == "an integer":
-        return isinstance(value, int)
-    return isinstance(value, (int, float)) and math.isfinite(value)
+_EXPECTED = {"per_class": "true, false or per-class statistics"}
 
 
 def _checked_fields(record: Any, prefix: str, keys: tuple[str, ...], path: Path) -> None:
     if not isinstance(record, dict):
         return
     for key in keys:
-        value = record.get(key)
-        if not _is_kind(value, _FIELD_KINDS[key]):
-            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
-            raise InputError(
-                f"the labels' sidecar is damaged: {prefix}{key} is {shown}, not {_FIELD_KINDS[key]}",
-                where=path,
-                hint="delete it (the labels are then read without their noise record) or make the labels "
-                "again with promptcli corrupt, pseudolabel or clean",
-            )
+        check_json_kind(
+            record.get(key),
+            _FIELD_KINDS[key],
+            prefix + key,
+            path,
+            "delete it (the labels are then read without their noise record) or make the labels "
+            "again with promptcli corrupt, pseudolabel or clean",
+            context="the labels' sidecar is damaged: ",
+            expected=_EXPECTED.get(key),
+        )
 
 
 def check_noise_record(record: dict[str, Any], path: Path) -> None:

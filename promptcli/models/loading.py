@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from promptcli.errors import InputError, RuntimeFailure
+from promptcli.io.checks import shown
 from promptcli.io.fileio import sha256_file
 from promptcli.models.devices import resolve_device, resolve_precision
 
@@ -140,8 +141,7 @@ def model_config_problem(model_cfg: Any) -> str | None:
                 continue
             if key in _SIZE_LISTS and isinstance(value, list) and value and all(map(_positive_int, value)):
                 continue
-            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
-            return f"{part}.{key} is {shown}, not a positive integer"
+            return f"{part}.{key} is {shown(value)}, not a positive integer"
         ratio = tower.get("mlp_ratio")
         if ratio is not None and not (
             isinstance(ratio, (int, float))
