@@ -125,13 +125,65 @@ def test_finite_divergence_stops_training_and_saves_nothing(syn, tmp_path, run_c
 
 
 def test_divergence_limits_leave_ordinary_runs_alone():
-    from promptcli.io.checks import DIVERGED_LOGIT, check_step
+    from promptcli.io.checks import DIVERGED_LOGIT, Suspect, check_step
 
-    check_step(2.3 * 999, DIVERGED_LOGIT, 10, 1, 1, 0.1)  # just under both limits
+    lr = [Suspect("--lr", "a lower --lr")]
+    check_step(2.3 * 999, DIVERGED_LOGIT, 10, 1, 1, lr)  # just under both limits
     with pytest.raises(RuntimeFailure, match="the loss exploded"):
-        check_step(2.31 * 1000, 1.0, 10, 1, 1, 0.1)
+        check_step(2.31 * 1000, 1.0, 10, 1, 1, lr)
     with pytest.raises(RuntimeFailure, match="the largest logit is not finite"):
-        check_step(1.0, float("nan"), 10, 1, 1, 0.1)
+        check_step(1.0, float("nan"), 10, 1, 1, lr)
+
+
+@pytest.mark.parametrize(
+    ("args", "where", "fixes"),
+    [
+        # diverged in the warm-up: --lr was never used, --warmup-lr was
+        (
+            ["--lr", "1e-3", "--warmup-epochs", "1", "--warmup-lr", "1e6"],
+            "--warmup-lr",
+            ["a lower --warmup-lr (this run used 1e+06)"],
+        ),
+        # an ordinary --lr with a weight decay whose own step overshoots zero
+        (
+            ["--lr", "1", "--warmup-epochs", "0", "--weight-decay", "1e4"],
+            "--lr, --weight-decay",
+            ["a lower --lr (this run used 1)", "a lower --weight-decay (lr x weight decay = "],
+        ),
+    ],
+    ids=["warmup-lr", "weight-decay"],
+)
+def test_divergence_names_the_options_that_can_cause_it(syn, tmp_path, run_cli, args, where, fixes):
+    """The error blamed --lr alone, also for a run that diverged in its warm-up (at --warmup-lr: found at the
+    first step after it) or through its weight decay."""
+    out = tmp_path / "p.safetensors"
+    code, _, err = run_cli(
+        "tune", syn["features"], syn["labels"], "-o", out, "--method", "classifier-zs", "--epochs", "3",
+        *args, "--device", "cpu",
+    )  # fmt: skip
+    line = one_line_error(code, err, expected_code=1)
+    assert line.startswith(f"Error: {where}: training diverged at epoch "), line
+    assert all(fix in line for fix in fixes), line
+    assert not out.exists()
+
+
+def test_divergence_suspects_apply_to_the_run():
+    from promptcli.io.checks import divergence_error
+    from promptcli.learning.divergence import divergence_suspects, fp16_suspect
+    from promptcli.learning.losses import make_loss
+    from promptcli.learning.options import OptimConfig
+
+    config = OptimConfig(lr=0.002, warmup_epochs=1, weight_decay=5e-4)
+    fp16 = fp16_suspect("--no-amp", "--no-amp")
+    options = [s.option for s in divergence_suspects(config, 1, make_loss("gce", q=0.1), None, fp16)]
+    assert options == ["--lr", "--no-amp"]  # GCE's q never scales a step past cross-entropy's
+    assert [s.option for s in divergence_suspects(config, 0, make_loss("sce"))] == [
+        "--warmup-lr",
+        "--alpha/--beta",
+    ]
+    suspects = divergence_suspects(config, 1, make_loss("ce"), None, fp16)
+    assert "--no-amp" in divergence_error(1, 2, suspects, "loss", float("nan")).where
+    assert divergence_error(1, 2, suspects, "loss", 1e9).where == "--lr"  # fp16 does not explode finitely
 
 
 def test_a_non_finite_prompt_is_never_written_nor_read(tmp_path):

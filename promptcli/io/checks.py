@@ -66,31 +66,44 @@ DIVERGED_LOSS_FACTOR = 1000.0
 DIVERGED_LOGIT = 1e6
 
 
+@dataclasses.dataclass(frozen=True)
+class Suspect:
+    """An option that can make a training run diverge, and the change to try ("a lower --lr (this run used 2)")."""
+
+    option: str
+    fix: str
+    overflow_only: bool = False  # a cause of NaN/inf only (fp16's range), never of a finite explosion
+
+
 def divergence_error(
-    epoch: int, step: int | None, lr: float, what: str, value: float | None = None
+    epoch: int, step: int | None, suspects: Sequence[Suspect], what: str, value: float | None = None
 ) -> RuntimeFailure:
-    """The one-line error of a training run whose loss or parameters became NaN/inf, or exploded."""
+    """The one-line error of a training run whose loss or parameters became NaN/inf, or exploded, naming the
+    ``suspects`` (the options of that run that can cause it; the first is the likeliest)."""
     at = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
-    why = (
-        "is not finite (NaN or inf)"
-        if value is None or not math.isfinite(value)
-        else f"exploded to {value:.3g}"
-    )
+    finite = value is not None and math.isfinite(value)
+    why = f"exploded to {value:.3g}" if finite else "is not finite (NaN or inf)"
+    named = [s for s in suspects if not (finite and s.overflow_only)] or [Suspect("--lr", "a lower --lr")]
     return RuntimeFailure(
         f"training diverged at {at}: the {what} {why}; no prompt was saved",
-        where="--lr",
-        hint=f"tune again with a lower --lr (this run used {lr:g})",
+        where=", ".join(dict.fromkeys(s.option for s in named)),
+        hint="tune again with " + ", or ".join(s.fix for s in named),
     )
 
 
 def check_step(
-    loss: float, largest_logit: float, n_classes: int, epoch: int, step: int | None, lr: float
+    loss: float,
+    largest_logit: float,
+    n_classes: int,
+    epoch: int,
+    step: int | None,
+    suspects: Sequence[Suspect],
 ) -> None:
     """Stop a run whose batch loss or largest |logit| is NaN/inf or past the divergence limits above."""
     if not math.isfinite(loss) or loss > DIVERGED_LOSS_FACTOR * math.log(max(n_classes, 2)):
-        raise divergence_error(epoch, step, lr, "loss", loss)
+        raise divergence_error(epoch, step, suspects, "loss", loss)
     if not largest_logit <= DIVERGED_LOGIT:  # NaN fails too
-        raise divergence_error(epoch, step, lr, "largest logit", largest_logit)
+        raise divergence_error(epoch, step, suspects, "largest logit", largest_logit)
 
 
 # What each JSON type is called in an error ("rate is '30%', not a finite number"). float: any finite number.

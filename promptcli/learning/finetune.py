@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 from promptcli.choices import Optimizer
-from promptcli.errors import InputError, RuntimeFailure, warn_user
+from promptcli.errors import InputError, warn_user
 from promptcli.io.checks import check_step
 from promptcli.io.fileio import OutputTaken, locks_output
+from promptcli.learning.divergence import divergence_suspects, fp16_suspect
 from promptcli.learning.options import (
     DEFAULT_WEIGHT_DECAY,
     FINETUNE_LR,
@@ -683,6 +684,7 @@ def finetune(
     resolve_templates([options.template])  # one {} (checked before any file is read)
     torch_device = resolve_device(device) if shard.world_size == 1 else torch.device(device)
     amp_dtype = _autocast_dtype(ft.precision, torch_device, amp)
+    fp16 = fp16_suspect("--precision", "--precision bf16 or fp32") if amp_dtype == torch.float16 else None
     output = Path(output)
     wise_outputs = {a: wise_path(output, a) for a in ft.wise_alphas}
     partial = partial_path(output)
@@ -862,6 +864,7 @@ def finetune(
             lr = optim.lr_at(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            suspects = divergence_suspects(optim, epoch, loss_fn, fp16=fp16)
             split_row: dict[str, Any] = {}
             judged = None
             if split is not None:  # the split of plain features under the model at the epoch's start
@@ -903,13 +906,7 @@ def finetune(
                 shard.reduce_grads(params)
                 # over processes (the loss summed, the logit the largest): every one sees the same and stops together
                 [value], largest = shard.total([value]), shard.maximum(largest)
-                if not math.isfinite(value):
-                    raise RuntimeFailure(
-                        f"the loss became {value} at epoch {epoch + 1}, step {step}",
-                        where="--lr",
-                        hint="lower the learning rate (or use --precision bf16/fp32)",
-                    )
-                check_step(value, largest, len(run.fs.classnames), epoch + 1, step, lr)
+                check_step(value, largest, len(run.fs.classnames), epoch + 1, step, suspects)
                 scaler.step(optimizer)
                 scaler.update()
                 total += value * len(batch)

@@ -39,6 +39,7 @@ import torch
 from promptcli.errors import InputError, RuntimeFailure
 from promptcli.io.checks import check_step, divergence_error
 from promptcli.io.fileio import atomic_path
+from promptcli.learning.divergence import divergence_suspects, fp16_suspect
 from promptcli.learning.options import (
     CHECKPOINT_VERSION,
     HELD_OUT_FRACTION,
@@ -318,7 +319,8 @@ def train(
 
     optimizer = make_optimizer(head.param_groups(config.weight_decay), config)
     generator = torch.Generator().manual_seed(seed)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype(device) == torch.float16)
+    fp16 = use_amp and amp_dtype(device) == torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     loop = LoopState(optimizer, generator, scaler, history=[])
     history = loop.history
     start = 0
@@ -332,6 +334,9 @@ def train(
         lr = config.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        suspects = divergence_suspects(
+            config, epoch, loss_fn, head, fp16_suspect("--no-amp", "--no-amp") if fp16 else None
+        )
         split_row: dict[str, Any] = {}
         judged_clean = None
         if split is not None:  # no randomness: a resumed run recomputes the same split
@@ -363,18 +368,22 @@ def train(
             scaler.scale(loss).backward()
             loss_value = float(loss.detach().item())
             largest = float(logits.detach().abs().max().item())
-            check_step(loss_value, largest, logits.shape[-1], epoch + 1, step, lr)
+            check_step(loss_value, largest, logits.shape[-1], epoch + 1, step, suspects)
             if on_step is not None:
                 on_step(Step(epoch + 1, step, head, batch, x, targets, loss_value))
             scaler.step(optimizer)
             scaler.update()
             total += loss_value * len(batch)
         if not all(bool(torch.isfinite(t).all()) for t in head.learnable_state().values()):
-            raise divergence_error(epoch + 1, None, lr, "learned tensor")  # checked before it is checkpointed
+            raise divergence_error(
+                epoch + 1, None, suspects, "learned tensor"
+            )  # checked before it is checkpointed
         try:
             train_accuracy = accuracy(head, feats, labels, use_amp)
         except NonFiniteLogits:
-            raise divergence_error(epoch + 1, None, lr, "head's output on the training images") from None
+            raise divergence_error(
+                epoch + 1, None, suspects, "head's output on the training images"
+            ) from None
         row = {
             "epoch": epoch + 1,
             "loss": total / n,
