@@ -4,7 +4,9 @@ cluster naming by the given labels, provenance and errors."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from promptcli.errors import InputError
+from promptcli.io.fileio import sha256_file
 from promptcli.io.sidecar import noise_summary
 from promptcli.noise.transductive import (
     given_labels,
@@ -460,6 +463,35 @@ def test_cli_trusted_labels_replace_given_ones_and_are_recorded(run_cli, noisy_l
     code, _, stderr = run_cli(*args, "--trusted", bad, "-o", tmp_path / "bad_out.csv")
     assert code == 2 and f"{bad}:2" in stderr and "nowhere/1.png" in stderr
     assert "Traceback" not in stderr and not (tmp_path / "bad_out.csv").exists()
+
+
+@pytest.mark.parametrize("option", ["--labels", "--trusted"])
+def test_cli_labels_from_stdin_record_the_file_runs_hash(
+    run_cli, noisy_labels, tmp_path, monkeypatch, option
+):
+    """``--labels -`` (and ``--trusted -``) crashed with FileNotFoundError '-': the path was hashed, not the table
+    read from stdin. The record now holds the hash of what was read, the same as for the file itself."""
+    features, labels = noisy_labels["features"], noisy_labels["labels"]
+    given = _csv(labels)
+    trusted = tmp_path / "checked.csv"  # a few verified labels, for --trusted
+    trusted.write_text("path,label\n" + "".join(f"{r['path']},{r['clean_label']}\n" for r in given[:3]))
+    piped = labels if option == "--labels" else trusted
+    key = option.lstrip("-")
+    records = {}
+    for name in ("file", "stdin"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(Path(piped).read_text()))
+        sources = {"--labels": labels, "--trusted": trusted, option: "-" if name == "stdin" else piped}
+        out = tmp_path / f"{name}.csv"
+        code, stdout, stderr = run_cli(
+            "pseudolabel", features, "--method", "transductive", "-o", out, "--json",
+            *(part for pair in sources.items() for part in pair),
+        )  # fmt: skip
+        assert code == 0 and "Traceback" not in stderr, stderr
+        summary = json.loads(stdout)["transductive"][key]
+        sidecar = json.loads(out.with_name(f"{name}.csv.json").read_text())["transductive"][key]
+        assert summary["path"] == str(sources[option]) and summary["sha256"] == sidecar["sha256"]
+        records[name] = sidecar["sha256"]
+    assert records["stdin"] == records["file"] == sha256_file(piped)
 
 
 def test_cli_labels_need_the_transductive_method(run_cli, noisy_labels, tmp_path):
