@@ -293,6 +293,31 @@ def test_imagenet_folders_and_classnames(tmp_path, run_cli):
     assert code == 2 and "n07777777 is not in classnames.txt" in err
 
 
+def test_names_that_are_not_utf8_are_refused(tmp_path, run_cli):
+    """The image-list CSV and its sidecar are UTF-8 text: a non-UTF-8 image, root or output name crashed
+    their writing ('unexpected UnicodeEncodeError'). Refused naming the path (invalid bytes as \\xNN)."""
+    root = tmp_path / "inet"
+    write_lines(root / "classnames.txt", ["n01440764 tench"])
+    img(root / "images" / "train" / "n01440764" / "a.JPEG")
+    img(root / "images" / "val" / "n01440764" / "b.JPEG")
+    bad = os.path.join(os.fsencode(root / "images" / "train" / "n01440764"), b"c\xff.JPEG")
+    try:
+        os.rename(os.fsencode(root / "images" / "val" / "n01440764" / "b.JPEG"), bad)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    code, _, err = run_cli("dataset", "imagenet", root, "-o", tmp_path / "a.csv")
+    assert code == 2 and "n01440764/c\\xff.JPEG: file or folder name is not valid UTF-8" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "a.csv").exists()
+    os.rename(bad, os.fsencode(root / "images" / "val" / "n01440764" / "b.JPEG"))
+    code, _, err = run_cli("dataset", "imagenet", root, "-o", os.fsdecode(b"b\xff.csv"))
+    assert code == 2 and "b\\xff.csv" in err and "give -o a name in UTF-8" in err, err
+    renamed = os.fsdecode(os.fsencode(root) + b"\xff")
+    os.rename(root, renamed)
+    code, _, err = run_cli("dataset", "imagenet", renamed, "-o", tmp_path / "a.csv")
+    assert code == 2 and "inet\\xff: file or folder name is not valid UTF-8" in err, err
+    assert not (tmp_path / "a.csv").exists()
+
+
 def test_imagenet_refuses_unsorted_val_images_and_classes_without_images(tmp_path, run_cli):
     root = tmp_path / "inet"
     write_lines(root / "classnames.txt", ["n01440764 tench", "n01443537 goldfish"])

@@ -433,6 +433,56 @@ def test_class_folder_without_images_is_refused(tmp_path):
     assert err.value.where == str(tmp_path / "dog") and "remove the folder" in err.value.hint
 
 
+# --- names that are not UTF-8 (POSIX names are bytes) ----------------------------------------------
+
+
+def _rename_to_bytes(path, name: bytes):
+    """``path`` renamed to the raw bytes ``name`` (in its folder); skipped where the file system refuses."""
+    target = os.path.join(os.fsencode(path.parent), name)
+    try:
+        os.rename(os.fsencode(path), target)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    return os.fsdecode(target)
+
+
+@pytest.mark.parametrize(
+    "entry, name, shown",
+    [
+        ("blue_sky/img000.png", b"img\xff.png", "blue_sky/img\\xff.png"),
+        ("blue_sky", b"blue\xffsky", "blue\\xffsky"),
+        ("red_apple/img000.png", b"\xed\xb3\xbf.png", "\\xed\\xb3\\xbf.png"),  # an encoded surrogate
+    ],
+    ids=["file", "class-folder", "encoded-surrogate"],
+)
+def test_image_folder_names_that_are_not_utf8_are_refused(
+    run_cli, cli_model_args, tmp_path, entry, name, shown
+):
+    """Image paths are keys in the features file and label CSVs (UTF-8): such a name crashed their writing
+    (an 'unexpected UnicodeEncodeError'). Refused before encoding, naming the path (invalid bytes as \\xNN)."""
+    root = make_image_folder(tmp_path / "imgs", per_class=1)
+    _rename_to_bytes(root / entry, name)
+    with pytest.raises(InputError, match="not valid UTF-8") as err:
+        read_image_source(root)
+    assert err.value.where.endswith(shown) and "rename it" in err.value.hint
+    out = tmp_path / "o.h5"
+    code, _, stderr = run_cli("extract", root, "-o", out, *cli_model_args, "--workers", "0")
+    assert code == 2 and shown in stderr and "not valid UTF-8" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_image_source_whose_own_path_is_not_utf8_is_refused(tmp_path):
+    """The folder or list is recorded as the features file's source, to find the images again."""
+    root = make_image_folder(tmp_path / "imgs", per_class=1)
+    listed = tmp_path / "list.csv"
+    listed.write_text("path\nimgs/blue_sky/img000.png\n")
+    for source in (root, listed):
+        renamed = _rename_to_bytes(source, os.fsencode(source.stem) + b"\xff" + os.fsencode(source.suffix))
+        with pytest.raises(InputError, match="not valid UTF-8") as err:
+            read_image_source(renamed)
+        assert err.value.where.endswith(f"{source.stem}\\xff{source.suffix}")
+
+
 # --- class names that read the same in a prompt ---------------------------------------------------
 
 

@@ -118,6 +118,22 @@ def test_base_provenance_records_cwd_code_and_libraries(tmp_path, monkeypatch):
         assert record[key], key  # the fields older files have stay
 
 
+def test_provenance_of_a_non_utf8_folder_or_argument_is_utf8_text(tmp_path, monkeypatch):
+    """A working directory or argument naming a non-UTF-8 file crashed writing every record (the features
+    file's attributes: an 'unexpected UnicodeEncodeError'). Its invalid bytes are recorded as \\xNN."""
+    folder = os.path.join(os.fsencode(tmp_path), b"run\xff")
+    try:
+        os.mkdir(folder)
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    monkeypatch.chdir(folder)
+    with provenance.recorded_command(["extract", "imgs", "-o", os.fsdecode(b"o\xff.h5")]):
+        record = provenance.base_provenance()
+    assert record["cwd"] == f"{tmp_path}/run\\xff"
+    assert record["command"] == "promptcli extract imgs -o 'o\\xff.h5'"
+    json.dumps(record, ensure_ascii=False).encode("utf-8")
+
+
 def test_this_checkout_records_its_commit():
     root = Path(promptcli.__file__).resolve().parent.parent
     if not (root / ".git").exists():

@@ -12,7 +12,7 @@ from typing import Any
 
 from promptcli.datasets.base import SPLITS, UNKNOWN, Listing, Row
 from promptcli.errors import InputError
-from promptcli.io.fileio import STDIO, check_distinct, check_output_path
+from promptcli.io.fileio import STDIO, check_distinct, check_output_path, check_utf8_path
 
 
 def select_rows(listing: Listing, split: str, known_noise: bool = False) -> list[Row]:
@@ -79,6 +79,7 @@ def csv_rows(listing: Listing, rows: list[Row], base: str | None) -> list[dict[s
         if folder not in folders:
             folders[folder] = folder_as_written(folder or ".", base)
         path = os.path.join(folders[folder], name)
+        check_utf8_path(path, row.file)  # the CSV is UTF-8 text, read by extract
         record = {"path": path.replace(os.sep, "/"), "label": row.label, "split": row.split}
         if listing.has_clean_label:
             record["clean_label"] = row.clean_label
@@ -261,6 +262,9 @@ def export_dataset(
     from promptcli.io.sidecar import write_sidecar
 
     name, root, output = check_arguments(name, root, output, options)
+    for path in (root, os.path.realpath(root)):  # recorded in the sidecar, as UTF-8 text
+        check_utf8_path(path)
+    check_utf8_path(output, hint="give -o a name in UTF-8 characters (extract reads the list by it)")
     to_stdout = output == STDIO
     if to_stdout and json_out:
         raise InputError(

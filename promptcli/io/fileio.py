@@ -73,6 +73,29 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as text to print: a byte that is not UTF-8 (a surrogate-escaped name on POSIX) as ``\\xNN``."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate no file name decodes to
+        return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_utf8_path(path: str | Path, file: str | Path | None = None, hint: str | None = None) -> None:
+    """Refuse a path whose name is not valid UTF-8 (POSIX names are bytes; Python escapes the invalid ones),
+    naming ``file`` (default: ``path``). Image paths are recorded as UTF-8 (features files, CSV image and
+    label files): such a name could not be written, and a lossy spelling could collide with another file's
+    or not find the file again."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            "file or folder name is not valid UTF-8",
+            where=shown_path(path if file is None else file),
+            hint=hint or "rename it using UTF-8 characters only (image paths are recorded as UTF-8 text)",
+        ) from None
+
+
 def kind_of_file(mode: int) -> str:
     """What a ``st_mode`` names, for messages: "a regular file", "a folder", "a FIFO", "a device", ..."""
     for test, kind in (

@@ -14,7 +14,7 @@ from stat import S_ISREG
 from promptcli.datasets.base import underscores_to_spaces
 from promptcli.errors import InputError
 from promptcli.io.checks import check_class_names, check_unique_columns
-from promptcli.io.fileio import kind_of_file
+from promptcli.io.fileio import check_utf8_path, kind_of_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CSV_COLUMNS = ("path", "label", "split")
@@ -130,6 +130,7 @@ def read_image_folder(root: Path, split: str = "", classnames: list[str] | None 
     With ``classnames`` the list sets the classes and their order; every folder's class name must
     be in it, and listed classes without a folder are allowed (as for a CSV list).
     """
+    check_utf8_path(root)  # recorded as the features file's source
     class_dirs = _class_dirs(root)
     if not class_dirs:
         raise InputError(
@@ -137,6 +138,8 @@ def read_image_folder(root: Path, split: str = "", classnames: list[str] | None 
             where=root,
             hint="use ImageFolder layout (ROOT/<class>/<image>) or a CSV with a path column",
         )
+    for class_dir in class_dirs:
+        check_utf8_path(class_dir)
     folder_names = [folder_class_name(d.name) for d in class_dirs]
     check_class_names(zip((d.name for d in class_dirs), folder_names), root)
     names, folder_labels = _folder_labels(class_dirs, folder_names, classnames)
@@ -149,7 +152,9 @@ def read_image_folder(root: Path, split: str = "", classnames: list[str] | None 
                 where=class_dir,
                 hint=f"add images (suffixes {', '.join(IMAGE_SUFFIXES)}) or remove the folder",
             )
-        paths.extend(f.relative_to(root).as_posix() for f in images)
+        for image in images:  # each image's path is its key in the features and label files
+            check_utf8_path(image)
+            paths.append(image.relative_to(root).as_posix())
         files.extend(images)
         labels.extend([label] * len(images))
     _check_folder_files(root, paths, files)
@@ -171,6 +176,7 @@ def _check_folder_files(root: Path, paths: Sequence[str], files: Sequence[Path])
 
 def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """Header and rows of an image list: tab-separated for ``.tsv``, else comma-separated."""
+    check_utf8_path(csv_path)  # recorded as the features file's source (its rows are UTF-8 text)
     delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:

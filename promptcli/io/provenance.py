@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import promptcli
+from promptcli.io.fileio import shown_path
 
 _COMMAND: list[str] | None = None
 
@@ -55,19 +56,21 @@ def recorded_command(args: list[str]) -> Iterator[None]:
 
 
 def command_line() -> str:
-    """The promptcli command line being run (else this process's), shell-quoted."""
+    """The promptcli command line being run (else this process's), shell-quoted; a byte of an argument that is
+    not UTF-8 (a file name) as ``\\xNN``, so the record can be written as UTF-8."""
     if _COMMAND is not None:
-        return shlex.join(_COMMAND)
+        return shown_path(shlex.join(_COMMAND))
     argv = list(sys.argv)
     if argv and argv[0].endswith(("promptcli", "__main__.py")):
         argv[0] = "promptcli"
-    return shlex.join(argv)
+    return shown_path(shlex.join(argv))
 
 
 def working_directory() -> str | None:
-    """The current directory (what relative paths in ``command`` are relative to); None if it was removed."""
+    """The current directory (what relative paths in ``command`` are relative to), a byte that is not UTF-8 as
+    ``\\xNN``; None if it was removed."""
     try:
-        return os.getcwd()
+        return shown_path(os.getcwd())
     except OSError:
         return None
 
