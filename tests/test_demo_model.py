@@ -222,3 +222,25 @@ def test_other_settings_never_delete_files_the_user_added_to_a_demo_folder(tmp_p
     (out / "train.h5").unlink()
     (out / ".DS_Store").write_bytes(b"\0")  # what a file browser leaves behind does not count
     assert write_demo_images(out, per_class=2)["written"] is True  # a tree of ours alone is replaced
+
+
+@pytest.mark.parametrize("kind", ["file", "broken-link", "linked-folder", "file-above"])
+def test_demo_images_refuses_an_out_dir_that_is_no_folder_and_keeps_it(run_cli, tmp_path, kind):
+    """An existing file as OUT_DIR crashed ('unexpected NotADirectoryError'); a link was moved away to a hidden
+    name to put a new folder in its place. Now a one-line error naming it (exit 2), and it stays as it was."""
+    mine = tmp_path / "mine.txt"
+    mine.write_text("precious")
+    out = {"file": mine, "file-above": mine / "demo"}.get(kind, tmp_path / "link")
+    if kind == "broken-link":
+        out.symlink_to(tmp_path / "nowhere")
+    elif kind == "linked-folder":
+        (tmp_path / "folder").mkdir()
+        out.symlink_to(tmp_path / "folder", target_is_directory=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli("demo-images", out, "--per-class", "1")
+    named = mine if kind == "file-above" else out
+    assert code == 2 and f"Error: {named}: " in err and "not a folder" in err, err
+    assert len(err.strip().splitlines()) == 1 and "unexpected" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and mine.read_text() == "precious"
+    if kind == "linked-folder":
+        assert out.is_symlink() and not any((tmp_path / "folder").iterdir())

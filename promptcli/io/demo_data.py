@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from promptcli.io.fileio import apply_default_mode
+from promptcli.errors import InputError
+from promptcli.io.fileio import apply_default_mode, is_disk_full, kind_of_file
 
 SUBSET_FILE = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist_subset.npz"
 SPLITS = ("train", "test")
@@ -100,6 +101,45 @@ def _foreign_entry(out_dir: Path, folders: set[str]) -> Path | None:
     return None
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """``out_dir`` is absent or a folder (not a link, whose replacement would move it away), under folders."""
+    hint = "choose another OUT_DIR (nothing was written or removed)"
+    if out_dir.is_symlink():
+        raise InputError(
+            f"is a symbolic link (to {os.readlink(out_dir)}), not a folder",
+            where=out_dir,
+            hint="give the folder it points to, or " + hint.removeprefix("choose "),
+        )
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise InputError(
+            f"exists and is {kind_of_file(os.lstat(out_dir).st_mode)}, not a folder", where=out_dir, hint=hint
+        )
+    for above in out_dir.parents:
+        if os.path.lexists(above):
+            if not above.is_dir():
+                raise InputError(
+                    f"is {kind_of_file(os.stat(above).st_mode) if above.exists() else 'a broken link'}, "
+                    "not a folder",
+                    where=above,
+                    hint=hint,
+                )
+            break
+
+
+def _make_folder(make: Any, where: Path) -> Any:
+    """``make()`` (a folder's creation); an OSError other than a full disk is a one-line error naming ``where``."""
+    try:
+        return make()
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise
+        raise InputError(
+            f"cannot create a folder here ({exc.strerror or type(exc).__name__})",
+            where=where,
+            hint="choose an OUT_DIR in a folder you can write to",
+        ) from exc
+
+
 def write_demo_images(
     out_dir: Path, invert: bool = DEFAULT_INVERT, per_class: int | None = None
 ) -> dict[str, Any]:
@@ -130,6 +170,7 @@ def write_demo_images(
             existing = None
         if existing == expected:
             return {**summary, "written": False}
+    _check_out_dir(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not marker.is_file():
         raise FileExistsError("folder exists and is not a promptcli demo image folder")
     if marker.is_file():  # a tree of ours with other settings: replaced below, unless the user added to it
@@ -140,10 +181,14 @@ def write_demo_images(
                 "(other settings replace the whole folder)"
             )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(lambda: out_dir.parent.mkdir(parents=True, exist_ok=True), out_dir.parent)
     subset = load_subset()
     folders = summary["class_folders"]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(
+        _make_folder(
+            lambda: tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent), out_dir.parent
+        )
+    )
     apply_default_mode(tmp, directory=True)
     try:
         for split in SPLITS:
