@@ -8,6 +8,7 @@ checks, most of them were read silently into a wrong result, or failed later wit
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from promptcli.io.features import (
     row_blocks,
     write_features,
 )
-from promptcli.models.loading import read_model_config
+from promptcli.models.loading import load_model_from_record, read_model_config
 
 CLASSES = ["cat", "dog", "car"]
 N, DIM, VIEWS = 12, 16, 2
@@ -361,6 +362,62 @@ def test_extract_with_nearest_interpolation_is_one_line(image_folder, tiny_model
     )  # fmt: skip
     line = one_line_error(code, err)
     assert str(config) in line and "'nearest'" in line and not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.parametrize(
+    ("preprocess", "message"),
+    [
+        ({"mean": "0.5"}, "preprocess_cfg.mean is '0.5', not a number or a list of 3 numbers"),
+        ({"std": [0.5, "0.5", 0.5]}, "preprocess_cfg.std is [0.5, '0.5', 0.5], not a number"),
+        ({"mean": [0.5, True, 0.5]}, "preprocess_cfg.mean is [0.5, True, 0.5], not a number"),
+        ({"std": [0.5, float("nan"), 0.5]}, "preprocess_cfg.std is [0.5, nan, 0.5], not a number"),
+        ({"mean": []}, "preprocess_cfg.mean has 0 values, not 3"),
+        ({"std": [0.5, 0.5]}, "preprocess_cfg.std has 2 values, not 3"),
+        ({"std": [0.5, 0, 0.5]}, "preprocess_cfg.std is [0.5, 0, 0.5]: each must be above 0"),
+        ({"std": -0.25}, "preprocess_cfg.std is -0.25: each must be above 0"),
+    ],
+)
+def test_read_model_config_refuses_a_mean_or_std_images_cannot_be_normalised_with(
+    tmp_path, tiny_model_files, preprocess, message
+):
+    """Text, a wrong length or a std of 0 reached the user as an unexpected ValueError (or RuntimeError,
+    TypeError) from a DataLoader worker, mid-extraction; a negative std silently inverted the images."""
+    with pytest.raises(InputError, match=re.escape(message)) as info:
+        read_model_config(_config(tmp_path, tiny_model_files, **preprocess))
+    assert info.value.where == str(tmp_path / "config.json")
+
+
+def test_read_model_config_accepts_a_mean_and_std_open_clip_accepts(tmp_path, tiny_model_files):
+    for preprocess in (
+        {"mean": 0.5, "std": 0.25},
+        {"mean": [0.5], "std": [1]},
+        {"mean": [0, 0.5, 1], "std": [1, 2, 3]},
+    ):
+        assert (
+            read_model_config(_config(tmp_path, tiny_model_files, **preprocess))["preprocess_cfg"]
+            == preprocess
+        )
+
+
+def test_extract_with_a_zero_std_is_one_line(image_folder, tiny_model_files, tmp_path, run_cli):
+    config = _config(tmp_path, tiny_model_files, mean=[0.5] * 3, std=[0.5, 0.0, 0.5])
+    code, _, err = run_cli(
+        "extract", image_folder, "-o", tmp_path / "o.h5", "--model", "tiny-clip-std0", "--model-config", config,
+        "--pretrained", tiny_model_files["weights"], "--device", "cpu", "--workers", "0",
+    )  # fmt: skip
+    line = one_line_error(code, err)
+    assert str(config) in line and "preprocess_cfg.std" in line and not (tmp_path / "o.h5").exists()
+
+
+def test_a_recorded_config_with_a_zero_std_is_refused(tiny_model_files):
+    config = json.loads(Path(tiny_model_files["config"]).read_text())
+    record = {
+        "model_name": "tiny-clip",
+        "model_config": json.dumps({"model_cfg": config, "preprocess_cfg": {"std": [0, 1, 1]}}),
+        "random_weights_seed": "0",
+    }
+    with pytest.raises(InputError, match=re.escape("model_config: preprocess_cfg.std is [0, 1, 1]")):
+        load_model_from_record(record, "f.h5", device="cpu")
 
 
 def test_only_paths_reads_those_rows_in_file_order_in_small_blocks(tiny_features, monkeypatch):

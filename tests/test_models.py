@@ -180,6 +180,61 @@ def test_a_config_open_clip_cannot_build_from_is_refused_by_field(
     assert info.value.where == str(path)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c: c["vision_cfg"].update(width=10**9),
+            "vision_cfg.width is 1000000000, more than the 32,768",
+        ),
+        (lambda c: c["text_cfg"].update(layers=10**9), "text_cfg.layers is 1000000000, more than the 1,024"),
+        (lambda c: c["vision_cfg"].update(layers=[2, 2000]), "vision_cfg.layers is [2, 2000], more than"),
+        (lambda c: c.update(embed_dim=10**9), "embed_dim is 1000000000, more than the 32,768"),
+        (
+            lambda c: c["text_cfg"].update(vocab_size=10**12),
+            "text_cfg.vocab_size is 1000000000000, more than",
+        ),
+        (
+            lambda c: c["text_cfg"].update(context_length=10**6),
+            "text_cfg.context_length is 1000000, more than",
+        ),
+        (
+            lambda c: c["vision_cfg"].update(image_size=[32, 10**6]),
+            "vision_cfg.image_size is [32, 1000000], more",
+        ),
+        (
+            lambda c: c["vision_cfg"].update(width=30000, layers=1000, head_width=30),
+            "vision_cfg (width 30000, layers 1000) makes a model of about 10,800 billion parameters, more than the 20",
+        ),
+        (
+            lambda c: c["text_cfg"].update(width=20000, mlp_ratio=1e6),
+            "text_cfg (width 20000, layers 2) makes a model of about",
+        ),
+    ],
+)
+def test_a_config_too_large_to_build_is_refused_by_field_before_building(
+    tmp_path, tiny_model_files, change, message
+):
+    """Sizes in the billions (a typo) exhausted memory, or took hours building layers, before any error."""
+    from promptcli.models.loading import read_model_config
+
+    cfg = json.loads(tiny_model_files["config"].read_text())
+    change(cfg)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=re.escape(message)) as info:
+        read_model_config(path)
+    assert info.value.where == str(path) and "a typo?" in info.value.what
+
+
+def test_every_open_clip_model_config_is_within_the_size_limits():
+    import open_clip
+
+    from promptcli.models.loading import model_config_problem
+
+    assert [n for n in open_clip.list_models() if model_config_problem(open_clip.get_model_config(n))] == []
+
+
 def test_configs_and_checkpoints_that_do_not_fit_are_input_errors(tmp_path, tiny_model_files):
     from promptcli.models.loading import load_model_from_record
 

@@ -124,9 +124,77 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+# Sizes far beyond any CLIP model's (ViT-bigG-14: width 1664, 48 layers, 2.5 billion parameters): a config past
+# them is a typo (1e9 for 1024?) whose model would exhaust memory, or take hours to build, before any error.
+_SIZE_LIMITS = {
+    "embed_dim": 32_768,
+    "width": 32_768,
+    "layers": 1_024,
+    "image_size": 16_384,
+    "context_length": 8_192,  # the text tower holds a context_length x context_length attention mask
+    "vocab_size": 10_000_000,
+}
+MAX_PARAMETERS = 20_000_000_000  # about 80 GB of fp32 weights; the largest CLIP models have 5 billion
+# open_clip's defaults for sizes a tower config leaves out
+_VISION_DEFAULTS = {"width": 768, "layers": 12, "patch_size": 16, "image_size": 224, "mlp_ratio": 4.0}
+_TEXT_DEFAULTS = {"width": 512, "layers": 12, "context_length": 77, "vocab_size": 49408, "mlp_ratio": 4.0}
+
+
+def _total(value: int | list[int]) -> int:
+    return sum(value) if isinstance(value, list) else value
+
+
+def _tower_parameters(tower: dict[str, Any], defaults: dict[str, Any], embed_dim: int, text: bool) -> float:
+    """A rough count (within a small factor) of the parameters open_clip builds for a tower of these sizes."""
+    sizes = {**defaults, **{k: v for k, v in tower.items() if v is not None}}
+    width, layers, ratio = sizes["width"], sizes["layers"], sizes["mlp_ratio"]
+    if text:
+        extra = (sizes["vocab_size"] + sizes["context_length"]) * width + sizes["context_length"] ** 2
+    elif isinstance(layers, list):  # a ModifiedResNet: stage i has bottlenecks of width * 2**i channels
+        return sum(17.0 * n * (width * 2**i) ** 2 for i, n in enumerate(layers)) + 4.0 * (32 * width) ** 2
+    else:
+        image, patch = sizes["image_size"], sizes["patch_size"]
+        image = image if isinstance(image, list) else [image, image]
+        patch = patch if isinstance(patch, list) else [patch, patch]
+        grid = max(image[0] // patch[0], 1) * max(image[1] // patch[1], 1)
+        extra = 3.0 * patch[0] * patch[1] * width + grid * width
+    return (4.0 + 2.0 * ratio) * width * width * _total(layers) + extra + width * embed_dim
+
+
+def _size_problem(model_cfg: dict[str, Any]) -> str | None:
+    """A size past :data:`_SIZE_LIMITS`, or sizes giving more than :data:`MAX_PARAMETERS` parameters."""
+    for part, tower in (
+        ("", model_cfg),
+        ("vision_cfg.", model_cfg["vision_cfg"]),
+        ("text_cfg.", model_cfg["text_cfg"]),
+    ):
+        for key, limit in _SIZE_LIMITS.items():
+            value = tower.get(key)
+            if isinstance(value, (int, list)) and not isinstance(value, bool) and value:
+                largest = (
+                    _total(value) if key == "layers" else max(value) if isinstance(value, list) else value
+                )
+                if largest > limit:
+                    return f"{part}{key} is {value!r}, more than the {limit:,} promptcli builds (a typo?)"
+    embed_dim = model_cfg["embed_dim"]
+    towers = {
+        "vision_cfg": _tower_parameters(model_cfg["vision_cfg"], _VISION_DEFAULTS, embed_dim, text=False),
+        "text_cfg": _tower_parameters(model_cfg["text_cfg"], _TEXT_DEFAULTS, embed_dim, text=True),
+    }
+    if sum(towers.values()) > MAX_PARAMETERS:
+        part = max(towers, key=towers.__getitem__)
+        shown = ", ".join(f"{k} {model_cfg[part][k]!r}" for k in ("width", "layers") if k in model_cfg[part])
+        return (
+            f"{part} ({shown or 'open_clip defaults'}) makes a model of about {sum(towers.values()) / 1e9:,.0f} "
+            f"billion parameters, more than the {MAX_PARAMETERS / 1e9:,.0f} billion promptcli builds (a typo?)"
+        )
+    return None
+
+
 def model_config_problem(model_cfg: Any) -> str | None:
     """What in an open_clip model config (``{embed_dim, vision_cfg, text_cfg}``) open_clip could not build a model
-    from: a part that is not an object, or a size that is not a positive integer; None when there is nothing."""
+    from: a part that is not an object, a size that is not a positive integer, or sizes too large to build (see
+    :func:`_size_problem`); None when there is nothing."""
     if not isinstance(model_cfg, dict):
         return f"the model config is {type(model_cfg).__name__}, not a JSON object"
     if not _positive_int(model_cfg.get("embed_dim")):
@@ -150,6 +218,29 @@ def model_config_problem(model_cfg: Any) -> str | None:
             and ratio > 0
         ):
             return f"{part}.mlp_ratio is {ratio!r}, not a positive number"
+    return _size_problem(model_cfg)
+
+
+def _real_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def preprocess_config_problem(preprocess: dict[str, Any]) -> str | None:
+    """What in a ``preprocess_cfg`` open_clip could not normalise images with: a mean or std that is not a finite
+    number or a list of 1 or 3 of them (one per colour channel), or a std that is not above 0 (pixels are divided
+    by it: 0 gives inf/NaN features); None when there is nothing."""
+    for key in ("mean", "std"):
+        value = preprocess.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        if not all(map(_real_number, values)):
+            return f"preprocess_cfg.{key} is {shown}, not a number or a list of 3 numbers (one per colour channel)"
+        if len(values) not in (1, 3):
+            return f"preprocess_cfg.{key} has {len(values)} values, not 3 (one per colour channel)"
+        if key == "std" and min(values) <= 0:
+            return f"preprocess_cfg.std is {shown}: each must be above 0 (pixels are divided by it)"
     return None
 
 
@@ -191,6 +282,13 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
             f"preprocess_cfg must be a JSON object, got {type(preprocess).__name__}",
             where=path,
             hint='e.g. "preprocess_cfg": {"mean": [...], "std": [...], "interpolation": "bicubic"}',
+        )
+    problem = preprocess_config_problem(preprocess)
+    if problem:
+        raise InputError(
+            problem,
+            where=path,
+            hint='e.g. "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}',
         )
     for key, values in accepted.items():
         value = preprocess.get(key)
@@ -564,6 +662,11 @@ def spec_from_record(record: dict[str, Any]) -> ModelSpec:
         raise ValueError(f"model_config: {problem}")
     if isinstance(config, dict) and not isinstance(config.get("preprocess_cfg", {}), dict):
         raise ValueError("model_config: preprocess_cfg is not a JSON object")
+    problem = (
+        preprocess_config_problem(config.get("preprocess_cfg", {})) if isinstance(config, dict) else None
+    )
+    if problem:
+        raise ValueError(f"model_config: {problem}")
     return ModelSpec(
         name=str(record["model_name"]),
         pretrained=str(record.get("pretrained") or "") or None,
