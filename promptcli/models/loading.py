@@ -234,13 +234,12 @@ def preprocess_config_problem(preprocess: dict[str, Any]) -> str | None:
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
-        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
         if not all(map(_real_number, values)):
-            return f"preprocess_cfg.{key} is {shown}, not a number or a list of 3 numbers (one per colour channel)"
+            return f"preprocess_cfg.{key} is {shown(value)}, not a number or a list of 3 numbers (one per colour channel)"
         if len(values) not in (1, 3):
             return f"preprocess_cfg.{key} has {len(values)} values, not 3 (one per colour channel)"
         if key == "std" and min(values) <= 0:
-            return f"preprocess_cfg.std is {shown}: each must be above 0 (pixels are divided by it)"
+            return f"preprocess_cfg.std is {shown(value)}: each must be above 0 (pixels are divided by it)"
     return None
 
 
