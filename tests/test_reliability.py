@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -625,6 +626,46 @@ def test_one_writer_per_output(tmp_path):
     with output_lock(out):
         assert lock.read_text().strip() == me
     assert not list(tmp_path.iterdir())  # nothing left beside it
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["99999999999999999999\n", f"{2**31} some-other-node\n", "0\n", "-1\n", "garbage\n", "\xff\xfe\n"],
+)
+def test_a_lock_naming_no_possible_process_is_stale(tmp_path, text):
+    """A huge pid overflowed os.kill (an unexpected OverflowError); 0 and -1 (a process group, every process)
+    read as a live writer for good. None can be a process: the lock is damaged, so taken over."""
+    out = tmp_path / "p.safetensors"
+    lock = Path(f"{out}.lock")
+    lock.write_bytes(text.encode("latin-1"))
+    with output_lock(out):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_folder_or_fifo_in_the_way_of_the_lock_is_refused(syn, tmp_path, run_cli, kind):
+    """A folder there crashed with IsADirectoryError (unlinking it as a stale lock); a FIFO hung the read."""
+    out = tmp_path / "p.safetensors"
+    lock = Path(f"{out}.lock")
+    lock.mkdir() if kind == "folder" else os.mkfifo(lock)
+    args = ("tune", syn["features"], syn["labels"], "-o", out, "--device", "cpu", "--epochs", "1")
+
+    def hung(signum, frame):  # not an OSError, which the lock's reader takes for a damaged lock
+        raise RuntimeError("the lock's reader hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        line = one_line_error(*run_cli(*args)[::2])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    what = "a folder" if kind == "folder" else "a FIFO"
+    assert line.startswith(f"Error: {lock}: {what} is in the way of the output lock — move or delete it"), (
+        line
+    )
+    assert lock.exists() and not out.exists()
 
 
 def test_a_requeued_slurm_job_takes_over_the_lock_its_earlier_run_left_on_another_node(tmp_path, monkeypatch):

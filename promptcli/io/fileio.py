@@ -210,12 +210,22 @@ def _slurm_job() -> str | None:
     return f"slurm:{job}:{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
 
 
+# pid_t is a 32-bit signed int wherever promptcli runs: a larger number, or one below 1 (which os.kill takes for a
+# process group, or every process), names no process
+MAX_PID = 2**31 - 1
+LOCK_MAX_BYTES = 4096  # a lock holds one short line
+
+
 def _lock_owner(lock: Path) -> Owner | None:
-    """(pid, host, start, job, pid namespace) written in a lock, or None for a missing or damaged one."""
+    """(pid, host, start, job, pid namespace) written in a lock, or None for a missing or damaged one (not a
+    regular file, not UTF-8, no pid first, or a number that cannot be a pid): no live writer's."""
     try:
-        fields = lock.read_text(encoding="utf-8").split()
+        with open_regular(lock) as handle:  # a FIFO in its place would block the read
+            fields = handle.read(LOCK_MAX_BYTES).decode("utf-8").split()
         pid = int(fields[0])
     except (OSError, ValueError, IndexError):
+        return None
+    if not 1 <= pid <= MAX_PID:
         return None
     rest = [None if f == "-" else f for f in fields[1:5]]
     rest += [None] * (4 - len(rest))
@@ -286,6 +296,26 @@ def _create_lock(lock: Path, content: str) -> bool:
             os.unlink(tmp)
 
 
+def _check_lock_is_a_file(lock: Path) -> None:
+    """Refuse a folder, FIFO or device where the output lock goes: no lock of a writer, nor one to remove."""
+    try:
+        mode = os.stat(lock).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # gone meanwhile, or a link to nothing: taken as stale
+        return
+    except OSError as exc:
+        raise InputError(
+            f"cannot read the output lock ({exc.strerror or exc})",
+            where=lock,
+            hint="make it readable, or delete it if no promptcli runs",
+        ) from exc
+    if not stat.S_ISREG(mode):
+        raise InputError(
+            f"{kind_of_file(mode)} is in the way of the output lock",
+            where=lock,
+            hint="move or delete it: promptcli creates this file while it writes the output",
+        )
+
+
 @contextlib.contextmanager
 def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
     """Hold ``<path>.lock`` (created with O_EXCL, holding the pid) while a command writes ``path``.
@@ -305,6 +335,7 @@ def output_lock(path: str | Path, option: str = "-o") -> Iterator[Path]:
         with disk_full_guard(parent):
             if _create_lock(lock, _lock_text(me)):
                 break
+        _check_lock_is_a_file(lock)
         owner = _lock_owner(lock)
         if owner is None:  # a lock from an older version being written this very moment, or damaged
             time.sleep(0.05)
