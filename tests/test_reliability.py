@@ -753,6 +753,27 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(syn, tmp_path, run_cli, mon
     assert not list(tmp_path.iterdir())  # nothing written, the output lock released
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_eof_error_inside_a_command_is_no_interrupt(syn, tmp_path, run_cli, monkeypatch, debug):
+    """click turns an EOFError raised in a command into Abort, as for Ctrl-C: a library's EOFError (a truncated
+    pickle or npz) read "interrupted", exit 130, and a retry loop took it for a signal. It is a failure."""
+    import promptcli.io.features as features
+
+    def truncated(*args, **kwargs):
+        raise EOFError("Ran out of input")  # as pickle says of a file cut short
+
+    monkeypatch.setattr(features, "read_features", truncated)
+    args = ["tune", syn["features"], syn["labels"], "-o", tmp_path / "p.st", "--device", "cpu"]
+    code, _, err = run_cli(*args, *(["--debug"] if debug else []))
+    assert code == 1 and "interrupted" not in err, err
+    assert "Error: unexpected EOFError: Ran out of input — rerun with --debug" in err, err
+    if debug:  # the traceback of the EOFError itself, down to where it was raised
+        assert "Traceback" in err and "in truncated" in err and "Abort" not in err, err
+    else:
+        assert "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing written, the output lock released
+
+
 def test_a_head_with_overflowing_logits_is_neither_saved_nor_scored(syn, tmp_path, run_cli):
     """Tip-Adapter at --tip-alpha 1e38: zs + alpha x cache overflows to inf - inf = NaN."""
     out = tmp_path / "tip.safetensors"

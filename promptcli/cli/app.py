@@ -271,8 +271,11 @@ def _run(args: list[str], debug: bool, received: list[int]) -> None:
             traceback.print_exc()
         _error(exc.message)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, *_ABORTS):
-        _interrupted(received)
+    except (KeyboardInterrupt, *_ABORTS) as exc:
+        failure = _eof_failure(exc, received)
+        if failure is None:
+            _interrupted(received)
+        _failed(failure, debug)
     except _USAGE_ERRORS as exc:
         if getattr(exc, "exit_code", 1) == 0 or type(exc).__name__ == "NoArgsIsHelpError":
             exc.show()  # `promptcli` alone prints the help
@@ -283,27 +286,53 @@ def _run(args: list[str], debug: bool, received: list[int]) -> None:
         _stop_writing_stdout()
         sys.exit(EXIT_RUNTIME)
     except Exception as exc:
-        from promptcli.io.fileio import disk_full_error, is_disk_full
-
-        if is_disk_full(exc):  # a write outside promptcli's own file helpers
-            _error(disk_full_error(getattr(exc, "filename", None) and Path(exc.filename).parent).message)
-            sys.exit(EXIT_RUNTIME)
-        if type(exc).__name__ == "OutOfMemoryError":  # torch's, named so that torch is not imported here
-            if debug:
-                traceback.print_exc()
-            _error(
-                "out of GPU memory — lower --batch-size (or --grad-batch, --class-chunk), "
-                "or run this step with --device cpu"
-            )
-            sys.exit(EXIT_RUNTIME)
-        if debug:
-            traceback.print_exc()
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        _error(
-            f"unexpected {type(exc).__name__}{': ' + first if first else ''} — "
-            "rerun with --debug for the traceback and report it"
-        )
-        sys.exit(EXIT_RUNTIME)
+        _failed(exc, debug)
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130), returned without standalone mode
         _interrupted(received)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _eof_failure(abort: BaseException, received: list[int]) -> EOFError | None:
+    """The EOFError behind a click Abort, when it was not an interrupt; else None.
+
+    click (and typer) turn any EOFError raised inside a command into Abort, as for Ctrl-C, even without
+    standalone mode: a truncated pickle, zip or npz read by a library is no interrupt, and must not read as one
+    (exit 130 tells a retry loop that the run was stopped by a signal)."""
+    if received or isinstance(abort, KeyboardInterrupt):
+        return None
+    cause = abort.__cause__ if abort.__cause__ is not None else abort.__context__
+    if not isinstance(cause, EOFError):
+        return None
+    seen: set[int] = set()
+    link: BaseException | None = cause
+    while link is not None and id(link) not in seen:  # an EOFError while stopping for Ctrl-C is the interrupt
+        if isinstance(link, KeyboardInterrupt):
+            return None
+        seen.add(id(link))
+        link = link.__cause__ if link.__cause__ is not None else link.__context__
+    return cause
+
+
+def _failed(exc: BaseException, debug: bool) -> None:
+    """Report an exception no promptcli check turned into a one-line error, and exit 1."""
+    from promptcli.io.fileio import disk_full_error, is_disk_full
+
+    if is_disk_full(exc):  # a write outside promptcli's own file helpers
+        _error(disk_full_error(getattr(exc, "filename", None) and Path(exc.filename).parent).message)
+        sys.exit(EXIT_RUNTIME)
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, named so that torch is not imported here
+        if debug:
+            traceback.print_exception(exc)
+        _error(
+            "out of GPU memory — lower --batch-size (or --grad-batch, --class-chunk), "
+            "or run this step with --device cpu"
+        )
+        sys.exit(EXIT_RUNTIME)
+    if debug:
+        traceback.print_exception(exc)
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    _error(
+        f"unexpected {type(exc).__name__}{': ' + first if first else ''} — "
+        "rerun with --debug for the traceback and report it"
+    )
+    sys.exit(EXIT_RUNTIME)
