@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import unicodedata
 import zlib
@@ -708,3 +709,73 @@ def test_resume_refuses_a_chunk_holding_nan(tiny_model, image_folder, tmp_path):
     ):
         extract_features(source, tiny_model, out, options, resume=True)
     assert not out.exists()
+
+
+def _flip_last_byte_of(chunk, member: str) -> None:
+    """Damage ``member``'s data inside the .npz ``chunk`` (its zip directory stays readable)."""
+    import zipfile
+
+    with zipfile.ZipFile(chunk) as archive:
+        info = archive.getinfo(member)
+    data = bytearray(chunk.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.compress_size - 1] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+def _rewrite(chunk, change) -> None:
+    with np.load(chunk) as z:
+        payload = {k: z[k] for k in z.files}
+    change(payload)
+    np.savez(chunk, **payload)
+
+
+DAMAGED_CHUNKS = {
+    # a crash, a full disk or a copy left the chunk empty or cut short; numpy raised EOFError or BadZipFile
+    "empty": (lambda c: c.write_bytes(b""), "unreadable chunk"),
+    "truncated": (lambda c: c.write_bytes(c.read_bytes()[:200]), "unreadable chunk"),
+    "garbage": (lambda c: c.write_bytes(b"\x80\x04not a zip" * 20), "unreadable chunk"),
+    "damaged array": (lambda c: _flip_last_byte_of(c, "features.npy"), "Bad CRC-32 for file 'features.npy'"),
+    "array missing": (lambda c: _rewrite(c, lambda p: p.pop("bad_error")), "chunk lacks bad_error"),
+    "row missing": (
+        lambda c: _rewrite(c, lambda p: p.update(features=p["features"][:-1])),
+        r"chunk features has shape \(3, 32\)",
+    ),
+    "another chunk's rows": (
+        lambda c: c.write_bytes(c.with_name("chunk-000001.npz").read_bytes()),
+        r"chunk does not hold rows 0\.\.3 once each",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_CHUNKS))
+def test_resume_refuses_a_damaged_chunk_naming_it(
+    run_cli, cli_model_args, tiny_model, image_folder, tmp_path, damage
+):
+    """A damaged chunk of OUTPUT.partial raised EOFError (exit 130, "interrupted": a retry loop reran it forever),
+    BadZipFile or KeyError (an unexpected error), or was assembled as it was. It is refused naming the chunk."""
+    source = read_image_source(image_folder)
+    options = ExtractOptions(workers=0, batch_size=2, chunk_size=4)  # the CLI's defaults otherwise
+    out = tmp_path / "cut.h5"
+    seen = []
+
+    def stop_after_two_chunks(n: int) -> None:
+        seen.append(n)
+        if sum(seen) >= 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(source, tiny_model, out, options, on_rows=stop_after_two_chunks)
+    chunk = tmp_path / "cut.h5.partial" / "chunk-000000.npz"
+    make, message = DAMAGED_CHUNKS[damage]
+    make(chunk)
+    args = ["extract", image_folder, "-o", out, *cli_model_args, "--workers", "0", "--batch-size", "2"]
+    code, _, err = run_cli(*args, "--chunk-size", "4", "--resume")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith(f"Error: {chunk}: "), err
+    assert re.search(message, lines[-1]) and "delete the chunk" in lines[-1] and "--force" in lines[-1], err
+    assert "interrupted" not in err and "unexpected" not in err and not out.exists()
+    if damage == "empty":
+        chunk.unlink()  # as the message says: its images are encoded again
+        code, _, err = run_cli(*args, "--chunk-size", "4", "--resume")
+        assert code == 0 and out.exists(), err

@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import threading
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -365,7 +366,10 @@ def prepare_partial(output: Path, manifest: dict[str, Any], resume: bool, force:
                 where=partial,
                 hint="rerun with the same inputs and options, or without --resume and with --force to start over",
             )
-        return partial, len(list(partial.glob("chunk-*.npz")))
+        done = sorted(partial.glob("chunk-*.npz"))
+        for chunk in done:  # a damaged chunk is named now, not once every other chunk is encoded
+            check_chunk_members(chunk, manifest.get("views", 0))
+        return partial, len(done)
     tmp = partial / f".{MANIFEST}.tmp"
     with disk_full_guard(output.parent):
         partial.mkdir(parents=True, exist_ok=True)
@@ -484,6 +488,85 @@ def _payload(buf: dict[str, list], dim: int, options: ExtractOptions) -> dict[st
     return out
 
 
+DAMAGED_CHUNK_HINT = "delete the chunk (or rerun with --force instead of --resume) to encode its images again"
+CHUNK_KEYS = ("index", "features", "bad_index", "bad_error")  # and views with --views, digest since recorded
+
+
+def damaged_chunk(path: Path, what: str) -> InputError:
+    """The error for a finished chunk ``--resume`` found that cannot be this extraction's."""
+    return InputError(what, where=path, hint=DAMAGED_CHUNK_HINT)
+
+
+def check_chunk_members(path: Path, views: int) -> None:
+    """Refuse a chunk file whose zip directory cannot be read or lacks an array (empty, truncated or foreign):
+    a cheap look (no array is read), so that ``--resume`` names a damaged chunk before encoding the rest."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise damaged_chunk(path, f"unreadable chunk ({_first_line(exc)})") from exc
+    wanted = CHUNK_KEYS + (("views",) if views else ())
+    missing = [key for key in wanted if f"{key}.npy" not in names]
+    if missing:
+        raise damaged_chunk(path, f"chunk lacks {', '.join(missing)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:120]}" if text else type(exc).__name__
+
+
+def read_chunk(path: Path, rows: range, dim: int, views: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` (and ``index``) of the finished chunk of source rows ``rows``, refused naming the chunk
+    unless readable and shaped as extraction writes them: its rows split between ``index`` (encoded) and
+    ``bad_index`` (unreadable) exactly, ``features`` (n, dim), ``views`` (n, views, dim), ``digest`` (n, 32).
+
+    A chunk --resume found may be empty or truncated (a crash, a full disk, a copy), or another extraction's;
+    numpy then raises EOFError, zipfile.BadZipFile, ValueError, KeyError or zlib.error, all refused here."""
+    wanted = ["index", *(k for k in keys if k != "index")]
+    if "bad_index" in wanted and "bad_error" not in wanted:
+        wanted.append("bad_error")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in wanted if k not in z.files and k != "digest"]
+            if missing:
+                raise damaged_chunk(path, f"chunk lacks {', '.join(missing)}")
+            data = {k: z[k] for k in wanted if k in z.files}
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:  # whatever numpy, zipfile or zlib raise for a damaged file
+        raise damaged_chunk(path, f"unreadable chunk ({_first_line(exc)})") from exc
+    index = data["index"]
+    if index.ndim != 1 or index.dtype.kind not in "iu":
+        raise damaged_chunk(
+            path, f"chunk index has shape {index.shape} and type {index.dtype}, not a list of rows"
+        )
+    n = len(index)
+    shapes = {"features": (n, dim), "views": (n, views, dim), "digest": (n, 32)}
+    for key, shape in shapes.items():
+        if key in data and (
+            data[key].shape != shape or data[key].dtype.kind not in ("u" if key == "digest" else "f")
+        ):
+            raise damaged_chunk(
+                path, f"chunk {key} has shape {data[key].shape} and type {data[key].dtype}, expected {shape}"
+            )
+    if "bad_index" in data:
+        bad, errors = data["bad_index"], data["bad_error"]
+        if (
+            bad.ndim != 1
+            or bad.dtype.kind not in "iu"
+            or errors.shape != bad.shape
+            or errors.dtype.kind != "U"
+        ):
+            raise damaged_chunk(path, "chunk bad_index and bad_error are not matching lists")
+        if sorted(index.tolist() + bad.tolist()) != list(rows):
+            raise damaged_chunk(
+                path,
+                f"chunk does not hold rows {rows.start}..{rows.stop - 1} once each (damaged, or another extraction's)",
+            )
+    return data
+
+
 def checked_chunk(path: Path, chunk: Any, key: str, paths: Sequence[str]) -> np.ndarray:
     """A chunk's ``features`` or ``views``, refused unless unit rows (a chunk --resume found may hold NaN)."""
     values = chunk[key]
@@ -492,11 +575,7 @@ def checked_chunk(path: Path, chunk: Any, key: str, paths: Sequence[str]) -> np.
         try:
             check_unit_rows(values, path, lambda i: paths[int(index[i])], rows=index.tolist())
         except InputError as exc:
-            raise InputError(
-                exc.what,
-                where=path,
-                hint="delete the chunk (or rerun with --force instead of --resume) to encode its images again",
-            ) from exc
+            raise damaged_chunk(path, exc.what) from exc
     return values
 
 
@@ -516,20 +595,26 @@ def assemble(
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
     with_digests = True  # chunks written before extraction recorded the files' digests have none
+    dim, views = loaded.embed_dim, options.views
+
+    def chunk(c: int, key: str) -> dict[str, np.ndarray]:
+        return read_chunk(
+            chunk_path(partial, c), chunks[c], dim, views, [key, "digest"] if key == "bad_index" else [key]
+        )
+
     for c in range(len(chunks)):
-        with np.load(chunk_path(partial, c)) as z:
-            with_digests = with_digests and "digest" in z.files
-            kept.extend(z["index"].tolist())
-            skipped.extend(
-                {"path": source.paths[i], "error": str(e)} for i, e in zip(z["bad_index"], z["bad_error"])
-            )
+        z = chunk(c, "bad_index")
+        with_digests = with_digests and "digest" in z
+        kept.extend(z["index"].tolist())
+        skipped.extend(
+            {"path": source.paths[i], "error": str(e)} for i, e in zip(z["bad_index"], z["bad_error"])
+        )
     if not kept:
         raise InputError("no readable images", where=source.origin, hint="check the image files")
 
     def blocks(key: str) -> Iterator[np.ndarray]:
         for c in range(len(chunks)):
-            with np.load(chunk_path(partial, c)) as z:
-                yield checked_chunk(chunk_path(partial, c), z, key, source.paths)
+            yield checked_chunk(chunk_path(partial, c), chunk(c, key), key, source.paths)
 
     attrs = {
         **base_provenance(),
