@@ -769,3 +769,27 @@ def test_cifar_n_label_files_never_run_code(tmp_path, run_cli):
     np.savez(tmp_path / "other.npz", clean_label=(clean + 1) % 4, noisy_label=clean)
     code, _, err = run_cli(*args, "--noise-file", tmp_path / "other.npz", "--force")
     assert code == 2 and "differs from the binary release" in err
+
+
+@pytest.mark.parametrize(
+    ("suffix", "damage"),
+    [("npz", "empty"), ("npz", "half"), ("pt", "empty"), ("pt", "half"), ("pt", "garbage")],
+)
+def test_a_truncated_or_damaged_cifar_n_label_file_is_an_input_error(tmp_path, suffix, damage):
+    """An empty .npz raised EOFError (which the CLI reported as Ctrl-C, exit 130), a truncated one BadZipFile,
+    a pickle header on junk KeyError from torch.load, and a truncated .pt read as one needing conversion."""
+    import torch
+
+    from promptcli.datasets.cifar_n import load_label_arrays
+    from promptcli.errors import InputError
+
+    labels = np.arange(40) % 4
+    path = tmp_path / f"labels.{suffix}"
+    if suffix == "npz":
+        np.savez(path, clean_label=labels, noisy_label=labels)
+    else:
+        torch.save({"clean_label": labels, "noisy_label": labels}, path)
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "half": data[: len(data) // 2], "garbage": b"\x80\x04junk" * 10}[damage])
+    with pytest.raises(InputError, match="unreadable label file, truncated or damaged .*download it again"):
+        load_label_arrays(path)

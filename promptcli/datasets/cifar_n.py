@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,17 @@ def _conversion_hint(path: Path) -> str:
     )
 
 
+def _damaged(path: Path, exc: BaseException) -> InputError:
+    """The error for a label file cut short or damaged (a download stopped early, a full disk)."""
+    text = str(exc).strip()
+    first = f"{type(exc).__name__}: {text.splitlines()[0][:120]}" if text else type(exc).__name__
+    return InputError(
+        f"unreadable label file, truncated or damaged ({first})",
+        where=path,
+        hint="download it again from the CIFAR-N repository, or give another --noise-file",
+    )
+
+
 def load_label_arrays(path: Path) -> dict[str, np.ndarray]:
     """The arrays of a CIFAR-N label file, without running any code from it."""
     if not path.is_file():
@@ -119,9 +132,14 @@ def load_label_arrays(path: Path) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as data:
                 return {k: np.asarray(data[k]) for k in data.files}
         except ValueError as exc:
+            if "pickled" not in str(exc):  # numpy's "EOF: reading array data" and others: a damaged file
+                raise _damaged(path, exc) from exc
             raise InputError(
                 f"cannot read without unpickling ({exc})", where=path, hint="save plain integer arrays"
             ) from exc
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+            # an empty .npz: EOFError (which click took for Ctrl-C); a truncated one: BadZipFile
+            raise _damaged(path, exc) from exc
     if path.suffix != ".pt":
         raise InputError("expected a .pt or .npz label file", where=path, hint=_conversion_hint(path))
     import pickle
@@ -147,7 +165,11 @@ def load_label_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         with torch.serialization.safe_globals(allowed):
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except (EOFError, KeyError) as exc:  # an empty file (EOFError), or bytes of no torch format (KeyError)
+        raise _damaged(path, exc) from exc
+    except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
+        if "central directory" in str(exc):  # torch's zip reader on a truncated file
+            raise _damaged(path, exc) from exc
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         first = f"it references {unsafe.group(1)}, which is not array data" if unsafe else first
