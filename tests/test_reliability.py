@@ -376,6 +376,54 @@ def test_labels_on_stdin_may_start_with_a_bom(monkeypatch):
     assert table.columns == ["path", "label"] and table.rows == [{"path": "a.png", "label": "cat"}]
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "path,label\na.png,cat\nb.png\n",
+            ":3: row has 1 fields, the header 2",
+        ),  # its label was read as none
+        ("path,label,split\na.png,cat,train\nb.png,cat\n", ":3: row has 2 fields, the header 3"),
+        ('path,label\n"a.png,cat\nb.png,cat\n', ":2: row has 1 fields, the header 2"),  # unterminated quote
+        ("path,label\n\n\na.png,cat\nb\x00.png,cat\n", ":5: path 'b\\x00.png' holds a NUL character"),
+    ],
+)
+def test_image_list_rows_that_do_not_fit_the_header_are_refused(tmp_path, text, message):
+    images = tmp_path / "list.csv"
+    images.write_text(text)
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_image_csv(images)
+
+
+def test_image_list_reads_as_a_labels_csv_does(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    images = tmp_path / "list.csv"
+    images.write_text("path , label,,\n\na.png,cat,,\nb.png,dog\n")  # spaced names, unnamed empty cells
+    source = read_image_csv(images)
+    assert source.paths == ["a.png", "b.png"] and source.labels == [0, 1]
+    images.write_text("path\na.png\n\n\n./a.png\n")
+    with pytest.raises(InputError, match=re.escape("(lines 2 and 5)")):
+        read_image_csv(images)
+
+
+def test_label_rows_are_named_by_their_line(tmp_path, syn):
+    """Blank lines and quoted newlines move the rows: messages name the line a row is on, not its index + 2."""
+    fs = read_features(syn["features"], load_views=False)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        f'path,label,note\n\n{fs.paths[0]},{fs.classnames[0]},"two\nlines"\n\nnot-there.png,x,\n'
+    )
+    from promptcli.io.labels import join_labels
+
+    with pytest.raises(InputError) as err:
+        join_labels(fs, read_labels(labels))
+    assert err.value.where == f"{labels}:6"
+    labels.write_text(f"path,label\n\n{fs.paths[0]},{fs.classnames[0]}\n\n{fs.paths[0]},{fs.classnames[0]}\n")
+    with pytest.raises(InputError, match=re.escape("(lines 3 and 5)")):
+        read_labels(labels)
+
+
 def test_a_csv_field_over_the_csv_limit_is_an_input_error(tmp_path):
     big = tmp_path / "big.csv"
     big.write_text("path,label\n" + "a" * 200_000 + ",cat\n")

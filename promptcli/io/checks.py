@@ -6,7 +6,9 @@ exit code 2) instead of letting a bad value flow on into a silently wrong result
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import os
 import unicodedata
@@ -170,6 +172,73 @@ def check_seed(seed: int, option: str = "--seed") -> int:
     return int(seed)
 
 
+def csv_records(text: str, where: str | Path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
+    """The records of CSV ``text`` with the line each starts on, blank lines left out (they hold no row).
+
+    Bad quoting or a field over the csv module's limit is refused, naming the line, rather than raised as a
+    ``csv.Error``; line numbers count quoted newlines and blank lines, so every message names the real line."""
+    records = []
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    line = 1
+    try:
+        for record in reader:
+            if any(cell.strip() for cell in record):
+                records.append((line, record))
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        raise InputError(
+            f"malformed CSV (line {reader.line_num}: {exc})",
+            where=where,
+            hint="check quoting and field sizes",
+        ) from exc
+    return records
+
+
+@dataclasses.dataclass
+class CsvTable:
+    """A CSV with a header: its named columns, and each row's values (stripped) with the line it starts on."""
+
+    columns: list[str]
+    rows: list[dict[str, str]]
+    lines: list[int]
+
+
+def read_csv_table(
+    text: str,
+    where: str | Path,
+    *,
+    delimiter: str = ",",
+    check_header: Any = None,
+) -> CsvTable:
+    """Parse CSV ``text`` whose first record is a header: the one reader of labels CSVs, image lists and gradstats
+    CSVs. Column names and values are stripped; header cells without a name (a spreadsheet's trailing commas)
+    are ignored while their fields hold nothing. A column named twice, a row with fewer fields than the named
+    columns, or a value beyond them is refused, naming the line: a dict of the row would keep one of two columns,
+    or read a missing field as blank, silently. ``check_header(columns)`` runs before the rows are checked."""
+    records = csv_records(text, where, delimiter)
+    header = records[0][1] if records else []
+    body = records[1:]
+    named = [(i, c.strip()) for i, c in enumerate(header) if c.strip()]
+    columns = [c for _, c in named]
+    if check_header is not None:
+        check_header(columns)
+    check_unique_columns(columns, where)
+    needed = named[-1][0] + 1 if named else 0  # fields up to the last named column
+    kept = {i for i, _ in named}
+    separator = "tab" if delimiter == "\t" else "comma"
+    for line, record in body:
+        stray = [v for i, v in enumerate(record) if i not in kept and v.strip()]
+        if len(record) < needed or stray:
+            raise InputError(
+                f"row has {len(record)} fields, the header {len(header)}"
+                + (f" (a field beyond the named columns holds {shown(stray[0])})" if stray else ""),
+                where=f"{where}:{line}",
+                hint=f"give every row one field per column (quote fields that hold a {separator})",
+            )
+    rows = [{c: record[i].strip() for i, c in named} for _, record in body]
+    return CsvTable(columns, rows, [line for line, _ in body])
+
+
 def check_unique_columns(columns: Sequence[str], where: str | Path) -> None:
     """Refuse a CSV header naming a column twice (a dict of each row would keep the last, silently)."""
     repeated = sorted({c for c in columns if columns.count(c) > 1})
@@ -189,8 +258,9 @@ def check_unique_keys(
     first_line: int = 2,
     key: str = "path",
     unit: str = "line",
+    lines: Sequence[int] | None = None,
 ) -> None:
-    """Refuse a key listed twice, naming both rows (``unit`` ``first_line + index``).
+    """Refuse a key listed twice, naming both rows (``unit`` ``first_line + index``, or ``lines[index]``).
 
     With ``values`` (the label of each row) the message says when the two rows also conflict.
     Exact duplicates are refused too: a repeated row would silently weigh its image twice.
@@ -200,7 +270,7 @@ def check_unique_keys(
         j = seen.setdefault(k, i)
         if j == i:
             continue
-        a, b = j + first_line, i + first_line
+        a, b = (lines[j], lines[i]) if lines is not None else (j + first_line, i + first_line)
         what = f"{key} {k!r} is listed twice ({unit}s {a} and {b})"
         if values is not None and values[i] != values[j]:
             what = (

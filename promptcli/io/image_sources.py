@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from stat import S_ISREG
 # datasets.base imports only promptcli.errors: the one rule for turning folder names into class names
 from promptcli.datasets.base import underscores_to_spaces
 from promptcli.errors import InputError
-from promptcli.io.checks import check_class_names, check_unique_columns
+from promptcli.io.checks import check_class_names, check_unique_columns, read_csv_table, shown
 from promptcli.io.fileio import check_utf8_path, kind_of_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -174,28 +173,19 @@ def _check_folder_files(root: Path, paths: Sequence[str], files: Sequence[Path])
             )
 
 
-def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows of an image list: tab-separated for ``.tsv``, else comma-separated."""
+def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """Header, rows and each row's line of an image list: tab-separated for ``.tsv``, else comma-separated."""
     check_utf8_path(csv_path)  # recorded as the features file's source (its rows are UTF-8 text)
     delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
+            text = handle.read()
     except UnicodeDecodeError as exc:
         raise InputError("not a UTF-8 text CSV", where=csv_path, hint="save it as UTF-8 CSV") from exc
-    except csv.Error as exc:
-        raise InputError(f"malformed CSV ({exc})", where=csv_path, hint="check quoting") from exc
-    _check_columns(csv_path, columns)
-    for line, row in enumerate(rows, start=2):
-        if None in row:  # DictReader files the fields beyond the header under None
-            raise InputError(
-                f"row has {len(columns) + len(row[None])} fields, the header {len(columns)}",
-                where=f"{csv_path}:{line}",
-                hint="quote fields that hold a " + ("tab" if delimiter == "\t" else "comma"),
-            )
-    return columns, rows
+    table = read_csv_table(
+        text, csv_path, delimiter=delimiter, check_header=lambda columns: _check_columns(csv_path, columns)
+    )
+    return table.columns, table.rows, table.lines
 
 
 def _check_columns(csv_path: Path, columns: list[str]) -> None:
@@ -250,9 +240,11 @@ class _FileIdentities:
         return self.seen.setdefault(key, i)
 
 
-def _same_file_rows(paths: Sequence[str], given: Sequence[str] | None, j: int, i: int) -> str:
-    """The message for rows ``j`` < ``i`` that open one file."""
-    a, b = j + 2, i + 2
+def _same_file_rows(
+    paths: Sequence[str], given: Sequence[str] | None, j: int, i: int, lines: Sequence[int]
+) -> str:
+    """The message for rows ``j`` < ``i`` (on ``lines[j]``, ``lines[i]``) that open one file."""
+    a, b = lines[j], lines[i]
     conflict = given is not None and given[i] != given[j]
     if os.path.normpath(paths[i]) == os.path.normpath(paths[j]):
         if conflict:
@@ -267,7 +259,7 @@ def _same_file_rows(paths: Sequence[str], given: Sequence[str] | None, j: int, i
 
 def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> ImageSource:
     """A CSV with a ``path`` column (relative paths resolve against the CSV's folder); ``.tsv``: tabs."""
-    columns, rows = _read_rows(csv_path)
+    columns, rows, lines = _read_rows(csv_path)
     if not rows:
         raise InputError("no rows", where=csv_path, hint="list at least one image")
     has_label = "label" in columns
@@ -279,10 +271,14 @@ def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> Image
     base = csv_path.parent
     paths, files, labels, splits = [], [], [], []
     identities = _FileIdentities()
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows):
         path = (row.get("path") or "").strip()
         if not path:
             raise InputError("empty path", where=f"{csv_path}:{line}", hint="every row needs a path")
+        if "\x00" in path:  # no file name holds a NUL: it could not be opened, nor stat'ed, nor skipped
+            raise InputError(
+                f"path {shown(path)} holds a NUL character", where=f"{csv_path}:{line}", hint="fix the path"
+            )
         label_name = (row.get("label") or "").strip() if has_label else ""
         if label_name and label_name not in index:
             raise InputError(
@@ -300,7 +296,7 @@ def read_image_csv(csv_path: Path, classnames: list[str] | None = None) -> Image
         j = identities.first(len(files) - 1, file, st)
         if j != len(files) - 1:  # the same file as an earlier row: refused naming both rows
             given = [names[y] if y >= 0 else "" for y in labels] if has_label else None
-            message = _same_file_rows(paths, given, j, len(files) - 1)
+            message = _same_file_rows(paths, given, j, len(files) - 1, lines)
             raise InputError(message, where=csv_path, hint="list each image once")
     return ImageSource(csv_path, "csv", paths, files, labels, splits, names)
 

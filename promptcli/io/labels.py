@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from promptcli.errors import InputError
-from promptcli.io.checks import check_unique_columns, check_unique_keys
+from promptcli.io.checks import check_unique_keys, read_csv_table
 from promptcli.io.features import FeatureIndex, FeatureSet
 from promptcli.io.fileio import STDIO, open_output_text, sha256_bytes, sha256_file
 
@@ -27,6 +26,7 @@ class LabelTable:
     columns: list[str]
     rows: list[dict[str, str]]
     text: str = field(default="", repr=False)  # the raw text, for hashing stdin
+    lines: list[int] | None = field(default=None, repr=False)  # the line each row starts on (None: row i + 2)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -36,6 +36,14 @@ class LabelTable:
 
     def has(self, name: str) -> bool:
         return name in self.columns
+
+    def line(self, i: int) -> int:
+        """The line row ``i`` starts on (quoted newlines and blank lines counted)."""
+        return self.lines[i] if self.lines is not None else i + 2
+
+    def where(self, i: int) -> str:
+        """``FILE:LINE`` of row ``i``, for messages."""
+        return f"{self.source}:{self.line(i)}"
 
 
 def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> LabelTable:
@@ -60,43 +68,18 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
         where = source
     if text.lstrip().startswith("\x89HDF") or "\x00" in text[:1024]:
         raise InputError("not a CSV (binary file)", where=where, hint="give a CSV with path,label columns")
-    try:
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader, [])
-        records, lines = [], []
-        for record in reader:
-            if record:  # a blank line holds no row
-                records.append(record)
-                lines.append(reader.line_num)
-    except csv.Error as exc:
-        raise InputError(
-            f"malformed CSV (line {reader.line_num}: {exc})",
-            where=where,
-            hint="check quoting and field sizes",
-        ) from exc
-    # Columns without a name (a spreadsheet's trailing commas) are ignored while they hold nothing.
-    named = [(i, c.strip()) for i, c in enumerate(header) if c.strip()]
-    columns = [c for _, c in named]
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise InputError(
-            f"missing column(s) {', '.join(missing)} (columns: {', '.join(columns) or 'none'})",
-            where=where,
-            hint="a labels CSV needs a header with " + ",".join(required),
-        )
-    check_unique_columns(columns, where)
-    needed = named[-1][0] + 1 if named else 0  # fields up to the last named column
-    kept = {i for i, _ in named}
-    for line, record in zip(lines, records):
-        stray = [v for i, v in enumerate(record) if i not in kept and v.strip()]
-        if len(record) < needed or stray:
+
+    def check_header(columns: list[str]) -> None:
+        missing = [c for c in required if c not in columns]
+        if missing:
             raise InputError(
-                f"row has {len(record)} fields, the header {len(header)}"
-                + (f" (a field beyond the named columns holds {stray[0]!r})" if stray else ""),
-                where=f"{where}:{line}",
-                hint="give every row one field per column (quote fields that hold a comma)",
+                f"missing column(s) {', '.join(missing)} (columns: {', '.join(columns) or 'none'})",
+                where=where,
+                hint="a labels CSV needs a header with " + ",".join(required),
             )
-    rows = [{c: record[i].strip() for i, c in named} for record in records]
+
+    parsed = read_csv_table(text, where, check_header=check_header)
+    columns, rows, lines = parsed.columns, parsed.rows, parsed.lines
     if "is_noisy" in columns:
         for line, row in zip(lines, rows):
             if row["is_noisy"] not in ("", "0", "1"):
@@ -108,8 +91,8 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
     if not rows:
         raise InputError("no rows", where=where, hint="the labels CSV is empty")
     labels = [r.get("label", "") for r in rows] if "label" in columns else None
-    check_unique_keys([r.get("path", "") for r in rows], where, labels)
-    return LabelTable(where, columns, rows, text)
+    check_unique_keys([r.get("path", "") for r in rows], where, labels, lines=lines)
+    return LabelTable(where, columns, rows, text, lines)
 
 
 def labels_sha256(table: LabelTable, path: str | Path) -> str:
@@ -176,8 +159,8 @@ def join_labels(
     has_clean = table.has("clean_label") and not any(not r.get("clean_label") for r in table.rows)
     has_noisy = table.has("is_noisy") and not any(not r.get("is_noisy") for r in table.rows)
     rows, labels, clean, noisy, skipped = [], [], [], [], []
-    for line, row in enumerate(table.rows, start=2):
-        where = f"{table.source}:{line}"
+    for i, row in enumerate(table.rows):
+        where = table.where(i)
         path = row.get("path", "")
         if (
             path not in by_path

@@ -267,11 +267,11 @@ def _read_input(source: str, features: Path | None, warn: Callable[[str], None],
     table = read_labels(source)
     if table.has("clean_label") and not allow_noisy:
         # Corrupting noisy labels again would lose the truth; a file whose labels are all clean is fine.
-        for line, row in enumerate(table.rows, start=2):
+        for i, row in enumerate(table.rows):
             if row.get("clean_label", "") != row.get("label", ""):
                 raise InputError(
                     "these labels are already noisy (label differs from clean_label)",
-                    where=f"{table.source}:{line}",
+                    where=table.where(i),
                     hint="corrupt the clean labels: keep path and clean_label, renamed to label",
                 )
     return table, None, labels_sha256(table, source)
@@ -285,11 +285,11 @@ def _class_list(table: LabelTable, fs, classnames: Path | None) -> list[str]:
         return list(fs.classnames)
     if classnames is not None:
         return read_classnames(classnames)
-    for line, row in enumerate(table.rows, start=2):
+    for i, row in enumerate(table.rows):
         if not row["label"]:  # a blank cell would otherwise become a class named ''
             raise InputError(
                 "empty label",
-                where=f"{table.source}:{line}",
+                where=table.where(i),
                 hint="give every row a label, or the class list with --features or --classnames",
             )
     return sorted({row["label"] for row in table.rows})
@@ -304,7 +304,7 @@ def _label_indices(table: LabelTable, names: list[str]) -> np.ndarray:
             shown = ", ".join(names[:8]) + ("…" if len(names) > 8 else "")
             raise InputError(
                 f"label {label!r} is not in the class list",
-                where=f"{table.source}:{i + 2}",
+                where=table.where(i),
                 hint=f"use one of: {shown}",
             )
         out[i] = index[label]
