@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -191,6 +192,47 @@ def test_read_matrix_labelled_and_bare(tmp_path):
     np.testing.assert_allclose(
         noise.read_transition_matrix(bare, names), noise.read_transition_matrix(labelled, names)
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "0,1e308,1e308\n0.5,0,0.5\n0.5,0.5,0\n",
+            ":1: expected 3 numbers in [0, 1]",
+        ),  # crashed: fsum overflow
+        ("0,1.5,-0.5\n0.5,0,0.5\n0.5,0.5,0\n", ":1: expected 3 numbers in [0, 1]"),
+        ("\n\n,a,b,c\n\na,0,0.5,0.5\nb,0.5,0,0.5\nc,0.5,0.5,0.2\n", ":7: row sums to 1.2, not 1"),
+        ("0,0.5,0.5\n0," + "5" * 200_000 + ",0\n", "malformed CSV (line 2: field larger than field limit"),
+    ],
+    ids=["huge", "out-of-range", "blank-lines", "field-limit"],
+)
+def test_bad_matrix_files_are_input_errors_naming_the_line(tmp_path, text, message):
+    matrix = tmp_path / "T.csv"
+    matrix.write_text(text)
+    with pytest.raises(InputError, match=re.escape(message)):
+        noise.read_transition_matrix(matrix, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "from,to\na,b,c\n",
+            ":2: row has 3 fields, the header 2 (a field beyond the named columns holds 'c')",
+        ),
+        ("from,to\n\n\na,x\n", ":4: unknown class 'x'"),
+        ("from,to\n" + "a" * 200_000 + ",b\n", "malformed CSV (line 2: field larger than field limit"),
+    ],
+    ids=["third-class", "blank-lines", "field-limit"],
+)
+def test_bad_pair_files_are_input_errors_naming_the_line(tmp_path, text, message):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(text)
+    with pytest.raises(InputError, match=re.escape(message)):
+        noise.read_pairs(pairs, ["a", "b", "c"])
+    pairs.write_text("from,to,note\na,b,the usual confusion\n")  # a named column of notes is fine
+    assert noise.read_pairs(pairs, ["a", "b", "c"]) == {0: 1}
 
 
 # --- CLI ------------------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ seeded by the caller, so a seed fixes the result.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ import numpy as np
 
 from promptcli.choices import NoiseType
 from promptcli.errors import InputError
+from promptcli.io.checks import csv_records
 
 NOISE_TYPES = NoiseType.values()
 ROW_SUM_TOLERANCE = 1e-6
@@ -309,7 +308,8 @@ def few_shot_noisy(
 # --- reading mappings and matrices -----------------------------------------------------------------
 
 
-def _read_csv_rows(path: str | Path, what: str) -> list[list[str]]:
+def _read_csv_rows(path: str | Path, what: str) -> list[tuple[int, list[str]]]:
+    """The non-blank records of a pairs or matrix CSV, cells stripped, each with the line it starts on."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{what} not found", where=p, hint="check the path")
@@ -317,24 +317,31 @@ def _read_csv_rows(path: str | Path, what: str) -> list[list[str]]:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError("not a UTF-8 text CSV", where=p, hint="save it as UTF-8 CSV") from exc
-    return [
-        [cell.strip() for cell in row] for row in csv.reader(io.StringIO(text)) if any(c.strip() for c in row)
-    ]
+    return [(line, [cell.strip() for cell in row]) for line, row in csv_records(text, path)]
 
 
 def read_pairs(path: str | Path, classnames: Sequence[str]) -> dict[int, int]:
     """A pair mapping CSV with header ``from,to`` (class names); each class at most once as ``from``."""
     rows = _read_csv_rows(path, "pairs file")
-    if not rows or [c.lower() for c in rows[0][:2]] != ["from", "to"]:
+    if not rows or [c.lower() for c in rows[0][1][:2]] != ["from", "to"]:
         raise InputError(
             "expected a header row from,to", where=path, hint="one row per flip: from,to (class names)"
         )
+    n_named = max(i + 1 for i, c in enumerate(rows[0][1]) if c)  # further named columns: notes, ignored
     index = {n: i for i, n in enumerate(classnames)}
     mapping: dict[int, int] = {}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         where = f"{path}:{line}"
         if len(row) < 2:
             raise InputError("expected two columns from,to", where=where, hint="one row per flip")
+        stray = [c for c in row[n_named:] if c]
+        if stray:  # a third class name ("a,b,c") would otherwise be dropped unread
+            raise InputError(
+                f"row has {len(row)} fields, the header {n_named} (a field beyond the named columns holds "
+                f"{stray[0]!r})",
+                where=where,
+                hint="one row per flip: from,to (quote class names that hold a comma)",
+            )
         for name in row[:2]:
             if name not in index:
                 shown = ", ".join(classnames[:8]) + ("…" if len(classnames) > 8 else "")
@@ -369,6 +376,8 @@ def read_transition_matrix(path: str | Path, classnames: Sequence[str]) -> np.nd
     n = len(classnames)
     if not rows:
         raise InputError("empty matrix file", where=path, hint=f"give {n} rows of {n} numbers")
+    lines = [line for line, _ in rows]
+    rows = [row for _, row in rows]
     labelled = any(_number(c) is None for c in rows[0][1:]) or _number(rows[0][0]) is None
     index = {name: i for i, name in enumerate(classnames)}
     order = list(range(n))
@@ -378,21 +387,24 @@ def read_transition_matrix(path: str | Path, classnames: Sequence[str]) -> np.nd
         for name in header:
             if name not in index:
                 raise InputError(
-                    f"unknown class {name!r} in the header", where=f"{path}:1", hint="use class names"
+                    f"unknown class {name!r} in the header",
+                    where=f"{path}:{lines[0]}",
+                    hint="use class names",
                 )
         if sorted(index[h] for h in header) != order:
             raise InputError(
-                "the header must name every class once", where=f"{path}:1", hint=f"{n} classes expected"
+                "the header must name every class once",
+                where=f"{path}:{lines[0]}",
+                hint=f"{n} classes expected",
             )
         order = [index[h] for h in header]
     matrix = np.full((n, n), np.nan)
     seen = set()
     if len(body) != n:
         raise InputError(f"expected {n} rows, got {len(body)}", where=path, hint=f"one row per class ({n})")
-    for line, row in enumerate(body, start=2 if labelled else 1):
+    for r, (line, row) in enumerate(zip(lines[1:] if labelled else lines, body)):
         where = f"{path}:{line}"
         cells = row
-        r = line - (2 if labelled else 1)
         if labelled:
             if row[0] not in index:
                 raise InputError(
@@ -403,10 +415,9 @@ def read_transition_matrix(path: str | Path, classnames: Sequence[str]) -> np.nd
                 raise InputError(f"class {row[0]!r} has two rows", where=where, hint="one row per class")
             seen.add(r)
         values = [_number(c) for c in cells]
-        if len(values) != n or any(v is None or not math.isfinite(v) or v < 0 for v in values):
-            raise InputError(
-                f"expected {n} non-negative numbers", where=where, hint="one probability per class"
-            )
+        # a probability is at most 1: larger values (1e308) could only overflow the row's sum
+        if len(values) != n or any(v is None or not 0 <= v <= 1 for v in values):
+            raise InputError(f"expected {n} numbers in [0, 1]", where=where, hint="one probability per class")
         total = math.fsum(values)  # type: ignore[arg-type]
         if abs(total - 1.0) > ROW_SUM_TOLERANCE:
             raise InputError(
