@@ -235,6 +235,21 @@ def test_bad_pair_files_are_input_errors_naming_the_line(tmp_path, text, message
     assert noise.read_pairs(pairs, ["a", "b", "c"]) == {0: 1}
 
 
+@pytest.mark.parametrize("other", ["Cat", "cat ", "ca\u0300t", "cat\u00a0", "CAT  "], ids=ascii)
+def test_labels_naming_one_class_two_ways_are_refused_without_a_class_list(tmp_path, run_cli, other):
+    """Without --features/--classnames the classes are the labels: two spellings of one prompt are refused, not
+    made two classes between which a 'flip' changes nothing a prompt can see."""
+    labels = tmp_path / "labels.csv"
+    base = "c\u00e0t" if other == "ca\u0300t" else "cat"
+    labels.write_text(f"path,label\na.png,{base}\nb.png,{base}\nc.png,dog\nd.png,{other}\n", encoding="utf-8")
+    code, out, err = run_cli("corrupt", labels, "--rate", "0.5", "-o", tmp_path / "n.csv")
+    if other.strip() == base:  # values are stripped: 'cat ' is 'cat'
+        assert code == 0, err
+        return
+    assert code == 2 and f"Error: {labels}: labels " in err and "rename one of the labels" in err
+    assert not (tmp_path / "n.csv").exists()
+
+
 # --- CLI ------------------------------------------------------------------------------------------------
 
 

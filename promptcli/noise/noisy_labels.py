@@ -17,7 +17,7 @@ import numpy as np
 
 from promptcli.choices import ConfusionFrom, NoiseType
 from promptcli.errors import InputError, warn_user
-from promptcli.io.checks import INT_MAX, check_at_most, check_seed
+from promptcli.io.checks import INT_MAX, check_at_most, check_class_names, check_seed
 from promptcli.io.fileio import (
     STDIO,
     check_distinct,
@@ -292,7 +292,10 @@ def _class_list(table: LabelTable, fs, classnames: Path | None) -> list[str]:
                 where=table.where(i),
                 hint="give every row a label, or the class list with --features or --classnames",
             )
-    return sorted({row["label"] for row in table.rows})
+    names = sorted({row["label"] for row in table.rows})
+    # 'Cat' and 'cat' would be two classes, and a flip between them no noise at all in a prompt
+    check_class_names(((n, n) for n in names), table.source, what="label")
+    return names
 
 
 def _label_indices(table: LabelTable, names: list[str]) -> np.ndarray:
