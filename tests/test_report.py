@@ -904,6 +904,60 @@ def test_mixed_models_are_named_in_labels_with_a_warning(tmp_path, run_cli):
             "Error: {d}/g.csv:2: column n_noisy is not a number ('1e400')",
         ),
         (
+            lambda d: write_json(d / "m.json", {**eval_summary(top1=0.5), "metrics": {"top1": 1.5}}),
+            ["{d}"],
+            "Error: {d}/m.json: metrics.top1 is 1.5, not a fraction in [0, 1]",
+        ),
+        (
+            lambda d: write_json(
+                d / "m.json", {**eval_summary(), "metrics": {**eval_summary()["metrics"], "top5": 10**400}}
+            ),
+            ["{d}"],
+            "Error: {d}/m.json: metrics.top5 is not a number (1" + "0" * 36 + "...)",
+        ),
+        (
+            lambda d: (d / "m.json").write_text(json.dumps({**eval_summary(), "seed": float("nan")})),
+            ["{d}"],
+            "Error: {d}/m.json: holds NaN, which promptcli never writes",
+        ),
+        (
+            lambda d: write_json(d / "m.json", eval_summary(rate=1.5)),
+            ["{d}"],
+            "Error: {d}/m.json: noise rate 1.5 is not a fraction in [0, 1]",
+        ),
+        (
+            lambda d: (d / "t.jsonl").write_text(log_lines([(0.5, None), (2.0, None)], run_meta())),
+            ["{d}"],
+            "Error: {d}/t.jsonl: epoch line 2: accuracy is 2.0, not a fraction in [0, 1]",
+        ),
+        (
+            lambda d: (d / "g.csv").write_text(
+                ",".join(GRADSTATS_COLUMNS)
+                + "\n\n"
+                + ",".join(str(v) for v in grad_row(1, 0, 2, 1.0, 2, 1.0).values())[:-4]
+                + "\n"
+            ),
+            ["{d}"],
+            "Error: {d}/g.csv:3: row has 13 fields, the header 14",
+        ),
+        (
+            lambda d: (d / "g.csv").write_text(
+                ",".join(GRADSTATS_COLUMNS)
+                + ",ratio\n"
+                + ",".join(str(v) for v in grad_row(1, 0, 2, 1.0, 2, 1.0).values())
+                + ",9\n"
+            ),
+            ["{d}"],
+            "Error: {d}/g.csv: column 'ratio' appears twice in the header",
+        ),
+        (
+            lambda d: write_gradstats(
+                d / "g.csv", [{**grad_row(1, 0, 2, 1.0, 2, 1.0), "method": "c" * 200_000}]
+            ),
+            ["{d}"],
+            "Error: {d}/g.csv: malformed CSV (line 2: field larger than field limit (131072))",
+        ),
+        (
             lambda d: (d / "m.json").write_text("[" * 100_000 + "]" * 100_000),
             ["{d}/m.json"],
             "Error: {d}/m.json: JSON nested too deeply to read",
@@ -938,6 +992,14 @@ def test_mixed_models_are_named_in_labels_with_a_warning(tmp_path, run_cli):
         "prompts-not-list",
         "labels-sha-list",
         "gradstats-int-overflow",
+        "metric-over-one",
+        "metric-huge-int",
+        "nan",
+        "noise-rate-over-one",
+        "log-accuracy-over-one",
+        "gradstats-short-row",
+        "gradstats-repeated-column",
+        "gradstats-field-limit",
         "deep-json",
         "missing",
         "format",
@@ -1143,3 +1205,11 @@ def test_documents_name_the_commit_and_working_directory_when_recorded(tmp_path)
     assert f"- git commit: {'ab' * 20} (uncommitted changes)" in new and "- cwd: /runs" in new
     clean = reporting.render_html(report, {**base, "git": {**git, "dirty": False}}, "t", None)
     assert f"<code>{'ab' * 20}</code>" in clean and "uncommitted" not in clean
+
+
+def test_a_csv_beside_the_results_with_an_overlong_first_field_is_skipped(tmp_path, run_cli):
+    """A file that is no result is skipped when a folder is read, even one the csv module cannot parse."""
+    write_json(tmp_path / "m.json", eval_summary())
+    (tmp_path / "notes.csv").write_text("x" * 200_000 + "\n")
+    code, _, err = run_cli("report", tmp_path, "--json", "-q")
+    assert code == 0, err

@@ -28,7 +28,7 @@ from typing import Any
 
 from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, PROMPT_METHODS, SCHEDULE_TEXT, Method
 from promptcli.errors import InputError
-from promptcli.io.checks import check_json_kind
+from promptcli.io.checks import check_json_kind, is_json_kind, read_csv_table, shown
 
 # The columns of a gradstats CSV (written by analysis/gradstats.py, read here).
 GRADSTATS_COLUMNS = (
@@ -211,9 +211,16 @@ def find_result_files(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
 
 
 def _json_loads(text: str, where: Any) -> Any:
-    """``json.loads``, with JSON nested too deeply for Python's parser refused as not a result."""
+    """``json.loads``, with JSON nested too deeply for Python's parser refused as not a result, and so is a
+    ``NaN`` or ``Infinity``: promptcli writes none, and one would reach the report's means and JSON."""
+
+    def constant(name: str) -> Any:
+        raise InputError(
+            f"holds {name}, which promptcli never writes", where=where, hint="is the file damaged or edited?"
+        )
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=constant)
     except RecursionError:
         raise InputError(
             "JSON nested too deeply to read", where=where, hint="give eval/tune/gradstats results"
@@ -299,17 +306,24 @@ def classify(text: str, path: Path) -> tuple[str | None, Any]:
         if isinstance(obj, dict) and _is_log([obj]):
             return "tune-log", [obj]
         return None, None
-    header = next(csv.reader(io.StringIO(stripped)), [])
+    try:
+        header = next(csv.reader(io.StringIO(stripped, newline="")), [])
+    except csv.Error:  # a first field over the csv module's limit: no CSV promptcli writes
+        return None, None
     header = [h.strip() for h in header]
     if "noisy_grad_norm" in header and "clean_grad_norm" in header:
-        missing = [c for c in GRADSTATS_COLUMNS if c not in header]
-        if missing:
-            raise InputError(
-                f"gradstats CSV lacks column(s) {', '.join(missing)}",
-                where=path,
-                hint="write it with `promptcli gradstats`",
-            )
-        return "gradstats", list(csv.DictReader(io.StringIO(stripped)))
+
+        def check_header(columns: list[str]) -> None:
+            missing = [c for c in GRADSTATS_COLUMNS if c not in columns]
+            if missing:
+                raise InputError(
+                    f"gradstats CSV lacks column(s) {', '.join(missing)}",
+                    where=path,
+                    hint="write it with `promptcli gradstats`",
+                )
+
+        # the labels' reader: a repeated column, a short row or a stray value is refused, not read as blank
+        return "gradstats", read_csv_table(text, path, check_header=check_header)
     return None, None
 
 
@@ -336,7 +350,7 @@ def _params_label(params: Any) -> str:
     )
 
 
-def _noise(noise: Any) -> tuple[str, float | None]:
+def _noise(noise: Any, where: Any = None) -> tuple[str, float | None]:
     """(type, rate) from a corrupt sidecar; rate 0 is 'none'; (NOISE_UNKNOWN, None) without a sidecar or a rate."""
     if noise is None:
         return NOISE_UNKNOWN, None
@@ -350,13 +364,31 @@ def _noise(noise: Any) -> tuple[str, float | None]:
     if not isinstance(rate, (int, float)) or isinstance(rate, bool):
         # a sidecar without a rate (a real-noise dataset's list, a transductive or cleaned file of such labels)
         return NOISE_UNKNOWN, None
+    if not (
+        is_json_kind(rate, float) and 0 <= rate <= 1
+    ):  # 1e400 would overflow float(), 1.5 no share of labels
+        raise InputError(
+            f"noise rate {shown(rate)} is not a fraction in [0, 1]",
+            where=where,
+            hint="is the file damaged or edited?",
+        )
     rate = round(float(rate), 6)
     return (NO_NOISE if rate == 0 else str(noise.get("type") or "unknown")), rate
 
 
-def _number(value: Any, where: str, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{what} is not a number ({value!r})", where=where, hint="is the file complete?")
+def _number(value: Any, where: str, what: str, fraction: bool = False) -> float:
+    """``value`` as a float: a finite number (an integer too large for a float is none), and with ``fraction`` one
+    in [0, 1] (an accuracy)."""
+    if value is None or not is_json_kind(value, float):
+        raise InputError(
+            f"{what} is not a number ({shown(value)})", where=where, hint="is the file complete?"
+        )
+    if fraction and not 0 <= value <= 1:
+        raise InputError(
+            f"{what} is {shown(value)}, not a fraction in [0, 1]",
+            where=where,
+            hint="is the file damaged or edited?",
+        )
     return float(value)
 
 
@@ -505,7 +537,8 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
     """
     metrics = obj["metrics"]
     values = {
-        name: _number(metrics.get(key), str(path), f"metrics.{key}") for name, key in METRIC_KEYS.items()
+        name: _number(metrics.get(key), str(path), f"metrics.{key}", fraction=True)
+        for name, key in METRIC_KEYS.items()
     }
     model, test = _model_label(obj.get("model")), _test_label(obj)
     if obj.get("zero_shot"):
@@ -528,7 +561,7 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
     members = [m for m in obj.get("prompts") or [] if isinstance(m, dict)]
     if obj.get("noise") is None and any(m.get("noise") is not None for m in members):
         return None  # an ensemble of prompts tuned on differently noisy labels: no one noise rate
-    noise_type, rate = _noise(obj.get("noise"))
+    noise_type, rate = _noise(obj.get("noise"), path)
     if rate is None and noise_type != NOISE_UNKNOWN:
         return None
     method = str(obj.get("method") or "mixed")
@@ -550,9 +583,7 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
     noise = obj.get("noise")
     noise_seed = noise.get("seed") if isinstance(noise, dict) else None
     realised = noise.get("realised_rate") if isinstance(noise, dict) else None
-    realised = (
-        float(realised) if isinstance(realised, (int, float)) and not isinstance(realised, bool) else None
-    )
+    realised = float(realised) if realised is not None and is_json_kind(realised, float) else None
     return EvalRun(
         key,
         noise_type,
@@ -615,8 +646,10 @@ def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
         epochs.append(
             {
                 "epoch": int(_number(row.get("epoch"), where, "epoch")),
-                "accuracy": _number(row.get("accuracy"), where, "accuracy"),
-                "clean_accuracy": None if clean is None else _number(clean, where, "clean_accuracy"),
+                "accuracy": _number(row.get("accuracy"), where, "accuracy", fraction=True),
+                "clean_accuracy": None
+                if clean is None
+                else _number(clean, where, "clean_accuracy", fraction=True),
                 "loss": row.get("loss"),
             }
         )
@@ -627,7 +660,7 @@ def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
     loss_params = run.get("loss_params")
     if isinstance(loss, dict):  # {"name": ..., params} as loss_params() gives
         loss_params, loss = loss, loss.get("name")
-    noise_type, rate = _noise(run.get("noise"))
+    noise_type, rate = _noise(run.get("noise"), path)
     key = SeriesKey(
         method=str(run.get("method") or "unknown"),
         loss=str(loss or ""),
@@ -727,12 +760,15 @@ def _grad_key(method: str, loss: str, meta: dict[str, Any] | None, where: Any) -
 
 
 def grad_runs(
-    rows: list[dict[str, str]], path: Path, warn: Callable[[str], None] = lambda _: None
+    rows: list[dict[str, str]],
+    path: Path,
+    warn: Callable[[str], None] = lambda _: None,
+    lines: Sequence[int] | None = None,
 ) -> list[GradRun]:
-    """The runs of a gradstats CSV (one per method, loss, noise and seed in it); an empty noise rate
-    (labels without a noise sidecar) is ``NOISE_UNKNOWN``."""
+    """The runs of a gradstats CSV (one per method, loss, noise and seed in it; ``lines``: the line of each row);
+    an empty noise rate (labels without a noise sidecar) is ``NOISE_UNKNOWN``."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for number, raw in enumerate(rows, start=2):
+    for number, raw in zip(lines if lines is not None else range(2, len(rows) + 2), rows):
         row = {c: _grad_value(raw, c, f"{path}:{number}") for c in GRADSTATS_COLUMNS}
         if math.isfinite(row["noise_rate"]):
             rate: float | None = round(row["noise_rate"], 6)
@@ -886,9 +922,9 @@ def read_results(paths: Sequence[str | Path]) -> Results:
                     "stopped): its curve ends early"
                 )
         else:
-            runs = grad_runs(content, path, results.warnings.append)
+            runs = grad_runs(content.rows, path, results.warnings.append, content.lines)
             results.grads.extend(runs)
-            n = len(content)
+            n = len(content.rows)
         results.files.append(SourceFile(str(path), kind, digest, n))
     results.evals, split_warnings = split_unrecorded_test_sets(results.evals)
     results.warnings += split_warnings
