@@ -288,6 +288,54 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert decode_rgb(path).getpixel((0, 0)) == (78, 78, 78)
 
 
+def _png(size: tuple[int, int], depth: int, colour_type: int, rows: list[bytes], trns: bytes) -> bytes:
+    """A PNG file written by hand (PIL cannot write low-bit or 16-bit grey or RGB with a tRNS colour)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", *size, depth, colour_type, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + row for row in rows))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"tRNS", trns)
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
+
+
+W = (255, 255, 255)  # the background transparent pixels become
+
+
+@pytest.mark.parametrize(
+    "depth, colour_type, row, trns, expected",
+    [
+        (1, 0, bytes([0b01000000]), b"\0\0", [W, (255,) * 3]),  # 1-bit grey, black transparent
+        (2, 0, bytes([0b00011011]), b"\0\1", [(0,) * 3, W, (170,) * 3, (255,) * 3]),  # raw 1 is PIL's 85
+        (16, 0, np.array([0, 300, 25700], ">u2").tobytes(), b"\0\0", [W, (1,) * 3, (100,) * 3]),
+        (8, 2, bytes([0, 0, 0, 9, 9, 9]), b"\0\x09\0\x09\0\x09", [(0,) * 3, W]),
+    ],
+)
+def test_a_png_transparent_colour_is_matched_at_the_files_bit_depth(
+    tmp_path, depth, colour_type, row, trns, expected
+):
+    path = tmp_path / "t.png"
+    path.write_bytes(_png((len(expected), 1), depth, colour_type, [row], trns))
+    rgb = decode_rgb(path)
+    assert [rgb.getpixel((x, 0)) for x in range(len(expected))] == expected
+
+
+def test_a_16_bit_rgb_png_with_a_transparent_colour_is_refused(tmp_path):
+    # PIL reads it at 8 bits with the key at 16: (0, 0, 200) read as (0, 0, 0) matched the key (0, 0, 0)
+    path = tmp_path / "t.png"
+    path.write_bytes(_png((2, 1), 16, 2, [np.array([0, 0, 0, 0, 0, 200], ">u2").tobytes()], bytes(6)))
+    with pytest.raises(DecodeError, match="16-bit RGB PNG with a transparent colour"):
+        decode_rgb(path)
+
+
 def test_decompression_bombs_are_one_clear_error(tmp_path, monkeypatch, run_cli, cli_model_args):
     path = tmp_path / "big.png"
     Image.new("L", (100, 80)).save(path)

@@ -10,8 +10,11 @@ to white and drops transparency onto black, so each mode is converted by an expl
   lies in 0..65535 (``round(v / 257)``), refused otherwise.
 * ``F`` (float grey): values all in [0, 1] are scaled by 255; else values all in [0, 255] are kept;
   anything else (negative, above 255, NaN/inf) is refused.
-* ``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, and ``L``/``P``/``RGB`` with a transparency entry
-  (PNG tRNS): alpha-composited onto a white background.
+* ``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, and ``P`` with a transparency entry (PNG tRNS, GIF):
+  alpha-composited onto a white background.
+* ``1``, ``L``, ``I;16``, ``I`` and ``RGB`` with a transparent colour (PNG tRNS): the pixels equal to it, compared at
+  the file's own bit depth (a 2-bit grey PNG's tRNS value 1 is the grey PIL reads as 85), become the background.
+  A 16-bit RGB PNG with a transparent colour is refused: PIL reads it at 8 bits, so which pixels match is lost.
 * ``CMYK``: ``(255 - C)(255 - K) / 255`` per channel (PIL's conversion; no ICC colour management).
 * Any other mode (``LAB``, ...) is refused.
 
@@ -84,10 +87,49 @@ def _float_to_rgb(values: np.ndarray) -> Image.Image:
     raise DecodeError(f"float image values span [{low:g}, {high:g}], neither [0, 1] nor [0, 255]")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """The RGB image of ``img`` by the rules of this module's docstring; DecodeError when refused."""
+# The value PIL gives a grey PNG pixel whose raw sample is 1, by the file's raw mode (low bit depths are scaled up).
+_GREY_STEP = {"L;2": 85, "L;4": 17}
+_KEYED = ("1", "L", "I", "RGB", *_GREY16)
+
+
+def _colour_key_to_rgb(img: Image.Image, rawmode: str | None) -> Image.Image:
+    """``img`` (a mode of ``_KEYED``) with a transparent colour: the pixels equal to it become the background.
+
+    PIL's own conversion compares the key with the decoded values, which for low-bit grey (scaled up) and 16-bit
+    grey or RGB (the key left at 16 bits) are on another scale, so the transparency was lost or hit other pixels.
+    """
+    key = img.info["transparency"]
+    if rawmode is not None and ";16" in rawmode and img.mode == "RGB":
+        raise DecodeError(
+            "16-bit RGB PNG with a transparent colour (tRNS): it is read at 8 bits, so which pixels are "
+            "transparent is lost; save it as RGBA (or without the tRNS chunk)"
+        )
+    plain = img.copy()
+    plain.info.pop("transparency", None)
+    if img.mode == "RGB":
+        if not (isinstance(key, tuple) and len(key) == 3):
+            raise DecodeError(f"RGB image with a transparency entry {key!r} that is no colour")
+        mask = (np.asarray(img) == np.array(key)).all(axis=-1)
+    else:
+        if not isinstance(key, int):
+            raise DecodeError(f"grey image with a transparency entry {key!r} that is no grey value")
+        values = np.asarray(img.convert("L") if img.mode == "1" else img, dtype=np.int64)
+        mask = values == key * _GREY_STEP.get(rawmode or "", 1)  # mode 1: PIL gives the key as 0 or 255
+    rgb = np.array(to_rgb(plain))
+    rgb[mask] = BACKGROUND
+    return Image.fromarray(rgb, mode="RGB")
+
+
+def to_rgb(img: Image.Image, rawmode: str | None = None) -> Image.Image:
+    """The RGB image of ``img`` by the rules of this module's docstring; DecodeError when refused.
+
+    ``rawmode``: how the file stores its pixels (a PNG's ``L;2``, ``RGB;16B``, ...), read before decoding; it sets
+    the scale of a transparent colour.
+    """
     mode = img.mode
-    if mode in ("L", "P", "RGB") and "transparency" in img.info:  # a tRNS colour or palette alpha
+    if "transparency" in img.info and mode in _KEYED:  # a tRNS colour
+        return _colour_key_to_rgb(img, rawmode)
+    if mode == "P" and "transparency" in img.info:  # palette alpha
         mode, img = "RGBA", img.convert("RGBA")
     if mode in _ALPHA:
         rgba = img.convert("RGBA")
@@ -130,7 +172,8 @@ def decode_rgb(path: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 check_pixels(img, max_pixels)
+                rawmode = getattr(getattr(img, "png", None), "im_rawmode", None)  # gone once loaded
                 img.load()
-                return to_rgb(img)
+                return to_rgb(img, rawmode)
     finally:
         Image.MAX_IMAGE_PIXELS = saved
