@@ -299,6 +299,18 @@ def test_a_png_with_a_broken_chunk_is_an_unreadable_image(run_cli, cli_model_arg
     assert images[0, -1] == (0, "broken PNG file (chunk b'17\\x00\\x00')")
 
 
+def test_a_damaged_avif_is_an_unreadable_image(run_cli, cli_model_args, tmp_path):
+    """PIL's AVIF plugin reports a damaged file with RuntimeError, which reached the "unexpected" handler."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "AVIF")
+    data = bytearray(buffer.getvalue())
+    data[data.index(b"iloc") + 12] ^= 0xFF  # the item locations: "Missing or empty image item"
+    root = make_image_folder(tmp_path / "imgs", per_class=1)
+    (root / "blue_sky" / "photo.png").write_bytes(bytes(data))  # an AVIF named .png (extensions may lie)
+    code, _, stderr = run_cli("extract", root, "-o", tmp_path / "o.h5", *cli_model_args, "--workers", "0")
+    assert code == 2 and "photo.png: cannot read image (Failed to decode image" in stderr, stderr
+
+
 def test_bad_options(run_cli, cli_model_args, image_folder, tmp_path):
     code, _, stderr = run_cli(
         "extract", image_folder, "-o", tmp_path / "o.h5", *cli_model_args, "--dtype", "int8"

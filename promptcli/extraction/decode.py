@@ -48,10 +48,12 @@ class DecodeError(ValueError):
 
 # Everything decode_rgb raises for a damaged or unsupported file: PIL's plugins report a broken chunk or
 # header with SyntaxError (PNG), missing data with EOFError or struct.error, bad tables with IndexError,
-# KeyError or TypeError, an unsupported variant with NotImplementedError (BLP); unreadable files are OSError.
+# KeyError or TypeError, an unsupported variant with NotImplementedError (BLP), a damaged AVIF with RuntimeError
+# ("Failed to decode image"); unreadable files are OSError.
 DECODE_ERRORS: tuple[type[Exception], ...] = (
     OSError,  # also UnidentifiedImageError
     ValueError,  # also DecodeError
+    RuntimeError,  # also NotImplementedError
     SyntaxError,
     EOFError,
     struct.error,
