@@ -190,6 +190,45 @@ def test_resume_after_interruption_is_identical(tiny_model, image_folder, tmp_pa
         extract_features(source, tiny_model, out, options, resume=True)
 
 
+def test_an_image_rewritten_after_it_was_encoded_is_noticed(tiny_model, tmp_path):
+    """Chunks record each encoded file's size and time as read: a rewrite between an interrupted run and its
+    --resume was assembled into the output with the old image's features, and a rewrite during a run was
+    recorded in files_digest as if encoded, so a later --resume on the finished file took it as complete."""
+    root = make_image_folder(tmp_path / "imgs", per_class=2)
+    source = read_image_source(root)
+    options = ExtractOptions(dtype="float32", workers=0, batch_size=2, chunk_size=2)
+
+    def rewrite(i: int) -> None:
+        st = os.stat(source.files[i])
+        os.utime(source.files[i], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    out = tmp_path / "cut.h5"
+
+    calls = []
+
+    def interrupt(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 2:  # chunk 0 (rows 0-1) is written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(source, tiny_model, out, options, on_rows=interrupt)
+    rewrite(1)  # in the finished chunk 0
+    with pytest.raises(
+        InputError, match="image changed or removed since the interrupted run encoded it"
+    ) as err:
+        extract_features(source, tiny_model, out, options, resume=True)
+    assert err.value.where == str(source.files[1]) and "chunk-000000.npz" in err.value.hint
+    (tmp_path / "cut.h5.partial" / "chunk-000000.npz").unlink()  # as the hint says: encoded again
+    assert extract_features(source, tiny_model, out, options, resume=True).n_images == 6
+
+    done = []
+    whole = tmp_path / "whole.h5"
+    extract_features(source, tiny_model, whole, options, on_rows=lambda n: done or done.append(rewrite(0)))
+    with pytest.raises(InputError, match="differs in the image files"):
+        extract_features(source, tiny_model, whole, options, resume=True)
+
+
 def test_existing_output_needs_force(run_cli, cli_model_args, image_folder, tmp_path):
     out = tmp_path / "f.h5"
     out.write_text("precious")

@@ -40,7 +40,7 @@ from promptcli.io.fileio import (
     open_regular,
     place_output,
 )
-from promptcli.io.image_sources import ImageSource
+from promptcli.io.image_sources import ImageSource, file_stamp
 from promptcli.io.provenance import base_provenance
 from promptcli.models.devices import runtime_record
 from promptcli.models.loading import LoadedModel
@@ -170,12 +170,19 @@ class ImageDataset(Dataset):
         path = self.files[index]
         try:
             with open_regular(path) as handle:
+                st = os.fstat(handle.fileno())  # before reading: a file rewritten while read then differs
                 digest = file_digest(handle)
                 handle.seek(0)
                 rgb = decode_rgb(handle, self.max_pixels)
         except DECODE_ERRORS as exc:
             return {"index": index, "error": decode_failure(exc)}
-        item: dict[str, Any] = {"index": index, "error": "", "image": self.preprocess(rgb), "digest": digest}
+        item: dict[str, Any] = {
+            "index": index,
+            "error": "",
+            "image": self.preprocess(rgb),
+            "digest": digest,
+            "stamp": (st.st_size, st.st_mtime_ns),
+        }
         if self.views:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(view_seed(self.seed, index))
@@ -231,6 +238,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {
         "index": [it["index"] for it in good],
         "digest": [it["digest"] for it in good],
+        "stamp": [it["stamp"] for it in good],
         "bad": [(it["index"], it["error"]) for it in items if it["error"]],
     }
     if good:
@@ -406,6 +414,9 @@ def encode_chunks(
     """Encode the given chunks of ``source`` and write each as it completes."""
     chunks = chunk_ranges(len(source), options.rows_per_chunk)
     todo = [c for c in chunk_ids if not chunk_path(partial, c).exists()]
+    for c in chunk_ids:
+        if c not in todo:
+            check_chunk_files(source, chunk_path(partial, c), chunks[c], loaded.embed_dim, options.views)
     if not todo:
         return
     loaded.info["channels_last"] = use_channels_last(loaded)
@@ -432,6 +443,7 @@ def encode_chunks(
     buf: dict[str, list] = {
         "index": [],
         "digest": [],
+        "stamp": [],
         "features": [],
         "views": [],
         "bad_index": [],
@@ -453,6 +465,7 @@ def encode_chunks(
         if batch["index"]:
             buf["index"].extend(batch["index"])
             buf["digest"].extend(batch["digest"])
+            buf["stamp"].extend(batch["stamp"])
             names = [source.paths[i] for i in batch["index"]]
             buf["features"].append(encode_images(loaded, batch["image"], names.__getitem__))
             if options.views:
@@ -478,6 +491,9 @@ def _payload(buf: dict[str, list], dim: int, options: ExtractOptions) -> dict[st
         "index": np.asarray(buf["index"], dtype=np.int64),
         # each encoded row's file SHA-256: assemble combines them into the images' digest
         "digest": np.frombuffer(b"".join(buf["digest"]), dtype=np.uint8).reshape(-1, 32),
+        # each encoded row's file (size, modification time in ns) when read: --resume and the finished file's
+        # files_digest compare them with the files, so an image rewritten after it was encoded is noticed
+        "stamp": np.asarray(buf["stamp"], dtype=np.int64).reshape(-1, 2),
         "features": feats.astype(dtype),
         "bad_index": np.asarray(buf["bad_index"], dtype=np.int64),
         "bad_error": np.asarray(buf["bad_error"], dtype=str),
@@ -489,7 +505,13 @@ def _payload(buf: dict[str, list], dim: int, options: ExtractOptions) -> dict[st
 
 
 DAMAGED_CHUNK_HINT = "delete the chunk (or rerun with --force instead of --resume) to encode its images again"
-CHUNK_KEYS = ("index", "features", "bad_index", "bad_error")  # and views with --views, digest since recorded
+CHUNK_KEYS = (
+    "index",
+    "features",
+    "bad_index",
+    "bad_error",
+)  # and views with --views; digest, stamp since recorded
+OPTIONAL_CHUNK_KEYS = ("digest", "stamp")  # chunks written before they were recorded lack them
 
 
 def damaged_chunk(path: Path, what: str) -> InputError:
@@ -519,7 +541,8 @@ def _first_line(exc: BaseException) -> str:
 def read_chunk(path: Path, rows: range, dim: int, views: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (and ``index``) of the finished chunk of source rows ``rows``, refused naming the chunk
     unless readable and shaped as extraction writes them: its rows split between ``index`` (encoded) and
-    ``bad_index`` (unreadable) exactly, ``features`` (n, dim), ``views`` (n, views, dim), ``digest`` (n, 32).
+    ``bad_index`` (unreadable) exactly, ``features`` (n, dim), ``views`` (n, views, dim), ``digest`` (n, 32),
+    ``stamp`` (n, 2).
 
     A chunk --resume found may be empty or truncated (a crash, a full disk, a copy), or another extraction's;
     numpy then raises EOFError, zipfile.BadZipFile, ValueError, KeyError or zlib.error, all refused here."""
@@ -528,7 +551,7 @@ def read_chunk(path: Path, rows: range, dim: int, views: int, keys: Sequence[str
         wanted.append("bad_error")
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in wanted if k not in z.files and k != "digest"]
+            missing = [k for k in wanted if k not in z.files and k not in OPTIONAL_CHUNK_KEYS]
             if missing:
                 raise damaged_chunk(path, f"chunk lacks {', '.join(missing)}")
             data = {k: z[k] for k in wanted if k in z.files}
@@ -542,11 +565,10 @@ def read_chunk(path: Path, rows: range, dim: int, views: int, keys: Sequence[str
             path, f"chunk index has shape {index.shape} and type {index.dtype}, not a list of rows"
         )
     n = len(index)
-    shapes = {"features": (n, dim), "views": (n, views, dim), "digest": (n, 32)}
+    shapes = {"features": (n, dim), "views": (n, views, dim), "digest": (n, 32), "stamp": (n, 2)}
+    kinds = {"digest": "u", "stamp": "i"}
     for key, shape in shapes.items():
-        if key in data and (
-            data[key].shape != shape or data[key].dtype.kind not in ("u" if key == "digest" else "f")
-        ):
+        if key in data and (data[key].shape != shape or data[key].dtype.kind not in kinds.get(key, "f")):
             raise damaged_chunk(
                 path, f"chunk {key} has shape {data[key].shape} and type {data[key].dtype}, expected {shape}"
             )
@@ -565,6 +587,21 @@ def read_chunk(path: Path, rows: range, dim: int, views: int, keys: Sequence[str
                 f"chunk does not hold rows {rows.start}..{rows.stop - 1} once each (damaged, or another extraction's)",
             )
     return data
+
+
+def check_chunk_files(source: ImageSource, path: Path, rows: range, dim: int, views: int) -> None:
+    """Refuse resuming with a finished chunk whose images were rewritten (or removed) since it encoded them."""
+    chunk = read_chunk(path, rows, dim, views, ["stamp"])
+    if "stamp" not in chunk:  # written before chunks recorded their files
+        return
+    for i, stamp in zip(chunk["index"].tolist(), chunk["stamp"].tolist()):
+        if file_stamp(source.files[i]) != tuple(stamp):
+            raise InputError(
+                "image changed or removed since the interrupted run encoded it (its size or modification time "
+                "differs)",
+                where=source.files[i],
+                hint=f"delete {path} to encode its images again, or rerun with --force to start over",
+            )
 
 
 def checked_chunk(path: Path, chunk: Any, key: str, paths: Sequence[str]) -> np.ndarray:
@@ -594,18 +631,25 @@ def assemble(
         raise RuntimeFailure(f"{len(missing)} chunk(s) missing", where=partial, hint="rerun with --resume")
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
+    stamps: dict[int, tuple[int, int]] = {}  # encoded rows' files as they were read
     with_digests = True  # chunks written before extraction recorded the files' digests have none
     dim, views = loaded.embed_dim, options.views
 
     def chunk(c: int, key: str) -> dict[str, np.ndarray]:
         return read_chunk(
-            chunk_path(partial, c), chunks[c], dim, views, [key, "digest"] if key == "bad_index" else [key]
+            chunk_path(partial, c),
+            chunks[c],
+            dim,
+            views,
+            [key, *OPTIONAL_CHUNK_KEYS] if key == "bad_index" else [key],
         )
 
     for c in range(len(chunks)):
         z = chunk(c, "bad_index")
         with_digests = with_digests and "digest" in z
         kept.extend(z["index"].tolist())
+        if "stamp" in z:
+            stamps.update(zip(z["index"].tolist(), map(tuple, z["stamp"].tolist())))
         skipped.extend(
             {"path": source.paths[i], "error": str(e)} for i, e in zip(z["bad_index"], z["bad_error"])
         )
@@ -627,7 +671,8 @@ def assemble(
         **({"images_digest": images_digest(blocks("digest"))} if with_digests else {}),
         # what --resume compares, so a rerun of this same extraction knows the file as its own
         "manifest": json.dumps(manifest_for(source, loaded, options), sort_keys=True),
-        "files_digest": source.files_digest(),  # the files' sizes and times, for the same check
+        # the files' sizes and times when read (a file rewritten since then is noticed), for the same check
+        "files_digest": source.files_digest(stamps),
         "n_images": len(kept),
         "n_skipped": len(skipped),
         "skipped": skipped,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -45,17 +45,25 @@ class ImageSource:
             h.update(f"{p}\t{y}\t{s}\n".encode())
         return h.hexdigest()
 
-    def files_digest(self) -> str:
+    def files_digest(self, stamps: Mapping[int, tuple[int, int]] | None = None) -> str:
         """SHA-256 over each file's size and modification time (ns), in row order: images rewritten under the
-        same names change it, without reading them (a stat per file)."""
+        same names change it, without reading them (a stat per file). ``stamps``: rows' (size, time) as they
+        were when the images were read, used instead of the files' stat now."""
         h = hashlib.sha256()
-        for f in self.files:
-            try:
-                st = os.stat(f)
-                h.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(b"missing\n")
+        for i, f in enumerate(self.files):
+            stamp = stamps.get(i) if stamps else None
+            stamp = stamp if stamp is not None else file_stamp(f)
+            h.update(b"missing\n" if stamp is None else f"{stamp[0]}\t{stamp[1]}\n".encode())
         return h.hexdigest()
+
+
+def file_stamp(path: str | Path) -> tuple[int, int] | None:
+    """A file's (size, modification time in ns), or None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def folder_class_name(folder: str) -> str:
