@@ -201,6 +201,25 @@ def test_a_non_finite_prompt_is_never_written_nor_read(tmp_path):
         read_prompt(out)
 
 
+def test_a_prompt_tensor_of_integer_type_is_refused(tmp_path):
+    """An integer ``ctx`` (an edited or converted file) was copied into the float prompt as its truncated values
+    and evaluated: a wrong result, exit 0."""
+    from safetensors.torch import save_file
+
+    from promptcli.io.prompt_files import encode_metadata
+
+    meta = encode_metadata({"method": "coop", "classnames": ["a", "b"]})
+    path = tmp_path / "p.safetensors"
+    for dtype in (torch.int64, torch.bool):
+        save_file({"ctx": torch.ones(2, 4, dtype=dtype)}, str(path), metadata=meta)
+        with pytest.raises(InputError, match="tensor 'ctx' has type .*, not floating point"):
+            read_prompt(path)
+    save_file({"ctx": torch.ones(2, 4, dtype=torch.bfloat16)}, str(path), metadata=meta)
+    assert read_prompt(path).tensors["ctx"].dtype == torch.bfloat16  # any float type reads
+    save_file({"keys": torch.ones(2, 4), "cache_labels": torch.tensor([0, 1])}, str(path), metadata=meta)
+    assert read_prompt(path).tensors["cache_labels"].dtype == torch.int64  # tip-adapter's labels are integers
+
+
 def test_damaged_prompt_metadata_is_an_input_error(tmp_path):
     from safetensors.torch import save_file
 

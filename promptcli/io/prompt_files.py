@@ -126,8 +126,25 @@ def read_prompt(path: str | Path) -> PromptFile:
         ) from exc
     metadata = decode_metadata(raw, path)
     check_metadata_types(metadata, path)
+    check_tensor_types(tensors, path)
     check_finite_tensors(tensors, path)
     return PromptFile(path, tensors, metadata)
+
+
+# Tensors tune writes with integer values (tip-adapter's cache labels); every other tensor is floating point.
+INTEGER_TENSORS = ("cache_labels",)
+
+
+def check_tensor_types(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse a learned tensor that is not floating point: copied into a float parameter, an integer tensor
+    (an edited or converted file) read as its truncated values, a wrong result rather than an error."""
+    for name, tensor in tensors.items():
+        if name not in INTEGER_TENSORS and not tensor.is_floating_point():
+            raise InputError(
+                f"tensor {name!r} has type {str(tensor.dtype).replace('torch.', '')}, not floating point",
+                where=where,
+                hint="the prompt file is damaged or converted; make it again with tune",
+            )
 
 
 def check_metadata_types(metadata: dict[str, Any], where: str | Path) -> None:
