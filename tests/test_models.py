@@ -271,3 +271,20 @@ def test_configs_and_checkpoints_that_do_not_fit_are_input_errors(tmp_path, tiny
     no_heads.write_text(json.dumps({**cfg, "vision_cfg": {**cfg["vision_cfg"], "head_width": 10**6}}))
     with pytest.raises(InputError, match="open_clip cannot build model tiny-clip from its config"):
         load_model("tiny-clip", None, no_heads, device="cpu", random_weights=True)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_checkpoint_tensor_of_integer_type_is_refused(tiny_model_files, tmp_path, suffix):
+    """An integer weight was copied into the float model as its truncated values: features from a wrong model."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_model_files["weights"]))
+    state["visual.conv1.weight"] = state["visual.conv1.weight"].long()
+    path = tmp_path / f"int{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    with pytest.raises(InputError, match="tensor 'visual.conv1.weight' has an integer type") as err:
+        load_model("tiny-clip", str(path), tiny_model_files["config"], device="cpu")
+    assert err.value.where == str(path)

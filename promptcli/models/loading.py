@@ -407,6 +407,41 @@ def check_safetensors(path: str | Path) -> None:
         raise _unreadable_checkpoint(str(path), exc) from exc
 
 
+def _integer_tensors(path: Path) -> set[str]:
+    """Names of a checkpoint's integer or bool tensors (``module.`` prefixes dropped), read without their data;
+    empty when the file cannot be read so (a legacy pickle: open_clip has read it already)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    try:
+        if path.suffix == ".safetensors" or head[8:9] == b"{":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as st:
+                names = {k for k in st.keys() if st.get_slice(k).get_dtype().startswith(("I", "U", "BOOL"))}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            items = state.items() if isinstance(state, dict) else ()
+            names = {k for k, v in items if isinstance(v, torch.Tensor) and not v.is_floating_point()}
+    except Exception:  # noqa: BLE001 - a best-effort look; the model loaded from it
+        return set()
+    return {k.removeprefix("module.") for k in names}
+
+
+def check_checkpoint_types(path: Path, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint holding an integer tensor where the model has floating-point weights: loading copies
+    it in as its (truncated) values, a wrong model rather than an error."""
+    integer = _integer_tensors(path)
+    for name, tensor in model.state_dict().items():
+        if name in integer and tensor.is_floating_point():
+            raise InputError(
+                f"checkpoint tensor {name!r} has an integer type, where the model's weights are floating point",
+                where=path,
+                hint="the file is damaged or converted: save the model's weights again",
+            )
+
+
 @contextlib.contextmanager
 def _offline_unless_reachable(cfg: dict[str, Any]):
     """Fetch through the Hugging Face hub in offline mode (its cache only) when the hub cannot be reached.
@@ -611,6 +646,8 @@ def load_model(
             hint="make the model's files available locally (hf_model_name may be a local folder)",
         ) from exc
 
+    if spec.pretrained and _is_checkpoint_path(spec.pretrained) and not random_weights:
+        check_checkpoint_types(Path(spec.pretrained), clip_model)
     clip_model.eval()
     clip_model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model)
