@@ -231,6 +231,8 @@ def test_cli_run_log_and_bad_inputs_get_one_line_errors(
         "finetune",
         "--epochs",
         "1",
+        "--warmup-epochs",  # else the warm-up covering the one epoch is warned about
+        "0",
         "-b",
         "8",
         "-j",
@@ -484,3 +486,34 @@ def test_a_run_started_with_the_old_sgd_default_is_told_how_to_resume(tmp_path, 
     with pytest.raises(InputError, match="trained with SGD.*--optimizer sgd"):
         run(None, resume=True)
     assert run("sgd", resume=True)["resumed_from_epoch"] == 1
+
+
+@pytest.mark.parametrize("method", ["finetune", "vpt"])
+def test_image_methods_get_the_option_checks_of_every_tune_method(tmp_path, method):
+    """finetune, vpt and maple once skipped tune's shared checks: a negative seed, --lr 1e308 and --val-fraction
+    ran, and --kg-lambda, --q with mae or --noisy-loss without --split were ignored without a word."""
+
+    def run(**options):
+        said: list[str] = []
+        opts = TuneOptions(**{"method": method, "epochs": 2, **options})
+        with pytest.raises(InputError) as refused:  # every case stops before reading a file
+            finetune(tmp_path / "none.h5", tmp_path / "none.csv", tmp_path / "o.safetensors", opts,
+                     FinetuneOptions(workers=0), device="cpu", warn=said.append)  # fmt: skip
+        return refused.value, said
+
+    for options, where in (
+        ({"seed": -5}, "--seed"),
+        ({"lr": 1e308}, "--lr"),
+        ({"val_fraction": 0.5}, "--val-fraction"),
+    ):
+        error, said = run(**options)
+        assert error.where == where and said == [], (options, error)
+    for options, warning in (
+        ({"kg_lambda": 3.0}, f"--kg-lambda applies to kgcoop; ignored for {method}"),
+        ({"loss": "mae", "q": 0.3}, "--q applies to --loss gce; ignored for mae"),
+        ({"noisy_loss": "none"}, "--noisy-loss and --ot-epsilon apply with --split ot; ignored"),
+        ({"epochs": 1}, "the warm-up (--warmup-epochs 1) covers all 1 epochs"),
+    ):
+        error, said = run(**options)
+        assert error.where == str(tmp_path / "none.h5") or "none" in str(error), error  # the missing file
+        assert any(warning in s for s in said), (options, said)

@@ -647,8 +647,14 @@ def finetune(
         save_checkpoint,
         split_loss,
     )
+    from promptcli.learning.tune_run import (
+        check_shared_options,
+        finished_run,
+        partial_path,
+        remove_file,
+        run_identity_text,
+    )
     from promptcli.learning.tune_run import fingerprint as digest
-    from promptcli.learning.tune_run import finished_run, partial_path, remove_file, run_identity_text
     from promptcli.models.devices import resolve_device, runtime_record
     from promptcli.models.image_adapter import FINETUNE_METHOD, wise_interpolate, wise_path
     from promptcli.models.loading import load_model_from_record
@@ -660,6 +666,8 @@ def finetune(
     if method_name not in IMAGE_METHODS:
         raise ValueError(f"finetune() trains {', '.join(IMAGE_METHODS)}, not {method_name}")
     ft.validate(method_name)
+    # the checks tune gives every method (seed, finite numbers, the method's and the loss's options)
+    warnings = check_shared_options(options, split_ok=True)
     split = options.split_config()
     loss_fn = make_loss(
         options.loss,
@@ -673,15 +681,13 @@ def finetune(
         options = replace(options, lr=FINETUNE_LR[options.optimizer])
     optim = options.optim_config(options.weight_decay)
     check_optim(optim)
-    if options.shots is not None and options.shots < 1:
-        raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")
-    if options.ctx_init or options.csc or options.class_position != "end":
-        warn(f"--ctx-init, --csc and --class-position apply to prompt methods; ignored for {method_name}")
     if method_name == "maple" and options.n_ctx != TuneOptions.n_ctx:
         warn("--n-ctx: maple learns the paper's 2 context tokens (the template's first words); ignored")
     from promptcli.models.zeroshot import resolve_templates
 
     resolve_templates([options.template])  # one {} (checked before any file is read)
+    for message in warnings:  # given once every check has passed
+        warn(message)
     torch_device = resolve_device(device) if shard.world_size == 1 else torch.device(device)
     amp_dtype = _autocast_dtype(ft.precision, torch_device, amp)
     fp16 = fp16_suspect("--precision", "--precision bf16 or fp32") if amp_dtype == torch.float16 else None

@@ -197,32 +197,17 @@ def _log_settings(
     return settings
 
 
-def check_options(
-    options: TuneOptions, warn: Callable[[str], None], *, split_ok: bool = False
-) -> tuple[Any, torch.nn.Module]:
-    """Validate ``options`` before any file is read; return (prompt config or None, loss).
+def check_shared_options(options: TuneOptions, *, split_ok: bool = False) -> list[str]:
+    """The checks of every tune method, on cached features or on images (finetune, vpt, maple): numbers finite
+    and in range, the split, the method's own options. Returns the warnings about options the run ignores, for
+    the caller to give once its own checks have passed too (a refused run prints its one error line alone)."""
+    from promptcli.choices import COOP_VARIANTS
+    from promptcli.learning.losses import LOSSES, ignored_loss_options
+    from promptcli.learning.method_options import check_method_options
+    from promptcli.models.heads import TEXT_METHODS
 
-    A clean/noisy split (``options.split`` other than none) changes the loss per sample and epoch,
-    which only a caller passing ``options.split_config()`` to :func:`train` honours: callers say so
-    with ``split_ok`` (``tune`` does); others get a clear error rather than a silently ignored option.
-    """
-    from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, ZERO_SHOT_BASED
-    from promptcli.learning.losses import LOSSES, ignored_loss_options, make_loss
-    from promptcli.learning.method_options import (
-        check_method_options,
-        checked_prompt_config,
-        coop_variant_config,
-    )
-    from promptcli.models.heads import TEXT_METHODS, check_method
-
-    options = options.resolved()
-    check_method(options.method)
-    if options.method in IMAGE_METHODS:  # tune trains on cached features; these train on images
-        raise InputError(
-            f"{options.method} trains on images through the image tower, not on cached features",
-            where="--method",
-            hint="run it with `promptcli tune` or learning.finetune.finetune",
-        )
+    warnings: list[str] = []
+    warn = warnings.append
     check_finite_fields(options)
     check_seed(options.seed)
     split = SplitConfig(options.split, options.noisy_loss, options.ot_epsilon).validate()
@@ -250,6 +235,34 @@ def check_options(
         options.ctx_init or options.csc or options.class_position != "end"
     ):
         warn(f"--ctx-init, --csc and --class-position apply to prompt methods; ignored for {options.method}")
+    if options.shots is not None and options.shots < 1:
+        raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")
+    return warnings
+
+
+def check_options(
+    options: TuneOptions, warn: Callable[[str], None], *, split_ok: bool = False
+) -> tuple[Any, torch.nn.Module]:
+    """Validate ``options`` before any file is read; return (prompt config or None, loss).
+
+    A clean/noisy split (``options.split`` other than none) changes the loss per sample and epoch,
+    which only a caller passing ``options.split_config()`` to :func:`train` honours: callers say so
+    with ``split_ok`` (``tune`` does); others get a clear error rather than a silently ignored option.
+    """
+    from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, ZERO_SHOT_BASED
+    from promptcli.learning.losses import make_loss
+    from promptcli.learning.method_options import checked_prompt_config, coop_variant_config
+    from promptcli.models.heads import TEXT_METHODS, check_method
+
+    options = options.resolved()
+    check_method(options.method)
+    if options.method in IMAGE_METHODS:  # tune trains on cached features; these train on images
+        raise InputError(
+            f"{options.method} trains on images through the image tower, not on cached features",
+            where="--method",
+            hint="run it with `promptcli tune` or learning.finetune.finetune",
+        )
+    warnings = check_shared_options(options, split_ok=split_ok)
     prompt_config = None
     if options.method in TEXT_METHODS:
         prompt_config = checked_prompt_config(options)
@@ -268,8 +281,8 @@ def check_options(
         label_smoothing=options.label_smoothing,
     )
     options.optim_config(options.weight_decay).validate()
-    if options.shots is not None and options.shots < 1:
-        raise InputError("must be >= 1", where="--shots", hint="give the number of labelled images per class")
+    for message in warnings:
+        warn(message)
     return prompt_config, loss_fn
 
 
