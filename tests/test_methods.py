@@ -237,12 +237,13 @@ def test_save_and_load_give_the_same_logits(method, tiny_model, feats, tmp_path)
 def test_tune_eval_ensemble_and_clean(method, syn, tmp_path, run_cli):
     out = tmp_path / f"{method}.safetensors"
     args = ["tune", syn["features"], syn["labels"], "-o", out, "--method", method, "--device", "cpu", "-q"]
-    if method != "tip-adapter":
-        args += ["--epochs", "2", "--n-ctx", "4"]
-    code, stdout, stderr = run_cli(*args, "--split", "ot", "--json")
+    if method != "tip-adapter":  # training-free: it refuses a split (there is no training to split)
+        args += ["--epochs", "2", "--n-ctx", "4", "--split", "ot"]
+    code, stdout, stderr = run_cli(*args, "--json")
     assert code == 0, stderr
     summary = json.loads(stdout)
-    assert summary["method"] == method and summary["split"]["method"] == "ot"
+    assert summary["method"] == method
+    assert (summary["split"] or {}).get("method") == (None if method == "tip-adapter" else "ot")
     meta = read_prompt(out).metadata
     assert meta["method"] == method and meta["features_sha256"] and meta["labels_sha256"]
     code, stdout, stderr = run_cli("eval", syn["features"], "-p", out, "-p", out, "--device", "cpu", "--json")
@@ -345,6 +346,56 @@ def test_another_methods_option_is_reported_as_ignored():
     said: list[str] = []
     check_method_options(TuneOptions(method="coop", kg_lambda=2.0, tip_beta=3.0), said.append)
     assert len(said) == 2 and "--kg-lambda" in said[0] and "--tip-beta" in said[1]
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "warning"),
+    [
+        ("linear-probe", {"n_ctx": 4}, "--n-ctx sets a random context"),
+        ("coop", {"ctx_init": "a photo of a", "init_std": 0.5}, "--init-std sets a random context"),
+        ("maple", {"n_ctx": 4}, "maple learns the paper's 2 context tokens"),
+        ("coop", {"template": "x {}"}, "--template applies to cls-tuning"),
+        ("cocoop", {"template": "x {}"}, "--template applies to"),
+        ("clip-adapter", {"class_chunk": 2}, "--class-chunk applies to the class text pass"),
+        (
+            "coop",
+            {"optimizer": "adamw", "momentum": 0.5},
+            "--momentum applies to --optimizer sgd; ignored for adamw",
+        ),
+        ("coop", {"warmup_epochs": 0, "warmup_lr": 0.1}, "--warmup-lr applies with --warmup-epochs above 0"),
+    ],
+)
+def test_options_the_method_does_not_read_are_reported_as_ignored(method, options, warning):
+    from promptcli.learning.method_options import check_unused_options
+
+    said: list[str] = []
+    check_unused_options(TuneOptions(method=method, **options), said.append)
+    assert len(said) == 1 and warning in said[0], said
+    quiet: list[str] = []  # the same options where they are read: no warning
+    check_unused_options(
+        TuneOptions(method="kgcoop", ctx_init="", n_ctx=4, init_std=0.5, class_chunk=2), quiet.append
+    )
+    check_unused_options(
+        TuneOptions(method="full-prompt", template="x {}", momentum=0.5, warmup_lr=0.1), quiet.append
+    )
+    assert quiet == []
+
+
+def test_tip_adapter_refuses_training_options_its_file_would_record(syn, tmp_path, run_cli):
+    """tip-adapter trains nothing: --loss gce or --split ot ran as plain tip-adapter but the prompt file recorded
+    them (and report grouped it as a gce or ot run)."""
+    for extra in (["--loss", "gce"], ["--split", "ot"], ["--lr", "5", "--batch-size", "3"]):
+        out = tmp_path / "tip.st"
+        code, _, stderr = run_cli("tune", syn["features"], syn["labels"], "-o", out, "--method", "tip-adapter",
+                                  "--device", "cpu", "-q", *extra)  # fmt: skip
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert f"{extra[0]}: tip-adapter is training-free" in stderr and not out.exists()
+    # a computation setting the method has no use for is not recorded as if it had been used
+    out = tmp_path / "lp.st"
+    code, _, stderr = run_cli("tune", syn["features"], syn["labels"], "-o", out, "--method", "linear-probe",
+                              "--epochs", "1", "--weight-decay", "0", "--class-chunk", "2", "--device", "cpu")  # fmt: skip
+    assert code == 0 and "--class-chunk applies to" in stderr, stderr
+    assert "class_chunk" not in read_prompt(out).metadata
 
 
 def test_cocoop_on_a_hugging_face_tower_matches_the_plain_pass(tiny_hf_model):  # noqa: F811

@@ -681,8 +681,6 @@ def finetune(
         options = replace(options, lr=FINETUNE_LR[options.optimizer])
     optim = options.optim_config(options.weight_decay)
     check_optim(optim)
-    if method_name == "maple" and options.n_ctx != TuneOptions.n_ctx:
-        warn("--n-ctx: maple learns the paper's 2 context tokens (the template's first words); ignored")
     from promptcli.models.zeroshot import resolve_templates
 
     resolve_templates([options.template])  # one {} (checked before any file is read)

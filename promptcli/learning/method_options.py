@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
-from promptcli.choices import TIP_METHODS, Method
+from promptcli.choices import (
+    COOP_VARIANTS,
+    IMAGE_METHODS,
+    PROMPT_METHODS,
+    TIP_METHODS,
+    ZERO_SHOT_BASED,
+    Method,
+    Optimizer,
+)
 from promptcli.errors import InputError, warn_user
 from promptcli.learning.options import TuneOptions
 
@@ -76,14 +85,75 @@ def check_method_options(options: TuneOptions, warn: Callable[[str], None] = war
         )
     if method != Method.TIP_ADAPTER.value and options.epochs == 0:  # kept: an untrained prompt is a check
         warn(f"--epochs 0: {method} is saved untrained, with its initial weights")
-    if method == Method.COCOOP.value and options.class_chunk:
-        warn("--class-chunk applies to the class text pass of coop-style methods; ignored for cocoop")
     if method == Method.COCOOP.value and (options.csc or options.class_position != "end"):
         raise InputError(
             "cocoop shifts one shared context placed before the class name",
             where="--csc" if options.csc else "--class-position",
             hint="drop --csc and --class-position for cocoop",
         )
+
+
+# TuneOptions fields that set how a run trains: training-free tip-adapter reads none of them.
+_TRAINING_FIELDS = (
+    "loss", "q", "alpha", "beta", "label_smoothing", "optimizer", "lr", "momentum", "weight_decay",
+    "warmup_epochs", "warmup_lr", "schedule", "batch_size", "split", "noisy_loss", "ot_epsilon",
+)  # fmt: skip
+# Methods whose prompt formats --template: the fixed words of cls-tuning / full-prompt, a zero-shot classifier or
+# anchor (coop, cocoop and linear-probe have none).
+_TEMPLATE_METHODS = (
+    Method.CLS_TUNING.value, Method.FULL_PROMPT.value, Method.CLASSIFIER_ZS.value, Method.KGCOOP.value,
+    *ZERO_SHOT_BASED, *IMAGE_METHODS,
+)  # fmt: skip
+# Methods whose text pass with gradient runs over the class prompts (cocoop's runs per image).
+CLASS_CHUNK_METHODS = (*PROMPT_METHODS, Method.KGCOOP.value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_unused_options(options: TuneOptions, warn: Callable[[str], None] = warn_user) -> None:
+    """Refuse the training options for training-free tip-adapter (its file would record a loss or split it never
+    used), and warn about a shared option set away from its default that this method and setting do not read."""
+    o = options.resolved()
+    method = str(o.method)
+    base = TuneOptions(method=method).resolved()
+    changed = [f.name for f in fields(o) if getattr(o, f.name) != getattr(base, f.name)]
+    if method == Method.TIP_ADAPTER.value:
+        training = [name for name in _TRAINING_FIELDS if name in changed]
+        if training:
+            raise InputError(
+                f"tip-adapter is training-free: {', '.join(map(_flag, training))} "
+                f"set{'' if len(training) > 1 else 's'} how a run trains",
+                where=_flag(training[0]),
+                hint=f"drop {'them' if len(training) > 1 else 'it'} (or use --method tip-adapter-f, which trains the "
+                "cache keys)",
+            )
+    random_ctx = (method == Method.COOP.value and o.ctx_init is None) or (
+        method in COOP_VARIANTS and o.ctx_init == ""
+    )
+    for name in ("n_ctx", "init_std"):
+        if name in changed and not random_ctx:
+            if method in (Method.COOP.value, *COOP_VARIANTS):
+                why = f"{method} starts its context from --ctx-init's words"
+            elif method == Method.MAPLE.value:
+                why = "maple learns the paper's 2 context tokens (the template's first words)"
+            else:
+                why = f"{method} learns no random context"
+            warn(
+                f'{_flag(name)} sets a random context (coop; kgcoop, cocoop with --ctx-init ""): {why}; ignored'
+            )
+    if "template" in changed and method not in _TEMPLATE_METHODS:
+        warn(f"--template applies to {', '.join(_TEMPLATE_METHODS)}; ignored for {method}")
+    if "class_chunk" in changed and method not in CLASS_CHUNK_METHODS:
+        warn(
+            f"--class-chunk applies to the class text pass of {', '.join(CLASS_CHUNK_METHODS)}; ignored for {method}"
+        )
+    if method != Method.TIP_ADAPTER.value:
+        if "momentum" in changed and o.optimizer != Optimizer.SGD.value:
+            warn(f"--momentum applies to --optimizer sgd; ignored for {o.optimizer}")
+        if "warmup_lr" in changed and not (o.warmup_epochs and o.epochs):
+            warn("--warmup-lr applies with --warmup-epochs above 0; ignored")
 
 
 def coop_variant_config(options: TuneOptions) -> Any:

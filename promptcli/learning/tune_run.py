@@ -203,7 +203,7 @@ def check_shared_options(options: TuneOptions, *, split_ok: bool = False) -> lis
     the caller to give once its own checks have passed too (a refused run prints its one error line alone)."""
     from promptcli.choices import COOP_VARIANTS
     from promptcli.learning.losses import LOSSES, ignored_loss_options
-    from promptcli.learning.method_options import check_method_options
+    from promptcli.learning.method_options import check_method_options, check_unused_options
     from promptcli.models.heads import TEXT_METHODS
 
     warnings: list[str] = []
@@ -220,6 +220,7 @@ def check_shared_options(options: TuneOptions, *, split_ok: bool = False) -> lis
     if split.method == "none" and (options.noisy_loss != "mae" or options.ot_epsilon != DEFAULT_EPSILON):
         warn("--noisy-loss and --ot-epsilon apply with --split ot; ignored")
     check_method_options(options, warn)
+    check_unused_options(options, warn)
     changed = {f.name for f in fields(options) if getattr(options, f.name) != f.default}
     filled = options.resolved()  # a method's default warm-up can cover a short run too (--epochs 1)
     if filled.epochs and filled.warmup_epochs >= filled.epochs:
@@ -430,7 +431,7 @@ def tune(
     from promptcli.io import provenance
     from promptcli.io.fileio import check_distinct, check_jsonl_prefix, check_output_path
     from promptcli.learning.losses import loss_params
-    from promptcli.learning.method_options import method_params
+    from promptcli.learning.method_options import CLASS_CHUNK_METHODS, method_params
     from promptcli.learning.training import autocast_dtype
     from promptcli.models.devices import runtime_record
     from promptcli.models.heads import save_head
@@ -578,7 +579,8 @@ def tune(
     params = method_params(options)
     if params:
         metadata["method_params"] = params
-    if options.class_chunk:  # how the text pass was computed (the result is the same up to rounding)
+    # how the text pass was computed (the result is the same up to rounding); methods without one ignore it
+    if options.class_chunk and options.method in CLASS_CHUNK_METHODS:
         metadata["class_chunk"] = options.class_chunk
     if noise is not None:
         metadata["noise"] = noise_summary(noise)
