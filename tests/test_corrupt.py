@@ -373,6 +373,21 @@ def test_cli_features_input_shots(run_cli, tiny_features, tmp_path):
     assert code == 2 and "too few images for 8 shots" in stderr and "has 6, needs 8" in stderr
 
 
+def test_classnames_beside_a_features_class_list_must_match_it(run_cli, tiny_features, tmp_path):
+    """The features file's class list won and a differing --classnames was dropped without a word."""
+    from promptcli.io.features import read_features
+
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\n")
+    out = tmp_path / "o.csv"
+    code, _, err = run_cli("corrupt", tiny_features, "--rate", "0.2", "--classnames", names, "-o", out, "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"{names}: does not list" in err, err
+    assert not out.exists()
+    names.write_text("\n".join(read_features(tiny_features, load_views=False).classnames) + "\n")
+    code, _, err = run_cli("corrupt", tiny_features, "--rate", "0.2", "--classnames", names, "-o", out, "-q")
+    assert code == 0 and out.exists(), err  # the same list, in the same order: nothing to refuse
+
+
 def test_cli_confusion_uses_text_similarity(run_cli, tiny_features, tiny_model, tmp_path):
     from promptcli.models.zeroshot import class_text_embeddings
 

@@ -282,6 +282,12 @@ def _class_list(table: LabelTable, fs, classnames: Path | None) -> list[str]:
     from promptcli.io.image_sources import read_classnames
 
     if fs is not None and fs.classnames:
+        if classnames is not None and read_classnames(classnames) != list(fs.classnames):
+            raise InputError(
+                "does not list the features file's classes in its order",
+                where=classnames,
+                hint="drop --classnames: the features file gives the class list",
+            )
         return list(fs.classnames)
     if classnames is not None:
         return read_classnames(classnames)
