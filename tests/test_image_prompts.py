@@ -366,6 +366,7 @@ def test_maple_refuses_a_hugging_face_text_tower_and_too_deep_prompts(tiny_hf_mo
     ("extra", "where"),
     [
         (["--method", "vpt", "--vpt-tokens", "-1"], "--vpt-tokens"),
+        (["--method", "vpt", "--vpt-tokens", "1025"], "--vpt-tokens"),
         (["--method", "vpt", "--vpt-depth", "middle"], "--vpt-depth"),
         (["--method", "vpt", "--train-layers", "last-1"], "--train-layers"),
         (["--method", "vpt", "--wise-alpha", "0.5"], "--wise-alpha"),

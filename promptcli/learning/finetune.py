@@ -58,6 +58,7 @@ from promptcli.learning.shards import Shard
 # file's rows: a lower cosine means the images are not the ones that were extracted.
 MATCH_COSINE = 0.98
 MATCH_COSINE_HALF = 0.95  # when the features were extracted in fp16/bf16
+MAX_VPT_TOKENS = 1024  # the VPT paper goes up to 200; far beyond, training only stalls
 # Default learning rates without --lr. The head scales logits by the model's logit scale (~50 in
 # CLIP), so tower gradients are ~50x a unit-scale head's; CoOp's 0.002 wrecks the demo's tower within
 # an epoch (train clean accuracy 0.43 -> 0.16; AdamW 1e-5 and SGD 1e-4 do not, measured on the demo at
@@ -90,6 +91,12 @@ class FinetuneOptions:
         VptDepth.check(self.vpt_depth, "--vpt-depth")
         if self.vpt_tokens < 0:
             raise InputError("must be >= 0", where="--vpt-tokens", hint="VPT's CLIP baselines use 8")
+        if self.vpt_tokens > MAX_VPT_TOKENS:  # each token lengthens every image's sequence in every layer
+            raise InputError(
+                f"{self.vpt_tokens} prompt tokens per layer is more than the {MAX_VPT_TOKENS} promptcli allows",
+                where="--vpt-tokens",
+                hint="VPT's CLIP baselines use 8, its largest setting 200",
+            )
         if self.maple_depth < 1:
             raise InputError("must be >= 1", where="--maple-depth", hint="the paper uses 9")
         if method != "finetune":
