@@ -168,6 +168,19 @@ def test_divergence_names_the_options_that_can_cause_it(syn, tmp_path, run_cli, 
     assert not out.exists()
 
 
+def test_a_huge_init_std_is_blamed_for_the_divergence(syn, tmp_path, run_cli):
+    """A random context of std 1e30 overflows in the first text pass: the error blamed --warmup-lr."""
+    out = tmp_path / "p.safetensors"
+    code, _, err = run_cli(
+        "tune", syn["features"], syn["labels"], "-o", out, "--init-std", "1e30", "--epochs", "2", "--n-ctx", "2",
+        "--device", "cpu",
+    )  # fmt: skip
+    line = one_line_error(code, err, expected_code=1)
+    assert line.startswith("Error: --init-std, --warmup-lr: training diverged at epoch 1"), line
+    assert "a smaller --init-std (this run used 1e+30; CoOp uses 0.02)" in line, line
+    assert not out.exists()
+
+
 def test_divergence_suspects_apply_to_the_run():
     from promptcli.io.checks import divergence_error
     from promptcli.learning.divergence import divergence_suspects, fp16_suspect

@@ -16,6 +16,8 @@ from promptcli.io.checks import Suspect
 from promptcli.learning.options import WEIGHT_DECAY_GRID, OptimConfig, TuneOptions
 
 FP16_MAX = 65504.0  # the largest float16
+# A random context this many times CoOp's 0.02 dwarfs the token embeddings it stands among.
+INIT_STD_SUSPECT = 1.0
 
 
 def fp16_suspect(option: str, fix: str) -> Suspect:
@@ -40,6 +42,11 @@ def divergence_suspects(
     run computes in fp16 autocast."""
     rate, lr = rate_suspect(config, epoch)
     suspects = [rate]
+    init_std = random_init_std(head)
+    if init_std is not None and init_std > INIT_STD_SUSPECT:  # broken from the start: blamed first
+        suspects.insert(
+            0, Suspect("--init-std", f"a smaller --init-std (this run used {init_std:g}; CoOp uses 0.02)")
+        )
     if fp16 is not None:
         suspects.append(fp16)
     wd = config.weight_decay
@@ -76,3 +83,14 @@ def divergence_suspects(
             )
         )
     return suspects
+
+
+def random_init_std(head: Any) -> float | None:
+    """The ``--init-std`` of the randomly initialised prompt vectors in ``head``; None when it has none."""
+    modules = head.modules() if hasattr(head, "modules") else ()
+    for module in modules:
+        config = getattr(module, "config", None)
+        init_std = getattr(config, "init_std", None)
+        if getattr(config, "ctx_init", "") is None and isinstance(init_std, (int, float)):
+            return float(init_std)
+    return None
