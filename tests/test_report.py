@@ -569,7 +569,7 @@ def gradstats_sidecar(path: Path, model: dict, epochs: int = 1) -> None:
 
 def test_gradstats_of_different_models_are_different_series(tmp_path, run_cli):
     other = {"model_name": "RN50", "pretrained": "openai", "checkpoint_sha256": ""}
-    for name, model, seed in (("a", MODEL, 1), ("b", other, 1.5), ("c", MODEL, 2)):
+    for name, model, seed in (("a", MODEL, 1), ("b", other, 5), ("c", MODEL, 2)):
         write_gradstats(tmp_path / f"{name}.csv", [grad_row(1, 0, 2, 2.0 * seed, 6, 1.0, seed=seed)])
         gradstats_sidecar(tmp_path / f"{name}.csv", model)
     write_gradstats(tmp_path / "d.csv", [grad_row(1, 0, 2, 9.0, 6, 1.0, seed=3)])
@@ -958,6 +958,94 @@ def test_mixed_models_are_named_in_labels_with_a_warning(tmp_path, run_cli):
             "Error: {d}/g.csv: malformed CSV (line 2: field larger than field limit (131072))",
         ),
         (
+            lambda d: write_json(d / "m.json", eval_summary(seed=-1)),
+            ["{d}"],
+            "Error: {d}/m.json: seed is -1, not an integer in 0..4294967295",
+        ),
+        (
+            lambda d: write_json(d / "m.json", eval_summary(seed=1.5)),
+            ["{d}"],
+            "Error: {d}/m.json: seed is 1.5, not an integer",
+        ),
+        (
+            lambda d: write_json(d / "m.json", eval_summary(seed=1e308)),
+            ["{d}"],
+            "Error: {d}/m.json: seed is 1e+308, not an integer",
+        ),
+        (
+            lambda d: write_json(d / "m.json", {**eval_summary(), "shots": -3}),
+            ["{d}"],
+            "Error: {d}/m.json: shots is -3, not an integer >= 1",
+        ),
+        (
+            lambda d: write_json(
+                d / "m.json", {**eval_summary(), "noise": {**eval_summary()["noise"], "seed": -1}}
+            ),
+            ["{d}"],
+            "Error: {d}/m.json: noise.seed is -1, not an integer in 0..4294967295",
+        ),
+        (
+            lambda d: (d / "t.jsonl").write_text(
+                log_lines([(0.5, None)], run_meta()).replace('"epoch": 1', '"epoch": 1.5')
+            ),
+            ["{d}"],
+            "Error: {d}/t.jsonl: epoch line 1: epoch is 1.5, not an integer",
+        ),
+        (
+            lambda d: (d / "t.jsonl").write_text(
+                log_lines([(0.5, None)], run_meta()).replace('"epoch": 1', '"epoch": -1')
+            ),
+            ["{d}"],
+            "Error: {d}/t.jsonl: epoch line 1: epoch is -1, not an integer >= 0",
+        ),
+        (
+            lambda d: (d / "t.jsonl").write_text(log_lines([(0.5, None)], run_meta(seed=-1))),
+            ["{d}"],
+            "Error: {d}/t.jsonl: run: seed is -1, not an integer in 0..4294967295",
+        ),
+        (
+            lambda d: write_gradstats(d / "g.csv", [grad_row(1, 0, 2, 1.0, 2, 1.0, seed=1.5)]),
+            ["{d}"],
+            "Error: {d}/g.csv:2: column seed is not a whole number ('1.5')",
+        ),
+        (
+            lambda d: write_gradstats(d / "g.csv", [grad_row(-1, 0, 2, 1.0, 2, 1.0)]),
+            ["{d}"],
+            "Error: {d}/g.csv:2: column epoch is -1, not >= 0",
+        ),
+        (
+            lambda d: write_gradstats(d / "g.csv", [grad_row(1.5, 0, 2, 1.0, 2, 1.0)]),
+            ["{d}"],
+            "Error: {d}/g.csv:2: column epoch is not a whole number ('1.5')",
+        ),
+        (
+            lambda d: write_gradstats(d / "g.csv", [grad_row(1, 0, 2, -1.0, 2, 1.0)]),
+            ["{d}"],
+            "Error: {d}/g.csv:2: column noisy_grad_norm is '-1.0', not a finite number >= 0",
+        ),
+        (
+            lambda d: write_gradstats(d / "g.csv", [grad_row(1, 0, 2, 1.0, 2, 1.0, rate="inf")]),
+            ["{d}"],
+            "Error: {d}/g.csv:2: column noise_rate is 'inf', not a fraction in [0, 1]",
+        ),
+        (
+            lambda d: write_gradstats(d / "g.csv", [grad_row(1, 0, 2, 1.0, 2, 1.0, rate=1.5)]),
+            ["{d}"],
+            "Error: {d}/g.csv:2: column noise_rate is '1.5', not a fraction in [0, 1]",
+        ),
+        (
+            lambda d: write_gradstats(
+                d / "g.csv",
+                [
+                    grad_row(1, 0, 2, 1.0, 2, 1.0),
+                    grad_row(1, 1, 2, 1.0, 2, 1.0),
+                    grad_row(1, 0, 2, 3.0, 2, 1.0),
+                ],
+            ),
+            ["{d}"],
+            "Error: {d}/g.csv:4: epoch 1, step 0 of run coop/ce seed 1 is listed twice (lines 2 and 4)",
+        ),
+        (
             lambda d: (d / "m.json").write_text("[" * 100_000 + "]" * 100_000),
             ["{d}/m.json"],
             "Error: {d}/m.json: JSON nested too deeply to read",
@@ -1000,6 +1088,21 @@ def test_mixed_models_are_named_in_labels_with_a_warning(tmp_path, run_cli):
         "gradstats-short-row",
         "gradstats-repeated-column",
         "gradstats-field-limit",
+        "seed-negative",
+        "seed-fraction",
+        "seed-huge",
+        "shots-negative",
+        "noise-seed-negative",
+        "log-epoch-fraction",
+        "log-epoch-negative",
+        "log-seed-negative",
+        "gradstats-seed-fraction",
+        "gradstats-epoch-negative",
+        "gradstats-epoch-fraction",
+        "gradstats-norm-negative",
+        "gradstats-rate-inf",
+        "gradstats-rate-over-one",
+        "gradstats-duplicate-step",
         "deep-json",
         "missing",
         "format",

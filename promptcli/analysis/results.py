@@ -28,7 +28,7 @@ from typing import Any
 
 from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, PROMPT_METHODS, SCHEDULE_TEXT, Method
 from promptcli.errors import InputError
-from promptcli.io.checks import check_json_kind, is_json_kind, read_csv_table, shown
+from promptcli.io.checks import SEED_MAX, check_json_kind, is_json_kind, read_csv_table, shown
 
 # The columns of a gradstats CSV (written by analysis/gradstats.py, read here).
 GRADSTATS_COLUMNS = (
@@ -47,7 +47,7 @@ GRADSTATS_COLUMNS = (
     "noisy_sum_norm",
     "clean_sum_norm",
 )
-_GRAD_INTS = ("epoch", "step", "n_noisy", "n_clean")
+_GRAD_INTS = ("epoch", "step", "n_noisy", "n_clean", "seed")  # each >= 0; a seed <= SEED_MAX
 _GRAD_FLOATS = (
     "noise_rate",
     "noisy_grad_norm",
@@ -227,10 +227,18 @@ def _json_loads(text: str, where: Any) -> Any:
         ) from None
 
 
-def _typed(record: dict[str, Any], key: str, kind: type, where: Any, prefix: str = "") -> Any:
+def _typed(
+    record: dict[str, Any],
+    key: str,
+    kind: type,
+    where: Any,
+    prefix: str = "",
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
     """``record[key]`` as report reads it: None when absent or null, else a ``kind`` (float: any finite number,
-    int: not a bool; numbers may be written as text, as prompt metadata stores them); a result file whose field
-    has another type is refused, naming the file and the field."""
+    int: not a bool; numbers may be written as text, as prompt metadata stores them) in ``low..high`` where given;
+    a result file whose field has another type or value is refused, naming the file and the field."""
     value = record.get(key)
     if kind in (int, float) and isinstance(value, str):
         try:
@@ -238,8 +246,27 @@ def _typed(record: dict[str, Any], key: str, kind: type, where: Any, prefix: str
         except ValueError:
             pass
     return check_json_kind(
-        value, kind, prefix + key, where, "is the file complete? promptcli does not write this"
+        value,
+        kind,
+        prefix + key,
+        where,
+        "is the file complete? promptcli does not write this",
+        low=low,
+        high=high,
     )
+
+
+def _seed(record: Any, where: Any, prefix: str = "") -> int | None:
+    """A record's ``seed``: None, or an integer every generator promptcli seeds accepts (0..2**32-1)."""
+    return (
+        _typed(record, "seed", int, where, prefix, low=0, high=SEED_MAX) if isinstance(record, dict) else None
+    )
+
+
+def _shots(record: dict[str, Any], where: Any) -> str:
+    """A record's ``shots`` as its series says it: "" for all data or unknown, else a positive integer."""
+    shots = _typed(record, "shots", int, where, low=1)
+    return "" if shots is None else str(shots)
 
 
 def _json_error(exc: json.JSONDecodeError) -> str:
@@ -574,21 +601,27 @@ def eval_run(obj: dict[str, Any], path: Path) -> EvalRun | None:
         loss=str(obj.get("loss") or ""),
         method_params=_params_label(obj.get("method_params")),
         loss_params=_params_label(obj.get("loss_params")),
-        shots="" if obj.get("shots") is None else str(obj.get("shots")),
+        shots=_shots(obj, path),
         model=model,
         variant=variant,
         test=test,
         settings=settings,
     )
     noise = obj.get("noise")
-    noise_seed = noise.get("seed") if isinstance(noise, dict) else None
+    noise_seed = _seed(noise, path, "noise.")
     realised = noise.get("realised_rate") if isinstance(noise, dict) else None
     realised = float(realised) if realised is not None and is_json_kind(realised, float) else None
+    if realised is not None and not 0 <= realised <= 1:
+        raise InputError(
+            f"noise.realised_rate is {shown(realised)}, not a fraction in [0, 1]",
+            where=path,
+            hint="is the file damaged or edited?",
+        )
     return EvalRun(
         key,
         noise_type,
         rate,
-        obj.get("seed"),
+        _seed(obj, path),
         False,
         values,
         str(path),
@@ -643,9 +676,12 @@ def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
             continue  # a header line (provenance only)
         where = f"{path}: epoch line {number}"
         clean = row.get("clean_accuracy")
+        epoch = _typed(row, "epoch", int, where, low=0)
+        if epoch is None:
+            raise InputError("epoch is not a number (None)", where=where, hint="is the file complete?")
         epochs.append(
             {
-                "epoch": int(_number(row.get("epoch"), where, "epoch")),
+                "epoch": epoch,
                 "accuracy": _number(row.get("accuracy"), where, "accuracy", fraction=True),
                 "clean_accuracy": None
                 if clean is None
@@ -666,41 +702,69 @@ def log_run(rows: list[dict[str, Any]], path: Path, sha256: str) -> LogRun:
         loss=str(loss or ""),
         method_params=_params_label(run.get("method_params")),
         loss_params=_params_label(loss_params),
-        shots="" if run.get("shots") is None else str(run.get("shots")),
+        shots=_shots(run, f"{path}: run"),
         model=_model_label(run.get("model")),
         variant=_variant(run.get("noise"), run.get("split")),
         settings=_settings(
             [run.get("settings")], str(run.get("method") or "unknown"), f"{path}: run.settings"
         )[0],
     )
-    return LogRun(key, noise_type, rate, run.get("seed"), epochs, str(path), sha256)
+    return LogRun(key, noise_type, rate, _seed(run, f"{path}: run"), epochs, str(path), sha256)
 
 
 def _grad_value(row: dict[str, str], column: str, where: str) -> Any:
+    """A gradstats cell as report reads it: the integers (counts, epoch, step, seed) whole numbers >= 0, the
+    noise rate a fraction in [0, 1] and the norms finite and >= 0 (an empty cell: no noise sidecar, or no sample
+    of that group in the step, read as NaN); anything else is refused naming the row and the column."""
     cell = (row.get(column) or "").strip()
     if column in _GRAD_INTS:
+        high = SEED_MAX if column == "seed" else None
         try:
-            value = float(cell)
+            value = int(cell)  # "1.5" and "1e3" are no integer gradstats writes
         except ValueError:
-            value = math.nan
-        if not math.isfinite(value):  # int() of inf (or of 1e400, read as inf) would overflow
+            try:
+                number = float(cell)
+            except ValueError:
+                number = math.nan
+            what = "not a number" if not math.isfinite(number) else "not a whole number"
             raise InputError(
-                f"column {column} is not a number ({cell!r})",
+                f"column {column} is {what} ({shown(cell)})",
                 where=where,
-                hint="gradstats writes numbers: fix the cell",
+                hint="gradstats writes whole numbers here: fix the cell",
+            ) from None
+        if value < 0 or (high is not None and value > high):
+            raise InputError(
+                f"column {column} is {value}, not in 0..{high}"
+                if high
+                else f"column {column} is {value}, not >= 0",
+                where=where,
+                hint="is the file damaged or edited? fix the cell",
             )
-        return int(value)
+        return value
     if column in _GRAD_FLOATS:
         if cell == "" or cell.lower() == "nan":
             return math.nan
         try:
-            return float(cell)
+            value = float(cell)
         except ValueError:
             raise InputError(
-                f"column {column} is not a number ({cell!r})",
+                f"column {column} is not a number ({shown(cell)})",
                 where=where,
                 hint="gradstats writes numbers: fix the cell",
             ) from None
+        if column == "noise_rate" and not 0 <= value <= 1:  # inf too: never "noise unknown" (an empty cell)
+            raise InputError(
+                f"column noise_rate is {shown(cell)}, not a fraction in [0, 1]",
+                where=where,
+                hint="is the file damaged or edited? fix the cell (empty: noise unknown)",
+            )
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(
+                f"column {column} is {shown(cell)}, not a finite number >= 0",
+                where=where,
+                hint="is the file damaged or edited? fix the cell (empty: no sample of that group)",
+            )
+        return value
     return cell
 
 
@@ -768,6 +832,7 @@ def grad_runs(
     """The runs of a gradstats CSV (one per method, loss, noise and seed in it; ``lines``: the line of each row);
     an empty noise rate (labels without a noise sidecar) is ``NOISE_UNKNOWN``."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    steps: dict[tuple, int] = {}  # (run, epoch, step) -> the line that gave it
     for number, raw in zip(lines if lines is not None else range(2, len(rows) + 2), rows):
         row = {c: _grad_value(raw, c, f"{path}:{number}") for c in GRADSTATS_COLUMNS}
         if math.isfinite(row["noise_rate"]):
@@ -775,7 +840,16 @@ def grad_runs(
             noise_type = NO_NOISE if rate == 0 else (row["noise_type"] or "unknown")
         else:
             rate, noise_type = None, NOISE_UNKNOWN
-        groups[(row["method"], row["loss"], noise_type, rate, row["seed"])].append(row)
+        run = (row["method"], row["loss"], noise_type, rate, row["seed"])
+        first = steps.setdefault((*run, row["epoch"], row["step"]), number)
+        if first != number:  # counted twice, it would weigh that step double in the epoch's mean norms
+            raise InputError(
+                f"epoch {row['epoch']}, step {row['step']} of run {row['method']}/{row['loss']} seed {row['seed']} "
+                f"is listed twice (lines {first} and {number})",
+                where=f"{path}:{number}",
+                hint="keep one row per step (were two gradstats CSVs joined?)",
+            )
+        groups[run].append(row)
     meta = _grad_sidecar(path, {k[0] for k in groups}, warn) if groups else None
     return [
         GradRun(_grad_key(method, loss, meta, f"{path}.json"), noise_type, rate, seed, group, str(path))

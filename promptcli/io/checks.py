@@ -153,14 +153,30 @@ def check_json_kind(
     *,
     context: str = "",
     expected: str | None = None,
+    low: float | None = None,
+    high: float | None = None,
 ) -> Any:
-    """``value`` when it is None or one of ``kinds`` (see :func:`is_json_kind`); else an error naming the field
-    ``name``, what it holds and what it should be (``expected``, by default the name in ``JSON_KINDS``)."""
+    """``value`` when it is None or one of ``kinds`` (see :func:`is_json_kind`), and a number in ``low..high``
+    where those are given; else an error naming the field ``name``, what it holds and what it should be
+    (``expected``, by default the name in ``JSON_KINDS``, and the range)."""
     if is_json_kind(value, kinds):
-        return value
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or ((low is None or value >= low) and (high is None or value <= high)):
+            return value
     if expected is None:
         expected = " or ".join(JSON_KINDS[k] for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        if low is not None and high is not None:
+            expected += f" in {_bound(low)}..{_bound(high)}"
+        elif low is not None:
+            expected += f" >= {_bound(low)}"
+        elif high is not None:
+            expected += f" <= {_bound(high)}"
     raise InputError(f"{context}{name} is {shown(value)}, not {expected}", where=where, hint=hint)
+
+
+def _bound(x: float) -> str:
+    """A range bound as written in a message: ``4294967295``, ``0.5``."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def check_seed(seed: int, option: str = "--seed") -> int:
