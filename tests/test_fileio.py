@@ -8,7 +8,13 @@ import stat
 import pytest
 
 from promptcli.errors import InputError
-from promptcli.io.fileio import atomic_path, check_output_path, open_regular, write_text_atomic
+from promptcli.io.fileio import (
+    atomic_path,
+    check_input_file,
+    check_output_path,
+    open_regular,
+    write_text_atomic,
+)
 
 
 def test_atomic_write_has_umask_permissions(tmp_path):
@@ -117,3 +123,57 @@ def test_open_regular_refuses_what_would_block_or_never_end(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     with open_regular(tmp_path / "f") as handle:
         assert handle.read() == b"abc"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_an_input_that_is_no_regular_file_is_named_as_what_it_is_not_as_not_found(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    for path, kind in ((tmp_path / "pipe", "a FIFO"), ("/dev/zero", "a device"), (tmp_path, "a folder")):
+        with pytest.raises(InputError, match=rf"^{path}: pairs file is {kind}, not a regular file"):
+            check_input_file(path, "pairs file")
+    with pytest.raises(InputError, match="pairs file not found"):
+        check_input_file(tmp_path / "missing.csv", "pairs file")
+    (tmp_path / "f.csv").write_text("from,to\n")
+    assert check_input_file(tmp_path / "f.csv") == tmp_path / "f.csv"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_commands_name_a_fifo_or_folder_given_as_an_input_file(tmp_path, run_cli):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,label\na.png,cat\nb.png,dog\n")
+    out = str(tmp_path / "o.csv")
+    for args, message in (
+        (
+            ["corrupt", labels, "-o", out, "--type", "pair", "--pairs", tmp_path / "folder", "--rate", "0.1"],
+            "folder: pairs file is a folder, not a regular file",
+        ),
+        (
+            [
+                "corrupt",
+                labels,
+                "-o",
+                out,
+                "--type",
+                "matrix",
+                "--matrix",
+                tmp_path / "pipe",
+                "--rate",
+                "0.1",
+            ],
+            "pipe: matrix file is a FIFO, not a regular file",
+        ),
+        (
+            ["corrupt", labels, "-o", out, "--rate", "0.1", "--classnames", tmp_path / "folder"],
+            "folder: class-name file is a folder, not a regular file",
+        ),
+        (
+            ["corrupt", tmp_path / "pipe", "-o", out, "--rate", "0.1"],
+            "pipe: labels file is a FIFO, not a regular file",
+        ),
+        (["report", tmp_path / "pipe"], "pipe: result file is a FIFO, not a regular file"),
+    ):
+        code, _, stderr = run_cli(*map(str, args))
+        assert code == 2 and message in stderr and "not found" not in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1

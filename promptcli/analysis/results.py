@@ -29,6 +29,7 @@ from typing import Any
 from promptcli.choices import COOP_VARIANTS, IMAGE_METHODS, PROMPT_METHODS, SCHEDULE_TEXT, Method
 from promptcli.errors import InputError
 from promptcli.io.checks import SEED_MAX, check_json_kind, is_json_kind, read_csv_table, shown
+from promptcli.io.fileio import check_input_file
 
 # The columns of a gradstats CSV (written by analysis/gradstats.py, read here).
 GRADSTATS_COLUMNS = (
@@ -203,8 +204,8 @@ def find_result_files(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
             for child in sorted(path.rglob("*")):
                 if child.is_file() and child.suffix.lower() in RESULT_SUFFIXES:
                     found.setdefault(child, False)
-        elif path.is_file():
-            found[path] = True
+        elif path.exists():  # a FIFO or a device is named as what it is, never "no such file"
+            found[check_input_file(path, "result file", "give eval/tune/gradstats results")] = True
         else:
             raise InputError("no such file or folder", where=path, hint="check the path")
     return sorted(found.items())

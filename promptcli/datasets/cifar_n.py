@@ -35,7 +35,7 @@ from promptcli.datasets.base import (
     unique_classes,
 )
 from promptcli.errors import InputError
-from promptcli.io.fileio import atomic_path
+from promptcli.io.fileio import atomic_path, check_input_file
 
 SIDE, PIXELS = 32, 3 * 32 * 32
 
@@ -120,12 +120,7 @@ def _damaged(path: Path, exc: BaseException) -> InputError:
 
 def load_label_arrays(path: Path) -> dict[str, np.ndarray]:
     """The arrays of a CIFAR-N label file, without running any code from it."""
-    if not path.is_file():
-        raise InputError(
-            "label file not found",
-            where=path,
-            hint="download it from the CIFAR-N repository, or give --noise-file",
-        )
+    check_input_file(path, "label file", "download it from the CIFAR-N repository, or give --noise-file")
     check_readable(path)
     if path.suffix == ".npz":
         try:

@@ -30,6 +30,7 @@ from promptcli.datasets.base import (
     unique_classes,
 )
 from promptcli.errors import InputError
+from promptcli.io.fileio import check_input_file
 
 # Caltech101's four folder names CoOp renames (the rest are used as they are).
 CALTECH_RENAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
@@ -166,8 +167,7 @@ def read_coop(layout: str, root: Path, split_file: Path | None = None) -> Listin
 
 def read_split_json(layout: str, path: Path, image_dir: Path, dataset: CoopDataset | None) -> Listing:
     """A ``{"train": [[path, label, classname], ...], "val": ..., "test": ...}`` split file."""
-    if not path.is_file():
-        raise InputError("split file not found", where=path, hint="give the split_zhou_<Name>.json file")
+    check_input_file(path, "split file", "give the split_zhou_<Name>.json file")
     check_readable(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine, as in CSVs

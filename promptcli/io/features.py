@@ -15,6 +15,7 @@ import numpy as np
 
 from promptcli.errors import InputError
 from promptcli.io.checks import check_class_names
+from promptcli.io.fileio import check_input_file
 
 FORMAT = "promptcli-features"
 FORMAT_VERSION = 1
@@ -177,11 +178,10 @@ def _open(path: str | Path) -> Iterator[h5py.File]:
     errors for a damaged file (a bad object header, unreadable metadata: KeyError, OSError, RuntimeError) are
     one-line errors naming it."""
     p = Path(path)
-    if not p.is_file():
-        hint = "make it with `promptcli extract`"
-        if Path(f"{p}.partial").exists():
-            hint = f"an interrupted extraction left {p}.partial: rerun extract with --resume"
-        raise InputError("features file not found", where=p, hint=hint)
+    hint = "make it with `promptcli extract`"
+    if not p.exists() and Path(f"{p}.partial").exists():
+        hint = f"an interrupted extraction left {p}.partial: rerun extract with --resume"
+    check_input_file(p, "features file", hint)
     try:
         f = h5py.File(p, "r")
     except OSError as exc:

@@ -561,16 +561,34 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_input_file(path: str | Path, what: str = "file", hint: str = "check the path") -> Path:
+    """``path`` as a Path when it names a regular file (through links); else a one-line error saying what is
+    there: "<what> not found" (with ``hint``), or "<what> is a folder (a FIFO, a device), not a regular file"
+    rather than a "not found" that sends the user looking for a file that is there, or a read that blocks on a
+    FIFO or never ends on a device. The one check of every input file read whole."""
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"{what} not found", where=shown_path(p), hint=hint) from None
+    except OSError as exc:  # a permission denied on a folder above, a link loop, a name too long
+        raise InputError(
+            f"cannot read the {what} ({exc.strerror or exc})", where=shown_path(p), hint=hint
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise InputError(
+            f"{what} is {kind_of_file(mode)}, not a regular file",
+            where=shown_path(p),
+            hint=f"give the path of a {what}" if what.endswith("file") else f"give a file as the {what}",
+        )
+    return p
+
+
 def require_file(path: str | Path, what: str = "file") -> Path:
-    """Return ``path`` as a Path if it is an existing file, else a clear InputError."""
+    """Return ``path`` as a Path if it is an existing regular file (``-``: stdin), else a clear InputError."""
     if str(path) == STDIO:
         return Path(STDIO)
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} not found", where=p, hint="check the path")
-    if p.is_dir():
-        raise InputError(f"expected a {what}, got a directory", where=p, hint="give a file path")
-    return p
+    return check_input_file(path, what)
 
 
 # The option that names each locked argument, for messages.

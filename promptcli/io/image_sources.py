@@ -13,7 +13,7 @@ from stat import S_ISREG
 from promptcli.datasets.base import underscores_to_spaces
 from promptcli.errors import InputError
 from promptcli.io.checks import check_class_names, check_unique_columns, read_csv_table, shown
-from promptcli.io.fileio import check_utf8_path, kind_of_file
+from promptcli.io.fileio import check_input_file, check_utf8_path, kind_of_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CSV_COLUMNS = ("path", "label", "split")
@@ -344,9 +344,7 @@ def read_image_source(
 
 def read_classnames(path: str | Path) -> list[str]:
     """Class names, one per line (blank lines ignored)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("class-name file not found", where=p, hint="one class name per line")
+    p = check_input_file(path, "class-name file", "one class name per line")
     try:
         text = p.read_text(encoding="utf-8-sig")  # a leading BOM is not part of the first name
     except UnicodeDecodeError as exc:

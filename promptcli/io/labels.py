@@ -13,7 +13,7 @@ import numpy as np
 from promptcli.errors import InputError
 from promptcli.io.checks import check_unique_keys, read_csv_table
 from promptcli.io.features import FeatureIndex, FeatureSet
-from promptcli.io.fileio import STDIO, open_output_text, sha256_bytes, sha256_file
+from promptcli.io.fileio import STDIO, check_input_file, open_output_text, sha256_bytes, sha256_file
 
 REQUIRED = ("path", "label")
 
@@ -58,9 +58,7 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
         text = text.removeprefix("\ufeff")  # a BOM, when stdin was opened as text
         where = "<stdin>"
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise InputError("labels file not found", where=p, hint="give a CSV with path,label columns")
+        p = check_input_file(path, "labels file", "give a CSV with path,label columns")
         try:
             text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:

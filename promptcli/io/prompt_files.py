@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from promptcli.errors import InputError, PromptcliError, RuntimeFailure
-from promptcli.io.fileio import atomic_path
+from promptcli.io.fileio import atomic_path, check_input_file
 
 FORMAT = "promptcli-prompt"
 FORMAT_VERSION = 1
@@ -113,9 +113,7 @@ def read_prompt(path: str | Path) -> PromptFile:
     """Read a prompt file; a clear error when it is missing or not one of ours."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("prompt file not found", where=path, hint="make it with `promptcli tune`")
+    path = check_input_file(path, "prompt file", "make it with `promptcli tune`")
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = dict(handle.metadata() or {})

@@ -28,7 +28,7 @@ import torch
 
 from promptcli.errors import InputError, RuntimeFailure
 from promptcli.io.checks import shown
-from promptcli.io.fileio import sha256_file
+from promptcli.io.fileio import check_input_file, sha256_file
 from promptcli.models.devices import resolve_device, resolve_precision
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -248,9 +248,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 
     Also accepts the ``open_clip_config.json`` layout ``{"model_cfg": ..., "preprocess_cfg": ...}``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("model config not found", where=path, hint="check the --model-config path")
+    path = check_input_file(path, "model config", "check the --model-config path")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -342,9 +340,7 @@ def _resolve_checkpoint(spec: ModelSpec) -> tuple[str | None, str]:
     if not spec.pretrained:
         return None, ""
     if _is_checkpoint_path(spec.pretrained):
-        path = Path(spec.pretrained)
-        if not path.is_file():
-            raise InputError("checkpoint file not found", where=path, hint="check the --pretrained path")
+        path = check_input_file(spec.pretrained, "checkpoint file", "check the --pretrained path")
         with open(path, "rb") as handle:
             head = handle.read(16)
         if path.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: u64 header size, JSON

@@ -19,6 +19,7 @@ import numpy as np
 from promptcli.choices import NoiseType
 from promptcli.errors import InputError
 from promptcli.io.checks import csv_records
+from promptcli.io.fileio import check_input_file
 
 NOISE_TYPES = NoiseType.values()
 ROW_SUM_TOLERANCE = 1e-6
@@ -310,9 +311,7 @@ def few_shot_noisy(
 
 def _read_csv_rows(path: str | Path, what: str) -> list[tuple[int, list[str]]]:
     """The non-blank records of a pairs or matrix CSV, cells stripped, each with the line it starts on."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} not found", where=p, hint="check the path")
+    p = check_input_file(path, what)
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

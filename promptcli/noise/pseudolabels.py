@@ -244,7 +244,14 @@ def pseudolabel_file(
     """
     from promptcli.errors import InputError
     from promptcli.io.features import read_feature_index, read_features
-    from promptcli.io.fileio import STDIO, check_distinct, check_output_path, same_file, sha256_file
+    from promptcli.io.fileio import (
+        STDIO,
+        check_distinct,
+        check_input_file,
+        check_output_path,
+        same_file,
+        sha256_file,
+    )
     from promptcli.io.image_sources import read_classnames
     from promptcli.io.labels import write_labels
     from promptcli.io.provenance import base_provenance
@@ -301,8 +308,8 @@ def pseudolabel_file(
         check_output_path(sidecar, force)
 
     for option, path in (("--labels", o.labels), ("--trusted", o.trusted)):
-        if path is not None and str(path) != STDIO and not Path(path).is_file():  # before the model loads
-            raise InputError("labels file not found", where=path, hint=f"check the {option} path")
+        if path is not None and str(path) != STDIO:  # before the model loads
+            check_input_file(path, "labels file", f"check the {option} path")
     transductive = method == PseudoLabelMethod.TRANSDUCTIVE.value
     # zero-shot reads the feature values a block at a time, as it predicts; the transductive fit needs them all
     fs = read_features(features, load_views=False) if transductive else read_feature_index(features)
