@@ -10,6 +10,20 @@ EXIT_BAD_INPUT = 2
 EXIT_RUNTIME = 1
 
 
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: from user data (a label, a class
+# name, a file name) printed raw, they would break a message over lines or send the terminal escape sequences.
+_CONTROLS = {
+    c: repr(chr(c))[1:-1] if c < 0x100 else f"\\u{c:04x}"
+    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character written as its Python escape (``\\x1b``, ``\\t``, ``\\n``):
+    a message stays one line and carries no terminal escape sequence, whatever user data it quotes."""
+    return text.translate(_CONTROLS)
+
+
 class PromptcliError(Exception):
     """An error the user can act on.
 
@@ -34,10 +48,11 @@ class PromptcliError(Exception):
 
     @property
     def message(self) -> str:
+        """The one line the CLI prints (control characters of quoted user data escaped: :func:`printable`)."""
         text = f"{self.where}: {self.what}" if self.where else self.what
         if self.hint:
             text += f" — {self.hint}"
-        return text
+        return printable(text)
 
 
 class InputError(PromptcliError, ValueError):

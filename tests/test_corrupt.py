@@ -445,6 +445,23 @@ def test_cli_option_errors(run_cli, tmp_path, args, message):
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_control_characters_of_user_data_are_escaped_in_errors(run_cli, tmp_path):
+    """A class name (or file name) holding ESC, a tab or a newline: the error stays one line, no escape sequence."""
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,label\na.png,cat\nb.png,fox\n")
+    names = tmp_path / "c\nlasses.txt"
+    names.write_text("cat\ndo\x1b[31mg\tz\x00\n")
+    code, _, err = run_cli(
+        "corrupt", labels, "--rate", "0.2", "--classnames", names, "-o", tmp_path / "o.csv"
+    )
+    assert code == 2 and err.count("\n") == 1 and "\x1b" not in err and "\t" not in err and "\x00" not in err
+    assert err.startswith(f"Error: {tmp_path}/c\\nlasses.txt: ") or err.startswith(f"Error: {labels}:3: "), (
+        err
+    )
+    assert "do\\x1b[31mg\\tz" in err, err
+    assert InputError("a\x1bb", where="x\ny", hint="c\u2028d").message == "x\\ny: a\\x1bb — c\\u2028d"
+
+
 def test_cli_input_errors(run_cli, tmp_path):
     src = _write_labels(tmp_path / "labels.csv")
     out = str(tmp_path / "o.csv")

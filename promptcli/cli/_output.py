@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from promptcli.errors import printable
 from promptcli.io.fileio import json_text
 
 
@@ -41,7 +42,7 @@ class Output:
             self.err.print(escape(message))
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]Warning:[/yellow] {escape(message)}")
+        self.err.print(f"[yellow]Warning:[/yellow] {escape(printable(message))}")
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """A results table (suppressed by --quiet: scripts that want numbers use --json or -o)."""

@@ -18,7 +18,7 @@ import click
 import typer
 
 import promptcli
-from promptcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, PromptcliError
+from promptcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, PromptcliError, printable
 from promptcli.io.fileio import forget_new_outputs
 from promptcli.io.provenance import recorded_command
 
@@ -235,8 +235,9 @@ def _stop_writing_stdout() -> None:
 
 
 def _error(message: str) -> None:
+    """Print the one line of an error, control characters of the user data it quotes escaped (one line still)."""
     with contextlib.suppress(OSError, ValueError):  # stderr may be gone (a closed terminal's SIGHUP)
-        sys.stderr.write(f"Error: {message}\n")
+        sys.stderr.write(f"Error: {printable(message)}\n")
         sys.stderr.flush()
 
 
