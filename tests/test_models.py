@@ -227,6 +227,44 @@ def test_a_config_too_large_to_build_is_refused_by_field_before_building(
     assert info.value.where == str(path) and "a typo?" in info.value.what
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.update(embed_dimm=64), "unknown key 'embed_dimm' in the model config"),
+        (lambda c: c["vision_cfg"].update(widht=64), "unknown key 'vision_cfg.widht' in the model config"),
+        (lambda c: c["text_cfg"].update(foo=1), "unknown key 'text_cfg.foo' in the model config"),
+    ],
+)
+def test_an_unknown_key_of_a_model_config_is_named_not_blamed_on_the_checkpoint(
+    tmp_path, tiny_model_files, change, message
+):
+    from promptcli.models.loading import load_model
+
+    cfg = json.loads(tiny_model_files["config"].read_text())
+    change(cfg)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=re.escape(message)) as info:
+        load_model("tiny-clip", str(tiny_model_files["weights"]), path, device="cpu")
+    assert info.value.where == str(path) and "checkpoint" not in info.value.message
+
+
+def test_a_model_config_may_start_with_a_byte_order_mark(tmp_path, tiny_model_files):
+    from promptcli.models.loading import read_model_config
+
+    path = tmp_path / "cfg.json"
+    path.write_bytes(b"\xef\xbb\xbf" + tiny_model_files["config"].read_bytes())
+    assert read_model_config(path) == json.loads(tiny_model_files["config"].read_text())
+
+
+def test_every_open_clip_model_config_has_only_keys_open_clip_knows():
+    import open_clip
+
+    from promptcli.models.loading import unknown_config_key
+
+    assert [n for n in open_clip.list_models() if unknown_config_key(open_clip.get_model_config(n))] == []
+
+
 def test_every_open_clip_model_config_is_within_the_size_limits():
     import open_clip
 

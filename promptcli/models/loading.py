@@ -221,6 +221,54 @@ def model_config_problem(model_cfg: Any) -> str | None:
     return _size_problem(model_cfg)
 
 
+def _config_keys() -> dict[str, set[str]]:
+    """The settings open_clip's model classes take: at the top of a model config (CLIP, CustomTextCLIP, CoCa and
+    create_model's ``custom_text``), and in its ``vision_cfg``, ``text_cfg`` and ``multimodal_cfg``."""
+    import dataclasses
+    import inspect
+
+    import open_clip
+    from open_clip.coca_model import MultimodalCfg
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    top = {"custom_text"}
+    for cls in (open_clip.CLIP, open_clip.CustomTextCLIP, open_clip.CoCa):
+        top |= set(inspect.signature(cls.__init__).parameters) - {"self", "cast_dtype", "args", "kwargs"}
+    fields = {
+        name: {f.name for f in dataclasses.fields(cfg)}
+        for name, cfg in (
+            ("vision_cfg", CLIPVisionCfg),
+            ("text_cfg", CLIPTextCfg),
+            ("multimodal_cfg", MultimodalCfg),
+        )
+    }
+    return {"": top, **fields}
+
+
+def unknown_config_key(model_cfg: dict[str, Any]) -> tuple[str, str] | None:
+    """(what, hint) for a key of a model config that open_clip has no setting of (a typo, or a config of another
+    open_clip version): open_clip would fail on it building the model, read as a checkpoint that does not fit."""
+    import difflib
+
+    import open_clip
+
+    known = _config_keys()
+    for part, names in known.items():
+        tower = model_cfg if not part else model_cfg.get(part)
+        if not isinstance(tower, dict):
+            continue
+        for key in tower:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), sorted(names), n=1)
+                where = f"{part}.{key}" if part else str(key)
+                return (
+                    f"unknown key {where!r} in the model config (open_clip {open_clip.__version__} has no such "
+                    "setting)",
+                    f"remove it or fix its name{f' (did you mean {close[0]!r}?)' if close else ''}",
+                )
+    return None
+
+
 def _real_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -250,7 +298,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     """
     path = check_input_file(path, "model config", "check the --model-config path")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine, as in every text input
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"not valid JSON ({exc})", where=path, hint="fix the model config file") from exc
     if not isinstance(cfg, dict):
@@ -268,6 +316,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     problem = model_config_problem(model_cfg)
     if problem:
         raise InputError(problem, where=path, hint="fix the model config (see docs/formats.md)")
+    unknown = unknown_config_key(model_cfg)
+    if unknown:
+        raise InputError(unknown[0], where=path, hint=unknown[1])
     # open_clip's image_transform asserts these (an AssertionError at model creation otherwise)
     accepted = {
         "interpolation": ("bicubic", "bilinear", "random"),
