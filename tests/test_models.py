@@ -249,6 +249,25 @@ def test_an_unknown_key_of_a_model_config_is_named_not_blamed_on_the_checkpoint(
     assert info.value.where == str(path) and "checkpoint" not in info.value.message
 
 
+@pytest.mark.parametrize("length", [32, 100])
+def test_a_config_context_length_other_than_the_checkpoints_is_refused(tmp_path, tiny_model_files, length):
+    """open_clip resampled the checkpoint's 77 text position embeddings to the config's length, silently."""
+    from promptcli.models.loading import load_model
+
+    cfg = json.loads(tiny_model_files["config"].read_text())
+    cfg["text_cfg"]["context_length"] = length
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(
+        InputError, match=f"context_length is {length}, the checkpoint's .* for 77 tokens"
+    ) as info:
+        load_model("tiny-clip", str(tiny_model_files["weights"]), path, device="cpu")
+    assert info.value.where == str(path)
+    load_model(
+        "tiny-clip", None, path, device="cpu", random_weights=True
+    )  # no checkpoint: nothing to resample
+
+
 def test_a_model_config_may_start_with_a_byte_order_mark(tmp_path, tiny_model_files):
     from promptcli.models.loading import read_model_config
 

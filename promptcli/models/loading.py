@@ -454,9 +454,9 @@ def check_safetensors(path: str | Path) -> None:
         raise _unreadable_checkpoint(str(path), exc) from exc
 
 
-def _integer_tensors(path: Path) -> set[str]:
-    """Names of a checkpoint's integer or bool tensors (``module.`` prefixes dropped), read without their data;
-    empty when the file cannot be read so (a legacy pickle: open_clip has read it already)."""
+def _checkpoint_tensors(path: Path) -> dict[str, tuple[bool, tuple[int, ...]]]:
+    """Each checkpoint tensor's (integer or bool type, shape) by name (``module.`` prefixes dropped), read without
+    their data; empty when the file cannot be read so (a legacy pickle: open_clip has read it already)."""
     with open(path, "rb") as handle:
         head = handle.read(16)
     try:
@@ -464,29 +464,55 @@ def _integer_tensors(path: Path) -> set[str]:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as st:
-                names = {k for k in st.keys() if st.get_slice(k).get_dtype().startswith(("I", "U", "BOOL"))}
+                slices = {k: st.get_slice(k) for k in st.keys()}
+                found = {
+                    k: (s.get_dtype().startswith(("I", "U", "BOOL")), tuple(s.get_shape()))
+                    for k, s in slices.items()
+                }
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
             items = state.items() if isinstance(state, dict) else ()
-            names = {k for k, v in items if isinstance(v, torch.Tensor) and not v.is_floating_point()}
+            found = {
+                k: (not v.is_floating_point(), tuple(v.shape))
+                for k, v in items
+                if isinstance(v, torch.Tensor)
+            }
     except Exception:  # noqa: BLE001 - a best-effort look; the model loaded from it
-        return set()
-    return {k.removeprefix("module.") for k in names}
+        return {}
+    return {k.removeprefix("module."): v for k, v in found.items()}
 
 
-def check_checkpoint_types(path: Path, model: torch.nn.Module) -> None:
+# Where a CLIP keeps its text position embeddings (one row per token of the context): CLIP, CustomTextCLIP.
+TEXT_POSITIONS = ("positional_embedding", "text.positional_embedding")
+
+
+def check_checkpoint_types(path: Path, model: torch.nn.Module, config: str | Path = "--model-config") -> None:
     """Refuse a checkpoint holding an integer tensor where the model has floating-point weights: loading copies
-    it in as its (truncated) values, a wrong model rather than an error."""
-    integer = _integer_tensors(path)
-    for name, tensor in model.state_dict().items():
-        if name in integer and tensor.is_floating_point():
+    it in as its (truncated) values, a wrong model rather than an error. And refuse a model config whose text
+    ``context_length`` is not the checkpoint's (``config``: the file or option that gave it): open_clip resamples the text position embeddings to it, which
+    gives every token position another embedding than the trained one, text features of no trained model."""
+    tensors = _checkpoint_tensors(path)
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name in tensors and tensors[name][0] and tensor.is_floating_point():
             raise InputError(
                 f"checkpoint tensor {name!r} has an integer type, where the model's weights are floating point",
                 where=path,
                 hint="the file is damaged or converted: save the model's weights again",
             )
+    for name in TEXT_POSITIONS:
+        if name in tensors and name in state and len(tensors[name][1]) == 2:
+            trained, built = tensors[name][1][0], state[name].shape[0]
+            if trained != built:
+                raise InputError(
+                    f"the model config's text_cfg.context_length is {built}, the checkpoint's text position "
+                    f"embeddings are for {trained} tokens (open_clip would resample them: text features of no "
+                    "trained model)",
+                    where=config,
+                    hint=f"set text_cfg.context_length to {trained}, the checkpoint's",
+                )
 
 
 @contextlib.contextmanager
@@ -694,7 +720,11 @@ def load_model(
         ) from exc
 
     if spec.pretrained and _is_checkpoint_path(spec.pretrained) and not random_weights:
-        check_checkpoint_types(Path(spec.pretrained), clip_model)
+        check_checkpoint_types(
+            Path(spec.pretrained),
+            clip_model,
+            model_config if isinstance(model_config, (str, Path)) else "--model-config",
+        )
     clip_model.eval()
     clip_model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model)
