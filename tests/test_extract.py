@@ -229,6 +229,56 @@ def test_an_image_rewritten_after_it_was_encoded_is_noticed(tiny_model, tmp_path
         extract_features(source, tiny_model, whole, options, resume=True)
 
 
+def test_a_skipped_image_fixed_before_resume_is_noticed(tiny_model, tmp_path):
+    """Chunks record the size and time of the files --skip-bad skipped too: a broken image fixed between an
+    interrupted run and its --resume stayed skipped, and one fixed during a run was recorded in files_digest as
+    its fixed self, so a later --resume on the finished file took it as complete."""
+    root = make_image_folder(tmp_path / "imgs", per_class=2)
+    broken = root / "red_apple" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    source = read_image_source(root)
+    options = ExtractOptions(dtype="float32", workers=0, batch_size=2, chunk_size=2, skip_bad=True)
+    row = [str(f) for f in source.files].index(str(broken))
+    assert row < len(source) - 2  # its chunk is not the last
+
+    def fix() -> None:
+        broken.write_bytes((root / "red_apple" / "img000.png").read_bytes())
+        st = os.stat(broken)
+        os.utime(broken, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    out, done = tmp_path / "cut.h5", []
+
+    def interrupt(n: int) -> None:
+        done.append(n)
+        if sum(done) > (row // 2 + 1) * 2:  # the broken image's chunk is written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(source, tiny_model, out, options, on_rows=interrupt)
+    fix()
+    chunk = f"chunk-{row // 2:06d}.npz"
+    with pytest.raises(
+        InputError, match="image skipped as unreadable by the interrupted run has changed"
+    ) as err:
+        extract_features(source, tiny_model, out, options, resume=True)
+    assert err.value.where == str(broken) and chunk in err.value.hint
+    (tmp_path / "cut.h5.partial" / chunk).unlink()  # as the hint says: encoded again, now readable
+    result = extract_features(source, tiny_model, out, options, resume=True)
+    assert (result.n_images, result.n_skipped) == (len(source), 0)
+
+    broken.write_bytes(b"\xff\xd8\xff\xe0 broken again")
+    whole, seen = tmp_path / "whole.h5", []
+
+    def fix_when_done(n: int) -> None:
+        seen.append(n)
+        if sum(seen) == len(source):  # after the broken image was skipped, before assembly
+            fix()
+
+    assert extract_features(source, tiny_model, whole, options, on_rows=fix_when_done).n_skipped == 1
+    with pytest.raises(InputError, match="differs in the image files"):
+        extract_features(source, tiny_model, whole, options, resume=True)
+
+
 def test_existing_output_needs_force(run_cli, cli_model_args, image_folder, tmp_path):
     out = tmp_path / "f.h5"
     out.write_text("precious")

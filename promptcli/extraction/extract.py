@@ -168,6 +168,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
+        st = None
         try:
             with open_regular(path) as handle:
                 st = os.fstat(handle.fileno())  # before reading: a file rewritten while read then differs
@@ -175,7 +176,9 @@ class ImageDataset(Dataset):
                 handle.seek(0)
                 rgb = decode_rgb(handle, self.max_pixels)
         except DECODE_ERRORS as exc:
-            return {"index": index, "error": decode_failure(exc)}
+            # the file skipped, as it was: --resume notices it fixed (or broken otherwise) since
+            stamp = (st.st_size, st.st_mtime_ns) if st is not None else file_stamp(path)
+            return {"index": index, "error": decode_failure(exc), "stamp": stamp or MISSING_STAMP}
         item: dict[str, Any] = {
             "index": index,
             "error": "",
@@ -240,6 +243,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "digest": [it["digest"] for it in good],
         "stamp": [it["stamp"] for it in good],
         "bad": [(it["index"], it["error"]) for it in items if it["error"]],
+        "bad_stamp": [it["stamp"] for it in items if it["error"]],
     }
     if good:
         batch["image"] = torch.stack([it["image"] for it in good])
@@ -448,6 +452,7 @@ def encode_chunks(
         "views": [],
         "bad_index": [],
         "bad_error": [],
+        "bad_stamp": [],
     }
     done_rows = 0
     for batch in loader:
@@ -462,6 +467,7 @@ def encode_chunks(
                 )
             buf["bad_index"].append(idx)
             buf["bad_error"].append(err)
+        buf["bad_stamp"].extend(batch["bad_stamp"])
         if batch["index"]:
             buf["index"].extend(batch["index"])
             buf["digest"].extend(batch["digest"])
@@ -497,6 +503,8 @@ def _payload(buf: dict[str, list], dim: int, options: ExtractOptions) -> dict[st
         "features": feats.astype(dtype),
         "bad_index": np.asarray(buf["bad_index"], dtype=np.int64),
         "bad_error": np.asarray(buf["bad_error"], dtype=str),
+        # each skipped row's file as it was when it failed (MISSING_STAMP: none there), for the same check
+        "bad_stamp": np.asarray(buf["bad_stamp"], dtype=np.int64).reshape(-1, 2),
     }
     if options.views:
         views = np.concatenate(buf["views"]) if buf["views"] else np.zeros((0, options.views, dim))
@@ -511,7 +519,8 @@ CHUNK_KEYS = (
     "bad_index",
     "bad_error",
 )  # and views with --views; digest, stamp since recorded
-OPTIONAL_CHUNK_KEYS = ("digest", "stamp")  # chunks written before they were recorded lack them
+OPTIONAL_CHUNK_KEYS = ("digest", "stamp", "bad_stamp")  # chunks written before they were recorded lack them
+MISSING_STAMP = (-1, -1)  # the (size, time) recorded for a skipped row whose file was not there
 
 
 def damaged_chunk(path: Path, what: str) -> InputError:
@@ -581,6 +590,12 @@ def read_chunk(path: Path, rows: range, dim: int, views: int, keys: Sequence[str
             or errors.dtype.kind != "U"
         ):
             raise damaged_chunk(path, "chunk bad_index and bad_error are not matching lists")
+        stamps = data.get("bad_stamp")
+        if stamps is not None and (stamps.shape != (len(bad), 2) or stamps.dtype.kind != "i"):
+            raise damaged_chunk(
+                path,
+                f"chunk bad_stamp has shape {stamps.shape} and type {stamps.dtype}, expected {(len(bad), 2)}",
+            )
         if sorted(index.tolist() + bad.tolist()) != list(rows):
             raise damaged_chunk(
                 path,
@@ -590,17 +605,25 @@ def read_chunk(path: Path, rows: range, dim: int, views: int, keys: Sequence[str
 
 
 def check_chunk_files(source: ImageSource, path: Path, rows: range, dim: int, views: int) -> None:
-    """Refuse resuming with a finished chunk whose images were rewritten (or removed) since it encoded them."""
-    chunk = read_chunk(path, rows, dim, views, ["stamp"])
-    if "stamp" not in chunk:  # written before chunks recorded their files
-        return
-    for i, stamp in zip(chunk["index"].tolist(), chunk["stamp"].tolist()):
+    """Refuse resuming with a finished chunk whose images were rewritten (or removed) since it encoded them, or
+    whose skipped images (--skip-bad) were changed since: fixed, they would stay skipped."""
+    chunk = read_chunk(path, rows, dim, views, ["stamp", "bad_index", "bad_stamp"])
+    hint = f"delete {path} to encode its images again, or rerun with --force to start over"
+    for i, stamp in zip(chunk["index"].tolist(), chunk.get("stamp", np.zeros((0, 2))).tolist()):
         if file_stamp(source.files[i]) != tuple(stamp):
             raise InputError(
                 "image changed or removed since the interrupted run encoded it (its size or modification time "
                 "differs)",
                 where=source.files[i],
-                hint=f"delete {path} to encode its images again, or rerun with --force to start over",
+                hint=hint,
+            )
+    for i, stamp in zip(chunk["bad_index"].tolist(), chunk.get("bad_stamp", np.zeros((0, 2))).tolist()):
+        if (file_stamp(source.files[i]) or MISSING_STAMP) != tuple(stamp):
+            raise InputError(
+                "image skipped as unreadable by the interrupted run has changed since (its size or modification "
+                "time differs): resumed, it would stay skipped",
+                where=source.files[i],
+                hint=hint,
             )
 
 
@@ -631,7 +654,7 @@ def assemble(
         raise RuntimeFailure(f"{len(missing)} chunk(s) missing", where=partial, hint="rerun with --resume")
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
-    stamps: dict[int, tuple[int, int]] = {}  # encoded rows' files as they were read
+    stamps: dict[int, tuple[int, int] | None] = {}  # rows' files as they were read (or failed)
     with_digests = True  # chunks written before extraction recorded the files' digests have none
     dim, views = loaded.embed_dim, options.views
 
@@ -650,6 +673,11 @@ def assemble(
         kept.extend(z["index"].tolist())
         if "stamp" in z:
             stamps.update(zip(z["index"].tolist(), map(tuple, z["stamp"].tolist())))
+        if "bad_stamp" in z:  # skipped rows' files as they failed (None: not there)
+            stamps.update(
+                (i, None if tuple(st) == MISSING_STAMP else tuple(st))
+                for i, st in zip(z["bad_index"].tolist(), z["bad_stamp"].tolist())
+            )
         skipped.extend(
             {"path": source.paths[i], "error": str(e)} for i, e in zip(z["bad_index"], z["bad_error"])
         )

@@ -45,14 +45,13 @@ class ImageSource:
             h.update(f"{p}\t{y}\t{s}\n".encode())
         return h.hexdigest()
 
-    def files_digest(self, stamps: Mapping[int, tuple[int, int]] | None = None) -> str:
+    def files_digest(self, stamps: Mapping[int, tuple[int, int] | None] | None = None) -> str:
         """SHA-256 over each file's size and modification time (ns), in row order: images rewritten under the
         same names change it, without reading them (a stat per file). ``stamps``: rows' (size, time) as they
-        were when the images were read, used instead of the files' stat now."""
+        were when the images were read (None: not there then), used instead of the files' stat now."""
         h = hashlib.sha256()
         for i, f in enumerate(self.files):
-            stamp = stamps.get(i) if stamps else None
-            stamp = stamp if stamp is not None else file_stamp(f)
+            stamp = stamps[i] if stamps and i in stamps else file_stamp(f)
             h.update(b"missing\n" if stamp is None else f"{stamp[0]}\t{stamp[1]}\n".encode())
         return h.hexdigest()
 
