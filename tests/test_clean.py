@@ -392,6 +392,7 @@ def test_clean_refuses_a_single_class_file(tiny_features, tmp_path, run_cli):
         del f["classnames"]
         f["classnames"] = np.array([b"red apple"])
         f["labels"][...] = 0
+        del f.attrs["index_sha256"]  # an intended edit (docs/formats.md)
     fs = read_features(one)
     labels = tmp_path / "l.csv"
     labels.write_text("path,label\n" + "".join(f"{p},red apple\n" for p in fs.paths))

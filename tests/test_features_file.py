@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 from conftest import unit_rows, write_synthetic_features
 from promptcli.errors import InputError
 from promptcli.io.features import (
+    INDEX_DIGEST,
     NORM_TOLERANCE,
     iter_blocks,
     iter_rows,
@@ -49,12 +52,15 @@ def base(tmp_path_factory) -> Path:
     return path
 
 
-def edited(base: Path, tmp_path: Path, edit) -> Path:
-    """A copy of ``base`` changed by ``edit(h5py.File)``."""
+def edited(base: Path, tmp_path: Path, edit, drop_digest: bool = False) -> Path:
+    """A copy of ``base`` changed by ``edit(h5py.File)``; with ``drop_digest``, as docs/formats.md says to after an
+    intended edit (without, an edit that no other check refuses is refused by the index checksum)."""
     path = tmp_path / "edited.h5"
     shutil.copy(base, path)
     with h5py.File(path, "a") as f:
         edit(f)
+        if drop_digest:
+            del f.attrs[INDEX_DIGEST]
     return path
 
 
@@ -243,7 +249,7 @@ def test_paths_that_only_look_alike_are_kept(base, tmp_path):
         p[: len(paths)] = paths
         f["paths"][...] = p
 
-    fs = read_features(edited(base, tmp_path, edit))
+    fs = read_features(edited(base, tmp_path, edit, drop_digest=True))
     assert fs.paths[:4] == [p.decode() for p in paths]
 
 
@@ -510,3 +516,110 @@ def test_a_bad_row_among_the_kept_ones_is_named_by_its_file_row(base, tmp_path):
     index = read_feature_index(path)
     with pytest.raises(InputError, match=rf"row 7 \({paths[7]}\) are not finite"):
         list(iter_blocks(path, row_blocks(len(index), 5), index.stamp))
+
+
+# Damaged bytes. The reader runs in a child process: in a file of the old HDF5 format a damaged B-tree or heap could
+# make libhdf5 loop forever, where nothing in Python can interrupt it, so a hang must fail the test, not stall it.
+READ_DAMAGED = """
+import json, sys
+import numpy as np
+from promptcli.errors import InputError
+from promptcli.io.features import iter_blocks, read_feature_index, read_features, row_blocks
+
+base = read_features(sys.argv[1])
+for path in sys.argv[2:]:
+    try:
+        fs, index = read_features(path), read_feature_index(path)
+        blocks = [rows for _, rows in iter_blocks(path, row_blocks(len(index), 5), index.stamp)]
+        same = all(np.array_equal(getattr(fs, k), getattr(base, k)) for k in ("features", "views", "labels"))
+        same = same and np.array_equal(np.concatenate(blocks), base.features) and all(
+            getattr(fs, k) == getattr(base, k) == getattr(index, k) for k in ("paths", "splits", "classnames")
+        )
+        outcome = "read" if same and fs.attrs == base.attrs else "read, wrong"
+    except InputError as exc:
+        outcome = "error" if path in str(exc) and "\\n" not in str(exc) else f"error not one line naming it: {exc}"
+    except Exception as exc:
+        outcome = f"crashed: {type(exc).__name__}: {exc}"
+    print(json.dumps([path, outcome]), flush=True)
+"""
+
+
+def _read_damaged(base: Path, damaged: dict[str, Path]) -> dict[str, str]:
+    """How the reader ends on each damaged copy: 'error' (one line naming the file), 'read' (the same content as
+    ``base``), or what went wrong; a reader that does not end fails the test."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", READ_DAMAGED, str(base), *map(str, damaged.values())],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired as exc:
+        done = [json.loads(line)[0] for line in (exc.stdout or b"").decode().splitlines()]
+        hung = next(name for name, path in damaged.items() if str(path) not in done)
+        pytest.fail(f"the reader hung on {hung}")
+    assert proc.returncode == 0, proc.stderr
+    outcomes = dict(json.loads(line) for line in proc.stdout.splitlines())
+    return {name: outcomes[str(path)] for name, path in damaged.items()}
+
+
+def _flipped(base: Path, folder: Path, name: str, offset: int, xor: int = 0xFF) -> Path:
+    data = bytearray(base.read_bytes())
+    data[offset] ^= xor
+    path = folder / f"{name}.h5"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_damaged_metadata_byte_is_one_line_error_naming_the_file(base, tmp_path):
+    """Superblock, root group (its attributes) and each dataset's object header: the file format the writer uses
+    checksums them, so libhdf5 reports the damage instead of following it."""
+    with h5py.File(base, "r") as f:
+        headers = {name: h5py.h5o.get_info(f[name].id).addr for name in ("/", *f)}
+    offsets = {f"superblock+{i}": i for i in range(9, 48, 3)}
+    for name, addr in headers.items():
+        offsets.update({f"{name} header+{i}": addr + i for i in range(4, 200, 13)})
+    damaged = {
+        name: _flipped(base, tmp_path, f"d{k}", offset) for k, (name, offset) in enumerate(offsets.items())
+    }
+    outcomes = _read_damaged(base, damaged)
+    assert {name: o for name, o in outcomes.items() if o != "error"} == {}
+
+
+def test_a_damaged_data_byte_is_one_line_error_naming_the_file(base, tmp_path):
+    """A feature or view value (Fletcher-32 checksum of each chunk, also when only some rows are read) and the
+    text of a path (the index checksum): read silently before, as a slightly different row or path."""
+    with h5py.File(base, "r") as f:
+        chunks = {name: f[name].id.get_chunk_info(0).byte_offset for name in ("features", "views")}
+    raw = base.read_bytes()
+    text = raw.index(b"dog/004.png")
+    damaged = {
+        "a feature value": _flipped(base, tmp_path, "feature", chunks["features"] + 5, 0x01),
+        "a view value": _flipped(base, tmp_path, "view", chunks["views"] + 40, 0x01),
+        "a path's text": _flipped(base, tmp_path, "path", text, ord("d") ^ ord("e")),  # eog/004.png
+        "a class name": _flipped(base, tmp_path, "class", raw.rindex(b"car"), ord("c") ^ ord("b")),  # bar
+    }
+    assert _read_damaged(base, damaged) == dict.fromkeys(damaged, "error")
+    with pytest.raises(InputError, match="cannot read dataset 'features'"):
+        read_features(damaged["a feature value"], only_paths=["cat/000.png"])
+    with pytest.raises(InputError, match=f"checksum recorded in attribute {INDEX_DIGEST} does not match"):
+        read_feature_index(damaged["a path's text"])
+
+
+def test_files_of_the_old_layout_still_read(base, tmp_path):
+    """Files written before the checksums (HDF5's default file format, no Fletcher-32, no index checksum)."""
+    old = tmp_path / "old.h5"
+    with h5py.File(base, "r") as f, h5py.File(old, "w") as g:
+        for key, value in f.attrs.items():
+            if key != INDEX_DIGEST:
+                g.attrs[key] = value
+        for name in f:
+            ds = f[name]
+            g.create_dataset(name, data=ds[...], dtype=ds.dtype, chunks=ds.chunks)
+    with h5py.File(old, "r") as g:
+        assert g.id.get_create_plist().get_version()[0] == 0 and not g["features"].fletcher32  # superblock v0
+    new, got = read_features(base), read_features(old)
+    for name in ("features", "views", "labels"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(new, name))
+    assert (got.paths, got.classnames) == (new.paths, new.classnames)
+    assert got.attrs == {k: v for k, v in new.attrs.items() if k != INDEX_DIGEST}

@@ -127,6 +127,7 @@ def test_eval_refuses_features_not_made_with_the_adapter(
     shutil.copy(tiny_features, wrong)
     with h5py.File(wrong, "a") as f:
         f.attrs["adapter_sha256"] = "0" * 64
+        del f.attrs["index_sha256"]  # an intended edit (docs/formats.md)
     code, _, err = run_cli("eval", wrong, "--prompt", out)
     assert code == 2 and "not extracted through this fine-tuned" in err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,15 @@ FEATURE_DTYPES = ("float16", "float32")
 # 5e-4 at worst, ~5e-5 typically), so 1e-2 passes every extracted row and refuses edited ones.
 NORM_TOLERANCE = 1e-2
 MODEL_KEYS = ("model_name", "pretrained", "model_config", "checkpoint_sha256", "random_weights_seed")
+# The HDF5 file format a features file is written in: the 1.10 format checksums every piece of metadata (superblock,
+# object headers, chunk indexes, attribute heaps), so a damaged byte there is an error from libhdf5 rather than
+# followed (in the 1.6-era default format a damaged B-tree or heap could make libhdf5 loop forever). Read by HDF5
+# 1.10 or newer, as every h5py 3 wheel carries.
+LIBVER = ("v110", "v110")
+# The attribute holding the SHA-256 of everything a features file holds besides its feature and view values (paths,
+# labels, splits, class names, attributes): text and numbers libhdf5 stores without a checksum of its own. The values
+# are checked chunk by chunk by HDF5's Fletcher-32 filter, so that reading some rows checks those rows.
+INDEX_DIGEST = "index_sha256"
 
 
 class _Rows:
@@ -115,26 +125,45 @@ def write_features(
     views: Iterable[np.ndarray] | None = None,
     dtype: str = "float16",
 ) -> None:
-    """Write a complete features file, streaming feature blocks (and view blocks) row-wise."""
+    """Write a complete features file, streaming feature blocks (and view blocks) row-wise.
+
+    Damage to the file is detectable: its metadata is checksummed (:data:`LIBVER`), its feature and view chunks
+    too (Fletcher-32), and the rest of its content by the :data:`INDEX_DIGEST` attribute."""
     if dtype not in FEATURE_DTYPES:
         raise InputError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16 or float32")
     chunk_rows = max(1, min(1024, n_rows))
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", libver=LIBVER) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         for key, value in attrs.items():
-            f.attrs[key] = _attr(value)
-        feats = f.create_dataset("features", shape=(n_rows, dim), dtype=dtype, chunks=(chunk_rows, dim))
+            if key != INDEX_DIGEST:
+                f.attrs[key] = _attr(value)
+        feats = f.create_dataset(
+            "features", shape=(n_rows, dim), dtype=dtype, chunks=(chunk_rows, dim), fletcher32=True
+        )
         _fill(feats, features, n_rows)
         if n_views:
             vds = f.create_dataset(
-                "views", shape=(n_rows, n_views, dim), dtype=dtype, chunks=(chunk_rows, n_views, dim)
+                "views",
+                shape=(n_rows, n_views, dim),
+                dtype=dtype,
+                chunks=(chunk_rows, n_views, dim),
+                fletcher32=True,
             )
             _fill(vds, views or [], n_rows)
         f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=STR)
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
         f.create_dataset("splits", data=np.array(splits, dtype=object), dtype=STR)
         f.create_dataset("classnames", data=np.array(classnames, dtype=object), dtype=STR)
+        # as the reader will see them (attribute types as stored), so that it computes the same digest
+        rows = {
+            "paths": _decode(f["paths"][...]),
+            "labels": f["labels"][...],
+            "splits": _decode(f["splits"][...]),
+            "classnames": _decode(f["classnames"][...]),
+            "attrs": _read_attrs(f),
+        }
+        f.attrs[INDEX_DIGEST] = index_digest(rows)
 
 
 def _fill(dataset: h5py.Dataset, blocks: Iterable[np.ndarray], n_rows: int) -> None:
@@ -144,6 +173,52 @@ def _fill(dataset: h5py.Dataset, blocks: Iterable[np.ndarray], n_rows: int) -> N
         row += len(block)
     if row != n_rows:
         raise RuntimeError(f"wrote {row} rows into a dataset of {n_rows}")
+
+
+def index_digest(rows: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a features file's paths, labels, splits, class names and attributes but
+    :data:`INDEX_DIGEST` (``rows``: as :func:`_row_fields` reads them), what the writer records in that attribute."""
+    h = hashlib.sha256(b"promptcli-features index 1\0")
+    for name in ("paths", "splits", "classnames"):
+        values = rows[name]
+        h.update(f"{name} {len(values)}\0".encode())
+        h.update("\0".join(values).encode("utf-8", "surrogatepass"))  # HDF5 strings hold no NUL
+    labels = np.ascontiguousarray(rows["labels"], dtype="<i8")
+    h.update(f"labels {labels.size}\0".encode())
+    h.update(labels.tobytes())
+    attrs = {k: v for k, v in rows["attrs"].items() if k != INDEX_DIGEST}
+    h.update(json.dumps(attrs, sort_keys=True, default=_json_value).encode())
+    return h.hexdigest()
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON form of an attribute value json cannot write (arrays, numpy scalars, bytes), with its type."""
+    if isinstance(value, np.ndarray):
+        return {"array": str(value.dtype), "shape": list(value.shape), "values": value.tolist()}
+    if isinstance(value, np.generic):
+        return {str(value.dtype): value.item() if value.dtype.kind in "biuf" else repr(value)}
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    return {type(value).__name__: repr(value)}
+
+
+def _index_matches(rows: dict[str, Any]) -> bool:
+    """Whether ``rows`` (as :func:`_row_fields` read them) are what the writer recorded in :data:`INDEX_DIGEST`
+    (files from before it was recorded have none: nothing to check)."""
+    recorded = rows["attrs"].get(INDEX_DIGEST)
+    return recorded is None or (isinstance(recorded, str) and recorded == index_digest(rows))
+
+
+def _check_index(matches: bool, path: str | Path) -> None:
+    """Refuse a file whose :func:`_index_matches` was False: called once every other check has passed, so that a
+    file edited into a specific error is told that error."""
+    if not matches:
+        raise InputError(
+            "its paths, labels, class names or attributes differ from what was written (the checksum recorded in "
+            f"attribute {INDEX_DIGEST} does not match)",
+            where=path,
+            hint=_DAMAGED + " (after an intended edit, delete that attribute)",
+        )
 
 
 def _decode(values: Iterable[Any]) -> list[str]:
@@ -227,6 +302,7 @@ def read_features(
     with _open(path) as f:
         n, _ = _check_layout(f, path)
         rows = _row_fields(f, path, n)
+        matches = _index_matches(rows)  # of all rows, before only_paths keeps some
         keep = None
         if only_paths is not None:
             wanted = set(only_paths)
@@ -241,6 +317,7 @@ def read_features(
             **rows,
         )
     check_feature_set(fs, rows=keep)  # errors name the file's rows, not the kept ones'
+    _check_index(matches, path)
     return fs
 
 
@@ -277,15 +354,17 @@ def read_feature_index(path: str | Path) -> FeatureIndex:
     stamp = file_stamp(path) if Path(path).is_file() else ()
     with _open(path) as f:
         n, dim = _check_layout(f, path)
+        rows = _row_fields(f, path, n)
         index = FeatureIndex(
             path=Path(path),
-            **_row_fields(f, path, n),
+            **rows,
             dim=dim,
             n_views=int(f["views"].shape[1]) if "views" in f else 0,
             stamp=stamp,
         )
     _check_unchanged(path, stamp)
     check_rows(index)
+    _check_index(_index_matches(rows), path)
     return index
 
 
