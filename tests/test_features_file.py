@@ -623,3 +623,27 @@ def test_files_of_the_old_layout_still_read(base, tmp_path):
         np.testing.assert_array_equal(getattr(got, name), getattr(new, name))
     assert (got.paths, got.classnames) == (new.paths, new.classnames)
     assert got.attrs == {k: v for k, v in new.attrs.items() if k != INDEX_DIGEST}
+
+
+@pytest.mark.parametrize("where", ["attribute", "dataset type"])
+def test_h5py_type_and_value_errors_on_damaged_metadata_are_one_line(base, monkeypatch, where):
+    """In the old file format (no checksums), a damaged attribute charset made h5py raise TypeError ('Unknown string
+    encoding'), a damaged float type ValueError ('Insufficient precision'): they crashed every command."""
+
+    def broken(*args, **kwargs):
+        raise (
+            TypeError("Unknown string encoding (value 14)")
+            if where == "attribute"
+            else ValueError("bad type")
+        )
+
+    if where == "attribute":
+        monkeypatch.setattr(h5py.AttributeManager, "__getitem__", broken)
+    else:
+        monkeypatch.setattr(h5py.Dataset, "dtype", property(broken))
+    for read in (read_features, read_feature_index):
+        with pytest.raises(
+            InputError, match=r"cannot read its attributes|dataset 'features' cannot be opened"
+        ) as info:
+            read(base)
+        assert str(base) in str(info.value) and "\n" not in str(info.value)

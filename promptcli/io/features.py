@@ -233,7 +233,7 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
 
 def _read_attrs(f: h5py.File) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, value in f.attrs.items():
+    for key, value in _attr_items(f):
         if isinstance(value, bytes):
             try:
                 value = value.decode("utf-8")
@@ -245,6 +245,24 @@ def _read_attrs(f: h5py.File) -> dict[str, Any]:
             value = value.item()
         out[key] = value
     return out
+
+
+# What h5py raises, besides KeyError/OSError/RuntimeError, on metadata it decodes itself (an attribute's or a dataset's
+# type) when a file is damaged: a string charset byte out of range (TypeError), a float type no numpy type holds
+# (ValueError). Caught only around those reads, not around what callers do with an open file.
+_H5_DECODE_ERRORS = (KeyError, OSError, RuntimeError, TypeError, ValueError)
+
+
+def _attr_items(f: h5py.File, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
+    """The file's attributes (those of ``names`` that it has, when given); damaged ones are a one-line error."""
+    try:
+        if names is None:
+            return list(f.attrs.items())
+        return [(name, f.attrs[name]) for name in names if name in f.attrs]
+    except _H5_DECODE_ERRORS as exc:
+        raise InputError(
+            f"cannot read its attributes ({_h5_message(exc)})", where=f.filename, hint=_DAMAGED
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -273,9 +291,10 @@ def _open(path: str | Path) -> Iterator[h5py.File]:
 
 def _check_format(f: h5py.File, path: Path) -> None:
     """A promptcli features file of a format version this promptcli reads."""
-    if not _is_str(f.attrs.get("format"), FORMAT):
+    attrs = dict(_attr_items(f, ("format", "format_version")))
+    if not _is_str(attrs.get("format"), FORMAT):
         raise InputError("not a promptcli features file", where=path, hint="make it with `promptcli extract`")
-    version = f.attrs.get("format_version", 0)
+    version = attrs.get("format_version", 0)
     if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)):
         raise InputError(
             f"attribute format_version is {repr(version)[:60]}, not an integer", where=path, hint=_DAMAGED
@@ -418,7 +437,9 @@ def _dataset(f: h5py.File, name: str, path: str | Path) -> h5py.Dataset | None:
         if not isinstance(link, h5py.HardLink):  # an extracted file has none: its data would be elsewhere
             raise _layout_error(name, f"is an HDF5 {type(link).__name__}, not a dataset", path)
         ds = f[name]
-    except (KeyError, OSError, RuntimeError) as exc:
+        if isinstance(ds, h5py.Dataset):
+            _ = (ds.dtype, ds.shape)  # decoded here: a damaged type or shape is this dataset's error
+    except _H5_DECODE_ERRORS as exc:
         raise InputError(
             f"dataset '{name}' cannot be opened ({_h5_message(exc)})", where=path, hint=_DAMAGED
         ) from exc
@@ -470,7 +491,7 @@ def _check_layout(f: h5py.File, path: str | Path) -> tuple[int, int]:
         shape = found["views"].shape
         if shape[1] == 0 or shape[2] != dim:
             raise _layout_error("views", f"has shape {shape} for features of shape {(n, dim)}", path)
-    recorded = f.attrs.get("embed_dim")
+    recorded = dict(_attr_items(f, ("embed_dim",))).get("embed_dim")
     if isinstance(recorded, (int, np.integer)) and int(recorded) != dim:
         raise InputError(
             f"features are {dim} wide but the file records embed_dim {int(recorded)}",
