@@ -19,7 +19,10 @@ from promptcli.io.checks import check_class_names
 from promptcli.io.fileio import check_input_file
 
 FORMAT = "promptcli-features"
-FORMAT_VERSION = 1
+# 2: the checksummed layout of write_features (HDF5 1.10 format, Fletcher-32, fixed-width strings, index_sha256).
+# 1: earlier promptcli's (variable-length strings, HDF5's default format): still read, unchecked. promptcli before
+# version 2 cannot read version 2 files: it took the fixed-width `format` attribute for another format.
+FORMAT_VERSION = 2
 STR = h5py.string_dtype("utf-8")
 FEATURE_DTYPES = ("float16", "float32")
 # Rows are L2-normalised in float32, then stored: float16 rounding moves a norm by < 1e-3 (about
@@ -32,8 +35,9 @@ MODEL_KEYS = ("model_name", "pretrained", "model_config", "checkpoint_sha256", "
 # 1.10 or newer, as every h5py 3 wheel carries.
 LIBVER = ("v110", "v110")
 # The attribute holding the SHA-256 of everything a features file holds besides its feature and view values (paths,
-# labels, splits, class names, attributes): text and numbers libhdf5 stores without a checksum of its own. The values
-# are checked chunk by chunk by HDF5's Fletcher-32 filter, so that reading some rows checks those rows.
+# labels, splits, class names, attributes): labels and attribute values are stored without a checksum of libhdf5's
+# own. The values (and the strings) are checked chunk by chunk by HDF5's Fletcher-32 filter, so that reading some
+# rows checks those rows.
 INDEX_DIGEST = "index_sha256"
 
 
@@ -127,17 +131,18 @@ def write_features(
 ) -> None:
     """Write a complete features file, streaming feature blocks (and view blocks) row-wise.
 
-    Damage to the file is detectable: its metadata is checksummed (:data:`LIBVER`), its feature and view chunks
-    too (Fletcher-32), and the rest of its content by the :data:`INDEX_DIGEST` attribute."""
+    Damage to the file is detectable: its metadata is checksummed (:data:`LIBVER`), its feature, view and string
+    chunks too (Fletcher-32), and the rest of its content (labels, attribute values) by the :data:`INDEX_DIGEST`
+    attribute. Nothing goes to HDF5's global heap (no variable-length strings), whose damage libhdf5 can loop on."""
     if dtype not in FEATURE_DTYPES:
         raise InputError(f"unknown dtype {dtype!r}", where="--dtype", hint="use float16 or float32")
     chunk_rows = max(1, min(1024, n_rows))
     with h5py.File(path, "w", libver=LIBVER) as f:
-        f.attrs["format"] = FORMAT
+        _write_attr(f, "format", FORMAT)
         f.attrs["format_version"] = FORMAT_VERSION
         for key, value in attrs.items():
             if key != INDEX_DIGEST:
-                f.attrs[key] = _attr(value)
+                _write_attr(f, key, _attr(value))
         feats = f.create_dataset(
             "features", shape=(n_rows, dim), dtype=dtype, chunks=(chunk_rows, dim), fletcher32=True
         )
@@ -151,10 +156,10 @@ def write_features(
                 fletcher32=True,
             )
             _fill(vds, views or [], n_rows)
-        f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=STR)
+        _write_strings(f, "paths", paths)
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-        f.create_dataset("splits", data=np.array(splits, dtype=object), dtype=STR)
-        f.create_dataset("classnames", data=np.array(classnames, dtype=object), dtype=STR)
+        _write_strings(f, "splits", splits)
+        _write_strings(f, "classnames", classnames)
         # as the reader will see them (attribute types as stored), so that it computes the same digest
         rows = {
             "paths": _decode(f["paths"][...]),
@@ -163,7 +168,36 @@ def write_features(
             "classnames": _decode(f["classnames"][...]),
             "attrs": _read_attrs(f),
         }
-        f.attrs[INDEX_DIGEST] = index_digest(rows)
+        _write_attr(f, INDEX_DIGEST, index_digest(rows))
+
+
+def _write_attr(f: h5py.File, key: str, value: Any) -> None:
+    """An attribute; text as fixed-width UTF-8, kept in the (checksummed) object header, not in the global heap as
+    h5py's variable-length strings are (see :func:`_write_strings`)."""
+    if isinstance(value, str):
+        encoded = value.encode("utf-8")
+        dtype = h5py.string_dtype("utf-8", max(1, len(encoded)))
+        f.attrs.create(key, np.array(encoded, dtype=dtype), dtype=dtype)
+    else:
+        f.attrs[key] = value
+
+
+def _write_strings(f: h5py.File, name: str, values: Sequence[str]) -> None:
+    """Strings as fixed-width UTF-8 in a compressed, Fletcher-32-checked chunked dataset. Not variable-length strings:
+    those live in HDF5's global heap, which has no checksum, and a damaged heap object or reference to one can make
+    libhdf5 loop forever (the 1.10 format does not change that)."""
+    encoded = [v.encode("utf-8") for v in values]
+    width = max(1, max(map(len, encoded), default=1))
+    dtype = h5py.string_dtype("utf-8", width)
+    f.create_dataset(
+        name,
+        data=np.array(encoded, dtype=dtype),
+        dtype=dtype,
+        chunks=(max(1, min(len(encoded), (1 << 20) // width)),),
+        compression="gzip",
+        compression_opts=1,
+        fletcher32=True,
+    )
 
 
 def _fill(dataset: h5py.Dataset, blocks: Iterable[np.ndarray], n_rows: int) -> None:
@@ -292,7 +326,10 @@ def _open(path: str | Path) -> Iterator[h5py.File]:
 def _check_format(f: h5py.File, path: Path) -> None:
     """A promptcli features file of a format version this promptcli reads."""
     attrs = dict(_attr_items(f, ("format", "format_version")))
-    if not _is_str(attrs.get("format"), FORMAT):
+    fmt = attrs.get("format")
+    if isinstance(fmt, bytes) and not isinstance(fmt, np.ndarray):  # fixed-width text (format_version 2)
+        fmt = fmt.decode("utf-8", "replace")
+    if not _is_str(fmt, FORMAT):
         raise InputError("not a promptcli features file", where=path, hint="make it with `promptcli extract`")
     version = attrs.get("format_version", 0)
     if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)):
@@ -507,15 +544,19 @@ def _dtype_name(dtype: np.dtype) -> str:
     return "compound" if dtype.names else str(dtype)
 
 
-def _strings(f: h5py.File, name: str, path: str | Path) -> list[str]:
-    values = f[name][...]
-    try:
-        return _decode(values)
-    except UnicodeDecodeError as exc:
-        row = next(i for i, v in enumerate(values) if isinstance(v, bytes) and not _is_utf8(v))
-        raise InputError(
-            f"entry {row} of dataset '{name}' is not UTF-8 text ({exc.reason})", where=path, hint=_DAMAGED
-        ) from exc
+def _strings(f: h5py.File, name: str, path: str | Path, block: int = 1 << 16) -> list[str]:
+    """A string dataset's entries, read in blocks (a fixed-width one is N x its widest entry in memory)."""
+    ds, out = f[name], []
+    for start in range(0, len(ds), block):
+        values = _read_rows(ds, slice(start, start + block), path)
+        try:
+            out.extend(_decode(values))
+        except UnicodeDecodeError as exc:
+            row = start + next(i for i, v in enumerate(values) if isinstance(v, bytes) and not _is_utf8(v))
+            raise InputError(
+                f"entry {row} of dataset '{name}' is not UTF-8 text ({exc.reason})", where=path, hint=_DAMAGED
+            ) from exc
+    return out
 
 
 def _is_utf8(value: bytes) -> bool:
