@@ -611,22 +611,28 @@ def test_a_damaged_data_byte_is_one_line_error_naming_the_file(base, tmp_path):
 
 
 def test_files_of_the_old_layout_still_read(base, tmp_path):
-    """Files written before the checksums (HDF5's default file format, no Fletcher-32, no index checksum)."""
+    """Files of format_version 1, as promptcli wrote them before the checksums: HDF5's default file format,
+    variable-length strings (datasets and attributes), no Fletcher-32, no index checksum."""
     old = tmp_path / "old.h5"
     with h5py.File(base, "r") as f, h5py.File(old, "w") as g:
         for key, value in f.attrs.items():
             if key != INDEX_DIGEST:
-                g.attrs[key] = value
+                g.attrs[key] = value.decode() if isinstance(value, bytes) else value
+        g.attrs["format_version"] = 1
         for name in f:
             ds = f[name]
-            g.create_dataset(name, data=ds[...], dtype=ds.dtype, chunks=ds.chunks)
+            if ds.dtype.kind == "S":
+                g.create_dataset(name, data=ds[...].astype(object), dtype=h5py.string_dtype())
+            else:
+                g.create_dataset(name, data=ds[...], dtype=ds.dtype, chunks=ds.chunks)
     with h5py.File(old, "r") as g:
         assert g.id.get_create_plist().get_version()[0] == 0 and not g["features"].fletcher32  # superblock v0
+        assert h5py.check_vlen_dtype(g["paths"].dtype) is str and isinstance(g.attrs["format"], str)
     new, got = read_features(base), read_features(old)
     for name in ("features", "views", "labels"):
         np.testing.assert_array_equal(getattr(got, name), getattr(new, name))
     assert (got.paths, got.classnames) == (new.paths, new.classnames)
-    assert got.attrs == {k: v for k, v in new.attrs.items() if k != INDEX_DIGEST}
+    assert got.attrs == {k: v for k, v in new.attrs.items() if k != INDEX_DIGEST} | {"format_version": 1}
 
 
 @pytest.mark.parametrize("where", ["attribute", "dataset type"])
