@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,15 @@ def test_zero_shot_refuses_classes_whose_prompts_tokenise_alike(tiny_model, name
     assert class_text_embeddings(tiny_model, ["t-shirt", "dress"]).shape[0] == 2
 
 
+def _edited_config(tmp_path, tiny_model_files, change) -> Path:
+    """The tiny model's config, changed in place by ``change``, written to ``tmp_path/cfg.json``."""
+    cfg = json.loads(tiny_model_files["config"].read_text())
+    change(cfg)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -171,10 +181,7 @@ def test_zero_shot_refuses_classes_whose_prompts_tokenise_alike(tiny_model, name
 def test_a_config_open_clip_cannot_build_from_is_refused_by_field(
     tmp_path, tiny_model_files, change, message
 ):
-    cfg = json.loads(tiny_model_files["config"].read_text())
-    change(cfg)
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
+    path = _edited_config(tmp_path, tiny_model_files, change)
     with pytest.raises(InputError, match=re.escape(message)) as info:
         load_model("tiny-clip", None, path, device="cpu", random_weights=True)
     assert info.value.where == str(path)
@@ -218,10 +225,7 @@ def test_a_config_too_large_to_build_is_refused_by_field_before_building(
     """Sizes in the billions (a typo) exhausted memory, or took hours building layers, before any error."""
     from promptcli.models.loading import read_model_config
 
-    cfg = json.loads(tiny_model_files["config"].read_text())
-    change(cfg)
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
+    path = _edited_config(tmp_path, tiny_model_files, change)
     with pytest.raises(InputError, match=re.escape(message)) as info:
         read_model_config(path)
     assert info.value.where == str(path) and "a typo?" in info.value.what
@@ -240,10 +244,7 @@ def test_an_unknown_key_of_a_model_config_is_named_not_blamed_on_the_checkpoint(
 ):
     from promptcli.models.loading import load_model
 
-    cfg = json.loads(tiny_model_files["config"].read_text())
-    change(cfg)
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
+    path = _edited_config(tmp_path, tiny_model_files, change)
     with pytest.raises(InputError, match=re.escape(message)) as info:
         load_model("tiny-clip", str(tiny_model_files["weights"]), path, device="cpu")
     assert info.value.where == str(path) and "checkpoint" not in info.value.message
@@ -254,10 +255,7 @@ def test_a_config_context_length_other_than_the_checkpoints_is_refused(tmp_path,
     """open_clip resampled the checkpoint's 77 text position embeddings to the config's length, silently."""
     from promptcli.models.loading import load_model
 
-    cfg = json.loads(tiny_model_files["config"].read_text())
-    cfg["text_cfg"]["context_length"] = length
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
+    path = _edited_config(tmp_path, tiny_model_files, lambda c: c["text_cfg"].update(context_length=length))
     with pytest.raises(
         InputError, match=f"context_length is {length}, the checkpoint's .* for 77 tokens"
     ) as info:
