@@ -363,17 +363,6 @@ def test_read_model_config_accepts_every_value_open_clip_accepts(tmp_path, tiny_
             assert read_model_config(path)["preprocess_cfg"]["resize_mode"] == resize_mode
 
 
-def test_extract_with_nearest_interpolation_is_one_line(image_folder, tiny_model_files, tmp_path, run_cli):
-    """Before, open_clip's bare AssertionError reached the user as an unexpected error."""
-    config = _config(tmp_path, tiny_model_files, interpolation="nearest")
-    code, _, err = run_cli(
-        "extract", image_folder, "-o", tmp_path / "o.h5", "--model", "tiny-clip-nearest", "--model-config", config,
-        "--pretrained", tiny_model_files["weights"], "--device", "cpu", "--workers", "0",
-    )  # fmt: skip
-    line = one_line_error(code, err)
-    assert str(config) in line and "'nearest'" in line and not (tmp_path / "o.h5").exists()
-
-
 @pytest.mark.parametrize(
     ("preprocess", "message"),
     [
@@ -409,14 +398,30 @@ def test_read_model_config_accepts_a_mean_and_std_open_clip_accepts(tmp_path, ti
         )
 
 
-def test_extract_with_a_zero_std_is_one_line(image_folder, tiny_model_files, tmp_path, run_cli):
-    config = _config(tmp_path, tiny_model_files, mean=[0.5] * 3, std=[0.5, 0.0, 0.5])
+@pytest.mark.parametrize(
+    ("preprocess", "named"),
+    [
+        (
+            {"interpolation": "nearest"},
+            "'nearest'",
+        ),  # open_clip's bare AssertionError was an unexpected error
+        (
+            {"mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]},
+            "preprocess_cfg.std",
+        ),  # a DataLoader worker's ValueError
+    ],
+    ids=["nearest", "zero-std"],
+)
+def test_extract_with_a_preprocess_open_clip_cannot_use_is_one_line(
+    image_folder, tiny_model_files, tmp_path, run_cli, preprocess, named
+):
+    config = _config(tmp_path, tiny_model_files, **preprocess)
     code, _, err = run_cli(
-        "extract", image_folder, "-o", tmp_path / "o.h5", "--model", "tiny-clip-std0", "--model-config", config,
+        "extract", image_folder, "-o", tmp_path / "o.h5", "--model", "tiny-clip-edited", "--model-config", config,
         "--pretrained", tiny_model_files["weights"], "--device", "cpu", "--workers", "0",
     )  # fmt: skip
     line = one_line_error(code, err)
-    assert str(config) in line and "preprocess_cfg.std" in line and not (tmp_path / "o.h5").exists()
+    assert str(config) in line and named in line and not (tmp_path / "o.h5").exists()
 
 
 def test_a_recorded_config_with_a_zero_std_is_refused(tiny_model_files):
