@@ -255,3 +255,13 @@ def test_tune_log_lines_carry_the_run(noisy, tmp_path):
     assert [r["run"] for r in lines] == [expected] * 3
     assert meta["runtime"]["device"] == "cpu" and meta["runtime"]["autocast"] is False
     assert meta["noise"] == small and "transition_counts" in sidecar
+
+
+def test_cli_warns_once(noisy, tmp_path, run_cli):
+    """Each warning about an option the run ignores is printed once, not once per check."""
+    code, _, err = run_cli(
+        "gradstats", noisy["features"], noisy["labels"], "-o", tmp_path / "g.csv", "--method", "linear-probe",
+        "--epochs", "1", "--n-ctx", "4", "--device", "cpu", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert err.count("Warning:") == 2 and err.count("--n-ctx") == 1 and err.count("the warm-up") == 1, err

@@ -307,8 +307,9 @@ def gradstats(
     if chunk_size < 1:
         raise InputError("must be >= 1", where="--grad-batch", hint="e.g. 32; lower it if memory runs out")
     per_method = [replace(options, method=m).resolved() for m in methods]  # each method's own defaults
+    # errors before any file is touched; prepare_run checks again and gives the warnings (once)
     for opts in per_method:
-        check_options(opts, warn)
+        check_options(opts, lambda _: None)
         check_gradient_definition(opts.method)
     to_stdout = str(output) == STDIO  # the CSV on stdout, no sidecar
     check_distinct({"FEATURES": features_path, "LABELS": labels_path}, {"-o": output})
