@@ -518,3 +518,21 @@ def test_image_methods_get_the_option_checks_of_every_tune_method(tmp_path, meth
         error, said = run(**options)
         assert error.where == str(tmp_path / "none.h5") or "none" in str(error), error  # the missing file
         assert any(warning in s for s in said), (options, said)
+
+
+@pytest.mark.parametrize(
+    ("method", "lp_ft"), [("finetune", False), ("finetune", True), ("vpt", False), ("maple", False)]
+)
+def test_no_views_is_reported_where_no_cached_views_are_read(tmp_path, method, lp_ft):
+    """--no-views was ignored without a word by vpt, maple and finetune without --lp-ft: they train on images,
+    and only LP-FT's linear probe reads the cached views."""
+    said: list[str] = []
+    opts = TuneOptions(method=method, epochs=2, use_views=False)
+    with pytest.raises(InputError):  # stops at the missing features file
+        finetune(tmp_path / "none.h5", tmp_path / "none.csv", tmp_path / "o.safetensors", opts,
+                 FinetuneOptions(workers=0, lp_ft=lp_ft), device="cpu", warn=said.append)  # fmt: skip
+    warned = [s for s in said if "--no-views" in s]
+    if lp_ft:
+        assert warned == [], said
+    else:
+        assert len(warned) == 1 and f"ignored for {method}" in warned[0], said

@@ -675,6 +675,13 @@ def finetune(
     ft.validate(method_name)
     # the checks tune gives every method (seed, finite numbers, the method's and the loss's options)
     warnings = check_shared_options(options, split_ok=True)
+    if not options.use_views and not (method_name == FINETUNE_METHOD and ft.lp_ft):
+        # the cached views feed only the linear probe of LP-FT; the image tower sees augmented images
+        warnings.append(
+            "--no-views applies to training on cached features (tune's feature methods, finetune --lp-ft); "
+            f"ignored for {method_name}{' without --lp-ft' if method_name == FINETUNE_METHOD else ''}, "
+            "which trains on images"
+        )
     split = options.split_config()
     loss_fn = make_loss(
         options.loss,
