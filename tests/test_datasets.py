@@ -486,6 +486,23 @@ def make_clothing1m(root: Path) -> Path:
     return root
 
 
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_layout_file_that_is_a_folder_or_fifo_is_named_so(tmp_path, run_cli, kind):
+    """need_file said "food101n needs meta/classes.txt, which is not there" for a folder standing where the file
+    belongs (and a FIFO): now it names what is there, as the other readers do."""
+    root, _ = make_food101n(tmp_path)
+    classes = root / "meta" / "classes.txt"
+    classes.unlink()
+    classes.mkdir() if kind == "folder" else os.mkfifo(classes)
+    code, _, err = run_cli("dataset", "food101n", root, "-o", tmp_path / "f.csv")
+    shown = "a folder" if kind == "folder" else "a FIFO"
+    assert code == 2 and f"{classes}: meta/classes.txt of the food101n layout is {shown}" in err, err
+    assert "not there" not in err and len(err.strip().splitlines()) == 1, err
+    classes.rmdir() if kind == "folder" else classes.unlink()
+    code, _, err = run_cli("dataset", "food101n", root, "-o", tmp_path / "f.csv")
+    assert code == 2 and "food101n needs meta/classes.txt, which is not there" in err, err
+
+
 def test_clothing1m_noisy_and_clean_labels(tmp_path, run_cli):
     root = make_clothing1m(tmp_path / "clothing1m")
     code, _, err = run_cli("dataset", "clothing1m", root, "-o", tmp_path / "c.csv", "-q")

@@ -6,6 +6,7 @@ import base64
 import csv
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -585,6 +586,18 @@ def test_gradstats_of_different_models_are_different_series(tmp_path, run_cli):
     Path(f"{tmp_path / 'd.csv'}.json").unlink()
     code, _, stderr = run_cli("report", tmp_path / "d.csv")
     assert code == 0 and f"{tmp_path / 'd.csv'}: no sidecar d.csv.json" in " ".join(stderr.split()), stderr
+    Path(
+        f"{tmp_path / 'd.csv'}.json"
+    ).mkdir()  # a folder (or FIFO) where the sidecar belongs is no missing one
+    code, _, stderr = run_cli("report", tmp_path / "d.csv")
+    said = " ".join(stderr.split())
+    assert code == 0 and "d.csv.json: sidecar is a folder, not a regular file; ignored" in said, stderr
+    Path(f"{tmp_path / 'd.csv'}.json").rmdir()
+    os.mkfifo(f"{tmp_path / 'd.csv'}.json")
+    code, _, stderr = run_cli("report", tmp_path / "d.csv")
+    assert code == 0 and "d.csv.json: sidecar is a FIFO, not a regular file; ignored" in " ".join(
+        stderr.split()
+    )
 
 
 # --- tune logs and gradstats ---------------------------------------------------------------------

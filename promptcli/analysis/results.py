@@ -772,11 +772,23 @@ def _grad_value(row: dict[str, str], column: str, where: str) -> Any:
 def _grad_sidecar(path: Path, methods: set[str], warn: Callable[[str], None]) -> dict[str, Any] | None:
     """The ``<csv>.json`` that ``gradstats`` writes (model, noise, options, runs); None, with a warning, without."""
     sidecar = Path(f"{path}.json")
-    if not sidecar.is_file():
-        warn(f"{path}: no sidecar {sidecar.name} (`gradstats` writes it): model and settings unknown")
+    try:
+        check_input_file(
+            sidecar, "sidecar"
+        )  # a folder or FIFO is no missing sidecar (nor a read that blocks)
+    except InputError as exc:
+        if exc.what.endswith("not found"):
+            warn(f"{path}: no sidecar {sidecar.name} (`gradstats` writes it): model and settings unknown")
+        else:
+            warn(f"{sidecar}: {exc.what}; ignored: model and settings of {path.name} unknown")
         return None
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except OSError as exc:
+        warn(
+            f"{sidecar}: cannot read ({exc.strerror or exc}); ignored: model and settings of {path.name} unknown"
+        )
+        return None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         warn(f"{sidecar} is not valid JSON; ignored: model and settings of {path.name} unknown")
         return None

@@ -9,6 +9,7 @@ Every problem names the file and row at fault (:class:`InputError`, exit code 2)
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,15 +76,19 @@ def check_readable(path: Path) -> Path:
 
 
 def need_file(root: Path, relative: str, layout: str, hint: str | None = None) -> Path:
-    """``root/relative`` when it is a readable file, else a one-line error saying what the layout needs."""
+    """``root/relative`` when it is a readable regular file, else a one-line error: what the layout needs when
+    nothing is there, what is there instead (a folder, a FIFO) when something else is."""
+    from promptcli.io.fileio import check_input_file
+
     path = root / relative
-    if not path.is_file():
-        raise InputError(
-            f"{layout} needs {relative}, which is not there",
-            where=path,
-            hint=hint or f"see `promptcli dataset list` for the {layout} layout",
-        )
-    return check_readable(path)
+    hint = hint or f"see `promptcli dataset list` for the {layout} layout"
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"{layout} needs {relative}, which is not there", where=path, hint=hint) from None
+    except OSError:
+        pass  # check_input_file says why it cannot be looked at
+    return check_readable(check_input_file(path, f"{relative} of the {layout} layout", hint))
 
 
 def need_dir(root: Path, relative: str, layout: str) -> Path:
