@@ -257,6 +257,33 @@ def test_paths_that_only_look_alike_are_kept(base, tmp_path):
     assert fs.paths[:4] == [p.decode() for p in paths]
 
 
+def test_labels_join_paths_as_the_features_file_compares_them(base, tmp_path):
+    """A hand-written ``./cat/000.png`` was refused as not in a file whose own checks call it ``cat/000.png``: the
+    join (and the rows ``only_paths`` reads) now compare paths the same way, lexically. Two spellings of one image
+    in one labels file are refused, and ``x/../cat/000.png`` stays another path."""
+    from promptcli.io.labels import join_labels, read_labels
+
+    whole = read_features(base, load_views=False)
+    first, second = whole.paths[:2]  # cat/000.png, dog/001.png
+    labels = tmp_path / "l.csv"
+    labels.write_text(f"path,label\n./{first},dog\n{second.replace('/', '//')},cat\n")
+    table = read_labels(labels)
+    fs = read_features(base, load_views=False, only_paths=table.column("path"))
+    assert fs.paths == [first, second]
+    joined = join_labels(fs, table)
+    assert [fs.paths[r] for r in joined.rows] == [first, second] and joined.labels.tolist() == [1, 0]
+    assert join_labels(whole, table).rows.tolist() == [0, 1]
+
+    labels.write_text(f"path,label\n{first},cat\n./{first},cat\n")
+    with pytest.raises(
+        InputError, match=rf"paths '{first}' \(line 2\) and './{first}' \(line 3\) name one image"
+    ):
+        read_labels(labels)
+    labels.write_text(f"path,label\nx/../{first},cat\n")
+    with pytest.raises(InputError, match="is not in"):
+        join_labels(whole, read_labels(labels))
+
+
 def test_iter_rows_checks_layout_and_norms_block_by_block(base, tmp_path):
     assert sum(len(block) for _, block in iter_rows(base, batch=5)) == N
     with pytest.raises(InputError, match=r"features of row 11 \(car/011.png\) have L2 norm 2"):

@@ -61,9 +61,26 @@ class _Rows:
         """The recorded model identity (name, pretrained, config, checkpoint hash)."""
         return {k: self.attrs.get(k, "") for k in MODEL_KEYS}
 
-    def index_by_path(self) -> dict[str, int]:
-        """Row of each path (O(N): build it once per join, not per row)."""
-        return {p: i for i, p in enumerate(self.paths)}
+    def index_by_path(self) -> PathIndex:
+        """Row of each path, however spelled (O(N): build it once per join, not per row)."""
+        return PathIndex(self.paths)
+
+
+class PathIndex:
+    """The row of each image path, looked up as the file's own path checks compare paths (:func:`path_key`,
+    lexically: ``./x/a.png`` and ``x//a.png`` find ``x/a.png``; no link is resolved, ``..`` is kept)."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self._rows = {path_key(p): i for i, p in enumerate(paths)}
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and path_key(path) in self._rows
+
+    def __getitem__(self, path: str) -> int:
+        return self._rows[path_key(path)]
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 @dataclass
@@ -361,8 +378,10 @@ def read_features(
         matches = _index_matches(rows)  # of all rows, before only_paths keeps some
         keep = None
         if only_paths is not None:
-            wanted = set(only_paths)
-            keep = np.flatnonzero(np.fromiter((p in wanted for p in rows["paths"]), dtype=bool, count=n))
+            wanted = {path_key(p) for p in only_paths}  # as labels join: ./x/a.png is x/a.png
+            keep = np.flatnonzero(
+                np.fromiter((path_key(p) in wanted for p in rows["paths"]), dtype=bool, count=n)
+            )
             rows["paths"] = [rows["paths"][i] for i in keep]
             rows["labels"] = rows["labels"][keep]
             rows["splits"] = [rows["splits"][i] for i in keep]
@@ -659,7 +678,7 @@ def check_unit_rows(
     )
 
 
-def _path_key(path: str) -> str:
+def path_key(path: str) -> str:
     """``path`` without ``.`` components and repeated or trailing slashes (``./a//b`` is ``a/b``).
 
     ``..`` is kept: through a linked folder ``a/../b`` need not be ``b``.
@@ -674,7 +693,7 @@ def check_paths(paths: list[str], where: str | Path) -> None:
     """Refuse an empty image path and one image listed twice, however spelled (``x``, ``./x``)."""
     seen: dict[str, int] = {}
     for i, p in enumerate(paths):
-        key = _path_key(p)
+        key = path_key(p)
         if key in ("", "/"):
             what = "is empty" if not p else f"({p!r}) names no file"
             raise InputError(f"image path of row {i} {what}", where=where, hint=_DAMAGED)

@@ -12,7 +12,7 @@ import numpy as np
 
 from promptcli.errors import InputError
 from promptcli.io.checks import check_unique_keys, read_csv_table
-from promptcli.io.features import FeatureIndex, FeatureSet
+from promptcli.io.features import FeatureIndex, FeatureSet, path_key
 from promptcli.io.fileio import STDIO, check_input_file, open_output_text, sha256_bytes, sha256_file
 
 REQUIRED = ("path", "label")
@@ -89,8 +89,24 @@ def read_labels(path: str | Path, required: tuple[str, ...] = REQUIRED) -> Label
     if not rows:
         raise InputError("no rows", where=where, hint="the labels CSV is empty")
     labels = [r.get("label", "") for r in rows] if "label" in columns else None
-    check_unique_keys([r.get("path", "") for r in rows], where, labels, lines=lines)
+    paths = [r.get("path", "") for r in rows]
+    check_unique_keys(paths, where, labels, lines=lines)
+    check_one_spelling(paths, where, lines)
     return LabelTable(where, columns, rows, text, lines)
+
+
+def check_one_spelling(paths: list[str], where: str, lines: list[int]) -> None:
+    """Refuse two spellings of one image path (``x/a.png`` and ``./x/a.png``): labels join features as the features
+    file's own checks compare paths (:func:`~promptcli.io.features.path_key`), so both would label one row."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        j = seen.setdefault(path_key(p), i)
+        if j != i:
+            raise InputError(
+                f"paths {paths[j]!r} (line {lines[j]}) and {p!r} (line {lines[i]}) name one image",
+                where=where,
+                hint="list each image path once",
+            )
 
 
 def labels_sha256(table: LabelTable, path: str | Path) -> str:
