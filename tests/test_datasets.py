@@ -359,7 +359,11 @@ def test_imagenet_refuses_unsorted_val_images_and_classes_without_images(tmp_pat
             "train[1]: label 1000000000000, yet label 2 never",
         ),
         (lambda s, r: s["test"].append(["gone.jpg", 1, "American_Bulldog"]), "test[4]: image"),
-        (lambda s, r: s["test"].append(["Abyssinian_train0.jpg", 0, "Abyssinian"]), "is listed again"),
+        (
+            lambda s, r: s["test"].append(["Abyssinian_train0.jpg", 0, "Abyssinian"]),
+            "is in test and in train",
+        ),
+        (lambda s, r: s["test"].append(["Abyssinian_test0.jpg", 0, "Abyssinian"]), "is listed again"),
         (
             lambda s, r: (
                 os.link(r / "images" / "Abyssinian_train0.jpg", r / "images" / "hard.jpg"),
@@ -379,6 +383,19 @@ def test_split_file_refusals_name_file_and_row(tmp_path, run_cli, mutate, expect
         path.write_text(json.dumps(split))
     code, out, err = run_cli("dataset", "oxford-pets", root, "-o", tmp_path / "x.csv")
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_image_in_two_splits_is_refused_whichever_split_is_exported(tmp_path, run_cli, split):
+    # exporting one split used to check only its own rows: a test image also listed for training went through
+    root = make_pets(tmp_path)
+    path = root / "split_zhou_OxfordPets.json"
+    data = json.loads(path.read_text())
+    data["test"].append(data["train"][0])
+    path.write_text(json.dumps(data))
+    code, _, err = run_cli("dataset", "oxford-pets", root, "--split", split, "-o", tmp_path / "x.csv")
+    assert code == 2 and "test[4]: image" in err and "is in test and in train (first at" in err, err
     assert not (tmp_path / "x.csv").exists()
 
 

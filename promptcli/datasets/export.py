@@ -43,17 +43,19 @@ def select_rows(listing: Listing, split: str, known_noise: bool = False) -> list
 
 
 def check_unique(rows: list[Row]) -> None:
-    """No image is listed twice (features join labels by path)."""
-    seen: dict[str, str] = {}
+    """No image is listed twice (features join labels by path), in one split or in two: checked over every
+    split of the release, not only the one exported, so that a test image is never also a training one."""
+    seen: dict[str, Row] = {}
     for row in rows:
         key = os.path.normpath(row.file)
-        if key in seen:
+        first = seen.setdefault(key, row)
+        if first is not row:
+            what = "listed again" if first.split == row.split else f"in {row.split} and in {first.split}"
             raise InputError(
-                f"image {row.file} is listed again (first at {seen[key]})",
+                f"image {row.file} is {what} (first at {first.where})",
                 where=row.where,
                 hint="each image may appear once: the release's lists overlap",
             )
-        seen[key] = row.where
 
 
 def folder_as_written(folder: str, base: str | None) -> str:
@@ -289,8 +291,8 @@ def export_dataset(
     # --force may overwrite outputs, never what the reader read (split files, list files)
     check_distinct({f"file {path}": path for path in listing.files_read}, outputs)
     split_name = DatasetSplit.check(options.split, "--split")
+    check_unique(listing.rows)  # all splits: an image in two splits would leak whichever one is exported
     rows = select_rows(listing, split_name, options.known_noise)
-    check_unique(rows)
     base = csv_base(output, options.absolute)
     records = csv_rows(listing, rows, base)
     check_images(rows, records, base, file_ids(outputs))
