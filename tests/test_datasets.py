@@ -399,6 +399,31 @@ def test_an_image_in_two_splits_is_refused_whichever_split_is_exported(tmp_path,
     assert not (tmp_path / "x.csv").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # json keeps the last of two "train" keys: the first list's rows vanished without a word
+        (
+            '{"train": [["a.jpg", 0, "a"]], "test": [["b.jpg", 0, "a"]], "train": []}',
+            "key 'train' is given twice",
+        ),
+        # "Test" is no split: its rows were left out without a word
+        ('{"train": [["a.jpg", 0, "a"]], "Test": [["b.jpg", 0, "a"]]}', "unknown split 'Test'"),
+        (
+            "[" * 100000 + "]" * 100000,
+            "not a JSON split file (nested too deeply",
+        ),  # was an unexpected RecursionError
+    ],
+    ids=["repeated-key", "unknown-split", "deep-nesting"],
+)
+def test_split_file_that_json_reads_but_promptcli_must_not(tmp_path, run_cli, text, expected):
+    root = make_pets(tmp_path)
+    (root / "split_zhou_OxfordPets.json").write_text(text)
+    code, _, err = run_cli("dataset", "oxford-pets", root, "-o", tmp_path / "x.csv")
+    assert code == 2 and f"split_zhou_OxfordPets.json: {expected}" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_split_file_option_and_option_refusals(tmp_path, run_cli):
     root = make_pets(tmp_path)
     other = tmp_path / "mine.json"

@@ -170,16 +170,36 @@ def read_split_json(layout: str, path: Path, image_dir: Path, dataset: CoopDatas
     check_input_file(path, "split file", "give the split_zhou_<Name>.json file")
     check_readable(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is fine, as in CSVs
+        # a BOM is fine, as in CSVs; a key given twice is refused (json keeps the last: rows would vanish)
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeated_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(
             f"not a JSON split file ({exc})", where=path, hint="give a split_zhou_<Name>.json"
         ) from exc
+    except RecursionError:
+        raise InputError(
+            "not a JSON split file (nested too deeply to read)",
+            where=path,
+            hint="give a split_zhou_<Name>.json",
+        ) from None
+    except _RepeatedKey as exc:
+        raise InputError(
+            f"key {exc.key!r} is given twice (JSON would keep only the last)",
+            where=path,
+            hint="give each split once",
+        ) from None
     if not isinstance(data, dict) or not any(s in data for s in SPLITS):
         raise InputError(
             "a split file is a JSON object with train, val and test lists",
             where=path,
             hint="give a split_zhou_<Name>.json",
+        )
+    unknown = [key for key in data if key not in SPLITS]
+    if unknown:  # "Test" or "testing" would otherwise be skipped, its rows silently left out
+        raise InputError(
+            f"unknown split {unknown[0]!r}",
+            where=path,
+            hint="a split file has only train, val and test lists (lower case)",
         )
     raw_names: dict[int, str] = {}
     items: list[tuple[str, str, int, str]] = []  # (split, image path, label, where)
@@ -219,6 +239,20 @@ def read_split_json(layout: str, path: Path, image_dir: Path, dataset: CoopDatas
     classes = unique_classes([clean_name(dataset, raw_names[c]) for c in range(n_classes)], path)
     rows = [Row(join(image_dir, rel), classes[label], split, where) for split, rel, label, where in items]
     return Listing(layout, image_dir, classes, rows, files_read={str(path): sha256_of(path)})
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
 
 
 def check_label_range(items: list[tuple[str, str, int, str]], raw_names: dict[int, str]) -> int:
