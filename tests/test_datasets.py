@@ -372,6 +372,11 @@ def test_imagenet_refuses_unsorted_val_images_and_classes_without_images(tmp_pat
             "is the same file as",  # a hard link: one file under two names
         ),
         (lambda s, r: s["test"].append(["x.jpg", 2, "american bulldog"]), "classes 1 and 2 are both named"),
+        # was an unexpected ValueError from os.stat
+        (
+            lambda s, r: s["test"].append(["a\0.jpg", 0, "Abyssinian"]),
+            "a\\x00.jpg' holds a NUL character",
+        ),
     ],
 )
 def test_split_file_refusals_name_file_and_row(tmp_path, run_cli, mutate, expected):

@@ -47,6 +47,12 @@ def check_unique(rows: list[Row]) -> None:
     split of the release, not only the one exported, so that a test image is never also a training one."""
     seen: dict[str, Row] = {}
     for row in rows:
+        if "\0" in row.file:  # no file system path holds one (os.stat would raise ValueError)
+            raise InputError(
+                f"image path {row.file!r} holds a NUL character",
+                where=row.where,
+                hint="the list file is damaged: fix or replace it",
+            )
         key = os.path.normpath(row.file)
         first = seen.setdefault(key, row)
         if first is not row:
