@@ -647,6 +647,15 @@ def make_webvision(root: Path) -> Path:
     return root
 
 
+@pytest.mark.parametrize("label", ["1_0", "\u0663", "+1"])
+def test_a_label_int_reads_but_a_list_file_does_not_hold_is_refused(tmp_path, run_cli, label):
+    # int() read "1_0" as 10 and "\u0663" (Arabic-Indic three) as 3: a damaged line gave another label
+    root = make_webvision(tmp_path / "wv")
+    write_lines(root / "info" / "train_filelist_google.txt", [f"google/q0000/0.jpg\t{label}"])
+    code, _, err = run_cli("dataset", "webvision", root, "-o", tmp_path / "x.csv")
+    assert code == 2 and "train_filelist_google.txt:1: label" in err and "is not an integer" in err, err
+
+
 def test_webvision_and_mini_webvision(tmp_path, run_cli):
     root = make_webvision(tmp_path / "webvision")
     code, _, err = run_cli(

@@ -129,12 +129,13 @@ def bad_row(path: Path, number: int, what: str, hint: str) -> InputError:
 
 def class_index(label: str, classes: list[str], where: str) -> int:
     """An integer label as written in a list file, checked against the class list."""
-    try:
-        value = int(label)
-    except ValueError:
+    # int() also takes "1_0" (10), "+1" and other scripts' digits ("٣"): a damaged file would read as other labels
+    digits = label[1:] if label.startswith("-") else label
+    if not (digits.isascii() and digits.isdigit()):
         raise InputError(
             f"label {label!r} is not an integer", where=where, hint="labels are class indices here"
-        ) from None
+        )
+    value = int(label)
     if not 0 <= value < len(classes):
         raise InputError(
             f"label {value} is outside the class list (0..{len(classes) - 1})",
