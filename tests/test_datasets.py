@@ -482,6 +482,19 @@ def make_food101n(tmp: Path) -> tuple[Path, Path]:
     return root, food
 
 
+@pytest.mark.parametrize("name", ["verified_train.tsv", "verified_val.tsv"])
+def test_food101n_verified_rows_must_be_in_the_image_list(tmp_path, run_cli, name):
+    # a verified val row outside imagelist.tsv used to become a val row all the same
+    root, _ = make_food101n(tmp_path)
+    img(root / "images" / "apple_pie" / "extra.jpg")
+    with open(root / "meta" / name, "a") as handle:
+        handle.write("apple_pie/extra.jpg\t1\n")
+    code, _, err = run_cli("dataset", "food101n", root, "-o", tmp_path / "f.csv")
+    assert (
+        code == 2 and f"{name}: apple_pie/extra.jpg (and 0 more) is verified but not in imagelist" in err
+    ), err
+
+
 def test_food101n_verification_flags_and_test_root(tmp_path, run_cli):
     root, food = make_food101n(tmp_path)
     code, stdout, err = run_cli(

@@ -92,13 +92,14 @@ def read_food101n(layout: str, root: Path, test_root: Path | None = None) -> Lis
                 is_noisy=train_flags.get(key, UNKNOWN),
             )
         )
-    unlisted = sorted(set(train_flags) - listed)
-    if unlisted:
-        raise InputError(
-            f"{unlisted[0]} (and {len(unlisted) - 1} more) is verified but not in imagelist.tsv",
-            where=root / "meta" / "verified_train.tsv",
-            hint="the verified rows must be images of the list",
-        )
+    for name, flags in (("verified_train.tsv", train_flags), ("verified_val.tsv", val_flags)):
+        unlisted = sorted(set(flags) - listed)
+        if unlisted:  # a val row outside the list would be an image of no release list, its label unchecked
+            raise InputError(
+                f"{unlisted[0]} (and {len(unlisted) - 1} more) is verified but not in imagelist.tsv",
+                where=root / "meta" / name,
+                hint="the verified rows must be images of the list",
+            )
     for key, flag in val_flags.items():
         folder = key.split("/", 1)[0]
         rows.append(
