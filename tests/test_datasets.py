@@ -669,6 +669,30 @@ def test_a_label_int_reads_but_a_list_file_does_not_hold_is_refused(tmp_path, ru
     assert code == 2 and "train_filelist_google.txt:1: label" in err and "is not an integer" in err, err
 
 
+def test_class_names_one_prompt_reads_alike_are_refused_or_told_apart(tmp_path, run_cli):
+    # "Fish"/"fish" and NFC/NFD "café" went into the CSV as two classes, which extract then refused
+    root = tmp_path / "imagenet"
+    for wnid in ("n01440764", "n01443537"):
+        img(root / "images" / "train" / wnid / "a.jpg")
+        (root / "images" / "val" / wnid).mkdir(parents=True)
+    for names, expected in (
+        (["Fish", "fish"], "classes 0 and 1 read the same in a prompt ('Fish' and 'fish'"),
+        (["caf\u00e9", "cafe\u0301"], "classes 0 and 1 spell one name in two Unicode forms"),
+    ):
+        write_lines(root / "classnames.txt", [f"n01440764 {names[0]}", f"n01443537 {names[1]}"])
+        code, _, err = run_cli("dataset", "imagenet", root, "-o", tmp_path / "x.csv")
+        assert code == 2 and f"classnames.txt: {expected}" in err, err
+    # WebVision's synsets hold ImageNet's "Cardigan" (the corgi) and "cardigan" (the sweater): both get their wnid
+    wv = make_webvision(tmp_path / "wv")
+    synsets = (wv / "info" / "synsets.txt").read_text().splitlines()
+    synsets[0], synsets[1] = "n02113186 Cardigan, Cardigan Welsh corgi", "n02963159 cardigan"
+    write_lines(wv / "info" / "synsets.txt", synsets)
+    code, _, err = run_cli("dataset", "webvision", wv, "-o", tmp_path / "w.csv", "-q")
+    assert code == 0, err
+    labels = {r["label"] for r in read_csv_rows(tmp_path / "w.csv")}
+    assert {"Cardigan (n02113186)", "cardigan (n02963159)"} <= labels
+
+
 def test_webvision_and_mini_webvision(tmp_path, run_cli):
     root = make_webvision(tmp_path / "webvision")
     code, _, err = run_cli(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,18 +147,30 @@ def class_index(label: str, classes: list[str], where: str) -> int:
 
 
 def unique_classes(names: list[str], where: str | Path) -> list[str]:
-    """Class names must be distinct after cleaning (two folders can map to one name)."""
+    """Class names must be distinct after cleaning (two folders can map to one name), and read differently
+    in a prompt (CLIP's tokenizer ignores case, runs of spaces and the Unicode form), as every class list
+    promptcli reads must: ``extract`` would refuse the image list written with them."""
+    from promptcli.io.checks import prompt_key
+
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not name:
             raise InputError(f"class {i} has an empty name", where=where, hint="fix the class-name list")
-        if name in seen:
+        key = prompt_key(name)
+        if key in seen:
+            first = names[seen[key]]
+            if first == name:
+                what = f"are both named {name!r}"
+            elif unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", name):
+                what = f"spell one name in two Unicode forms ({ascii(first)} and {ascii(name)})"
+            else:
+                what = f"read the same in a prompt ({first!r} and {name!r}: case and spaces do not count)"
             raise InputError(
-                f"classes {seen[name]} and {i} are both named {name!r}",
+                f"classes {seen[key]} and {i} {what}",
                 where=where,
                 hint="class names must be distinct: fix the class-name list",
             )
-        seen[name] = i
+        seen[key] = i
     return names
 
 

@@ -27,6 +27,7 @@ from promptcli.datasets.base import (
     unique_classes,
 )
 from promptcli.errors import InputError
+from promptcli.io.checks import prompt_key
 
 MINI_CLASSES = 50
 
@@ -38,8 +39,9 @@ def read_synsets(path: Path, files: dict[str, str]) -> list[str]:
         if len(parts) != 2 or not parts[1].strip():
             raise bad_row(path, number, f"malformed line {text[:60]!r}", "lines are '<wnid> <synonyms>'")
         entries.append((parts[0], underscores_to_spaces(parts[1].split(",")[0])))
-    counts = Counter(name for _, name in entries)
-    names = [name if counts[name] == 1 else f"{name} ({wnid})" for wnid, name in entries]
+    # names one prompt reads alike (ImageNet's "Cardigan" the corgi and "cardigan" the sweater) get their wnid too
+    counts = Counter(prompt_key(name) for _, name in entries)
+    names = [name if counts[prompt_key(name)] == 1 else f"{name} ({wnid})" for wnid, name in entries]
     return unique_classes(names, path)
 
 
