@@ -342,6 +342,22 @@ def test_imagenet_refuses_unsorted_val_images_and_classes_without_images(tmp_pat
     assert code == 2 and "n01484850" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind", ["broken-link", "fifo"])
+def test_imagenet_refuses_an_entry_named_like_an_image_that_is_no_file(tmp_path, run_cli, kind):
+    # it was skipped: its row went missing from the CSV without a word
+    root = tmp_path / "inet"
+    write_lines(root / "classnames.txt", ["n01440764 tench"])
+    img(root / "images" / "train" / "n01440764" / "a.JPEG")
+    img(root / "images" / "val" / "n01440764" / "v.JPEG")
+    entry = root / "images" / "val" / "n01440764" / "w.JPEG"
+    if kind == "fifo":
+        os.mkfifo(entry)
+    else:
+        entry.symlink_to(root / "gone.JPEG")
+    code, _, err = run_cli("dataset", "imagenet", root, "-o", tmp_path / "a.csv")
+    assert code == 2 and "w.JPEG: named like an image, but not a readable file" in err, err
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [

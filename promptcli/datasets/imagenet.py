@@ -27,11 +27,21 @@ def read_wnid_names(path: Path, files: dict[str, str]) -> dict[str, str]:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(
-        f
-        for f in folder.iterdir()
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
-    )
+    """The images in ``folder``; one named like an image that is no readable file (a broken link, a FIFO) is
+    refused, as ImageFolder refuses it: skipped, its row would silently go missing."""
+    images = []
+    for f in folder.iterdir():
+        if f.name.startswith(".") or f.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if f.is_file():
+            images.append(f)
+        elif not f.is_dir():
+            raise InputError(
+                "named like an image, but not a readable file (a broken link, FIFO or device)",
+                where=f,
+                hint="restore the image or remove the entry",
+            )
+    return sorted(images)
 
 
 def _folders(tree: Path) -> list[str]:
