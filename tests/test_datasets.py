@@ -420,6 +420,17 @@ def test_an_image_in_two_splits_is_refused_whichever_split_is_exported(tmp_path,
     assert not (tmp_path / "x.csv").exists()
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_image_linked_into_two_splits_is_refused_whichever_split_is_exported(tmp_path, run_cli, split):
+    # only the exported rows' files were compared: a test image hard-linked as a training one went through
+    root = make_pets(tmp_path)
+    (root / "images" / "Abyssinian_test0.jpg").unlink()
+    os.link(root / "images" / "Abyssinian_train0.jpg", root / "images" / "Abyssinian_test0.jpg")
+    (root / "images" / "American_Bulldog_val1.jpg").unlink()  # images of other splits need not be there
+    code, _, err = run_cli("dataset", "oxford-pets", root, "--split", split, "-o", tmp_path / "x.csv")
+    assert code == 2 and "is the same file as" in err and "(train" in err and "(test" in err, err
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -109,7 +109,7 @@ def file_ids(paths: dict[str, str | Path | None]) -> dict[tuple[int, int], str]:
 
 def check_images(
     rows: list[Row], records: list[dict[str, str]], base: str | None, outputs: dict[tuple[int, int], str]
-) -> None:
+) -> dict[tuple[int, int], Row]:
     """Every image exists at the path written, as read from the CSV's folder, is none of the outputs, and is
     no other row's file (a hard or symbolic link to it: the image would count twice, or carry two labels)."""
     first: dict[tuple[int, int], Row] = {}
@@ -145,6 +145,30 @@ def check_images(
                 f"image {row.file} is the same file as {other.file} (first at {other.where})",
                 where=row.where,
                 hint="each image may appear once: remove the link or one of the rows",
+            )
+    return first
+
+
+def check_other_splits(listing: Listing, rows: list[Row], files: dict[tuple[int, int], Row]) -> None:
+    """No row of a split not exported is, through a link, the file of an exported row (``files``: (device,
+    inode) -> exported row): a test image linked into train would leak into whichever split is exported.
+    Images of the other splits need not be there."""
+    if len(rows) == len(listing.rows):
+        return
+    exported = {id(row) for row in rows}
+    for row in listing.rows:
+        if id(row) in exported:
+            continue
+        try:
+            stat = os.stat(row.file)
+        except (OSError, ValueError):
+            continue
+        other = files.get((stat.st_dev, stat.st_ino))
+        if other is not None:
+            raise InputError(
+                f"image {other.file} ({other.split}) is the same file as {row.file} ({row.split}, at {row.where})",
+                where=other.where,
+                hint="each image may appear once in the release: remove the link or one of the rows",
             )
 
 
@@ -301,7 +325,7 @@ def export_dataset(
     rows = select_rows(listing, split_name, options.known_noise)
     base = csv_base(output, options.absolute)
     records = csv_rows(listing, rows, base)
-    check_images(rows, records, base, file_ids(outputs))
+    check_other_splits(listing, rows, check_images(rows, records, base, file_ids(outputs)))
     result = {
         **base_provenance(),
         "format": "promptcli-image-list",
