@@ -590,6 +590,14 @@ def test_a_layout_file_that_is_a_folder_or_fifo_is_named_so(tmp_path, run_cli, k
     assert code == 2 and "food101n needs meta/classes.txt, which is not there" in err, err
 
 
+def test_a_class_name_with_a_control_character_is_refused(tmp_path, run_cli):
+    # "Shirt\0" went into the CSV and the class list as a class name
+    root = make_clothing1m(tmp_path / "c1m")
+    write_lines(root / "category_names_eng.txt", ["T-Shirt", "Shirt\0", "Knitwear"])
+    code, _, err = run_cli("dataset", "clothing1m", root, "-o", tmp_path / "x.csv")
+    assert code == 2 and "category_names_eng.txt: class 1's name 'Shirt\\x00' holds the control" in err, err
+
+
 def test_clothing1m_noisy_and_clean_labels(tmp_path, run_cli):
     root = make_clothing1m(tmp_path / "clothing1m")
     code, _, err = run_cli("dataset", "clothing1m", root, "-o", tmp_path / "c.csv", "-q")

@@ -156,6 +156,13 @@ def unique_classes(names: list[str], where: str | Path) -> list[str]:
     for i, name in enumerate(names):
         if not name:
             raise InputError(f"class {i} has an empty name", where=where, hint="fix the class-name list")
+        control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+        if control is not None:  # a NUL or escape byte left in a damaged file would become part of the prompt
+            raise InputError(
+                f"class {i}'s name {name!r} holds the control character {control!r}",
+                where=where,
+                hint="the class-name list is damaged: fix or replace it",
+            )
         key = prompt_key(name)
         if key in seen:
             first = names[seen[key]]
