@@ -342,7 +342,7 @@ def test_imagenet_refuses_unsorted_val_images_and_classes_without_images(tmp_pat
     assert code == 2 and "n01484850" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("kind", ["broken-link", "fifo"])
+@pytest.mark.parametrize("kind", ["broken-link", "fifo", "folder"])
 def test_imagenet_refuses_an_entry_named_like_an_image_that_is_no_file(tmp_path, run_cli, kind):
     # it was skipped: its row went missing from the CSV without a word
     root = tmp_path / "inet"
@@ -352,10 +352,15 @@ def test_imagenet_refuses_an_entry_named_like_an_image_that_is_no_file(tmp_path,
     entry = root / "images" / "val" / "n01440764" / "w.JPEG"
     if kind == "fifo":
         os.mkfifo(entry)
+    elif kind == "folder":  # a sub-folder's images were left out too
+        img(entry.parent / "sub" / "w.JPEG")
     else:
         entry.symlink_to(root / "gone.JPEG")
     code, _, err = run_cli("dataset", "imagenet", root, "-o", tmp_path / "a.csv")
-    assert code == 2 and "w.JPEG: named like an image, but not a readable file" in err, err
+    expected = (
+        "sub: a folder inside a wnid folder" if kind == "folder" else "w.JPEG: named like an image, but not"
+    )
+    assert code == 2 and expected in err, err
 
 
 @pytest.mark.parametrize(

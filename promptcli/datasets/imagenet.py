@@ -26,12 +26,21 @@ def read_wnid_names(path: Path, files: dict[str, str]) -> dict[str, str]:
     return names
 
 
-def _images(folder: Path) -> list[Path]:
+def _images(folder: Path, wnid_folder: bool = True) -> list[Path]:
     """The images in ``folder``; one named like an image that is no readable file (a broken link, a FIFO) is
-    refused, as ImageFolder refuses it: skipped, its row would silently go missing."""
+    refused, as ImageFolder refuses it: skipped, its row would silently go missing. So is a folder inside a
+    wnid folder (its images would be left out: CoOp reads the files of a wnid folder, not below it)."""
     images = []
     for f in folder.iterdir():
-        if f.name.startswith(".") or f.suffix.lower() not in IMAGE_SUFFIXES:
+        if f.name.startswith("."):
+            continue
+        if wnid_folder and f.is_dir():
+            raise InputError(
+                "a folder inside a wnid folder: its images would be left out",
+                where=f,
+                hint="move its images up into the wnid folder, or remove it",
+            )
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if f.is_file():
             images.append(f)
@@ -51,7 +60,7 @@ def _folders(tree: Path) -> list[str]:
 def check_no_loose_images(tree: Path) -> None:
     """Images directly in ``tree`` have no wnid folder, hence no label: refuse rather than drop them
     (the official ILSVRC2012 val archive unpacks this way)."""
-    loose = _images(tree)
+    loose = _images(tree, wnid_folder=False)
     if loose:
         raise InputError(
             f"images lie directly in {tree.name}/, not in wnid folders: {len(loose)} of them (e.g. {loose[0].name})",
