@@ -488,11 +488,12 @@ def _checkpoint_tensors(path: Path) -> dict[str, tuple[bool, tuple[int, ...]]]:
 TEXT_POSITIONS = ("positional_embedding", "text.positional_embedding")
 
 
-def check_checkpoint_types(path: Path, model: torch.nn.Module, config: str | Path = "--model-config") -> None:
+def check_checkpoint_fits(path: Path, model: torch.nn.Module, config: str | Path = "--model-config") -> None:
     """Refuse a checkpoint holding an integer tensor where the model has floating-point weights: loading copies
     it in as its (truncated) values, a wrong model rather than an error. And refuse a model config whose text
-    ``context_length`` is not the checkpoint's (``config``: the file or option that gave it): open_clip resamples the text position embeddings to it, which
-    gives every token position another embedding than the trained one, text features of no trained model."""
+    ``context_length`` is not the checkpoint's (``config``: the file or option that gave it): open_clip resamples
+    the text position embeddings to it, which gives every token position another embedding than the trained one,
+    text features of no trained model."""
     tensors = _checkpoint_tensors(path)
     state = model.state_dict()
     for name, tensor in state.items():
@@ -720,7 +721,7 @@ def load_model(
         ) from exc
 
     if spec.pretrained and _is_checkpoint_path(spec.pretrained) and not random_weights:
-        check_checkpoint_types(
+        check_checkpoint_fits(
             Path(spec.pretrained),
             clip_model,
             model_config if isinstance(model_config, (str, Path)) else "--model-config",
